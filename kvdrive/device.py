@@ -1,0 +1,83 @@
+"""The one seam where kvdrive decides about devices, streams and events.
+
+Everything else asks this module instead of calling ``torch.cuda`` directly, so
+that the same code runs on a CPU-only machine: there streams and events are no-op
+stand-ins with the same methods. Importing this module does no device work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if has_cuda() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not has_cuda():
+        from kvdrive.errors import KvdriveError
+
+        raise KvdriveError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+class _NullEvent:
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullStream:
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def new_stream(device: torch.device):
+    """A side stream on CUDA, a no-op stand-in on CPU."""
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else _NullStream()
+
+
+def new_event(device: torch.device):
+    return torch.cuda.Event() if device.type == "cuda" else _NullEvent()
+
+
+def current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else _NullStream()
+
+
+def use_stream(stream):
+    """Context manager that makes ``stream`` current (no-op on CPU)."""
+    if isinstance(stream, _NullStream):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pin_supported() -> bool:
+    """Pinned host memory needs a CUDA driver; on CPU-only machines we use plain memory."""
+    return has_cuda()

@@ -1,0 +1,35 @@
+"""``kvdrive bench <name>``: one benchmark module per question.
+
+Each benchmark module has ``add_arguments(parser)`` and ``run(args) -> int`` and
+writes a JSON result (config, environment, numbers) with the command line that
+produced it. Modules import lazily so ``kvdrive --help`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, one-line help)
+BENCHES = {
+    "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark and write its JSON result",
+        description="Benchmarks. Each writes JSON (config, environment, results, the command) to --out.",
+    )
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    for name, (module, help_text) in BENCHES.items():
+        bp = bsub.add_parser(name, help=help_text, description=help_text)
+        bp.set_defaults(func=_runner(module))
+        importlib.import_module(module).add_arguments(bp)
+
+
+def _runner(module: str):
+    def run(args) -> int:
+        return importlib.import_module(module).run(args)
+
+    return run

@@ -1,0 +1,5 @@
+import sys
+
+from kvdrive.cli import main
+
+sys.exit(main())

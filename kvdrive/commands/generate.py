@@ -1,0 +1,86 @@
+"""``kvdrive generate``: one prompt in, generated text out (streamed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from kvdrive.commands.common import add_model_options
+from kvdrive.errors import KvdriveError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text for a prompt",
+        description=(
+            "Generate text for one prompt, streaming tokens as they come. The prompt comes from the "
+            "PROMPT argument, from --file, or from standard input ('-' or no PROMPT with a pipe). Chat "
+            "models get the tokenizer's chat template unless --raw is given."
+        ),
+    )
+    p.add_argument("prompt", nargs="?", help="the prompt text; '-' reads standard input")
+    p.add_argument("-f", "--file", help="read the prompt from this file")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--max-model-len", type=int, help="cap on prompt + output tokens (default: model context)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason)")
+    p.set_defaults(func=run)
+
+
+def add_sampling_options(p) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("-t", "--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def sampling_params(args):
+    from kvdrive.engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def read_prompt(args) -> str:
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as err:
+            raise KvdriveError(f"cannot read prompt file {args.file}: {err.strerror}") from None
+    if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.prompt is None:
+        raise KvdriveError("no prompt: give PROMPT, --file FILE, or pipe text into standard input")
+    return args.prompt
+
+
+def run(args) -> int:
+    from kvdrive.engine.llm import LLM
+
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise KvdriveError("the prompt is empty: give some text")
+    params = sampling_params(args)  # validate before the model loads
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    if not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+    if args.json:
+        out = llm.generate([prompt], params)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_tokens": len(out.prompt_token_ids),
+                          "finish_reason": out.finish_reason}))
+        return 0
+    for piece in llm.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

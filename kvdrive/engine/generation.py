@@ -1,0 +1,124 @@
+"""The generation loop: prefill each request, then decode the batch one token per step.
+
+Each request is prefilled alone, in chunks (so a long prompt never needs a
+(T x T) attention matrix at once); the batch then decodes together with one
+``plan``/forward/``commit`` per step over sequences of different lengths. Finished
+sequences leave the batch and free their KV at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from kvdrive.engine.sampling import SamplingParams, sample
+from kvdrive.kv.base import KVCache
+from kvdrive.progress import progress
+
+PREFILL_CHUNK = 2048  # tokens per prefill forward; bounds the (T x L) attention mask
+
+
+@dataclass
+class Request:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new: int  # max_tokens, capped by the context length
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request, for streaming."""
+
+    seq_id: int
+    token_id: int
+    text_delta: str
+    finish_reason: str | None  # None while the request runs; "stop" or "length" on its last event
+
+
+class Detokenizer:
+    """Incremental text of a request: emits only complete characters, applies stop strings."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def update(self, req: Request) -> tuple[str, bool]:
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        for stop in req.params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                delta = text[len(req.text) : cut] if cut > len(req.text) else ""
+                req.text = text[:cut]
+                return delta, True
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return "", False
+        delta, req.text = text[len(req.text) :], text
+        return delta, False
+
+
+def _prefill(model, cache: KVCache, req: Request, chunk: int, bar) -> torch.Tensor:
+    ids = torch.tensor(req.prompt_ids, device=model.device)
+    logits = None
+    for begin in range(0, len(ids), chunk):
+        piece = ids[begin : begin + chunk][None]  # (1, T)
+        batch = cache.plan([req.seq_id], piece.shape[1])
+        logits = model(piece, cache, batch)
+        cache.commit(batch)
+        bar.update(piece.shape[1])
+    return logits  # (1, V)
+
+
+def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...], tokenizer,
+        prefill_chunk: int = PREFILL_CHUNK) -> Iterator[TokenEvent]:
+    detok = Detokenizer(tokenizer)
+    total_prompt = sum(len(r.prompt_ids) for r in requests)
+    for req in requests:
+        cache.add(req.seq_id, len(req.prompt_ids) + req.max_new)
+    active: list[Request] = []
+    with progress(total=total_prompt, desc="prefill", unit="tok", enabled=total_prompt > 4096) as bar:
+        for req in requests:
+            logits = _prefill(model, cache, req, prefill_chunk, bar)
+            token = sample(logits, [req.params], [req.generator])[0]
+            event = _accept(req, token, eos_ids, detok)
+            yield event
+            if event.finish_reason is None:
+                active.append(req)
+            else:
+                cache.free(req.seq_id)
+    while active:
+        batch = cache.plan([r.seq_id for r in active], 1)
+        ids = torch.tensor([[r.output_ids[-1]] for r in active], device=model.device)  # (B, 1)
+        logits = model(ids, cache, batch)
+        cache.commit(batch)
+        tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
+        still = []
+        for req, token in zip(active, tokens):
+            event = _accept(req, token, eos_ids, detok)
+            yield event
+            if event.finish_reason is None:
+                still.append(req)
+            else:
+                cache.free(req.seq_id)
+        active = still
+
+
+def _accept(req: Request, token: int, eos_ids: tuple[int, ...], detok: Detokenizer) -> TokenEvent:
+    p = req.params
+    if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        req.finish_reason = "stop"
+        return TokenEvent(req.seq_id, token, "", "stop")
+    req.output_ids.append(token)
+    delta, stopped = detok.update(req)
+    if stopped:
+        req.finish_reason = "stop"
+    elif len(req.output_ids) >= req.max_new:
+        req.finish_reason = "length"
+    return TokenEvent(req.seq_id, token, delta, req.finish_reason)

@@ -1,0 +1,19 @@
+"""Environment variables kvdrive reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted models and probes are cached: ``$KVDRIVE_CACHE_DIR`` or ~/.cache/kvdrive."""
+    root = os.environ.get("KVDRIVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvdrive"
+    )
+    return Path(root)
+
+
+def progress_enabled() -> bool:
+    """Progress bars unless ``KVDRIVE_NO_PROGRESS=1`` (they go to stderr and hide themselves off a TTY)."""
+    return os.environ.get("KVDRIVE_NO_PROGRESS", "") not in ("1", "true", "yes")

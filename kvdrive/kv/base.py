@@ -1,0 +1,88 @@
+"""The KV-cache interface every attention layer talks to.
+
+A model never owns its KV. Each forward pass goes through a ``KVCache`` object
+passed in explicitly, in three phases:
+
+1. ``plan(seq_ids, num_new)`` once per forward: host-side work (positions, masks,
+   selection, prefetch issue). Returns a ``ForwardBatch``, valid until ``commit``.
+2. per layer, ``append(layer, k, v, batch)`` then ``attend(layer, q, batch)``: no
+   host synchronisation; the cache decides which KV the query sees (all of it for
+   the contiguous cache, sinks + selected groups + window for the tiered cache).
+3. ``commit(batch)`` once all layers ran: the new tokens become part of each
+   sequence's length.
+
+Sequences in one batch may have different cached lengths; all of them add the
+same number ``T`` of new tokens in one pass (the engine prefills one sequence at a
+time and decodes the batch with ``T = 1``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What attention of one layer needs from the cache."""
+
+    window: int | None  # sliding window in tokens (key allowed iff q_pos - k_pos < window); None = global
+    scale: float  # softmax scale applied to q.k
+    softcap: float | None = None  # tanh logit soft-capping (Gemma 2 style); None = off
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """The plan of one forward pass.
+
+    ``positions`` (B, T) are the absolute positions of the new tokens, used for RoPE.
+    ``meta`` is private to the cache that built it.
+    """
+
+    seq_ids: tuple[int, ...]
+    start: tuple[int, ...]  # cached tokens per sequence before this pass
+    num_new: int  # T
+    positions: torch.Tensor  # (B, T) int64 on the cache's device
+    meta: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_ids)
+
+
+class KVCache(ABC):
+    """Holds the KV of many sequences for all layers of one model.
+
+    Contract: ``add`` registers a sequence and reserves room for ``max_tokens``
+    tokens (raises ``CapacityError`` if it cannot); ``free`` releases it. Tensors
+    passed to ``append`` are post-RoPE, shape (B, H_kv, T, D), in the cache dtype.
+    ``attend`` returns (B, H_q, T, D). A ``ForwardBatch`` must be used with the
+    cache that planned it, and only until its ``commit``.
+    """
+
+    layer_specs: tuple[LayerSpec, ...]
+
+    @abstractmethod
+    def add(self, seq_id: int, max_tokens: int) -> None: ...
+
+    @abstractmethod
+    def free(self, seq_id: int) -> None: ...
+
+    @abstractmethod
+    def length(self, seq_id: int) -> int:
+        """Tokens committed for ``seq_id``."""
+
+    @abstractmethod
+    def plan(self, seq_ids: list[int] | tuple[int, ...], num_new: int) -> ForwardBatch: ...
+
+    @abstractmethod
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def commit(self, batch: ForwardBatch) -> None: ...

@@ -1,0 +1,153 @@
+"""The plain cache: every token of every layer in one preallocated tensor per layer.
+
+Memory: ``max_seqs x max_len`` tokens for every layer, allocated once at
+construction (no allocation per step). Attention is exact (torch SDPA) over the
+cached prefix with a causal, optionally sliding-window, mask. This is the
+reference every other cache is measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvdrive.config import ModelConfig
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv.base import ForwardBatch, KVCache, LayerSpec
+
+
+def layer_specs(config: ModelConfig) -> tuple[LayerSpec, ...]:
+    return tuple(
+        LayerSpec(window=w, scale=config.attn_scale, softcap=config.attn_logit_softcap)
+        for w in config.sliding_windows
+    )
+
+
+def attention_mask(start: torch.Tensor, num_new: int, kv_len: int, window: int | None) -> torch.Tensor:
+    """(B, 1, T, L) bool: key j visible to new token t of sequence b.
+
+    Query position is start[b] + t; keys at positions <= query (and > query - window).
+    """
+    q_pos = start[:, None] + torch.arange(num_new, device=start.device)  # (B, T)
+    k_pos = torch.arange(kv_len, device=start.device)  # (L,)
+    visible = k_pos[None, None, :] <= q_pos[:, :, None]  # (B, T, L)
+    if window is not None:
+        visible &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    return visible[:, None]
+
+
+def sdpa(q, k, v, mask, scale: float, softcap: float | None, is_causal: bool = False) -> torch.Tensor:
+    """Exact attention; q (B, H_q, T, D), k/v (B, H_kv, L, D). GQA by head grouping."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.tanh(logits / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.matmul(logits.softmax(-1), v.float()).to(q.dtype)
+
+
+class ContiguousKVCache(KVCache):
+    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        self.layer_specs = layer_specs(config)
+        self.max_seqs, self.max_len = max_seqs, max_len
+        self.device, self.dtype = device, dtype
+        shape = (max_seqs, config.num_key_value_heads, max_len, config.head_dim)  # (S, H_kv, L, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self._slot: dict[int, int] = {}
+        self._len: dict[int, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def add(self, seq_id: int, max_tokens: int) -> None:
+        if seq_id in self._slot:
+            raise KvdriveError(f"sequence {seq_id} is already in the cache")
+        if max_tokens > self.max_len:
+            raise CapacityError(f"sequence needs {max_tokens} tokens, the cache holds {self.max_len} per sequence")
+        if not self._free_slots:
+            raise CapacityError(f"all {self.max_seqs} sequence slots of the cache are in use")
+        self._slot[seq_id] = self._free_slots.pop()
+        self._len[seq_id] = 0
+
+    def free(self, seq_id: int) -> None:
+        self._free_slots.append(self._slot.pop(seq_id))
+        del self._len[seq_id]
+
+    def length(self, seq_id: int) -> int:
+        return self._len[seq_id]
+
+    def plan(self, seq_ids, num_new: int) -> ForwardBatch:
+        seq_ids = tuple(seq_ids)
+        starts = tuple(self._len[s] for s in seq_ids)
+        if max(starts) + num_new > self.max_len:
+            raise CapacityError(f"sequence would exceed the cache length {self.max_len}")
+        slots = [self._slot[s] for s in seq_ids]
+        kv_len = max(starts) + num_new
+        start = torch.tensor(starts, device=self.device)
+        positions = start[:, None] + torch.arange(num_new, device=self.device)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        # One prompt from position 0 is plain causal attention: let SDPA use its fastest kernel.
+        causal = len(seq_ids) == 1 and starts[0] == 0
+        masks = {}
+        if not causal:
+            for w in {spec.window for spec in self.layer_specs}:
+                masks[w] = attention_mask(start, num_new, kv_len, w)
+        meta = _Meta(
+            slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device),
+            kv_len=kv_len,
+            masks=masks,
+            causal=causal,
+            uniform_start=len(set(starts)) == 1,
+        )
+        return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        m: _Meta = batch.meta
+        if m.uniform_start:
+            s = batch.start[0]
+            self.k[layer][m.slot_index, :, s : s + batch.num_new] = k
+            self.v[layer][m.slot_index, :, s : s + batch.num_new] = v
+            return
+        # Ragged starts: scatter each new token at its own position.
+        slots = _as_index(m.slot_index, self.device)[:, None].expand_as(batch.positions)  # (B, T)
+        self.k[layer][slots, :, batch.positions] = k.transpose(1, 2)  # (B, T, H_kv, D)
+        self.v[layer][slots, :, batch.positions] = v.transpose(1, 2)
+
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        m: _Meta = batch.meta
+        spec = self.layer_specs[layer]
+        k = self.k[layer][m.slot_index, :, : m.kv_len]  # (B, H_kv, L, D)
+        v = self.v[layer][m.slot_index, :, : m.kv_len]
+        if m.causal and (spec.window is None or batch.num_new <= spec.window):
+            return sdpa(q, k, v, None, spec.scale, spec.softcap, is_causal=True)
+        mask = m.masks[spec.window] if not m.causal else attention_mask(
+            torch.tensor(batch.start, device=self.device), batch.num_new, m.kv_len, spec.window
+        )
+        return sdpa(q, k, v, mask, spec.scale, spec.softcap)
+
+    def commit(self, batch: ForwardBatch) -> None:
+        for s in batch.seq_ids:
+            self._len[s] += batch.num_new
+
+
+class _Meta:
+    __slots__ = ("slot_index", "kv_len", "masks", "causal", "uniform_start")
+
+    def __init__(self, slot_index, kv_len, masks, causal, uniform_start):
+        self.slot_index, self.kv_len, self.masks = slot_index, kv_len, masks
+        self.causal, self.uniform_start = causal, uniform_start
+
+
+def _as_index(slot_index, device) -> torch.Tensor:
+    if isinstance(slot_index, slice):
+        return torch.arange(slot_index.start, slot_index.stop, device=device)
+    return slot_index

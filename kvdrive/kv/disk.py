@@ -1,0 +1,234 @@
+"""Disk tier: one SSD path as preallocated extent files of fixed slots.
+
+A ``DiskDevice`` owns the extent files under one directory. Each extent is
+``extent_bytes`` (a whole number of slots), created when the previous ones are full
+and preallocated with ``posix_fallocate``, so the byte budget is enforced on
+*physical* blocks (``st_blocks``), and a full file system surfaces as
+``CapacityError`` when an extent is created, never mid-write. No file per group.
+
+I/O is O_DIRECT when the path accepts it (probed once); otherwise a loud
+``DirectIOWarning`` and buffered I/O that drops its pages (writes with O_DSYNC, then
+``posix_fadvise(DONTNEED)``). Reads and writes use separate ``IoQueue``s so
+write-behind never sits in front of a read. Every slot written gets an xxh3_64 of its
+group bytes; a read whose data does not match, comes back short or fails is reported
+per slot as a miss reason, never as data.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from concurrent.futures import Future
+
+import numpy as np
+import xxhash
+
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv.io_buffers import FreeList
+from kvdrive.kv.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
+from kvdrive.kv.layout import GroupLayout
+from kvdrive.kv.metrics import StoreMetrics
+from kvdrive.kv.probe import DirectIOWarning, probe_direct
+
+DEFAULT_EXTENT_BYTES = 1 << 30
+MAX_RUN_BYTES = 1 << 20  # longest coalesced preadv/pwritev; beyond this, more requests in flight win
+DIRECT_MODES = ("auto", "on", "off")
+
+
+class DiskDevice:
+    """Slots on one path. ``alloc``/``free`` run on the engine thread; I/O on worker threads."""
+
+    def __init__(self, path: str, layout: GroupLayout, budget_bytes: int, *, direct: str = "auto",
+                 read_depth: int = 32, write_depth: int = 4, extent_bytes: int = DEFAULT_EXTENT_BYTES,
+                 faults: IoFaults | None = None, metrics: StoreMetrics | None = None):
+        if direct not in DIRECT_MODES:
+            raise KvdriveError(f"direct must be one of {DIRECT_MODES}, got {direct!r}")
+        if not os.path.isdir(path):
+            raise KvdriveError(f"disk path {path!r} is not a directory")
+        self.path = path
+        self.layout = layout
+        self.faults = faults or NoFaults()
+        self.metrics = metrics or StoreMetrics()
+        sb = layout.slot_bytes
+        self.num_slots = budget_bytes // sb
+        self.extent_slots = max(1, min(extent_bytes // sb, self.num_slots))
+        self.direct = self._choose_direct(direct)
+        self._tag = f"kvdrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._fds: list[int] = []
+        self._paths: list[str] = []
+        self._free = FreeList(0)
+        self._exhausted: str | None = None  # why no further extent can be created
+        self._sums = np.zeros(self.num_slots, dtype=np.uint64)
+        self._valid = np.zeros(self.num_slots, dtype=bool)
+        self._reads = IoQueue(read_depth, f"{self._tag}-r", self.metrics, "disk_read")
+        self._writes = IoQueue(write_depth, f"{self._tag}-w", self.metrics, "disk_write")
+
+    def _choose_direct(self, mode: str) -> bool:
+        if mode == "off":
+            return False
+        probe = probe_direct(self.path, self.faults)
+        if probe.ok:
+            return True
+        if mode == "on":
+            raise KvdriveError(f"{self.path}: O_DIRECT refused ({probe.reason}); use another path or direct='auto'")
+        warnings.warn(f"{self.path}: O_DIRECT refused ({probe.reason}); using buffered I/O with page-cache "
+                      f"dropping (posix_fadvise DONTNEED), which is slower", DirectIOWarning, stacklevel=3)
+        return False
+
+    # -- capacity -----------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Slots allocatable now or by growing extents (unless the file system refused)."""
+        growable = 0 if self._exhausted else self.num_slots - self._free.capacity
+        return self._free.num_free + growable
+
+    @property
+    def bytes_used(self) -> int:
+        return self._free.num_used * self.layout.slot_bytes
+
+    def physical_bytes(self) -> int:
+        """Blocks really allocated to the extent files, from ``st_blocks``."""
+        return sum(os.stat(p).st_blocks * 512 for p in self._paths)
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` slots, growing extents as needed; ``CapacityError`` (nothing taken) if impossible."""
+        while self._free.num_free < n and self._grow():
+            pass
+        if self._free.num_free < n:
+            why = f" ({self._exhausted})" if self._exhausted else ""
+            raise CapacityError(f"disk {self.path}: {n} slots needed, {self._free.num_free} free{why}")
+        return self._free.alloc(n)
+
+    def free(self, slots) -> None:
+        slots = list(slots)
+        self._valid[slots] = False
+        self._free.free(slots)
+
+    def _grow(self) -> bool:
+        have = self._free.capacity
+        n = min(self.extent_slots, self.num_slots - have)
+        if n <= 0 or self._exhausted:
+            return False
+        path = os.path.join(self.path, f"{self._tag}-{len(self._paths)}.extent")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else os.O_DSYNC)
+        fd = os.open(path, flags, 0o600)
+        try:
+            nbytes = n * self.layout.slot_bytes
+            self.faults.before("fallocate", path, 0, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as err:
+            os.close(fd)
+            os.unlink(path)
+            self._exhausted = f"creating a {nbytes} B extent failed: {err.strerror or err}"
+            return False
+        self._fds.append(fd)
+        self._paths.append(path)
+        self._free.grow(n)
+        return True
+
+    # -- I/O --------------------------------------------------------------------------
+
+    def _runs(self, slots: list[int], bufs: list):
+        """Group (slot, buf) into runs of consecutive slots in one extent; yields (indices, slots, bufs)."""
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        max_len = max(1, MAX_RUN_BYTES // self.layout.slot_bytes)
+        run: list[int] = []
+        for i in order:
+            s = slots[i]
+            if run and (s != slots[run[-1]] + 1 or s % self.extent_slots == 0 or len(run) == max_len):
+                yield run, [slots[j] for j in run], [bufs[j] for j in run]
+                run = []
+            run.append(i)
+        if run:
+            yield run, [slots[j] for j in run], [bufs[j] for j in run]
+
+    def _where(self, slot: int) -> tuple[int, str, int]:
+        e, i = divmod(slot, self.extent_slots)
+        return self._fds[e], self._paths[e], i * self.layout.slot_bytes
+
+    def read(self, slots: list[int], bufs: list) -> "BatchFuture":
+        """Read each slot into its ``slot_bytes`` buffer. Result: per slot None (ok) or a miss reason."""
+        ok = [i for i, s in enumerate(slots) if self._valid[s]]
+        absent = [i for i, s in enumerate(slots) if not self._valid[s]]
+        futures = [([ok[j] for j in idx], self._reads.submit(self._read_run, s, b))
+                   for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])]
+        if absent:
+            futures.append((absent, _done(["absent"] * len(absent))))
+        return BatchFuture(len(slots), futures)
+
+    def write(self, slots: list[int], bufs: list, before=None) -> "BatchFuture":
+        """Write each buffer to its slot (``before()`` first, e.g. wait for a GPU copy). Per slot None or "io_error"."""
+        futures = [(idx, self._writes.submit(self._write_run, s, b, before))
+                   for idx, s, b in self._runs(slots, bufs)]
+        return BatchFuture(len(slots), futures)
+
+    def _read_run(self, slots: list[int], bufs: list) -> list[str | None]:
+        fd, path, off = self._where(slots[0])
+        try:
+            pread_run(fd, path, bufs, off, self.faults)
+        except ShortTransfer:
+            return ["short_read"] * len(slots)
+        except OSError:
+            return ["io_error"] * len(slots)
+        finally:
+            if not self.direct:
+                os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
+        gb = self.layout.group_bytes
+        out = [None if xxhash.xxh3_64_intdigest(b[:gb]) == int(self._sums[s]) else "checksum"
+               for s, b in zip(slots, bufs)]
+        self.metrics.moved("disk->host", gb * out.count(None), out.count(None))
+        return out
+
+    def _write_run(self, slots: list[int], bufs: list, before) -> list[str | None]:
+        if before is not None:
+            before()
+        gb = self.layout.group_bytes
+        sums = [xxhash.xxh3_64_intdigest(b[:gb]) for b in bufs]
+        fd, path, off = self._where(slots[0])
+        try:
+            pwrite_run(fd, path, bufs, off, self.faults)
+        except OSError:
+            self.metrics.write_error(len(slots))
+            return ["io_error"] * len(slots)
+        finally:
+            if not self.direct:
+                os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
+        self._sums[slots] = sums
+        self._valid[slots] = True
+        self.metrics.moved("host->disk", gb * len(slots), len(slots))
+        return [None] * len(slots)
+
+    def close(self) -> None:
+        self._reads.shutdown()
+        self._writes.shutdown()
+        for fd, path in zip(self._fds, self._paths):
+            os.close(fd)
+            os.unlink(path)
+        self._fds, self._paths = [], []
+
+
+def _done(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+class BatchFuture:
+    """Per-item results of a batch split into parts (runs, devices); ``result()`` waits and
+    restores input order. A part is anything with ``done()`` and ``result() -> list``."""
+
+    def __init__(self, n: int, parts: list[tuple[list[int], Future | "BatchFuture"]]):
+        self._n = n
+        self._parts = parts
+
+    def done(self) -> bool:
+        return all(f.done() for _, f in self._parts)
+
+    def result(self) -> list[str | None]:
+        out: list[str | None] = [None] * self._n
+        for idx, fut in self._parts:
+            for i, r in zip(idx, fut.result()):
+                out[i] = r
+        return out

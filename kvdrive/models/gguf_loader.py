@@ -1,0 +1,97 @@
+"""Load a GGUF file: metadata -> config via transformers, tensors dequantized by ``gguf``.
+
+GGUF stores llama-architecture q/k projections permuted for llama.cpp's RoPE and
+Gemma norm weights as ``1 + w``; both are undone here. The first load converts
+the file into a cache directory (fp32 safetensors + config.json + tokenizer) so
+later loads take seconds instead of re-parsing and dequantizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvdrive.env import cache_dir
+from kvdrive.errors import KvdriveError
+from kvdrive.progress import progress
+
+# HF model_type -> gguf architecture name, where they differ.
+_GGUF_ARCH = {"gemma3_text": "gemma3"}
+
+
+def converted_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "converted" / f"{path.stem}-{key}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (rotary pairs interleaved -> halves)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def gguf_tensors(path: Path, hf_config, hf_names: list[str]) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor of ``path`` into float32, keyed by the HF parameter name."""
+    import gguf
+
+    arch_name = _GGUF_ARCH.get(hf_config.model_type, hf_config.model_type)
+    arch = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name), None)
+    if arch is None:
+        raise KvdriveError(f"gguf does not know architecture {arch_name!r}")
+    name_map = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
+    to_hf = {}
+    for hf_name in hf_names:
+        base, suffix = hf_name.rsplit(".", 1)
+        gguf_name = name_map.get_name(base)
+        if gguf_name is not None:
+            to_hf[f"{gguf_name}.{suffix}"] = hf_name
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    n_heads, n_kv = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    for t in progress(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor"):
+        if t.name not in to_hf:
+            continue
+        w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if arch_name == "llama" and ".attn_q." in t.name:
+            w = _unpermute(w, n_heads)
+        elif arch_name == "llama" and ".attn_k." in t.name:
+            w = _unpermute(w, n_kv)
+        if arch_name.startswith("gemma") and t.name.endswith("norm.weight"):
+            w = w - 1.0
+        out[to_hf[t.name]] = torch.from_numpy(np.ascontiguousarray(w))
+    missing = [n for n in hf_names if n not in out]
+    if missing:
+        raise KvdriveError(f"{path.name} lacks tensors {missing[:4]}...; is it a complete {arch_name} checkpoint?")
+    return out
+
+
+def convert(path: Path, target: Path, build_model) -> None:
+    """Write ``target``/{model.safetensors, config.json, tokenizer files} from the GGUF at ``path``.
+
+    ``build_model(hf_config)`` returns a meta-device model whose parameter names we fill.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, OSError) as err:
+        raise KvdriveError(f"{path} is not a GGUF checkpoint transformers can read: {err}") from err
+    names = list(build_model(hf_config).state_dict().keys())
+    tensors = gguf_tensors(path, hf_config, names)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    hf_config.save_pretrained(tmp)
+    try:
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+    except Exception as err:  # a GGUF without tokenizer metadata still runs on token ids
+        (tmp / "NO_TOKENIZER").write_text(str(err))
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+    tmp.rename(target)

@@ -1,0 +1,62 @@
+"""Every Llama-family variant (bias, q/k norm, llama3 RoPE, sliding window) against
+transformers, with small random weights shared by both implementations."""
+
+import pytest
+import torch
+
+from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.models.decoder import DecoderLM
+from kvdrive.models.registry import from_hf_config
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=4096)
+
+VARIANTS = {
+    "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 256})),
+    "qwen2-bias": ("qwen2", dict()),
+    "qwen3-qknorm": ("qwen3", dict(head_dim=32)),
+    "mistral-window": ("mistral", dict(sliding_window=48)),
+    "gemma3": ("gemma3_text", dict(head_dim=32, sliding_window=32, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def _pair(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = VARIANTS[name]
+    hf_cfg = AutoConfig.for_model(model_type, **SMALL, **extra)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # norms are initialised to constants: randomise them too
+        for n, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = DecoderLM(from_hf_config(hf_cfg))
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and all(k == "lm_head.weight" for k in unexpected)
+    return hf, ours.eval()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_matches_transformers(name):
+    hf, ours = _pair(name)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    cache = ContiguousKVCache(ours.config, 1, 100, torch.device("cpu"), torch.float32)
+    cache.add(0, 100)
+    got = ours(ids, cache, cache.plan([0], 100), all_logits=True)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_architecture_flags():
+    cfg = from_hf_config(_pair("qwen3-qknorm")[0].config)
+    assert cfg.qk_norm and not cfg.attention_bias
+    cfg = from_hf_config(_pair("qwen2-bias")[0].config)
+    assert cfg.attention_bias and not cfg.qk_norm
+    cfg = from_hf_config(_pair("gemma3")[0].config)
+    assert cfg.sliding_windows == (32, None, 32) and cfg.global_layers == (1,)
+    assert cfg.attn_scale == pytest.approx(24**-0.5)

@@ -1,0 +1,99 @@
+"""The command line: happy paths and one-line errors for user mistakes (no tracebacks)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvdrive.cli import main
+
+
+def _cli(*args, stdin=None):
+    proc = subprocess.run([sys.executable, "-m", "kvdrive", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300, env={"KVDRIVE_NO_PROGRESS": "1", **__import__("os").environ})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _one_line_error(rc, err, *words):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvdrive: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0]
+
+
+def test_info_llama_8b_kv_arithmetic(capsys):
+    assert main(["info", "random:llama-3.1-8b", "--context", "131072", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_bytes_per_token"] == 128 * 1024
+    assert info["kv_bytes_at_context"] == 16 * 2**30
+    assert info["layers"] == 32 and info["kv_heads"] == 8
+
+
+def test_info_gemma_counts_sliding_layers(capsys):
+    assert main(["info", "random:gemma3-270m", "--context", "32768", "--dtype", "float32", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    per_layer = 2 * 1 * 256 * 4
+    assert info["global_layers"] == 3
+    assert info["kv_bytes_at_context"] == per_layer * (3 * 32768 + 15 * 512)
+
+
+def test_generate_json_from_stdin():
+    rc, out, err = _cli("generate", "--json", "-n", "8", "--device", "cpu", stdin="What is the capital of France?")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["finish_reason"] in ("stop", "length") and 0 < len(doc["token_ids"]) <= 8
+
+
+def test_generate_from_file(tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("Say hello.")
+    rc, out, err = _cli("generate", "-f", str(f), "-n", "5", "--raw", "--device", "cpu")
+    assert rc == 0 and out.strip(), err
+
+
+def test_missing_model_path():
+    rc, _, err = _cli("generate", "hi", "-m", "/no/such/model.gguf")
+    _one_line_error(rc, err, "not found", "random:PRESET")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    rc, _, err = _cli("info", str(tmp_path))
+    _one_line_error(rc, err, "'gpt2' is not supported", "llama", "gemma3_text", "qwen3")
+
+
+def test_prompt_longer_than_context():
+    rc, _, err = _cli("generate", "--raw", "--max-model-len", "16", "--device", "cpu",
+                      "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen x y")
+    _one_line_error(rc, err, "context is 16", "shorten the prompt")
+
+
+@pytest.mark.parametrize("flag, value, word", [("--temperature", "-1", "temperature"), ("--top-p", "2", "top_p"),
+                                               ("--top-k", "-5", "top_k"), ("--max-tokens", "0", "max_tokens")])
+def test_invalid_sampling_values(flag, value, word):
+    rc, _, err = _cli("generate", "hi", flag, value)
+    _one_line_error(rc, err, word)
+
+
+def test_empty_prompt_and_missing_file():
+    rc, _, err = _cli("generate", stdin="")
+    _one_line_error(rc, err, "empty")
+    rc, _, err = _cli("generate", "-f", "/no/such/file.txt")
+    _one_line_error(rc, err, "cannot read prompt file")
+
+
+def test_help_explains_every_option():
+    rc, out, _ = _cli("generate", "--help")
+    assert rc == 0
+    for opt in ("--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--raw", "--model",
+                "--device", "--dtype", "--file", "--max-model-len"):
+        assert opt in out
+
+
+def test_demo_runs():
+    rc, out, err = _cli("demo", "-n", "12", "--device", "cpu")
+    assert rc == 0, err
+    assert out.strip() and "decode" in err and "tok/s" in err

@@ -1,0 +1,109 @@
+"""Batch generation, streaming and sampling on the real SmolLM2 weights."""
+
+import pytest
+import torch
+
+from kvdrive.engine.sampling import SamplingParams, filter_logits
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    from kvdrive.engine.llm import LLM
+
+    obj = LLM.__new__(LLM)  # reuse the session's loaded model instead of loading again
+    obj.loaded, obj.model, obj.config, obj.tokenizer = smollm2, smollm2.model, smollm2.config, smollm2.tokenizer
+    obj.max_model_len, obj._next_seq = smollm2.config.max_position_embeddings, 0
+    return obj
+
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "List the planets of the solar system in order from the sun, with one fact about each:",
+    "Q: What is 12 times 12?\nA:",
+    "Write a haiku about the sea.",
+]
+
+
+def test_batch_equals_one_at_a_time(llm):
+    # Different prompt lengths and different max_tokens: sequences leave the batch at
+    # different steps, so decode runs over non-contiguous cache slots too.
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 17, 30)]
+    together = llm.generate(PROMPTS, params)
+    alone = [llm.generate([p], q)[0] for p, q in zip(PROMPTS, params)]
+    assert len({len(o.prompt_token_ids) for o in together}) == len(PROMPTS)
+    for a, b, q in zip(together, alone, params):
+        assert a.token_ids == b.token_ids
+        assert len(a.token_ids) == q.max_tokens and a.finish_reason == "length"
+
+
+def test_stream_concatenates_to_generate(llm):
+    p = SamplingParams(max_tokens=20, temperature=0)
+    streamed = "".join(llm.stream(PROMPTS[0], p))
+    assert streamed == llm.generate([PROMPTS[0]], p)[0].text
+    assert streamed
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
+    a = llm.generate([PROMPTS[1]], p)[0].token_ids
+    b = llm.generate([PROMPTS[1]], p)[0].token_ids
+    c = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7,
+                                                  ignore_eos=True))[0].token_ids
+    assert a == b and a != c
+
+
+def test_stop_string_and_stop_token(llm):
+    greedy = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, temperature=0))[0]
+    word = greedy.text.split()[3]
+    cut = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, temperature=0, stop=(word,)))[0]
+    assert cut.finish_reason == "stop" and word not in cut.text and greedy.text.startswith(cut.text)
+    first = greedy.token_ids[2]
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=40, temperature=0, stop_token_ids=(first,)))[0]
+    assert out.token_ids == greedy.token_ids[:2] and out.finish_reason == "stop"
+
+
+def test_chat_template_answers(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=20, temperature=0))
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_k=2)).isfinite()
+    assert kept.tolist() == [True, True, False, False, False]
+    probs = logits.softmax(-1)  # 0.636, 0.234, 0.086, ...
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.8)).isfinite()
+    assert kept.tolist() == [True, True, False, False, False] and probs[0] < 0.8 < probs[:2].sum()
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_p=0.5)).isfinite()
+    assert kept.tolist() == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(stop=("",)), "stop"),
+])
+def test_invalid_sampling_params(kwargs, word):
+    from kvdrive.errors import KvdriveError
+
+    with pytest.raises(KvdriveError, match=word):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_context(llm):
+    from kvdrive.errors import KvdriveError
+
+    with pytest.raises(KvdriveError, match="shorten the prompt"):
+        llm.generate([[1] * llm.config.max_position_embeddings], SamplingParams(max_tokens=1))
+
+
+def test_generation_stops_at_context_end(llm):
+    n = llm.config.max_position_embeddings
+    llm_short = llm
+    old = llm_short.max_model_len
+    llm_short.max_model_len = 64
+    try:
+        out = llm_short.generate([[1] * 60], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    finally:
+        llm_short.max_model_len = old
+    assert len(out.token_ids) == 4 and out.finish_reason == "length" and n > 64

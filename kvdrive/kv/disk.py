@@ -85,6 +85,11 @@ class DiskDevice:
         return self._free.num_free + growable
 
     @property
+    def full_reason(self) -> str | None:
+        """Why this device cannot grow further (the file system refused an extent), or None."""
+        return self._exhausted
+
+    @property
     def bytes_used(self) -> int:
         return self._free.num_used * self.layout.slot_bytes
 

@@ -72,8 +72,9 @@ class DiskPool:
         """Device of each of ``n`` new groups (smooth weighted round-robin over devices with room)."""
         room = [d.num_free for d in self.devices]
         if sum(room) < n:
+            why = "".join(f"; {d.path}: {d.full_reason}" for d in self.devices if d.full_reason)
             raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on "
-                                f"{len(self.devices)} path(s); raise the disk budget or free sequences")
+                                f"{len(self.devices)} path(s); raise the disk budget or free sequences{why}")
         credit = self._credit
         out = []
         for _ in range(n):

@@ -101,6 +101,10 @@ class FetchHandle:
         return self._result
 
 
+def _no_count(*_):
+    pass
+
+
 class _Entry:
     """Where one group's copies are. ``writing``: a disk write is in flight; ``dead``: freed meanwhile."""
 
@@ -179,10 +183,10 @@ class KVStore:
         todo = [i for k, i in first.items() if k in self._entries and getattr(self._entries[k], level) < 0]
         todo_keys = [keys[i] for i in todo]
         if tier == HOST:
-            res = self._fetch(todo_keys, None, []).wait()
+            res = self._fetch(todo_keys, None, [], count=False).wait()
         else:
             slots = self._gpu_alloc(len(todo), protect=set(todo_keys))
-            res = self._fetch(todo_keys, self._gpu_w, slots).wait()
+            res = self._fetch(todo_keys, self._gpu_w, slots, count=False).wait()
             missed = set(res.misses)
             for j, (k, s) in enumerate(zip(todo_keys, slots)):
                 if j in missed:
@@ -297,8 +301,11 @@ class KVStore:
                                   before=done.synchronize if from_gpu else None)
             self._writes.append((entries, addrs, fut))
 
-    def _fetch(self, keys, dst, dst_idx) -> FetchHandle:
-        """Copy ``keys`` into rows ``dst_idx`` of ``dst`` (int32 words), or only stage them in host if ``dst`` is None."""
+    def _fetch(self, keys, dst, dst_idx, count: bool = True) -> FetchHandle:
+        """Copy ``keys`` into rows ``dst_idx`` of ``dst`` (int32 words), or only stage them in host if
+        ``dst`` is None. ``count``: record hits and misses (a caller's request, not a promotion)."""
+        hits = self._metrics.hit if count else _no_count
+        missed = self._metrics.miss if count else _no_count
         self._reap()
         src = {GPU: ([], []), HOST: ([], [])}
         disk_keys, disk_rows, misses = [], [], []
@@ -312,10 +319,7 @@ class KVStore:
                 disk_keys.append(k), disk_rows.append(i)
             else:
                 misses.append(i)
-        self._metrics.miss("absent", len(misses))
-        slots = self._host_alloc(len(disk_keys), protect=set(keys)) if disk_keys else []
-        pending = self.pool.read([self._entries[k].disk for k in disk_keys],
-                                 [self.host.buffer(s) for s in slots]) if disk_keys else None
+        missed("absent", len(misses))
         self._gpu_lru.touch([keys[i] for i in src[GPU][1]])
         self._host_lru.touch([keys[i] for i in src[HOST][1]])
         if dst is not None:
@@ -324,39 +328,59 @@ class KVStore:
                 slot_list, rows = src[tier]
                 self._copy(tier_w, slot_list, dst, [dst_idx[i] for i in rows])
                 self._metrics.moved(direction, gb * len(rows), len(rows))
-        self._metrics.hit(GPU, len(src[GPU][1]))
-        self._metrics.hit(HOST, len(src[HOST][1]))
+        hits(GPU, len(src[GPU][1]))
+        hits(HOST, len(src[HOST][1]))
+        # Staging after the hit copies were issued: their slots may be evicted now (the fence
+        # in _host_alloc makes reuse wait for those copies). More disk groups than host slots
+        # go in rounds of one host-full each; the first round is in flight when we return.
+        step = max(1, self.host.num_slots)
+        rounds = [(disk_keys[i : i + step], disk_rows[i : i + step]) for i in range(0, len(disk_keys), step)]
+        first = self._stage(rounds[0][0]) if rounds else None
 
         def finish() -> FetchResult:
-            ok_slots, ok_rows, spare, failed = [], [], [], []
-            results = pending.result() if pending else []
-            for k, i, s, r in zip(disk_keys, disk_rows, slots, results):
-                e = self._entries.get(k)
-                if r is not None or e is None:
-                    self._metrics.miss(r or "absent")
-                    misses.append(i)
-                    spare.append(s)
-                    if e is not None:
-                        failed.append(k)
-                    continue
-                if e.host < 0:
-                    e.host = s
-                    self._host_lru.insert([k])
-                else:
-                    spare.append(s)  # a duplicate key in this fetch: copy from this slot, then free it
-                ok_slots.append(s), ok_rows.append(i)
-            self._drop_disk_copies(failed)
-            self._metrics.hit(DISK, len(ok_rows))
-            if dst is not None:
-                self._copy(self._host_w, ok_slots, dst, [dst_idx[i] for i in ok_rows])
-                self._metrics.moved("host->gpu", self.layout.group_bytes * len(ok_rows), len(ok_rows))
-            self.host.free(spare)
+            from_disk = 0
+            for r, (ks, rows) in enumerate(rounds):
+                slots, pending = first if r == 0 else self._stage(ks)
+                ok_slots, ok_rows = self._land(ks, rows, slots, pending.result(), misses, missed)
+                if dst is not None:
+                    self._copy(self._host_w, ok_slots, dst, [dst_idx[i] for i in ok_rows])
+                    self._metrics.moved("host->gpu", self.layout.group_bytes * len(ok_rows), len(ok_rows))
+                from_disk += len(ok_rows)
+            hits(DISK, from_disk)
             event = dev.new_event(self.device)
             with self._on_side():
                 event.record()
-            return FetchResult(event, tuple(sorted(misses)), len(src[GPU][1]), len(src[HOST][1]), len(ok_rows))
+            return FetchResult(event, tuple(sorted(misses)), len(src[GPU][1]), len(src[HOST][1]), from_disk)
 
         return FetchHandle(finish)
+
+    def _stage(self, keys):
+        """Host slots for ``keys`` and their disk reads, all devices at once."""
+        slots = self._host_alloc(len(keys), protect=frozenset())
+        return slots, self.pool.read([self._entries[k].disk for k in keys], [self.host.buffer(s) for s in slots])
+
+    def _land(self, keys, rows, slots, results, misses, missed):
+        """Adopt read slots as host copies; failed reads become misses and lose their disk copy.
+        Returns (slots, rows) to copy to the destination."""
+        ok_slots, ok_rows, spare, failed = [], [], [], []
+        for k, i, s, r in zip(keys, rows, slots, results):
+            e = self._entries.get(k)
+            if r is not None or e is None:
+                missed(r or "absent")
+                misses.append(i)
+                spare.append(s)
+                if e is not None:
+                    failed.append(k)
+                continue
+            if e.host < 0:
+                e.host = s
+                self._host_lru.insert([k])
+            else:
+                spare.append(s)  # a duplicate key in this fetch: copy from this slot, then free it
+            ok_slots.append(s), ok_rows.append(i)
+        self._drop_disk_copies(failed)
+        self.host.free(spare)  # reused only after the fence of the copy below
+        return ok_slots, ok_rows
 
     # -- capacity ---------------------------------------------------------------------
 

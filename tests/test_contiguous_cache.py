@@ -81,3 +81,19 @@ def test_capacity_errors():
         cache.add(1, 4)
     cache.free(0)
     cache.add(1, 4)
+
+
+def test_static_plan_equals_eager_decode():
+    """The CUDA-graph path plans against a device tensor of lengths over the whole
+    allocation; on CPU the same code must give the eager logits."""
+    model = _tiny("mistral", sliding_window=12)
+    cache = ContiguousKVCache(model.config, 2, 40, torch.device("cpu"), torch.float32)
+    for i, n in enumerate([9, 23]):
+        cache.add(i, 40)
+        b = cache.plan([i], n)
+        model(torch.randint(0, 300, (1, n)), cache, b)
+        cache.commit(b)
+    step = torch.tensor([[3], [4]])
+    eager = model(step, cache, cache.plan([0, 1], 1))
+    static = model(step, cache, cache.plan([0, 1], 1, start=torch.tensor([9, 23])))
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)

@@ -45,26 +45,19 @@ def _median_time(fn, repeats: int, dev) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
-    """Greedy: prefill each sequence, then decode the batch; returns generated ids."""
+def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool = True) -> list[list[int]]:
+    """Greedy through the engine's own loop: prefill each sequence, then decode the batch."""
+    from kvdrive.engine import generation
+    from kvdrive.engine.sampling import SamplingParams
     from kvdrive.kv.contiguous import ContiguousKVCache
 
     b, t = prompts.shape
-    cache = ContiguousKVCache(model.config, b, t + new_tokens + 1, model.device, model.dtype)
-    last = []
-    for i in range(b):
-        cache.add(i, t + new_tokens + 1)
-        batch = cache.plan([i], t)
-        last.append(model(prompts[i : i + 1], cache, batch).argmax(-1))
-        cache.commit(batch)
-    ids = torch.cat(last)[:, None]  # (B, 1)
-    out = [ids]
-    for _ in range(new_tokens - 1):
-        batch = cache.plan(list(range(b)), 1)
-        ids = model(ids, cache, batch).argmax(-1)[:, None]
-        cache.commit(batch)
-        out.append(ids)
-    return torch.cat(out, 1).tolist()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    reqs = [generation.Request(i, prompts[i].tolist(), params, new_tokens) for i in range(b)]
+    cache = ContiguousKVCache(model.config, b, t + new_tokens, model.device, model.dtype)
+    for _ in generation.run(model, cache, reqs, (), None, cuda_graphs=cuda_graphs):
+        pass
+    return [r.output_ids for r in reqs]
 
 
 def _hf_model(loaded):
@@ -76,7 +69,9 @@ def _hf_model(loaded):
     if not spec.startswith("random:"):
         return None
     hf_cfg = presets.hf_config(spec.removeprefix("random:"))
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta, RoPE buffers real
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=loaded.model.dtype)
     hf.load_state_dict(loaded.model.state_dict(), assign=True, strict=False)
     hf.tie_weights()
@@ -84,6 +79,7 @@ def _hf_model(loaded):
 
 
 def _decode_rate(gen, prompts, new_tokens, repeats, dev) -> dict:
+    gen(prompts, 2)  # warm-up: kernels, allocator, cuBLAS handles
     t1 = _median_time(lambda: gen(prompts, 1), repeats, dev)
     tn = _median_time(lambda: gen(prompts, new_tokens + 1), repeats, dev)
     step = (tn - t1) / new_tokens
@@ -108,6 +104,12 @@ def run(args) -> int:
             _kvdrive_generate(model, prompts, args.new_tokens)
             ours["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         row["kvdrive"] = ours
+        if dev.type == "cuda":
+            row["kvdrive_eager"] = _decode_rate(lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
+                                                prompts, args.new_tokens, args.repeats, dev)
+            graphed, eager = _kvdrive_generate(model, prompts, 8), _kvdrive_generate(model, prompts, 8, False)
+            row["graph_vs_eager_tokens_agree"] = sum(
+                x == y for g, e in zip(graphed, eager) for x, y in zip(g, e)) / (8 * b)
         if hf is not None:
             def hf_gen(p, n):
                 with torch.inference_mode():
@@ -125,7 +127,7 @@ def run(args) -> int:
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "context": args.context,
               "batches": args.batches, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "kv_cache": "ContiguousKVCache (all KV on the GPU)", "transformers_cache": "DynamicCache, sdpa"}
+              "kv_cache": "ContiguousKVCache (all KV on the GPU); kvdrive = CUDA-graph decode, kvdrive_eager = without", "transformers_cache": "DynamicCache, sdpa"}
     notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
              "decode step = (time of prefill + N+1 tokens - time of prefill + 1 token) / N, median of repeats"]
     path = write_result(args.out, "model", config, results, notes)

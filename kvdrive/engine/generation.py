@@ -77,8 +77,12 @@ def _prefill(model, cache: KVCache, req: Request, chunk: int, bar) -> torch.Tens
 
 
 def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...], tokenizer,
-        prefill_chunk: int = PREFILL_CHUNK) -> Iterator[TokenEvent]:
+        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True) -> Iterator[TokenEvent]:
+    """Generate for ``requests``; yields one ``TokenEvent`` per token. ``cuda_graphs``
+    replays a captured decode step on CUDA when the cache supports static plans."""
     detok = Detokenizer(tokenizer)
+    use_graphs = cuda_graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False)
+    graph = None
     total_prompt = sum(len(r.prompt_ids) for r in requests)
     for req in requests:
         cache.add(req.seq_id, len(req.prompt_ids) + req.max_new)
@@ -94,10 +98,19 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
             else:
                 cache.free(req.seq_id)
     while active:
-        batch = cache.plan([r.seq_id for r in active], 1)
+        seq_ids = [r.seq_id for r in active]
         ids = torch.tensor([[r.output_ids[-1]] for r in active], device=model.device)  # (B, 1)
-        logits = model(ids, cache, batch)
-        cache.commit(batch)
+        if use_graphs:
+            if graph is None or not graph.matches(seq_ids):
+                from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+                graph = GraphedDecodeStep(model, cache, seq_ids, ids)
+            logits = graph(ids)
+            cache.commit(graph.batch)
+        else:
+            batch = cache.plan(seq_ids, 1)
+            logits = model(ids, cache, batch)
+            cache.commit(batch)
         tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
         still = []
         for req, token in zip(active, tokens):

@@ -52,7 +52,23 @@ def sdpa(q, k, v, mask, scale: float, softcap: float | None, is_causal: bool = F
     return torch.matmul(logits.softmax(-1), v.float()).to(q.dtype)
 
 
+def grouped_sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Masked GQA attention without copying K/V: the query heads that share a KV head
+    become extra query rows. q (B, H_q, T, D), k/v (B, H_kv, L, D), mask (B, 1, T, L)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    if rep == 1 or softcap is not None:
+        return sdpa(q, k, v, mask, scale, softcap)
+    qg = q.reshape(b, hkv, rep * t, d)  # rows ordered (rep, T)
+    mg = mask[:, :, None].expand(b, 1, rep, t, mask.shape[-1]).reshape(b, 1, rep * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
+    return out.reshape(b, hq, t, d)
+
+
 class ContiguousKVCache(KVCache):
+    supports_cuda_graphs = True  # plan(start=...) gives fixed shapes for replay
+
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device, dtype: torch.dtype):
         self.layer_specs = layer_specs(config)
         self.max_seqs, self.max_len = max_seqs, max_len
@@ -85,29 +101,28 @@ class ContiguousKVCache(KVCache):
     def length(self, seq_id: int) -> int:
         return self._len[seq_id]
 
-    def plan(self, seq_ids, num_new: int) -> ForwardBatch:
+    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None) -> ForwardBatch:
+        """``start``: a device tensor (B,) of cached lengths to plan against instead of the
+        host's record. CUDA-graph decode passes its static buffer here: every tensor the
+        forward then uses is derived on the GPU from it, and attention spans the whole
+        allocation (``max_len``) under a mask, so shapes stay fixed across replays."""
         seq_ids = tuple(seq_ids)
         starts = tuple(self._len[s] for s in seq_ids)
         if max(starts) + num_new > self.max_len:
             raise CapacityError(f"sequence would exceed the cache length {self.max_len}")
         slots = [self._slot[s] for s in seq_ids]
-        kv_len = max(starts) + num_new
-        start = torch.tensor(starts, device=self.device)
-        positions = start[:, None] + torch.arange(num_new, device=self.device)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        # One prompt from position 0 is plain causal attention: let SDPA use its fastest kernel.
-        causal = len(seq_ids) == 1 and starts[0] == 0
-        masks = {}
-        if not causal:
-            for w in {spec.window for spec in self.layer_specs}:
-                masks[w] = attention_mask(start, num_new, kv_len, w)
+        static = start is not None
+        start_t = start if static else torch.tensor(starts, device=self.device)
         meta = _Meta(
             slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device),
-            kv_len=kv_len,
-            masks=masks,
-            causal=causal,
-            uniform_start=len(set(starts)) == 1,
+            start=start_t,
+            kv_len=self.max_len if static else max(starts) + num_new,
+            # One prompt from position 0 is plain causal attention: SDPA's fastest kernel, no mask.
+            causal=not static and len(seq_ids) == 1 and starts[0] == 0,
+            uniform_start=not static and len(set(starts)) == 1,
         )
+        positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
@@ -127,12 +142,14 @@ class ContiguousKVCache(KVCache):
         spec = self.layer_specs[layer]
         k = self.k[layer][m.slot_index, :, : m.kv_len]  # (B, H_kv, L, D)
         v = self.v[layer][m.slot_index, :, : m.kv_len]
+        full_view = spec.window is None or m.kv_len <= spec.window
         if m.causal and (spec.window is None or batch.num_new <= spec.window):
             return sdpa(q, k, v, None, spec.scale, spec.softcap, is_causal=True)
-        mask = m.masks[spec.window] if not m.causal else attention_mask(
-            torch.tensor(batch.start, device=self.device), batch.num_new, m.kv_len, spec.window
-        )
-        return sdpa(q, k, v, mask, spec.scale, spec.softcap)
+        if m.uniform_start and batch.num_new == 1 and full_view:
+            return sdpa(q, k, v, None, spec.scale, spec.softcap)  # every cached key is visible
+        if spec.window not in m.masks:
+            m.masks[spec.window] = attention_mask(m.start, batch.num_new, m.kv_len, spec.window)
+        return grouped_sdpa(q, k, v, m.masks[spec.window], spec.scale, spec.softcap)
 
     def commit(self, batch: ForwardBatch) -> None:
         for s in batch.seq_ids:
@@ -140,10 +157,13 @@ class ContiguousKVCache(KVCache):
 
 
 class _Meta:
-    __slots__ = ("slot_index", "kv_len", "masks", "causal", "uniform_start")
+    """Private plan state; ``masks`` fills lazily per window on first use (inside a CUDA
+    graph capture when the plan is static)."""
 
-    def __init__(self, slot_index, kv_len, masks, causal, uniform_start):
-        self.slot_index, self.kv_len, self.masks = slot_index, kv_len, masks
+    __slots__ = ("slot_index", "start", "kv_len", "masks", "causal", "uniform_start")
+
+    def __init__(self, slot_index, start, kv_len, causal, uniform_start):
+        self.slot_index, self.start, self.kv_len, self.masks = slot_index, start, kv_len, {}
         self.causal, self.uniform_start = causal, uniform_start
 
 

@@ -223,3 +223,36 @@ def test_config_validation():
         StoreConfig(host_bytes=SB, policy="mru")
     with pytest.raises(KvdriveError, match="twice"):
         StoreConfig(host_bytes=SB, disk=(PoolPath("/tmp", SB), PoolPath("/tmp", SB)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["triton", "staging"])
+def test_cuda_round_trip_through_every_tier(tmp_path, method):
+    from kvdrive.kv.gather import triton_available
+
+    if method == "triton" and not triton_available():
+        pytest.skip("triton not installed")
+    d = tmp_path / "d0"
+    d.mkdir()
+    cfg = StoreConfig(host_bytes=8 * SB, disk=(PoolPath(str(d), 64 * SB),), gpu_bytes=8 * GB, copy_method=method)
+    with KVStore(LAYOUT, cfg, device="cuda") as store:
+        assert store.host.pinned
+        data = groups(12).cuda()
+        ks = keys(1, 12)
+        store.put(ks, data)  # GPU -> host write-back, then disk write-behind; 12 > 8 host slots
+        store.flush()
+        store.demote(ks, "disk")
+        out = torch.zeros_like(data)
+        res = store.fetch(ks, out).wait()  # disk -> host -> GPU in two rounds
+        res.event.synchronize()
+        assert res.misses == () and torch.equal(out, data)
+        res = store.promote(ks[:4], "gpu")
+        res.event.synchronize()
+        out.zero_()
+        res = store.fetch(ks[:6], out[:6]).wait()
+        res.event.synchronize()
+        assert (res.from_gpu, res.misses) == (4, ()) and torch.equal(out[:6], data[:6])
+        cpu_out = torch.zeros(6, *LAYOUT.slot_shape, dtype=LAYOUT.dtype)  # pageable CPU destination
+        res = store.fetch(ks[:6], cpu_out).wait()
+        res.event.synchronize()
+        assert torch.equal(cpu_out, data[:6].cpu())

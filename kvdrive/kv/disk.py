@@ -17,6 +17,7 @@ per slot as a miss reason, never as data.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 import warnings
 from concurrent.futures import Future
@@ -157,17 +158,24 @@ class DiskDevice:
         """Read each slot into its ``slot_bytes`` buffer. Result: per slot None (ok) or a miss reason."""
         ok = [i for i, s in enumerate(slots) if self._valid[s]]
         absent = [i for i, s in enumerate(slots) if not self._valid[s]]
-        futures = [([ok[j] for j in idx], self._reads.submit(self._read_run, s, b))
-                   for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])]
+        runs = [([ok[j] for j in idx], s, b)
+                for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])]
+        parts = self._shards(self._reads, lambda run: self._read_run(run[1], run[2]), runs)
         if absent:
-            futures.append((absent, _done(["absent"] * len(absent))))
-        return BatchFuture(len(slots), futures)
+            parts.append((absent, _done(["absent"] * len(absent))))
+        return BatchFuture(len(slots), parts)
 
     def write(self, slots: list[int], bufs: list, before=None) -> "BatchFuture":
         """Write each buffer to its slot (``before()`` first, e.g. wait for a GPU copy). Per slot None or "io_error"."""
-        futures = [(idx, self._writes.submit(self._write_run, s, b, before))
-                   for idx, s, b in self._runs(slots, bufs)]
-        return BatchFuture(len(slots), futures)
+        if before is not None:
+            before = _Once(before)
+        runs = list(self._runs(slots, bufs))
+        return BatchFuture(len(slots), self._shards(self._writes, lambda run: self._write_run(run[1], run[2], before),
+                                                    runs))
+
+    @staticmethod
+    def _shards(queue: IoQueue, fn, runs) -> list:
+        return [([i for run in shard for i in run[0]], fut) for shard, fut in queue.map_shards(fn, runs)]
 
     def _read_run(self, slots: list[int], bufs: list) -> list[str | None]:
         fd, path, off = self._where(slots[0])
@@ -212,6 +220,21 @@ class DiskDevice:
             os.close(fd)
             os.unlink(path)
         self._fds, self._paths = [], []
+
+
+class _Once:
+    """Call ``fn`` once, whichever worker thread gets there first; the others wait for it."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._called = False
+
+    def __call__(self):
+        with self._lock:
+            if not self._called:
+                self._fn()
+                self._called = True
 
 
 def _done(value) -> Future:

@@ -64,6 +64,11 @@ def copy_rows_triton(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor
                            BLOCK=block, num_warps=num_warps)
 
 
+def _device_visible(t: torch.Tensor) -> bool:
+    """Device memory, or pinned host memory (mapped into the device's address space)."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and t.is_pinned())
+
+
 class RowCopier:
     """Runs one resolved method; owns the pinned staging buffer of the fallback.
 
@@ -90,7 +95,7 @@ class RowCopier:
             return
         sidx = torch.tensor(src_idx, dtype=torch.int64)
         didx = torch.tensor(dst_idx, dtype=torch.int64)
-        if self.method == "torch" or (src.device.type == "cpu" and dst.device.type == "cpu"):
+        if self.method == "torch" or not (_device_visible(src) and _device_visible(dst)):
             copy_rows_reference(src, sidx, dst, didx, words)
         elif self.method == "triton":
             copy_rows_triton(src, sidx.to(self.device, non_blocking=True), dst,

@@ -106,7 +106,14 @@ def pwrite_run(fd: int, path: str, bufs: list, offset: int, faults: IoFaults) ->
 
 
 class IoQueue:
-    """``depth`` worker threads; ``submit`` tracks queue depth and latency in ``metrics``."""
+    """``depth`` worker threads, each working through its share of a batch.
+
+    ``map_shards`` splits a batch of requests round-robin into at most ``depth`` shards,
+    one task per shard: exactly ``depth`` syscalls in flight at a time, and one executor
+    hand-off per shard instead of one per request (about 14 us each on 2 cores, which
+    matters at tens of thousands of 64 KiB reads per second). Per-request latency and
+    the number of busy workers (the queue depth) go to ``metrics``.
+    """
 
     def __init__(self, depth: int, name: str, metrics: StoreMetrics, op: str):
         if depth <= 0:
@@ -116,16 +123,25 @@ class IoQueue:
         self._metrics = metrics
         self._op = op
 
-    def submit(self, fn, *args) -> Future:
-        self._metrics.io_started()
-        return self._pool.submit(self._timed, fn, *args)
+    def map_shards(self, fn, requests: list) -> list[tuple[list, Future]]:
+        """Run ``fn(request) -> list`` for each request; returns (requests of the shard, future of
+        the concatenated results) per shard."""
+        shards = [requests[i :: self.depth] for i in range(min(self.depth, len(requests)))]
+        return [(shard, self._submit(self._run_shard, fn, shard)) for shard in shards]
 
-    def _timed(self, fn, *args):
-        t0 = time.perf_counter()
+    def _submit(self, fn, *args) -> Future:
+        self._metrics.io_started()
+        return self._pool.submit(fn, *args)
+
+    def _run_shard(self, fn, shard: list) -> list:
         try:
-            return fn(*args)
+            out = []
+            for req in shard:
+                t0 = time.perf_counter()
+                out.extend(fn(req))
+                self._metrics.latency(self._op, time.perf_counter() - t0)
+            return out
         finally:
-            self._metrics.latency(self._op, time.perf_counter() - t0)
             self._metrics.io_finished()
 
     def shutdown(self) -> None:

@@ -76,7 +76,6 @@ def bench_host_gpu(args, layout: GroupLayout, notes: list[str]) -> dict:
     cuda = torch.device("cuda")
     slots = int(args.host_gib * GIB) // layout.slot_bytes
     host = HostTier(layout, slots * layout.slot_bytes, pin=True)
-    host.rows.random_(0, 255)
     n = min(args.batch, slots)
     nbytes = n * layout.group_bytes
     flat = host.rows.view(-1)[:nbytes]

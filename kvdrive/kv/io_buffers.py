@@ -22,7 +22,14 @@ def aligned_empty(nbytes: int, device: torch.device, pin: bool, alignment: int =
     """
     if device.type != "cpu":
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    base = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin and dev.pin_supported())
+    pin = pin and dev.pin_supported()
+    if pin:
+        # NOTE: pinned blocks come from cudaHostAlloc, page-aligned already; over-allocating
+        # would also push torch's pinned allocator to the next power of two.
+        base = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if base.data_ptr() % alignment == 0:
+            return base
+    base = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)
     offset = (-base.data_ptr()) % alignment
     out = base[offset : offset + nbytes]
     assert out.data_ptr() % alignment == 0

@@ -307,16 +307,23 @@ class KVStore:
         hits = self._metrics.hit if count else _no_count
         missed = self._metrics.miss if count else _no_count
         self._reap()
-        src = {GPU: ([], []), HOST: ([], [])}
+        src = {GPU: ([], []), HOST: ([], [])}  # tier -> (slots, request indices)
+        (g_slots, g_rows), (h_slots, h_rows) = src[GPU], src[HOST]
         disk_keys, disk_rows, misses = [], [], []
-        for i, k in enumerate(keys):
-            e = self._entries.get(k)
-            if e is not None and e.gpu >= 0 and dst is not None:
-                src[GPU][0].append(e.gpu), src[GPU][1].append(i)
-            elif e is not None and e.host >= 0:
-                src[HOST][0].append(e.host), src[HOST][1].append(i)
-            elif e is not None and e.durable:
-                disk_keys.append(k), disk_rows.append(i)
+        get, to_gpu = self._entries.get, dst is not None
+        for i, k in enumerate(keys):  # NOTE: the only per-group Python work of a fetch
+            e = get(k)
+            if e is None:
+                misses.append(i)
+            elif to_gpu and e.gpu >= 0:
+                g_slots.append(e.gpu)
+                g_rows.append(i)
+            elif e.host >= 0:
+                h_slots.append(e.host)
+                h_rows.append(i)
+            elif e.durable:
+                disk_keys.append(k)
+                disk_rows.append(i)
             else:
                 misses.append(i)
         missed("absent", len(misses))

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "kvdrive.commands.demo",
     "generate": "kvdrive.commands.generate",
     "info": "kvdrive.commands.info",
+    "probe": "kvdrive.kv.probe",
     "bench": "kvdrive.bench",
 }
 

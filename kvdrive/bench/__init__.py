@@ -12,6 +12,7 @@ import importlib
 # name -> (module, one-line help)
 BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
+    "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
 }
 
 

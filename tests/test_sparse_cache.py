@@ -1,0 +1,84 @@
+"""The sparse cache: with a budget covering the context it is full attention; with a
+small budget it attends to exactly the selected groups."""
+
+import pytest
+import torch
+
+from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.models.decoder import DecoderLM
+from kvdrive.models.registry import from_hf_config
+
+
+def _tiny(model_type="llama", **extra):
+    from transformers import AutoConfig
+
+    cfg = from_hf_config(AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=1024, **extra))
+    torch.manual_seed(0)
+    return DecoderLM(cfg).eval()
+
+
+def _decode(model, cache, prompts, steps):
+    """Prefill each prompt, then decode the batch ``steps`` times with fixed inputs."""
+    for i, p in enumerate(prompts):
+        cache.add(i, 400)
+        b = cache.plan([i], len(p))
+        model(torch.tensor([p]), cache, b)
+        cache.commit(b)
+    out = []
+    for t in range(steps):
+        b = cache.plan(list(range(len(prompts))), 1)
+        out.append(model(torch.full((len(prompts), 1), 7 + t), cache, b))
+        cache.commit(b)
+    return torch.stack(out, 1)  # (B, steps, V)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean", "lowrank_seq"])
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
+def test_full_budget_equals_full_attention(summary, mode):
+    model = _tiny()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (150, 77, 203)]  # odd lengths
+    dev, dt = torch.device("cpu"), torch.float32
+    ref = _decode(model, ContiguousKVCache(model.config, 3, 400, dev, dt), prompts, 20)
+    cfg = SparseConfig(group_tokens=8, budget=10_000, summary=summary, mode=mode, rank=16)
+    got = _decode(model, SparseKVCache(model.config, 3, 400, dev, dt, cfg), prompts, 20)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_layers_stay_exact_under_a_small_budget():
+    """Gemma-style: sliding layers are dense over their window; only global layers are sparse."""
+    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "sliding_attention", "sliding_attention"])
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (90, 61)]
+    dev, dt = torch.device("cpu"), torch.float32
+    ref = _decode(model, ContiguousKVCache(model.config, 2, 400, dev, dt), prompts, 12)
+    got = _decode(model, SparseKVCache(model.config, 2, 400, dev, dt, SparseConfig(group_tokens=8, budget=16)),
+                  prompts, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_budget_selects_sinks_window_and_budget():
+    model = _tiny()
+    cfg = SparseConfig(group_tokens=8, budget=64, sink_tokens=8, window_tokens=16)
+    cache = SparseKVCache(model.config, 1, 400, torch.device("cpu"), torch.float32, cfg)
+    _decode(model, cache, [torch.randint(0, 300, (200,)).tolist()], 1)
+    sel = cache.last_selection[0]
+    n = int(sel.num_pages[0])
+    groups = sel.groups[0, 0, :n].tolist()  # 201 tokens -> 26 groups, the last partly filled
+    assert n == 64 // 8
+    assert groups[0] == 0 and groups[-2:] == [24, 25]
+    assert groups == sorted(set(groups))
+    assert cache.summary_bytes > 0
+
+
+def test_sparse_differs_from_full_when_budget_is_small():
+    model = _tiny()
+    prompts = [torch.randint(0, 300, (300,)).tolist()]
+    dev, dt = torch.device("cpu"), torch.float32
+    ref = _decode(model, ContiguousKVCache(model.config, 1, 400, dev, dt), prompts, 4)
+    got = _decode(model, SparseKVCache(model.config, 1, 400, dev, dt, SparseConfig(group_tokens=8, budget=48)),
+                  prompts, 4)
+    assert (got - ref).abs().max() > 1e-3

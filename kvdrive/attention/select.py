@@ -1,0 +1,123 @@
+"""Top-k group selection under a token budget, batched over sequences of different lengths.
+
+Given scores (B, H_kv, N_max) from a ``GroupSummarizer`` and each sequence's group
+count, pick for every sequence (and KV head, in ``per_head`` mode) the groups to attend:
+the first ``n_sink`` groups, the last ``n_window`` groups (the partly filled one
+included) and the best-scoring others, up to the budget. One sort over padded rows,
+no per-sequence Python loop, no host sync when the caller passes ``max_pages``.
+
+Selected group indices come out ascending, so the partly filled group is the last
+listed page, as the attention kernel expects; ``pages.to_slots`` maps them to pool slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kvdrive.errors import KvdriveError
+
+MODES = ("shared", "per_head")
+SHARED_REDUCE = ("softmax_sum", "max")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens attended per sequence and layer: absolute ``tokens`` or a ``fraction`` of the context."""
+
+    tokens: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self):
+        if (self.tokens is None) == (self.fraction is None):
+            raise KvdriveError("budget: give exactly one of tokens or fraction")
+        if self.tokens is not None and self.tokens <= 0:
+            raise KvdriveError(f"budget: tokens must be positive, got {self.tokens}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise KvdriveError(f"budget: fraction must be in (0, 1], got {self.fraction}")
+
+    def groups(self, num_groups: torch.Tensor, group_tokens: int) -> torch.Tensor:
+        """(B,) group counts -> (B,) int64 budget in groups (rounded up)."""
+        if self.tokens is not None:
+            return torch.full_like(num_groups, -(-self.tokens // group_tokens), dtype=torch.int64)
+        return torch.ceil(num_groups.double() * self.fraction).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    budget: Budget
+    n_sink: int = 1  # groups always kept from the start
+    n_window: int = 4  # most recent groups always kept, the partly filled one included
+    mode: str = "shared"  # shared: one selection per layer (larger contiguous reads); per_head
+    shared_reduce: str = "softmax_sum"  # how shared mode combines the KV heads' scores
+
+    def __post_init__(self):
+        if self.n_sink < 0 or self.n_window < 1:
+            raise KvdriveError(f"selection: n_sink must be >= 0 and n_window >= 1, got {self.n_sink}, {self.n_window}")
+        if self.mode not in MODES:
+            raise KvdriveError(f"selection mode must be one of {MODES}, got {self.mode!r}")
+        if self.shared_reduce not in SHARED_REDUCE:
+            raise KvdriveError(f"shared_reduce must be one of {SHARED_REDUCE}, got {self.shared_reduce!r}")
+
+
+class Selection(NamedTuple):
+    groups: torch.Tensor  # (B, H_kv, P) int32 group indices, ascending; entries >= count are 0
+    num_pages: torch.Tensor  # (B,) int32 (same for every head: the count depends only on the budget)
+
+
+def combine_heads(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, H_kv, N) logit-like scores -> (B, 1, N) for shared selection.
+
+    softmax_sum: each head's softmax over groups, summed: the estimated attention mass a
+    group gets over the layer's heads, so no head dominates by its logit scale.
+    """
+    if how == "max":
+        return scores.amax(dim=1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with every group masked
+    return probs.sum(dim=1, keepdim=True)
+
+
+def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: SelectionConfig, group_tokens: int,
+                  max_pages: int | None = None) -> Selection:
+    """scores (B, H_kv, N_max) float (-inf or anything at padding), num_groups (B,) -> Selection.
+
+    Deterministic: ties go to the lower group index (stable sort). Every group is taken
+    when the budget covers the sequence. ``max_pages`` is P, at least the largest count
+    (the engine knows the lengths on the host); without it one host sync computes it. Scores of sink and window groups are ignored (the partly filled group
+    needs no summary).
+    """
+    b, h, n = scores.shape
+    dev = scores.device
+    num_groups = num_groups.to(dev, torch.int64)
+    floor = min(cfg.n_sink + cfg.n_window, n)
+    count = torch.minimum(cfg.budget.groups(num_groups, group_tokens).clamp(min=floor), num_groups)  # (B,)
+    if max_pages is None:
+        max_pages = int(count.max()) if b else 0
+    max_pages = max(1, min(max_pages, n))
+    count = count.clamp(max=max_pages)
+    idx = torch.arange(n, device=dev)[None, :]  # (1, N)
+    valid = idx < num_groups[:, None]  # (B, N)
+    forced = valid & ((idx < cfg.n_sink) | (idx >= num_groups[:, None] - cfg.n_window))
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    s = s.masked_fill((forced | ~valid)[:, None], float("-inf"))  # (B, H_kv, N): candidates only
+    if cfg.mode == "shared":
+        s = combine_heads(s, cfg.shared_reduce)  # (B, 1, N)
+    s = s.masked_fill(forced[:, None], float("inf")).masked_fill(~valid[:, None], float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :max_pages]  # (B, h', P)
+    keep = torch.arange(max_pages, device=dev)[None, None, :] < count[:, None, None]
+    order = torch.where(keep, order, n)  # dropped entries sort last
+    groups = torch.sort(order, dim=-1).values
+    groups = torch.where(groups == n, 0, groups).to(torch.int32)
+    return Selection(groups.expand(b, h, max_pages), count.to(torch.int32))
+
+
+def selection_mask(sel: Selection, n_max: int) -> torch.Tensor:
+    """(B, H_kv, n_max) bool: which groups a selection lists."""
+    b, h, p = sel.groups.shape
+    listed = torch.arange(p, device=sel.groups.device)[None, None, :] < sel.num_pages.view(b, -1, 1).long()
+    mask = torch.zeros(b, h, n_max + 1, dtype=torch.bool, device=sel.groups.device)
+    idx = torch.where(listed, sel.groups.long(), n_max)  # unlisted entries land in a spare column
+    return mask.scatter_(2, idx, True)[..., :n_max]

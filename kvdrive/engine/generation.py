@@ -64,22 +64,31 @@ class Detokenizer:
         return delta, False
 
 
-def _prefill(model, cache: KVCache, req: Request, chunk: int, bar) -> torch.Tensor:
+def _prefill(model, cache: KVCache, req: Request, chunk: int, bar, prefix=None) -> torch.Tensor:
+    """Prefill ``req``'s prompt. ``prefix`` (a prefix pool, optional) first loads the KV of
+    the longest stored prefix into ``cache`` and returns its length; at least the last
+    prompt token is always computed, since its logits start the generation."""
     ids = torch.tensor(req.prompt_ids, device=model.device)
     logits = None
-    for begin in range(0, len(ids), chunk):
+    done = prefix.load(model, cache, req.seq_id, req.prompt_ids) if prefix is not None else 0
+    bar.update(done)
+    for begin in range(done, len(ids), chunk):
         piece = ids[begin : begin + chunk][None]  # (1, T)
         batch = cache.plan([req.seq_id], piece.shape[1])
         logits = model(piece, cache, batch)
         cache.commit(batch)
         bar.update(piece.shape[1])
+    if prefix is not None:
+        prefix.store(cache, req.seq_id, req.prompt_ids)
     return logits  # (1, V)
 
 
 def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...], tokenizer,
-        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True) -> Iterator[TokenEvent]:
+        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, prefix=None) -> Iterator[TokenEvent]:
     """Generate for ``requests``; yields one ``TokenEvent`` per token. ``cuda_graphs``
-    replays a captured decode step on CUDA when the cache supports static plans."""
+    replays a captured decode step on CUDA when the cache supports static plans.
+    ``prefix``: an object with ``load(model, cache, seq_id, prompt_ids) -> int`` (tokens
+    of KV it placed in the cache, < len(prompt)) and ``store(cache, seq_id, prompt_ids)``."""
     detok = Detokenizer(tokenizer)
     use_graphs = cuda_graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False)
     graph = None
@@ -89,7 +98,7 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
     active: list[Request] = []
     with progress(total=total_prompt, desc="prefill", unit="tok", enabled=total_prompt > 4096) as bar:
         for req in requests:
-            logits = _prefill(model, cache, req, prefill_chunk, bar)
+            logits = _prefill(model, cache, req, prefill_chunk, bar, prefix)
             token = sample(logits, [req.params], [req.generator])[0]
             event = _accept(req, token, eos_ids, detok)
             yield event

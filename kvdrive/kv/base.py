@@ -86,3 +86,9 @@ class KVCache(ABC):
 
     @abstractmethod
     def commit(self, batch: ForwardBatch) -> None: ...
+
+    def export_kv(self, seq_id: int, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of tokens [start, stop) of a committed sequence, each (H_kv, stop - start, D),
+        post-RoPE, as new tensors (for the prefix pool). Importing goes through the normal
+        path: ``plan(seq, T)``, ``append`` per layer, ``commit``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export KV")

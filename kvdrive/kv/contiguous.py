@@ -155,6 +155,12 @@ class ContiguousKVCache(KVCache):
         for s in batch.seq_ids:
             self._len[s] += batch.num_new
 
+    def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
+        if not 0 <= start <= stop <= self._len[seq_id]:
+            raise KvdriveError(f"tokens [{start}, {stop}) are not all cached for sequence {seq_id}")
+        slot = self._slot[seq_id]
+        return self.k[layer][slot, :, start:stop].clone(), self.v[layer][slot, :, start:stop].clone()
+
 
 class _Meta:
     """Private plan state; ``masks`` fills lazily per window on first use (inside a CUDA

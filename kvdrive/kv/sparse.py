@@ -128,6 +128,15 @@ class SparseKVCache(KVCache):
         for s in batch.seq_ids:
             self._len[s] += batch.num_new
 
+    def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
+        if not 0 <= start <= stop <= self._len[seq_id]:
+            raise KvdriveError(f"tokens [{start}, {stop}) are not all cached for sequence {seq_id}")
+        base, g = self._slot[seq_id] * self.max_groups, self.g
+        groups = self.pool[layer][base + start // g : base + -(-stop // g)]  # (n, 2, H_kv, G, D)
+        kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
+        off = start - (start // g) * g
+        return kv[0, :, off : off + stop - start].clone(), kv[1, :, off : off + stop - start].clone()
+
     # -- data path ------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         pos = batch.positions  # (B, T)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdrive.attention.sparse_ref import sparse_attention_ref as sparse_attention
+from kvdrive.attention.sparse import sparse_attention
 from kvdrive.attention.pages import to_slots
 from kvdrive.attention.select import Budget, SelectionConfig, select_groups
 from kvdrive.config import ModelConfig
@@ -68,13 +68,26 @@ class SparseKVCache(KVCache):
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, sparse: SparseConfig = SparseConfig()):
         self.layer_specs = layer_specs(config)
-        self.sparse, self.sel_cfg = sparse, sparse.selection()
+        self.config = config
         self.g = g = sparse.group_tokens
         self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
         self.max_groups = -(-max_len // g)
         h, d = config.num_key_value_heads, config.head_dim
         self.pool = [torch.zeros(max_seqs * self.max_groups, 2, h, g, d, device=device, dtype=dtype)
                      for _ in range(config.num_hidden_layers)]  # (S*N, 2, H_kv, G, D) per layer
+        self._slot: dict[int, int] = {}
+        self._len: dict[int, int] = {}
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self.reconfigure(sparse)
+
+    def reconfigure(self, sparse: SparseConfig) -> None:
+        """Switch summary, budget or mode; summaries are rebuilt lazily at the next decode
+        step (the KV is kept). Evaluation uses this to try many settings on one prefill."""
+        if sparse.group_tokens != self.g:
+            raise KvdriveError("reconfigure cannot change group_tokens (the pool layout)")
+        self.sparse, self.sel_cfg = sparse, sparse.selection()
+        config, g, device, dtype = self.config, self.g, self.device, self.dtype
+        h, d, max_seqs = config.num_key_value_heads, config.head_dim, self.max_seqs
         self.tables: dict[int, SummaryTable] = {}
         for layer in config.global_layers:
             kw = {}
@@ -85,9 +98,6 @@ class SparseKVCache(KVCache):
             summ = make_summarizer(sparse.summary, h, d, g, **kw)
             self.tables[layer] = SummaryTable(summ, max_seqs, self.max_groups, device, dtype)
         self._summarized = {layer: [0] * max_seqs for layer in self.tables}  # full groups summarized, per slot
-        self._slot: dict[int, int] = {}
-        self._len: dict[int, int] = {}
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.last_selection: dict = {}  # layer -> Selection (groups (B, H_kv, P), num_pages (B,))
 
     @property
@@ -107,6 +117,17 @@ class SparseKVCache(KVCache):
     def free(self, seq_id: int) -> None:
         self._free_slots.append(self._slot.pop(seq_id))
         del self._len[seq_id]
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget tokens from ``length`` on (their KV is overwritten by later appends)."""
+        if not 0 <= length <= self._len[seq_id]:
+            raise KvdriveError(f"cannot truncate sequence {seq_id} of {self._len[seq_id]} tokens to {length}")
+        self._len[seq_id] = length
+        slot = self._slot[seq_id]
+        for layer, done in self._summarized.items():
+            if done[slot] > length // self.g:
+                done[slot] = length // self.g
+                self.tables[layer].counts[slot] = done[slot]
 
     def length(self, seq_id: int) -> int:
         return self._len[seq_id]

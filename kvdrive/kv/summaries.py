@@ -30,6 +30,7 @@ import torch
 from kvdrive.errors import KvdriveError
 
 HEAD_REDUCE = ("max", "mean")
+_GATHER_CHUNK = 256  # lowrank_seq: per-group bases gathered at once (256 x 1024 x 32 x 4 B = 32 MiB)
 
 
 class GroupSummarizer(ABC):
@@ -157,6 +158,7 @@ class LowRankSummarizer(GroupSummarizer):
     """
 
     name = "lowrank_offline"
+    per_row = False  # one basis for every sequence
 
     def __init__(self, num_kv_heads, head_dim, group_tokens, basis: torch.Tensor):
         super().__init__(num_kv_heads, head_dim, group_tokens)
@@ -175,6 +177,11 @@ class LowRankSummarizer(GroupSummarizer):
     def summarize(self, keys, rows=None):
         n, h, g, d = keys.shape
         flat = keys.permute(0, 2, 1, 3).reshape(n, g, h * d)  # (N, G, H_kv*D)
+        if self.per_row and isinstance(rows, torch.Tensor) and n > _GATHER_CHUNK:
+            # NOTE: per-group bases are gathered; chunks bound that copy (a whole prompt's
+            # groups at the first decode step) to _GATHER_CHUNK bases.
+            return torch.cat([self.summarize(keys[i:i + _GATHER_CHUNK], rows[i:i + _GATHER_CHUNK])
+                              for i in range(0, n, _GATHER_CHUNK)])
         a = self._bases(rows).to(keys.dtype)  # (N or 1, H_kv*D, r)
         return torch.matmul(flat, a)  # (N, G, r)
 
@@ -195,6 +202,7 @@ class SeqLowRankSummarizer(LowRankSummarizer):
     """
 
     name = "lowrank_seq"
+    per_row = True
 
     def __init__(self, num_kv_heads, head_dim, group_tokens, rank: int, max_seqs: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -144,7 +144,7 @@ class MeanSummarizer(GroupSummarizer):
         return (self.num_kv_heads, self.head_dim)
 
     def summarize(self, keys, rows=None):
-        return keys.float().mean(dim=2).to(keys.dtype)  # (N, H_kv, D)
+        return keys.mean(dim=2, dtype=torch.float32).to(keys.dtype)  # (N, H_kv, D), fp32 sum
 
     def logits(self, q, summaries, rows):
         return _per_head_dot(q, summaries)
@@ -176,12 +176,12 @@ class LowRankSummarizer(GroupSummarizer):
 
     def summarize(self, keys, rows=None):
         n, h, g, d = keys.shape
-        flat = keys.permute(0, 2, 1, 3).reshape(n, g, h * d)  # (N, G, H_kv*D)
         if self.per_row and isinstance(rows, torch.Tensor) and n > _GATHER_CHUNK:
             # NOTE: per-group bases are gathered; chunks bound that copy (a whole prompt's
             # groups at the first decode step) to _GATHER_CHUNK bases.
             return torch.cat([self.summarize(keys[i:i + _GATHER_CHUNK], rows[i:i + _GATHER_CHUNK])
                               for i in range(0, n, _GATHER_CHUNK)])
+        flat = keys.permute(0, 2, 1, 3).reshape(n, g, h * d)  # (N, G, H_kv*D)
         a = self._bases(rows).to(keys.dtype)  # (N or 1, H_kv*D, r)
         return torch.matmul(flat, a)  # (N, G, r)
 

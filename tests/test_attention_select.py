@@ -200,3 +200,15 @@ def test_gpu_selection_equals_cpu_selection(mode):
     for i in range(16):
         n = int(a.num_pages[i])
         assert torch.equal(a.groups[i, :, :n], b.groups[i, :, :n].cpu())
+
+
+def test_topk_key_orders_like_a_stable_descending_sort():
+    from kvdrive.attention.select import _topk_lowest_index_first
+
+    gen = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 300, generator=gen).round(decimals=1)  # many ties, both signs
+    s[:, ::7] = -0.0
+    s[:, 3::11] = 0.0
+    s[0, :4] = torch.tensor([float("inf"), float("-inf"), 1e-38, -1e-38])
+    expect = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :50]
+    assert torch.equal(_topk_lowest_index_first(s, 50), expect)

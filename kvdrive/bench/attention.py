@@ -8,12 +8,15 @@ heads, head_dim 128, bf16, G=16) it times, over one random group pool:
 * sparse attention over a budget (sinks + random groups + window): Triton and the torch
   reference;
 and checks Triton against the reference (relative error of out, max error of lse).
+Times are medians of eager calls (host launch overhead included) and, for Triton, of
+CUDA-graph replays (device time, as in a graph-captured decode step).
 Achieved bandwidth is reported against a measured device-to-device copy.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -58,6 +61,26 @@ def time_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> flo
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_graph_ms(fn, device: torch.device, repeats: int = 20) -> float | None:
+    """Median ms of replaying ``fn`` captured in a CUDA graph: device time without the host's
+    launch overhead (what a graph-captured decode step pays). None on CPU or if capture fails."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return time_ms(graph.replay, device, repeats)
 
 
 def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float | None:
@@ -136,6 +159,12 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
                 lambda: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=bt), device,
                 args.repeats)
         best = min(args.block_tokens, key=lambda bt: res[f"full_triton_ms_bt{bt}"])
+        res["sparse_triton_graph_ms"] = time_graph_ms(
+            lambda: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=best), device,
+            args.repeats)
+        res["full_triton_graph_ms"] = time_graph_ms(
+            lambda: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=best), device,
+            args.repeats)
         res["full_triton_ms"], res["best_block_tokens_full"] = res[f"full_triton_ms_bt{best}"], best
         res["sparse_triton_ms"] = min(res[f"sparse_triton_ms_bt{bt}"] for bt in args.block_tokens)
         out_t, lse_t = sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=best)
@@ -158,8 +187,9 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
         for key in ("full_triton_ms", "full_sdpa_ms"):
             if key in res:
                 res[key.replace("_ms", "_gbps")] = round(kv_bytes(context) / res[key] / 1e6, 1)
-        if "sparse_triton_ms" in res:
-            res["sparse_triton_gbps"] = round(kv_bytes(int(sp_np[0]) * g) / res["sparse_triton_ms"] / 1e6, 1)
+        for key in ("sparse_triton_ms", "sparse_triton_graph_ms"):
+            if res.get(key):
+                res[key.replace("_ms", "_gbps")] = round(kv_bytes(int(sp_np[0]) * g) / res[key] / 1e6, 1)
     del pool
     return res
 
@@ -169,7 +199,7 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     peak = copy_gbps(device)
-    results, notes = [], []
+    results, notes = [], [f"argv: {' '.join(sys.argv)}"]
     if not (triton_available() and device.type == "cuda"):
         notes.append("no CUDA GPU or no triton: Triton timings skipped")
     for case in args.cases:

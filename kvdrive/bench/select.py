@@ -8,10 +8,14 @@ it builds the summaries of a random pool, then times per layer and decode step:
 * select: ``select_groups`` (shared and per-head) under the token budget, + ``to_slots``;
 * attention: full (Triton over every page; SDPA over contiguous K/V) vs sparse (Triton
   over the selected pages), so ``saved = full - sparse`` and ``select / saved``.
-Summary memory (bytes per group, per token, for the batch) is reported beside it.
+Summary memory (bytes per group, per token, for the batch) is reported beside it. Times
+are medians of eager calls and (``*_graph_ms``) of CUDA-graph replays, the device time
+a graph-captured decode step pays.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -20,7 +24,8 @@ from kvdrive.attention.lowrank import KeyGram
 from kvdrive.attention.pages import to_slots
 from kvdrive.attention.select import Budget, SelectionConfig, select_groups
 from kvdrive.attention.sparse import sparse_attention, triton_available
-from kvdrive.bench.attention import contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_ms
+from kvdrive.bench.attention import (contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms,
+                                     time_ms)
 from kvdrive.bench.common import write_result
 from kvdrive.kv.summaries import SUMMARIZERS, make_summarizer
 
@@ -80,13 +85,16 @@ def run(args) -> int:
     valid = torch.ones(b, n, dtype=torch.bool, device=device)
     valid[:, -1] = last[0] == g  # the partly filled group has no summary
     impl = "triton" if triton_available() and device.type == "cuda" else "torch"
-    notes = [] if impl == "triton" else ["no CUDA GPU or no triton: attention timed with the torch reference"]
+    notes = [f"argv: {' '.join(sys.argv)}"]
+    if impl != "triton":
+        notes.append("no CUDA GPU or no triton: attention timed with the torch reference")
 
     attn = {"impl": impl}
     full_pt, full_np = full_table(b, n, h_kv, device)
     if impl == "triton":
-        attn["full_ms"] = time_ms(lambda: sparse_attention(q, pool, full_pt, full_np, last, scale, impl=impl),
-                                  device, args.repeats)
+        full = lambda: sparse_attention(q, pool, full_pt, full_np, last, scale, impl=impl)  # noqa: E731
+        attn["full_ms"] = time_ms(full, device, args.repeats)
+        attn["full_graph_ms"] = time_graph_ms(full, device, args.repeats)
     k, v = contiguous_kv(pool, b, n)
     attn["full_sdpa_ms"] = time_ms(lambda: sdpa_decode(q, k, v, scale), device, args.repeats)
     del k, v
@@ -100,7 +108,8 @@ def run(args) -> int:
         entry = {"summary": name, "bytes_per_group": s.bytes_per_group(dtype),
                  "bytes_per_token": s.bytes_per_group(dtype) / g,
                  "batch_summary_mb": round(summ.numel() * summ.element_size() / 1e6, 1),
-                 "score_ms": time_ms(score, device, args.repeats)}
+                 "score_ms": time_ms(score, device, args.repeats),
+                 "score_graph_ms": time_graph_ms(score, device, args.repeats)}
         scores = score()
         for budget in args.budget:
             for mode in ("shared", "per_head"):
@@ -112,15 +121,20 @@ def run(args) -> int:
                     return sel, to_slots(sel.groups, slot_table)
 
                 sel, pt = select()
-                sel_ms = time_ms(select, device, args.repeats)
-                sparse_ms = time_ms(lambda: sparse_attention(q, pool, pt, sel.num_pages, last, scale, impl=impl),
-                                    device, args.repeats)
-                saved = attn["full_ms"] - sparse_ms
-                total = entry["score_ms"] + sel_ms
-                entry[f"b{budget}_{mode}"] = {
-                    "select_ms": sel_ms, "score_plus_select_ms": total, "sparse_attention_ms": sparse_ms,
-                    "saved_ms": saved, "select_over_saved": round(total / saved, 4) if saved > 0 else None,
-                    "step_ms_sparse_total": total + sparse_ms}
+                sparse = lambda: sparse_attention(q, pool, pt, sel.num_pages, last, scale, impl=impl)  # noqa: E731
+                r = {"select_ms": time_ms(select, device, args.repeats),
+                     "sparse_attention_ms": time_ms(sparse, device, args.repeats),
+                     "select_graph_ms": time_graph_ms(select, device, args.repeats),
+                     "sparse_attention_graph_ms": time_graph_ms(sparse, device, args.repeats)}
+                for sfx, full_key in (("", "full_ms"), ("_graph", "full_graph_ms")):
+                    if r[f"select{sfx}_ms"] is None or entry[f"score{sfx}_ms"] is None or not attn.get(full_key):
+                        continue
+                    total = entry[f"score{sfx}_ms"] + r[f"select{sfx}_ms"]
+                    saved = attn[full_key] - r[f"sparse_attention{sfx}_ms"]
+                    r.update({f"score_plus_select{sfx}_ms": total, f"saved{sfx}_ms": saved,
+                              f"select_over_saved{sfx}": round(total / saved, 4) if saved > 0 else None,
+                              f"sparse_step{sfx}_ms": total + r[f"sparse_attention{sfx}_ms"]})
+                entry[f"b{budget}_{mode}"] = r
         results.append(entry)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
         del summ, scores

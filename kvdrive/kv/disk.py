@@ -12,6 +12,11 @@ I/O is O_DIRECT when the path accepts it (probed once); otherwise a loud
 write-behind never sits in front of a read. Every slot written gets an xxh3_64 of its
 group bytes; a read whose data does not match, comes back short or fails is reported
 per slot as a miss reason, never as data.
+
+With ``persist_name`` the extents are named ``kvdrive-<persist_name>-<n>.extent``,
+reopened by the next ``DiskDevice`` of that name and kept by ``close()``; the owner
+of the slot index (the prefix pool) hands back live slots and their checksums with
+``restore``. Extents beyond the budget are deleted on reopen, so the cap stays physical.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class DiskDevice:
 
     def __init__(self, path: str, layout: GroupLayout, budget_bytes: int, *, direct: str = "auto",
                  read_depth: int = 32, write_depth: int = 4, extent_bytes: int = DEFAULT_EXTENT_BYTES,
-                 faults: IoFaults | None = None, metrics: StoreMetrics | None = None):
+                 faults: IoFaults | None = None, metrics: StoreMetrics | None = None,
+                 persist_name: str | None = None):
         if direct not in DIRECT_MODES:
             raise KvdriveError(f"direct must be one of {DIRECT_MODES}, got {direct!r}")
         if not os.path.isdir(path):
@@ -55,7 +61,8 @@ class DiskDevice:
         self.num_slots = budget_bytes // sb
         self.extent_slots = max(1, min(extent_bytes // sb, self.num_slots))
         self.direct = self._choose_direct(direct)
-        self._tag = f"kvdrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.persistent = persist_name is not None
+        self._tag = f"kvdrive-{persist_name}" if self.persistent else f"kvdrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fds: list[int] = []
         self._paths: list[str] = []
         self._free = FreeList(0)
@@ -64,6 +71,8 @@ class DiskDevice:
         self._valid = np.zeros(self.num_slots, dtype=bool)
         self._reads = IoQueue(read_depth, f"{self._tag}-r", self.metrics, "disk_read")
         self._writes = IoQueue(write_depth, f"{self._tag}-w", self.metrics, "disk_write")
+        if self.persistent:
+            self._reopen()
 
     def _choose_direct(self, mode: str) -> bool:
         if mode == "off":
@@ -117,7 +126,7 @@ class DiskDevice:
         n = min(self.extent_slots, self.num_slots - have)
         if n <= 0 or self._exhausted:
             return False
-        path = os.path.join(self.path, f"{self._tag}-{len(self._paths)}.extent")
+        path = self._extent_path(len(self._paths))
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else os.O_DSYNC)
         fd = os.open(path, flags, 0o600)
         try:
@@ -133,6 +142,56 @@ class DiskDevice:
         self._paths.append(path)
         self._free.grow(n)
         return True
+
+    # -- persistence (persist_name) ---------------------------------------------------
+
+    def _extent_path(self, n: int) -> str:
+        return os.path.join(self.path, f"{self._tag}-{n}.extent")
+
+    def _reopen(self) -> None:
+        """Open this name's extents that fit the budget, delete the rest; their slots start free."""
+        n, size = 0, self.extent_slots * self.layout.slot_bytes
+        while os.path.exists(self._extent_path(n)):
+            path = self._extent_path(n)
+            if (n + 1) * self.extent_slots > self.num_slots or os.path.getsize(path) != size:
+                break
+            flags = os.O_RDWR | (os.O_DIRECT if self.direct else os.O_DSYNC)
+            self._fds.append(os.open(path, flags))
+            self._paths.append(path)
+            self._free.grow(self.extent_slots)
+            n += 1
+        while os.path.exists(self._extent_path(n)):  # over budget or of another geometry
+            os.unlink(self._extent_path(n))
+            n += 1
+
+    def restore(self, slots: list[int], sums: list[int]) -> list[bool]:
+        """Mark ``slots`` (of reopened extents) as holding data with checksums ``sums``.
+        Returns per slot whether it was restored (False: outside the reopened extents or twice)."""
+        cap = self._free.capacity
+        ok = [0 <= s < cap and not self._valid[s] for s in slots]
+        for s, good, c in zip(slots, ok, sums):
+            if good:
+                self._valid[s], self._sums[s] = True, c
+        live = set(np.flatnonzero(self._valid[:cap]).tolist())
+        fresh = FreeList(cap)
+        fresh.alloc(cap)
+        fresh.free([s for s in range(cap - 1, -1, -1) if s not in live])  # lowest slot handed out first
+        self._free = fresh
+        return ok
+
+    def checksums(self, slots: list[int]) -> list[int]:
+        """xxh3_64 of the data last written to each slot (valid once its write completed)."""
+        return [int(self._sums[s]) for s in slots]
+
+    def locate(self, slot: int) -> tuple[str, int]:
+        """(extent file, byte offset) of ``slot``: for tools that read the files another way."""
+        _, path, off = self._where(slot)
+        return path, off
+
+    def sync(self) -> None:
+        """``fdatasync`` every extent: completed writes reach stable storage before an index names them."""
+        for fd in self._fds:
+            os.fdatasync(fd)
 
     # -- I/O --------------------------------------------------------------------------
 
@@ -213,12 +272,16 @@ class DiskDevice:
         self.metrics.moved("host->disk", gb * len(slots), len(slots))
         return [None] * len(slots)
 
-    def close(self) -> None:
+    def close(self, remove: bool | None = None) -> None:
+        """Stop the queues and close the extents; they are deleted unless the device is
+        persistent (``remove`` overrides)."""
         self._reads.shutdown()
         self._writes.shutdown()
+        remove = not self.persistent if remove is None else remove
         for fd, path in zip(self._fds, self._paths):
             os.close(fd)
-            os.unlink(path)
+            if remove:
+                os.unlink(path)
         self._fds, self._paths = [], []
 
 

@@ -142,6 +142,6 @@ class DiskPool:
     def physical_bytes(self) -> int:
         return sum(d.physical_bytes() for d in self.devices)
 
-    def close(self) -> None:
+    def close(self, remove: bool | None = None) -> None:
         for d in self.devices:
-            d.close()
+            d.close(remove)

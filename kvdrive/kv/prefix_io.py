@@ -85,6 +85,9 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
     futures: dict[int, BatchFuture] = {}
 
     def issue(layer: int) -> None:
+        if not disk_idx:
+            futures[layer] = BatchFuture(0, [])
+            return
         buf = staging.buf(layer)
         np_rows = buf.numpy()
         parts, by_dev = [], {}
@@ -116,7 +119,7 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
             first = min(bad)
             why = results[disk_idx.index(first)]
             return ImportResult(first, True, why, 0, 0, time.perf_counter() - t0)
-        rows = staging.buf(layer)[: len(disk_idx), :gb]
+        rows = staging.buf(layer)[: len(disk_idx), :gb] if disk_idx else None
         if not host_idx:
             flat = rows.to(device, non_blocking=True)  # (n, group_bytes) uint8
         else:

@@ -103,8 +103,9 @@ def test_config_validation():
 
 
 def test_recall_counts_true_groups_covered():
-    true = select_groups(torch.tensor([[[0.0, 9, 8, 7, 1, 0]]]), torch.tensor([6]), cfg(tokens=4, n_sink=0, n_window=1), 1)
-    pred = select_groups(torch.tensor([[[0.0, 9, 1, 7, 8, 0]]]), torch.tensor([6]), cfg(tokens=4, n_sink=0, n_window=1), 1)
+    c = cfg(tokens=4, n_sink=0, n_window=1)
+    true = select_groups(torch.tensor([[[0.0, 9, 8, 7, 1, 0]]]), torch.tensor([6]), c, 1)
+    pred = select_groups(torch.tensor([[[0.0, 9, 1, 7, 8, 0]]]), torch.tensor([6]), c, 1)
     assert listed(true, 0) == [1, 2, 3, 5] and listed(pred, 0) == [1, 3, 4, 5]
     assert recall(pred, true, 6).tolist() == [0.75]
     ignore = forced_mask(torch.tensor([6]), 6, 0, 1)

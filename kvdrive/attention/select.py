@@ -86,8 +86,9 @@ def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: Selection
 
     Deterministic: ties go to the lower group index, on CPU and GPU alike. Every group is taken
     when the budget covers the sequence. ``max_pages`` is P, at least the largest count
-    (the engine knows the lengths on the host); without it one host sync computes it. Scores of sink and window groups are ignored (the partly filled group
-    needs no summary).
+    (the engine knows the lengths on the host); without it one host sync computes it.
+    Scores of sink and window groups are ignored (the partly filled group needs no
+    summary).
     """
     b, h, n = scores.shape
     dev = scores.device

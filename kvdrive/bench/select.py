@@ -113,7 +113,8 @@ def run(args) -> int:
         scores = score()
         for budget in args.budget:
             for mode in ("shared", "per_head"):
-                cfg = SelectionConfig(Budget(tokens=budget), -(-args.sink_tokens // g), -(-args.window_tokens // g), mode)
+                cfg = SelectionConfig(Budget(tokens=budget), n_sink=-(-args.sink_tokens // g),
+                                      n_window=-(-args.window_tokens // g), mode=mode)
                 p_max = min(n, max(-(-budget // g), cfg.n_sink + cfg.n_window))
 
                 def select():

@@ -168,7 +168,8 @@ class LowRankSummarizer(GroupSummarizer):
     def __init__(self, num_kv_heads, head_dim, group_tokens, basis: torch.Tensor):
         super().__init__(num_kv_heads, head_dim, group_tokens)
         if basis.dim() != 2 or basis.shape[0] != num_kv_heads * head_dim:
-            raise KvdriveError(f"low-rank basis must be (H_kv*D={num_kv_heads * head_dim}, r), got {tuple(basis.shape)}")
+            raise KvdriveError(f"low-rank basis must be (H_kv*D={num_kv_heads * head_dim}, r), "
+                               f"got {tuple(basis.shape)}")
         self.basis = basis  # (H_kv*D, r)
         self.rank = basis.shape[1]
 

@@ -10,7 +10,7 @@ path, one ``plan([seq], n*C)``, one ``append`` per layer, one ``commit``. Reads 
 on all devices at once (each device's share on its own queue, so every disk is busy
 together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
 to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
-chunks are copied straight from the host arena. Every disk slot is checked against
+chunks are copied straight from the pinned host arena by one gather launch per layer. Every disk slot is checked against
 its xxh3_64; the first chunk that fails at any layer ends the import uncommitted and
 is reported, so the caller can drop it and import the shorter prefix again. An
 uncommitted plan is simply abandoned (plans of the plain and sparse caches do not
@@ -26,6 +26,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.kv.disk import BatchFuture
+from kvdrive.kv.gather import RowCopier
 from kvdrive.kv.host import HostTier
 from kvdrive.kv.io_buffers import aligned_empty
 from kvdrive.kv.layout import GroupLayout
@@ -107,7 +108,7 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
         issue(layer)
     host_rows = torch.tensor([[s.slots[l] for l in range(layout.num_layers)] for s in (sources[i] for i in host_idx)],
                              dtype=torch.int64).reshape(len(host_idx), layout.num_layers)
-    host_at = torch.tensor(host_idx, dtype=torch.int64, device=device)
+    copier = RowCopier(device)
     disk_at = torch.tensor(disk_idx, dtype=torch.int64, device=device)
     for layer in range(layout.num_layers):
         if layer + ahead - 1 < layout.num_layers:
@@ -124,7 +125,9 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
             flat = rows.to(device, non_blocking=True)  # (n, group_bytes) uint8
         else:
             flat = torch.empty(n, gb, dtype=torch.uint8, device=device)
-            flat[host_at] = host.rows[host_rows[:, layer], :gb].to(device, non_blocking=True)
+            # Pinned arena -> GPU in one launch (Triton over unified addressing), no CPU gather.
+            copier.copy(host.rows.view(torch.int32), host_rows[:, layer].tolist(), flat.view(torch.int32), host_idx,
+                        layout.group_words)
             if disk_idx:
                 flat[disk_at] = rows.to(device, non_blocking=True)
         kv = layout.as_groups(flat)  # (n, 2, H_kv, C, D)

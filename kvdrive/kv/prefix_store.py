@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive import device as devices
 from kvdrive.kv.disk import BatchFuture, DiskDevice
+from kvdrive.kv.gather import RowCopier
 from kvdrive.kv.host import HostTier
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskPool
@@ -46,7 +48,8 @@ class ChunkWriter:
         gb = self.layout.group_bytes
         disk_order = sorted(disk)
         self.staging.reserve(len(disk_order))
-        host_at = torch.tensor([pos[i] for i in host_slots], dtype=torch.int64)
+        host_at = [pos[i] for i in host_slots]
+        copier = None
         disk_at = torch.tensor([pos[i] for i in disk_order], dtype=torch.int64)
         by_dev: dict[int, list[int]] = {}
         for row, i in enumerate(disk_order):
@@ -58,8 +61,9 @@ class ChunkWriter:
             data = export_layer(cache, seq_id, layer, chunks, self.layout)  # (N, 2, H_kv, C, D)
             flat = data.reshape(len(chunks), -1).view(torch.uint8)  # (N, group_bytes)
             if host_slots:
-                rows = torch.tensor([s[layer] for s in host_slots.values()], dtype=torch.int64)
-                host.rows[rows, :gb] = flat[host_at.to(flat.device)].cpu()
+                copier = copier or RowCopier(flat.device)
+                copier.copy(flat.view(torch.int32), host_at, host.rows.view(torch.int32),
+                            [s[layer] for s in host_slots.values()], self.layout.group_words)
             if not disk_order:
                 continue
             if layer - ring in pending:
@@ -74,6 +78,8 @@ class ChunkWriter:
             pending[layer] = BatchFuture(len(disk_order), parts)
         for layer, fut in pending.items():
             results[layer] = fut.result()
+        if copier is not None:
+            devices.synchronize(copier.device)  # host copies landed before the chunks become visible
         return {i: all(results[layer][row] is None for layer in results) for row, i in enumerate(disk_order)}
 
     @staticmethod

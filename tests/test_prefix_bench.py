@@ -1,0 +1,20 @@
+import argparse
+import json
+
+from kvdrive.bench import ttft
+
+
+def test_bench_ttft_runs_tiny_on_cpu(tmp_path):
+    p = argparse.ArgumentParser()
+    ttft.add_arguments(p)
+    out = tmp_path / "ttft.json"
+    paths = [str(tmp_path / "p0"), str(tmp_path / "p1")]
+    assert ttft.run(p.parse_args(["--tiny", "--paths", *paths, "--host-gib", "0.01", "-o", str(out)])) == 0
+    doc = json.loads(out.read_text())
+    last = doc["results"][-1]
+    for name in ("disk x1", "disk x2", "host + disk x1"):
+        ours = last[name]["kvdrive"]
+        assert ours["first_token_matches"] and last[name]["serial_buffered"]["first_token_matches"]
+        assert ours["tokens_loaded"] == 144 and ours["read_gbps"] > 0
+    assert last["host + disk x1"]["kvdrive"]["chunks_from_host"] > 0
+    assert all(p["read_gbps"] > 0 for p in doc["config"]["probes"].values())

@@ -48,8 +48,9 @@ UNPACK_TIMEOUT_S = 120
 CHARS_PER_TOKEN = 6
 SAMPLE_ATTEMPTS = 8
 MIN_WORD_CHARS = 4  # words offered for keys and word lists: at least this long
-SENTENCE_END = re.compile(r"([.!?][\"')\]]*|\n)\s*$")
-CLOSERS = re.compile(r"[\"')\]]+\s*")  # a token of closing quotes/brackets continues the sentence end
+STOP = re.compile(r"[.!?][\"')\]]*\s*$")  # a token that ends a sentence
+NEWLINE = re.compile(r"\n\s*$")
+CLOSERS = re.compile(r"[\"')\]]+\s*")  # after a STOP token: the closing quote of that sentence
 SOFT_NEWLINE = re.compile(r"(?<=\S)\n(?=\S)")  # a line wrap inside a paragraph
 PARAGRAPH = re.compile(r"\n\s*\n(?=\S)")
 WORD = re.compile(r"\b[a-z]+\b")
@@ -236,9 +237,10 @@ class TokenHaystack:
             self._pieces[i] = self.tok.decode([i])
         text = [self._pieces[i] for i in ids]
         closer = [CLOSERS.fullmatch(t) is not None for t in text]
+        stop = [STOP.search(t) is not None for t in text]
         ends = {p + 1 for p, t in enumerate(text)
-                if (SENTENCE_END.search(t) or (closer[p] and p and SENTENCE_END.search(text[p - 1])))
-                and not (p + 1 < len(ids) and closer[p + 1])}
+                if NEWLINE.search(t)
+                or ((stop[p] or (closer[p] and p and stop[p - 1])) and not (p + 1 < len(ids) and closer[p + 1]))}
         return sorted(ends | {0, len(ids)})
 
     @cached_property

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "kvdrive.commands.demo",
     "generate": "kvdrive.commands.generate",
     "info": "kvdrive.commands.info",
+    "eval": "kvdrive.commands.eval",
     "probe": "kvdrive.kv.probe",
     "bench": "kvdrive.bench",
 }

@@ -12,6 +12,8 @@ import importlib
 # name -> (module, one-line help)
 BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
+    "select": ("kvdrive.bench.select", "time to score and select groups vs the attention time it saves"),
+    "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
     "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
 }
 

@@ -44,6 +44,7 @@ class SparseConfig:
     window_tokens: int = 64
     summary: str = "minmax"
     mode: str = "shared"  # shared: one selection per layer (larger reads); per_head: one per KV head
+    dense_layers: tuple[int, ...] = ()  # global layers kept dense (Quest/ShadowKV skip the first layers)
     rank: int = 32  # low-rank summaries
     bases: dict | None = None  # lowrank_offline: {layer: (H_kv*D, r) basis}
 
@@ -90,6 +91,8 @@ class SparseKVCache(KVCache):
         h, d, max_seqs = config.num_key_value_heads, config.head_dim, self.max_seqs
         self.tables: dict[int, SummaryTable] = {}
         for layer in config.global_layers:
+            if layer in sparse.dense_layers:
+                continue
             kw = {}
             if sparse.summary == "lowrank_offline":
                 kw = {"basis": sparse.bases[layer].to(device)}

@@ -1,0 +1,88 @@
+"""Run a model with full attention and with sparse configurations on the same inputs.
+
+One prefill serves every configuration: the prompt is prefilled (exactly) into a
+``SparseKVCache``; for each configuration the cache is reconfigured, truncated back
+to the prompt, and the continuation is decoded token by token (teacher forcing), so
+the sparse selection runs on every continuation token as it would in generation.
+The reference is the same cache with a budget that covers the context, which the
+tests prove equal to full attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+
+FULL_BUDGET = 1 << 30  # tokens: more than any context, so every group is selected
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a sweep; ``summary=None`` is full attention."""
+
+    summary: str | None
+    budget: float  # fraction of the context
+    mode: str = "shared"
+
+    @property
+    def label(self) -> str:
+        return "full" if self.summary is None else f"{self.summary}@{self.budget:g}/{self.mode}"
+
+
+class Runner:
+    """Prefill once, then decode continuations under many settings."""
+
+    def __init__(self, lm, batch: int, max_len: int, base: SparseConfig, chunk: int = 2048):
+        self.model, self.base, self.chunk = lm.model, base, chunk
+        self.cache = SparseKVCache(lm.config, batch, max_len, lm.model.device, lm.model.dtype,
+                                   replace(base, budget=FULL_BUDGET))
+        self.batch = batch
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Prefill one prompt per sequence; returns the last-token logits (B, V)."""
+        out = []
+        for i, ids in enumerate(rows):
+            if i in self.cache._slot:
+                self.cache.free(i)
+            self.cache.add(i, self.cache.max_len)
+            t = torch.tensor(ids, device=self.model.device)[None]
+            for begin in range(0, t.shape[1], self.chunk):
+                piece = t[:, begin : begin + self.chunk]
+                b = self.cache.plan([i], piece.shape[1])
+                logits = self.model(piece, self.cache, b)
+                self.cache.commit(b)
+            out.append(logits[0])
+        return torch.stack(out)
+
+    def use(self, setting: Setting, lengths: list[int]) -> None:
+        """Switch to ``setting`` and rewind every sequence to ``lengths``."""
+        if setting.summary is None:
+            cfg = replace(self.base, budget=FULL_BUDGET)
+        else:
+            cfg = replace(self.base, summary=setting.summary, budget=setting.budget, mode=setting.mode)
+        self.cache.reconfigure(cfg)
+        for i, n in enumerate(lengths):
+            self.cache.truncate(i, n)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-force tokens (B, M) one step at a time -> logits (B, M, V) float32."""
+        out = []
+        seqs = list(range(tokens.shape[0]))
+        for t in range(tokens.shape[1]):
+            b = self.cache.plan(seqs, 1)
+            out.append(self.model(tokens[:, t : t + 1].to(self.model.device), self.cache, b))
+            self.cache.commit(b)
+        return torch.stack(out, 1)
+
+    def selected_fraction(self) -> float:
+        """Share of the context the last decode step attended on global layers."""
+        sels = list(self.cache.last_selection.values())
+        if not sels:
+            return 1.0
+        lens = torch.tensor([self.cache.length(i) for i in sorted(self.cache._slot)], dtype=torch.float32)
+        tokens = torch.stack([s.num_pages.float().cpu() for s in sels]).mean(0) * self.cache.g
+        return float((tokens.clamp(max=lens) / lens).mean())

@@ -152,6 +152,7 @@ def test_candidates_put_the_answers_first(tok, suite):
         texts = [tok.decode(c) for c in item.candidates]
         assert texts == [" " + a for a in item.answers + item.distractors]
         assert len(set(texts)) == len(texts)
+        assert len({len(c) for c in item.candidates}) == 1  # equal lengths: summed log-probs are fair
         assert 0 < item.chance < 1
 
 

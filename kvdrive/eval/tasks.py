@@ -15,7 +15,9 @@ boundaries. Every item is built in token space, so ``len(item.prompt_ids)`` equa
 requested length exactly (``cwe``: up to one list entry short). Items are deterministic
 in (seed, family, length, index) and independent of the order they are built in.
 
-Scoring needs no tokenizer: each item carries its candidate answers as token ids. The
+Scoring needs no tokenizer: each item carries its candidate answers as token ids, all of
+one length within an item (digits, one-token words, names of equal token count), so a
+summed log-probability favours no candidate for being short. The
 primary scorer ranks the candidates by a ``LogprobsFn`` (one call per item: the summed
 log-probability of each candidate continuation); the score is precision at k, k the
 number of right answers, ties ranked against the item. DATA.md explains why: small
@@ -197,11 +199,14 @@ class _Builder:
 
     def _vartrack(self, length, index, depth, rng) -> Item:
         n_chains = 1 + DECOY_CHAINS
-        names: set[str] = set()
+        names: list[str] = []
+        width = None  # tokens per name: all equal, so no candidate is favoured for being short
         while len(names) < CHAIN_VARS * n_chains:
-            names.add("".join(rng.choices(string.ascii_uppercase, k=VAR_NAME_CHARS)))
-        names_list = rng.sample(sorted(names), len(names))
-        chains = [names_list[c * CHAIN_VARS : (c + 1) * CHAIN_VARS] for c in range(n_chains)]
+            name = "".join(rng.choices(string.ascii_uppercase, k=VAR_NAME_CHARS))
+            width = width or len(self.enc(" " + name))
+            if name not in names and len(self.enc(" " + name)) == width:
+                names.append(name)
+        chains = [names[c * CHAIN_VARS : (c + 1) * CHAIN_VARS] for c in range(n_chains)]
         values = _numbers(rng, VAR_VALUE_DIGITS, n_chains)
         facts = []
         for chain, value in zip(chains, values):

@@ -79,6 +79,7 @@ class ContiguousKVCache(KVCache):
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self._slot: dict[int, int] = {}
         self._len: dict[int, int] = {}
+        self._slot_tensors: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
@@ -115,7 +116,7 @@ class ContiguousKVCache(KVCache):
         static = start is not None
         start_t = start if static else torch.tensor(starts, device=self.device)
         meta = _Meta(
-            slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device),
+            slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else self._slot_tensor(slots),
             start=start_t,
             kv_len=self.max_len if static else max(starts) + num_new,
             # One prompt from position 0 is plain causal attention: SDPA's fastest kernel, no mask.
@@ -124,6 +125,14 @@ class ContiguousKVCache(KVCache):
         )
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
+
+    def _slot_tensor(self, slots: list[int]) -> torch.Tensor:
+        """Device tensor of a slot list, memoised: a CUDA-graph capture may not copy from the
+        host, and its warm-up runs (outside capture) create the tensor first."""
+        key = tuple(slots)
+        if key not in self._slot_tensors:
+            self._slot_tensors[key] = torch.tensor(slots, device=self.device)
+        return self._slot_tensors[key]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m: _Meta = batch.meta

@@ -18,8 +18,6 @@ FULL = "full"  # the label of full attention in an eval result
 PANEL_SIZE = (4.2, 3.6)  # inches per panel
 DPI = 120
 PERCENT = 100.0
-LEGEND_ROWS = 2
-LEGEND_SPACE = 0.13  # fraction of the figure height kept under the panels for the legend
 
 
 @dataclass(frozen=True)
@@ -106,13 +104,13 @@ def plot_panels(panels: list[Panel], png: str | Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("task accuracy / top-1 agreement")
     handles, names = axes[0][0].get_legend_handles_labels()
-    # One legend for all panels, below them: the curves are the same in every panel.
-    fig.legend(handles, names, loc="lower center", ncol=max(1, (len(names) + 1) // LEGEND_ROWS), fontsize=8,
-               frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, LEGEND_SPACE, 1, 1))
-    fig.savefig(png, dpi=DPI)
+    fig.tight_layout()
+    # One legend for all panels, right of them (the curves are the same in every panel);
+    # bbox_inches="tight" grows the canvas to hold it, however many panels there are.
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.savefig(png, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return Path(png)
 
@@ -120,5 +118,5 @@ def plot_panels(panels: list[Panel], png: str | Path, title: str = "") -> Path:
 def plot_eval(result_path: str | Path, png: str | Path) -> Path:
     """Plot a ``kvdrive eval`` JSON result into ``png``."""
     doc = json.loads(Path(result_path).read_text())
-    model = doc.get("config", {}).get("model", "model")
+    model = Path(str(doc.get("config", {}).get("model", "model"))).name  # a file name, not its folder
     return plot_panels(panels_from_result(doc), png, f"{model}: sparse vs full attention")

@@ -31,7 +31,8 @@ def test_shipped_excerpt_loads_with_provenance():
     assert c.text.startswith("Chapter 1\n") and "Sir Walter Elliot" in c.text
     assert "Chapter 8" in c.text and "Chapter 9" not in c.text
     assert 100_000 < c.chars <= 150_000
-    assert c.source.licence == "public domain" and c.source.package is None
+    assert c.licence == "public domain" and c.name == "persuasion-excerpt" and "Persuasion" in c.source
+    assert SOURCES[c.name].package is None
     notice = (corpus.DATA_DIR / "NOTICE").read_text()
     assert "public domain" in notice.lower() and "r-cran-janeaustenr" in notice
 

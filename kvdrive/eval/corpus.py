@@ -69,7 +69,9 @@ class Corpus:
     """A loaded text and where it came from (recorded in every eval result)."""
 
     text: str
-    source: TextSource
+    name: str  # the source's name in SOURCES
+    source: str  # where the text came from, in words
+    licence: str
 
     @property
     def chars(self) -> int:
@@ -182,7 +184,7 @@ def load_text(source: str = "austen", min_chars: int | None = None, fetch_missin
     if min_chars is not None and len(text) < min_chars:
         raise KvdriveError(f"text source {source!r} has {len(text)} characters, fewer than the {min_chars} needed; "
                            "use a larger source such as 'austen'")
-    return Corpus(text, src)
+    return Corpus(text, src.name, src.description, src.licence)
 
 
 def unwrap(text: str) -> str:
@@ -251,5 +253,9 @@ class TokenHaystack:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or ["austen"]:
-        print(f"{arg}: {fetch(arg)}")
+    try:
+        for arg in sys.argv[1:] or ["austen"]:
+            print(f"{arg}: {fetch(arg)}")
+    except KvdriveError as err:  # as the CLI does: one line, exit status 2
+        print(f"kvdrive: {err}", file=sys.stderr)
+        sys.exit(2)

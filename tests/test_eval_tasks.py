@@ -136,7 +136,7 @@ def test_vartrack_answers_are_the_variables_holding_the_value(tok, suite):
 
 def test_cwe_common_words_are_the_most_frequent(tok, suite):
     for item in by_family(suite, "cwe"):
-        entries = re.findall(r"^(\d+)\. (\w+)$", tok.decode(item.context_ids), flags=re.M)
+        entries = re.findall(r"^(\d+)\. (\w+)$", tok.decode(item.context_ids), flags=re.MULTILINE)
         assert [int(n) for n, _ in entries] == list(range(1, len(entries) + 1))
         counts = {}
         for _, w in entries:
@@ -188,7 +188,7 @@ def test_oracle_scores_one_and_adversary_zero(suite):
 def test_ties_and_nan_count_against_the_item(suite):
     for item in suite:
         n = len(item.candidates)
-        assert score_item(item, lambda p, c: [0.0] * n) == 0.0
+        assert score_item(item, lambda p, c, n=n: [0.0] * n) == 0.0
         assert rank_score(item, [float("nan")] * item.k + [-50.0] * (n - item.k)) == 0.0
 
 

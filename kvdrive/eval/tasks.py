@@ -27,6 +27,7 @@ fallback, scored like RULER's string match: the share of right answers that appe
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import string
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvdrive.errors import KvdriveError
-from kvdrive.eval.corpus import Tokenizer, TokenHaystack
+from kvdrive.eval.corpus import TokenHaystack, Tokenizer
 
 FAMILIES = ("needle", "multikey", "vartrack", "cwe")
 DEPTH_FAMILIES = ("needle", "multikey")  # families whose asked fact sits at a chosen depth
@@ -210,7 +211,7 @@ class _Builder:
         values = _numbers(rng, VAR_VALUE_DIGITS, n_chains)
         facts = []
         for chain, value in zip(chains, values):
-            statements = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+            statements = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(chain)]
             facts += zip(sorted(rng.random() for _ in statements), statements)
         return self._prose(
             "vartrack", index, length,

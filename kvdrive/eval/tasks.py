@@ -158,11 +158,14 @@ class _Builder:
         return getattr(self, f"_{family}")(length, index, depth, rng)
 
     def _finish(self, family, index, head, body, question, answers, distractors, depth, spans) -> Item:
-        enc = self.enc
-        return Item(family, index, tuple(head + body), tuple(question), tuple(answers), tuple(distractors),
-                    tuple(tuple(enc(" " + a)) for a in answers), tuple(tuple(enc(" " + d)) for d in distractors),
-                    tuple(tuple(enc(a)) for a in answers), depth, (len(head), len(head) + len(body)),
-                    tuple((len(head) + a, len(head) + b) for a, b in spans))
+        def ids(words: list[str], prefix: str) -> tuple[Ids, ...]:
+            return tuple(tuple(self.enc(prefix + w)) for w in words)
+
+        return Item(family=family, index=index, context_ids=tuple(head + body), question_ids=tuple(question),
+                    answers=tuple(answers), distractors=tuple(distractors), answer_ids=ids(answers, " "),
+                    distractor_ids=ids(distractors, " "), bare_answer_ids=ids(answers, ""), depth=depth,
+                    haystack=(len(head), len(head) + len(body)),
+                    spans=tuple((len(head) + a, len(head) + b) for a, b in spans))
 
     def _prose(self, family, index, length, instruction, facts, question, answers, distractors, depth, rng) -> Item:
         """``facts``: (relative depth, sentence) pairs, the asked one first."""

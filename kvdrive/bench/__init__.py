@@ -14,6 +14,8 @@ BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
     "select": ("kvdrive.bench.select", "time to score and select groups vs the attention time it saves"),
     "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
+    "ttft": ("kvdrive.bench.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
+             "load vs kvdrive's pooled load"),
     "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
 }
 

@@ -40,7 +40,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, prefix_cache=None):
         self.loaded = load_model(model, device=device, dtype=dtype, seed=seed)
         self.model, self.config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         limit = self.config.max_position_embeddings
@@ -48,6 +48,13 @@ class LLM:
             raise KvdriveError(f"max_model_len must be in 1..{limit} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self._next_seq = 0
+        # ``prefix_cache``: a ``kvdrive.kv.prefix.PrefixConfig``; repeated prompt prefixes then load
+        # their KV from the pool (host memory + disks) instead of being recomputed.
+        self.prefix = None
+        if prefix_cache is not None:
+            from kvdrive.kv.prefix import PrefixPool
+
+            self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache)
 
     # -- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -99,7 +106,7 @@ class LLM:
     def _events(self, reqs) -> Iterator[generation.TokenEvent]:
         max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
         cache = ContiguousKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype)
-        return generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer)
+        return generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         texts, reqs = self._requests(prompts, sampling_params)

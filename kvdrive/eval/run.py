@@ -51,7 +51,7 @@ def _text_rows(ids: list[int], length: int, steps: int, samples: int, rng: rando
 
 
 def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) -> Path:
-    from kvdrive.eval import ruler, text as corpus
+    from kvdrive.eval import corpus, tasks
     from kvdrive.models.loader import load_model
 
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
@@ -60,7 +60,7 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
     too_long = [n for n in spec.lengths if n + spec.steps + 64 > lm.config.max_position_embeddings]
     if too_long:
         raise KvdriveError(f"lengths {too_long} exceed the model's context {lm.config.max_position_embeddings}")
-    text = corpus.load_text(spec.text)
+    text = corpus.load_text(spec.text, fetch_missing=True)
     ids = lm.tokenizer(text.text, add_special_tokens=False)["input_ids"]
     rng = random.Random(spec.seed)
     bases = None
@@ -79,8 +79,9 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
         runner = Runner(lm, spec.samples, length + spec.steps + 8, base)
         entry = {"length": length, "text": text_sweep(runner, rows, length, settings)}
         if spec.tasks:
-            items = ruler.make_suite(lm.tokenizer, text.text, length, spec.tasks, spec.items, seed=spec.seed)
-            runner = Runner(lm, 1, max(len(i.context_ids) + len(i.question_ids) + 16 for i in items), base)
+            items = tasks.make_suite(lm.tokenizer, text.text, tasks.SuiteSpec(length, spec.tasks, spec.items,
+                                                                              seed=spec.seed))
+            runner = Runner(lm, 1, max(len(i.prompt_ids) + max(map(len, i.candidates)) for i in items), base)
             entry["tasks"] = {fam: task_sweep(runner, [i for i in items if i.family == fam], settings)
                               for fam in spec.tasks}
         results.append(entry)

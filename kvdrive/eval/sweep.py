@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kvdrive.eval.harness import Runner, Setting
+from kvdrive.eval.metrics import accuracy, compare_logits
+from kvdrive.eval.tasks import rank_score
 from kvdrive.progress import progress
 
 
 def text_sweep(runner: Runner, rows: list[list[int]], context: int, settings: list[Setting]) -> dict:
-    """rows: B token lists of at least context + steps + 1 tokens. Prefill ``context``
-    tokens, then teacher-force the next ``steps``; compare each setting's next-token
-    distributions with full attention's."""
+    """rows: B token lists of context + steps + 1 tokens. Prefill ``context`` tokens, then
+    teacher-force the next ``steps``; compare each setting's next-token distributions with
+    full attention's (the first setting)."""
     steps = len(rows[0]) - context - 1
     runner.prefill([r[:context] for r in rows])
     cont = torch.tensor([r[context : context + steps] for r in rows])  # (B, M) inputs
@@ -21,19 +21,11 @@ def text_sweep(runner: Runner, rows: list[list[int]], context: int, settings: li
     results, ref = {}, None
     for setting in progress(settings, desc=f"text {context}", unit="setting"):
         runner.use(setting, [context] * len(rows))
-        logp = runner.decode(cont).log_softmax(-1).cpu()  # (B, M, V)
-        nll = -logp.gather(-1, target[..., None])[..., 0]  # (B, M)
-        row = {"nll": float(nll.mean()), "ppl": math.exp(float(nll.mean())),
-               "attended_fraction": runner.selected_fraction()}
-        if ref is None:  # the first setting is full attention
-            ref = logp
-        else:
-            kl = (ref.exp() * (ref - logp)).sum(-1)  # (B, M)  KL(full || sparse)
-            row.update(kl=float(kl.mean()), top1_agreement=float((ref.argmax(-1) == logp.argmax(-1)).float().mean()))
+        logits = runner.decode(cont).cpu()  # (B, M, V)
+        ref = logits if ref is None else ref
+        row = compare_logits(ref, logits, target).to_dict()
+        row["attended_fraction"] = runner.selected_fraction()
         results[setting.label] = row
-    full = results[settings[0].label]
-    for row in results.values():
-        row["ppl_delta"] = row["ppl"] - full["ppl"]
     return results
 
 
@@ -50,9 +42,9 @@ def answer_logprob(runner: Runner, first_logp: torch.Tensor, prefix_len: int, ca
 
 
 def task_sweep(runner: Runner, items: list, settings: list[Setting]) -> dict:
-    """items: objects with ``context_ids``, ``question_ids`` and ``candidates`` (token lists,
-    the right answer first). The context is prefilled; the question and the answers are
-    decoded under each setting. An item scores 1 when the right answer is the most likely."""
+    """items: ``kvdrive.eval.tasks.Item``. The context is prefilled exactly; the question and
+    every candidate answer are decoded under each setting; the score is precision at k of
+    the candidates ranked by log-probability (``tasks.rank_score``)."""
     scores = {s.label: [] for s in settings}
     for item in progress(items, desc="tasks", unit="item"):
         n_ctx = len(item.context_ids)
@@ -63,5 +55,9 @@ def task_sweep(runner: Runner, items: list, settings: list[Setting]) -> dict:
             first = runner.decode(q)[0, -1].log_softmax(-1)
             prefix = n_ctx + len(item.question_ids)
             lp = [answer_logprob(runner, first, prefix, c) for c in item.candidates]
-            scores[setting.label].append(float(max(range(len(lp)), key=lp.__getitem__) == 0))
-    return {k: {"accuracy": sum(v) / max(len(v), 1), "items": len(v)} for k, v in scores.items()}
+            scores[setting.label].append(rank_score(item, lp))
+    out = {}
+    for label, v in scores.items():
+        acc = accuracy(v)
+        out[label] = {"accuracy": acc.mean, "stderr": acc.stderr, "items": acc.items}
+    return out

@@ -10,10 +10,7 @@ from kvdrive.engine.sampling import SamplingParams, filter_logits
 def llm(smollm2):
     from kvdrive.engine.llm import LLM
 
-    obj = LLM.__new__(LLM)  # reuse the session's loaded model instead of loading again
-    obj.loaded, obj.model, obj.config, obj.tokenizer = smollm2, smollm2.model, smollm2.config, smollm2.tokenizer
-    obj.max_model_len, obj._next_seq = smollm2.config.max_position_embeddings, 0
-    return obj
+    return LLM(loaded=smollm2)  # reuse the session's loaded model
 
 
 PROMPTS = [

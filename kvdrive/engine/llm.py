@@ -40,8 +40,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0, prefix_cache=None):
-        self.loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+                 seed: int = 0, prefix_cache=None, loaded=None):
+        """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``."""
+        self.loaded = loaded if loaded is not None else load_model(model, device=device, dtype=dtype, seed=seed)
         self.model, self.config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:

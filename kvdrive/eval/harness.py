@@ -45,7 +45,7 @@ class Runner:
         """Prefill one prompt per sequence; returns the last-token logits (B, V)."""
         out = []
         for i, ids in enumerate(rows):
-            if i in self.cache._slot:
+            if i in self.cache.seqs:
                 self.cache.free(i)
             self.cache.add(i, self.cache.max_len)
             t = torch.tensor(ids, device=self.model.device)[None]
@@ -83,6 +83,6 @@ class Runner:
         sels = list(self.cache.last_selection.values())
         if not sels:
             return 1.0
-        lens = torch.tensor([self.cache.length(i) for i in sorted(self.cache._slot)], dtype=torch.float32)
+        lens = torch.tensor([self.cache.length(i) for i in self.cache.seqs.seq_ids()], dtype=torch.float32)
         tokens = torch.stack([s.num_pages.float().cpu() for s in sels]).mean(0) * self.cache.g
         return float((tokens.clamp(max=lens) / lens).mean())

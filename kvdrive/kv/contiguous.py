@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kvdrive.config import ModelConfig
-from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import ForwardBatch, KVCache, LayerSpec
+from kvdrive.kv.slots import SequenceSlots
 
 
 def layer_specs(config: ModelConfig) -> tuple[LayerSpec, ...]:
@@ -76,9 +76,7 @@ class ContiguousKVCache(KVCache):
         shape = (max_seqs, config.num_key_value_heads, max_len, config.head_dim)  # (S, H_kv, L, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
-        self._slot: dict[int, int] = {}
-        self._len: dict[int, int] = {}
+        self.seqs = SequenceSlots(max_seqs, max_len)
         self._slot_tensors: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
@@ -86,21 +84,13 @@ class ContiguousKVCache(KVCache):
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def add(self, seq_id: int, max_tokens: int) -> None:
-        if seq_id in self._slot:
-            raise KvdriveError(f"sequence {seq_id} is already in the cache")
-        if max_tokens > self.max_len:
-            raise CapacityError(f"sequence needs {max_tokens} tokens, the cache holds {self.max_len} per sequence")
-        if not self._free_slots:
-            raise CapacityError(f"all {self.max_seqs} sequence slots of the cache are in use")
-        self._slot[seq_id] = self._free_slots.pop()
-        self._len[seq_id] = 0
+        self.seqs.add(seq_id, max_tokens)
 
     def free(self, seq_id: int) -> None:
-        self._free_slots.append(self._slot.pop(seq_id))
-        del self._len[seq_id]
+        self.seqs.free(seq_id)
 
     def length(self, seq_id: int) -> int:
-        return self._len[seq_id]
+        return self.seqs.length(seq_id)
 
     def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None) -> ForwardBatch:
         """``start``: a device tensor (B,) of cached lengths to plan against instead of the
@@ -108,10 +98,8 @@ class ContiguousKVCache(KVCache):
         forward then uses is derived on the GPU from it, and attention spans the whole
         allocation (``max_len``) under a mask, so shapes stay fixed across replays."""
         seq_ids = tuple(seq_ids)
-        starts = tuple(self._len[s] for s in seq_ids)
-        if max(starts) + num_new > self.max_len:
-            raise CapacityError(f"sequence would exceed the cache length {self.max_len}")
-        slots = [self._slot[s] for s in seq_ids]
+        starts = self.seqs.starts(seq_ids, num_new)
+        slots = [self.seqs.slot(s) for s in seq_ids]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         static = start is not None
         start_t = start if static else torch.tensor(starts, device=self.device)
@@ -161,13 +149,11 @@ class ContiguousKVCache(KVCache):
         return grouped_sdpa(q, k, v, m.masks[spec.window], spec.scale, spec.softcap)
 
     def commit(self, batch: ForwardBatch) -> None:
-        for s in batch.seq_ids:
-            self._len[s] += batch.num_new
+        self.seqs.commit(batch.seq_ids, batch.num_new)
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
-        if not 0 <= start <= stop <= self._len[seq_id]:
-            raise KvdriveError(f"tokens [{start}, {stop}) are not all cached for sequence {seq_id}")
-        slot = self._slot[seq_id]
+        self.seqs.check_range(seq_id, start, stop)
+        slot = self.seqs.slot(seq_id)
         return self.k[layer][slot, :, start:stop].clone(), self.v[layer][slot, :, start:stop].clone()
 
 

@@ -27,9 +27,10 @@ from kvdrive.attention.sparse import sparse_attention
 from kvdrive.attention.pages import to_slots
 from kvdrive.attention.select import Budget, SelectionConfig, select_groups
 from kvdrive.config import ModelConfig
-from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.errors import KvdriveError
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
+from kvdrive.kv.slots import SequenceSlots
 from kvdrive.kv.summaries import SUMMARIZERS, SummaryTable, make_summarizer
 
 
@@ -56,7 +57,8 @@ class SparseConfig:
         if self.summary not in SUMMARIZERS:
             raise KvdriveError(f"unknown summary {self.summary!r}; choose one of {', '.join(SUMMARIZERS)}")
         if self.summary == "lowrank_offline" and not self.bases:
-            raise KvdriveError("lowrank_offline needs fitted bases: run 'kvdrive calibrate' and pass them")
+            raise KvdriveError("lowrank_offline needs fitted bases: pass bases=kvdrive.eval.calibrate.fit_bases(...) "
+                               "(kvdrive eval fits them itself)")
 
     def selection(self) -> SelectionConfig:
         budget = Budget(fraction=self.budget) if self.budget < 1 else Budget(tokens=int(self.budget))
@@ -76,9 +78,7 @@ class SparseKVCache(KVCache):
         h, d = config.num_key_value_heads, config.head_dim
         self.pool = [torch.zeros(max_seqs * self.max_groups, 2, h, g, d, device=device, dtype=dtype)
                      for _ in range(config.num_hidden_layers)]  # (S*N, 2, H_kv, G, D) per layer
-        self._slot: dict[int, int] = {}
-        self._len: dict[int, int] = {}
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self.seqs = SequenceSlots(max_seqs, max_len, "sparse cache")
         self.reconfigure(sparse)
 
     def reconfigure(self, sparse: SparseConfig) -> None:
@@ -109,53 +109,44 @@ class SparseKVCache(KVCache):
 
     # -- bookkeeping ----------------------------------------------------------------
     def add(self, seq_id: int, max_tokens: int) -> None:
-        if max_tokens > self.max_len or not self._free_slots:
-            raise CapacityError(f"sparse cache holds {self.max_seqs} sequences of {self.max_len} tokens")
-        slot = self._free_slots.pop()
-        self._slot[seq_id], self._len[seq_id] = slot, 0
+        slot = self.seqs.add(seq_id, max_tokens)
         for layer, table in self.tables.items():
             table.reset(slot)
             self._summarized[layer][slot] = 0
 
     def free(self, seq_id: int) -> None:
-        self._free_slots.append(self._slot.pop(seq_id))
-        del self._len[seq_id]
+        self.seqs.free(seq_id)
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Forget tokens from ``length`` on (their KV is overwritten by later appends)."""
-        if not 0 <= length <= self._len[seq_id]:
-            raise KvdriveError(f"cannot truncate sequence {seq_id} of {self._len[seq_id]} tokens to {length}")
-        self._len[seq_id] = length
-        slot = self._slot[seq_id]
+        self.seqs.truncate(seq_id, length)
+        slot = self.seqs.slot(seq_id)
         for layer, done in self._summarized.items():
             if done[slot] > length // self.g:
                 done[slot] = length // self.g
                 self.tables[layer].counts[slot] = done[slot]
 
     def length(self, seq_id: int) -> int:
-        return self._len[seq_id]
+        return self.seqs.length(seq_id)
 
     def plan(self, seq_ids, num_new: int) -> ForwardBatch:
         seq_ids = tuple(seq_ids)
-        starts = tuple(self._len[s] for s in seq_ids)
-        if max(starts) + num_new > self.max_len:
-            raise CapacityError(f"sequence would exceed the cache length {self.max_len}")
-        slots = torch.tensor([self._slot[s] for s in seq_ids], device=self.device)
+        starts = self.seqs.starts(seq_ids, num_new)
+        slot_list = [self.seqs.slot(s) for s in seq_ids]
+        slots = torch.tensor(slot_list, device=self.device)
         start = torch.tensor(starts, device=self.device)
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         lens = [s + num_new for s in starts]
-        meta = {"slots": slots, "slot_list": [self._slot[s] for s in seq_ids], "lens": lens,
+        meta = {"slots": slots, "slot_list": slot_list, "lens": lens,
                 "len_t": start + num_new, "dense": {}}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
 
     def commit(self, batch: ForwardBatch) -> None:
-        for s in batch.seq_ids:
-            self._len[s] += batch.num_new
+        self.seqs.commit(batch.seq_ids, batch.num_new)
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
-        if not 0 <= start <= stop <= self._len[seq_id]:
-            raise KvdriveError(f"tokens [{start}, {stop}) are not all cached for sequence {seq_id}")
-        base, g = self._slot[seq_id] * self.max_groups, self.g
+        self.seqs.check_range(seq_id, start, stop)
+        base, g = self.seqs.slot(seq_id) * self.max_groups, self.g
         groups = self.pool[layer][base + start // g : base + -(-stop // g)]  # (n, 2, H_kv, G, D)
         kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
         off = start - (start // g) * g

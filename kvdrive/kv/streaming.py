@@ -14,9 +14,10 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.config import ModelConfig
-from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.errors import KvdriveError
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import attention_mask, grouped_sdpa, layer_specs, sdpa
+from kvdrive.kv.slots import SequenceSlots
 
 
 class HostStreamingKVCache(KVCache):
@@ -39,26 +40,21 @@ class HostStreamingKVCache(KVCache):
         self.copy_stream = devices.new_stream(device)
         self.ready = [devices.new_event(device) for _ in range(2)]  # buffer holds layer's KV
         self.free_ev = [devices.new_event(device) for _ in range(2)]  # compute done with buffer
-        self._slot: dict[int, int] = {}
-        self._len: dict[int, int] = {}
-        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self.seqs = SequenceSlots(max_seqs, max_len, "host streaming cache")
 
     def add(self, seq_id: int, max_tokens: int) -> None:
-        if max_tokens > self.max_len or not self._free_slots:
-            raise CapacityError(f"host streaming cache holds {self.max_seqs} sequences of {self.max_len} tokens")
-        self._slot[seq_id], self._len[seq_id] = self._free_slots.pop(), 0
+        self.seqs.add(seq_id, max_tokens)
 
     def free(self, seq_id: int) -> None:
-        self._free_slots.append(self._slot.pop(seq_id))
-        del self._len[seq_id]
+        self.seqs.free(seq_id)
 
     def length(self, seq_id: int) -> int:
-        return self._len[seq_id]
+        return self.seqs.length(seq_id)
 
     def plan(self, seq_ids, num_new: int) -> ForwardBatch:
         seq_ids = tuple(seq_ids)
-        starts = tuple(self._len[s] for s in seq_ids)
-        slots = [self._slot[s] for s in seq_ids]
+        starts = self.seqs.starts(seq_ids, num_new)
+        slots = [self.seqs.slot(s) for s in seq_ids]
         if slots != list(range(slots[0], slots[0] + len(slots))):
             raise KvdriveError("host streaming cache needs the batch in slot order (a contiguous slot range)")
         start = torch.tensor(starts, device=self.device)
@@ -118,5 +114,4 @@ class HostStreamingKVCache(KVCache):
         return out
 
     def commit(self, batch: ForwardBatch) -> None:
-        for s in batch.seq_ids:
-            self._len[s] += batch.num_new
+        self.seqs.commit(batch.seq_ids, batch.num_new)

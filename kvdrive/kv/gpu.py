@@ -37,18 +37,6 @@ class GpuTier(MemoryTier):
         self._resident: dict[int, list[int]] = {}
 
     @property
-    def rows(self) -> torch.Tensor:
-        return self._rows
-
-    @property
-    def num_slots(self) -> int:
-        return self._free.capacity
-
-    @property
-    def num_free(self) -> int:
-        return self._free.num_free
-
-    @property
     def cache_free(self) -> int:
         """Cache slots that can be taken now without evicting."""
         return min(self.cache_slots_max - self._cache_used, self._free.num_free)

@@ -25,22 +25,25 @@ class MemoryTier(ABC):
     ``CapacityError`` and changes nothing. ``free`` returns slots; freeing a slot not
     allocated raises. ``rows`` is the whole slab as (num_slots, row_bytes) uint8 and
     stays valid (same storage) for the tier's lifetime; what a slot holds is the
-    caller's business until it frees it.
+    caller's business until it frees it. Implementations set ``_rows`` (the slab) and
+    ``_free`` (a ``FreeList`` over its slots).
     """
 
     layout: GroupLayout
+    _rows: torch.Tensor  # (num_slots, row_bytes) uint8
+    _free: FreeList
 
     @property
-    @abstractmethod
-    def rows(self) -> torch.Tensor: ...
+    def rows(self) -> torch.Tensor:
+        return self._rows
 
     @property
-    @abstractmethod
-    def num_slots(self) -> int: ...
+    def num_slots(self) -> int:
+        return self._free.capacity
 
     @property
-    @abstractmethod
-    def num_free(self) -> int: ...
+    def num_free(self) -> int:
+        return self._free.num_free
 
     @abstractmethod
     def alloc(self, n: int) -> list[int]: ...
@@ -80,18 +83,6 @@ class HostTier(MemoryTier):
         self._np = self._rows.numpy()  # shares storage; slices are buffers for preadv/pwritev
         self._free = FreeList(num_slots)
         self.pinned = self._rows.is_pinned() if num_slots else False
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._rows
-
-    @property
-    def num_slots(self) -> int:
-        return self._free.capacity
-
-    @property
-    def num_free(self) -> int:
-        return self._free.num_free
 
     def alloc(self, n: int) -> list[int]:
         return self._free.alloc(n, "host tier slots")

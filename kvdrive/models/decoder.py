@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvdrive.attention.predict import predict_query
 from kvdrive.config import ModelConfig, RopeSpec
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.models import rope
@@ -134,8 +135,17 @@ class DecoderLM(nn.Module):
         """
         x = self.embed(input_ids)  # (B, T, hidden)
         tables = self._rope_tables(batch.positions, x.dtype)
-        for layer, block in enumerate(self.model.layers):
+        # A cache that prefetches (``hint_layers``) gets layer l+1's query predicted from layer
+        # l's input before layer l runs, so its fetch overlaps layer l's compute (InfiniGen).
+        hinted = getattr(cache, "hint_layers", ()) if input_ids.shape[1] == 1 else ()
+        layers = self.model.layers
+        for layer, block in enumerate(layers):
             cos, sin = tables[self.config.rope[layer]]
+            if layer + 1 in hinted:
+                nxt = layers[layer + 1]
+                cos1, sin1 = tables[self.config.rope[layer + 1]]
+                cache.hint(layer + 1, predict_query(x[:, -1], nxt.input_layernorm, nxt.self_attn.project_q,
+                                                    cos1, sin1), batch)
             x = block(x, cos, sin, cache, batch)
         if not all_logits:
             x = x[:, -1]

@@ -1,0 +1,120 @@
+"""The GPU selection cache of one layer: recently selected groups, kept across decode steps.
+
+Each sequence slot owns ``capacity`` cache slots of a preallocated pool
+(S * capacity + 1, 2, H_kv, G, D); the last row is a trash row that absorbs the writes of
+masked-off lanes, so every update is a fixed-shape tensor operation (no host sync, no
+per-group Python). Bookkeeping, all on the cache's device:
+
+* ``table`` (S, N + 1) int32: cache slot of group n of a sequence, -1 if not cached
+  (column N is a trash column);
+* ``owner`` (S, capacity + 1) int64: group held by each slot, -1 if empty (trash column);
+* ``stamp`` (S, capacity + 1) float32: the step a slot was last selected (LRU ablation).
+
+``ensure`` makes a selection resident: hits keep their slot; misses take the slots whose
+eviction key is lowest and are copied from the source pool (pinned host) with one masked
+kernel. Keys: ``lookahead`` (KVDrive) uses the current step's score of the group a slot
+holds, so what attention values least leaves first; ``lru`` the last step the slot was
+selected; ``none`` empties the cache every step (no cross-step reuse, ShadowKV-style).
+Slots of the current selection are never victims, so ``capacity`` >= pages selected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvdrive.kv import tier_ops
+
+EVICTIONS = ("lookahead", "lru", "none")
+_IDX_COUNTERS = ("hits", "prefetched_hits", "misses", "prefetched")
+
+
+class SelectionCache:
+    def __init__(self, capacity: int, max_seqs: int, max_groups: int, group_shape: tuple, device, dtype,
+                 eviction: str = "lookahead"):
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        self.capacity, self.max_seqs, self.n, self.eviction = capacity, max_seqs, max_groups, eviction
+        self.pool = torch.zeros(max_seqs * capacity + 1, *group_shape, device=device, dtype=dtype)
+        self.trash = max_seqs * capacity
+        self.table = torch.full((max_seqs, max_groups + 1), -1, dtype=torch.int32, device=device)
+        self.owner = torch.full((max_seqs, capacity + 1), -1, dtype=torch.int64, device=device)
+        self.stamp = torch.zeros(max_seqs, capacity + 1, dtype=torch.float32, device=device)
+        self.fresh = torch.zeros(max_seqs, capacity + 1, dtype=torch.bool, device=device)  # filled by a prefetch
+        self.counters = torch.zeros(len(_IDX_COUNTERS), dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pool, self.table, self.owner, self.stamp))
+
+    def counts(self) -> dict[str, int]:
+        """Counters since the last ``reset_counts`` (one host sync)."""
+        return dict(zip(_IDX_COUNTERS, self.counters.tolist()))
+
+    def reset_counts(self) -> None:
+        self.counters.zero_()
+
+    def clear(self, rows: torch.Tensor) -> None:
+        """Forget every cached group of sequence slots ``rows`` (B,) int64."""
+        self.table[rows] = -1
+        self.owner[rows] = -1
+        self.fresh[rows] = False
+
+    def lookup(self, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(B, T) pool rows holding ``groups`` (B, T) of ``rows``, the trash row where not cached."""
+        slot = self.table[rows[:, None], groups].long()  # (B, T)
+        return torch.where(slot >= 0, rows[:, None] * self.capacity + slot, self.trash)
+
+    def ensure(self, rows: torch.Tensor, groups: torch.Tensor, listed: torch.Tensor, scores: torch.Tensor | None,
+               source: torch.Tensor, source_rows: torch.Tensor, step: float, prefetch: bool = False) -> torch.Tensor:
+        """Make the listed groups resident; returns their pool rows (B, P) int32 (trash where unlisted).
+
+        rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
+        bool; scores (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every
+        group has a copy in (pinned host), ``source_rows`` (B, P) int64 its rows of ``groups``.
+        """
+        b, p = groups.shape
+        n, cap = self.n, self.capacity
+        gi = torch.where(listed, groups, n)  # unlisted -> trash column
+        tab = self.table[rows]  # (B, N+1)
+        own = self.owner[rows]  # (B, C+1)
+        cur = tab.gather(1, gi).long()  # (B, P)
+        miss = listed & (cur < 0)
+        hit = listed & (cur >= 0)
+        fresh = self.fresh[rows]
+        if not prefetch:
+            was_fresh = fresh.gather(1, torch.where(hit, cur, cap)) & hit
+            self.counters[0] += hit.sum()
+            self.counters[1] += was_fresh.sum()
+            self.counters[2] += miss.sum()
+        else:
+            self.counters[3] += miss.sum()
+        # Eviction key per slot: empty slots first, slots of this selection never.
+        selected = torch.zeros(b, n + 1, dtype=torch.bool, device=groups.device).scatter_(1, gi, listed)
+        held = own[:, :cap]
+        in_use = held >= 0
+        if self.eviction == "lookahead" and scores is not None:
+            col = held.clamp(min=0, max=scores.shape[1] - 1)
+            key = scores.gather(1, col).float()
+        else:
+            key = self.stamp[rows][:, :cap].clone()
+        key = torch.where(in_use, key, float("-inf"))
+        protect = in_use & selected.gather(1, held.clamp(min=0, max=n))
+        key = key.masked_fill(protect, float("inf"))
+        order = key.argsort(dim=1)  # (B, C): victims first
+        rank = (miss.cumsum(1) - 1).clamp(min=0)
+        victim = torch.where(miss, order.gather(1, rank.clamp(max=cap - 1)), cap)  # (B, P); cap = trash column
+        old = own.gather(1, victim)  # groups losing their slot
+        tab.scatter_(1, torch.where(miss & (old >= 0), old, n), -1)
+        tab.scatter_(1, torch.where(miss, gi, n), victim.to(torch.int32).masked_fill(~miss, -1))
+        own.scatter_(1, victim, torch.where(miss, gi, -1))
+        slot = torch.where(miss, victim, cur).clamp(min=0)
+        stamp = self.stamp[rows]
+        stamp.scatter_(1, torch.where(listed, slot, cap), step)
+        fresh.scatter_(1, torch.where(miss, victim, cap), prefetch)
+        if not prefetch:
+            fresh.scatter_(1, torch.where(hit, slot, cap), False)
+        self.table[rows], self.owner[rows], self.stamp[rows], self.fresh[rows] = tab, own, stamp, fresh
+        dst = torch.where(miss, rows[:, None] * cap + victim, -1)  # (B, P)
+        tier_ops.fetch_rows(source, source_rows.reshape(-1), self.pool, dst.reshape(-1))
+        pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
+        return pages.to(torch.int32)

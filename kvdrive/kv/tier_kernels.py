@@ -1,0 +1,43 @@
+"""Triton bodies of the tiered cache's data movement (launchers: ``kvdrive.kv.tier_ops``).
+
+Both kernels take their indices from device tensors, so a decode step moves KV between
+pinned host memory and the GPU without a host synchronisation: the selection decides on
+the GPU what to copy and the copy kernel reads it there. Pinned host memory is reached
+through unified virtual addressing (its data_ptr is valid on the device).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fetch_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, words, BLOCK: tl.constexpr):
+    """``dst[dst_idx[r]] = src[src_idx[r]]`` for rows with ``dst_idx[r] >= 0``; others are skipped
+    (their loads are masked off: a cache hit costs no PCIe traffic)."""
+    row = tl.program_id(0)
+    col = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.load(dst_idx_ptr + row).to(tl.int64)
+    s = tl.load(src_idx_ptr + row).to(tl.int64)
+    mask = (col < words) & (d >= 0)
+    v = tl.load(src_ptr + s * words + col, mask=mask)
+    tl.store(dst_ptr + d * words + col, v, mask=mask)
+
+
+@triton.jit
+def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_ptr, off_ptr, T, H, G, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token (b, t) of k/v (B, H, T, D) contiguous -> group row ``row[b, t]``, offset ``off[b, t]``
+    of a pool (R, 2, H, G, D). One program per (token, head)."""
+    bt = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = bt // T
+    t = bt % T
+    row = tl.load(row_ptr + bt).to(tl.int64)
+    off = tl.load(off_ptr + bt).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = d < D
+    src = ((b * H + h) * T + t) * D + d
+    kk = tl.load(k_ptr + src, mask=m)
+    vv = tl.load(v_ptr + src, mask=m)
+    base = ((row * 2) * H + h) * G * D + off * D
+    tl.store(dst_ptr + base + d, kk, mask=m)
+    tl.store(dst_ptr + base + H * G * D + d, vv, mask=m)

@@ -1,0 +1,67 @@
+"""Index-driven copies of the tiered cache, each with a pure-torch twin.
+
+* ``fetch_rows``: groups from a source pool (pinned host) into a destination pool (GPU)
+  at rows given by device tensors; a negative destination skips the row.
+* ``write_tokens``: new tokens' K and V into their groups of a pool (the host copy of
+  every group is written as the token is produced).
+
+``impl``: ``triton`` runs the kernels of ``tier_kernels`` (CUDA, or CPU under
+``TRITON_INTERPRET=1``); ``torch`` the reference (CPU, or GPU pools); ``auto`` picks
+triton when a pool is pinned host memory seen from CUDA, where torch cannot index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+FETCH_BLOCK = 2048  # int32 words per program
+
+
+def _impl(impl: str, *tensors) -> str:
+    if impl != "auto":
+        return impl
+    devices = {t.device.type for t in tensors}
+    return "triton" if devices == {"cuda", "cpu"} else "torch"
+
+
+def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
+               impl: str = "auto") -> None:
+    """src (R_src, ...) and dst (R_dst, ...) of the same row shape and dtype; src_idx, dst_idx (M,)
+    int64 on the destination's device; ``dst_idx[r] < 0`` skips row r."""
+    if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
+        raise ValueError(f"row shapes differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+    if _impl(impl, src, dst) == "torch":
+        keep = dst_idx >= 0
+        rows = src[src_idx[keep].to(src.device)]
+        dst[dst_idx[keep]] = rows.to(dst.device)
+        return
+    import triton
+
+    from kvdrive.kv.tier_kernels import fetch_rows_kernel
+
+    n = src_idx.numel()
+    if n == 0:
+        return
+    words = src[0].numel() * src.element_size() // 4
+    grid = (n, triton.cdiv(words, FETCH_BLOCK))
+    fetch_rows_kernel[grid](src.view(src.shape[0], -1).view(torch.int32), src_idx,
+                            dst.view(dst.shape[0], -1).view(torch.int32), dst_idx, words, BLOCK=FETCH_BLOCK)
+
+
+def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 impl: str = "auto") -> None:
+    """pool (R, 2, H, G, D); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D)."""
+    if _impl(impl, pool, k) == "torch":
+        r, o = rows.to(pool.device), offs.to(pool.device)
+        pool[r, 0, :, o] = k.transpose(1, 2).to(pool.device)  # (B, T, H, D)
+        pool[r, 1, :, o] = v.transpose(1, 2).to(pool.device)
+        return
+    import triton
+
+    from kvdrive.kv.tier_kernels import write_tokens_kernel
+
+    b, h, t, d = k.shape
+    g = pool.shape[3]
+    write_tokens_kernel[(b * t, h)](k.contiguous(), v.contiguous(), pool, rows.contiguous(), offs.contiguous(),
+                                    t, h, g, D=d, BLOCK_D=triton.next_power_of_2(d))

@@ -1,0 +1,335 @@
+"""The tiered sparse cache: full KV in pinned host memory, a GPU selection cache per layer.
+
+Where things live (one ``TieredSparseKVCache`` for all layers of one model):
+
+* host (pinned): every group of every sequence, ``host[l]`` (S * N, 2, H_kv, G, D); each
+  new token is written there as it is produced (a kernel writing through UVA);
+* GPU: the key summaries of full groups (``SummaryTable``) and, per sparse layer, a
+  ``SelectionCache`` of ``capacity[l]`` groups per sequence. Capacities start even and,
+  after ``rebalance_after`` decode steps, follow each layer's measured misses (layers
+  differ in how much their selection moves between steps).
+
+A decode step on a sparse layer scores the summaries with the query, selects sinks +
+window + top groups under the budget (shared by the layer's heads: one whole group per
+read), makes the selection resident in the layer's cache (hits stay; misses evict by the
+eviction key and are copied from host by one masked kernel driven by GPU indices: no
+host sync), then attends over the cache's pages. With ``prefetch``, the model calls
+``hint(l + 1, q_pred)`` while layer l computes: layer l+1's groups are predicted from
+layer l's hidden state and fetched on a side stream; layer l+1 waits on that event and
+then fetches only what the prediction missed. Prefill, sliding-window and dense layers
+attend exactly over KV gathered from host for that layer alone (one layer's KV on the
+GPU at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvdrive import device as devices
+from kvdrive.attention.select import combine_heads, select_groups
+from kvdrive.attention.sparse import sparse_attention
+from kvdrive.config import ModelConfig
+from kvdrive.errors import KvdriveError
+from kvdrive.kv import tier_ops
+from kvdrive.kv.base import ForwardBatch, KVCache
+from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
+from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
+from kvdrive.kv.slots import SequenceSlots
+from kvdrive.kv.sparse import SparseConfig
+from kvdrive.kv.summaries import SummaryTable, make_summarizer
+
+REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)
+
+
+@dataclass(frozen=True)
+class TieredConfig:
+    """``cache_tokens``: GPU selection-cache size per sequence and layer, averaged over the
+    sparse layers (each layer gets at least the pages one selection takes)."""
+
+    sparse: SparseConfig = field(default_factory=lambda: SparseConfig(budget=2048, sink_tokens=64, window_tokens=256))
+    cache_tokens: int = 4096
+    eviction: str = "lookahead"  # lookahead | lru | none (no cross-step reuse)
+    prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes
+    overlap: bool = True  # prefetch on a side stream (False: on the compute stream, ablation)
+    rebalance_after: int = 16  # decode steps before capacities follow measured misses; 0: never
+
+    def __post_init__(self):
+        if self.eviction not in EVICTIONS:
+            raise KvdriveError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
+        if self.sparse.mode != "shared":
+            raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
+        if self.cache_tokens < 0 or self.rebalance_after < 0:
+            raise KvdriveError("cache_tokens and rebalance_after must be >= 0")
+
+
+class TieredSparseKVCache(KVCache):
+    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype, tiered: TieredConfig = TieredConfig()):
+        self.config, self.tiered, self.layer_specs = config, tiered, layer_specs(config)
+        self.sparse, self.sel_cfg = tiered.sparse, tiered.sparse.selection()
+        self.g = g = tiered.sparse.group_tokens
+        self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
+        self.n = -(-max_len // g)
+        h, d = config.num_key_value_heads, config.head_dim
+        self.group_shape = (2, h, g, d)
+        self.group_bytes = 2 * h * g * d * dtype.itemsize
+        pin = device.type == "cuda"
+        self.host = [torch.zeros(max_seqs * self.n, *self.group_shape, dtype=dtype, pin_memory=pin)
+                     for _ in range(config.num_hidden_layers)]  # (S*N, 2, H_kv, G, D) per layer
+        self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
+        self.sparse_layers = [l for l in config.global_layers if l not in tiered.sparse.dense_layers]
+        self.tables = {l: SummaryTable(self._summarizer(l), max_seqs, self.n, device, dtype) for l in self.sparse_layers}
+        self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
+        self.max_pages = self._max_pages(max_len)
+        self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
+        self.side = devices.new_stream(device) if tiered.overlap else None
+        self.steps = 0
+        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0}
+        self.supports_cuda_graphs = False
+        self.hint_layers = frozenset(self.sparse_layers) if tiered.prefetch else frozenset()
+
+    # -- construction ---------------------------------------------------------------
+    def _summarizer(self, layer: int):
+        s, c = self.sparse, self.config
+        kw = {}
+        if s.summary == "lowrank_offline":
+            kw = {"basis": s.bases[layer].to(self.device)}
+        elif s.summary == "lowrank_seq":
+            kw = {"rank": s.rank, "max_seqs": self.max_seqs, "device": self.device, "dtype": torch.float32}
+        return make_summarizer(s.summary, c.num_key_value_heads, c.head_dim, self.g, **kw)
+
+    def _max_pages(self, context: int) -> int:
+        c, g = self.sel_cfg, self.g
+        budget = c.budget.tokens if c.budget.tokens is not None else c.budget.fraction * context
+        return min(self.n, max(-(-int(budget) // g) + 1, c.n_sink + c.n_window))
+
+    def _even_capacity(self) -> int:
+        return max(self.max_pages, self.tiered.cache_tokens // self.g) if self.tiered.eviction != "none" \
+            else self.max_pages
+
+    def _make_caches(self, capacity: dict[int, int]) -> dict[int, SelectionCache]:
+        return {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
+                                  self.tiered.eviction) for l, c in capacity.items()}
+
+    def rebalance(self) -> dict[int, int]:
+        """Split the cache slots over layers in proportion to each layer's misses so far (each
+        keeps at least one selection's pages); caches restart empty. Returns the capacities."""
+        total = sum(c.capacity for c in self.caches.values())
+        misses = {l: c.counts()["misses"] for l, c in self.caches.items()}
+        spare = total - self.max_pages * len(self.caches)
+        weight = sum(misses.values())
+        if spare <= 0 or weight == 0:
+            return {l: c.capacity for l, c in self.caches.items()}
+        capacity = {l: self.max_pages + int(spare * m / weight) for l, m in misses.items()}
+        old = self.caches
+        self.caches = self._make_caches(capacity)
+        for l, c in self.caches.items():
+            c.counters.copy_(old[l].counters)
+        return capacity
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def add(self, seq_id: int, max_tokens: int) -> None:
+        slot = self.seqs.add(seq_id, max_tokens)
+        rows = torch.tensor([slot], device=self.device)
+        for layer, table in self.tables.items():
+            table.reset(slot)
+            self._summarized[layer][slot] = 0
+            self.caches[layer].clear(rows)
+
+    def free(self, seq_id: int) -> None:
+        self.seqs.free(seq_id)
+
+    def length(self, seq_id: int) -> int:
+        return self.seqs.length(seq_id)
+
+    def plan(self, seq_ids, num_new: int) -> ForwardBatch:
+        seq_ids = tuple(seq_ids)
+        starts = self.seqs.starts(seq_ids, num_new)
+        slot_list = [self.seqs.slot(s) for s in seq_ids]
+        slots = torch.tensor(slot_list, device=self.device)
+        start = torch.tensor(starts, device=self.device)
+        positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
+        lens = [s + num_new for s in starts]
+        if num_new == 1:
+            self.steps += 1
+            if self.tiered.rebalance_after and self.steps == self.tiered.rebalance_after + 1:
+                self.rebalance()
+        if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
+            for c in self.caches.values():
+                c.clear(slots)
+        meta = {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": start + num_new,
+                "host_rows": slots[:, None] * self.n + positions // self.g, "offs": positions % self.g,
+                "prefetch": {}, "masks": {}}
+        return ForwardBatch(seq_ids, starts, num_new, positions, meta)
+
+    def commit(self, batch: ForwardBatch) -> None:
+        self.seqs.commit(batch.seq_ids, batch.num_new)
+
+    def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
+        self.seqs.check_range(seq_id, start, stop)
+        base, g = self.seqs.slot(seq_id) * self.n, self.g
+        groups = self.host[layer][base + start // g : base + -(-stop // g)]  # (n, 2, H_kv, G, D)
+        kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
+        off = start - (start // g) * g
+        return (kv[0, :, off : off + stop - start].to(self.device), kv[1, :, off : off + stop - start].to(self.device))
+
+    # -- data path ------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        m = batch.meta
+        tier_ops.write_tokens(self.host[layer], m["host_rows"], m["offs"], k, v)
+        self._moved["token_writes"] += k.numel() * 2 * k.element_size()
+        if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
+            cache = self.caches[layer]
+            rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
+            tier_ops.write_tokens(cache.pool, rows, m["offs"], k, v, impl="torch")
+        if batch.num_new > 1:
+            m.setdefault("new_kv", {})[layer] = (k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        spec = self.layer_specs[layer]
+        if batch.num_new > 1 or layer not in self.caches:
+            return self._dense(layer, q, batch, spec)
+        return self._sparse(layer, q, batch, spec)
+
+    def hint(self, layer: int, q_pred: torch.Tensor, batch: ForwardBatch) -> None:
+        """A predicted query (B, H_q, D) of ``layer``, issued before the previous layer runs:
+        fetch the groups it selects now, on the side stream."""
+        if not self.tiered.prefetch or batch.num_new != 1 or layer not in self.caches:
+            return
+        compute = devices.current_stream(self.device)
+        if self.side is not None:
+            self.side.wait_stream(compute)
+            q_pred.record_stream(self.side) if self.device.type == "cuda" else None
+        with devices.use_stream(self.side) if self.side is not None else _null():
+            self._select_and_fetch(layer, q_pred, batch, self.layer_specs[layer].scale, prefetch=True)
+            event = devices.new_event(self.device)
+            event.record()
+        batch.meta["prefetch"][layer] = event
+
+    def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
+        event = batch.meta["prefetch"].pop(layer, None)
+        if event is not None:
+            event.wait(devices.current_stream(self.device))
+        qd = q[:, :, 0]  # (B, H_q, D)
+        pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False)
+        m, g = batch.meta, self.g
+        num_groups = (m["len_t"] + g - 1) // g
+        last_len = (m["len_t"] - (num_groups - 1) * g).to(torch.int32)
+        pages = pages[:, None, :].expand(-1, self.group_shape[1], -1)  # (B, H_kv, P): one selection per layer
+        out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, last_len,
+                                  spec.scale, spec.softcap)
+        return out[:, :, None, :]
+
+    def _select_and_fetch(self, layer, qd, batch, scale, prefetch: bool):
+        self._refresh(layer, batch)
+        m, g = batch.meta, self.g
+        table, slots = self.tables[layer], m["slots"]
+        n_max = max(-(-n // g) for n in m["lens"])
+        num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
+        valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[slots][:, None]
+        rows = slots if table.summarizer.name == "lowrank_seq" else None
+        scores = table.summarizer.score(qd, table.data[slots, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
+        max_pages = min(n_max, self._max_pages(max(m["lens"])))
+        sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
+        groups = sel.groups[:, 0].long()  # (B, P)
+        listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
+        key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]  # (B, N): eviction key of lookahead
+        pages = self.caches[layer].ensure(slots, groups, listed, key, self.host[layer],
+                                          slots[:, None] * self.n + groups, float(self.steps), prefetch)
+        return pages, sel.num_pages
+
+    def _refresh(self, layer: int, batch: ForwardBatch) -> None:
+        """Summarize the groups filled since this layer's last decode step (keys read from host)."""
+        table, done = self.tables[layer], self._summarized[layer]
+        summ = table.summarizer
+        rows, groups = [], []
+        for slot, n in zip(batch.meta["slot_list"], batch.start):
+            full = n // self.g
+            if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt's keys
+                keys = self._host_keys(layer, torch.arange(full, device=self.device) + slot * self.n)
+                summ.fit(slot, keys.transpose(1, 2).reshape(-1, keys.shape[1], keys.shape[-1]))
+            rows += [slot] * (full - done[slot])
+            groups += range(done[slot], full)
+            done[slot] = full
+        for i in range(0, len(rows), REFRESH_CHUNK):
+            r = torch.tensor(rows[i : i + REFRESH_CHUNK], device=self.device)
+            gr = torch.tensor(groups[i : i + REFRESH_CHUNK], device=self.device)
+            table.write(r, gr, self._host_keys(layer, r * self.n + gr))
+
+    def _host_keys(self, layer: int, host_rows: torch.Tensor) -> torch.Tensor:
+        """Keys (M, H_kv, G, D) of host groups ``host_rows`` (M,) on the device."""
+        out = torch.empty(host_rows.numel(), *self.group_shape, device=self.device, dtype=self.dtype)
+        tier_ops.fetch_rows(self.host[layer], host_rows, out, torch.arange(host_rows.numel(), device=self.device))
+        return out[:, 0]
+
+    def _dense(self, layer, q, batch, spec) -> torch.Tensor:
+        """Exact attention over this layer's KV, gathered from host for the span the query sees."""
+        m, g = batch.meta, self.g
+        first = [0 if spec.window is None else max(0, s - spec.window + 1) // g for s in batch.start]
+        n_pages = max(-(-n // g) - f for n, f in zip(m["lens"], first))
+        b = batch.batch_size
+        kv = torch.zeros(b, n_pages, *self.group_shape, device=self.device, dtype=self.dtype)
+        for i, (slot, f, n) in enumerate(zip(m["slot_list"], first, m["lens"])):
+            span = -(-n // g) - f
+            kv[i, :span].copy_(self.host[layer][slot * self.n + f : slot * self.n + f + span], non_blocking=True)
+            self._moved["dense_host_to_gpu"] += span * self.group_bytes
+        if batch.num_new > 1:  # the chunk's own tokens straight from the GPU, not the host round trip
+            k_new, v_new = m["new_kv"][layer]
+            first_t = torch.tensor(first, device=self.device)
+            local = batch.positions - first_t[:, None] * g  # (B, T) token index within the gathered span
+            bi = torch.arange(b, device=self.device)[:, None].expand_as(local)
+            kv[bi, local // g, 0, :, local % g] = k_new.transpose(1, 2)
+            kv[bi, local // g, 1, :, local % g] = v_new.transpose(1, 2)
+        key = spec.window
+        if key not in m["masks"]:
+            first_t = torch.tensor(first, device=self.device)
+            kpos = first_t[:, None] * g + torch.arange(n_pages * g, device=self.device)  # (B, P*G)
+            qpos = batch.positions
+            mask = kpos[:, None, :] <= qpos[:, :, None]
+            if spec.window is not None:
+                mask &= kpos[:, None, :] > qpos[:, :, None] - spec.window
+            m["masks"][key] = mask[:, None]  # (B, 1, T, P*G)
+        h, d = self.group_shape[1], self.group_shape[3]
+        k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, h, n_pages * g, d)
+        v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, h, n_pages * g, d)
+        return grouped_sdpa(q, k, v, m["masks"][key], spec.scale, spec.softcap)
+
+    # -- reporting ------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        for c in self.caches.values():
+            c.reset_counts()
+        self._moved = dict.fromkeys(self._moved, 0)
+        self._stats_steps = self.steps
+
+    def stats(self) -> dict:
+        """Counters since ``reset_stats`` (one host sync per layer)."""
+        per_layer = {l: c.counts() for l, c in self.caches.items()}
+        tot = {k: sum(c[k] for c in per_layer.values()) for k in ("hits", "prefetched_hits", "misses", "prefetched")}
+        fetched = tot["misses"] + tot["prefetched"]
+        selected = tot["hits"] + tot["misses"]
+        return {
+            "steps": self.steps - getattr(self, "_stats_steps", 0),
+            "groups_selected": selected,
+            "gpu_hits": tot["hits"] - tot["prefetched_hits"],
+            "prefetched_hits": tot["prefetched_hits"],
+            "sync_fetched": tot["misses"],
+            "prefetched": tot["prefetched"],
+            "hit_rate": tot["hits"] / selected if selected else None,
+            "bytes_host_to_gpu": fetched * self.group_bytes + self._moved["dense_host_to_gpu"],
+            "bytes_gpu_to_host": self._moved["token_writes"],
+            "gpu_cache_bytes": sum(c.nbytes for c in self.caches.values()),
+            "summary_bytes": sum(t.nbytes for t in self.tables.values()),
+            "host_bytes": sum(t.numel() * t.element_size() for t in self.host),
+            "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
+            "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
+        }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,167 @@
+"""The tiered cache: full KV on host, a GPU selection cache per layer. It must attend to exactly
+what the GPU-resident sparse cache attends to (same selection), whatever the eviction,
+prefetch and cache size; with a budget covering the context it is full attention."""
+
+import os
+
+import pytest
+import torch
+
+from kvdrive.kv import tier_ops
+from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.kv.selection_cache import SelectionCache
+from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.errors import KvdriveError
+from test_sparse_cache import _decode, _tiny
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+def _prompts(lengths=(150, 77, 203), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("eviction", ["lookahead", "lru", "none"])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_full_budget_equals_full_attention(eviction, prefetch):
+    model, prompts = _tiny(), _prompts()
+    ref = _decode(model, ContiguousKVCache(model.config, 3, 400, CPU, F32), prompts, 20)
+    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=10_000), cache_tokens=64, eviction=eviction,
+                       prefetch=prefetch, rebalance_after=5)
+    got = _decode(model, TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg), prompts, 20)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "lowrank_seq"])
+@pytest.mark.parametrize("eviction,cache_tokens", [("lookahead", 96), ("lookahead", 400), ("lru", 96), ("none", 0)])
+def test_small_budget_matches_the_gpu_resident_sparse_cache(summary, eviction, cache_tokens):
+    """Same summaries, same selection, attention over cached copies: same logits as SparseKVCache.
+    A cache smaller than the context forces evictions and refetches on every step."""
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary=summary, rank=8)
+    ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 24)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
+                                TieredConfig(sparse, cache_tokens=cache_tokens, eviction=eviction, rebalance_after=6))
+    got = _decode(model, cache, prompts, 24)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    stats = cache.stats()
+    assert stats["groups_selected"] == stats["gpu_hits"] + stats["prefetched_hits"] + stats["sync_fetched"]
+    if eviction == "none":
+        assert stats["gpu_hits"] == 0  # no reuse across steps: only this step's prefetch can hit
+    else:
+        assert stats["gpu_hits"] > stats["sync_fetched"]  # consecutive selections overlap
+    assert stats["prefetched"] > 0 and stats["prefetched_hits"] > 0
+
+
+def test_sliding_layers_and_prefill_are_exact():
+    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    prompts = _prompts((90, 61))
+    sparse = SparseConfig(group_tokens=8, budget=32, sink_tokens=8, window_tokens=16)
+    ref = _decode(model, SparseKVCache(model.config, 2, 400, CPU, F32, sparse), prompts, 12)
+    cfg = TieredConfig(sparse, cache_tokens=48)
+    got = _decode(model, TieredSparseKVCache(model.config, 2, 400, CPU, F32, cfg), prompts, 12)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
+    model = _tiny()
+    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16),
+                       cache_tokens=96, rebalance_after=0)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+    _decode(model, cache, _prompts(), 10)
+    before = sum(c.capacity for c in cache.caches.values())
+    misses = cache.stats()["misses_per_layer"]
+    cap = cache.rebalance()
+    assert sum(cap.values()) <= before and min(cap.values()) >= cache.max_pages
+    most, least = max(misses, key=misses.get), min(misses, key=misses.get)
+    if misses[most] > misses[least]:
+        assert cap[most] >= cap[least]
+
+
+def test_selection_cache_invariants_under_random_selections():
+    gen = torch.Generator().manual_seed(0)
+    n, cap, s = 40, 12, 3
+    c = SelectionCache(cap, s, n, (2, 1, 2, 4), CPU, F32, "lookahead")
+    source = torch.randn(s * n, 2, 1, 2, 4, generator=gen)
+    rows = torch.tensor([2, 0])
+    for step in range(30):
+        groups = torch.stack([torch.randperm(n, generator=gen)[:8] for _ in rows])  # (B, 8) distinct
+        listed = torch.rand(2, 8, generator=gen) < 0.8
+        pages = c.ensure(rows, groups, listed, torch.randn(2, n, generator=gen), source,
+                         rows[:, None] * n + groups, float(step))
+        # every listed group is resident and its page holds the source group
+        for b in range(2):
+            for j in range(8):
+                if listed[b, j]:
+                    torch.testing.assert_close(c.pool[pages[b, j]], source[rows[b] * n + groups[b, j]])
+        # table and owner agree both ways
+        for r in rows.tolist():
+            own = c.owner[r, :cap]
+            for slot, g in enumerate(own.tolist()):
+                if g >= 0:
+                    assert c.table[r, g] == slot
+            assert int((c.table[r, :n] >= 0).sum()) == int((own >= 0).sum())
+
+
+def test_per_head_mode_is_refused_with_the_fix():
+    with pytest.raises(KvdriveError, match="mode='shared'"):
+        TieredConfig(SparseConfig(mode="per_head"))
+
+
+@pytest.fixture
+def interpret():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def test_triton_kernels_match_reference(interpret):
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(20, 2, 2, 4, 8, generator=gen).to(torch.bfloat16)
+    want, got = torch.zeros(9, 2, 2, 4, 8, dtype=torch.bfloat16), torch.zeros(9, 2, 2, 4, 8, dtype=torch.bfloat16)
+    sidx, didx = torch.tensor([3, 19, 0, 7]), torch.tensor([8, -1, 0, 4])
+    tier_ops.fetch_rows(src, sidx, want, didx, impl="torch")
+    tier_ops.fetch_rows(src, sidx, got, didx, impl="triton")
+    assert torch.equal(got, want) and not torch.equal(got[1], src[19])
+    k, v = torch.randn(2, 2, 3, 8, generator=gen), torch.randn(2, 2, 3, 8, generator=gen)
+    rows, offs = torch.tensor([[1, 1, 2], [5, 6, 6]]), torch.tensor([[2, 3, 0], [3, 0, 1]])
+    want, got = torch.zeros(9, 2, 2, 4, 8), torch.zeros(9, 2, 2, 4, 8)
+    tier_ops.write_tokens(want, rows, offs, k, v, impl="torch")
+    tier_ops.write_tokens(got, rows, offs, k, v, impl="triton")
+    assert torch.equal(got, want) and want.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eviction", ["lookahead", "none"])
+def test_gpu_tiered_matches_sparse_cache(eviction):
+    """Pinned host + UVA kernels + side-stream prefetch on the GPU agree with the GPU-resident cache."""
+    model = _tiny().to("cuda", torch.bfloat16)
+    prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    ref = _decode_dev(model, SparseKVCache(model.config, 3, 400, dev, bf, sparse), prompts, 24)
+    cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, TieredConfig(sparse, cache_tokens=96, eviction=eviction))
+    got = _decode_dev(model, cache, prompts, 24)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    assert cache.stats()["prefetched_hits"] > 0
+
+
+def _decode_dev(model, cache, prompts, steps):
+    for i, p in enumerate(prompts):
+        cache.add(i, 400)
+        b = cache.plan([i], len(p))
+        model(torch.tensor([p], device="cuda"), cache, b)
+        cache.commit(b)
+    out = []
+    for t in range(steps):
+        b = cache.plan(list(range(len(prompts))), 1)
+        out.append(model(torch.full((len(prompts), 1), 7 + t, device="cuda"), cache, b))
+        cache.commit(b)
+    return torch.stack(out, 1)

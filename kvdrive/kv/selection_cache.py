@@ -36,6 +36,8 @@ class SelectionCache:
         self.capacity, self.max_seqs, self.n, self.eviction = capacity, max_seqs, max_groups, eviction
         self.pool = torch.zeros(max_seqs * capacity + 1, *group_shape, device=device, dtype=dtype)
         self.trash = max_seqs * capacity
+        self.words = tier_ops.words(self.pool)
+        self.group_words = self.words.shape[1]
         self.table = torch.full((max_seqs, max_groups + 1), -1, dtype=torch.int32, device=device)
         self.owner = torch.full((max_seqs, capacity + 1), -1, dtype=torch.int64, device=device)
         self.stamp = torch.zeros(max_seqs, capacity + 1, dtype=torch.float32, device=device)
@@ -70,7 +72,9 @@ class SelectionCache:
 
         rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
         bool; scores (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every
-        group has a copy in (pinned host), ``source_rows`` (B, P) int64 its rows of ``groups``.
+        group has a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows
+        of ``groups``; -1 (on disk only) is fetched by nobody: a prefetch skips it, and the caller
+        resolves every listed group before a non-prefetch call.
         """
         b, p = groups.shape
         n, cap = self.n, self.capacity
@@ -78,8 +82,8 @@ class SelectionCache:
         tab = self.table[rows]  # (B, N+1)
         own = self.owner[rows]  # (B, C+1)
         cur = tab.gather(1, gi).long()  # (B, P)
-        miss = listed & (cur < 0)
         hit = listed & (cur >= 0)
+        miss = listed & (cur < 0) & (source_rows >= 0)
         fresh = self.fresh[rows]
         if not prefetch:
             was_fresh = fresh.gather(1, torch.where(hit, cur, cap)) & hit
@@ -115,6 +119,6 @@ class SelectionCache:
             fresh.scatter_(1, torch.where(hit, slot, cap), False)
         self.table[rows], self.owner[rows], self.stamp[rows], self.fresh[rows] = tab, own, stamp, fresh
         dst = torch.where(miss, rows[:, None] * cap + victim, -1)  # (B, P)
-        tier_ops.fetch_rows(source, source_rows.reshape(-1), self.pool, dst.reshape(-1))
+        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words)
         pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
         return pages.to(torch.int32)

@@ -11,7 +11,8 @@ import triton.language as tl
 
 
 @triton.jit
-def fetch_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, words, BLOCK: tl.constexpr):
+def fetch_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
+                      BLOCK: tl.constexpr):
     """``dst[dst_idx[r]] = src[src_idx[r]]`` for rows with ``dst_idx[r] >= 0``; others are skipped
     (their loads are masked off: a cache hit costs no PCIe traffic)."""
     row = tl.program_id(0)
@@ -19,14 +20,16 @@ def fetch_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, words, BLOCK: 
     d = tl.load(dst_idx_ptr + row).to(tl.int64)
     s = tl.load(src_idx_ptr + row).to(tl.int64)
     mask = (col < words) & (d >= 0)
-    v = tl.load(src_ptr + s * words + col, mask=mask)
-    tl.store(dst_ptr + d * words + col, v, mask=mask)
+    v = tl.load(src_ptr + s * src_stride + col, mask=mask)
+    tl.store(dst_ptr + d * dst_stride + col, v, mask=mask)
 
 
 @triton.jit
-def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_ptr, off_ptr, T, H, G, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, H, G, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     """Token (b, t) of k/v (B, H, T, D) contiguous -> group row ``row[b, t]``, offset ``off[b, t]``
-    of a pool (R, 2, H, G, D). One program per (token, head)."""
+    of a pool (R, 2, H, G, D) whose rows are ``row_stride`` elements apart. One program per
+    (token, head)."""
     bt = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = bt // T
@@ -38,6 +41,6 @@ def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_ptr, off_ptr, T, H, G, D: tl.
     src = ((b * H + h) * T + t) * D + d
     kk = tl.load(k_ptr + src, mask=m)
     vv = tl.load(v_ptr + src, mask=m)
-    base = ((row * 2) * H + h) * G * D + off * D
+    base = row * row_stride + h * G * D + off * D
     tl.store(dst_ptr + base + d, kk, mask=m)
     tl.store(dst_ptr + base + H * G * D + d, vv, mask=m)

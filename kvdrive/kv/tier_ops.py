@@ -25,33 +25,34 @@ def _impl(impl: str, *tensors) -> str:
     return "triton" if devices == {"cuda", "cpu"} else "torch"
 
 
-def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
+def words(rows: torch.Tensor) -> torch.Tensor:
+    """A pool as int32 word rows (R, row_words): typed (R, 2, H_kv, G, D) contiguous, or byte rows
+    (R, row_bytes) uint8 (the host arena, whose rows are padded to 4 KiB)."""
+    return rows.view(rows.shape[0], -1).view(torch.int32)
+
+
+def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int,
                impl: str = "auto") -> None:
-    """src (R_src, ...) and dst (R_dst, ...) of the same row shape and dtype; src_idx, dst_idx (M,)
-    int64 on the destination's device; ``dst_idx[r] < 0`` skips row r."""
-    if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
-        raise ValueError(f"row shapes differ: {tuple(src.shape)} {src.dtype} vs {tuple(dst.shape)} {dst.dtype}")
+    """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
+    src_idx, dst_idx (M,) int64 on the destination's device; ``dst_idx[r] < 0`` skips row r."""
     if _impl(impl, src, dst) == "torch":
         keep = dst_idx >= 0
-        rows = src[src_idx[keep].to(src.device)]
-        dst[dst_idx[keep]] = rows.to(dst.device)
+        rows = src[src_idx[keep].to(src.device), :n_words]
+        dst[dst_idx[keep].to(dst.device), :n_words] = rows.to(dst.device)
         return
     import triton
 
     from kvdrive.kv.tier_kernels import fetch_rows_kernel
 
-    n = src_idx.numel()
-    if n == 0:
+    if src_idx.numel() == 0:
         return
-    words = src[0].numel() * src.element_size() // 4
-    grid = (n, triton.cdiv(words, FETCH_BLOCK))
-    fetch_rows_kernel[grid](src.view(src.shape[0], -1).view(torch.int32), src_idx,
-                            dst.view(dst.shape[0], -1).view(torch.int32), dst_idx, words, BLOCK=FETCH_BLOCK)
+    grid = (src_idx.numel(), triton.cdiv(n_words, FETCH_BLOCK))
+    fetch_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=FETCH_BLOCK)
 
 
 def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  impl: str = "auto") -> None:
-    """pool (R, 2, H, G, D); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D)."""
+    """pool (R, 2, H, G, D), rows may be padded (a strided view); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D)."""
     if _impl(impl, pool, k) == "torch":
         r, o = rows.to(pool.device), offs.to(pool.device)
         pool[r, 0, :, o] = k.transpose(1, 2).to(pool.device)  # (B, T, H, D)
@@ -63,5 +64,6 @@ def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: 
 
     b, h, t, d = k.shape
     g = pool.shape[3]
-    write_tokens_kernel[(b * t, h)](k.contiguous(), v.contiguous(), pool, rows.contiguous(), offs.contiguous(),
+    write_tokens_kernel[(b * t, h)](k.contiguous(), v.contiguous(), pool, pool.stride(0), rows.contiguous(),
+                                    offs.contiguous(),
                                     t, h, g, D=d, BLOCK_D=triton.next_power_of_2(d))

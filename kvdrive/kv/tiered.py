@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvdrive import device as devices
@@ -35,6 +36,9 @@ from kvdrive.errors import KvdriveError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
+from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV
+from kvdrive.kv.layout import GroupLayout
+from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
 from kvdrive.kv.slots import SequenceSlots
 from kvdrive.kv.sparse import SparseConfig
@@ -54,8 +58,13 @@ class TieredConfig:
     prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes
     overlap: bool = True  # prefetch on a side stream (False: on the compute stream, ablation)
     rebalance_after: int = 16  # decode steps before capacities follow measured misses; 0: never
+    disk: tuple[PoolPath, ...] = ()  # disk pool paths: host memory becomes an arena in front of them
+    host_bytes: int = 0  # with disk: pinned host arena, all layers together
+    direct: str = "auto"  # O_DIRECT for the disk pool: auto | on | off
 
     def __post_init__(self):
+        if self.disk and self.host_bytes <= 0:
+            raise KvdriveError("with disk paths, set host_bytes (the pinned host arena in front of the disks)")
         if self.eviction not in EVICTIONS:
             raise KvdriveError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
         if self.sparse.mode != "shared":
@@ -75,9 +84,9 @@ class TieredSparseKVCache(KVCache):
         h, d = config.num_key_value_heads, config.head_dim
         self.group_shape = (2, h, g, d)
         self.group_bytes = 2 * h * g * d * dtype.itemsize
-        pin = device.type == "cuda"
-        self.host = [torch.zeros(max_seqs * self.n, *self.group_shape, dtype=dtype, pin_memory=pin)
-                     for _ in range(config.num_hidden_layers)]  # (S*N, 2, H_kv, G, D) per layer
+        layout = GroupLayout.from_config(config, dtype, g)
+        self.host = DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk,
+                                     tiered.direct) if tiered.disk else FullHostKV(layout, max_seqs, self.n, device)
         self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
         self.sparse_layers = [l for l in config.global_layers if l not in tiered.sparse.dense_layers]
         self.tables = {l: SummaryTable(self._summarizer(l), max_seqs, self.n, device, dtype) for l in self.sparse_layers}
@@ -132,6 +141,7 @@ class TieredSparseKVCache(KVCache):
     # -- bookkeeping ----------------------------------------------------------------
     def add(self, seq_id: int, max_tokens: int) -> None:
         slot = self.seqs.add(seq_id, max_tokens)
+        self.host.clear(slot)
         rows = torch.tensor([slot], device=self.device)
         for layer, table in self.tables.items():
             table.reset(slot)
@@ -152,6 +162,7 @@ class TieredSparseKVCache(KVCache):
         start = torch.tensor(starts, device=self.device)
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         lens = [s + num_new for s in starts]
+        self.host.begin(slot_list, starts, num_new)
         if num_new == 1:
             self.steps += 1
             if self.tiered.rebalance_after and self.steps == self.tiered.rebalance_after + 1:
@@ -160,25 +171,29 @@ class TieredSparseKVCache(KVCache):
             for c in self.caches.values():
                 c.clear(slots)
         meta = {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": start + num_new,
-                "host_rows": slots[:, None] * self.n + positions // self.g, "offs": positions % self.g,
+                "offs": positions % self.g,
                 "prefetch": {}, "masks": {}}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
 
     def commit(self, batch: ForwardBatch) -> None:
+        written = devices.new_event(self.device)
+        written.record()
+        self.host.end(batch.meta["slot_list"], batch.start, batch.num_new, written)
         self.seqs.commit(batch.seq_ids, batch.num_new)
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
         self.seqs.check_range(seq_id, start, stop)
-        base, g = self.seqs.slot(seq_id) * self.n, self.g
-        groups = self.host[layer][base + start // g : base + -(-stop // g)]  # (n, 2, H_kv, G, D)
+        g = self.g
+        groups = self.host.gather(layer, self.seqs.slot(seq_id), list(range(start // g, -(-stop // g))))
         kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
         off = start - (start // g) * g
-        return (kv[0, :, off : off + stop - start].to(self.device), kv[1, :, off : off + stop - start].to(self.device))
+        return kv[0, :, off : off + stop - start].clone(), kv[1, :, off : off + stop - start].clone()
 
     # -- data path ------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m = batch.meta
-        tier_ops.write_tokens(self.host[layer], m["host_rows"], m["offs"], k, v)
+        rows = self.host.rows(layer, m["slots"], batch.positions // self.g)  # (B, T)
+        tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
         self._moved["token_writes"] += k.numel() * 2 * k.element_size()
         if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
             cache = self.caches[layer]
@@ -236,33 +251,33 @@ class TieredSparseKVCache(KVCache):
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
         key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]  # (B, N): eviction key of lookahead
-        pages = self.caches[layer].ensure(slots, groups, listed, key, self.host[layer],
-                                          slots[:, None] * self.n + groups, float(self.steps), prefetch)
-        return pages, sel.num_pages
+        num_pages = sel.num_pages
+        cache = self.caches[layer]
+        src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
+        if self.host.may_miss and not prefetch:  # one host sync: read what the GPU cache and host lack
+            cached = cache.table[slots[:, None], groups] >= 0
+            g_np, need = groups.cpu().numpy(), (listed & ~cached).cpu().numpy()
+            failed = self.host.resolve(layer, m["slot_list"], g_np, need)
+            if failed.any():  # never served: drop those groups from this step's attention
+                groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)
+            src = self.host.rows(layer, slots, groups)
+        pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, float(self.steps), prefetch)
+        return pages, num_pages
 
     def _refresh(self, layer: int, batch: ForwardBatch) -> None:
         """Summarize the groups filled since this layer's last decode step (keys read from host)."""
         table, done = self.tables[layer], self._summarized[layer]
         summ = table.summarizer
-        rows, groups = [], []
         for slot, n in zip(batch.meta["slot_list"], batch.start):
             full = n // self.g
             if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt's keys
-                keys = self._host_keys(layer, torch.arange(full, device=self.device) + slot * self.n)
+                keys = torch.cat([self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]
+                                  for i in range(0, full, REFRESH_CHUNK)])
                 summ.fit(slot, keys.transpose(1, 2).reshape(-1, keys.shape[1], keys.shape[-1]))
-            rows += [slot] * (full - done[slot])
-            groups += range(done[slot], full)
-            done[slot] = full
-        for i in range(0, len(rows), REFRESH_CHUNK):
-            r = torch.tensor(rows[i : i + REFRESH_CHUNK], device=self.device)
-            gr = torch.tensor(groups[i : i + REFRESH_CHUNK], device=self.device)
-            table.write(r, gr, self._host_keys(layer, r * self.n + gr))
-
-    def _host_keys(self, layer: int, host_rows: torch.Tensor) -> torch.Tensor:
-        """Keys (M, H_kv, G, D) of host groups ``host_rows`` (M,) on the device."""
-        out = torch.empty(host_rows.numel(), *self.group_shape, device=self.device, dtype=self.dtype)
-        tier_ops.fetch_rows(self.host[layer], host_rows, out, torch.arange(host_rows.numel(), device=self.device))
-        return out[:, 0]
+            for i in range(done[slot], full, REFRESH_CHUNK):
+                groups = list(range(i, min(i + REFRESH_CHUNK, full)))
+                table.write(slot, torch.tensor(groups, device=self.device), self.host.gather(layer, slot, groups)[:, 0])
+            done[slot] = max(done[slot], full)
 
     def _dense(self, layer, q, batch, spec) -> torch.Tensor:
         """Exact attention over this layer's KV, gathered from host for the span the query sees."""
@@ -273,7 +288,7 @@ class TieredSparseKVCache(KVCache):
         kv = torch.zeros(b, n_pages, *self.group_shape, device=self.device, dtype=self.dtype)
         for i, (slot, f, n) in enumerate(zip(m["slot_list"], first, m["lens"])):
             span = -(-n // g) - f
-            kv[i, :span].copy_(self.host[layer][slot * self.n + f : slot * self.n + f + span], non_blocking=True)
+            kv[i, :span] = self.host.gather(layer, slot, list(range(f, f + span)))
             self._moved["dense_host_to_gpu"] += span * self.group_bytes
         if batch.num_new > 1:  # the chunk's own tokens straight from the GPU, not the host round trip
             k_new, v_new = m["new_kv"][layer]
@@ -321,10 +336,24 @@ class TieredSparseKVCache(KVCache):
             "bytes_gpu_to_host": self._moved["token_writes"],
             "gpu_cache_bytes": sum(c.nbytes for c in self.caches.values()),
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),
-            "host_bytes": sum(t.numel() * t.element_size() for t in self.host),
+            "host_bytes": self.host.nbytes,
+            **self.host.stats(),
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
+
+
+def _drop(groups: np.ndarray, listed: np.ndarray, failed: np.ndarray, device):
+    """Remove failed groups from a selection, keeping each row's pages a prefix (the partly
+    filled group, always in host memory, stays last)."""
+    keep = listed & ~failed
+    out = np.zeros_like(groups)
+    counts = keep.sum(1)
+    for b in range(groups.shape[0]):
+        out[b, : counts[b]] = groups[b][keep[b]]
+    pages = np.arange(groups.shape[1])[None, :] < counts[:, None]
+    return (torch.as_tensor(out, device=device), torch.as_tensor(pages, device=device),
+            torch.as_tensor(counts, dtype=torch.int32, device=device))
 
 
 class _null:

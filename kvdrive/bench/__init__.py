@@ -16,6 +16,9 @@ BENCHES = {
     "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
     "ttft": ("kvdrive.bench.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
              "load vs kvdrive's pooled load"),
+    "decode": ("kvdrive.bench.decode", ("decode tokens/s of every KV placement side by side (all-GPU, "
+                                        "transformers offload, streaming, sparse from host, kvdrive) with each "
+                                        "row's roofline bound")),
     "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
 }
 

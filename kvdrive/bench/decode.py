@@ -1,0 +1,320 @@
+"""``kvdrive bench decode``: decode throughput of every KV placement side by side, one run,
+one GPU, one model, the same contexts and batches.
+
+Contexts are filled without a prefill (``fill_random``: seeded random post-RoPE K/V
+through each cache's own plan/append/commit path), then each system decodes greedily
+with the real model; only the decode steps after warm-up are timed. Every row also
+carries the roofline bound of its step (``roofline.py``) and the fraction of it
+reached. A (context, batch) that a system cannot hold is skipped with the reason,
+never crashes the run. Systems are listed in ``decode_systems.py``; what they are and
+how to read the numbers is in docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+
+import torch
+
+from kvdrive.bench import roofline
+from kvdrive.bench.common import write_result
+from kvdrive.bench.decode_report import best_and_ratios, run_notes
+from kvdrive.bench.decode_systems import (
+    SYSTEMS,
+    Options,
+    Shape,
+    System,
+    budget_tokens,
+    hf_decode,
+    mem_available,
+    skip_reason,
+)
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv.base import KVCache
+from kvdrive.kv.sparse import SparseConfig
+from kvdrive.progress import progress
+
+GIB = 1 << 30
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-m", "--model", default="random:llama-3.1-8b",
+                   help="model spec (default random:llama-3.1-8b: random weights of the real shape)")
+    p.add_argument("--device", default="auto", help="device (default: CUDA if present, else CPU)")
+    p.add_argument("--dtype", default=None, help="model and KV dtype (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("-c", "--contexts", type=int, nargs="+", default=[32768, 131072],
+                   help="tokens per sequence when decoding ends: each cache is built for this many, filled to it "
+                        "minus the decode steps (default 32768 131072; powers of two keep torch's pinned allocator "
+                        "from rounding host memory up)")
+    p.add_argument("-b", "--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="batch sizes; each system runs those it can hold (default 1 2 4 8 16)")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS), metavar="SYSTEM",
+                   help=f"systems to run, from: {', '.join(SYSTEMS)} (default all; see docs/bench.md)")
+    p.add_argument("-n", "--new-tokens", type=int, default=32, help="decode steps timed per row (default 32)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing (default 3, min 1)")
+    p.add_argument("--row-seconds", type=float, default=30.0,
+                   help="time cap per row: fewer steps are timed (at least 3) when the last warm-up step says "
+                        "N steps would take longer (default 30)")
+    g = p.add_argument_group("sparse systems (the same for every one)")
+    g.add_argument("--budget", type=int, default=2048, help="tokens attended per step on global layers, sinks "
+                   "and window included (default 2048)")
+    g.add_argument("--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
+    g.add_argument("--sink", type=int, default=64, help="attention-sink tokens always attended (default 64)")
+    g.add_argument("--window", type=int, default=256, help="recent tokens always attended (default 256)")
+    g.add_argument("--cache-tokens", type=int, default=4096, help="kvdrive_host's GPU selection cache, tokens per "
+                   "sequence per layer on average (default 4096)")
+    g.add_argument("--eviction", choices=["lookahead", "lru"], default="lookahead",
+                   help="kvdrive_host's eviction (default lookahead; lru is the ablation)")
+    g.add_argument("--rebalance-after", type=int, default=16, help="tiered caches: decode steps before each "
+                   "layer's GPU cache share follows its measured misses; these steps (+1) are added to their "
+                   "warm-up so timing sees the steady state (default 16; 0: never rebalance)")
+    g.add_argument("--no-prefetch", action="store_true", help="ablation: no next-layer prefetch in sparse_host "
+                   "and kvdrive_host (every miss fetched when its layer runs)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="ablation: host->GPU copies on the compute stream (streaming and the tiered caches)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode full_gpu eagerly instead of as a CUDA graph")
+    p.add_argument("--fill-chunk", type=int, default=8192, help="tokens per plan/append/commit when filling "
+                   "contexts (default 8192)")
+    p.add_argument("--gpu-headroom-gib", type=float, default=4.0,
+                   help="GPU memory left free beyond a system's estimate before a row runs (default 4)")
+    p.add_argument("--host-headroom-gib", type=float, default=16.0,
+                   help="host memory (MemAvailable) left free beyond a system's estimate (default 16)")
+    p.add_argument("--hf-max-tokens", type=int, default=65536,
+                   help="hf_offload runs only rows with context x batch <= this: it needs a real prefill, "
+                        "three per row (default 65536)")
+    p.add_argument("--hf-new-tokens", type=int, default=8, help="decode steps timed for hf_offload (default 8)")
+    p.add_argument("--bw-mib", type=int, default=1024,
+                   help="MiB per copy of the roofline's bandwidth probes (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, KV and first tokens (default 0)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots written next to the JSON")
+    p.add_argument("-o", "--out", default="bench/results/decode.json", help="JSON result path "
+                   "(default bench/results/decode.json; plots beside it)")
+
+
+def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.device, dtype: torch.dtype,
+                chunk: int = 8192, seed: int = 0) -> None:
+    """Give every sequence in ``seq_ids`` (already added) ``length`` tokens of seeded N(0, 1)
+    K and V through the cache's normal path, ``chunk`` tokens per plan/append/commit; no
+    model, no attention."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, d = config.num_key_value_heads, config.head_dim
+    for seq in seq_ids:
+        done = cache.length(seq)
+        while done < length:
+            t = min(chunk, length - done)
+            batch = cache.plan([seq], t)
+            for layer in range(config.num_hidden_layers):
+                k = torch.randn(1, h, t, d, generator=gen, device=device, dtype=dtype)  # (1, H_kv, T, D)
+                v = torch.randn(1, h, t, d, generator=gen, device=device, dtype=dtype)
+                cache.append(layer, k, v, batch)
+            cache.commit(batch)
+            done += t
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _release(dev: torch.device) -> None:
+    """Give freed GPU memory and cached pinned host blocks back before the next row."""
+    gc.collect()
+    if dev.type != "cuda":
+        return
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    accel = getattr(torch, "accelerator", None)
+    empty_host = getattr(accel, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty_host is not None:
+        empty_host()
+
+
+def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graphs: bool):
+    """One decode step of the batch: ids (B, 1) -> logits (B, V), committed."""
+    if graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False):
+        from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+        graph = GraphedDecodeStep(model, cache, seq_ids, ids)
+
+        def step(x):
+            logits = graph(x)
+            cache.commit(graph.batch)
+            return logits
+        return step
+
+    def step(x):
+        batch = cache.plan(seq_ids, 1)
+        logits = model(x, cache, batch)
+        cache.commit(batch)
+        return logits
+    return step
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def per_step(stats: dict, steps: int) -> dict:
+    """Hit rates over the groups selected and bytes / times per decode step, from cache stats."""
+    out = {}
+    sel = stats.get("groups_selected") or 0
+    if sel:
+        for k in ("gpu_hits", "prefetched_hits", "sync_fetched"):
+            if k in stats:
+                out[f"{k}_rate"] = stats[k] / sel
+    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host"):
+        if k in stats:
+            out[f"{k}_per_step"] = stats[k] / steps
+    if isinstance(stats.get("time_ms"), dict):
+        out["time_ms_per_step"] = {k: v / steps for k, v in stats["time_ms"].items()}
+    return out
+
+
+def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -> dict:
+    avail0 = mem_available()
+    t0 = time.perf_counter()
+    cache = system.build(shape, dev, opts)
+    seq_ids = list(range(shape.batch))
+    for s in seq_ids:
+        cache.add(s, shape.context)
+    fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
+    _sync(dev)
+    row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
+    step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
+    for _ in range(args.warmup + system.settle_steps(opts) - 1):
+        ids = step(ids).argmax(-1, keepdim=True)
+    _sync(dev)
+    t0 = time.perf_counter()
+    ids = step(ids).argmax(-1, keepdim=True)
+    _sync(dev)
+    warm = time.perf_counter() - t0
+    steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
+    has_stats = callable(getattr(cache, "stats", None))
+    if has_stats:
+        cache.reset_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ids = step(ids).argmax(-1, keepdim=True)
+    _sync(dev)
+    elapsed = time.perf_counter() - t0
+    row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
+    if has_stats:
+        stats = _jsonable(cache.stats())
+        row.update(stats=stats, per_step=per_step(stats, steps))
+    return row
+
+
+def _pcie_bytes(system: System, shape: Shape, row: dict) -> int:
+    if system.pcie == "all_kv":
+        return shape.all_kv
+    if system.pcie == "measured":
+        return int(row.get("per_step", {}).get("bytes_host_to_gpu_per_step", 0))
+    return 0
+
+
+def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, weights: int) -> dict:
+    """Run one (system, context, batch); returns the row (skipped rows carry ``reason``)."""
+    dev = loaded.model.device
+    head = {"system": system.name, "context": shape.context, "batch": shape.batch, "filled": shape.filled}
+    reason = skip_reason(system, shape, opts, args, dev, loaded)
+    if reason:
+        return {**head, "status": "skipped", "reason": reason}
+    est = {"est_gpu_gib": system.gpu_bytes(shape, opts) / GIB, "est_host_gib": system.host_bytes(shape, opts) / GIB}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        if system.build is None:
+            gen = torch.Generator(device=dev).manual_seed(args.seed)
+            prompts = torch.randint(0, shape.config.vocab_size, (shape.batch, shape.context - args.hf_new_tokens - 1),
+                                    generator=gen, device=dev)
+            row = hf_decode(loaded, prompts, args.hf_new_tokens)
+        else:
+            row = _decode_row(loaded.model, system, shape, opts, args, dev)
+    except (torch.OutOfMemoryError, CapacityError) as err:
+        return {**head, "status": "skipped", "reason": f"out of memory: {str(err).splitlines()[0][:200]}", **est}
+    except KvdriveError as err:
+        return {**head, "status": "skipped", "reason": str(err), **est}
+    except Exception as err:  # noqa: BLE001 -- a bug in one system must not lose the other rows of a long run
+        traceback.print_exc()
+        return {**head, "status": "error", "reason": f"{type(err).__name__}: {err}", **est}
+    if dev.type == "cuda":
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+    step_bytes = roofline.StepBytes(weights, system.gpu_kv_read(shape, opts), _pcie_bytes(system, shape, row))
+    b = roofline.bound(shape.batch, step_bytes, bw)
+    row["roofline"] = {"weights_bytes": step_bytes.weights, "gpu_kv_bytes": step_bytes.gpu_kv,
+                       "pcie_bytes": step_bytes.pcie, **(b.as_dict() if b else {})}
+    row["fraction_of_bound"] = row["tokens_per_s"] / b.tokens_per_s if b else None
+    return {**head, "status": "ok", **row, **est}
+
+
+def run(args) -> int:
+    from kvdrive.models.loader import load_model
+
+    if args.warmup < 1 or args.new_tokens < 1 or min(args.contexts) < 1 or min(args.batches) < 1:
+        raise KvdriveError("--warmup, --new-tokens, --contexts and --batches must be >= 1")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
+    sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
+                          window_tokens=args.window, summary="minmax")
+    opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
+                   args.rebalance_after)
+    bw = roofline.measure(dev, args.bw_mib << 20)
+    _release(dev)
+    weights = roofline.weight_bytes_read(model)
+    rows = []
+    points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
+    failed: dict[tuple[int, str], int] = {}  # (context, system) -> batch that ran out of memory
+    with torch.inference_mode():
+        for ctx, name, b in progress(points, desc="decode rows"):
+            system = SYSTEMS[name]
+            room = max(args.hf_new_tokens, args.warmup + system.settle_steps(opts) + args.new_tokens) + 1
+            shape = Shape(config, dtype, b, ctx, room)
+            if (ctx, name) in failed:
+                row = {"system": name, "context": ctx, "batch": b, "status": "skipped",
+                       "reason": f"batch {failed[ctx, name]} already ran out of memory"}
+            else:
+                row = measure_row(loaded, system, shape, opts, args, bw, weights)
+                if row.get("reason", "").startswith("out of memory"):
+                    failed[ctx, name] = b
+            _release(dev)
+            rows.append(row)
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+                   if k not in ("stats", "per_step", "roofline")}, flush=True)
+    best, ratios = best_and_ratios(rows)
+    budget = {str(c): budget_tokens(sparse, c) for c in args.contexts}
+    config_doc = {
+        "model": loaded.source, "dtype": str(dtype), "device": str(dev), "contexts": args.contexts,
+        "batches": sorted(args.batches), "systems": {n: SYSTEMS[n].about for n in args.systems},
+        "new_tokens": args.new_tokens, "warmup": args.warmup, "row_seconds": args.row_seconds,
+        "sparse": {"budget_tokens": budget, "group_tokens": args.group_tokens, "sink_tokens": args.sink,
+                   "window_tokens": args.window, "summary": "minmax"},
+        "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
+                         "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
+                         "prefetch": not args.no_prefetch},
+        "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
+        "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
+        "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
+        "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype)}
+    notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after, rows)
+    results = {"bandwidths": bw.as_dict(), "rows": rows, "best": best, "ratios": ratios}
+    path = write_result(args.out, "decode", config_doc, results, notes)
+    print(f"wrote {path}")
+    for r in ratios:
+        print(f"context {r['context']}: {r['system']} / {r['vs']} = {r['ratio']:.2f}x")
+    if not args.no_plot:
+        from kvdrive.bench.decode_report import plot
+
+        try:
+            for png in plot(path):
+                print(f"wrote {png}")
+        except KvdriveError as err:
+            print(f"no plot: {err}")
+    return 0

@@ -1,0 +1,146 @@
+"""What ``kvdrive bench decode`` makes of its rows: each system's best batch per context,
+kvdrive's ratios to the others, and the plots (from the JSON, so they can be redrawn).
+
+matplotlib (the ``plot`` extra) is imported only when a plot is drawn, with Agg.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvdrive.bench import roofline
+from kvdrive.errors import KvdriveError
+
+SPARSE_TARGET = 1.74  # issue 5: kvdrive_host vs the ShadowKV-style baseline, each at its best batch
+PANEL = (5.0, 3.8)
+
+
+def best_and_ratios(rows: list[dict], ours: str = "kvdrive_host") -> tuple[dict, list[dict]]:
+    """``best[context][system]`` = the batch with the most tokens/s; ratios of ``ours`` to
+    every other system at each one's best batch, per context."""
+    best: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            per_ctx = best.setdefault(str(r["context"]), {})
+            cur = per_ctx.get(r["system"])
+            if cur is None or r["tokens_per_s"] > cur["tokens_per_s"]:
+                per_ctx[r["system"]] = {"tokens_per_s": r["tokens_per_s"], "batch": r["batch"]}
+    ratios = []
+    for ctx, systems in best.items():
+        if ours not in systems:
+            continue
+        for other, b in systems.items():
+            if other == ours:
+                continue
+            ratio = {"context": int(ctx), "system": ours, "vs": other,
+                     "ratio": systems[ours]["tokens_per_s"] / b["tokens_per_s"]}
+            if other == "sparse_host":
+                ratio["target"] = SPARSE_TARGET
+            ratios.append(ratio)
+    return best, ratios
+
+
+def run_notes(random_weights: bool, warmup: int, rebalance_after: int, rows: list[dict]) -> list[str]:
+    """What a reader of the JSON must know to read the numbers, and every row not measured."""
+    skipped = [f"{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
+               for r in rows if r["status"] != "ok"]
+    settle = f" (+{rebalance_after + 1} for the tiered caches, past their capacity rebalance)" if rebalance_after else ""
+    return [
+        "random weights of the real architecture" if random_weights else "real weights",
+        ("context = tokens per sequence when decoding ends (the size each cache is built for; powers of two keep "
+         "torch's pinned allocator from rounding up); the fill stops at 'filled', decoding adds the rest"),
+        ("contexts filled with seeded N(0,1) post-RoPE K/V through each cache's plan/append/commit (no prefill); "
+         "hf_offload prefills random token ids. Sparse selection over random KV and random weights has no real "
+         "locality: hit rates and selection overlap between steps are not those of real text"),
+        (f"decode timed over steps_timed greedy steps after {warmup} warm-up steps{settle}, perf_counter around "
+         "a synchronized region; tokens/s = batch * steps / seconds"),
+        "hf_offload: (time of prefill + N+1 tokens - time of prefill + 1 token) / N, one repeat",
+        roofline.FORMULA,
+        ("PCIe bytes per step: streaming and hf_offload = the whole KV of the batch; sparse_host/kvdrive_host = "
+         "measured bytes_host_to_gpu / steps; full_gpu and sparse_gpu = 0. GPU bytes read: the whole KV for full "
+         "attention; for sparse systems the budget's tokens per global layer plus the minmax summaries of every group"),
+        (f"ratios: each system's best tokens/s over batches per context; target for kvdrive_host / sparse_host: "
+         f">= {SPARSE_TARGET}x"),
+        *(["not measured: " + s for s in skipped] or ["every row measured"]),
+    ]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise KvdriveError("plots need matplotlib: pip install 'kvdrive[plot]' (the JSON is written)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(json_path: str | Path) -> list[Path]:
+    """tokens/s vs batch, one panel per context, one line per system (dotted: its roofline
+    bound) into ``<json>.png``; and, where rows carry a step-time breakdown, one stacked
+    bar per system at its best batch into ``<json>-breakdown.png``. Returns the paths."""
+    json_path = Path(json_path)
+    doc = json.loads(json_path.read_text())
+    rows = [r for r in doc["results"]["rows"] if r["status"] == "ok"]
+    if not rows:
+        return []
+    plt = _pyplot()
+    contexts = sorted({r["context"] for r in rows})
+    systems = list(dict.fromkeys(r["system"] for r in doc["results"]["rows"]))
+    colour = {s: f"C{i}" for i, s in enumerate(systems)}
+    fig, axes = plt.subplots(1, len(contexts), figsize=(PANEL[0] * len(contexts), PANEL[1]), squeeze=False)
+    for ax, ctx in zip(axes[0], contexts):
+        for s in systems:
+            pts = sorted((r["batch"], r["tokens_per_s"], r["roofline"].get("tokens_per_s"))
+                         for r in rows if r["context"] == ctx and r["system"] == s)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ax.plot(xs, [p[1] for p in pts], "o-", color=colour[s], label=s)
+            bound = [(x, p[2]) for x, p in zip(xs, pts) if p[2]]
+            if bound:
+                ax.plot(*zip(*bound), ":", color=colour[s], alpha=0.6)
+        ax.set_xscale("log", base=2)
+        batches = sorted({r["batch"] for r in rows if r["context"] == ctx})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_yscale("log")
+        ax.set_title(f"context {ctx // 1024}K" if ctx >= 1024 else f"context {ctx}")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("decode tokens/s (dotted: roofline bound)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle(f"kvdrive bench decode: {doc['config']['model']}", fontsize=9)
+    out = [json_path.with_suffix(".png")]
+    fig.savefig(out[0], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    breakdown = _breakdown(plt, doc, rows, json_path.with_name(json_path.stem + "-breakdown.png"))
+    return out + ([breakdown] if breakdown else [])
+
+
+def _breakdown(plt, doc: dict, rows: list[dict], png: Path) -> Path | None:
+    best, _ = best_and_ratios(rows)
+    bars = []  # (label, {part: ms per step})
+    for ctx, systems in best.items():
+        for s, b in systems.items():
+            row = next(r for r in rows if str(r["context"]) == ctx and r["system"] == s and r["batch"] == b["batch"])
+            parts = row.get("per_step", {}).get("time_ms_per_step")
+            if parts:
+                bars.append((f"{s} {int(ctx) // 1024}K x{b['batch']}", parts))
+    if not bars:
+        return None
+    names = list(dict.fromkeys(k for _, parts in bars for k in parts))
+    fig, ax = plt.subplots(figsize=(PANEL[0] * 1.6, 0.5 * len(bars) + 1.5))
+    left = [0.0] * len(bars)
+    for i, name in enumerate(names):
+        widths = [parts.get(name, 0.0) for _, parts in bars]
+        ax.barh([label for label, _ in bars], widths, left=left, color=f"C{i}", label=name)
+        left = [a + w for a, w in zip(left, widths)]
+    ax.set_xlabel("ms per decode step (cache time_ms / steps)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    ax.set_title(f"step-time breakdown at each system's best batch: {doc['config']['model']}", fontsize=9)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return png

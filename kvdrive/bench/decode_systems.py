@@ -1,0 +1,265 @@
+"""The systems ``kvdrive bench decode`` compares: name -> how to build its cache, what it
+needs in GPU and host memory, and what one decode step must move (the roofline's inputs).
+
+Every system but ``hf_offload`` is a ``KVCache`` decoded by kvdrive's own model, so the
+numbers differ only by where the KV lives and how it moves. Factories import their
+cache lazily; ``unavailable`` says why a system cannot run in this checkout (the tiered
+cache is being built), and the bench records that reason instead of failing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvdrive.config import ModelConfig
+from kvdrive.kv.base import KVCache
+from kvdrive.kv.sparse import SparseConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line sets, the same for every system that reads it."""
+
+    sparse: SparseConfig  # budget, groups, sinks, window: identical for every sparse system
+    cache_tokens: int  # kvdrive's GPU selection cache, tokens per sequence per layer on average
+    eviction: str  # kvdrive_host's eviction ("lookahead" | "lru")
+    prefetch: bool  # kvdrive_host and sparse_host predict and prefetch layer l+1's groups
+    overlap: bool  # copies on a side stream (streaming and the tiered caches)
+    rebalance_after: int = 16  # tiered caches: decode steps before layer capacities follow misses; 0: never
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One (context, batch) point of the sweep."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    batch: int
+    context: int  # tokens per sequence the cache is sized for; decoding ends there
+    decode_room: int  # tokens decoded (warm-up + timed): the fill stops this far short of context
+
+    @property
+    def kv_token(self) -> int:
+        return self.config.kv_bytes_per_token(self.dtype)
+
+    @property
+    def filled(self) -> int:
+        return self.context - self.decode_room
+
+    @property
+    def all_kv(self) -> int:
+        """KV of the whole batch at ``context``."""
+        return self.batch * self.config.kv_bytes_at(self.context, self.dtype)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    about: str
+    needs_cuda: bool
+    build: Callable[[Shape, torch.device, Options], KVCache] | None  # None: not a kvdrive cache
+    gpu_bytes: Callable[[Shape, Options], int]  # beyond the weights, estimated
+    host_bytes: Callable[[Shape, Options], int]  # estimated, mostly pinned
+    gpu_kv_read: Callable[[Shape, Options], int]  # KV + summary bytes attention reads per step
+    pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
+    unavailable: Callable[[], str | None] = lambda: None
+    settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
+
+
+def budget_tokens(sparse: SparseConfig, context: int) -> int:
+    return int(sparse.budget if sparse.budget >= 1 else sparse.budget * context)
+
+
+def _summary_bytes(s: Shape, o: Options, tokens: int) -> int:
+    """minmax summaries: per group, layer and KV head, min and max of the keys (2 x D)."""
+    c = s.config
+    per_group = 2 * c.num_key_value_heads * c.head_dim * s.dtype.itemsize
+    return s.batch * -(-tokens // o.sparse.group_tokens) * len(c.global_layers) * per_group
+
+
+def _sparse_read(s: Shape, o: Options) -> int:
+    """Budget tokens on global layers, the window on sliding layers, plus every summary scored."""
+    per_layer = s.config.kv_bytes_per_token_per_layer(s.dtype)
+    seen = sum(min(s.context, budget_tokens(o.sparse, s.context) if w is None else w) for w in s.config.sliding_windows)
+    return s.batch * per_layer * seen + _summary_bytes(s, o, s.context)
+
+
+def _full_read(s: Shape, o: Options) -> int:
+    return s.all_kv
+
+
+def _layer_buffers(s: Shape, o: Options) -> int:
+    return 2 * s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype)  # double-buffered K and V
+
+
+def _all_kv_max(s: Shape, o: Options) -> int:
+    return s.batch * s.context * s.kv_token
+
+
+def _pinned(nbytes: int, tensors: int) -> int:
+    """torch's pinned allocator rounds each allocation up to a power of two (by default):
+    ``tensors`` allocations sharing ``nbytes`` take that much host memory."""
+    each = -(-nbytes // tensors)
+    return tensors * (1 << max(0, each - 1).bit_length())
+
+
+def _host_kv(s: Shape, o: Options) -> int:
+    """The whole KV in pinned host memory, K and V of each layer apart (HostStreamingKVCache)."""
+    return _pinned(_all_kv_max(s, o), 2 * s.config.num_hidden_layers)
+
+
+def _host_groups(s: Shape, o: Options) -> int:
+    """The whole KV in pinned host memory, one group tensor per layer (TieredSparseKVCache)."""
+    return _pinned(_all_kv_max(s, o), s.config.num_hidden_layers)
+
+
+def _none(s: Shape, o: Options) -> int:
+    return 0
+
+
+def _contiguous(s: Shape, device, o: Options) -> KVCache:
+    from kvdrive.kv.contiguous import ContiguousKVCache
+
+    return ContiguousKVCache(s.config, s.batch, s.context, device, s.dtype)
+
+
+def _streaming(s: Shape, device, o: Options) -> KVCache:
+    from kvdrive.kv.streaming import HostStreamingKVCache
+
+    return HostStreamingKVCache(s.config, s.batch, s.context, device, s.dtype, overlap=o.overlap)
+
+
+def _sparse_gpu(s: Shape, device, o: Options) -> KVCache:
+    from kvdrive.kv.sparse import SparseKVCache
+
+    return SparseKVCache(s.config, s.batch, s.context, device, s.dtype, o.sparse)
+
+
+def _sparse_gpu_bytes(s: Shape, o: Options) -> int:
+    # The pool holds every group; the first step summarizes the whole prompt of one layer at once.
+    one_layer_keys = s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype) // 2
+    return _all_kv_max(s, o) + _summary_bytes(s, o, s.context) + one_layer_keys
+
+
+def _tiered(eviction: str | None):
+    """sparse_host (eviction=None: no cross-step reuse) or kvdrive_host (the CLI's eviction)."""
+
+    def build(s: Shape, device, o: Options) -> KVCache:
+        from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+
+        cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=eviction or o.eviction,
+                           prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after)
+        return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
+
+    return build
+
+
+def _tiered_gpu_bytes(s: Shape, o: Options) -> int:
+    sp = o.sparse
+    resident = o.cache_tokens + sp.sink_tokens + sp.window_tokens + budget_tokens(sp, s.context)
+    return s.batch * resident * s.kv_token + _summary_bytes(s, o, s.context)
+
+
+def _settle(o: Options) -> int:
+    return o.rebalance_after + 1 if o.rebalance_after else 0  # caches restart empty after the rebalance
+
+
+def _tiered_missing() -> str | None:
+    if importlib.util.find_spec("kvdrive.kv.tiered") is None:
+        return "kvdrive.kv.tiered (TieredSparseKVCache) is not in this checkout yet"
+    return None
+
+
+def _hf_gpu_bytes(s: Shape, o: Options) -> int:
+    # Prefill activations of the batch (hidden states, q/k/v, the MLP's three intermediates)
+    # and two layers of KV (one computing, one prefetched).
+    c = s.config
+    per_token = (6 * c.hidden_size + 3 * c.intermediate_size) * s.dtype.itemsize
+    return s.batch * s.context * per_token + 2 * s.batch * s.context * c.kv_bytes_per_token_per_layer(s.dtype)
+
+
+def _hf_host_bytes(s: Shape, o: Options) -> int:
+    return 2 * _all_kv_max(s, o)  # each step writes a layer's grown KV back before the old copy is freed
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("full_gpu", "all KV on the GPU (ContiguousKVCache, exact attention, CUDA graph)", False,
+           _contiguous, _all_kv_max, _none, _full_read, "none"),
+    System("hf_offload", "transformers generate, cache_implementation='offloaded' (whole KV to host after each "
+           "layer, prefetched back one layer ahead), same weights", True,
+           None, _hf_gpu_bytes, _hf_host_bytes, _full_read, "all_kv"),
+    System("streaming", "FlexGen-style: all KV in pinned host memory, every layer's whole KV streamed to the GPU "
+           "one layer ahead (HostStreamingKVCache)", True,
+           _streaming, _layer_buffers, _host_kv, _full_read, "all_kv"),
+    System("sparse_gpu", "Quest-style reference: sparse retrieval with every group on the GPU (SparseKVCache)", False,
+           _sparse_gpu, _sparse_gpu_bytes, _none, _sparse_read, "none"),
+    System("sparse_host", "ShadowKV/InfiniGen-style: KV in host memory, selected groups fetched every step, "
+           "next layer prefetched, no cross-step GPU cache (TieredSparseKVCache, eviction='none')", False,
+           _tiered("none"), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _tiered_missing, _settle),
+    System("kvdrive_host", "kvdrive: KV in host memory, GPU selection cache with lookahead eviction, next-layer "
+           "prefetch (TieredSparseKVCache)", False,
+           _tiered(None), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _tiered_missing, _settle),
+)}
+
+
+def mem_available() -> int:
+    """Host MemAvailable in bytes (0 where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) -> str | None:
+    """Why ``system`` cannot run ``shape`` here (None: it can); memory estimates vs what is free."""
+    reason = system.unavailable()
+    if reason:
+        return reason
+    if shape.filled < 1:
+        return f"context {shape.context} leaves no room for {shape.decode_room} decode steps"
+    if system.needs_cuda and dev.type != "cuda":
+        return "needs a CUDA GPU"
+    if system.build is None and not loaded.random_weights:
+        return "hf_offload shares weights only with random: presets (bench/model.py's _hf_model)"
+    if system.build is None and shape.batch * shape.context > args.hf_max_tokens:
+        return f"context x batch > --hf-max-tokens {args.hf_max_tokens} (its prefill alone would take minutes)"
+    gpu, host = system.gpu_bytes(shape, opts), system.host_bytes(shape, opts)
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        if gpu + args.gpu_headroom_gib * GIB > free:
+            return (f"needs ~{gpu / GIB:.1f} GiB of GPU memory beyond the weights, {free / GIB:.1f} GiB free "
+                    f"(headroom {args.gpu_headroom_gib:g} GiB)")
+    else:
+        host += gpu
+    avail = mem_available()
+    if avail and host + args.host_headroom_gib * GIB > avail:
+        return (f"needs ~{host / GIB:.1f} GiB of host memory, {avail / GIB:.1f} GiB available "
+                f"(headroom {args.host_headroom_gib:g} GiB)")
+    return None
+
+
+def hf_decode(loaded, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """Decode tokens/s of transformers ``generate`` with its offloaded cache on kvdrive's
+    weights: (time of prefill + N+1 tokens - time of prefill + 1 token) / N, as bench model."""
+    from kvdrive.bench.model import _decode_rate, _hf_model
+
+    hf = _hf_model(loaded)
+
+    def gen(p, n):
+        with torch.inference_mode():
+            return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="offloaded",
+                               attention_mask=torch.ones_like(p), pad_token_id=0)
+
+    rate = _decode_rate(gen, prompts, new_tokens, 1, prompts.device)
+    return {"tokens_per_s": rate["decode_tokens_per_s"], "step_ms": rate["decode_step_ms"],
+            "prefill_plus_first_token_s": rate["prefill_plus_first_token_s"], "steps_timed": new_tokens}

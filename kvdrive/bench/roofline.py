@@ -1,0 +1,113 @@
+"""The roofline of one decode step: the least time the bytes it must move can take.
+
+A decode step reads every weight once and the KV its attention sees from GPU memory,
+and pulls over PCIe the KV that is not on the GPU yet. With compute and transfer
+perfectly overlapped the step can be no faster than the slower of the two:
+
+    compute_s  = (weight_bytes + gpu_kv_bytes) / hbm_bw
+    transfer_s = pcie_bytes / h2d_bw
+    step_s     = max(compute_s, transfer_s)        bound tokens/s = batch / step_s
+
+FLOPs are left out: decode of a 7-8B model at the batches benchmarked here is bound by
+memory traffic. Both bandwidths are measured in the same run as the decode (``measure``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+FORMULA = ("bound step = max((weight bytes + KV/summary bytes read on the GPU) / HBM bw, "
+           "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
+           "fraction_of_bound = measured tokens/s / bound tokens/s. HBM bw = device-to-device copy "
+           "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats")
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Bytes/s measured on this machine; ``h2d`` is None without a GPU."""
+
+    hbm: float  # GPU memory (on CPU: host memory copy), read + written bytes per second
+    h2d: float | None  # pinned host -> GPU
+    probe_bytes: int
+
+    def as_dict(self) -> dict:
+        return {"hbm_gbps": round(self.hbm / 1e9, 2), "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
+                "probe_mib": self.probe_bytes >> 20}
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one decode step of the whole batch must move."""
+
+    weights: int  # read from GPU memory once per step
+    gpu_kv: int  # KV (and key summaries) read from GPU memory by attention
+    pcie: int  # host -> GPU
+
+
+@dataclass(frozen=True)
+class Bound:
+    compute_ms: float
+    transfer_ms: float
+    step_ms: float
+    tokens_per_s: float
+    limit: str  # "compute" (HBM) or "transfer" (PCIe)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bound(batch: int, step: StepBytes, bw: Bandwidths) -> Bound | None:
+    """The roofline bound of a step of ``batch`` tokens; None if bytes must cross PCIe and
+    there is no measured H2D bandwidth (a CPU run)."""
+    if step.pcie and bw.h2d is None:
+        return None
+    compute = (step.weights + step.gpu_kv) / bw.hbm
+    transfer = step.pcie / bw.h2d if step.pcie else 0.0
+    s = max(compute, transfer)
+    return Bound(compute * 1e3, transfer * 1e3, s * 1e3, batch / s, "transfer" if transfer > compute else "compute")
+
+
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of the parameters one decode step reads: all of them, except an untied input
+    embedding (a step reads only B rows of it)."""
+    params = dict(model.named_parameters())  # tied tensors appear once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    emb = next((p for n, p in params.items() if n.endswith("embed_tokens.weight")), None)
+    return total - emb.numel() * emb.element_size() if emb is not None and "lm_head.weight" in params else total
+
+
+def _median_s(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: pages faulted in, copy engines awake
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> Bandwidths:
+    """HBM bandwidth (device-to-device copy of ``nbytes``) and pinned H2D bandwidth (one
+    ``nbytes`` copy), median of ``repeats``. On CPU, a host memory copy stands for HBM."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    hbm = 2 * nbytes / _median_s(lambda: dst.copy_(src), device, repeats)
+    h2d = None
+    if device.type == "cuda":
+        del src
+        host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        h2d = nbytes / _median_s(lambda: dst.copy_(host, non_blocking=True), device, repeats)
+        del host
+    return Bandwidths(hbm, h2d, nbytes)

@@ -1,0 +1,153 @@
+import argparse
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from kvdrive.bench import decode, decode_report, roofline
+from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape, _pinned
+from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.models.loader import load_config
+
+TIERED = importlib.util.find_spec("kvdrive.kv.tiered") is not None
+TINY = ["-m", "random:smollm2-135m", "--device", "cpu", "--contexts", "64", "--batches", "1", "2", "-n", "1",
+        "--warmup", "1", "--rebalance-after", "0", "--budget", "32", "--sink", "16", "--window", "16",
+        "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2"]
+
+
+def _args(*extra):
+    p = argparse.ArgumentParser()
+    decode.add_arguments(p)
+    return p.parse_args([*TINY, *extra])
+
+
+def test_roofline_bound_on_a_hand_computed_step():
+    bw = roofline.Bandwidths(hbm=2e12, h2d=50e9, probe_bytes=1 << 20)
+    # compute: (16e9 + 4e9) / 2e12 = 10 ms; transfer: 1e9 / 50e9 = 20 ms -> transfer-bound, 20 ms
+    b = roofline.bound(4, roofline.StepBytes(weights=16_000_000_000, gpu_kv=4_000_000_000, pcie=1_000_000_000), bw)
+    assert b.compute_ms == pytest.approx(10.0) and b.transfer_ms == pytest.approx(20.0)
+    assert b.step_ms == pytest.approx(20.0) and b.limit == "transfer"
+    assert b.tokens_per_s == pytest.approx(4 / 0.020)
+    # nothing over PCIe: compute-bound
+    c = roofline.bound(2, roofline.StepBytes(16_000_000_000, 4_000_000_000, 0), bw)
+    assert c.limit == "compute" and c.tokens_per_s == pytest.approx(2 / 0.010)
+    # bytes must cross PCIe but no H2D bandwidth was measured (CPU run): no bound
+    assert roofline.bound(1, roofline.StepBytes(1, 1, 1), roofline.Bandwidths(1e9, None, 1)) is None
+
+
+def test_weight_bytes_skip_an_untied_input_embedding():
+    m = torch.nn.Module()
+    m.embed_tokens = torch.nn.Embedding(100, 8)  # 800 floats, read B rows per step
+    m.lm_head = torch.nn.Linear(8, 100, bias=False)  # 800 floats, read whole
+    m.layer = torch.nn.Linear(8, 8, bias=False)  # 64 floats
+    assert roofline.weight_bytes_read(m) == (800 + 64) * 4
+    m.lm_head.weight = m.embed_tokens.weight  # tied: the one tensor is read whole by the head
+    assert roofline.weight_bytes_read(m) == (800 + 64) * 4
+    del m.lm_head
+    m.other = torch.nn.Linear(8, 8, bias=False)
+    assert roofline.weight_bytes_read(m) == (800 + 64 + 64) * 4  # no lm_head: the embedding is the head
+
+
+def test_pinned_estimate_rounds_each_allocation_up_to_a_power_of_two():
+    assert _pinned(4 * 1024, 4) == 4 * 1024
+    assert _pinned(4 * 1025, 4) == 4 * 2048
+
+
+@pytest.mark.parametrize("make", [
+    lambda cfg: ContiguousKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32),
+    lambda cfg: SparseKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32, SparseConfig(budget=32)),
+])
+def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
+    cfg = load_config("random:smollm2-135m")
+    caches = []
+    for _ in range(2):
+        cache = make(cfg)
+        for s in (0, 1):
+            cache.add(s, 80)
+        decode.fill_random(cache, [0, 1], 70, cfg, torch.device("cpu"), torch.float32, chunk=32, seed=3)
+        assert cache.length(0) == 70 and cache.length(1) == 70
+        caches.append(cache)
+    k0, _ = caches[0].export_kv(1, 5, 0, 70)
+    k1, _ = caches[1].export_kv(1, 5, 0, 70)
+    assert torch.equal(k0, k1) and k0.std() > 0.5  # same seed, same KV; not zeros
+
+
+def test_bench_decode_runs_tiny_on_cpu(tmp_path):
+    sparse = ["kvdrive_host"] if TIERED else ["sparse_gpu"]  # the tiered cache once it is in the checkout
+    out = tmp_path / "decode.json"
+    args = _args("--systems", "full_gpu", *sparse, "streaming", "hf_offload", "-o", str(out))
+    assert decode.run(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "decode" and doc["command"]
+    assert doc["config"]["sparse"]["budget_tokens"] == {"64": 32}
+    assert set(doc["config"]["systems"]) == {"full_gpu", *sparse, "streaming", "hf_offload"}
+    rows = doc["results"]["rows"]
+    assert {(r["system"], r["batch"]) for r in rows} == {(s, b) for s in doc["config"]["systems"] for b in (1, 2)}
+    for r in rows:
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["status"] != "ok":
+            assert r["reason"]
+            assert any(r["reason"] in n for n in doc["notes"])
+    by = {(r["system"], r["batch"]): r for r in rows}
+    for name in ("streaming", "hf_offload"):  # CUDA-only systems are skipped on CPU, with the reason
+        assert by[name, 1]["status"] == "skipped" and "CUDA" in by[name, 1]["reason"]
+    full = by["full_gpu", 2]
+    assert full["status"] == "ok" and full["steps_timed"] == 1 and full["filled"] == 64 - 3
+    assert full["tokens_per_s"] == pytest.approx(2 * 1e3 / full["step_ms"])  # batch 2, one step
+    rl = full["roofline"]
+    assert rl["pcie_bytes"] == 0 and rl["limit"] == "compute"
+    assert rl["gpu_kv_bytes"] == 2 * load_config("random:smollm2-135m").kv_bytes_at(64, torch.float32)
+    assert full["fraction_of_bound"] == pytest.approx(full["tokens_per_s"] / rl["tokens_per_s"])
+    for s in sparse:
+        r = by[s, 1]
+        assert r["status"] == "ok", r.get("reason")
+        assert r["roofline"]["gpu_kv_bytes"] < rl["gpu_kv_bytes"] / 2  # attention reads the budget, not the context
+        if TIERED:  # stats of the timed steps only, turned into rates and bytes per step
+            assert r["stats"]["steps"] == 1 and r["stats"]["groups_selected"] > 0
+            assert 0 <= r["per_step"]["gpu_hits_rate"] <= 1
+            assert r["per_step"]["bytes_host_to_gpu_per_step"] == r["roofline"]["pcie_bytes"]
+    assert doc["results"]["bandwidths"]["hbm_gbps"] > 0 and doc["results"]["bandwidths"]["h2d_gbps"] is None
+    assert doc["results"]["best"]["64"]["full_gpu"]["batch"] in (1, 2)
+    assert out.with_suffix(".png").exists()
+
+
+def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
+    out = tmp_path / "decode.json"
+    # 10 TB of host headroom: nothing fits, nothing runs, the run still writes its JSON; a context of
+    # 2 tokens leaves no room for the 3 decode steps
+    args = _args("--contexts", "2", "64", "--systems", "full_gpu", "sparse_gpu", "--host-headroom-gib", "1e4",
+                 "--no-plot", "-o", str(out))
+    assert decode.run(args) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert len(rows) == 8 and all(r["status"] == "skipped" for r in rows)
+    assert all("no room" in r["reason"] for r in rows if r["context"] == 2)
+    assert all("host memory" in r["reason"] for r in rows if r["context"] == 64)
+
+
+def test_ratios_compare_each_system_at_its_best_batch():
+    rows = [{"system": s, "context": 1024, "batch": b, "status": "ok", "tokens_per_s": t}
+            for s, b, t in [("kvdrive_host", 1, 10.0), ("kvdrive_host", 4, 35.0), ("sparse_host", 1, 8.0),
+                            ("sparse_host", 4, 20.0), ("streaming", 2, 5.0)]]
+    rows.append({"system": "streaming", "context": 1024, "batch": 4, "status": "skipped", "reason": "host memory"})
+    best, ratios = decode_report.best_and_ratios(rows)
+    assert best["1024"]["kvdrive_host"] == {"tokens_per_s": 35.0, "batch": 4}
+    r = {x["vs"]: x for x in ratios}
+    assert r["sparse_host"]["ratio"] == pytest.approx(35 / 20) and r["sparse_host"]["target"] == 1.74
+    assert r["streaming"]["ratio"] == pytest.approx(7.0) and "target" not in r["streaming"]
+
+
+def test_every_system_estimates_memory_and_traffic():
+    cfg = load_config("random:llama-3.1-8b")
+    opts = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256), 4096, "lookahead", True, True)
+    shape = Shape(cfg, torch.bfloat16, 4, 131072, 40)
+    gib = 1 << 30
+    assert shape.all_kv == 4 * 16 * gib  # 128 KiB per token
+    full, sparse = SYSTEMS["full_gpu"], SYSTEMS["kvdrive_host"]
+    assert full.gpu_bytes(shape, opts) == 64 * gib and full.host_bytes(shape, opts) == 0
+    assert sparse.host_bytes(shape, opts) == 64 * gib  # pinned, per layer a power of two: no rounding
+    assert sparse.gpu_bytes(shape, opts) < 8 * gib
+    # attention reads 2048 tokens of KV per global layer plus the summaries (1/16 of the keys and values)
+    assert sparse.gpu_kv_read(shape, opts) == 4 * 2048 * 128 * 1024 + shape.all_kv // 16
+    assert SYSTEMS["streaming"].pcie == "all_kv" and full.pcie == "none" and sparse.pcie == "measured"

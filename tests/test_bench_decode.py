@@ -113,6 +113,20 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+@pytest.mark.skipif(not TIERED, reason="kvdrive.kv.tiered is not in this checkout")
+def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
+    out, disk = tmp_path / "decode.json", tmp_path / "disk"
+    args = _args("--systems", "kvdrive_ssd", "--batches", "2", "--disk", str(disk), "--ssd-host-gib", "0.01",
+                 "--no-plot", "-o", str(out))
+    assert decode.run(args) == 0
+    doc = json.loads(out.read_text())
+    (row,) = doc["results"]["rows"]
+    assert row["status"] == "ok", row.get("reason")
+    assert row["stats"]["disk_writes"] > 0  # every full group is written behind to disk
+    assert doc["config"]["kvdrive_ssd"]["host_arena_gib"] == 0.01
+    assert not (disk / "kvdrive-bench-decode").exists()
+
+
 def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
     out = tmp_path / "decode.json"
     # 10 TB of host headroom: nothing fits, nothing runs, the run still writes its JSON; a context of
@@ -129,13 +143,17 @@ def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
 def test_ratios_compare_each_system_at_its_best_batch():
     rows = [{"system": s, "context": 1024, "batch": b, "status": "ok", "tokens_per_s": t}
             for s, b, t in [("kvdrive_host", 1, 10.0), ("kvdrive_host", 4, 35.0), ("sparse_host", 1, 8.0),
-                            ("sparse_host", 4, 20.0), ("streaming", 2, 5.0)]]
+                            ("sparse_host", 4, 20.0), ("streaming", 2, 5.0), ("kvdrive_ssd", 2, 28.0)]]
     rows.append({"system": "streaming", "context": 1024, "batch": 4, "status": "skipped", "reason": "host memory"})
     best, ratios = decode_report.best_and_ratios(rows)
     assert best["1024"]["kvdrive_host"] == {"tokens_per_s": 35.0, "batch": 4}
-    r = {x["vs"]: x for x in ratios}
-    assert r["sparse_host"]["ratio"] == pytest.approx(35 / 20) and r["sparse_host"]["target"] == 1.74
-    assert r["streaming"]["ratio"] == pytest.approx(7.0) and "target" not in r["streaming"]
+    r = {(x["system"], x["vs"]): x for x in ratios}
+    assert set(r) == {("kvdrive_host", "sparse_host"), ("kvdrive_host", "streaming"), ("kvdrive_ssd", "kvdrive_host")}
+    assert r["kvdrive_host", "sparse_host"]["ratio"] == pytest.approx(35 / 20)
+    assert r["kvdrive_host", "sparse_host"]["target"] == 1.74
+    assert r["kvdrive_host", "streaming"]["ratio"] == pytest.approx(7.0) and "target" not in r["kvdrive_host", "streaming"]
+    assert r["kvdrive_ssd", "kvdrive_host"]["ratio"] == pytest.approx(28 / 35)
+    assert r["kvdrive_ssd", "kvdrive_host"]["target"] == 0.70
 
 
 def test_every_system_estimates_memory_and_traffic():

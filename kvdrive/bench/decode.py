@@ -29,6 +29,7 @@ from kvdrive.bench.decode_systems import (
     budget_tokens,
     hf_decode,
     mem_available,
+    remove_disk_files,
     skip_reason,
 )
 from kvdrive.errors import CapacityError, KvdriveError
@@ -72,6 +73,15 @@ def add_arguments(p) -> None:
                    "warm-up so timing sees the steady state (default 16; 0: never rebalance)")
     g.add_argument("--no-prefetch", action="store_true", help="ablation: no next-layer prefetch in sparse_host "
                    "and kvdrive_host (every miss fetched when its layer runs)")
+    d = p.add_argument_group("kvdrive_ssd")
+    d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
+                   help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "
+                        "after (default bench/decode-disk)")
+    d.add_argument("--disk-gib", type=float, default=48.0,
+                   help="most GiB written per directory; rows needing more, or more than is free, are skipped "
+                        "(default 48)")
+    d.add_argument("--ssd-host-gib", type=float, default=8.0,
+                   help="pinned host arena in front of the disks, all layers together (default 8)")
     p.add_argument("--no-overlap", action="store_true",
                    help="ablation: host->GPU copies on the compute stream (streaming and the tiered caches)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode full_gpu eagerly instead of as a CUDA graph")
@@ -168,7 +178,7 @@ def per_step(stats: dict, steps: int) -> dict:
         for k in ("gpu_hits", "prefetched_hits", "sync_fetched"):
             if k in stats:
                 out[f"{k}_rate"] = stats[k] / sel
-    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host"):
+    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "disk_writes"):
         if k in stats:
             out[f"{k}_per_step"] = stats[k] / steps
     if isinstance(stats.get("time_ms"), dict):
@@ -265,7 +275,7 @@ def run(args) -> int:
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
                           window_tokens=args.window, summary="minmax")
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
-                   args.rebalance_after)
+                   args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib)
     bw = roofline.measure(dev, args.bw_mib << 20)
     _release(dev)
     weights = roofline.weight_bytes_read(model)
@@ -285,6 +295,8 @@ def run(args) -> int:
                 if row.get("reason", "").startswith("out of memory"):
                     failed[ctx, name] = b
             _release(dev)
+            if system.disk_bytes(shape, opts):
+                remove_disk_files(opts)
             rows.append(row)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
                    if k not in ("stats", "per_step", "roofline")}, flush=True)
@@ -299,6 +311,7 @@ def run(args) -> int:
         "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
                          "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch},
+        "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,

@@ -10,8 +10,10 @@ cache is being built), and the bench records that reason instead of failing.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,9 @@ class Options:
     prefetch: bool  # kvdrive_host and sparse_host predict and prefetch layer l+1's groups
     overlap: bool  # copies on a side stream (streaming and the tiered caches)
     rebalance_after: int = 16  # tiered caches: decode steps before layer capacities follow misses; 0: never
+    disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
+    disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
+    ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class System:
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
     unavailable: Callable[[], str | None] = lambda: None
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
+    disk_bytes: Callable[[Shape, Options], int] = lambda s, o: 0  # written to the disk pool
 
 
 def budget_tokens(sparse: SparseConfig, context: int) -> int:
@@ -160,6 +166,37 @@ def _tiered(eviction: str | None):
     return build
 
 
+DISK_SUBDIR = "kvdrive-bench-decode"  # made under each --disk directory per row, removed after it
+
+
+def _tiered_ssd(s: Shape, device, o: Options) -> KVCache:
+    from kvdrive.kv.pool import PoolPath
+    from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+
+    budget = min(int(o.disk_gib * GIB), int(_disk_kv(s, o) / len(o.disk) * 1.25) + GIB)
+    paths = []
+    for d in o.disk:
+        (Path(d) / DISK_SUBDIR).mkdir(parents=True, exist_ok=True)
+        paths.append(PoolPath(str(Path(d) / DISK_SUBDIR), budget))
+    cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=o.eviction, prefetch=o.prefetch,
+                       overlap=o.overlap, rebalance_after=o.rebalance_after, disk=tuple(paths),
+                       host_bytes=int(o.ssd_host_gib * GIB))
+    return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
+
+
+def remove_disk_files(o: Options) -> None:
+    for d in o.disk:
+        shutil.rmtree(Path(d) / DISK_SUBDIR, ignore_errors=True)
+
+
+def _disk_kv(s: Shape, o: Options) -> int:
+    return _all_kv_max(s, o)  # every full group is written behind to disk
+
+
+def _ssd_host(s: Shape, o: Options) -> int:
+    return _pinned(int(o.ssd_host_gib * GIB), s.config.num_hidden_layers)
+
+
 def _tiered_gpu_bytes(s: Shape, o: Options) -> int:
     sp = o.sparse
     resident = o.cache_tokens + sp.sink_tokens + sp.window_tokens + budget_tokens(sp, s.context)
@@ -205,6 +242,9 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("kvdrive_host", "kvdrive: KV in host memory, GPU selection cache with lookahead eviction, next-layer "
            "prefetch (TieredSparseKVCache)", False,
            _tiered(None), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _tiered_missing, _settle),
+    System("kvdrive_ssd", "kvdrive over host + SSD: as kvdrive_host, every group on the disk pool (--disk) behind "
+           "a fixed pinned host arena (--ssd-host-gib)", False,
+           _tiered_ssd, _tiered_gpu_bytes, _ssd_host, _sparse_read, "measured", _tiered_missing, _settle, _disk_kv),
 )}
 
 
@@ -218,6 +258,13 @@ def mem_available() -> int:
     except OSError:
         pass
     return 0
+
+
+def _disk_free(path: str) -> int:
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
 
 
 def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) -> str | None:
@@ -241,6 +288,12 @@ def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) 
                     f"(headroom {args.gpu_headroom_gib:g} GiB)")
     else:
         host += gpu
+    disk = system.disk_bytes(shape, opts)
+    if disk:
+        room = min(_disk_free(d) for d in opts.disk)
+        if disk / len(opts.disk) > min(room - 2 * GIB, opts.disk_gib * GIB):
+            return (f"needs ~{disk / GIB:.1f} GiB on disk over {len(opts.disk)} path(s), each has "
+                    f"{min(room / GIB, opts.disk_gib):.1f} GiB (free space, --disk-gib)")
     avail = mem_available()
     if avail and host + args.host_headroom_gib * GIB > avail:
         return (f"needs ~{host / GIB:.1f} GiB of host memory, {avail / GIB:.1f} GiB available "

@@ -107,6 +107,11 @@ class FullHostKV(HostKV):
         return super().gather(layer, slot, groups)
 
 
+class _Done:
+    def synchronize(self) -> None:
+        pass
+
+
 class DiskBackedHostKV(HostKV):
     may_miss = True
 
@@ -127,6 +132,7 @@ class DiskBackedHostKV(HostKV):
         self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
         self._writes: deque = deque()  # (layer, flats, addrs, future), oldest first
         self.clock = 0.0
+        self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
         self.counts = {"disk_reads": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
 
     @property
@@ -156,6 +162,7 @@ class DiskBackedHostKV(HostKV):
             cand = used[ok]
             victims = cand[np.argsort(self.stamp[layer][cand], kind="stable")[: n - arena.num_free]]
             if len(victims):
+                self._last_step.synchronize()  # GPU copies of the last step may still read these slots
                 self._evict(layer, victims)
             elif self._writes:
                 self._reap(wait_one=True)
@@ -192,9 +199,12 @@ class DiskBackedHostKV(HostKV):
         for layer in range(len(self.arenas)):
             missing = flat[self.slot_of[layer, s_idx, g_idx] < 0]
             if len(missing):
-                self._map(layer, missing, self._alloc(layer, len(missing), set(flat.tolist())))
+                slots = self._alloc(layer, len(missing), set(flat.tolist()))
+                self.arenas[layer].rows[slots] = 0  # a group's unwritten tail reads as zeros, never stale data
+                self._map(layer, missing, slots)
 
     def end(self, slot_list, starts, num_new, written):
+        self._last_step = written
         g = self.layout.group_tokens
         full = [(s, grp) for s, st in zip(slot_list, starts) for grp in range(st // g, (st + num_new) // g)]
         if not full:
@@ -269,6 +279,7 @@ class DiskBackedHostKV(HostKV):
         return super().gather(layer, slot, groups)
 
     def clear(self, slot):
+        self._last_step.synchronize()
         self._reap(wait_all=True)
         for layer, arena in enumerate(self.arenas):
             held = self.slot_of[layer, slot]

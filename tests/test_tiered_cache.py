@@ -90,7 +90,7 @@ def test_selection_cache_invariants_under_random_selections():
         groups = torch.stack([torch.randperm(n, generator=gen)[:8] for _ in rows])  # (B, 8) distinct
         listed = torch.rand(2, 8, generator=gen) < 0.8
         pages = c.ensure(rows, groups, listed, torch.randn(2, n, generator=gen), tier_ops.words(source),
-                         rows[:, None] * n + groups, float(step))
+                         rows[:, None] * n + groups, torch.tensor(float(step)))
         # every listed group is resident and its page holds the source group
         for b in range(2):
             for j in range(8):
@@ -212,3 +212,29 @@ def _decode_dev(model, cache, prompts, steps):
         out.append(model(torch.full((len(prompts), 1), 7 + t, device="cuda"), cache, b))
         cache.commit(b)
     return torch.stack(out, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eviction", ["lookahead", "none"])
+def test_gpu_graphed_tiered_decode_matches_eager(eviction):
+    """The captured step (prefetch stream forked and joined inside the graph, host-side work in
+    prepare_replay, a recapture after the capacity rebalance) computes what eager decode does."""
+    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+    model = _tiny().to("cuda", torch.bfloat16)
+    prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
+    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
+                       eviction=eviction, rebalance_after=5)
+    eager = _decode_dev(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
+    cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
+    assert cache.supports_cuda_graphs
+    _decode_dev(model, cache, prompts, 0)
+    graph, out = None, []
+    for t in range(16):
+        ids = torch.full((3, 1), 7 + t, device="cuda")
+        if graph is None:
+            graph = GraphedDecodeStep(model, cache, [0, 1, 2], ids)
+        out.append(graph(ids).clone())
+        cache.commit(graph.batch)
+    torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
+    assert cache.graph_epoch == 1

@@ -17,10 +17,15 @@ from kvdrive.kv.base import KVCache
 
 class GraphedDecodeStep:
     def __init__(self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor):
-        dev = model.device
         self.model, self.cache, self.seq_ids = model, cache, tuple(seq_ids)
+        self._prepare = getattr(cache, "prepare_replay", None)  # host-side work of each step, before replay
         self.ids = token_ids.clone()  # (B, 1) static input
-        self.start = torch.tensor([cache.length(s) for s in seq_ids], device=dev)  # (B,) static input
+        self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
+        self._capture()
+
+    def _capture(self) -> None:
+        dev = self.model.device
+        self.epoch = getattr(self.cache, "graph_epoch", 0)  # a cache that reallocates bumps it
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
@@ -42,7 +47,11 @@ class GraphedDecodeStep:
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Run one decode step; the caller then commits ``self.batch``."""
+        if self._prepare is not None:
+            self._prepare(self.seq_ids)
         self.ids.copy_(token_ids)
         self.start.copy_(torch.tensor([self.cache.length(s) for s in self.seq_ids]), non_blocking=True)
+        if getattr(self.cache, "graph_epoch", 0) != self.epoch:  # buffers reallocated: capture again
+            self._capture()
         self.graph.replay()
         return self.logits

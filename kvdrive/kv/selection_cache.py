@@ -67,11 +67,11 @@ class SelectionCache:
         return torch.where(slot >= 0, rows[:, None] * self.capacity + slot, self.trash)
 
     def ensure(self, rows: torch.Tensor, groups: torch.Tensor, listed: torch.Tensor, scores: torch.Tensor | None,
-               source: torch.Tensor, source_rows: torch.Tensor, step: float, prefetch: bool = False) -> torch.Tensor:
+               source: torch.Tensor, source_rows: torch.Tensor, step: torch.Tensor, prefetch: bool = False) -> torch.Tensor:
         """Make the listed groups resident; returns their pool rows (B, P) int32 (trash where unlisted).
 
         rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
-        bool; scores (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every
+        bool; step () tensor, the decode step (LRU stamp); scores (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every
         group has a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows
         of ``groups``; -1 (on disk only) is fetched by nobody: a prefetch skips it, and the caller
         resolves every listed group before a non-prefetch call.
@@ -113,7 +113,7 @@ class SelectionCache:
         own.scatter_(1, victim, torch.where(miss, gi, -1))
         slot = torch.where(miss, victim, cur).clamp(min=0)
         stamp = self.stamp[rows]
-        stamp.scatter_(1, torch.where(listed, slot, cap), step)
+        stamp.scatter_(1, torch.where(listed, slot, cap), step.expand(b, p).to(stamp.dtype))
         fresh.scatter_(1, torch.where(miss, victim, cap), prefetch)
         if not prefetch:
             fresh.scatter_(1, torch.where(hit, slot, cap), False)

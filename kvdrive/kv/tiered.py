@@ -96,7 +96,12 @@ class TieredSparseKVCache(KVCache):
         self.side = devices.new_stream(device) if tiered.overlap else None
         self.steps = 0
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0}
-        self.supports_cuda_graphs = False
+        # Graphs: host-only tier (disk misses need host work per layer) and every layer sparse.
+        self.supports_cuda_graphs = (device.type == "cuda" and not tiered.disk
+                                     and len(self.caches) == config.num_hidden_layers)
+        self.graph_epoch = 0
+        self._slot_tensors: dict[tuple, torch.Tensor] = {}
+        self.step_t = torch.zeros((), device=device)  # decode steps, on the device (LRU stamps)
         self.hint_layers = frozenset(self.sparse_layers) if tiered.prefetch else frozenset()
 
     # -- construction ---------------------------------------------------------------
@@ -154,28 +159,57 @@ class TieredSparseKVCache(KVCache):
     def length(self, seq_id: int) -> int:
         return self.seqs.length(seq_id)
 
-    def plan(self, seq_ids, num_new: int) -> ForwardBatch:
+    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None) -> ForwardBatch:
+        """``start``: a device tensor (B,) of cached lengths (CUDA-graph decode): then every tensor
+        of the step derives from it on the GPU with fixed shapes (scores span all N groups, P is
+        the budget at ``max_len``), and the host-side work of a step runs in ``prepare_replay``."""
         seq_ids = tuple(seq_ids)
         starts = self.seqs.starts(seq_ids, num_new)
         slot_list = [self.seqs.slot(s) for s in seq_ids]
-        slots = torch.tensor(slot_list, device=self.device)
-        start = torch.tensor(starts, device=self.device)
+        static = start is not None
+        if static:
+            slots = self._slot_tensor(slot_list)
+        else:
+            slots = torch.tensor(slot_list, device=self.device)
+            start = torch.tensor(starts, device=self.device)
+            self._host_side(seq_ids, starts, num_new)
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
-        lens = [s + num_new for s in starts]
-        self.host.begin(slot_list, starts, num_new)
+        if num_new == 1:
+            self.step_t += 1
+        if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
+            for c in self.caches.values():
+                c.clear(slots)
+        meta = {"slots": slots, "slot_list": slot_list, "lens": [s + num_new for s in starts],
+                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "masks": {}}
+        return ForwardBatch(seq_ids, starts, num_new, positions, meta)
+
+    def prepare_replay(self, seq_ids) -> None:
+        """Host-side work of a graphed decode step, before the replay: open groups on the host
+        tier, summaries of groups that filled, capacity rebalancing (which changes ``graph_epoch``:
+        the caller must capture again)."""
+        seq_ids = tuple(seq_ids)
+        starts = self.seqs.starts(seq_ids, 1)
+        self._host_side(seq_ids, starts, 1)
+        slot_list = [self.seqs.slot(s) for s in seq_ids]
+        for layer in self.caches:
+            self._refresh_slots(layer, slot_list, starts)
+
+    def _host_side(self, seq_ids, starts, num_new) -> None:
+        self.host.begin([self.seqs.slot(s) for s in seq_ids], starts, num_new)
         if num_new == 1:
             self.steps += 1
             if self.tiered.rebalance_after and self.steps == self.tiered.rebalance_after + 1:
                 self.rebalance()
-        if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
-            for c in self.caches.values():
-                c.clear(slots)
-        meta = {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": start + num_new,
-                "offs": positions % self.g,
-                "prefetch": {}, "masks": {}}
-        return ForwardBatch(seq_ids, starts, num_new, positions, meta)
+                self.graph_epoch += 1
+
+    def _slot_tensor(self, slots: list[int]) -> torch.Tensor:
+        key = tuple(slots)  # memoised: a capture may not copy from the host
+        if key not in self._slot_tensors:
+            self._slot_tensors[key] = torch.tensor(slots, device=self.device)
+        return self._slot_tensors[key]
 
     def commit(self, batch: ForwardBatch) -> None:
+        self._moved["token_writes"] += batch.batch_size * batch.num_new * self.group_bytes // self.g * len(self.layer_specs)
         written = devices.new_event(self.device)
         written.record()
         self.host.end(batch.meta["slot_list"], batch.start, batch.num_new, written)
@@ -194,7 +228,6 @@ class TieredSparseKVCache(KVCache):
         m = batch.meta
         rows = self.host.rows(layer, m["slots"], batch.positions // self.g)  # (B, T)
         tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
-        self._moved["token_writes"] += k.numel() * 2 * k.element_size()
         if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
             cache = self.caches[layer]
             rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
@@ -216,7 +249,8 @@ class TieredSparseKVCache(KVCache):
         compute = devices.current_stream(self.device)
         if self.side is not None:
             self.side.wait_stream(compute)
-            q_pred.record_stream(self.side) if self.device.type == "cuda" else None
+            if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+                q_pred.record_stream(self.side)
         with devices.use_stream(self.side) if self.side is not None else _null():
             self._select_and_fetch(layer, q_pred, batch, self.layer_specs[layer].scale, prefetch=True)
             event = devices.new_event(self.device)
@@ -238,15 +272,16 @@ class TieredSparseKVCache(KVCache):
         return out[:, :, None, :]
 
     def _select_and_fetch(self, layer, qd, batch, scale, prefetch: bool):
-        self._refresh(layer, batch)
         m, g = batch.meta, self.g
+        if not m["static"]:
+            self._refresh_slots(layer, m["slot_list"], batch.start)
         table, slots = self.tables[layer], m["slots"]
-        n_max = max(-(-n // g) for n in m["lens"])
+        n_max = self.n if m["static"] else max(-(-n // g) for n in m["lens"])
         num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
         valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[slots][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
         scores = table.summarizer.score(qd, table.data[slots, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
-        max_pages = min(n_max, self._max_pages(max(m["lens"])))
+        max_pages = min(n_max, self.max_pages if m["static"] else self._max_pages(max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
@@ -261,14 +296,14 @@ class TieredSparseKVCache(KVCache):
             if failed.any():  # never served: drop those groups from this step's attention
                 groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)
             src = self.host.rows(layer, slots, groups)
-        pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, float(self.steps), prefetch)
+        pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)
         return pages, num_pages
 
-    def _refresh(self, layer: int, batch: ForwardBatch) -> None:
+    def _refresh_slots(self, layer: int, slot_list, starts) -> None:
         """Summarize the groups filled since this layer's last decode step (keys read from host)."""
         table, done = self.tables[layer], self._summarized[layer]
         summ = table.summarizer
-        for slot, n in zip(batch.meta["slot_list"], batch.start):
+        for slot, n in zip(slot_list, starts):
             full = n // self.g
             if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt's keys
                 keys = torch.cat([self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]

@@ -102,6 +102,7 @@ class TieredSparseKVCache(KVCache):
         self.graph_epoch = 0
         self._slot_tensors: dict[tuple, torch.Tensor] = {}
         self.step_t = torch.zeros((), device=device)  # decode steps, on the device (LRU stamps)
+        self.profile: StepProfile | None = None  # set ``StepProfile(device)`` for a per-phase breakdown (eager)
         self.hint_layers = frozenset(self.sparse_layers) if tiered.prefetch else frozenset()
 
     # -- construction ---------------------------------------------------------------
@@ -258,20 +259,25 @@ class TieredSparseKVCache(KVCache):
         batch.meta["prefetch"][layer] = event
 
     def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
+        mark = self.profile.mark if self.profile is not None and not batch.meta["static"] else _no_mark
+        mark("compute")
         event = batch.meta["prefetch"].pop(layer, None)
         if event is not None:
             event.wait(devices.current_stream(self.device))
+        mark("prefetch_wait")
         qd = q[:, :, 0]  # (B, H_q, D)
-        pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False)
+        pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
         m, g = batch.meta, self.g
         num_groups = (m["len_t"] + g - 1) // g
         last_len = (m["len_t"] - (num_groups - 1) * g).to(torch.int32)
         pages = pages[:, None, :].expand(-1, self.group_shape[1], -1)  # (B, H_kv, P): one selection per layer
         out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, last_len,
                                   spec.scale, spec.softcap)
+        mark("attention")
         return out[:, :, None, :]
 
-    def _select_and_fetch(self, layer, qd, batch, scale, prefetch: bool):
+    def _select_and_fetch(self, layer, qd, batch, scale, prefetch: bool, mark=None):
+        mark = mark or _no_mark
         m, g = batch.meta, self.g
         if not m["static"]:
             self._refresh_slots(layer, m["slot_list"], batch.start)
@@ -288,6 +294,7 @@ class TieredSparseKVCache(KVCache):
         key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]  # (B, N): eviction key of lookahead
         num_pages = sel.num_pages
         cache = self.caches[layer]
+        mark("select")
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
         if self.host.may_miss and not prefetch:  # one host sync: read what the GPU cache and host lack
             cached = cache.table[slots[:, None], groups] >= 0
@@ -296,7 +303,9 @@ class TieredSparseKVCache(KVCache):
             if failed.any():  # never served: drop those groups from this step's attention
                 groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)
             src = self.host.rows(layer, slots, groups)
+            mark("disk_resolve")
         pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)
+        mark("sync_fetch")
         return pages, num_pages
 
     def _refresh_slots(self, layer: int, slot_list, starts) -> None:
@@ -376,6 +385,46 @@ class TieredSparseKVCache(KVCache):
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
+
+
+def _no_mark(name: str) -> None:
+    pass
+
+
+class StepProfile:
+    """Per-phase GPU time of eager decode steps, from events between the phases of each sparse
+    layer: ``compute`` is everything since the previous mark (projections, MLP, the model's
+    other layers), ``prefetch_wait`` the wait on the side stream's prefetch, ``select`` scoring
+    and top-k, ``disk_resolve`` the host sync and disk reads, ``sync_fetch`` the cache update
+    and the fetch of what the prefetch missed, ``attention`` the sparse attention kernel.
+    Costs one event per mark; ``summary`` synchronizes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list[tuple[str, object]] = []
+        self.totals: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+        else:
+            import time
+
+            e = time.perf_counter()
+        self.marks.append((name, e))
+
+    def summary(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step by phase (marks reset)."""
+        if self.device.type == "cuda" and self.marks:
+            self.marks[-1][1].synchronize()
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            ms = a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
+            self.totals[name] = self.totals.get(name, 0.0) + ms
+        self.marks = self.marks[-1:]
+        out = {k: v / max(steps, 1) for k, v in self.totals.items()}
+        self.totals = {}
+        return out
 
 
 def _drop(groups: np.ndarray, listed: np.ndarray, failed: np.ndarray, device):

@@ -13,14 +13,14 @@ how to read the numbers is in docs/bench.md.
 from __future__ import annotations
 
 import gc
+import json
 import time
 import traceback
 
 import torch
 
 from kvdrive.bench import roofline
-from kvdrive.bench.common import write_result
-from kvdrive.bench.decode_report import best_and_ratios, run_notes
+from kvdrive.bench.decode_report import merge, plot, run_notes, save
 from kvdrive.bench.decode_systems import (
     SYSTEMS,
     Options,
@@ -98,6 +98,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bw-mib", type=int, default=1024,
                    help="MiB per copy of the roofline's bandwidth probes (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, KV and first tokens (default 0)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: combine the rows of these "
+                   "results (a sweep split into runs that each fit a time limit; later files win) into --out, "
+                   "with best batches, ratios and plots")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots written next to the JSON")
     p.add_argument("-o", "--out", default="bench/results/decode.json", help="JSON result path "
                    "(default bench/results/decode.json; plots beside it)")
@@ -190,36 +193,41 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -
     avail0 = mem_available()
     t0 = time.perf_counter()
     cache = system.build(shape, dev, opts)
-    seq_ids = list(range(shape.batch))
-    for s in seq_ids:
-        cache.add(s, shape.context)
-    fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
-    _sync(dev)
-    row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
-    step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
-    for _ in range(args.warmup + system.settle_steps(opts) - 1):
+    try:
+        seq_ids = list(range(shape.batch))
+        for s in seq_ids:
+            cache.add(s, shape.context)
+        fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
+        _sync(dev)
+        row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
+        gen = torch.Generator(device=dev).manual_seed(args.seed)
+        ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
+        step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
+        for _ in range(args.warmup + system.settle_steps(opts) - 1):
+            ids = step(ids).argmax(-1, keepdim=True)
+        _sync(dev)
+        t0 = time.perf_counter()
         ids = step(ids).argmax(-1, keepdim=True)
-    _sync(dev)
-    t0 = time.perf_counter()
-    ids = step(ids).argmax(-1, keepdim=True)
-    _sync(dev)
-    warm = time.perf_counter() - t0
-    steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
-    has_stats = callable(getattr(cache, "stats", None))
-    if has_stats:
-        cache.reset_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        ids = step(ids).argmax(-1, keepdim=True)
-    _sync(dev)
-    elapsed = time.perf_counter() - t0
-    row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
-    if has_stats:
-        stats = _jsonable(cache.stats())
-        row.update(stats=stats, per_step=per_step(stats, steps))
-    return row
+        _sync(dev)
+        warm = time.perf_counter() - t0
+        steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
+        has_stats = callable(getattr(cache, "stats", None))
+        if has_stats:
+            cache.reset_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ids = step(ids).argmax(-1, keepdim=True)
+        _sync(dev)
+        elapsed = time.perf_counter() - t0
+        row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
+        if has_stats:
+            stats = _jsonable(cache.stats())
+            row.update(stats=stats, per_step=per_step(stats, steps))
+        return row
+    finally:
+        close = getattr(cache, "close", None)  # disk-backed caches: stop I/O threads, close extent files
+        if close is not None:
+            close()
 
 
 def _pcie_bytes(system: System, shape: Shape, row: dict) -> int:
@@ -265,9 +273,30 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
     return {**head, "status": "ok", **row, **est}
 
 
+def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
+    config, dtype = loaded.config, loaded.model.dtype
+    return {
+        "model": loaded.source, "dtype": str(dtype), "device": str(loaded.model.device), "contexts": args.contexts,
+        "batches": sorted(args.batches), "systems": {n: SYSTEMS[n].about for n in args.systems},
+        "new_tokens": args.new_tokens, "warmup": args.warmup, "row_seconds": args.row_seconds,
+        "sparse": {"budget_tokens": {str(c): budget_tokens(sparse, c) for c in args.contexts},
+                   "group_tokens": args.group_tokens, "sink_tokens": args.sink, "window_tokens": args.window,
+                   "summary": "minmax"},
+        "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
+                         "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
+                         "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after},
+        "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
+        "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
+        "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
+        "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
+        "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype)}
+
+
 def run(args) -> int:
     from kvdrive.models.loader import load_model
 
+    if args.merge:
+        return _summarize(merge(args.merge, args.out), args.no_plot)
     if args.warmup < 1 or args.new_tokens < 1 or min(args.contexts) < 1 or min(args.batches) < 1:
         raise KvdriveError("--warmup, --new-tokens, --contexts and --batches must be >= 1")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
@@ -279,6 +308,8 @@ def run(args) -> int:
     bw = roofline.measure(dev, args.bw_mib << 20)
     _release(dev)
     weights = roofline.weight_bytes_read(model)
+    config_doc = _config(args, loaded, sparse, weights)
+    notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after)
     rows = []
     points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
     failed: dict[tuple[int, str], int] = {}  # (context, system) -> batch that ran out of memory
@@ -288,7 +319,7 @@ def run(args) -> int:
             room = max(args.hf_new_tokens, args.warmup + system.settle_steps(opts) + args.new_tokens) + 1
             shape = Shape(config, dtype, b, ctx, room)
             if (ctx, name) in failed:
-                row = {"system": name, "context": ctx, "batch": b, "status": "skipped",
+                row = {"system": name, "context": ctx, "batch": b, "filled": shape.filled, "status": "skipped",
                        "reason": f"batch {failed[ctx, name]} already ran out of memory"}
             else:
                 row = measure_row(loaded, system, shape, opts, args, bw, weights)
@@ -298,33 +329,17 @@ def run(args) -> int:
             if system.disk_bytes(shape, opts):
                 remove_disk_files(opts)
             rows.append(row)
+            path = save(args.out, config_doc, bw.as_dict(), rows, notes)  # a run cut short keeps its rows
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
                    if k not in ("stats", "per_step", "roofline")}, flush=True)
-    best, ratios = best_and_ratios(rows)
-    budget = {str(c): budget_tokens(sparse, c) for c in args.contexts}
-    config_doc = {
-        "model": loaded.source, "dtype": str(dtype), "device": str(dev), "contexts": args.contexts,
-        "batches": sorted(args.batches), "systems": {n: SYSTEMS[n].about for n in args.systems},
-        "new_tokens": args.new_tokens, "warmup": args.warmup, "row_seconds": args.row_seconds,
-        "sparse": {"budget_tokens": budget, "group_tokens": args.group_tokens, "sink_tokens": args.sink,
-                   "window_tokens": args.window, "summary": "minmax"},
-        "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
-                         "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
-                         "prefetch": not args.no_prefetch},
-        "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
-        "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
-        "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
-        "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
-        "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype)}
-    notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after, rows)
-    results = {"bandwidths": bw.as_dict(), "rows": rows, "best": best, "ratios": ratios}
-    path = write_result(args.out, "decode", config_doc, results, notes)
-    print(f"wrote {path}")
-    for r in ratios:
-        print(f"context {r['context']}: {r['system']} / {r['vs']} = {r['ratio']:.2f}x")
-    if not args.no_plot:
-        from kvdrive.bench.decode_report import plot
+    return _summarize(path, args.no_plot)
 
+
+def _summarize(path, no_plot: bool) -> int:
+    print(f"wrote {path}")
+    for r in json.loads(path.read_text())["results"]["ratios"]:
+        print(f"context {r['context']}: {r['system']} / {r['vs']} = {r['ratio']:.2f}x")
+    if not no_plot:
         try:
             for png in plot(path):
                 print(f"wrote {png}")

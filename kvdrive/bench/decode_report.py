@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 
 from kvdrive.bench import roofline
+from kvdrive.bench.common import write_result
 from kvdrive.errors import KvdriveError
 
 # issue 5's targets, each system at its best batch: kvdrive over the ShadowKV-style baseline,
 # and host + SSD against host only
 TARGETS = {("kvdrive_host", "sparse_host"): 1.74, ("kvdrive_ssd", "kvdrive_host"): 0.70}
 PANEL = (5.0, 3.8)
+NOT_MEASURED = "not measured: "
 
 
 def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
@@ -42,10 +44,8 @@ def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
     return best, ratios
 
 
-def run_notes(random_weights: bool, warmup: int, rebalance_after: int, rows: list[dict]) -> list[str]:
-    """What a reader of the JSON must know to read the numbers, and every row not measured."""
-    skipped = [f"{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
-               for r in rows if r["status"] != "ok"]
+def run_notes(random_weights: bool, warmup: int, rebalance_after: int) -> list[str]:
+    """What a reader of the JSON must know to read the numbers."""
     settle = f" (+{rebalance_after + 1} for the tiered caches, past their capacity rebalance)" if rebalance_after else ""
     return [
         "random weights of the real architecture" if random_weights else "real weights",
@@ -65,8 +65,34 @@ def run_notes(random_weights: bool, warmup: int, rebalance_after: int, rows: lis
          + ", ".join(f"{a} / {b} >= {t}" for (a, b), t in TARGETS.items())),
         ("kvdrive_ssd: its roofline counts host->GPU bytes only, not disk reads (no disk bandwidth is measured "
          "here), so its bound is optimistic and its fraction_of_bound pessimistic"),
-        *(["not measured: " + s for s in skipped] or ["every row measured"]),
     ]
+
+
+def save(out: str | Path, config: dict, bandwidths: dict, rows: list[dict], notes: list[str]) -> Path:
+    """Write the result with each system's best batch, the ratios and a note per row not measured."""
+    best, ratios = best_and_ratios(rows)
+    missing = [f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
+               for r in rows if r["status"] != "ok"]
+    results = {"bandwidths": bandwidths, "rows": rows, "best": best, "ratios": ratios}
+    return write_result(out, "decode", config, results, [*notes, *missing])
+
+
+def merge(paths: list[str], out: str | Path) -> Path:
+    """One result from several runs (a sweep split to fit a time limit): rows of later files
+    replace rows of earlier ones for the same (system, context, batch); config, bandwidths
+    and notes of the first, plus where each row came from."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rows: dict[tuple, dict] = {}
+    for p, doc in zip(paths, docs):
+        if doc.get("bench") != "decode":
+            raise KvdriveError(f"{p} is not a kvdrive bench decode result")
+        for r in doc["results"]["rows"]:
+            rows[r["system"], r["context"], r["batch"]] = {**r, "from": str(p)}
+    first = docs[0]
+    config = {**first["config"], "merged_from": {str(p): d["command"] for p, d in zip(paths, docs)},
+              "bandwidths_per_run": [d["results"]["bandwidths"] for d in docs]}
+    notes = [n for n in first["notes"] if not n.startswith(NOT_MEASURED)]
+    return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes)
 
 
 def _pyplot():

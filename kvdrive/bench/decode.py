@@ -64,15 +64,17 @@ def add_arguments(p) -> None:
     g.add_argument("--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
     g.add_argument("--sink", type=int, default=64, help="attention-sink tokens always attended (default 64)")
     g.add_argument("--window", type=int, default=256, help="recent tokens always attended (default 256)")
-    g.add_argument("--cache-tokens", type=int, default=4096, help="kvdrive_host's GPU selection cache, tokens per "
-                   "sequence per layer on average (default 4096)")
+    g.add_argument("--cache-tokens", type=int, default=4096,
+                   help="GPU selection cache of kvdrive_host and kvdrive_ssd, tokens per sequence per layer on "
+                        "average (default 4096)")
     g.add_argument("--eviction", choices=["lookahead", "lru"], default="lookahead",
-                   help="kvdrive_host's eviction (default lookahead; lru is the ablation)")
+                   help="eviction of kvdrive_host and kvdrive_ssd (default lookahead; lru is the ablation)")
     g.add_argument("--rebalance-after", type=int, default=16, help="tiered caches: decode steps before each "
                    "layer's GPU cache share follows its measured misses; these steps (+1) are added to their "
                    "warm-up so timing sees the steady state (default 16; 0: never rebalance)")
-    g.add_argument("--no-prefetch", action="store_true", help="ablation: no next-layer prefetch in sparse_host "
-                   "and kvdrive_host (every miss fetched when its layer runs)")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="ablation: no next-layer prefetch in the tiered systems (every miss fetched when its "
+                        "layer runs)")
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
                    help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "

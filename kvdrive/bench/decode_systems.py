@@ -30,8 +30,8 @@ class Options:
 
     sparse: SparseConfig  # budget, groups, sinks, window: identical for every sparse system
     cache_tokens: int  # kvdrive's GPU selection cache, tokens per sequence per layer on average
-    eviction: str  # kvdrive_host's eviction ("lookahead" | "lru")
-    prefetch: bool  # kvdrive_host and sparse_host predict and prefetch layer l+1's groups
+    eviction: str  # kvdrive_host's and kvdrive_ssd's eviction ("lookahead" | "lru")
+    prefetch: bool  # the tiered systems predict and prefetch layer l+1's groups
     overlap: bool  # copies on a side stream (streaming and the tiered caches)
     rebalance_after: int = 16  # tiered caches: decode steps before layer capacities follow misses; 0: never
     disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories

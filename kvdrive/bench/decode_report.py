@@ -74,7 +74,9 @@ def save(out: str | Path, config: dict, bandwidths: dict, rows: list[dict], note
     missing = [f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
                for r in rows if r["status"] != "ok"]
     results = {"bandwidths": bandwidths, "rows": rows, "best": best, "ratios": ratios}
-    return write_result(out, "decode", config, results, [*notes, *missing])
+    out = Path(out)
+    tmp = write_result(out.with_name(out.name + ".part"), "decode", config, results, [*notes, *missing])
+    return tmp.replace(out)  # atomic: a run killed mid-write keeps the previous rows
 
 
 def merge(paths: list[str], out: str | Path) -> Path:

@@ -31,6 +31,17 @@ def add_parser(sub) -> None:
 
 
 def add_sampling_options(p) -> None:
+    k = p.add_argument_group("KV cache", "Where the KV lives. Default: all of it on the device. --budget turns on "
+                              "the tiered cache: every token's KV in pinned host memory (and on disk with "
+                              "--disk), decode attending to the budget's best groups through a GPU cache.")
+    k.add_argument("--budget", type=float, help="tokens attended per decode step (sinks and window included), "
+                   "or a fraction of the context if < 1; e.g. 2048")
+    k.add_argument("--gpu-cache-tokens", type=int, default=4096,
+                   help="GPU selection cache per sequence and layer, in tokens (default 4096)")
+    k.add_argument("--disk", action="append", default=[], metavar="DIR",
+                   help="keep the KV on this directory too (repeatable: striped); needs --host-gib")
+    k.add_argument("--disk-gib", type=float, default=64.0, help="disk budget per --disk directory (default 64)")
+    k.add_argument("--host-gib", type=float, help="pinned host arena in front of the disks, GiB")
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     g.add_argument("-t", "--temperature", type=float, default=0.0,
@@ -47,6 +58,23 @@ def sampling_params(args):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def tiered_config(args):
+    """The tiered cache's config from --budget/--disk/--host-gib, or None (all KV on the device)."""
+    if args.budget is None:
+        if args.disk or args.host_gib:
+            raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget 2048)")
+        return None
+    from kvdrive.kv.pool import PoolPath
+    from kvdrive.kv.sparse import SparseConfig
+    from kvdrive.kv.tiered import TieredConfig
+
+    if args.disk and not args.host_gib:
+        raise KvdriveError("--disk needs --host-gib: the pinned host arena in front of the disks (e.g. --host-gib 8)")
+    disk = tuple(PoolPath(d, int(args.disk_gib * 2**30)) for d in args.disk)
+    return TieredConfig(SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256),
+                        cache_tokens=args.gpu_cache_tokens, disk=disk, host_bytes=int((args.host_gib or 0) * 2**30))
 
 
 def read_prompt(args) -> str:
@@ -70,7 +98,8 @@ def run(args) -> int:
     if not prompt.strip():
         raise KvdriveError("the prompt is empty: give some text")
     params = sampling_params(args)  # validate before the model loads
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              kv_cache=tiered_config(args))
     if not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])

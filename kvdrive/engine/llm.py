@@ -40,8 +40,10 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0, prefix_cache=None, loaded=None):
-        """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``."""
+                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None):
+        """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
+        ``kv_cache``: a ``kvdrive.kv.tiered.TieredConfig`` to keep the KV in host memory (and on
+        disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device."""
         self.loaded = loaded if loaded is not None else load_model(model, device=device, dtype=dtype, seed=seed)
         self.model, self.config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         limit = self.config.max_position_embeddings
@@ -51,6 +53,7 @@ class LLM:
         self._next_seq = 0
         # ``prefix_cache``: a ``kvdrive.kv.prefix.PrefixConfig``; repeated prompt prefixes then load
         # their KV from the pool (host memory + disks) instead of being recomputed.
+        self.kv_cache = kv_cache
         self.prefix = None
         if prefix_cache is not None:
             from kvdrive.kv.prefix import PrefixPool
@@ -106,7 +109,13 @@ class LLM:
 
     def _events(self, reqs) -> Iterator[generation.TokenEvent]:
         max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
-        cache = ContiguousKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype)
+        if self.kv_cache is not None:
+            from kvdrive.kv.tiered import TieredSparseKVCache
+
+            cache = TieredSparseKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype,
+                                        self.kv_cache)
+        else:
+            cache = ContiguousKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype)
         return generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:

@@ -181,7 +181,9 @@ class TieredSparseKVCache(KVCache):
             for c in self.caches.values():
                 c.clear(slots)
         meta = {"slots": slots, "slot_list": slot_list, "lens": [s + num_new for s in starts],
-                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "masks": {}}
+                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "masks": {},
+                "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list))
+                if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
 
     def prepare_replay(self, seq_ids) -> None:
@@ -284,9 +286,10 @@ class TieredSparseKVCache(KVCache):
         table, slots = self.tables[layer], m["slots"]
         n_max = self.n if m["static"] else max(-(-n // g) for n in m["lens"])
         num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
-        valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[slots][:, None]
+        sl = m["slot_range"] if m["slot_range"] is not None else slots  # a range: views, no gather
+        valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[sl][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
-        scores = table.summarizer.score(qd, table.data[slots, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
+        scores = table.summarizer.score(qd, table.data[sl, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
         max_pages = min(n_max, self.max_pages if m["static"] else self._max_pages(max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         groups = sel.groups[:, 0].long()  # (B, P)

@@ -14,7 +14,8 @@ from kvdrive.models.loader import load_config
 TIERED = importlib.util.find_spec("kvdrive.kv.tiered") is not None
 TINY = ["-m", "random:smollm2-135m", "--device", "cpu", "--contexts", "64", "--batches", "1", "2", "-n", "1",
         "--warmup", "1", "--rebalance-after", "0", "--budget", "32", "--sink", "16", "--window", "16",
-        "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2"]
+        "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2",
+        "--breakdown-steps", "1"]
 
 
 def _args(*extra):
@@ -94,7 +95,7 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     for name in ("streaming", "hf_offload"):  # CUDA-only systems are skipped on CPU, with the reason
         assert by[name, 2]["status"] == "skipped" and "CUDA" in by[name, 2]["reason"]
     full = by["full_gpu", 2]
-    assert full["status"] == "ok" and full["steps_timed"] == 1 and full["filled"] == 64 - 3
+    assert full["status"] == "ok" and full["steps_timed"] == 1 and full["filled"] == 64 - 4
     assert full["tokens_per_s"] == pytest.approx(2 * 1e3 / full["step_ms"])  # batch 2, one step
     rl = full["roofline"]
     assert rl["pcie_bytes"] == 0 and rl["limit"] == "compute"
@@ -110,6 +111,7 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
             assert r["stats"]["steps"] == 1 and r["stats"]["groups_selected"] > 0
             assert 0 <= r["per_step"]["gpu_hits_rate"] <= 1
             assert r["per_step"]["bytes_host_to_gpu_per_step"] == r["roofline"]["pcie_bytes"]
+            assert {"select", "attention"} <= set(r["per_step"]["time_ms_per_step"])  # the profiled extra step
     assert doc["results"]["bandwidths"]["hbm_gbps"] > 0 and doc["results"]["bandwidths"]["h2d_gbps"] is None
     assert doc["results"]["best"]["64"]["full_gpu"]["batch"] == 2
     assert out.with_suffix(".png").exists()
@@ -132,7 +134,7 @@ def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp
 def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
     out = tmp_path / "decode.json"
     # 10 TB of host headroom: nothing fits, nothing runs, the run still writes its JSON; a context of
-    # 2 tokens leaves no room for the 3 decode steps
+    # 2 tokens leaves no room for the 4 decode steps
     args = _args("--contexts", "2", "64", "--systems", "full_gpu", "sparse_gpu", "--host-headroom-gib", "1e4",
                  "--no-plot", "-o", str(out))
     assert decode.run(args) == 0

@@ -86,7 +86,12 @@ def add_arguments(p) -> None:
                    help="pinned host arena in front of the disks, all layers together (default 8)")
     p.add_argument("--no-overlap", action="store_true",
                    help="ablation: host->GPU copies on the compute stream (streaming and the tiered caches)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode full_gpu eagerly instead of as a CUDA graph")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly instead of as a CUDA graph (full_gpu, and the tiered caches where they "
+                        "support graphs)")
+    p.add_argument("--breakdown-steps", type=int, default=4,
+                   help="after timing, this many extra eager steps of the tiered caches with their per-phase "
+                        "profile (the step-time breakdown; default 4, 0: none)")
     p.add_argument("--fill-chunk", type=int, default=8192, help="tokens per plan/append/commit when filling "
                    "contexts (default 8192)")
     p.add_argument("--gpu-headroom-gib", type=float, default=4.0,
@@ -157,6 +162,7 @@ def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graph
             logits = graph(x)
             cache.commit(graph.batch)
             return logits
+        step.graphed = True
         return step
 
     def step(x):
@@ -164,7 +170,22 @@ def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graph
         logits = model(x, cache, batch)
         cache.commit(batch)
         return logits
+    step.graphed = False
     return step
+
+
+def _breakdown(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, args) -> dict:
+    """ms per step by phase over ``--breakdown-steps`` extra eager steps, from the cache's
+    ``StepProfile`` (events between phases; not the timed steps, which may be a graph)."""
+    from kvdrive.kv.tiered import StepProfile
+
+    cache.profile = StepProfile(model.device)
+    step = _step_fn(model, cache, seq_ids, ids, graphs=False)
+    for _ in range(args.breakdown_steps):
+        ids = step(ids).argmax(-1, keepdim=True)
+    out = cache.profile.summary(args.breakdown_steps)
+    cache.profile = None
+    return out
 
 
 def _jsonable(v):
@@ -225,6 +246,9 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -
         if has_stats:
             stats = _jsonable(cache.stats())
             row.update(stats=stats, per_step=per_step(stats, steps))
+        row["cuda_graph"] = step.graphed
+        if args.breakdown_steps and hasattr(cache, "profile"):
+            row.setdefault("per_step", {})["time_ms_per_step"] = _breakdown(model, cache, seq_ids, ids, args)
         return row
     finally:
         close = getattr(cache, "close", None)  # disk-backed caches: stop I/O threads, close extent files
@@ -318,7 +342,8 @@ def run(args) -> int:
     with torch.inference_mode():
         for ctx, name, b in progress(points, desc="decode rows"):
             system = SYSTEMS[name]
-            room = max(args.hf_new_tokens, args.warmup + system.settle_steps(opts) + args.new_tokens) + 1
+            decoded = args.warmup + system.settle_steps(opts) + args.new_tokens + args.breakdown_steps
+            room = max(args.hf_new_tokens, decoded) + 1
             shape = Shape(config, dtype, b, ctx, room)
             if (ctx, name) in failed:
                 row = {"system": name, "context": ctx, "batch": b, "filled": shape.filled, "status": "skipped",

@@ -97,6 +97,10 @@ def merge(paths: list[str], out: str | Path) -> Path:
     return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes)
 
 
+def _ctx(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -138,7 +142,7 @@ def plot(json_path: str | Path) -> list[Path]:
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_yscale("log")
-        ax.set_title(f"context {ctx // 1024}K" if ctx >= 1024 else f"context {ctx}")
+        ax.set_title(f"context {_ctx(ctx)}")
         ax.set_xlabel("batch")
         ax.set_ylabel("decode tokens/s (dotted: roofline bound)")
         ax.grid(True, which="both", alpha=0.3)
@@ -159,7 +163,7 @@ def _breakdown(plt, doc: dict, rows: list[dict], png: Path) -> Path | None:
             row = next(r for r in rows if str(r["context"]) == ctx and r["system"] == s and r["batch"] == b["batch"])
             parts = row.get("per_step", {}).get("time_ms_per_step")
             if parts:
-                bars.append((f"{s} {int(ctx) // 1024}K x{b['batch']}", parts))
+                bars.append((f"{s} {_ctx(int(ctx))} x{b['batch']}", parts))
     if not bars:
         return None
     names = list(dict.fromkeys(k for _, parts in bars for k in parts))
@@ -169,7 +173,7 @@ def _breakdown(plt, doc: dict, rows: list[dict], png: Path) -> Path | None:
         widths = [parts.get(name, 0.0) for _, parts in bars]
         ax.barh([label for label, _ in bars], widths, left=left, color=f"C{i}", label=name)
         left = [a + w for a, w in zip(left, widths)]
-    ax.set_xlabel("ms per decode step (cache time_ms / steps)")
+    ax.set_xlabel("ms per decode step, by phase (profiled eager steps after the timed ones)")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     ax.set_title(f"step-time breakdown at each system's best batch: {doc['config']['model']}", fontsize=9)
     fig.savefig(png, dpi=120, bbox_inches="tight")

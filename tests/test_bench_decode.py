@@ -120,13 +120,16 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
 @pytest.mark.skipif(not TIERED, reason="kvdrive.kv.tiered is not in this checkout")
 def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
     out, disk = tmp_path / "decode.json", tmp_path / "disk"
-    args = _args("--systems", "kvdrive_ssd", "--batches", "1", "--disk", str(disk), "--ssd-host-gib", "0.01",
+    args = _args("--systems", "kvdrive_ssd", "kvswap_ssd", "--batches", "1", "--disk", str(disk), "--ssd-host-gib", "0.01",
                  "--no-plot", "-o", str(out))
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
-    (row,) = doc["results"]["rows"]
-    assert row["status"] == "ok", row.get("reason")
-    assert row["stats"]["disk_writes"] > 0  # every full group is written behind to disk
+    for row in doc["results"]["rows"]:
+        assert row["status"] == "ok", row.get("reason")
+        assert row["stats"]["disk_writes"] > 0  # every full group is written behind to disk
+    kvswap = doc["results"]["rows"][1]["stats"]["capacity_per_layer"]
+    assert max(kvswap.values()) < min(doc["results"]["rows"][0]["stats"]["capacity_per_layer"].values())
+    assert [(r["system"], r["vs"]) for r in doc["results"]["ratios"]] == [("kvdrive_ssd", "kvswap_ssd")]
     assert doc["config"]["kvdrive_ssd"]["host_arena_gib"] == 0.01
     assert not (disk / "kvdrive-bench-decode").exists()
 

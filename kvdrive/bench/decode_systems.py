@@ -169,7 +169,9 @@ def _tiered(eviction: str | None):
 DISK_SUBDIR = "kvdrive-bench-decode"  # made under each --disk directory per row, removed after it
 
 
-def _tiered_ssd(s: Shape, device, o: Options) -> KVCache:
+def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) -> KVCache:
+    """kvdrive_ssd, or (``previous_step_only``) KVSwap-style: the GPU cache holds one selection's
+    pages (only what the last step selected can hit), LRU, capacities never rebalanced."""
     from kvdrive.kv.pool import PoolPath
     from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
 
@@ -178,8 +180,9 @@ def _tiered_ssd(s: Shape, device, o: Options) -> KVCache:
     for d in o.disk:
         (Path(d) / DISK_SUBDIR).mkdir(parents=True, exist_ok=True)
         paths.append(PoolPath(str(Path(d) / DISK_SUBDIR), budget))
-    cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=o.eviction, prefetch=o.prefetch,
-                       overlap=o.overlap, rebalance_after=o.rebalance_after, disk=tuple(paths),
+    cfg = TieredConfig(sparse=o.sparse, cache_tokens=0 if previous_step_only else o.cache_tokens,
+                       eviction="lru" if previous_step_only else o.eviction, prefetch=o.prefetch, overlap=o.overlap,
+                       rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
                        host_bytes=int(o.ssd_host_gib * GIB))
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
@@ -245,6 +248,10 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("kvdrive_ssd", "kvdrive over host + SSD: as kvdrive_host, every group on the disk pool (--disk) behind "
            "a fixed pinned host arena (--ssd-host-gib)", False,
            _tiered_ssd, _tiered_gpu_bytes, _ssd_host, _sparse_read, "measured", _tiered_missing, _settle, _disk_kv),
+    System("kvswap_ssd", "KVSwap-style: as kvdrive_ssd, but the GPU keeps only the previous step's selection "
+           "(cache of one selection, LRU, no rebalance)", False,
+           lambda s, d, o: _tiered_ssd(s, d, o, previous_step_only=True), _tiered_gpu_bytes, _ssd_host,
+           _sparse_read, "measured", _tiered_missing, lambda o: 0, _disk_kv),
 )}
 
 

@@ -287,6 +287,8 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
     except KvdriveError as err:
         return {**head, "status": "skipped", "reason": str(err), **est}
     except Exception as err:  # noqa: BLE001 -- a bug in one system must not lose the other rows of a long run
+        if "out of memory" in str(err).lower():  # e.g. pinned host allocation: a RuntimeError from CUDA
+            return {**head, "status": "skipped", "reason": f"out of memory: {str(err).splitlines()[0][:200]}", **est}
         traceback.print_exc()
         return {**head, "status": "error", "reason": f"{type(err).__name__}: {err}", **est}
     if dev.type == "cuda":

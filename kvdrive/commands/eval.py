@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--items", type=int, default=3, help="items per task family and length (default 3)")
     p.add_argument("--text", default="austen", help="prose source for text and haystacks (default austen)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling text and task items")
+    p.add_argument("--recall", action="store_true",
+                   help="also report, per sparse layer, the recall of next-layer prediction (the groups a query "
+                        "predicted from the previous layer's hidden state selects, vs the true selection)")
     p.add_argument("-o", "--out", default="eval.json", help="JSON result path (default eval.json)")
     p.add_argument("--plot", help="write a PNG plot of accuracy vs budget here")
     p.set_defaults(func=run)
@@ -58,7 +61,7 @@ def run(args) -> int:
                     budgets=tuple(args.budgets), summaries=tuple(args.summaries), mode=args.mode,
                     group_tokens=args.group_tokens, sink=args.sink, window=args.window, steps=args.steps,
                     samples=args.samples, tasks=tuple(args.tasks), items=args.items, text=args.text, seed=args.seed,
-                    rank=args.rank, dense_layers=tuple(args.dense_layers))
+                    rank=args.rank, dense_layers=tuple(args.dense_layers), recall=args.recall)
     path = evaluate(spec, args.out, args.plot)
     print(f"wrote {path}", file=sys.stderr)
     return 0

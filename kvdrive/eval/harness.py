@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kvdrive.eval.recall import RecallProbe
 from kvdrive.kv.sparse import SparseConfig, SparseKVCache
 
 FULL_BUDGET = 1 << 30  # tokens: more than any context, so every group is selected
@@ -40,6 +41,7 @@ class Runner:
         self.cache = SparseKVCache(lm.config, batch, max_len, lm.model.device, lm.model.dtype,
                                    replace(base, budget=FULL_BUDGET))
         self.batch = batch
+        self.sparse = self.cache.sparse  # the configuration of the current setting
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         """Prefill one prompt per sequence; returns the last-token logits (B, V)."""
@@ -64,17 +66,28 @@ class Runner:
         else:
             cfg = replace(self.base, summary=setting.summary, budget=setting.budget, mode=setting.mode)
         self.cache.reconfigure(cfg)
+        self.sparse = cfg
         for i, n in enumerate(lengths):
             self.cache.truncate(i, n)
 
+    def recall_probe(self) -> RecallProbe:
+        """A probe of next-layer prediction for the current setting's sparse layers."""
+        cfg = self.model.config
+        layers = [layer for layer in cfg.global_layers if layer >= 1 and layer not in self.sparse.dense_layers]
+        return RecallProbe(self.model, layers, self.sparse)
+
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-force tokens (B, M) one step at a time -> logits (B, M, V) float32."""
+    def decode(self, tokens: torch.Tensor, probe: RecallProbe | None = None) -> torch.Tensor:
+        """Teacher-force tokens (B, M) one step at a time -> logits (B, M, V) float32.
+
+        With ``probe`` (entered by the caller), next-layer recall is measured at every step."""
         out = []
         seqs = list(range(tokens.shape[0]))
         for t in range(tokens.shape[1]):
             b = self.cache.plan(seqs, 1)
             out.append(self.model(tokens[:, t : t + 1].to(self.model.device), self.cache, b))
+            if probe is not None:
+                probe.after_step(self.cache, b)
             self.cache.commit(b)
         return torch.stack(out, 1)
 

@@ -36,6 +36,7 @@ class EvalSpec:
     items: int = 3
     text: str = "austen"
     seed: int = 0
+    recall: bool = False  # measure next-layer prediction recall per layer on the text sweep
 
     def settings(self) -> list[Setting]:
         return [Setting(None, 1.0)] + [Setting(s, b, self.mode) for s in self.summaries for b in self.budgets]
@@ -77,16 +78,18 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
     for length in spec.lengths:
         rows = _text_rows(ids, length, spec.steps, spec.samples, rng)
         runner = Runner(lm, spec.samples, length + spec.steps + 8, base)
-        entry = {"length": length, "text": text_sweep(runner, rows, length, settings)}
+        entry = {"length": length, "text": text_sweep(runner, rows, length, settings, spec.recall)}
+        results.append(entry)
+        _write(spec, lm, text, bases, out, results)  # partial results survive an interrupted run
         if spec.tasks:
             items = tasks.make_suite(lm.tokenizer, text.text, tasks.SuiteSpec(length, spec.tasks, spec.items,
                                                                               seed=spec.seed))
             runner = Runner(lm, 1, max(len(i.prompt_ids) + max(map(len, i.candidates)) for i in items), base)
-            entry["tasks"] = {fam: task_sweep(runner, [i for i in items if i.family == fam], settings)
-                              for fam in spec.tasks}
-        results.append(entry)
+            entry["tasks"] = {}
+            for fam in spec.tasks:
+                entry["tasks"][fam] = task_sweep(runner, [i for i in items if i.family == fam], settings)
+                _write(spec, lm, text, bases, out, results)
         print(f"length {length}: done", flush=True)
-        _write(spec, lm, text, bases, out, results)  # partial results survive an interrupted run
     path = _write(spec, lm, text, bases, out, results)
     if plot:
         from kvdrive.eval.plot import plot_eval
@@ -103,6 +106,10 @@ def _write(spec, lm, text, bases, out, results) -> Path:
               "model_dtype": str(lm.model.dtype), "device": str(lm.model.device)}
     notes = ["reference = full attention (the sparse cache with a budget covering the context, proven equal in tests)",
              "KL is KL(full || sparse) per teacher-forced token; top1 = argmax agreement",
+             "recall (with --recall): per sparse layer L, the share of the groups the true query selected "
+             "(sinks and window excluded) that a query predicted from layer L-1's input hidden state through "
+             "layer L's input norm, Wq and RoPE also selects, same summaries and budget; mean over steps and "
+             "sequences of the text sweep",
              "tasks: the context is prefilled exactly; the question and every candidate answer are decoded under "
              "the setting; an item is right when the true answer is the most likely candidate"]
     return write_result(out, "eval", config, results, notes)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from kvdrive.eval.harness import Runner, Setting
@@ -10,21 +13,33 @@ from kvdrive.eval.tasks import rank_score
 from kvdrive.progress import progress
 
 
-def text_sweep(runner: Runner, rows: list[list[int]], context: int, settings: list[Setting]) -> dict:
+def text_sweep(runner: Runner, rows: list[list[int]], context: int, settings: list[Setting],
+               recall: bool = False) -> dict:
     """rows: B token lists of context + steps + 1 tokens. Prefill ``context`` tokens, then
     teacher-force the next ``steps``; compare each setting's next-token distributions with
-    full attention's (the first setting)."""
+    full attention's (the first setting). ``recall``: also measure next-layer prediction
+    on every sparse setting (``kvdrive.eval.recall``)."""
     steps = len(rows[0]) - context - 1
     runner.prefill([r[:context] for r in rows])
     cont = torch.tensor([r[context : context + steps] for r in rows])  # (B, M) inputs
     target = torch.tensor([r[context + 1 : context + steps + 1] for r in rows])  # (B, M) next tokens
     results, ref = {}, None
     for setting in progress(settings, desc=f"text {context}", unit="setting"):
+        t0 = time.perf_counter()
         runner.use(setting, [context] * len(rows))
-        logits = runner.decode(cont).cpu()  # (B, M, V)
+        probe = runner.recall_probe() if recall and setting.summary is not None else None
+        if probe is None:
+            logits = runner.decode(cont).cpu()  # (B, M, V)
+        else:
+            with probe:
+                logits = runner.decode(cont, probe).cpu()
         ref = logits if ref is None else ref
         row = compare_logits(ref, logits, target).to_dict()
         row["attended_fraction"] = runner.selected_fraction()
+        if probe is not None:
+            row["recall"] = probe.result()
+        row["seconds"] = time.perf_counter() - t0
+        print(f"text {context} {setting.label}: {row['seconds']:.1f} s", file=sys.stderr, flush=True)
         results[setting.label] = row
     return results
 
@@ -47,6 +62,7 @@ def task_sweep(runner: Runner, items: list, settings: list[Setting]) -> dict:
     the candidates ranked by log-probability (``tasks.rank_score``)."""
     scores = {s.label: [] for s in settings}
     for item in progress(items, desc="tasks", unit="item"):
+        t0 = time.perf_counter()
         n_ctx = len(item.context_ids)
         runner.prefill([item.context_ids])
         q = torch.tensor([item.question_ids])
@@ -56,6 +72,7 @@ def task_sweep(runner: Runner, items: list, settings: list[Setting]) -> dict:
             prefix = n_ctx + len(item.question_ids)
             lp = [answer_logprob(runner, first, prefix, c) for c in item.candidates]
             scores[setting.label].append(rank_score(item, lp))
+        print(f"task {item.family} {len(item.prompt_ids)}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     out = {}
     for label, v in scores.items():
         acc = accuracy(v)

@@ -340,12 +340,13 @@ def run(args) -> int:
     notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after)
     rows = []
     points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
+    # Every system decodes from the same filled length: room for the longest warm-up of the run.
+    settle = max(SYSTEMS[n].settle_steps(opts) for n in args.systems)
+    room = max(args.hf_new_tokens, args.warmup + settle + args.new_tokens + args.breakdown_steps) + 1
     failed: dict[tuple[int, str], int] = {}  # (context, system) -> batch that ran out of memory
     with torch.inference_mode():
         for ctx, name, b in progress(points, desc="decode rows"):
             system = SYSTEMS[name]
-            decoded = args.warmup + system.settle_steps(opts) + args.new_tokens + args.breakdown_steps
-            room = max(args.hf_new_tokens, decoded) + 1
             shape = Shape(config, dtype, b, ctx, room)
             if (ctx, name) in failed:
                 row = {"system": name, "context": ctx, "batch": b, "filled": shape.filled, "status": "skipped",

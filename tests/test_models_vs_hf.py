@@ -4,6 +4,7 @@ transformers loads the GGUF on its own (its own dequantization, q/k un-permutati
 norm handling), so these tests also check kvdrive's GGUF loader.
 """
 
+import pytest
 import torch
 
 from kvdrive.kv.contiguous import ContiguousKVCache
@@ -92,3 +93,21 @@ def test_gemma3_sliding_window_is_applied(gemma3):
     cache.add(0, 700)
     logits = other(ids, cache, cache.plan([0], 700))[0]
     assert (logits - ours).abs().max() > 1e-2
+
+
+def test_a_character_level_tokenizer_conversion_is_refused():
+    """Regression: transformers 5.17 turned Gemma 3's GGUF tokenizer into one token per character."""
+    from pathlib import Path
+
+    from kvdrive.errors import KvdriveError
+    from kvdrive.models.gguf_loader import check_tokenizer
+
+    def per_char(text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+    def per_word(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    with pytest.raises(KvdriveError, match="upgrade transformers"):
+        check_tokenizer(per_char, Path("gemma.gguf"))
+    check_tokenizer(per_word, Path("gemma.gguf"))

@@ -358,6 +358,10 @@ class TieredSparseKVCache(KVCache):
         v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, h, n_pages * g, d)
         return grouped_sdpa(q, k, v, m["masks"][key], spec.scale, spec.softcap)
 
+    def close(self) -> None:
+        """Finish disk writes and close the disk pool's files (no-op for a host-only tier)."""
+        self.host.close()
+
     # -- reporting ------------------------------------------------------------------
     def reset_stats(self) -> None:
         for c in self.caches.values():

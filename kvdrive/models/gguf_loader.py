@@ -70,6 +70,21 @@ def gguf_tensors(path: Path, hf_config, hf_names: list[str]) -> dict[str, torch.
     return out
 
 
+SAMPLE = "The quick brown fox jumps over the lazy dog, and then it runs into the forest."
+
+
+def check_tokenizer(tok, path: Path) -> None:
+    """Refuse a conversion that tokenizes English one character at a time: transformers 5.17
+    did that for Gemma 3's GGUF (every prompt ~4x longer, perplexity ~200); 5.23 converts it right."""
+    n = len(tok(SAMPLE, add_special_tokens=False)["input_ids"])
+    if n >= 0.6 * len(SAMPLE):
+        import transformers
+
+        raise KvdriveError(f"transformers {transformers.__version__} converted the tokenizer of {path.name} into "
+                           f"{n} tokens for {len(SAMPLE)} characters of English (a broken conversion): upgrade "
+                           "transformers (pip install -U 'transformers>=5.23') and run again")
+
+
 def convert(path: Path, target: Path, build_model) -> None:
     """Write ``target``/{model.safetensors, config.json, tokenizer files} from the GGUF at ``path``.
 
@@ -90,8 +105,11 @@ def convert(path: Path, target: Path, build_model) -> None:
     save_file(tensors, str(tmp / "model.safetensors"))
     hf_config.save_pretrained(tmp)
     try:
-        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as err:  # a GGUF without tokenizer metadata still runs on token ids
         (tmp / "NO_TOKENIZER").write_text(str(err))
+    else:
+        check_tokenizer(tok, path)
+        tok.save_pretrained(tmp)
     (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
     tmp.rename(target)

@@ -57,9 +57,9 @@ class SelectionCache:
 
     def clear(self, rows: torch.Tensor) -> None:
         """Forget every cached group of sequence slots ``rows`` (B,) int64."""
-        self.table[rows] = -1
-        self.owner[rows] = -1
-        self.fresh[rows] = False
+        self.table.index_fill_(0, rows, -1)  # index_fill_: no host scalar copy (graph-capturable)
+        self.owner.index_fill_(0, rows, -1)
+        self.fresh.index_fill_(0, rows, False)
 
     def lookup(self, rows: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """(B, T) pool rows holding ``groups`` (B, T) of ``rows``, the trash row where not cached."""

@@ -126,7 +126,8 @@ def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp
     doc = json.loads(out.read_text())
     for row in doc["results"]["rows"]:
         assert row["status"] == "ok", row.get("reason")
-        assert row["stats"]["disk_writes"] > 0  # every full group is written behind to disk
+        assert row["stats"]["disk_bytes"] > 0  # every full group is written behind to disk (counters cover
+        # only the timed steps, the pool's bytes in use cover the fill)
     kvswap = doc["results"]["rows"][1]["stats"]["capacity_per_layer"]
     assert max(kvswap.values()) < min(doc["results"]["rows"][0]["stats"]["capacity_per_layer"].values())
     assert [(r["system"], r["vs"]) for r in doc["results"]["ratios"]] == [("kvdrive_ssd", "kvswap_ssd")]

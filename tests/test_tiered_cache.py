@@ -193,25 +193,11 @@ def test_gpu_tiered_matches_sparse_cache(eviction):
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
-    ref = _decode_dev(model, SparseKVCache(model.config, 3, 400, dev, bf, sparse), prompts, 24)
+    ref = _decode(model, SparseKVCache(model.config, 3, 400, dev, bf, sparse), prompts, 24)
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, TieredConfig(sparse, cache_tokens=96, eviction=eviction))
-    got = _decode_dev(model, cache, prompts, 24)
+    got = _decode(model, cache, prompts, 24)
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
     assert cache.stats()["prefetched_hits"] > 0
-
-
-def _decode_dev(model, cache, prompts, steps):
-    for i, p in enumerate(prompts):
-        cache.add(i, 400)
-        b = cache.plan([i], len(p))
-        model(torch.tensor([p], device="cuda"), cache, b)
-        cache.commit(b)
-    out = []
-    for t in range(steps):
-        b = cache.plan(list(range(len(prompts))), 1)
-        out.append(model(torch.full((len(prompts), 1), 7 + t, device="cuda"), cache, b))
-        cache.commit(b)
-    return torch.stack(out, 1) if out else None
 
 
 @pytest.mark.gpu
@@ -225,10 +211,10 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction):
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
                        eviction=eviction, rebalance_after=5)
-    eager = _decode_dev(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
+    eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs
-    _decode_dev(model, cache, prompts, 0)
+    _decode(model, cache, prompts, 0)
     graph, out = None, []
     for t in range(16):
         ids = torch.full((3, 1), 7 + t, device="cuda")
@@ -238,3 +224,13 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction):
         cache.commit(graph.batch)
     torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
     assert cache.graph_epoch == 1
+
+
+def test_a_batch_larger_than_host_memory_is_refused_before_allocating():
+    from kvdrive.errors import CapacityError
+    from kvdrive.models import presets
+    from kvdrive.models.registry import from_hf_config
+
+    cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
+    with pytest.raises(CapacityError, match="--disk"):  # 64 x 1M tokens = 8 TiB of KV
+        TieredSparseKVCache(cfg, 64, 1 << 20, CPU, torch.bfloat16)

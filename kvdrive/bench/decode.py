@@ -59,6 +59,8 @@ def add_arguments(p) -> None:
                    help="time cap per row: fewer steps are timed (at least 3) when the last warm-up step says "
                         "N steps would take longer (default 30)")
     g = p.add_argument_group("sparse systems (the same for every one)")
+    g.add_argument("--summary", default="minmax", choices=("minmax", "mean"),
+                   help="group summary that scores selection (default minmax: what bench/results/decode-h100.json ran)")
     g.add_argument("--budget", type=int, default=2048, help="tokens attended per step on global layers, sinks "
                    "and window included (default 2048)")
     g.add_argument("--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
@@ -309,7 +311,7 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
         "new_tokens": args.new_tokens, "warmup": args.warmup, "row_seconds": args.row_seconds,
         "sparse": {"budget_tokens": {str(c): budget_tokens(sparse, c) for c in args.contexts},
                    "group_tokens": args.group_tokens, "sink_tokens": args.sink, "window_tokens": args.window,
-                   "summary": "minmax"},
+                   "summary": args.summary},
         "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
                          "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after},
@@ -330,7 +332,7 @@ def run(args) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
-                          window_tokens=args.window, summary="minmax")
+                          window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
                    args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib)
     bw = roofline.measure(dev, args.bw_mib << 20)

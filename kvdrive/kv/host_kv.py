@@ -31,6 +31,23 @@ from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskPool, PoolPath
 
 
+HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
+
+
+def check_host_room(nbytes: int, what: str) -> None:
+    """Refuse up front a pinned allocation the machine cannot hold (pinning it would swap or
+    be killed), with the fix; admission of a batch goes through this before any allocation."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return  # not Linux: nothing to check against
+    if nbytes > avail - HOST_HEADROOM:
+        raise CapacityError(f"{what} needs {nbytes / 2**30:.1f} GiB of pinned host memory, "
+                            f"{max(avail - HOST_HEADROOM, 0) / 2**30:.1f} GiB is available: lower the batch or the "
+                            "maximum length, or keep the KV on disk (--disk DIR with a smaller --host-gib)")
+
+
 class HostKV(ABC):
     may_miss: bool = False  # True: ``rows`` can return -1 and ``resolve`` must run before a fetch
 
@@ -76,6 +93,9 @@ class HostKV(ABC):
     def stats(self) -> dict:
         return {}
 
+    def reset_counts(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -84,6 +104,8 @@ class FullHostKV(HostKV):
     def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device):
         super().__init__(layout, max_seqs, max_groups, device)
         pin = device.type == "cuda"
+        check_host_room(layout.num_layers * max_seqs * max_groups * layout.group_bytes,
+                        f"the KV of {max_seqs} sequences x {max_groups * layout.group_tokens} tokens")
         self.pools = [torch.zeros(max_seqs * max_groups, *layout.slot_shape, dtype=layout.dtype, pin_memory=pin)
                       for _ in range(layout.num_layers)]  # (S*N, 2, H_kv, G, D) per layer
 
@@ -121,6 +143,7 @@ class DiskBackedHostKV(HostKV):
         if not disk:
             raise KvdriveError("a disk-backed host tier needs at least one disk path (PoolPath)")
         nl = layout.num_layers
+        check_host_room(host_bytes, "the host arena in front of the disks")
         self.arenas = [HostTier(layout, host_bytes // nl, pin=device.type == "cuda") for _ in range(nl)]
         self._typed = [layout.as_groups(a.rows) for a in self.arenas]
         self.slot_of = np.full((nl, max_seqs, max_groups), -1, dtype=np.int64)  # host slot, -1: not in host
@@ -294,6 +317,9 @@ class DiskBackedHostKV(HostKV):
                 if a is not None:
                     self.pool.free([a])
             self.durable[layer, slot] = False
+
+    def reset_counts(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
 
     def stats(self) -> dict:
         return dict(self.counts, disk_bytes=self.pool.bytes_used(),

@@ -43,7 +43,7 @@ class SparseConfig:
     budget: float = 0.0625
     sink_tokens: int = 16
     window_tokens: int = 64
-    summary: str = "minmax"
+    summary: str = "mean"  # measured best at 6.25% on SmolLM2 and Gemma 3 (docs/eval.md)
     mode: str = "shared"  # shared: one selection per layer (larger reads); per_head: one per KV head
     dense_layers: tuple[int, ...] = ()  # global layers kept dense (Quest/ShadowKV skip the first layers)
     rank: int = 32  # low-rank summaries

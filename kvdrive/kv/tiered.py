@@ -42,6 +42,7 @@ from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
 from kvdrive.kv.slots import SequenceSlots
 from kvdrive.kv.sparse import SparseConfig
+from kvdrive.kv.step_profile import StepProfile
 from kvdrive.kv.summaries import SummaryTable, make_summarizer
 
 REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)
@@ -368,6 +369,7 @@ class TieredSparseKVCache(KVCache):
             c.reset_counts()
         self._moved = dict.fromkeys(self._moved, 0)
         self._stats_steps = self.steps
+        self.host.reset_counts()
 
     def stats(self) -> dict:
         """Counters since ``reset_stats`` (one host sync per layer)."""
@@ -396,42 +398,6 @@ class TieredSparseKVCache(KVCache):
 
 def _no_mark(name: str) -> None:
     pass
-
-
-class StepProfile:
-    """Per-phase GPU time of eager decode steps, from events between the phases of each sparse
-    layer: ``compute`` is everything since the previous mark (projections, MLP, the model's
-    other layers), ``prefetch_wait`` the wait on the side stream's prefetch, ``select`` scoring
-    and top-k, ``disk_resolve`` the host sync and disk reads, ``sync_fetch`` the cache update
-    and the fetch of what the prefetch missed, ``attention`` the sparse attention kernel.
-    Costs one event per mark; ``summary`` synchronizes."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.marks: list[tuple[str, object]] = []
-        self.totals: dict[str, float] = {}
-
-    def mark(self, name: str) -> None:
-        if self.device.type == "cuda":
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-        else:
-            import time
-
-            e = time.perf_counter()
-        self.marks.append((name, e))
-
-    def summary(self, steps: int) -> dict[str, float]:
-        """Milliseconds per step by phase (marks reset)."""
-        if self.device.type == "cuda" and self.marks:
-            self.marks[-1][1].synchronize()
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            ms = a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
-            self.totals[name] = self.totals.get(name, 0.0) + ms
-        self.marks = self.marks[-1:]
-        out = {k: v / max(steps, 1) for k, v in self.totals.items()}
-        self.totals = {}
-        return out
 
 
 def _drop(groups: np.ndarray, listed: np.ndarray, failed: np.ndarray, device):

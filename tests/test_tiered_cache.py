@@ -126,6 +126,7 @@ def test_disk_backed_host_matches_the_gpu_resident_cache(tmp_path, eviction):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     st = cache.stats()
     assert st["disk_reads"] > 0 and st["host_evictions"] > 0 and st["lost"] == 0
+    assert st["read_ahead"] > 0  # predicted disk groups read while the layer before computed
     assert st["disk_writes"] >= sum(len(p) // 8 for p in prompts) * 3  # every full group of every layer
 
 

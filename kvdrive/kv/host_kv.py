@@ -11,7 +11,9 @@ fetch kernel needs no host work. Two implementations:
   disk pool (O_DIRECT extents, xxh3 per slot) holding every full group, written behind
   as groups fill. Host slots are evicted LRU among groups already durable on disk. A
   decode step whose selection needs disk-only groups pays one host sync per layer
-  (``resolve``): they are read into the arena, then fetched like host hits. A read that
+  (``resolve``): they are read into the arena, then fetched like host hits; the groups a
+  layer's predicted selection needs from disk are read ahead (``read_ahead``) while the
+  layer before computes, and adopted by that layer's ``resolve``. A read that
   fails its checksum or I/O is never served: the group is dropped from that step's
   attention and counted (``lost``).
 """
@@ -76,6 +78,10 @@ class HostKV(ABC):
     def resolve(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray) -> np.ndarray:
         """Bring ``groups`` (B, P) where ``need`` into host rows; returns the (B, P) mask that failed."""
         return np.zeros_like(need)
+
+    def read_ahead(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray) -> None:
+        """Start reading ``groups`` (B, P) where ``need`` into host rows, without waiting; the next
+        ``resolve`` of ``layer`` adopts what arrived."""
 
     def clear(self, slot: int) -> None:
         """A sequence slot starts over."""
@@ -156,7 +162,8 @@ class DiskBackedHostKV(HostKV):
         self._writes: deque = deque()  # (layer, flats, addrs, future), oldest first
         self.clock = 0.0
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
-        self.counts = {"disk_reads": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
+        self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
+        self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
 
     @property
     def nbytes(self) -> int:
@@ -257,7 +264,36 @@ class DiskBackedHostKV(HostKV):
                     self.pool.free([a])
 
     # -- read path --------------------------------------------------------------------
+    def read_ahead(self, layer, slot_list, groups, need):
+        self._land(layer)
+        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
+        flat_all = s * self.n + groups
+        want = need.astype(bool) & (self.slot_of[layer, s, groups] < 0)
+        flat = np.array([f for f in np.unique(flat_all[want]).tolist() if (layer, f) in self.addr], dtype=np.int64)
+        if not len(flat):
+            return
+        try:
+            slots = self._alloc(layer, len(flat), set(flat_all[need.astype(bool)].tolist()))
+        except CapacityError:
+            return  # the arena cannot take them now: the synchronous path will
+        fut = self.pool.read([self.addr[(layer, int(f))] for f in flat], [self.arenas[layer].buffer(x) for x in slots])
+        self._ahead[layer] = (flat, slots, fut)
+
+    def _land(self, layer: int) -> None:
+        """Adopt the read-ahead of ``layer`` (waits for it); failed reads are left to ``resolve``."""
+        pending = self._ahead.pop(layer, None)
+        if pending is None:
+            return
+        flat, slots, fut = pending
+        res = fut.result()
+        ok = [i for i, r in enumerate(res) if r is None]
+        self.arenas[layer].free([x for x, r in zip(slots, res) if r is not None])
+        if ok:
+            self._map(layer, flat[ok], [slots[i] for i in ok])
+        self.counts["read_ahead"] += len(ok)
+
     def resolve(self, layer, slot_list, groups, need):
+        self._land(layer)
         self.clock += 1
         failed = np.zeros_like(need)
         s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
@@ -303,6 +339,8 @@ class DiskBackedHostKV(HostKV):
 
     def clear(self, slot):
         self._last_step.synchronize()
+        for layer in list(self._ahead):
+            self._land(layer)
         self._reap(wait_all=True)
         for layer, arena in enumerate(self.arenas):
             held = self.slot_of[layer, slot]
@@ -326,5 +364,7 @@ class DiskBackedHostKV(HostKV):
                     host_resident_groups=int(sum(a.num_slots - a.num_free for a in self.arenas)))
 
     def close(self) -> None:
+        for layer in list(self._ahead):
+            self._land(layer)
         self._reap(wait_all=True)
         self.pool.close()

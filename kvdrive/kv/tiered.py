@@ -182,7 +182,7 @@ class TieredSparseKVCache(KVCache):
             for c in self.caches.values():
                 c.clear(slots)
         meta = {"slots": slots, "slot_list": slot_list, "lens": [s + num_new for s in starts],
-                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "masks": {},
+                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "ahead": {}, "masks": {},
                 "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list))
                 if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
@@ -300,10 +300,16 @@ class TieredSparseKVCache(KVCache):
         cache = self.caches[layer]
         mark("select")
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
+        if self.host.may_miss and prefetch:  # the predicted groups only on disk: read them ahead
+            ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
+            m["ahead"][layer] = (_to_host(groups), _to_host(ahead), devices.new_event(self.device))
+            m["ahead"][layer][2].record()
         if self.host.may_miss and not prefetch:  # one host sync: read what the GPU cache and host lack
+            self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0
             g_np, need = groups.cpu().numpy(), (listed & ~cached).cpu().numpy()
             failed = self.host.resolve(layer, m["slot_list"], g_np, need)
+            self._read_ahead(m, layer + 1)  # the next layer's disk reads overlap this layer's compute
             if failed.any():  # never served: drop those groups from this step's attention
                 groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)
             src = self.host.rows(layer, slots, groups)
@@ -311,6 +317,14 @@ class TieredSparseKVCache(KVCache):
         pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)
         mark("sync_fetch")
         return pages, num_pages
+
+    def _read_ahead(self, meta, layer: int) -> None:
+        """Submit the disk reads of ``layer``'s predicted selection (its hint recorded them)."""
+        ahead = meta["ahead"].pop(layer, None)
+        if ahead is not None:
+            groups, need, event = ahead
+            event.synchronize()  # the prediction (side stream) and its copy to the host are done
+            self.host.read_ahead(layer, meta["slot_list"], groups.numpy(), need.numpy())
 
     def _refresh_slots(self, layer: int, slot_list, starts) -> None:
         """Summarize the groups filled since this layer's last decode step (keys read from host)."""
@@ -394,6 +408,14 @@ class TieredSparseKVCache(KVCache):
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy to (pinned) host memory; valid once the stream's next event completes."""
+    if t.device.type == "cpu":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def _no_mark(name: str) -> None:

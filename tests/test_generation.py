@@ -104,3 +104,16 @@ def test_generation_stops_at_context_end(llm):
     finally:
         llm_short.max_model_len = old
     assert len(out.token_ids) == 4 and out.finish_reason == "length" and n > 64
+
+
+def test_continuous_batching_admits_queued_requests_as_sequences_finish(smollm2):
+    """Two decode slots for four requests: the queue drains as sequences finish, and every
+    output equals the one generated with all four in the batch at once."""
+    from kvdrive.engine.llm import LLM
+
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 5, 9, 7)]
+    wide = LLM(loaded=smollm2).generate(PROMPTS, params)
+    narrow_llm = LLM(loaded=smollm2, max_batch=2)
+    narrow = narrow_llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in narrow] == [o.token_ids for o in wide]
+    assert [len(o.token_ids) for o in narrow] == [12, 5, 9, 7]

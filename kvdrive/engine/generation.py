@@ -1,13 +1,15 @@
 """The generation loop: prefill each request, then decode the batch one token per step.
 
-Each request is prefilled alone, in chunks (so a long prompt never needs a
-(T x T) attention matrix at once); the batch then decodes together with one
-``plan``/forward/``commit`` per step over sequences of different lengths. Finished
-sequences leave the batch and free their KV at once.
+Requests queue and are admitted while the batch has room; each is prefilled alone, in
+chunks (so a long prompt never needs a (T x T) attention matrix at once); the batch
+decodes together with one ``plan``/forward/``commit`` per step over sequences of
+different lengths. Finished sequences leave the batch and free their KV at once, and
+queued requests take their places (continuous batching).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -84,52 +86,62 @@ def _prefill(model, cache: KVCache, req: Request, chunk: int, bar, prefix=None) 
 
 
 def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...], tokenizer,
-        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, prefix=None) -> Iterator[TokenEvent]:
-    """Generate for ``requests``; yields one ``TokenEvent`` per token. ``cuda_graphs``
-    replays a captured decode step on CUDA when the cache supports static plans.
-    ``prefix``: an object with ``load(model, cache, seq_id, prompt_ids) -> int`` (tokens
-    of KV it placed in the cache, < len(prompt)) and ``store(cache, seq_id, prompt_ids)``."""
+        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, prefix=None,
+        max_batch: int | None = None) -> Iterator[TokenEvent]:
+    """Generate for ``requests``; yields one ``TokenEvent`` per token.
+
+    Continuous batching: requests wait in a queue and are admitted (registered, prefilled)
+    while fewer than ``max_batch`` sequences decode (default: the cache's ``max_seqs``);
+    a finished sequence frees its KV and the next request takes its place before the next
+    decode step. ``cuda_graphs`` replays a captured decode step on CUDA when the cache
+    supports static plans (recaptured when the batch changes). ``prefix``: an object with
+    ``load(model, cache, seq_id, prompt_ids) -> int`` (tokens of KV it placed in the cache,
+    < len(prompt)) and ``store(cache, seq_id, prompt_ids)``."""
     detok = Detokenizer(tokenizer)
     use_graphs = cuda_graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False)
+    max_batch = max_batch or getattr(cache, "max_seqs", len(requests))
     graph = None
-    total_prompt = sum(len(r.prompt_ids) for r in requests)
-    for req in requests:
-        cache.add(req.seq_id, len(req.prompt_ids) + req.max_new)
+    queue = deque(requests)
     active: list[Request] = []
+    total_prompt = sum(len(r.prompt_ids) for r in requests)
     with progress(total=total_prompt, desc="prefill", unit="tok", enabled=total_prompt > 4096) as bar:
-        for req in requests:
-            logits = _prefill(model, cache, req, prefill_chunk, bar, prefix)
-            token = sample(logits, [req.params], [req.generator])[0]
-            event = _accept(req, token, eos_ids, detok)
-            yield event
-            if event.finish_reason is None:
-                active.append(req)
-            else:
-                cache.free(req.seq_id)
-    while active:
-        seq_ids = [r.seq_id for r in active]
-        ids = torch.tensor([[r.output_ids[-1]] for r in active], device=model.device)  # (B, 1)
-        if use_graphs:
-            if graph is None or not graph.matches(seq_ids):
-                from kvdrive.engine.cuda_graph import GraphedDecodeStep
+        while queue or active:
+            while queue and len(active) < max_batch:  # admit
+                req = queue.popleft()
+                cache.add(req.seq_id, len(req.prompt_ids) + req.max_new)
+                logits = _prefill(model, cache, req, prefill_chunk, bar, prefix)
+                token = sample(logits, [req.params], [req.generator])[0]
+                event = _accept(req, token, eos_ids, detok)
+                yield event
+                if event.finish_reason is None:
+                    active.append(req)
+                else:
+                    cache.free(req.seq_id)
+            if not active:
+                continue
+            seq_ids = [r.seq_id for r in active]
+            ids = torch.tensor([[r.output_ids[-1]] for r in active], device=model.device)  # (B, 1)
+            if use_graphs:
+                if graph is None or not graph.matches(seq_ids):
+                    from kvdrive.engine.cuda_graph import GraphedDecodeStep
 
-                graph = GraphedDecodeStep(model, cache, seq_ids, ids)
-            logits = graph(ids)
-            cache.commit(graph.batch)
-        else:
-            batch = cache.plan(seq_ids, 1)
-            logits = model(ids, cache, batch)
-            cache.commit(batch)
-        tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
-        still = []
-        for req, token in zip(active, tokens):
-            event = _accept(req, token, eos_ids, detok)
-            yield event
-            if event.finish_reason is None:
-                still.append(req)
+                    graph = GraphedDecodeStep(model, cache, seq_ids, ids)
+                logits = graph(ids)
+                cache.commit(graph.batch)
             else:
-                cache.free(req.seq_id)
-        active = still
+                batch = cache.plan(seq_ids, 1)
+                logits = model(ids, cache, batch)
+                cache.commit(batch)
+            tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
+            still = []
+            for req, token in zip(active, tokens):
+                event = _accept(req, token, eos_ids, detok)
+                yield event
+                if event.finish_reason is None:
+                    still.append(req)
+                else:
+                    cache.free(req.seq_id)
+            active = still
 
 
 def _accept(req: Request, token: int, eos_ids: tuple[int, ...], detok: Detokenizer) -> TokenEvent:

@@ -40,10 +40,16 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None):
+                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
         ``kv_cache``: a ``kvdrive.kv.tiered.TieredConfig`` to keep the KV in host memory (and on
-        disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device."""
+        disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device.
+        ``max_batch``: most sequences decoding at once (default: every request; with
+        ``kv_cache``, no more than host memory holds); the rest queue and are admitted as
+        sequences finish."""
+        if max_batch is not None and max_batch < 1:
+            raise KvdriveError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         self.loaded = loaded if loaded is not None else load_model(model, device=device, dtype=dtype, seed=seed)
         self.model, self.config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         limit = self.config.max_position_embeddings
@@ -109,13 +115,14 @@ class LLM:
 
     def _events(self, reqs) -> Iterator[generation.TokenEvent]:
         max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
+        n = min(len(reqs), self.max_batch or len(reqs))
         if self.kv_cache is not None:
             from kvdrive.kv.tiered import TieredSparseKVCache
 
-            cache = TieredSparseKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype,
-                                        self.kv_cache)
+            n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache))
+            cache = TieredSparseKVCache(self.config, n, max_len, self.model.device, self.model.dtype, self.kv_cache)
         else:
-            cache = ContiguousKVCache(self.config, len(reqs), max_len, self.model.device, self.model.dtype)
+            cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)
         return generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:

@@ -36,14 +36,23 @@ from kvdrive.kv.pool import DiskPool, PoolPath
 HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
 
 
-def check_host_room(nbytes: int, what: str) -> None:
-    """Refuse up front a pinned allocation the machine cannot hold (pinning it would swap or
-    be killed), with the fix; admission of a batch goes through this before any allocation."""
+def host_room() -> int | None:
+    """Host memory that pinned KV may take now (MemAvailable minus headroom); None off Linux."""
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
+        return None
+    return max(avail - HOST_HEADROOM, 0)
+
+
+def check_host_room(nbytes: int, what: str) -> None:
+    """Refuse up front a pinned allocation the machine cannot hold (pinning it would swap or
+    be killed), with the fix; admission of a batch goes through this before any allocation."""
+    room = host_room()
+    if room is None:
         return  # not Linux: nothing to check against
+    avail = room + HOST_HEADROOM
     if nbytes > avail - HOST_HEADROOM:
         raise CapacityError(f"{what} needs {nbytes / 2**30:.1f} GiB of pinned host memory, "
                             f"{max(avail - HOST_HEADROOM, 0) / 2**30:.1f} GiB is available: lower the batch or the "

@@ -36,7 +36,7 @@ from kvdrive.errors import KvdriveError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
-from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV
+from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV, host_room
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
@@ -105,6 +105,17 @@ class TieredSparseKVCache(KVCache):
         self.step_t = torch.zeros((), device=device)  # decode steps, on the device (LRU stamps)
         self.profile: StepProfile | None = None  # set ``StepProfile(device)`` for a per-phase breakdown (eager)
         self.hint_layers = frozenset(self.sparse_layers) if tiered.prefetch else frozenset()
+
+    @staticmethod
+    def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
+        """How many sequences of ``max_len`` the host tier can hold (admission); at least 1 (a
+        single one that does not fit is refused with the fix when the cache is built)."""
+        g = tiered.sparse.group_tokens
+        per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-max_len // g) * config.num_hidden_layers
+        room = host_room()
+        if tiered.disk:
+            room = sum(p.budget_bytes for p in tiered.disk)
+        return 1 << 30 if room is None else max(1, room // per_seq)
 
     # -- construction ---------------------------------------------------------------
     def _summarizer(self, layer: int):

@@ -284,7 +284,7 @@ def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) 
     if system.needs_cuda and dev.type != "cuda":
         return "needs a CUDA GPU"
     if system.build is None and not loaded.random_weights:
-        return "hf_offload shares weights only with random: presets (bench/model.py's _hf_model)"
+        return "hf_offload shares weights only with random: presets (bench/model.py's hf_model)"
     if system.build is None and shape.batch * shape.context > args.hf_max_tokens:
         return f"context x batch > --hf-max-tokens {args.hf_max_tokens} (its prefill alone would take minutes)"
     gpu, host = system.gpu_bytes(shape, opts), system.host_bytes(shape, opts)
@@ -311,15 +311,15 @@ def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) 
 def hf_decode(loaded, prompts: torch.Tensor, new_tokens: int) -> dict:
     """Decode tokens/s of transformers ``generate`` with its offloaded cache on kvdrive's
     weights: (time of prefill + N+1 tokens - time of prefill + 1 token) / N, as bench model."""
-    from kvdrive.bench.model import _decode_rate, _hf_model
+    from kvdrive.bench.model import decode_rate, hf_model
 
-    hf = _hf_model(loaded)
+    hf = hf_model(loaded)
 
     def gen(p, n):
         with torch.inference_mode():
             return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="offloaded",
                                attention_mask=torch.ones_like(p), pad_token_id=0)
 
-    rate = _decode_rate(gen, prompts, new_tokens, 1, prompts.device)
+    rate = decode_rate(gen, prompts, new_tokens, 1, prompts.device)
     return {"tokens_per_s": rate["decode_tokens_per_s"], "step_ms": rate["decode_step_ms"],
             "prefill_plus_first_token_s": rate["prefill_plus_first_token_s"], "steps_timed": new_tokens}

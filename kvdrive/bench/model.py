@@ -60,7 +60,7 @@ def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs
     return [r.output_ids for r in reqs]
 
 
-def _hf_model(loaded):
+def hf_model(loaded):
     from transformers import AutoModelForCausalLM
 
     from kvdrive.models import presets
@@ -78,7 +78,7 @@ def _hf_model(loaded):
     return hf.to(loaded.model.device).eval()
 
 
-def _decode_rate(gen, prompts, new_tokens, repeats, dev) -> dict:
+def decode_rate(gen, prompts, new_tokens, repeats, dev) -> dict:
     gen(prompts, 2)  # warm-up: kernels, allocator, cuBLAS handles
     t1 = _median_time(lambda: gen(prompts, 1), repeats, dev)
     tn = _median_time(lambda: gen(prompts, new_tokens + 1), repeats, dev)
@@ -92,20 +92,20 @@ def run(args) -> int:
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, dev = loaded.model, loaded.model.device
-    hf = None if args.no_transformers else _hf_model(loaded)
+    hf = None if args.no_transformers else hf_model(loaded)
     gen = torch.Generator().manual_seed(0)
     results = []
     for b in progress(args.batches, desc="batches"):
         prompts = torch.randint(0, model.config.vocab_size, (b, args.context), generator=gen).to(dev)
         row = {"batch": b, "context": args.context}
-        ours = _decode_rate(lambda p, n: _kvdrive_generate(model, p, n), prompts, args.new_tokens, args.repeats, dev)
+        ours = decode_rate(lambda p, n: _kvdrive_generate(model, p, n), prompts, args.new_tokens, args.repeats, dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
             _kvdrive_generate(model, prompts, args.new_tokens)
             ours["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         row["kvdrive"] = ours
         if dev.type == "cuda":
-            row["kvdrive_eager"] = _decode_rate(lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
+            row["kvdrive_eager"] = decode_rate(lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
                                                 prompts, args.new_tokens, args.repeats, dev)
             graphed, eager = _kvdrive_generate(model, prompts, 8), _kvdrive_generate(model, prompts, 8, False)
             row["graph_vs_eager_tokens_agree"] = sum(
@@ -115,7 +115,7 @@ def run(args) -> int:
                 with torch.inference_mode():
                     return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                        attention_mask=torch.ones_like(p), pad_token_id=0)
-            theirs = _decode_rate(hf_gen, prompts, args.new_tokens, args.repeats, dev)
+            theirs = decode_rate(hf_gen, prompts, args.new_tokens, args.repeats, dev)
             row["transformers"] = theirs
             row["speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
             if b == 1:

@@ -111,12 +111,10 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
                 cache.add(req.seq_id, len(req.prompt_ids) + req.max_new)
                 logits = _prefill(model, cache, req, prefill_chunk, bar, prefix)
                 token = sample(logits, [req.params], [req.generator])[0]
-                event = _accept(req, token, eos_ids, detok)
+                event = _accept(req, token, eos_ids, detok, cache)
                 yield event
                 if event.finish_reason is None:
                     active.append(req)
-                else:
-                    cache.free(req.seq_id)
             if not active:
                 continue
             seq_ids = [r.seq_id for r in active]
@@ -133,18 +131,20 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
                 logits = model(ids, cache, batch)
                 cache.commit(batch)
             tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
-            still = []
-            for req, token in zip(active, tokens):
-                event = _accept(req, token, eos_ids, detok)
-                yield event
-                if event.finish_reason is None:
-                    still.append(req)
-                else:
-                    cache.free(req.seq_id)
-            active = still
+            events = [_accept(req, token, eos_ids, detok, cache) for req, token in zip(active, tokens)]
+            yield from events
+            active = [req for req, event in zip(active, events) if event.finish_reason is None]
 
 
-def _accept(req: Request, token: int, eos_ids: tuple[int, ...], detok: Detokenizer) -> TokenEvent:
+def _accept(req: Request, token: int, eos_ids: tuple[int, ...], detok: Detokenizer, cache: KVCache) -> TokenEvent:
+    """Take one sampled token; a request that finishes frees its KV at once."""
+    event = _token_event(req, token, eos_ids, detok)
+    if event.finish_reason is not None:
+        cache.free(req.seq_id)
+    return event
+
+
+def _token_event(req: Request, token: int, eos_ids: tuple[int, ...], detok: Detokenizer) -> TokenEvent:
     p = req.params
     if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
         req.finish_reason = "stop"

@@ -15,9 +15,7 @@ Achieved bandwidth is reported against a measured device-to-device copy.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from kvdrive import device as dev
 from kvdrive.attention.sparse import sparse_attention_triton, triton_available
 from kvdrive.attention.sparse_ref import sparse_attention_ref
-from kvdrive.bench.common import write_result
+from kvdrive.bench.common import time_ms, write_result
 
 LLAMA = dict(h_q=32, h_kv=8, d=128)
 
@@ -40,27 +38,6 @@ def add_arguments(p) -> None:
                    help="Triton tokens per inner iteration to try (default 32 64 128)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats, median kept (default 20)")
     p.add_argument("-o", "--out", default="bench/results/attention.json", help="JSON result path")
-
-
-def time_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()``: CUDA events around each call on the GPU, a host clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    dev.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def time_graph_ms(fn, device: torch.device, repeats: int = 20) -> float | None:

@@ -7,10 +7,14 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+from kvdrive import device as dev
 
 
 def environment() -> dict:
@@ -45,3 +49,24 @@ def write_result(path: str | Path, name: str, config: dict, results, notes: list
            "results": results, "notes": notes or []}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def time_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()``: CUDA events around each call on the GPU, a host clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    dev.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

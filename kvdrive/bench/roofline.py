@@ -14,11 +14,11 @@ memory traffic. Both bandwidths are measured in the same run as the decode (``me
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from kvdrive.bench.common import time_ms
 
 FORMULA = ("bound step = max((weight bytes + KV/summary bytes read on the GPU) / HBM bw, "
            "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
@@ -80,34 +80,16 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return total - emb.numel() * emb.element_size() if emb is not None and "lm_head.weight" in params else total
 
 
-def _median_s(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: pages faulted in, copy engines awake
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> Bandwidths:
     """HBM bandwidth (device-to-device copy of ``nbytes``) and pinned H2D bandwidth (one
     ``nbytes`` copy), median of ``repeats``. On CPU, a host memory copy stands for HBM."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    hbm = 2 * nbytes / _median_s(lambda: dst.copy_(src), device, repeats)
+    hbm = 2 * nbytes / (time_ms(lambda: dst.copy_(src), device, repeats, warmup=1) * 1e-3)
     h2d = None
     if device.type == "cuda":
         del src
         host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-        h2d = nbytes / _median_s(lambda: dst.copy_(host, non_blocking=True), device, repeats)
+        h2d = nbytes / (time_ms(lambda: dst.copy_(host, non_blocking=True), device, repeats, warmup=1) * 1e-3)
         del host
     return Bandwidths(hbm, h2d, nbytes)

@@ -24,8 +24,8 @@ from kvdrive.attention.lowrank import KeyGram
 from kvdrive.attention.pages import to_slots
 from kvdrive.attention.select import Budget, SelectionConfig, select_groups
 from kvdrive.attention.sparse import sparse_attention, triton_available
-from kvdrive.bench.attention import (contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms,
-                                     time_ms)
+from kvdrive.bench.attention import contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms
+from kvdrive.bench.common import time_ms
 from kvdrive.bench.common import write_result
 from kvdrive.kv.summaries import SUMMARIZERS, make_summarizer
 

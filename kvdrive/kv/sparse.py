@@ -87,18 +87,13 @@ class SparseKVCache(KVCache):
         if sparse.group_tokens != self.g:
             raise KvdriveError("reconfigure cannot change group_tokens (the pool layout)")
         self.sparse, self.sel_cfg = sparse, sparse.selection()
-        config, g, device, dtype = self.config, self.g, self.device, self.dtype
+        config, device, dtype = self.config, self.device, self.dtype
         h, d, max_seqs = config.num_key_value_heads, config.head_dim, self.max_seqs
         self.tables: dict[int, SummaryTable] = {}
         for layer in config.global_layers:
             if layer in sparse.dense_layers:
                 continue
-            kw = {}
-            if sparse.summary == "lowrank_offline":
-                kw = {"basis": sparse.bases[layer].to(device)}
-            elif sparse.summary == "lowrank_seq":
-                kw = {"rank": sparse.rank, "max_seqs": max_seqs, "device": device, "dtype": torch.float32}
-            summ = make_summarizer(sparse.summary, h, d, g, **kw)
+            summ = layer_summarizer(sparse, layer, h, d, max_seqs, device)
             self.tables[layer] = SummaryTable(summ, max_seqs, self.max_groups, device, dtype)
         self._summarized = {layer: [0] * max_seqs for layer in self.tables}  # full groups summarized, per slot
         self.last_selection: dict = {}  # layer -> Selection (groups (B, H_kv, P), num_pages (B,))
@@ -177,12 +172,7 @@ class SparseKVCache(KVCache):
             first_t = torch.tensor(first, device=self.device)
             idx = first_t[:, None] + torch.arange(n_pages, device=self.device)  # (B, P)
             idx = idx.clamp(max=self.max_groups - 1) + m["slots"][:, None] * self.max_groups
-            kpos = first_t[:, None] * g + torch.arange(n_pages * g, device=self.device)  # (B, P*G)
-            qpos = batch.positions  # (B, T)
-            mask = kpos[:, None, :] <= qpos[:, :, None]
-            if spec.window is not None:
-                mask &= kpos[:, None, :] > qpos[:, :, None] - spec.window
-            m["dense"][key] = (idx, mask[:, None])  # mask (B, 1, T, P*G)
+            m["dense"][key] = (idx, span_mask(first_t, n_pages, g, batch.positions, spec.window))
         idx, mask = m["dense"][key]
         b, p = idx.shape
         kv = self.pool[layer][idx]  # (B, P, 2, H_kv, G, D)
@@ -221,7 +211,7 @@ class SparseKVCache(KVCache):
         valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[slots][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
         scores = table.summarizer.score(qd, table.data[slots, :n_max], valid, spec.scale, rows=rows)
-        max_pages = min(n_max, self._max_pages(max(m["lens"])))
+        max_pages = min(n_max, max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         self.last_selection[layer] = sel
         slot_table = slots[:, None] * self.max_groups + torch.arange(n_max, device=self.device)  # (B, N)
@@ -230,7 +220,30 @@ class SparseKVCache(KVCache):
         out, _ = sparse_attention(qd, self.pool[layer], page_table, sel.num_pages, last_len, spec.scale, spec.softcap)
         return out[:, :, None, :]
 
-    def _max_pages(self, context: int) -> int:
-        c, g = self.sel_cfg, self.g
-        budget = c.budget.tokens if c.budget.tokens is not None else c.budget.fraction * context
-        return max(-(-int(budget) // g) + 1, c.n_sink + c.n_window)
+
+def layer_summarizer(sparse: SparseConfig, layer: int, num_kv_heads: int, head_dim: int, max_seqs: int, device):
+    """The summarizer ``sparse`` asks for, for one layer (its offline basis, or per-sequence bases)."""
+    kw = {}
+    if sparse.summary == "lowrank_offline":
+        kw = {"basis": sparse.bases[layer].to(device)}
+    elif sparse.summary == "lowrank_seq":
+        kw = {"rank": sparse.rank, "max_seqs": max_seqs, "device": device, "dtype": torch.float32}
+    return make_summarizer(sparse.summary, num_kv_heads, head_dim, sparse.group_tokens, **kw)
+
+
+def max_pages_for(sel: SelectionConfig, group_tokens: int, context: int) -> int:
+    """Pages one selection takes at ``context`` tokens: the budget's groups plus the partly filled
+    one, never fewer than sinks + window."""
+    budget = sel.budget.tokens if sel.budget.tokens is not None else sel.budget.fraction * context
+    return max(-(-int(budget) // group_tokens) + 1, sel.n_sink + sel.n_window)
+
+
+def span_mask(first: torch.Tensor, n_pages: int, group_tokens: int, positions: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """(B, 1, T, P*G) bool: which keys of a gathered span of ``n_pages`` groups starting at group
+    ``first`` (B,) the queries at ``positions`` (B, T) see (causal, within ``window``)."""
+    kpos = first[:, None] * group_tokens + torch.arange(n_pages * group_tokens, device=first.device)  # (B, P*G)
+    mask = kpos[:, None, :] <= positions[:, :, None]
+    if window is not None:
+        mask &= kpos[:, None, :] > positions[:, :, None] - window
+    return mask[:, None]

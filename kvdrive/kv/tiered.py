@@ -41,9 +41,9 @@ from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
 from kvdrive.kv.slots import SequenceSlots
-from kvdrive.kv.sparse import SparseConfig
+from kvdrive.kv.sparse import SparseConfig, layer_summarizer, max_pages_for, span_mask
 from kvdrive.kv.step_profile import StepProfile
-from kvdrive.kv.summaries import SummaryTable, make_summarizer
+from kvdrive.kv.summaries import SummaryTable
 
 REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)
 
@@ -82,17 +82,17 @@ class TieredSparseKVCache(KVCache):
         self.g = g = tiered.sparse.group_tokens
         self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
         self.n = -(-max_len // g)
-        h, d = config.num_key_value_heads, config.head_dim
-        self.group_shape = (2, h, g, d)
-        self.group_bytes = 2 * h * g * d * dtype.itemsize
         layout = GroupLayout.from_config(config, dtype, g)
+        self.group_shape, self.group_bytes = layout.slot_shape, layout.group_bytes  # (2, H_kv, G, D)
         self.host = DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk,
                                      tiered.direct) if tiered.disk else FullHostKV(layout, max_seqs, self.n, device)
         self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
         self.sparse_layers = [l for l in config.global_layers if l not in tiered.sparse.dense_layers]
-        self.tables = {l: SummaryTable(self._summarizer(l), max_seqs, self.n, device, dtype) for l in self.sparse_layers}
+        h, d = config.num_key_value_heads, config.head_dim
+        self.tables = {l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n,
+                                       device, dtype) for l in self.sparse_layers}
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
-        self.max_pages = self._max_pages(max_len)
+        self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
         self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
         self.side = devices.new_stream(device) if tiered.overlap else None
         self.steps = 0
@@ -118,20 +118,6 @@ class TieredSparseKVCache(KVCache):
         return 1 << 30 if room is None else max(1, room // per_seq)
 
     # -- construction ---------------------------------------------------------------
-    def _summarizer(self, layer: int):
-        s, c = self.sparse, self.config
-        kw = {}
-        if s.summary == "lowrank_offline":
-            kw = {"basis": s.bases[layer].to(self.device)}
-        elif s.summary == "lowrank_seq":
-            kw = {"rank": s.rank, "max_seqs": self.max_seqs, "device": self.device, "dtype": torch.float32}
-        return make_summarizer(s.summary, c.num_key_value_heads, c.head_dim, self.g, **kw)
-
-    def _max_pages(self, context: int) -> int:
-        c, g = self.sel_cfg, self.g
-        budget = c.budget.tokens if c.budget.tokens is not None else c.budget.fraction * context
-        return min(self.n, max(-(-int(budget) // g) + 1, c.n_sink + c.n_window))
-
     def _even_capacity(self) -> int:
         return max(self.max_pages, self.tiered.cache_tokens // self.g) if self.tiered.eviction != "none" \
             else self.max_pages
@@ -192,8 +178,11 @@ class TieredSparseKVCache(KVCache):
         if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
             for c in self.caches.values():
                 c.clear(slots)
+        len_t = start + num_new
+        num_groups = (len_t + self.g - 1) // self.g  # (B,) incl. the partly filled group
         meta = {"slots": slots, "slot_list": slot_list, "lens": [s + num_new for s in starts],
-                "len_t": start + num_new, "offs": positions % self.g, "static": static, "prefetch": {}, "ahead": {}, "masks": {},
+                "len_t": len_t, "num_groups": num_groups,
+                "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32), "offs": positions % self.g, "static": static, "prefetch": {}, "ahead": {}, "masks": {},
                 "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list))
                 if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
@@ -281,11 +270,8 @@ class TieredSparseKVCache(KVCache):
         mark("prefetch_wait")
         qd = q[:, :, 0]  # (B, H_q, D)
         pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
-        m, g = batch.meta, self.g
-        num_groups = (m["len_t"] + g - 1) // g
-        last_len = (m["len_t"] - (num_groups - 1) * g).to(torch.int32)
         pages = pages[:, None, :].expand(-1, self.group_shape[1], -1)  # (B, H_kv, P): one selection per layer
-        out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, last_len,
+        out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, batch.meta["last_len"],
                                   spec.scale, spec.softcap)
         mark("attention")
         return out[:, :, None, :]
@@ -297,12 +283,12 @@ class TieredSparseKVCache(KVCache):
             self._refresh_slots(layer, m["slot_list"], batch.start)
         table, slots = self.tables[layer], m["slots"]
         n_max = self.n if m["static"] else max(-(-n // g) for n in m["lens"])
-        num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
+        num_groups = m["num_groups"]
         sl = m["slot_range"] if m["slot_range"] is not None else slots  # a range: views, no gather
         valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[sl][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
         scores = table.summarizer.score(qd, table.data[sl, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
-        max_pages = min(n_max, self.max_pages if m["static"] else self._max_pages(max(m["lens"])))
+        max_pages = min(n_max, self.max_pages if m["static"] else max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
@@ -372,13 +358,7 @@ class TieredSparseKVCache(KVCache):
             kv[bi, local // g, 1, :, local % g] = v_new.transpose(1, 2)
         key = spec.window
         if key not in m["masks"]:
-            first_t = torch.tensor(first, device=self.device)
-            kpos = first_t[:, None] * g + torch.arange(n_pages * g, device=self.device)  # (B, P*G)
-            qpos = batch.positions
-            mask = kpos[:, None, :] <= qpos[:, :, None]
-            if spec.window is not None:
-                mask &= kpos[:, None, :] > qpos[:, :, None] - spec.window
-            m["masks"][key] = mask[:, None]  # (B, 1, T, P*G)
+            m["masks"][key] = span_mask(torch.tensor(first, device=self.device), n_pages, g, batch.positions, key)
         h, d = self.group_shape[1], self.group_shape[3]
         k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, h, n_pages * g, d)
         v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, h, n_pages * g, d)

@@ -30,7 +30,7 @@ from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.host import HostTier
 from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.pool import DiskPool, PoolPath
+from kvdrive.kv.pool import DiskAddr, DiskPool, PoolPath
 
 
 HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
@@ -52,10 +52,9 @@ def check_host_room(nbytes: int, what: str) -> None:
     room = host_room()
     if room is None:
         return  # not Linux: nothing to check against
-    avail = room + HOST_HEADROOM
-    if nbytes > avail - HOST_HEADROOM:
+    if nbytes > room:
         raise CapacityError(f"{what} needs {nbytes / 2**30:.1f} GiB of pinned host memory, "
-                            f"{max(avail - HOST_HEADROOM, 0) / 2**30:.1f} GiB is available: lower the batch or the "
+                            f"{room / 2**30:.1f} GiB is available: lower the batch or the "
                             "maximum length, or keep the KV on disk (--disk DIR with a smaller --host-gib)")
 
 
@@ -165,8 +164,9 @@ class DiskBackedHostKV(HostKV):
         self.slot_gpu = torch.full((nl, max_seqs, max_groups), -1, dtype=torch.int64, device=device)
         self.owner = [np.full(a.num_slots, -1, dtype=np.int64) for a in self.arenas]  # slot -> seq*N + group
         self.stamp = [np.zeros(a.num_slots) for a in self.arenas]
-        self.durable = np.zeros((nl, max_seqs, max_groups), dtype=bool)
-        self.addr: dict[tuple[int, int], object] = {}  # (layer, seq*N + group) -> DiskAddr
+        # Durable disk copy of (layer, seq*N + group): (device, slot), -1 while there is none. A
+        # group is durable (may leave host memory) exactly when it has one.
+        self.disk_at = np.full((nl, max_seqs * max_groups, 2), -1, dtype=np.int64)
         self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
         self._writes: deque = deque()  # (layer, flats, addrs, future), oldest first
         self.clock = 0.0
@@ -197,7 +197,7 @@ class DiskBackedHostKV(HostKV):
             own = self.owner[layer]
             used = np.nonzero(own >= 0)[0]
             flat = own[used]
-            ok = self.durable[layer].reshape(-1)[flat] & ~np.isin(flat, list(protect))
+            ok = (self.disk_at[layer, flat, 1] >= 0) & ~np.isin(flat, list(protect))
             cand = used[ok]
             victims = cand[np.argsort(self.stamp[layer][cand], kind="stable")[: n - arena.num_free]]
             if len(victims):
@@ -267,39 +267,48 @@ class DiskBackedHostKV(HostKV):
             wait_one = False
             for f, a, r in zip(flat.tolist(), addrs, fut.result()):
                 if r is None:
-                    self.addr[(layer, f)] = a
-                    self.durable[layer].reshape(-1)[f] = True
+                    self.disk_at[layer, f] = a
                 else:  # the host copy stays (not durable, so never evicted)
                     self.pool.free([a])
 
     # -- read path --------------------------------------------------------------------
+    def _addrs(self, layer: int, flat: np.ndarray) -> list[DiskAddr]:
+        return [DiskAddr(int(d), int(x)) for d, x in self.disk_at[layer, flat]]
+
+    def _submit(self, layer: int, flat: np.ndarray, protect: set[int]):
+        """Host slots for the durable groups ``flat`` and their disk reads, all devices at once."""
+        slots = self._alloc(layer, len(flat), protect)
+        return slots, self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
+
+    def _adopt(self, layer: int, flat: np.ndarray, slots: list[int], results) -> np.ndarray:
+        """Map the groups whose read succeeded, free the slots of the others; (n,) bool ok."""
+        ok = np.array([r is None for r in results], dtype=bool)
+        self.arenas[layer].free([x for x, good in zip(slots, ok) if not good])
+        if ok.any():
+            self._map(layer, flat[ok], [x for x, good in zip(slots, ok) if good])
+        return ok
+
     def read_ahead(self, layer, slot_list, groups, need):
         self._land(layer)
         s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
         flat_all = s * self.n + groups
         want = need.astype(bool) & (self.slot_of[layer, s, groups] < 0)
-        flat = np.array([f for f in np.unique(flat_all[want]).tolist() if (layer, f) in self.addr], dtype=np.int64)
+        flat = np.unique(flat_all[want])
+        flat = flat[self.disk_at[layer, flat, 1] >= 0]
         if not len(flat):
             return
         try:
-            slots = self._alloc(layer, len(flat), set(flat_all[need.astype(bool)].tolist()))
+            slots, fut = self._submit(layer, flat, set(flat_all[need.astype(bool)].tolist()))
         except CapacityError:
             return  # the arena cannot take them now: the synchronous path will
-        fut = self.pool.read([self.addr[(layer, int(f))] for f in flat], [self.arenas[layer].buffer(x) for x in slots])
         self._ahead[layer] = (flat, slots, fut)
 
     def _land(self, layer: int) -> None:
         """Adopt the read-ahead of ``layer`` (waits for it); failed reads are left to ``resolve``."""
         pending = self._ahead.pop(layer, None)
-        if pending is None:
-            return
-        flat, slots, fut = pending
-        res = fut.result()
-        ok = [i for i, r in enumerate(res) if r is None]
-        self.arenas[layer].free([x for x, r in zip(slots, res) if r is not None])
-        if ok:
-            self._map(layer, flat[ok], [slots[i] for i in ok])
-        self.counts["read_ahead"] += len(ok)
+        if pending is not None:
+            flat, slots, fut = pending
+            self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.result()).sum())
 
     def resolve(self, layer, slot_list, groups, need):
         self._land(layer)
@@ -314,25 +323,17 @@ class DiskBackedHostKV(HostKV):
         if not want.any():
             return failed
         flat = np.unique(flat_all[want])
-        addrs = [self.addr.get((layer, int(f))) for f in flat]
-        absent = [i for i, a in enumerate(addrs) if a is None]
-        readable = [i for i, a in enumerate(addrs) if a is not None]
-        slots = self._alloc(layer, len(readable), set(flat_all[need].tolist()))
-        res = self.pool.read([addrs[i] for i in readable], [self.arenas[layer].buffer(x) for x in slots]).result()
-        ok = [i for i, r in zip(readable, res) if r is None]
-        bad = set(absent) | {i for i, r in zip(readable, res) if r is not None}
-        ok_slots = [x for x, r in zip(slots, res) if r is None]
-        self.arenas[layer].free([x for x, r in zip(slots, res) if r is not None])
-        if ok:
-            self._map(layer, flat[ok], ok_slots)
-        self.counts["disk_reads"] += len(ok)
-        if bad:
-            lost = flat[sorted(bad)]
-            for f in lost.tolist():  # never read a bad copy again
-                a = self.addr.pop((layer, f), None)
-                if a is not None:
-                    self.pool.free([a])
-                self.durable[layer].reshape(-1)[f] = False
+        on_disk = self.disk_at[layer, flat, 1] >= 0
+        ok = np.zeros(len(flat), dtype=bool)
+        if on_disk.any():
+            slots, fut = self._submit(layer, flat[on_disk], set(flat_all[need].tolist()))
+            ok[on_disk] = self._adopt(layer, flat[on_disk], slots, fut.result())
+        self.counts["disk_reads"] += int(ok.sum())
+        if not ok.all():
+            lost = flat[~ok]
+            bad = lost[self.disk_at[layer, lost, 1] >= 0]
+            self.pool.free(self._addrs(layer, bad))  # never read a bad copy again
+            self.disk_at[layer, lost] = -1
             failed = want & np.isin(flat_all, lost)
             self.counts["lost"] += int(failed.sum())
         return failed
@@ -359,11 +360,9 @@ class DiskBackedHostKV(HostKV):
                 arena.free(used.tolist())
             self.slot_of[layer, slot] = -1
             self.slot_gpu[layer, slot] = -1
-            for f in range(slot * self.n, (slot + 1) * self.n):
-                a = self.addr.pop((layer, f), None)
-                if a is not None:
-                    self.pool.free([a])
-            self.durable[layer, slot] = False
+            span = np.arange(slot * self.n, (slot + 1) * self.n)
+            self.pool.free(self._addrs(layer, span[self.disk_at[layer, span, 1] >= 0]))
+            self.disk_at[layer, span] = -1
 
     def reset_counts(self) -> None:
         self.counts = dict.fromkeys(self.counts, 0)

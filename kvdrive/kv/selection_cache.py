@@ -71,8 +71,8 @@ class SelectionCache:
         """Make the listed groups resident; returns their pool rows (B, P) int32 (trash where unlisted).
 
         rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
-        bool; step () tensor, the decode step (LRU stamp); scores (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every
-        group has a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows
+        bool; step () tensor, the decode step (LRU stamp); scores (B, N_s) float32 of this step
+        (``lookahead``; N_s <= N); source the pool every group has a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows
         of ``groups``; -1 (on disk only) is fetched by nobody: a prefetch skips it, and the caller
         resolves every listed group before a non-prefetch call.
         """
@@ -85,6 +85,7 @@ class SelectionCache:
         hit = listed & (cur >= 0)
         miss = listed & (cur < 0) & (source_rows >= 0)
         fresh = self.fresh[rows]
+        stamp = self.stamp[rows]  # (B, C+1)
         if not prefetch:
             was_fresh = fresh.gather(1, torch.where(hit, cur, cap)) & hit
             self.counters[0] += hit.sum()
@@ -100,7 +101,7 @@ class SelectionCache:
             col = held.clamp(min=0, max=scores.shape[1] - 1)
             key = scores.gather(1, col).float()
         else:
-            key = self.stamp[rows][:, :cap].clone()
+            key = stamp[:, :cap].clone()
         key = torch.where(in_use, key, float("-inf"))
         protect = in_use & selected.gather(1, held.clamp(min=0, max=n))
         key = key.masked_fill(protect, float("inf"))
@@ -112,7 +113,6 @@ class SelectionCache:
         tab.scatter_(1, torch.where(miss, gi, n), victim.to(torch.int32).masked_fill(~miss, -1))
         own.scatter_(1, victim, torch.where(miss, gi, -1))
         slot = torch.where(miss, victim, cur).clamp(min=0)
-        stamp = self.stamp[rows]
         stamp.scatter_(1, torch.where(listed, slot, cap), step.expand(b, p).to(stamp.dtype))
         fresh.scatter_(1, torch.where(miss, victim, cap), prefetch)
         if not prefetch:

@@ -19,6 +19,7 @@ import traceback
 
 import torch
 
+from kvdrive import device as devices
 from kvdrive.bench import roofline
 from kvdrive.bench.decode_report import merge, plot, run_notes, save
 from kvdrive.bench.decode_systems import (
@@ -135,10 +136,6 @@ def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.devi
             done += t
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
 
 def _release(dev: torch.device) -> None:
     """Give freed GPU memory and cached pinned host blocks back before the next row."""
@@ -223,17 +220,17 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -
         for s in seq_ids:
             cache.add(s, shape.context)
         fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
-        _sync(dev)
+        devices.synchronize(dev)
         row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
         gen = torch.Generator(device=dev).manual_seed(args.seed)
         ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
         step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
         for _ in range(args.warmup + system.settle_steps(opts) - 1):
             ids = step(ids).argmax(-1, keepdim=True)
-        _sync(dev)
+        devices.synchronize(dev)
         t0 = time.perf_counter()
         ids = step(ids).argmax(-1, keepdim=True)
-        _sync(dev)
+        devices.synchronize(dev)
         warm = time.perf_counter() - t0
         steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
         has_stats = callable(getattr(cache, "stats", None))
@@ -242,7 +239,7 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -
         t0 = time.perf_counter()
         for _ in range(steps):
             ids = step(ids).argmax(-1, keepdim=True)
-        _sync(dev)
+        devices.synchronize(dev)
         elapsed = time.perf_counter() - t0
         row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
         if has_stats:

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from kvdrive import device as devices
 from kvdrive.bench.common import write_result
 from kvdrive.progress import progress
 
@@ -29,18 +30,14 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", default="bench/results/model.json", help="JSON result path")
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
 
 def _median_time(fn, repeats: int, dev) -> float:
     times = []
     for _ in range(repeats):
-        _sync(dev)
+        devices.synchronize(dev)
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        devices.synchronize(dev)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

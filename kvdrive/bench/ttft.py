@@ -24,6 +24,7 @@ import time
 import torch
 import xxhash
 
+from kvdrive import device as devices
 from kvdrive.bench.common import write_result
 from kvdrive.kv import probe
 from kvdrive.kv.contiguous import ContiguousKVCache
@@ -47,10 +48,6 @@ def add_arguments(p) -> None:
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes (random SmolLM2 shape, short prompts)")
     p.add_argument("-o", "--out", default="bench/results/ttft.json")
 
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _prefill(model, cache, seq, ids, start=0) -> int:
@@ -139,26 +136,26 @@ def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, devic
     # (b) serial, buffered
     _fresh(cache, 1, len(ids))
     _drop_page_cache(paths)
-    _sync(dev)
+    devices.synchronize(dev)
     t0 = time.perf_counter()
     done, nbytes = serial_buffered_load(pool, cache, 1, ids)
-    _sync(dev)
+    devices.synchronize(dev)
     load_s = time.perf_counter() - t0
     tok = _prefill(model, cache, 1, ids, done)
-    _sync(dev)
+    devices.synchronize(dev)
     ttft = time.perf_counter() - t0
     row["serial_buffered"] = {"ttft_s": ttft, "load_s": load_s, "tokens_loaded": done, "read_gbps": nbytes / load_s / 1e9,
                               "speedup_vs_recompute": recompute_s / ttft, "first_token_matches": tok == ref_token}
     # (c) kvdrive
     _fresh(cache, 1, len(ids))
     _drop_page_cache(paths)
-    _sync(dev)
+    devices.synchronize(dev)
     t0 = time.perf_counter()
     done = pool.load(model, cache, 1, ids.tolist())
-    _sync(dev)
+    devices.synchronize(dev)
     load_s = time.perf_counter() - t0
     tok = _prefill(model, cache, 1, ids, done)
-    _sync(dev)
+    devices.synchronize(dev)
     ttft = time.perf_counter() - t0
     rep = pool.last_load
     gbps = rep.bytes_read / load_s / 1e9
@@ -209,10 +206,10 @@ def run(args) -> int:
         for ctx in sorted(args.contexts):
             ids = base[:ctx]
             _fresh(cache, 0, ctx)
-            _sync(dev)
+            devices.synchronize(dev)
             t0 = time.perf_counter()
             ref = _prefill(model, cache, 0, ids)
-            _sync(dev)
+            devices.synchronize(dev)
             recompute_s = time.perf_counter() - t0
             entry = {"context": ctx, "kv_gib": ctx * kv_token / 2**30, "recompute": {"ttft_s": recompute_s}}
             for name, (pool, dirs, dgbps) in pools.items():

@@ -8,6 +8,7 @@ from kvdrive.commands.common import add_model_options
 
 SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq")
 TASKS = ("needle", "multikey", "vartrack", "cwe")
+EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.kv.selection_cache.EVICTIONS (not imported: torch at parse time)
 
 
 def add_parser(sub) -> None:
@@ -25,10 +26,11 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("-l", "--lengths", type=int, nargs="+", default=[2048, 4096, 8192],
                    help="context lengths in tokens (default 2048 4096 8192)")
-    p.add_argument("-b", "--budgets", type=float, nargs="+", default=[0.0156, 0.03, 0.0625, 0.125],
-                   help="token budgets as fractions of the context (default 0.0156 0.03 0.0625 0.125)")
-    p.add_argument("-s", "--summaries", nargs="+", default=list(SUMMARIES), choices=SUMMARIES,
-                   help="group summaries to compare (default: all)")
+    p.add_argument("-b", "--budgets", type=float, nargs="+", default=None,
+                   help="token budgets as fractions of the context (default 0.0156 0.03 0.0625 0.125; "
+                        "with --hits 0.0625)")
+    p.add_argument("-s", "--summaries", nargs="+", default=None, choices=SUMMARIES,
+                   help="group summaries to compare (default: all; with --hits mean)")
     p.add_argument("--mode", default="shared", choices=["shared", "per_head"],
                    help="one selection per layer (shared, default) or per KV head")
     p.add_argument("--rank", type=int, default=32, help="rank of the low-rank summaries (default 32)")
@@ -47,21 +49,60 @@ def add_parser(sub) -> None:
                    help="also report, per sparse layer, the recall of next-layer prediction (the groups a query "
                         "predicted from the previous layer's hidden state selects, vs the true selection)")
     p.add_argument("-o", "--out", default="eval.json", help="JSON result path (default eval.json)")
-    p.add_argument("--plot", help="write a PNG plot of accuracy vs budget here")
+    p.add_argument("--plot", help="write a PNG plot of accuracy vs budget (with --hits: hit rate vs cache size) here")
+    h = p.add_argument_group("selection-cache hit rate (--hits)")
+    h.add_argument("--hits", action="store_true",
+                   help="instead of accuracy: decode the text through the tiered cache and report its GPU "
+                        "selection cache's hit rate, prefetch precision and host->GPU bytes per token for each "
+                        "eviction x cache size x prefetch, and the step-to-step overlap of the selections "
+                        "(--lengths, --budgets, --summaries, --steps, --samples, --text apply; no tasks, no recall)")
+    h.add_argument("--evictions", nargs="+", default=list(EVICTIONS), choices=EVICTIONS,
+                   help="selection-cache evictions to compare (default: all)")
+    h.add_argument("--cache-x", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                   help="selection-cache sizes as multiples of the budget (default 1 2 4)")
+    h.add_argument("--prefetch", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="next-layer prefetch settings to compare (default: on off)")
+    h.add_argument("--rebalance-after", type=int, default=0,
+                   help="decode steps before cache capacities follow each layer's misses (default 0: never)")
+    h.add_argument("--disk", help="also run every point with the KV on a disk pool in this directory, behind a "
+                                  "host arena of --host-fraction of the KV")
+    h.add_argument("--host-fraction", type=float, default=0.25,
+                   help="with --disk: the pinned host arena as a fraction of the KV (default 0.25)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from kvdrive.errors import KvdriveError
+
+    if args.budgets is not None and any(not 0 < b < 1 for b in args.budgets):
+        raise KvdriveError("--budgets are fractions of the context, in (0, 1)")
+    if args.hits:
+        return run_hits(args)
     from kvdrive.eval.run import EvalSpec, evaluate
 
-    if any(not 0 < b < 1 for b in args.budgets):
-        raise KvdriveError("--budgets are fractions of the context, in (0, 1)")
+    budgets = args.budgets or [0.0156, 0.03, 0.0625, 0.125]
     spec = EvalSpec(model=args.model, device=args.device, dtype=args.dtype, lengths=tuple(args.lengths),
-                    budgets=tuple(args.budgets), summaries=tuple(args.summaries), mode=args.mode,
+                    budgets=tuple(budgets), summaries=tuple(args.summaries or SUMMARIES), mode=args.mode,
                     group_tokens=args.group_tokens, sink=args.sink, window=args.window, steps=args.steps,
                     samples=args.samples, tasks=tuple(args.tasks), items=args.items, text=args.text, seed=args.seed,
                     rank=args.rank, dense_layers=tuple(args.dense_layers), recall=args.recall)
     path = evaluate(spec, args.out, args.plot)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_hits(args) -> int:
+    from kvdrive.errors import KvdriveError
+    from kvdrive.eval.hits import HitsSpec, measure
+
+    if args.mode != "shared":
+        raise KvdriveError("--hits measures the tiered cache, which selects in shared mode: drop --mode")
+    spec = HitsSpec(model=args.model, device=args.device, dtype=args.dtype, lengths=tuple(args.lengths),
+                    budgets=tuple(args.budgets or [0.0625]), summaries=tuple(args.summaries or ["mean"]),
+                    group_tokens=args.group_tokens, sink=args.sink, window=args.window, steps=args.steps,
+                    samples=args.samples, text=args.text, seed=args.seed, evictions=tuple(args.evictions),
+                    cache_x=tuple(args.cache_x), prefetch=tuple(p == "on" for p in dict.fromkeys(args.prefetch)),
+                    rebalance_after=args.rebalance_after, disk=args.disk, host_fraction=args.host_fraction)
+    path = measure(spec, args.out, args.plot)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -42,7 +42,7 @@ class EvalSpec:
         return [Setting(None, 1.0)] + [Setting(s, b, self.mode) for s in self.summaries for b in self.budgets]
 
 
-def _text_rows(ids: list[int], length: int, steps: int, samples: int, rng: random.Random) -> list[list[int]]:
+def text_rows(ids: list[int], length: int, steps: int, samples: int, rng: random.Random) -> list[list[int]]:
     need = length + steps + 1
     if len(ids) < need * samples:
         raise KvdriveError(f"the text has {len(ids)} tokens; {samples} samples of {need} need more: fewer --samples")
@@ -51,8 +51,11 @@ def _text_rows(ids: list[int], length: int, steps: int, samples: int, rng: rando
     return [ids[s : s + need] for s in starts]
 
 
-def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) -> Path:
-    from kvdrive.eval import corpus, tasks
+def load_model_and_text(spec) -> tuple:
+    """(model, text, token ids of the text) for a spec with ``model``, ``device``, ``dtype``,
+    ``lengths``, ``steps`` and ``text`` (``EvalSpec``, ``HitsSpec``); refuses lengths beyond
+    the model's context."""
+    from kvdrive.eval import corpus
     from kvdrive.models.loader import load_model
 
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
@@ -62,7 +65,13 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
     if too_long:
         raise KvdriveError(f"lengths {too_long} exceed the model's context {lm.config.max_position_embeddings}")
     text = corpus.load_text(spec.text, fetch_missing=True)
-    ids = lm.tokenizer(text.text, add_special_tokens=False)["input_ids"]
+    return lm, text, lm.tokenizer(text.text, add_special_tokens=False)["input_ids"]
+
+
+def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) -> Path:
+    from kvdrive.eval import tasks
+
+    lm, text, ids = load_model_and_text(spec)
     rng = random.Random(spec.seed)
     bases = None
     if "lowrank_offline" in spec.summaries:
@@ -76,7 +85,7 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
     settings = spec.settings()
     results = []
     for length in spec.lengths:
-        rows = _text_rows(ids, length, spec.steps, spec.samples, rng)
+        rows = text_rows(ids, length, spec.steps, spec.samples, rng)
         runner = Runner(lm, spec.samples, length + spec.steps + 8, base)
         entry = {"length": length, "text": text_sweep(runner, rows, length, settings, spec.recall)}
         results.append(entry)

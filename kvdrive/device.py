@@ -73,6 +73,14 @@ def use_stream(stream):
     return torch.cuda.stream(stream)
 
 
+def release_cached(device: torch.device) -> None:
+    """Wait for the device, then return the allocator's free cached blocks (before replacing
+    large buffers by others of different sizes; no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -196,3 +196,36 @@ def test_merge_combines_split_runs_later_rows_win(tmp_path):
     assert ratio["ratio"] == pytest.approx(2.0)
     assert doc["notes"] == ["n1"]  # the first run's notes; its skipped row was measured by the second
     assert set(doc["config"]["merged_from"]) == {str(a), str(b)}
+
+
+def test_fill_text_prefills_real_prose_in_chunks(smollm2):
+    """--text: each sequence gets its own window of prose, prefilled in chunks through the cache;
+    the next token returned is the model's greedy choice after the whole window."""
+    import random
+
+    from kvdrive.bench.decode import fill_text
+    from kvdrive.eval.corpus import TokenHaystack, load_text
+    from kvdrive.kv.contiguous import ContiguousKVCache
+    from kvdrive.kv.sparse import SparseConfig
+    from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+
+    model, cpu = smollm2.model, torch.device("cpu")
+    hay = TokenHaystack(smollm2.tokenizer, load_text("persuasion-excerpt").text)
+    cfg = TieredConfig(SparseConfig(budget=10_000), cache_tokens=64)
+    cache = TieredSparseKVCache(smollm2.config, 2, 256, cpu, torch.float32, cfg)
+    for s in (0, 1):
+        cache.add(s, 256)
+    first = fill_text(model, cache, [0, 1], 150, hay, chunk=50, seed=3)
+    assert first.shape == (2, 1) and [cache.length(s) for s in (0, 1)] == [150, 150]
+    rng = random.Random(3)
+    windows = [hay.sample(150, rng) for _ in range(2)]
+    assert windows[0] != windows[1]
+    for s, ids in enumerate(windows):
+        plain = ContiguousKVCache(smollm2.config, 1, 256, cpu, torch.float32)
+        plain.add(0, 256)
+        batch = plain.plan([0], 150)
+        assert model(torch.tensor([ids]), plain, batch).argmax(-1).item() == first[s, 0].item()
+        plain.commit(batch)
+        k, _ = cache.export_kv(s, 3, 0, 150)
+        k_ref, _ = plain.export_kv(0, 3, 0, 150)
+        torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-4)

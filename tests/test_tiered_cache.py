@@ -80,6 +80,38 @@ def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
         assert cap[most] >= cap[least]
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.9])
+def test_prefetch_stops_on_layers_whose_prediction_misses(threshold):
+    """At the rebalance each layer's prefetch precision (prefetched groups later selected / groups
+    prefetched) decides whether it keeps prefetching; logits never change. Layer 2's prediction
+    is replaced by noise here, so it prefetches the wrong groups."""
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 14)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
+                                TieredConfig(sparse, cache_tokens=96, rebalance_after=6, prefetch_min_precision=threshold))
+    assert cache.hint_layers == frozenset(cache.sparse_layers) - {0}  # nothing runs before layer 0
+    gen, counts = torch.Generator().manual_seed(3), {}
+    real_hint, real_adapt = cache.hint, cache.adapt_prefetch
+
+    def hint(layer, q_pred, batch):
+        real_hint(layer, torch.randn(q_pred.shape, generator=gen) * 10 if layer == 2 else q_pred, batch)
+
+    def adapt():
+        counts.update({l: cache.caches[l].counts() for l in cache.sparse_layers})
+        return real_adapt()
+    cache.hint, cache.adapt_prefetch = hint, adapt
+    got = _decode(model, cache, prompts, 14)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert counts, "the rebalance step adapts the prefetch"
+    precision = {l: c["prefetched_hits"] / max(c["prefetched"], 1) for l, c in counts.items()}
+    assert precision[2] < 0.9 <= precision[1], precision
+    expect = {l for l, c in counts.items()
+              if l > 0 and (c["prefetched"] == 0 or c["prefetched_hits"] >= threshold * c["prefetched"])}
+    assert cache.hint_layers == expect
+    assert (2 in expect) == (threshold == 0.0)
+
+
 def test_selection_cache_invariants_under_random_selections():
     gen = torch.Generator().manual_seed(0)
     n, cap, s = 40, 12, 3
@@ -128,6 +160,61 @@ def test_disk_backed_host_matches_the_gpu_resident_cache(tmp_path, eviction):
     assert st["disk_reads"] > 0 and st["host_evictions"] > 0 and st["lost"] == 0
     assert st["read_ahead"] > 0  # predicted disk groups read while the layer before computed
     assert st["disk_writes"] >= sum(len(p) // 8 for p in prompts) * 3  # every full group of every layer
+
+
+def _prefill_chunked(model, cache, prompts, chunk=37):
+    """The prompts prefilled together in ``chunk``-token steps (group boundaries fall inside
+    chunks), each sequence's remainder alone."""
+    for i in range(len(prompts)):
+        cache.add(i, 400)
+    done = [0] * len(prompts)
+    while True:
+        ids = [i for i, p in enumerate(prompts) if len(p) - done[i] >= chunk]
+        if not ids:
+            break
+        b = cache.plan(ids, chunk)
+        model(torch.tensor([prompts[i][done[i] : done[i] + chunk] for i in ids]), cache, b)
+        cache.commit(b)
+        for i in ids:
+            done[i] += chunk
+    for i, p in enumerate(prompts):
+        if done[i] < len(p):
+            b = cache.plan([i], len(p) - done[i])
+            model(torch.tensor([p[done[i]:]]), cache, b)
+            cache.commit(b)
+
+
+def _decode_only(model, cache, num_seqs, steps):
+    out = []
+    for t in range(steps):
+        b = cache.plan(list(range(num_seqs)), 1)
+        out.append(model(torch.full((num_seqs, 1), 7 + t), cache, b))
+        cache.commit(b)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_chunked_batched_prefill_writes_whole_groups_exactly(tmp_path, disk):
+    """Prefill chunks write the groups they cover whole as rows and summarize them from the GPU
+    copy; the partial groups at chunk ends go token by token. Host KV, summaries and logits
+    must equal a one-shot prefill into the GPU-resident sparse cache."""
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    ref_cache = SparseKVCache(model.config, 3, 400, CPU, F32, sparse)
+    ref = _decode(model, ref_cache, prompts, 6)
+    cfg = _disk_cfg(tmp_path, sparse, 200, cache_tokens=96) if disk else TieredConfig(sparse, cache_tokens=96)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+    _prefill_chunked(model, cache, prompts)
+    for layer in cache.sparse_layers:  # summarized during prefill, not at the first decode step
+        assert cache._summarized[layer][:3] == [len(p) // 8 for p in prompts]
+    got = _decode_only(model, cache, len(prompts), 6)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for layer in range(model.config.num_hidden_layers):
+        for i, p in enumerate(prompts):
+            k, v = cache.export_kv(i, layer, 0, len(p) + 6)
+            k_ref, v_ref = ref_cache.export_kv(i, layer, 0, len(p) + 6)
+            torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_failed_disk_reads_are_dropped_not_served(tmp_path):
@@ -201,9 +288,37 @@ def test_gpu_tiered_matches_sparse_cache(eviction):
     assert cache.stats()["prefetched_hits"] > 0
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_micro_batched_decode_matches_one_batch(parts):
+    """Decoding the batch in parts (their own streams on a GPU, one after the other here) gives
+    each sequence what decoding it in one batch gives."""
+    from kvdrive.engine.micro_batch import MicroBatchedDecode, part_slices
+
+    assert part_slices(5, 2) == [slice(0, 2), slice(2, 5)] or part_slices(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert [s.stop - s.start for s in part_slices(3, 8)] == [1, 1, 1]
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    cfg = TieredConfig(sparse, cache_tokens=96, rebalance_after=5, micro_batches=parts)
+    ref = _decode(model, TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg), prompts, 10)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+    _decode(model, cache, prompts, 0)
+    step, out = MicroBatchedDecode(model, cache), []
+    assert step.parts == parts
+    for t in range(10):
+        logits, batches = step.forward([0, 1, 2], torch.full((3, 1), 7 + t))
+        assert len(batches) == min(parts, 3) and sum(b.batch_size for b in batches) == 3
+        for b in batches:
+            cache.commit(b)
+        out.append(logits)
+    torch.testing.assert_close(torch.stack(out, 1), ref, rtol=1e-5, atol=1e-5)
+    st = cache.stats()
+    assert st["groups_selected"] == st["gpu_hits"] + st["prefetched_hits"] + st["sync_fetched"]
+    assert st["steps"] == 10  # a step in parts counts once (the rebalance after 5 depends on it)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("eviction", ["lookahead", "none"])
-def test_gpu_graphed_tiered_decode_matches_eager(eviction):
+@pytest.mark.parametrize("eviction,parts", [("lookahead", 1), ("none", 1), ("lookahead", 2)])
+def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts):
     """The captured step (prefetch stream forked and joined inside the graph, host-side work in
     prepare_replay, a recapture after the capacity rebalance) computes what eager decode does."""
     from kvdrive.engine.cuda_graph import GraphedDecodeStep
@@ -211,7 +326,7 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction):
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
-                       eviction=eviction, rebalance_after=5)
+                       eviction=eviction, rebalance_after=5, micro_batches=parts)
     eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs
@@ -222,7 +337,7 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction):
         if graph is None:
             graph = GraphedDecodeStep(model, cache, [0, 1, 2], ids)
         out.append(graph(ids).clone())
-        cache.commit(graph.batch)
+        graph.commit()
     torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
     assert cache.graph_epoch == 1
 

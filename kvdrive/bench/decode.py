@@ -33,6 +33,7 @@ from kvdrive.bench.decode_systems import (
     remove_disk_files,
     skip_reason,
 )
+from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
 from kvdrive.kv.sparse import SparseConfig
@@ -78,6 +79,13 @@ def add_arguments(p) -> None:
     g.add_argument("--no-prefetch", action="store_true",
                    help="ablation: no next-layer prefetch in the tiered systems (every miss fetched when its "
                         "layer runs)")
+    g.add_argument("--prefetch-min-precision", type=float, default=0.5,
+                   help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
+                        "of what it prefetched was then selected (default 0.5; 0: always prefetch)")
+    g.add_argument("--micro-batches", type=int, default=1,
+                   help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, so one "
+                        "part's fetch may overlap another's compute (default 1: off; 2 was slower on the H100, "
+                        "bench/results/decode-h100.json)")
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
                    help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "
@@ -107,6 +115,10 @@ def add_arguments(p) -> None:
     p.add_argument("--hf-new-tokens", type=int, default=8, help="decode steps timed for hf_offload (default 8)")
     p.add_argument("--bw-mib", type=int, default=1024,
                    help="MiB per copy of the roofline's bandwidth probes (default 1024)")
+    p.add_argument("--text", metavar="SOURCE", help="fill each sequence by prefilling real prose from this text "
+                   "source (kvdrive.eval.corpus: persuasion-excerpt ships with kvdrive; austen, jargon once fetched) "
+                   "instead of random KV, and decode the model's own greedy continuation: attention then has a real "
+                   "model's step-to-step locality (use a real model, e.g. -m smollm2)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, KV and first tokens (default 0)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: combine the rows of these "
                    "results (a sweep split into runs that each fit a time limit; later files win) into --out, "
@@ -137,6 +149,23 @@ def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.devi
 
 
 
+def fill_text(model, cache: KVCache, seq_ids, length: int, haystack, chunk: int, seed: int) -> torch.Tensor:
+    """Prefill every sequence with ``length`` tokens of real prose (its own random start in the
+    text), ``chunk`` tokens per forward; returns each one's greedy next token (B, 1)."""
+    import random
+
+    rng, first = random.Random(seed), []
+    for seq in seq_ids:
+        ids = torch.tensor(haystack.sample(length, rng), device=model.device)
+        for a in range(0, length, chunk):
+            part = ids[a : a + chunk]
+            batch = cache.plan([seq], len(part))
+            logits = model(part[None], cache, batch)
+            cache.commit(batch)
+        first.append(logits.argmax(-1))
+    return torch.stack(first).reshape(-1, 1)
+
+
 def _release(dev: torch.device) -> None:
     """Give freed GPU memory and cached pinned host blocks back before the next row."""
     gc.collect()
@@ -159,15 +188,16 @@ def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graph
 
         def step(x):
             logits = graph(x)
-            cache.commit(graph.batch)
+            graph.commit()
             return logits
         step.graphed = True
         return step
+    parts = MicroBatchedDecode(model, cache)
 
     def step(x):
-        batch = cache.plan(seq_ids, 1)
-        logits = model(x, cache, batch)
-        cache.commit(batch)
+        logits, batches = parts.forward(seq_ids, x)
+        for batch in batches:
+            cache.commit(batch)
         return logits
     step.graphed = False
     return step
@@ -211,7 +241,7 @@ def per_step(stats: dict, steps: int) -> dict:
     return out
 
 
-def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -> dict:
+def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, haystack=None) -> dict:
     avail0 = mem_available()
     t0 = time.perf_counter()
     cache = system.build(shape, dev, opts)
@@ -219,11 +249,14 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev) -
         seq_ids = list(range(shape.batch))
         for s in seq_ids:
             cache.add(s, shape.context)
-        fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
+        if haystack is not None:
+            ids = fill_text(model, cache, seq_ids, shape.filled, haystack, args.fill_chunk, args.seed)  # (B, 1)
+        else:
+            fill_random(cache, seq_ids, shape.filled, shape.config, dev, shape.dtype, args.fill_chunk, args.seed)
+            gen = torch.Generator(device=dev).manual_seed(args.seed)
+            ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
         devices.synchronize(dev)
         row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
-        gen = torch.Generator(device=dev).manual_seed(args.seed)
-        ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
         step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
         for _ in range(args.warmup + system.settle_steps(opts) - 1):
             ids = step(ids).argmax(-1, keepdim=True)
@@ -263,7 +296,7 @@ def _pcie_bytes(system: System, shape: Shape, row: dict) -> int:
     return 0
 
 
-def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, weights: int) -> dict:
+def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, weights: int, haystack=None) -> dict:
     """Run one (system, context, batch); returns the row (skipped rows carry ``reason``)."""
     dev = loaded.model.device
     head = {"system": system.name, "context": shape.context, "batch": shape.batch, "filled": shape.filled}
@@ -280,7 +313,7 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
                                     generator=gen, device=dev)
             row = hf_decode(loaded, prompts, args.hf_new_tokens)
         else:
-            row = _decode_row(loaded.model, system, shape, opts, args, dev)
+            row = _decode_row(loaded.model, system, shape, opts, args, dev, haystack)
     except (torch.OutOfMemoryError, CapacityError) as err:
         return {**head, "status": "skipped", "reason": f"out of memory: {str(err).splitlines()[0][:200]}", **est}
     except KvdriveError as err:
@@ -311,12 +344,14 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
                    "summary": args.summary},
         "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
                          "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
-                         "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after},
+                         "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after,
+                         "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches},
         "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
-        "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype)}
+        "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype),
+        "fill": f"prefill of real prose ({args.text}), greedy continuation" if args.text else "random KV, random first tokens"}
 
 
 def run(args) -> int:
@@ -324,14 +359,23 @@ def run(args) -> int:
 
     if args.merge:
         return _summarize(merge(args.merge, args.out), args.no_plot)
-    if args.warmup < 1 or args.new_tokens < 1 or min(args.contexts) < 1 or min(args.batches) < 1:
-        raise KvdriveError("--warmup, --new-tokens, --contexts and --batches must be >= 1")
+    if min(args.warmup, args.new_tokens, min(args.contexts), min(args.batches), args.micro_batches) < 1:
+        raise KvdriveError("--warmup, --new-tokens, --contexts, --batches and --micro-batches must be >= 1")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
-                   args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib)
+                   args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib, args.micro_batches,
+                   args.prefetch_min_precision)
+    haystack = None
+    if args.text:
+        from kvdrive.eval.corpus import TokenHaystack, load_text
+
+        if loaded.tokenizer is None:
+            raise KvdriveError(f"--text needs a real model with a tokenizer; {args.model} has random weights "
+                               "(use e.g. -m smollm2)")
+        haystack = TokenHaystack(loaded.tokenizer, load_text(args.text).text)
     bw = roofline.measure(dev, args.bw_mib << 20)
     _release(dev)
     weights = roofline.weight_bytes_read(model)
@@ -351,7 +395,7 @@ def run(args) -> int:
                 row = {"system": name, "context": ctx, "batch": b, "filled": shape.filled, "status": "skipped",
                        "reason": f"batch {failed[ctx, name]} already ran out of memory"}
             else:
-                row = measure_row(loaded, system, shape, opts, args, bw, weights)
+                row = measure_row(loaded, system, shape, opts, args, bw, weights, haystack)
                 if row.get("reason", "").startswith("out of memory"):
                     failed[ctx, name] = b
             _release(dev)

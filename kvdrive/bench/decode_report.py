@@ -91,7 +91,12 @@ def merge(paths: list[str], out: str | Path) -> Path:
         for r in doc["results"]["rows"]:
             rows[r["system"], r["context"], r["batch"]] = {**r, "from": str(p)}
     first = docs[0]
-    config = {**first["config"], "merged_from": {str(p): d["command"] for p, d in zip(paths, docs)},
+    merged_from = {}
+    for p, d in zip(paths, docs):  # a merged input keeps the commands of its own inputs
+        merged_from.update(d["config"].get("merged_from", {}))
+        merged_from.update({f"{p} ({c})": "" for c in d.get("source_commands", [])})
+        merged_from[str(p)] = d["command"]
+    config = {**first["config"], "merged_from": merged_from,
               "bandwidths_per_run": [d["results"]["bandwidths"] for d in docs]}
     notes = [n for n in first["notes"] if not n.startswith(NOT_MEASURED)]
     return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes)
@@ -146,7 +151,11 @@ def plot(json_path: str | Path) -> list[Path]:
         ax.set_xlabel("batch")
         ax.set_ylabel("decode tokens/s (dotted: roofline bound)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    handles = {}  # every system once, whichever panels it appears in
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[0][-1].legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.suptitle(f"kvdrive bench decode: {doc['config']['model']}", fontsize=9)
     out = [json_path.with_suffix(".png")]
     fig.savefig(out[0], dpi=120, bbox_inches="tight")

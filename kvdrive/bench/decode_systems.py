@@ -37,6 +37,8 @@ class Options:
     disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
     disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
     ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
+    micro_batches: int = 1  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (1: off)
+    prefetch_min_precision: float = 0.5  # tiered systems: a layer's prefetch stops below this precision
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,9 @@ def _tiered(eviction: str | None):
         from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
 
         cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=eviction or o.eviction,
-                           prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after)
+                           prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
+                           prefetch_min_precision=o.prefetch_min_precision,
+                           micro_batches=1 if eviction else o.micro_batches)  # the baseline has no pipeline
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
     return build
@@ -183,7 +187,8 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
     cfg = TieredConfig(sparse=o.sparse, cache_tokens=0 if previous_step_only else o.cache_tokens,
                        eviction="lru" if previous_step_only else o.eviction, prefetch=o.prefetch, overlap=o.overlap,
                        rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
-                       host_bytes=int(o.ssd_host_gib * GIB))
+                       host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
+                       micro_batches=1 if previous_step_only else o.micro_batches)
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 

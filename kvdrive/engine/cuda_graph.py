@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.kv.base import KVCache
 
 
 class GraphedDecodeStep:
-    def __init__(self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor):
+    def __init__(self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor, micro_batches: int | None = None):
+        """``micro_batches``: parts of the batch run on their own streams inside the graph
+        (see ``kvdrive.engine.micro_batch``), for caches that support it; None: the cache's setting."""
         self.model, self.cache, self.seq_ids = model, cache, tuple(seq_ids)
+        self.step = MicroBatchedDecode(model, cache, micro_batches)
         self._prepare = getattr(cache, "prepare_replay", None)  # host-side work of each step, before replay
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
@@ -39,14 +43,19 @@ class GraphedDecodeStep:
     def _forward(self) -> torch.Tensor:
         # The warm-up and the capture write KV at each sequence's next position: the real
         # step overwrites exactly those entries, so nothing committed is disturbed.
-        self.batch = self.cache.plan(self.seq_ids, 1, start=self.start)
-        return self.model(self.ids, self.cache, self.batch)
+        logits, self.batches = self.step.forward(self.seq_ids, self.ids, start=self.start)
+        return logits
 
     def matches(self, seq_ids) -> bool:
         return tuple(seq_ids) == self.seq_ids
 
+    def commit(self) -> None:
+        """After a replay: the step's tokens become part of their sequences."""
+        for batch in self.batches:
+            self.cache.commit(batch)
+
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Run one decode step; the caller then commits ``self.batch``."""
+        """Run one decode step; the caller then calls ``commit``."""
         if self._prepare is not None:
             self._prepare(self.seq_ids)
         self.ids.copy_(token_ids)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.engine.sampling import SamplingParams, sample
 from kvdrive.kv.base import KVCache
 from kvdrive.progress import progress
@@ -100,7 +101,7 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
     detok = Detokenizer(tokenizer)
     use_graphs = cuda_graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False)
     max_batch = max_batch or getattr(cache, "max_seqs", len(requests))
-    graph = None
+    graph, step = None, MicroBatchedDecode(model, cache)
     queue = deque(requests)
     active: list[Request] = []
     total_prompt = sum(len(r.prompt_ids) for r in requests)
@@ -125,11 +126,11 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
 
                     graph = GraphedDecodeStep(model, cache, seq_ids, ids)
                 logits = graph(ids)
-                cache.commit(graph.batch)
+                graph.commit()
             else:
-                batch = cache.plan(seq_ids, 1)
-                logits = model(ids, cache, batch)
-                cache.commit(batch)
+                logits, batches = step.forward(seq_ids, ids)
+                for batch in batches:
+                    cache.commit(batch)
             tokens = sample(logits, [r.params for r in active], [r.generator for r in active])
             events = [_accept(req, token, eos_ids, detok, cache) for req, token in zip(active, tokens)]
             yield from events

@@ -94,12 +94,31 @@ class HostKV(ABC):
     def clear(self, slot: int) -> None:
         """A sequence slot starts over."""
 
+    def put(self, layer: int, slot: int, first: int, groups: torch.Tensor) -> None:
+        """Whole groups ``first ..`` of one sequence from the device (n, 2, H_kv, G, D) into their
+        host rows (a prefill: row-sized copies, not one 2 x D-element write per token)."""
+        rows = self.rows(layer, torch.tensor([slot], device=self.device),
+                         torch.arange(first, first + groups.shape[0], device=self.device)[None])[0]
+        tier_ops.fetch_rows(self.layout.as_words(groups), torch.arange(groups.shape[0], device=groups.device),
+                            self.words(layer), rows, self.group_words)
+
     def gather(self, layer: int, slot: int, groups: list[int]) -> torch.Tensor:
         """Groups of one sequence, copied to the device: (n, 2, H_kv, G, D)."""
         out = torch.empty(len(groups), *self.layout.slot_shape, device=self.device, dtype=self.layout.dtype)
         if groups:
             g = torch.tensor(groups, device=self.device)
             src = self.rows(layer, torch.tensor([slot], device=self.device), g[None])[0]
+            tier_ops.fetch_rows(self.words(layer), src, tier_ops.words(out), torch.arange(len(groups), device=self.device),
+                                self.group_words)
+        return out
+
+    def gather_pairs(self, layer: int, slots: list[int], groups: list[int]) -> torch.Tensor:
+        """Group ``groups[i]`` of sequence slot ``slots[i]`` for every i, copied to the device
+        in one kernel: (n, 2, H_kv, G, D) (the groups a decode step completed, batch-wide)."""
+        out = torch.empty(len(groups), *self.layout.slot_shape, device=self.device, dtype=self.layout.dtype)
+        if groups:
+            g = torch.tensor(groups, device=self.device)
+            src = self.rows(layer, torch.tensor(slots, device=self.device), g[:, None])[:, 0]
             tier_ops.fetch_rows(self.words(layer), src, tier_ops.words(out), torch.arange(len(groups), device=self.device),
                                 self.group_words)
         return out
@@ -135,6 +154,10 @@ class FullHostKV(HostKV):
 
     def rows(self, layer, slots, groups):
         return slots[:, None] * self.n + groups
+
+    def put(self, layer, slot, first, groups):
+        base = slot * self.n + first  # a sequence's groups are consecutive rows: one DMA
+        self.pools[layer][base : base + groups.shape[0]].copy_(groups, non_blocking=True)
 
     def gather(self, layer, slot, groups):
         if groups and groups == list(range(groups[0], groups[0] + len(groups))):  # one contiguous DMA
@@ -346,6 +369,15 @@ class DiskBackedHostKV(HostKV):
                 raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups of sequence slot {slot} could not "
                                    "be read back (I/O error or checksum); the sequence must be prefilled again")
         return super().gather(layer, slot, groups)
+
+    def gather_pairs(self, layer, slots, groups):
+        if groups:
+            g = np.asarray(groups, dtype=np.int64)[:, None]
+            failed = self.resolve(layer, list(slots), g, np.ones_like(g, dtype=bool))
+            if failed.any():
+                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups could not be read back (I/O error "
+                                   "or checksum); their sequences must be prefilled again")
+        return super().gather_pairs(layer, slots, groups)
 
     def clear(self, slot):
         self._last_step.synchronize()

@@ -43,6 +43,9 @@ class SelectionCache:
         self.stamp = torch.zeros(max_seqs, capacity + 1, dtype=torch.float32, device=device)
         self.fresh = torch.zeros(max_seqs, capacity + 1, dtype=torch.bool, device=device)  # filled by a prefetch
         self.counters = torch.zeros(len(_IDX_COUNTERS), dtype=torch.int64, device=device)
+        # Counter updates are atomic adds (index_add_): micro-batches update them from two streams.
+        self._select_idx = torch.tensor([0, 1, 2], device=device)
+        self._prefetch_idx = torch.tensor([3], device=device)
 
     @property
     def nbytes(self) -> int:
@@ -88,11 +91,9 @@ class SelectionCache:
         stamp = self.stamp[rows]  # (B, C+1)
         if not prefetch:
             was_fresh = fresh.gather(1, torch.where(hit, cur, cap)) & hit
-            self.counters[0] += hit.sum()
-            self.counters[1] += was_fresh.sum()
-            self.counters[2] += miss.sum()
+            self.counters.index_add_(0, self._select_idx, torch.stack((hit.sum(), was_fresh.sum(), miss.sum())))
         else:
-            self.counters[3] += miss.sum()
+            self.counters.index_add_(0, self._prefetch_idx, miss.sum()[None])
         # Eviction key per slot: empty slots first, slots of this selection never.
         selected = torch.zeros(b, n + 1, dtype=torch.bool, device=groups.device).scatter_(1, gi, listed)
         held = own[:, :cap]

@@ -23,8 +23,6 @@ GPU at a time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
@@ -32,46 +30,21 @@ from kvdrive import device as devices
 from kvdrive.attention.select import combine_heads, select_groups
 from kvdrive.attention.sparse import sparse_attention
 from kvdrive.config import ModelConfig
-from kvdrive.errors import KvdriveError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
 from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV, host_room
 from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.selection_cache import EVICTIONS, SelectionCache
+from kvdrive.kv.selection_cache import SelectionCache
 from kvdrive.kv.slots import SequenceSlots
-from kvdrive.kv.sparse import SparseConfig, layer_summarizer, max_pages_for, span_mask
+from kvdrive.kv.sparse import layer_summarizer, max_pages_for, span_mask
 from kvdrive.kv.step_profile import StepProfile
 from kvdrive.kv.summaries import SummaryTable
+from kvdrive.kv.tiered_config import TieredConfig
 
 REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)
 
-
-@dataclass(frozen=True)
-class TieredConfig:
-    """``cache_tokens``: GPU selection-cache size per sequence and layer, averaged over the
-    sparse layers (each layer gets at least the pages one selection takes)."""
-
-    sparse: SparseConfig = field(default_factory=lambda: SparseConfig(budget=2048, sink_tokens=64, window_tokens=256))
-    cache_tokens: int = 4096
-    eviction: str = "lookahead"  # lookahead | lru | none (no cross-step reuse)
-    prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes
-    overlap: bool = True  # prefetch on a side stream (False: on the compute stream, ablation)
-    rebalance_after: int = 16  # decode steps before capacities follow measured misses; 0: never
-    disk: tuple[PoolPath, ...] = ()  # disk pool paths: host memory becomes an arena in front of them
-    host_bytes: int = 0  # with disk: pinned host arena, all layers together
-    direct: str = "auto"  # O_DIRECT for the disk pool: auto | on | off
-
-    def __post_init__(self):
-        if self.disk and self.host_bytes <= 0:
-            raise KvdriveError("with disk paths, set host_bytes (the pinned host arena in front of the disks)")
-        if self.eviction not in EVICTIONS:
-            raise KvdriveError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
-        if self.sparse.mode != "shared":
-            raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
-        if self.cache_tokens < 0 or self.rebalance_after < 0:
-            raise KvdriveError("cache_tokens and rebalance_after must be >= 0")
+__all__ = ["StepProfile", "TieredConfig", "TieredSparseKVCache"]
 
 
 class TieredSparseKVCache(KVCache):
@@ -94,17 +67,20 @@ class TieredSparseKVCache(KVCache):
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
         self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
-        self.side = devices.new_stream(device) if tiered.overlap else None
+        self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self.steps = 0
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0}
         # Graphs: host-only tier (disk misses need host work per layer) and every layer sparse.
         self.supports_cuda_graphs = (device.type == "cuda" and not tiered.disk
                                      and len(self.caches) == config.num_hidden_layers)
         self.graph_epoch = 0
+        # Per-step state is per sequence and counters add atomically: batch parts may run concurrently.
+        self.supports_micro_batches, self.micro_batches = True, tiered.micro_batches
         self._slot_tensors: dict[tuple, torch.Tensor] = {}
         self.step_t = torch.zeros((), device=device)  # decode steps, on the device (LRU stamps)
         self.profile: StepProfile | None = None  # set ``StepProfile(device)`` for a per-phase breakdown (eager)
-        self.hint_layers = frozenset(self.sparse_layers) if tiered.prefetch else frozenset()
+        # Layers whose groups are predicted and fetched while the layer before runs (not layer 0).
+        self.hint_layers = frozenset(l for l in self.sparse_layers if l > 0) if tiered.prefetch else frozenset()
 
     @staticmethod
     def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
@@ -136,11 +112,25 @@ class TieredSparseKVCache(KVCache):
         if spare <= 0 or weight == 0:
             return {l: c.capacity for l, c in self.caches.items()}
         capacity = {l: self.max_pages + int(spare * m / weight) for l, m in misses.items()}
-        old = self.caches
+        counters = {l: c.counters.clone() for l, c in self.caches.items()}
+        self.caches = None  # free the old pools before the new ones take their place (not 2x at once)
+        devices.release_cached(self.device)
         self.caches = self._make_caches(capacity)
         for l, c in self.caches.items():
-            c.counters.copy_(old[l].counters)
+            c.counters.copy_(counters[l])
         return capacity
+
+    def adapt_prefetch(self) -> frozenset[int]:
+        """Stop prefetching for layers whose prediction was selected less than
+        ``prefetch_min_precision`` of the time so far (measured per layer; a layer that
+        fetched nothing keeps prefetching). Returns the layers that still prefetch."""
+        keep = set()
+        for layer in self.hint_layers:
+            c = self.caches[layer].counts()
+            if c["prefetched"] == 0 or c["prefetched_hits"] >= self.tiered.prefetch_min_precision * c["prefetched"]:
+                keep.add(layer)
+        self.hint_layers = frozenset(keep)
+        return self.hint_layers
 
     # -- bookkeeping ----------------------------------------------------------------
     def add(self, seq_id: int, max_tokens: int) -> None:
@@ -158,10 +148,11 @@ class TieredSparseKVCache(KVCache):
     def length(self, seq_id: int) -> int:
         return self.seqs.length(seq_id)
 
-    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None) -> ForwardBatch:
+    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None, new_step: bool = True) -> ForwardBatch:
         """``start``: a device tensor (B,) of cached lengths (CUDA-graph decode): then every tensor
         of the step derives from it on the GPU with fixed shapes (scores span all N groups, P is
-        the budget at ``max_len``), and the host-side work of a step runs in ``prepare_replay``."""
+        the budget at ``max_len``), and the host-side work of a step runs in ``prepare_replay``.
+        ``new_step=False``: a later part of a micro-batched decode step (counted once)."""
         seq_ids = tuple(seq_ids)
         starts = self.seqs.starts(seq_ids, num_new)
         slot_list = [self.seqs.slot(s) for s in seq_ids]
@@ -171,9 +162,9 @@ class TieredSparseKVCache(KVCache):
         else:
             slots = torch.tensor(slot_list, device=self.device)
             start = torch.tensor(starts, device=self.device)
-            self._host_side(seq_ids, starts, num_new)
+            self._host_side(seq_ids, starts, num_new, new_step)
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
-        if num_new == 1:
+        if num_new == 1 and new_step:
             self.step_t += 1
         if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
             for c in self.caches.values():
@@ -198,11 +189,12 @@ class TieredSparseKVCache(KVCache):
         for layer in self.caches:
             self._refresh_slots(layer, slot_list, starts)
 
-    def _host_side(self, seq_ids, starts, num_new) -> None:
+    def _host_side(self, seq_ids, starts, num_new, new_step: bool = True) -> None:
         self.host.begin([self.seqs.slot(s) for s in seq_ids], starts, num_new)
-        if num_new == 1:
+        if num_new == 1 and new_step:
             self.steps += 1
             if self.tiered.rebalance_after and self.steps == self.tiered.rebalance_after + 1:
+                self.adapt_prefetch()
                 self.rebalance()
                 self.graph_epoch += 1
 
@@ -231,13 +223,44 @@ class TieredSparseKVCache(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m = batch.meta
         rows = self.host.rows(layer, m["slots"], batch.positions // self.g)  # (B, T)
-        tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
+        if batch.num_new > 1:
+            self._append_groups(layer, k, v, batch, rows)
+        else:
+            tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
         if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
             cache = self.caches[layer]
             rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
             tier_ops.write_tokens(cache.pool, rows, m["offs"], k, v, impl="torch")
         if batch.num_new > 1:
             m.setdefault("new_kv", {})[layer] = (k, v)
+
+    def _append_groups(self, layer, k, v, batch, rows) -> None:
+        """A prefill chunk: the groups it fills whole go to the host tier as whole rows (one DMA
+        per sequence for a host-only tier) and are summarized from the GPU copy right away;
+        only the partial groups at its ends are written token by token."""
+        g, t = self.g, batch.num_new
+        table = self.tables.get(layer)
+        for b, (slot, start) in enumerate(zip(batch.meta["slot_list"], batch.start)):
+            first = -(-start // g)  # first group that starts inside the chunk
+            n = (start + t) // g - first  # groups the chunk covers whole
+            if n <= 0:
+                tier_ops.write_tokens(self.host.typed(layer), rows[b : b + 1], batch.meta["offs"][b : b + 1],
+                                      k[b : b + 1], v[b : b + 1])
+                continue
+            lo, hi = first * g - start, (first + n) * g - start  # token span of the whole groups
+            for a, z in ((0, lo), (hi, t)):
+                if z > a:
+                    tier_ops.write_tokens(self.host.typed(layer), rows[b : b + 1, a:z],
+                                          batch.meta["offs"][b : b + 1, a:z], k[b : b + 1, :, a:z],
+                                          v[b : b + 1, :, a:z])
+            h, d = k.shape[1], k.shape[3]
+            kv = torch.stack((k[b, :, lo:hi], v[b, :, lo:hi]))  # (2, H, n*G, D)
+            groups = kv.view(2, h, n, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
+            self.host.put(layer, slot, first, groups)
+            if table is not None and not hasattr(table.summarizer, "fit"):  # lowrank_seq fits on the whole prompt
+                self._refresh_slots(layer, [slot], [first * g])  # the group the chunk completed, if any
+                table.write(slot, torch.arange(first, first + n, device=self.device), groups[:, 0])
+                self._summarized[layer][slot] = first + n
 
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         spec = self.layer_specs[layer]
@@ -251,15 +274,25 @@ class TieredSparseKVCache(KVCache):
         if not self.tiered.prefetch or batch.num_new != 1 or layer not in self.caches:
             return
         compute = devices.current_stream(self.device)
-        if self.side is not None:
-            self.side.wait_stream(compute)
+        side = self._side(compute)
+        if side is not None:
+            side.wait_stream(compute)
             if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-                q_pred.record_stream(self.side)
-        with devices.use_stream(self.side) if self.side is not None else _null():
+                q_pred.record_stream(side)
+        with devices.use_stream(side) if side is not None else _null():
             self._select_and_fetch(layer, q_pred, batch, self.layer_specs[layer].scale, prefetch=True)
             event = devices.new_event(self.device)
             event.record()
         batch.meta["prefetch"][layer] = event
+
+    def _side(self, compute):
+        """The prefetch stream of this compute stream (None: prefetch on the compute stream)."""
+        if not self.tiered.overlap:
+            return None
+        key = getattr(compute, "cuda_stream", 0)  # CPU: one stand-in
+        if key not in self._sides:
+            self._sides[key] = devices.new_stream(self.device)
+        return self._sides[key]
 
     def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
         mark = self.profile.mark if self.profile is not None and not batch.meta["static"] else _no_mark
@@ -324,19 +357,26 @@ class TieredSparseKVCache(KVCache):
             self.host.read_ahead(layer, meta["slot_list"], groups.numpy(), need.numpy())
 
     def _refresh_slots(self, layer: int, slot_list, starts) -> None:
-        """Summarize the groups filled since this layer's last decode step (keys read from host)."""
+        """Summarize the groups filled since this layer's last decode step (keys read from host):
+        the whole batch's in one gather and one write per ``REFRESH_CHUNK`` groups (in decode,
+        a few sequences complete a group each step; per-sequence calls cost launches)."""
         table, done = self.tables[layer], self._summarized[layer]
         summ = table.summarizer
+        pair_slots, pair_groups = [], []
         for slot, n in zip(slot_list, starts):
             full = n // self.g
             if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt's keys
                 keys = torch.cat([self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]
                                   for i in range(0, full, REFRESH_CHUNK)])
                 summ.fit(slot, keys.transpose(1, 2).reshape(-1, keys.shape[1], keys.shape[-1]))
-            for i in range(done[slot], full, REFRESH_CHUNK):
-                groups = list(range(i, min(i + REFRESH_CHUNK, full)))
-                table.write(slot, torch.tensor(groups, device=self.device), self.host.gather(layer, slot, groups)[:, 0])
-            done[slot] = max(done[slot], full)
+            if full > done[slot]:
+                pair_slots += [slot] * (full - done[slot])
+                pair_groups += range(done[slot], full)
+                done[slot] = full
+        for i in range(0, len(pair_groups), REFRESH_CHUNK):
+            s, g = pair_slots[i : i + REFRESH_CHUNK], pair_groups[i : i + REFRESH_CHUNK]
+            table.write(torch.tensor(s, device=self.device), torch.tensor(g, device=self.device),
+                        self.host.gather_pairs(layer, s, g)[:, 0])
 
     def _dense(self, layer, q, batch, spec) -> torch.Tensor:
         """Exact attention over this layer's KV, gathered from host for the span the query sees."""
@@ -397,6 +437,9 @@ class TieredSparseKVCache(KVCache):
             "host_bytes": self.host.nbytes,
             **self.host.stats(),
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
+            "prefetch_layers": sorted(self.hint_layers),
+            "prefetch_precision_per_layer": {l: c["prefetched_hits"] / c["prefetched"]
+                                             for l, c in per_layer.items() if c["prefetched"]},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
 

@@ -217,6 +217,33 @@ def test_chunked_batched_prefill_writes_whole_groups_exactly(tmp_path, disk):
             torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("disk", [False, True])
+def test_warm_start_places_the_prompts_important_groups_before_the_first_step(tmp_path, disk):
+    """After prefill the last prompt query's selection is already in the GPU cache (and in the
+    host arena): the first decode step hits where a cold start misses, reads less from disk,
+    and computes the same logits."""
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    firsts, stats = [], []
+    for warm in (False, True):
+        kw = dict(cache_tokens=96, warm_start=warm, prefetch=False)
+        (tmp_path / str(warm)).mkdir()
+        cfg = _disk_cfg(tmp_path / str(warm), sparse, 30, **kw) if disk else TieredConfig(sparse, **kw)
+        cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+        _decode(model, cache, prompts, 0)
+        assert (cache.stats()["bytes_warm_start"] > 0) == warm
+        cache.reset_stats()
+        firsts.append(_decode_only(model, cache, len(prompts), 1))
+        stats.append(cache.stats())
+        cache.close()
+    torch.testing.assert_close(firsts[1], firsts[0], rtol=1e-5, atol=1e-5)
+    cold, warm = stats
+    assert cold["gpu_hits"] == 0 and warm["gpu_hits"] > 0.5 * warm["groups_selected"]
+    assert warm["sync_fetched"] < cold["sync_fetched"]
+    if disk:
+        assert warm["disk_reads"] < cold["disk_reads"]
+
+
 def test_failed_disk_reads_are_dropped_not_served(tmp_path):
     """Once decoding, a group whose disk read fails leaves the attention of that step (counted as
     lost); where a whole span is needed (summaries, prefill) the error names the fix."""
@@ -350,3 +377,37 @@ def test_a_batch_larger_than_host_memory_is_refused_before_allocating():
     cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
     with pytest.raises(CapacityError, match="--disk"):  # 64 x 1M tokens = 8 TiB of KV
         TieredSparseKVCache(cfg, 64, 1 << 20, CPU, torch.bfloat16)
+
+
+def test_gpu_bytes_per_sequence_matches_what_the_cache_allocates():
+    """The admission estimate is what the GPU part of the cache really takes, per sequence."""
+    model = _tiny()
+    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="mean"),
+                       cache_tokens=96)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+    real = sum(c.nbytes + c.fresh.numel() for c in cache.caches.values()) + sum(t.nbytes for t in cache.tables.values())
+    per_seq = TieredSparseKVCache.gpu_bytes_per_seq(model.config, 400, F32, cfg)
+    trash = len(cache.caches) * cache.group_bytes  # one trash page per layer
+    assert real - trash == 3 * per_seq
+
+
+def test_admission_counts_free_gpu_memory(monkeypatch):
+    """On a GPU, the batch admitted is what the free GPU memory holds (host room aside), and a
+    cache too large for it is refused before anything is allocated, naming the fix."""
+    from kvdrive.errors import CapacityError
+    from kvdrive.kv import tiered as tiered_mod
+    from kvdrive.models import presets
+    from kvdrive.models.registry import from_hf_config
+
+    cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
+    tcfg = TieredConfig(cache_tokens=16384)
+    per_seq = TieredSparseKVCache.gpu_bytes_per_seq(cfg, 32768, torch.bfloat16, tcfg)
+    assert 16 << 30 < 16 * per_seq < 40 << 30  # 32 layers x 1024 pages x 64 KiB per sequence, plus summaries
+    free = tiered_mod.GPU_HEADROOM + 10 * per_seq + 1
+    monkeypatch.setattr(tiered_mod, "host_room", lambda: 1 << 50)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    gpu = torch.device("cuda")
+    assert TieredSparseKVCache.seqs_that_fit(cfg, 32768, torch.bfloat16, tcfg, gpu) == 10
+    assert TieredSparseKVCache.seqs_that_fit(cfg, 32768, torch.bfloat16, tcfg) > 10  # no device: host only
+    with pytest.raises(CapacityError, match="--gpu-cache-tokens"):
+        TieredSparseKVCache(cfg, 16, 32768, gpu, torch.bfloat16, tcfg)

@@ -119,7 +119,8 @@ class LLM:
         if self.kv_cache is not None:
             from kvdrive.kv.tiered import TieredSparseKVCache
 
-            n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache))
+            n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache,
+                                                         self.model.device))
             cache = TieredSparseKVCache(self.config, n, max_len, self.model.device, self.model.dtype, self.kv_cache)
         else:
             cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)

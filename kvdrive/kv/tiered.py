@@ -30,6 +30,7 @@ from kvdrive import device as devices
 from kvdrive.attention.select import combine_heads, select_groups
 from kvdrive.attention.sparse import sparse_attention
 from kvdrive.config import ModelConfig
+from kvdrive.errors import CapacityError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
@@ -57,6 +58,7 @@ class TieredSparseKVCache(KVCache):
         self.n = -(-max_len // g)
         layout = GroupLayout.from_config(config, dtype, g)
         self.group_shape, self.group_bytes = layout.slot_shape, layout.group_bytes  # (2, H_kv, G, D)
+        check_gpu_room(max_seqs * self.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs)
         self.host = DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk,
                                      tiered.direct) if tiered.disk else FullHostKV(layout, max_seqs, self.n, device)
         self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
@@ -69,7 +71,7 @@ class TieredSparseKVCache(KVCache):
         self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self.steps = 0
-        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0}
+        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0}
         # Graphs: host-only tier (disk misses need host work per layer) and every layer sparse.
         self.supports_cuda_graphs = (device.type == "cuda" and not tiered.disk
                                      and len(self.caches) == config.num_hidden_layers)
@@ -83,15 +85,41 @@ class TieredSparseKVCache(KVCache):
         self.hint_layers = frozenset(l for l in self.sparse_layers if l > 0) if tiered.prefetch else frozenset()
 
     @staticmethod
-    def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
-        """How many sequences of ``max_len`` the host tier can hold (admission); at least 1 (a
-        single one that does not fit is refused with the fix when the cache is built)."""
+    def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
+                      device: torch.device | None = None) -> int:
+        """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
+        free GPU memory can hold (admission); at least 1 (a single one that does not fit is
+        refused with the fix when the cache is built)."""
         g = tiered.sparse.group_tokens
         per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-max_len // g) * config.num_hidden_layers
         room = host_room()
         if tiered.disk:
             room = sum(p.budget_bytes for p in tiered.disk)
-        return 1 << 30 if room is None else max(1, room // per_seq)
+        n = 1 << 30 if room is None else room // per_seq
+        gpu = gpu_room(device)
+        if gpu is not None:
+            n = min(n, gpu // max(1, TieredSparseKVCache.gpu_bytes_per_seq(config, max_len, dtype, tiered)))
+        return max(1, n)
+
+    @staticmethod
+    def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
+        """GPU memory one sequence of ``max_len`` costs the cache (weights and activations not
+        included): on every sparse layer its selection-cache pages and slot tables and the
+        summaries of its groups. Rebalancing moves pages between layers, never adds any."""
+        g = tiered.sparse.group_tokens
+        n = -(-max_len // g)
+        group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
+        pages = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
+        cap = max(pages, tiered.cache_tokens // g) if tiered.eviction != "none" else pages
+        h, d = config.num_key_value_heads, config.head_dim
+        total = 0
+        for layer in config.global_layers:
+            if layer in tiered.sparse.dense_layers:
+                continue
+            summ = layer_summarizer(tiered.sparse, layer, h, d, 1, "cpu")
+            total += (cap * group_bytes + (n + 1) * 4 + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
+                      + n * summ.bytes_per_group(dtype) + summ.bytes_per_sequence(torch.float32))
+        return total
 
     # -- construction ---------------------------------------------------------------
     def _even_capacity(self) -> int:
@@ -265,8 +293,25 @@ class TieredSparseKVCache(KVCache):
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         spec = self.layer_specs[layer]
         if batch.num_new > 1 or layer not in self.caches:
-            return self._dense(layer, q, batch, spec)
+            out = self._dense(layer, q, batch, spec)
+            if batch.num_new > 1 and layer in self.caches:
+                self._warm(layer, q[:, :, -1], batch, spec)
+            return out
         return self._sparse(layer, q, batch, spec)
+
+    def _warm(self, layer, q_last, batch, spec) -> None:
+        """Initial placement after a prefill chunk: what the chunk's last query (B, H_q, D)
+        selects becomes resident in the GPU cache (a disk tier reads it into the host arena and
+        marks it recently used). Counted as prefill traffic, not as decode hits or misses
+        (the next chunk's plan empties the cache again: the last chunk's placement stays)."""
+        cache = self.caches[layer]
+        if (not self.tiered.warm_start or self.tiered.eviction == "none"
+                or hasattr(self.tables[layer].summarizer, "fit")):  # lowrank_seq fits on the whole prompt later
+            return
+        before = cache.counters.clone()
+        self._select_and_fetch(layer, q_last, batch, spec.scale, prefetch=False)
+        self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
+        cache.counters.copy_(before)
 
     def hint(self, layer: int, q_pred: torch.Tensor, batch: ForwardBatch) -> None:
         """A predicted query (B, H_q, D) of ``layer``, issued before the previous layer runs:
@@ -430,7 +475,9 @@ class TieredSparseKVCache(KVCache):
             "sync_fetched": tot["misses"],
             "prefetched": tot["prefetched"],
             "hit_rate": tot["hits"] / selected if selected else None,
-            "bytes_host_to_gpu": fetched * self.group_bytes + self._moved["dense_host_to_gpu"],
+            "bytes_host_to_gpu": fetched * self.group_bytes + self._moved["dense_host_to_gpu"]
+            + self._moved["warm_host_to_gpu"],
+            "bytes_warm_start": self._moved["warm_host_to_gpu"],
             "bytes_gpu_to_host": self._moved["token_writes"],
             "gpu_cache_bytes": sum(c.nbytes for c in self.caches.values()),
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),
@@ -442,6 +489,26 @@ class TieredSparseKVCache(KVCache):
                                              for l, c in per_layer.items() if c["prefetched"]},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
+
+
+GPU_HEADROOM = 2 << 30  # GPU bytes left to activations, CUDA graphs and the allocator
+
+
+def gpu_room(device: torch.device | None) -> int | None:
+    """GPU memory free for the cache now (minus headroom); None off CUDA."""
+    if device is None or device.type != "cuda":
+        return None
+    return max(torch.cuda.mem_get_info(device)[0] - GPU_HEADROOM, 0)
+
+
+def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
+    """Refuse up front a cache whose GPU part does not fit, with the fix."""
+    room = gpu_room(device)
+    if room is not None and nbytes > room:
+        raise CapacityError(f"the tiered cache's GPU selection caches and summaries for {max_seqs} sequences need "
+                            f"{nbytes / 2**30:.1f} GiB of GPU memory, {room / 2**30:.1f} GiB is free: lower "
+                            "cache_tokens (kvdrive generate --gpu-cache-tokens), the batch (max_batch) or the maximum "
+                            "length")
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,10 @@ def add_sampling_options(p) -> None:
     k.add_argument("--budget", type=float, help="tokens attended per decode step (sinks and window included), "
                    "or a fraction of the context if < 1; e.g. 2048")
     k.add_argument("--gpu-cache-tokens", type=int, default=4096,
-                   help="GPU selection cache per sequence and layer, in tokens (default 4096)")
+                   help="GPU selection cache per sequence and layer, in tokens (default 4096). Larger is "
+                        "faster where GPU memory allows (more of each step's selection is already there); it "
+                        "costs this many tokens of KV per sequence (Llama-3.1-8B: 4096 tokens = 512 MiB). The batch is "
+                        "capped to what free GPU memory holds")
     k.add_argument("--disk", action="append", default=[], metavar="DIR",
                    help="keep the KV on this directory too (repeatable: striped); needs --host-gib")
     k.add_argument("--disk-gib", type=float, default=64.0, help="disk budget per --disk directory (default 64)")

@@ -226,7 +226,7 @@ def test_warm_start_places_the_prompts_important_groups_before_the_first_step(tm
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
     firsts, stats = [], []
     for warm in (False, True):
-        kw = dict(cache_tokens=96, warm_start=warm, prefetch=False)
+        kw = {"cache_tokens": 96, "warm_start": warm, "prefetch": False}
         (tmp_path / str(warm)).mkdir()
         cfg = _disk_cfg(tmp_path / str(warm), sparse, 30, **kw) if disk else TieredConfig(sparse, **kw)
         cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
@@ -395,7 +395,7 @@ def test_admission_counts_free_gpu_memory(monkeypatch):
     """On a GPU, the batch admitted is what the free GPU memory holds (host room aside), and a
     cache too large for it is refused before anything is allocated, naming the fix."""
     from kvdrive.errors import CapacityError
-    from kvdrive.kv import tiered as tiered_mod
+    from kvdrive.kv import tiered_admission as tiered_mod
     from kvdrive.models import presets
     from kvdrive.models.registry import from_hf_config
 

@@ -30,11 +30,11 @@ from kvdrive import device as devices
 from kvdrive.attention.select import combine_heads, select_groups
 from kvdrive.attention.sparse import sparse_attention
 from kvdrive.config import ModelConfig
-from kvdrive.errors import CapacityError
 from kvdrive.kv import tier_ops
+from kvdrive.kv import tiered_admission as admission
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import grouped_sdpa, layer_specs
-from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV, host_room
+from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.selection_cache import SelectionCache
 from kvdrive.kv.slots import SequenceSlots
@@ -58,7 +58,7 @@ class TieredSparseKVCache(KVCache):
         self.n = -(-max_len // g)
         layout = GroupLayout.from_config(config, dtype, g)
         self.group_shape, self.group_bytes = layout.slot_shape, layout.group_bytes  # (2, H_kv, G, D)
-        check_gpu_room(max_seqs * self.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs)
+        admission.check_gpu_room(max_seqs * admission.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs)
         self.host = DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk,
                                      tiered.direct) if tiered.disk else FullHostKV(layout, max_seqs, self.n, device)
         self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
@@ -84,42 +84,8 @@ class TieredSparseKVCache(KVCache):
         # Layers whose groups are predicted and fetched while the layer before runs (not layer 0).
         self.hint_layers = frozenset(l for l in self.sparse_layers if l > 0) if tiered.prefetch else frozenset()
 
-    @staticmethod
-    def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
-                      device: torch.device | None = None) -> int:
-        """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
-        free GPU memory can hold (admission); at least 1 (a single one that does not fit is
-        refused with the fix when the cache is built)."""
-        g = tiered.sparse.group_tokens
-        per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-max_len // g) * config.num_hidden_layers
-        room = host_room()
-        if tiered.disk:
-            room = sum(p.budget_bytes for p in tiered.disk)
-        n = 1 << 30 if room is None else room // per_seq
-        gpu = gpu_room(device)
-        if gpu is not None:
-            n = min(n, gpu // max(1, TieredSparseKVCache.gpu_bytes_per_seq(config, max_len, dtype, tiered)))
-        return max(1, n)
-
-    @staticmethod
-    def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
-        """GPU memory one sequence of ``max_len`` costs the cache (weights and activations not
-        included): on every sparse layer its selection-cache pages and slot tables and the
-        summaries of its groups. Rebalancing moves pages between layers, never adds any."""
-        g = tiered.sparse.group_tokens
-        n = -(-max_len // g)
-        group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
-        pages = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
-        cap = max(pages, tiered.cache_tokens // g) if tiered.eviction != "none" else pages
-        h, d = config.num_key_value_heads, config.head_dim
-        total = 0
-        for layer in config.global_layers:
-            if layer in tiered.sparse.dense_layers:
-                continue
-            summ = layer_summarizer(tiered.sparse, layer, h, d, 1, "cpu")
-            total += (cap * group_bytes + (n + 1) * 4 + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
-                      + n * summ.bytes_per_group(dtype) + summ.bytes_per_sequence(torch.float32))
-        return total
+    seqs_that_fit = staticmethod(admission.seqs_that_fit)
+    gpu_bytes_per_seq = staticmethod(admission.gpu_bytes_per_seq)
 
     # -- construction ---------------------------------------------------------------
     def _even_capacity(self) -> int:
@@ -489,26 +455,6 @@ class TieredSparseKVCache(KVCache):
                                              for l, c in per_layer.items() if c["prefetched"]},
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
-
-
-GPU_HEADROOM = 2 << 30  # GPU bytes left to activations, CUDA graphs and the allocator
-
-
-def gpu_room(device: torch.device | None) -> int | None:
-    """GPU memory free for the cache now (minus headroom); None off CUDA."""
-    if device is None or device.type != "cuda":
-        return None
-    return max(torch.cuda.mem_get_info(device)[0] - GPU_HEADROOM, 0)
-
-
-def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
-    """Refuse up front a cache whose GPU part does not fit, with the fix."""
-    room = gpu_room(device)
-    if room is not None and nbytes > room:
-        raise CapacityError(f"the tiered cache's GPU selection caches and summaries for {max_seqs} sequences need "
-                            f"{nbytes / 2**30:.1f} GiB of GPU memory, {room / 2**30:.1f} GiB is free: lower "
-                            "cache_tokens (kvdrive generate --gpu-cache-tokens), the batch (max_batch) or the maximum "
-                            "length")
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

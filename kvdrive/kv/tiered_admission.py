@@ -1,0 +1,74 @@
+"""Admission for the tiered cache: how many sequences the tiers hold, and what one costs on the GPU.
+
+The KV of every sequence lives in pinned host memory (or, with a disk tier, within the
+disk budget); the GPU holds, per sparse layer, each sequence's selection-cache pages,
+slot tables and group summaries. A batch is admitted only as far as both hold it; a cache
+that cannot fit is refused before anything is allocated, with the setting to change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvdrive.config import ModelConfig
+from kvdrive.errors import CapacityError
+from kvdrive.kv.host_kv import host_room
+from kvdrive.kv.layout import GroupLayout
+from kvdrive.kv.sparse import layer_summarizer, max_pages_for
+from kvdrive.kv.tiered_config import TieredConfig
+
+GPU_HEADROOM = 2 << 30  # GPU bytes left to activations, CUDA graphs and the allocator
+
+
+def gpu_room(device: torch.device | None) -> int | None:
+    """GPU memory free for the cache now (minus headroom); None off CUDA."""
+    if device is None or device.type != "cuda":
+        return None
+    return max(torch.cuda.mem_get_info(device)[0] - GPU_HEADROOM, 0)
+
+
+def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
+    """Refuse up front a cache whose GPU part does not fit, with the fix."""
+    room = gpu_room(device)
+    if room is not None and nbytes > room:
+        raise CapacityError(f"the tiered cache's GPU selection caches and summaries for {max_seqs} sequences need "
+                            f"{nbytes / 2**30:.1f} GiB of GPU memory, {room / 2**30:.1f} GiB is free: lower "
+                            "cache_tokens (kvdrive generate --gpu-cache-tokens), the batch (max_batch) or the maximum "
+                            "length")
+
+
+def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
+                  device: torch.device | None = None) -> int:
+    """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
+    free GPU memory can hold (admission); at least 1 (a single one that does not fit is
+    refused with the fix when the cache is built)."""
+    g = tiered.sparse.group_tokens
+    per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-max_len // g) * config.num_hidden_layers
+    room = host_room()
+    if tiered.disk:
+        room = sum(p.budget_bytes for p in tiered.disk)
+    n = 1 << 30 if room is None else room // per_seq
+    gpu = gpu_room(device)
+    if gpu is not None:
+        n = min(n, gpu // max(1, gpu_bytes_per_seq(config, max_len, dtype, tiered)))
+    return max(1, n)
+
+
+def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
+    """GPU memory one sequence of ``max_len`` costs the cache (weights and activations not
+    included): on every sparse layer its selection-cache pages and slot tables and the
+    summaries of its groups. Rebalancing moves pages between layers, never adds any."""
+    g = tiered.sparse.group_tokens
+    n = -(-max_len // g)
+    group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
+    pages = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
+    cap = max(pages, tiered.cache_tokens // g) if tiered.eviction != "none" else pages
+    h, d = config.num_key_value_heads, config.head_dim
+    total = 0
+    for layer in config.global_layers:
+        if layer in tiered.sparse.dense_layers:
+            continue
+        summ = layer_summarizer(tiered.sparse, layer, h, d, 1, "cpu")
+        total += (cap * group_bytes + (n + 1) * 4 + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
+                  + n * summ.bytes_per_group(dtype) + summ.bytes_per_sequence(torch.float32))
+    return total

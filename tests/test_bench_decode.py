@@ -217,6 +217,7 @@ def test_fill_text_prefills_real_prose_in_chunks(smollm2):
         cache.add(s, 256)
     first = fill_text(model, cache, [0, 1], 150, hay, chunk=50, seed=3)
     assert first.shape == (2, 1) and [cache.length(s) for s in (0, 1)] == [150, 150]
+    assert cache.stats()["bytes_warm_start"] > 0  # each prompt's selection placed, as the engine does
     rng = random.Random(3)
     windows = [hay.sample(150, rng) for _ in range(2)]
     assert windows[0] != windows[1]

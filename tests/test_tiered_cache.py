@@ -219,9 +219,9 @@ def test_chunked_batched_prefill_writes_whole_groups_exactly(tmp_path, disk):
 
 @pytest.mark.parametrize("disk", [False, True])
 def test_warm_start_places_the_prompts_important_groups_before_the_first_step(tmp_path, disk):
-    """After prefill the last prompt query's selection is already in the GPU cache (and in the
-    host arena): the first decode step hits where a cold start misses, reads less from disk,
-    and computes the same logits."""
+    """``place`` after prefill puts the last prompt query's selection in the GPU cache (and in
+    the host arena): the first decode step hits where a cold start misses, reads less from
+    disk, and computes the same logits."""
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
     firsts, stats = [], []
@@ -231,6 +231,8 @@ def test_warm_start_places_the_prompts_important_groups_before_the_first_step(tm
         cfg = _disk_cfg(tmp_path / str(warm), sparse, 30, **kw) if disk else TieredConfig(sparse, **kw)
         cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
         _decode(model, cache, prompts, 0)
+        assert cache.stats()["bytes_warm_start"] == 0  # placement waits for the end of the prompts
+        cache.place([0, 1, 2])
         assert (cache.stats()["bytes_warm_start"] > 0) == warm
         cache.reset_stats()
         firsts.append(_decode_only(model, cache, len(prompts), 1))

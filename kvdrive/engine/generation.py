@@ -83,6 +83,9 @@ def _prefill(model, cache: KVCache, req: Request, chunk: int, bar, prefix=None) 
         bar.update(piece.shape[1])
     if prefix is not None:
         prefix.store(cache, req.seq_id, req.prompt_ids)
+    place = getattr(cache, "place", None)  # tiered cache: initial placement by the prompt's attention
+    if place is not None:
+        place([req.seq_id])
     return logits  # (1, V)
 
 

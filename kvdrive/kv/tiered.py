@@ -67,6 +67,7 @@ class TieredSparseKVCache(KVCache):
         self.tables = {l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n,
                                        device, dtype) for l in self.sparse_layers}
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
+        self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> last prefill query (H_q, D)
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
         self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
@@ -130,6 +131,7 @@ class TieredSparseKVCache(KVCache):
     def add(self, seq_id: int, max_tokens: int) -> None:
         slot = self.seqs.add(seq_id, max_tokens)
         self.host.clear(slot)
+        self._last_q.pop(slot, None)
         rows = torch.tensor([slot], device=self.device)
         for layer, table in self.tables.items():
             table.reset(slot)
@@ -163,14 +165,45 @@ class TieredSparseKVCache(KVCache):
         if num_new > 1 or self.tiered.eviction == "none":  # prefill rewrites groups; none: no reuse
             for c in self.caches.values():
                 c.clear(slots)
-        len_t = start + num_new
-        num_groups = (len_t + self.g - 1) // self.g  # (B,) incl. the partly filled group
-        meta = {"slots": slots, "slot_list": slot_list, "lens": [s + num_new for s in starts],
-                "len_t": len_t, "num_groups": num_groups,
-                "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32), "offs": positions % self.g, "static": static, "prefetch": {}, "ahead": {}, "masks": {},
-                "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list))
-                if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None}
+        meta = self._meta(slots, slot_list, start + num_new, [s + num_new for s in starts], static)
+        meta["offs"] = positions % self.g
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
+
+    def _meta(self, slots, slot_list, len_t, lens, static: bool) -> dict:
+        """What a forward's layers share: sequence slots, lengths after it (device and host)."""
+        num_groups = (len_t + self.g - 1) // self.g  # (B,) incl. the partly filled group
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+        return {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": len_t, "num_groups": num_groups,
+                "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32), "static": static,
+                "prefetch": {}, "ahead": {}, "masks": {},
+                "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None}
+
+    def place(self, seq_ids) -> None:
+        """Initial placement by importance, once a prompt is prefilled: per sparse layer, what the
+        prompt's last query selects becomes resident in the GPU cache (a disk tier first reads
+        it into the host arena, as most recently used), so decoding starts warm. Counted as
+        prefill traffic (``bytes_warm_start``), not as decode hits or misses. No-op unless
+        ``warm_start``, for ``eviction='none'`` (nothing survives a step) and ``lowrank_seq``."""
+        if not self.tiered.warm_start or self.tiered.eviction == "none":
+            return
+        seq_ids = tuple(seq_ids)
+        slot_list = [self.seqs.slot(s) for s in seq_ids]
+        lens = [self.seqs.length(s) for s in seq_ids]
+        if not all(s in self._last_q for s in slot_list):
+            return  # not prefilled through this cache's attention (e.g. KV imported)
+        slots = torch.tensor(slot_list, device=self.device)
+        len_t = torch.tensor(lens, device=self.device)
+        batch = ForwardBatch(seq_ids, tuple(lens), 0, None, self._meta(slots, slot_list, len_t, lens, False))
+        for layer, cache in self.caches.items():
+            if hasattr(self.tables[layer].summarizer, "fit"):  # lowrank_seq fits on the whole prompt later
+                continue
+            q = torch.stack([self._last_q[s][layer] for s in slot_list])  # (B, H_q, D)
+            before = cache.counters.clone()
+            self._select_and_fetch(layer, q, batch, self.layer_specs[layer].scale, prefetch=False)
+            self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
+            cache.counters.copy_(before)
+        for s in slot_list:
+            del self._last_q[s]
 
     def prepare_replay(self, seq_ids) -> None:
         """Host-side work of a graphed decode step, before the replay: open groups on the host
@@ -260,24 +293,11 @@ class TieredSparseKVCache(KVCache):
         spec = self.layer_specs[layer]
         if batch.num_new > 1 or layer not in self.caches:
             out = self._dense(layer, q, batch, spec)
-            if batch.num_new > 1 and layer in self.caches:
-                self._warm(layer, q[:, :, -1], batch, spec)
+            if batch.num_new > 1 and layer in self.caches and self.tiered.warm_start:
+                for i, slot in enumerate(batch.meta["slot_list"]):  # the prompt's last query, for ``place``
+                    self._last_q.setdefault(slot, {})[layer] = q[i, :, -1].clone()  # (H_q, D)
             return out
         return self._sparse(layer, q, batch, spec)
-
-    def _warm(self, layer, q_last, batch, spec) -> None:
-        """Initial placement after a prefill chunk: what the chunk's last query (B, H_q, D)
-        selects becomes resident in the GPU cache (a disk tier reads it into the host arena and
-        marks it recently used). Counted as prefill traffic, not as decode hits or misses
-        (the next chunk's plan empties the cache again: the last chunk's placement stays)."""
-        cache = self.caches[layer]
-        if (not self.tiered.warm_start or self.tiered.eviction == "none"
-                or hasattr(self.tables[layer].summarizer, "fit")):  # lowrank_seq fits on the whole prompt later
-            return
-        before = cache.counters.clone()
-        self._select_and_fetch(layer, q_last, batch, spec.scale, prefetch=False)
-        self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
-        cache.counters.copy_(before)
 
     def hint(self, layer: int, q_pred: torch.Tensor, batch: ForwardBatch) -> None:
         """A predicted query (B, H_q, D) of ``layer``, issued before the previous layer runs:

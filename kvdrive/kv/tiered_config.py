@@ -21,9 +21,9 @@ class TieredConfig:
     prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes
     overlap: bool = True  # prefetch on a side stream (False: on the compute stream, ablation)
     rebalance_after: int = 16  # decode steps before capacities follow measured misses; 0: never
-    # Initial placement by importance: after each prefill chunk, the groups its last query
-    # selects are loaded into the layer's GPU cache (and, with a disk tier, read into the host
-    # arena as most recently used), so the first decode step starts warm.
+    # Initial placement by importance: once a prompt is prefilled (``place``), the groups its last
+    # query selects are loaded into each layer's GPU cache (and, with a disk tier, read into the
+    # host arena as most recently used), so the first decode step starts warm.
     warm_start: bool = True
     # At the rebalance, a layer keeps prefetching only if this share of what its prefetch
     # fetched was then selected (a wrong prediction costs the bandwidth of its fetch); 0: always.

@@ -104,13 +104,7 @@ class HostKV(ABC):
 
     def gather(self, layer: int, slot: int, groups: list[int]) -> torch.Tensor:
         """Groups of one sequence, copied to the device: (n, 2, H_kv, G, D)."""
-        out = torch.empty(len(groups), *self.layout.slot_shape, device=self.device, dtype=self.layout.dtype)
-        if groups:
-            g = torch.tensor(groups, device=self.device)
-            src = self.rows(layer, torch.tensor([slot], device=self.device), g[None])[0]
-            tier_ops.fetch_rows(self.words(layer), src, tier_ops.words(out), torch.arange(len(groups), device=self.device),
-                                self.group_words)
-        return out
+        return self.gather_pairs(layer, [slot] * len(groups), groups)
 
     def gather_pairs(self, layer: int, slots: list[int], groups: list[int]) -> torch.Tensor:
         """Group ``groups[i]`` of sequence slot ``slots[i]`` for every i, copied to the device
@@ -361,22 +355,14 @@ class DiskBackedHostKV(HostKV):
             self.counts["lost"] += int(failed.sum())
         return failed
 
-    def gather(self, layer, slot, groups):
-        if groups:
-            g = np.asarray(groups, dtype=np.int64)[None]
-            failed = self.resolve(layer, [slot], g, np.ones_like(g, dtype=bool))
-            if failed.any():
-                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups of sequence slot {slot} could not "
-                                   "be read back (I/O error or checksum); the sequence must be prefilled again")
-        return super().gather(layer, slot, groups)
-
     def gather_pairs(self, layer, slots, groups):
         if groups:
             g = np.asarray(groups, dtype=np.int64)[:, None]
             failed = self.resolve(layer, list(slots), g, np.ones_like(g, dtype=bool))
             if failed.any():
-                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups could not be read back (I/O error "
-                                   "or checksum); their sequences must be prefilled again")
+                bad = sorted({int(x) for x in np.asarray(slots)[failed[:, 0]]})
+                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups of sequence slots {bad} could not be "
+                                   "read back (I/O error or checksum); those sequences must be prefilled again")
         return super().gather_pairs(layer, slots, groups)
 
     def clear(self, slot):

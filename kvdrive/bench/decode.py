@@ -148,7 +148,6 @@ def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.devi
             done += t
 
 
-
 def fill_text(model, cache: KVCache, seq_ids, length: int, haystack, chunk: int, seed: int) -> torch.Tensor:
     """Prefill every sequence with ``length`` tokens of real prose (its own random start in the
     text), ``chunk`` tokens per forward; returns each one's greedy next token (B, 1)."""

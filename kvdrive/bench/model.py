@@ -30,7 +30,6 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", default="bench/results/model.json", help="JSON result path")
 
 
-
 def _median_time(fn, repeats: int, dev) -> float:
     times = []
     for _ in range(repeats):

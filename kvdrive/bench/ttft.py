@@ -49,7 +49,6 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--out", default="bench/results/ttft.json")
 
 
-
 def _prefill(model, cache, seq, ids, start=0) -> int:
     logits = None
     for b in range(start, len(ids), PREFILL_CHUNK):

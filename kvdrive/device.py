@@ -73,6 +73,15 @@ def use_stream(stream):
     return torch.cuda.stream(stream)
 
 
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """A copy in pinned host memory, made asynchronously on the current stream: valid once an
+    event recorded after it completes (on CPU, a plain copy)."""
+    if t.device.type == "cpu":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
 def release_cached(device: torch.device) -> None:
     """Wait for the device, then return the allocator's free cached blocks (before replacing
     large buffers by others of different sizes; no-op on CPU)."""

@@ -23,6 +23,8 @@ GPU at a time).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -310,7 +312,7 @@ class TieredSparseKVCache(KVCache):
             side.wait_stream(compute)
             if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
                 q_pred.record_stream(side)
-        with devices.use_stream(side) if side is not None else _null():
+        with devices.use_stream(side) if side is not None else contextlib.nullcontext():
             self._select_and_fetch(layer, q_pred, batch, self.layer_specs[layer].scale, prefetch=True)
             event = devices.new_event(self.device)
             event.record()
@@ -363,7 +365,8 @@ class TieredSparseKVCache(KVCache):
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
         if self.host.may_miss and prefetch:  # the predicted groups only on disk: read them ahead
             ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
-            m["ahead"][layer] = (_to_host(groups), _to_host(ahead), devices.new_event(self.device))
+            m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
+                                devices.new_event(self.device))
             m["ahead"][layer][2].record()
         if self.host.may_miss and not prefetch:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
@@ -477,14 +480,6 @@ class TieredSparseKVCache(KVCache):
         }
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """An asynchronous copy to (pinned) host memory; valid once the stream's next event completes."""
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
-
-
 def _no_mark(name: str) -> None:
     pass
 
@@ -500,11 +495,3 @@ def _drop(groups: np.ndarray, listed: np.ndarray, failed: np.ndarray, device):
     pages = np.arange(groups.shape[1])[None, :] < counts[:, None]
     return (torch.as_tensor(out, device=device), torch.as_tensor(pages, device=device),
             torch.as_tensor(counts, dtype=torch.int32, device=device))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

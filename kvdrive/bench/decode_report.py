@@ -12,6 +12,7 @@ from pathlib import Path
 from kvdrive.bench import roofline
 from kvdrive.bench.common import write_result
 from kvdrive.errors import KvdriveError
+from kvdrive.plotting import pyplot
 
 # issue 5's targets, each system at its best batch: kvdrive over the ShadowKV-style baseline,
 # and host + SSD against host only
@@ -106,17 +107,6 @@ def _ctx(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise KvdriveError("plots need matplotlib: pip install 'kvdrive[plot]' (the JSON is written)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(json_path: str | Path) -> list[Path]:
     """tokens/s vs batch, one panel per context, one line per system (dotted: its roofline
     bound) into ``<json>.png``; and, where rows carry a step-time breakdown, one stacked
@@ -126,7 +116,7 @@ def plot(json_path: str | Path) -> list[Path]:
     rows = [r for r in doc["results"]["rows"] if r["status"] == "ok"]
     if not rows:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     contexts = sorted({r["context"] for r in rows})
     systems = list(dict.fromkeys(r["system"] for r in doc["results"]["rows"]))
     colour = {s: f"C{i}" for i, s in enumerate(systems)}

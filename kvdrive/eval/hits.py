@@ -126,11 +126,12 @@ class SelectionTrace:
         for layer, sel in cache.last_selection.items():
             cur = selection_mask(sel, self.n_max).any(1).cpu()  # (B, N): shared selection, any head
             if layer in self._prev:
-                for name, r in (("overlap", overlap(cur, self._prev[layer])),
+                last = overlap(cur, self._prev[layer])
+                for name, r in (("overlap", last),
                                 ("chosen_overlap", overlap(cur, self._prev[layer], ignore)),
                                 ("seen", overlap(cur, self._union[layer]))):
                     self._sums[name][layer] = self._sums[name].get(layer, 0.0) + float(r.sum())
-                step.append(float(overlap(cur, self._prev[layer]).mean()))
+                step.append(float(last.mean()))
                 self._union[layer] |= cur
             else:
                 self._union[layer] = cur.clone()
@@ -293,13 +294,9 @@ def plot_hits(result_json: str | Path, png: str | Path) -> Path:
     (no reuse across steps) is a flat line; the grey line is the selection's ``seen`` share."""
     import json
 
-    try:
-        import matplotlib
-    except ImportError:
-        raise KvdriveError("plotting needs matplotlib: pip install 'kvdrive[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from kvdrive.plotting import pyplot
 
+    plt = pyplot()
     doc = json.loads(Path(result_json).read_text())
     panels = [(e["length"], label, row) for e in doc["results"] for label, row in e["settings"].items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvdrive.errors import KvdriveError
+from kvdrive.plotting import pyplot
 
 FULL = "full"  # the label of full attention in an eval result
 PANEL_SIZE = (4.2, 3.6)  # inches per panel
@@ -74,13 +75,7 @@ def panels_from_result(doc: dict) -> list[Panel]:
 
 def plot_panels(panels: list[Panel], png: str | Path, title: str = "") -> Path:
     """Draw ``panels`` side by side into ``png``; returns the path."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise KvdriveError("plotting needs matplotlib: pip install 'kvdrive[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not panels:
         raise KvdriveError("nothing to plot: the result has no entries")
     summaries = sorted({c.summary for p in panels for c in p.curves})

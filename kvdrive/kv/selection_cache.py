@@ -75,9 +75,10 @@ class SelectionCache:
 
         rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
         bool; step () tensor, the decode step (LRU stamp); scores (B, N_s) float32 of this step
-        (``lookahead``; N_s <= N); source the pool every group has a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows
-        of ``groups``; -1 (on disk only) is fetched by nobody: a prefetch skips it, and the caller
-        resolves every listed group before a non-prefetch call.
+        (``lookahead``; N_s <= N); source the pool every group has a copy in (pinned host) as
+        int32 word rows, ``source_rows`` (B, P) int64 its rows of ``groups``; -1 (on disk only)
+        is fetched by nobody: a prefetch skips it, and the caller resolves every listed group
+        before a non-prefetch call.
         """
         b, p = groups.shape
         n, cap = self.n, self.capacity

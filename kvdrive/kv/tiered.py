@@ -71,7 +71,7 @@ class TieredSparseKVCache(KVCache):
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
         self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> last prefill query (H_q, D)
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
-        self.caches = self._make_caches({l: self._even_capacity() for l in self.sparse_layers})
+        self.caches = self._make_caches({l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self.steps = 0
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0}
@@ -91,10 +91,6 @@ class TieredSparseKVCache(KVCache):
     gpu_bytes_per_seq = staticmethod(admission.gpu_bytes_per_seq)
 
     # -- construction ---------------------------------------------------------------
-    def _even_capacity(self) -> int:
-        return max(self.max_pages, self.tiered.cache_tokens // self.g) if self.tiered.eviction != "none" \
-            else self.max_pages
-
     def _make_caches(self, capacity: dict[int, int]) -> dict[int, SelectionCache]:
         return {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
                                   self.tiered.eviction) for l, c in capacity.items()}

@@ -37,6 +37,14 @@ def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
                             "length")
 
 
+def even_capacity(tiered: TieredConfig, max_pages: int) -> int:
+    """Pages per sequence of each layer's GPU cache before any rebalance: ``cache_tokens``, at
+    least one selection's ``max_pages`` (``none`` eviction: exactly one selection)."""
+    if tiered.eviction == "none":
+        return max_pages
+    return max(max_pages, tiered.cache_tokens // tiered.sparse.group_tokens)
+
+
 def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
                   device: torch.device | None = None) -> int:
     """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
@@ -61,8 +69,7 @@ def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tie
     g = tiered.sparse.group_tokens
     n = -(-max_len // g)
     group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
-    pages = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
-    cap = max(pages, tiered.cache_tokens // g) if tiered.eviction != "none" else pages
+    cap = even_capacity(tiered, min(n, max_pages_for(tiered.sparse.selection(), g, max_len)))
     h, d = config.num_key_value_heads, config.head_dim
     total = 0
     for layer in config.global_layers:

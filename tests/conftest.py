@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -23,3 +25,39 @@ def gemma3():
     from kvdrive.models.loader import load_model
 
     return load_model("gemma3", device="cpu", dtype="float32")
+
+
+def run_interpreted(test_file: str, func: str, *args) -> None:
+    """Call ``func(*args)`` of ``tests/<test_file>`` in a fresh process with TRITON_INTERPRET=1
+    (Triton's kernels run on the CPU). A fresh process because Triton reads the variable when
+    it is imported, and its own library functions (``tl.sort``) are bound then."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.insert(0, "tests")
+        spec = importlib.util.spec_from_file_location("t", "tests/{test_file}")
+        m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+        m.{func}(*{args!r})
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root,
+                         check=False)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.fixture
+def interpret():
+    """Triton kernels imported inside the test run under the interpreter (on CPU). Kernel
+    modules are imported lazily by their launchers, so the first import sees this."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old

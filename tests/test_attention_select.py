@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from conftest import run_interpreted
 from torch import nn
 
 from kvdrive.attention import Budget, SelectionConfig, all_pages, paginate, select_groups, selection_mask
 from kvdrive.attention.predict import forced_mask, predict_query, recall
+from kvdrive.attention.select import combine_heads, select_groups_keyed
 from kvdrive.attention.sparse_ref import sparse_attention_ref
 from kvdrive.errors import KvdriveError
 from kvdrive.kv.summaries import make_summarizer
@@ -213,3 +215,43 @@ def test_topk_key_orders_like_a_stable_descending_sort():
     s[0, :4] = torch.tensor([float("inf"), float("-inf"), 1e-38, -1e-38])
     expect = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :50]
     assert torch.equal(_topk_lowest_index_first(s, 50), expect)
+
+
+def test_selection_kernel_matches_the_torch_path():
+    """The one-program-per-sequence selection (Triton, interpreted on CPU) lists the same groups
+    as the torch path, for ragged lengths, short sequences, padding and -inf scores, and its
+    eviction key is the heads' combined softmax."""
+    pytest.importorskip("triton")
+    run_interpreted("test_attention_select.py", "check_selection_kernel")
+
+
+def check_selection_kernel() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, budget, lens in ((40, 64, [40, 7, 23, 1]), (100, 160, [100, 99, 64, 12]), (33, 400, [33, 20, 5, 33])):
+        scores = torch.randn(4, 3, n, generator=gen)
+        num_groups = torch.tensor(lens)
+        scores = scores.masked_fill(torch.arange(n)[None, None, :] >= num_groups[:, None, None], float("-inf"))
+        scores[1, 2, 3] = float("-inf")
+        c = cfg(tokens=budget, n_sink=2, n_window=3, mode="shared")
+        max_pages = min(n, -(-budget // 4))
+        want = select_groups(scores, num_groups, c, 4, max_pages=max_pages, impl="torch")
+        got, key = select_groups_keyed(scores, num_groups, c, 4, max_pages, impl="triton")
+        assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups), (n, budget)
+        torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])
+    assert want.num_pages.tolist() != [max_pages] * 4  # short sequences took fewer pages
+
+
+@pytest.mark.gpu
+def test_selection_kernel_matches_the_torch_path_on_gpu():
+    """Llama-3.1-8B decode shape at 32K and 128K (8 KV heads, 2048 / 8192 groups, budget 2048)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for n in (2048, 8192):
+        scores = torch.randn(16, 8, n, generator=gen, device="cuda")
+        num_groups = torch.randint(n // 2, n + 1, (16,), generator=gen, device="cuda")
+        scores = scores.masked_fill(torch.arange(n, device="cuda")[None, None, :] >= num_groups[:, None, None],
+                                    float("-inf"))
+        c = cfg(tokens=2048, n_sink=4, n_window=16, mode="shared")
+        want = select_groups(scores, num_groups, c, 16, max_pages=128, impl="torch")
+        got, key = select_groups_keyed(scores, num_groups, c, 16, 128, impl="triton")
+        assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups)
+        torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])

@@ -2,18 +2,18 @@
 what the GPU-resident sparse cache attends to (same selection), whatever the eviction,
 prefetch and cache size; with a budget covering the context it is full attention."""
 
-import os
 
 import pytest
 import torch
+from conftest import run_interpreted
+from test_sparse_cache import _decode, _tiny
 
+from kvdrive.errors import KvdriveError
 from kvdrive.kv import tier_ops
 from kvdrive.kv.contiguous import ContiguousKVCache
 from kvdrive.kv.selection_cache import SelectionCache
 from kvdrive.kv.sparse import SparseConfig, SparseKVCache
 from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
-from kvdrive.errors import KvdriveError
-from test_sparse_cache import _decode, _tiny
 
 CPU, F32 = torch.device("cpu"), torch.float32
 
@@ -274,17 +274,6 @@ def test_per_head_mode_is_refused_with_the_fix():
         TieredConfig(SparseConfig(mode="per_head"))
 
 
-@pytest.fixture
-def interpret():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-
-
 def test_triton_kernels_match_reference(interpret):
     pytest.importorskip("triton")
     gen = torch.Generator().manual_seed(0)
@@ -301,6 +290,78 @@ def test_triton_kernels_match_reference(interpret):
     tier_ops.write_tokens(want, rows, offs, k, v, impl="torch")
     tier_ops.write_tokens(got, rows, offs, k, v, impl="triton")
     assert torch.equal(got, want) and want.abs().sum() > 0
+
+
+def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0):
+    """A fixed random series of ensure calls (some prefetches, some groups only on disk) on a
+    fresh cache; returns the cache and every call's pages."""
+    gen = torch.Generator().manual_seed(seed)
+    n, s, p = 50, 4, 9
+    c = SelectionCache(cap, s, n, (2, 1, 2, 4), CPU, F32, eviction, impl=impl)
+    source = torch.randn(s * n, 2, 1, 2, 4, generator=gen)
+    out = []
+    for step in range(40):
+        rows = torch.randperm(s, generator=gen)[:3]
+        groups = torch.stack([torch.randperm(n, generator=gen)[:p] for _ in rows])  # (B, P) distinct
+        listed = torch.rand(3, p, generator=gen) < 0.85
+        prefetch = step % 3 == 2
+        src = rows[:, None] * n + groups
+        if prefetch:  # a prefetch skips groups only on disk (source row -1)
+            src = torch.where(torch.rand(3, p, generator=gen) < 0.2, -1, src)
+        scores = torch.randn(3, n, generator=gen).round(decimals=1)  # ties happen
+        out.append(c.ensure(rows, groups, listed, scores, tier_ops.words(source), src,
+                            torch.tensor(float(step)), prefetch))
+        if step == 20:
+            c.clear(rows[:1])
+    return c, out
+
+
+@pytest.mark.parametrize("eviction", ["lookahead", "lru"])
+def test_ensure_kernel_matches_the_torch_body(eviction):
+    """The one-kernel ensure (Triton, interpreted on CPU) gives the torch body's pages, victims,
+    table, owners, stamps, fresh flags, counters and pool, call after call."""
+    pytest.importorskip("triton")
+    run_interpreted("test_tiered_cache.py", "check_ensure_kernel", eviction)
+
+
+def check_ensure_kernel(eviction: str) -> None:
+    for cap in (9, 16, 23):
+        want, want_pages = _ensure_sequence("torch", eviction, cap)
+        got, got_pages = _ensure_sequence("triton", eviction, cap)
+        for a, b in zip(want_pages, got_pages):
+            assert torch.equal(a, b)
+        assert torch.equal(want.table[:, :-1], got.table[:, :-1])
+        for name in ("owner", "stamp", "fresh"):
+            assert torch.equal(getattr(want, name)[:, :cap], getattr(got, name)[:, :cap]), name
+        assert torch.equal(want.counters, got.counters) and want.counters[2] > 0 and want.counters[3] > 0
+        assert torch.equal(want.pool[:-1], got.pool[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eviction", ["lookahead", "lru"])
+def test_ensure_kernel_matches_the_torch_body_on_gpu(eviction):
+    """Real barriers and atomics: the kernel on CUDA against the torch body on CUDA, with a
+    capacity above one warp's worth of slots and ragged selections."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(1)
+    n, s, p, cap = 2049, 8, 128, 300
+    caches = [SelectionCache(cap, s, n - 1, (2, 8, 16, 128), dev, torch.bfloat16, eviction, impl=i)
+              for i in ("torch", "triton")]
+    source = torch.randn(s * n, 2, 8, 16, 128, dtype=torch.bfloat16).pin_memory()
+    for step in range(24):
+        rows = torch.randperm(s, device=dev, generator=gen)[:6]
+        groups = torch.stack([torch.randperm(n - 1, device=dev, generator=gen)[:p] for _ in range(6)])
+        listed = torch.arange(p, device=dev)[None, :] < torch.randint(p // 2, p + 1, (6, 1), device=dev, generator=gen)
+        scores = torch.rand(6, n - 1, device=dev, generator=gen)
+        src = rows[:, None] * n + groups
+        pages = [c.ensure(rows, groups, listed, scores, tier_ops.words(source), src,
+                          torch.tensor(float(step), device=dev), step % 4 == 3) for c in caches]
+        assert torch.equal(pages[0], pages[1]), step
+    want, got = caches
+    assert torch.equal(want.table[:, :-1], got.table[:, :-1]) and torch.equal(want.counters, got.counters)
+    for name in ("owner", "stamp", "fresh"):
+        assert torch.equal(getattr(want, name)[:, :cap], getattr(got, name)[:, :cap]), name
+    assert torch.equal(want.pool[:-1], got.pool[:-1])
 
 
 @pytest.mark.gpu

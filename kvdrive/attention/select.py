@@ -81,15 +81,17 @@ def combine_heads(scores: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: SelectionConfig, group_tokens: int,
-                  max_pages: int | None = None) -> Selection:
+                  max_pages: int | None = None, impl: str = "auto") -> Selection:
     """scores (B, H_kv, N_max) float (-inf or anything at padding), num_groups (B,) -> Selection.
 
     Deterministic: ties go to the lower group index, on CPU and GPU alike. Every group is taken
     when the budget covers the sequence. ``max_pages`` is P, at least the largest count
     (the engine knows the lengths on the host); without it one host sync computes it.
     Scores of sink and window groups are ignored (the partly filled group needs no
-    summary).
+    summary). ``impl``: see ``_kernel_applies`` (the Triton kernel needs ``max_pages``).
     """
+    if max_pages is not None and _kernel_applies(scores, cfg, impl):  # one Triton program per sequence
+        return _select_kernel(scores, num_groups, cfg, group_tokens, max_pages)[0]
     b, h, n = scores.shape
     dev = scores.device
     num_groups = num_groups.to(dev, torch.int64)
@@ -113,6 +115,49 @@ def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: Selection
     groups = torch.sort(order, dim=-1).values
     groups = torch.where(groups == n, 0, groups).to(torch.int32)
     return Selection(groups.expand(b, h, max_pages), count.to(torch.int32))
+
+
+def select_groups_keyed(scores: torch.Tensor, num_groups: torch.Tensor, cfg: SelectionConfig, group_tokens: int,
+                        max_pages: int, impl: str = "auto") -> tuple[Selection, torch.Tensor]:
+    """``select_groups`` and the heads' combined scores (B, N) of the unmasked ``scores`` (the
+    tiered cache's lookahead eviction key): one kernel where ``kernel_applies``."""
+    if _kernel_applies(scores, cfg, impl):
+        return _select_kernel(scores, num_groups, cfg, group_tokens, max_pages)
+    return (select_groups(scores, num_groups, cfg, group_tokens, max_pages=max_pages, impl="torch"),
+            combine_heads(scores, cfg.shared_reduce)[:, 0])
+
+
+def _kernel_applies(scores: torch.Tensor, cfg: SelectionConfig, impl: str) -> bool:
+    """The Triton selection runs for shared mode with ``softmax_sum`` and a token budget, on CUDA
+    (``impl='auto'``; ``'triton'`` forces it, e.g. under TRITON_INTERPRET=1); the two agree
+    (tests/test_attention_select.py)."""
+    use = impl == "triton" or (impl == "auto" and scores.is_cuda)
+    return (use and cfg.mode == "shared" and cfg.shared_reduce == "softmax_sum" and cfg.budget.tokens is not None
+            and scores.shape[-1] <= SELECT_KERNEL_MAX_GROUPS)
+
+
+def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, max_pages: int):
+    import triton
+
+    from kvdrive.attention.select_kernel import select_shared_kernel
+
+    b, h, n = scores.shape
+    p = max(1, min(max_pages, n))
+    block_n = max(16, triton.next_power_of_2(n))
+    groups = torch.empty(b, p, dtype=torch.int32, device=scores.device)
+    count = torch.empty(b, dtype=torch.int32, device=scores.device)
+    key = torch.empty(b, n, dtype=torch.float32, device=scores.device)
+    scratch = torch.empty(b, block_n, dtype=torch.int64, device=scores.device)
+    if b:
+        s = scores if scores.stride(2) == 1 else scores.contiguous()
+        select_shared_kernel[(b,)](s, s.stride(0), s.stride(1), num_groups.to(scores.device).contiguous(), groups,
+                                   count, key, scratch, n, p, -(-cfg.budget.tokens // group_tokens), cfg.n_sink,
+                                   cfg.n_window, min(cfg.n_sink + cfg.n_window, n), H=h, BLOCK_N=block_n,
+                                   BLOCK_P=max(16, triton.next_power_of_2(p)), num_warps=4 if block_n <= 2048 else 8)
+    return Selection(groups[:, None, :].expand(b, h, p), count), key
+
+
+SELECT_KERNEL_MAX_GROUPS = 1 << 15  # one program holds a row of group scores in registers
 
 
 def _topk_lowest_index_first(s: torch.Tensor, k: int) -> torch.Tensor:

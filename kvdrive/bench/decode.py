@@ -16,6 +16,7 @@ import gc
 import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -103,6 +104,10 @@ def add_arguments(p) -> None:
     p.add_argument("--breakdown-steps", type=int, default=4,
                    help="after timing, this many extra eager steps of the tiered caches with their per-phase "
                         "profile (the step-time breakdown; default 4, 0: none)")
+    p.add_argument("--profile", metavar="DIR", help="after timing, profile --profile-steps more steps of each row "
+                   "(as timed: a CUDA graph where used) with torch.profiler: DIR/SYSTEM-CONTEXT-bBATCH.trace.json "
+                   "(Chrome trace) and .kernels.json (GPU kernels by time per step); the row gets the table")
+    p.add_argument("--profile-steps", type=int, default=3, help="decode steps under --profile (default 3)")
     p.add_argument("--fill-chunk", type=int, default=8192, help="tokens per plan/append/commit when filling "
                    "contexts (default 8192)")
     p.add_argument("--gpu-headroom-gib", type=float, default=4.0,
@@ -280,6 +285,11 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
             stats = _jsonable(cache.stats())
             row.update(stats=stats, per_step=per_step(stats, steps))
         row["cuda_graph"] = step.graphed
+        if args.profile:
+            from kvdrive.bench.kernel_profile import profile_steps
+
+            name = f"{system.name}-{shape.context}-b{shape.batch}"
+            row["profile"] = profile_steps(step, ids, args.profile_steps, Path(args.profile), name)
         if args.breakdown_steps and hasattr(cache, "profile"):
             row.setdefault("per_step", {})["time_ms_per_step"] = _breakdown(model, cache, seq_ids, ids, args)
         return row
@@ -386,7 +396,8 @@ def run(args) -> int:
     points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
     # Every system decodes from the same filled length: room for the longest warm-up of the run.
     settle = max(SYSTEMS[n].settle_steps(opts) for n in args.systems)
-    room = max(args.hf_new_tokens, args.warmup + settle + args.new_tokens + args.breakdown_steps) + 1
+    room = max(args.hf_new_tokens, args.warmup + settle + args.new_tokens + args.breakdown_steps
+               + (args.profile_steps if args.profile else 0)) + 1
     failed: dict[tuple[int, str], int] = {}  # (context, system) -> batch that ran out of memory
     with torch.inference_mode():
         for ctx, name, b in progress(points, desc="decode rows"):

@@ -25,14 +25,19 @@ import torch
 from kvdrive.kv import tier_ops
 
 EVICTIONS = ("lookahead", "lru", "none")
+IMPLS = ("auto", "triton", "torch")
 _IDX_COUNTERS = ("hits", "prefetched_hits", "misses", "prefetched")
 
 
 class SelectionCache:
     def __init__(self, capacity: int, max_seqs: int, max_groups: int, group_shape: tuple, device, dtype,
-                 eviction: str = "lookahead"):
+                 eviction: str = "lookahead", impl: str = "auto"):
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        # triton: one kernel per ensure (cache_kernels); torch: the reference (CPU default).
+        self.impl = impl if impl != "auto" else ("triton" if torch.device(device).type == "cuda" else "torch")
         self.capacity, self.max_seqs, self.n, self.eviction = capacity, max_seqs, max_groups, eviction
         self.pool = torch.zeros(max_seqs * capacity + 1, *group_shape, device=device, dtype=dtype)
         self.trash = max_seqs * capacity
@@ -46,6 +51,9 @@ class SelectionCache:
         # Counter updates are atomic adds (index_add_): micro-batches update them from two streams.
         self._select_idx = torch.tensor([0, 1, 2], device=device)
         self._prefetch_idx = torch.tensor([3], device=device)
+        self._block_c = triton_block(capacity)  # the kernel's slot block (a power of two)
+        self._scratch = torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) \
+            if self.impl == "triton" else None  # per sequence slot: micro-batches never share a row
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +88,8 @@ class SelectionCache:
         is fetched by nobody: a prefetch skips it, and the caller resolves every listed group
         before a non-prefetch call.
         """
+        if self.impl == "triton":
+            return self._ensure_triton(rows, groups, listed, scores, source, source_rows, step, prefetch)
         b, p = groups.shape
         n, cap = self.n, self.capacity
         gi = torch.where(listed, groups, n)  # unlisted -> trash column
@@ -104,10 +114,10 @@ class SelectionCache:
             key = scores.gather(1, col).float()
         else:
             key = stamp[:, :cap].clone()
-        key = torch.where(in_use, key, float("-inf"))
+        key = torch.where(in_use, key, float("-inf")) + 0.0  # + 0.0: -0.0 becomes 0.0
         protect = in_use & selected.gather(1, held.clamp(min=0, max=n))
         key = key.masked_fill(protect, float("inf"))
-        order = key.argsort(dim=1)  # (B, C): victims first
+        order = key.argsort(dim=1, stable=True)  # (B, C): victims first, ties by slot (as the kernel)
         rank = (miss.cumsum(1) - 1).clamp(min=0)
         victim = torch.where(miss, order.gather(1, rank.clamp(max=cap - 1)), cap)  # (B, P); cap = trash column
         old = own.gather(1, victim)  # groups losing their slot
@@ -124,3 +134,27 @@ class SelectionCache:
         tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words)
         pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
         return pages.to(torch.int32)
+
+    def _ensure_triton(self, rows, groups, listed, scores, source, source_rows, step, prefetch: bool) -> torch.Tensor:
+        """``ensure`` as one bookkeeping kernel per call plus the copy (same results as the torch body)."""
+        from kvdrive.kv.cache_kernels import ensure_kernel
+
+        b, p = groups.shape
+        pages = torch.empty(b, p, dtype=torch.int32, device=groups.device)
+        dst = torch.empty(b, p, dtype=torch.int64, device=groups.device)
+        lookahead = self.eviction == "lookahead" and scores is not None
+        sc = scores.float().contiguous() if lookahead else self.stamp  # any float tensor: unread
+        step = step.reshape(1).to(torch.float32)
+        if b:
+            ensure_kernel[(b,)](rows, groups.contiguous(), listed.contiguous(), source_rows.contiguous(), sc,
+                                sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
+                                self.fresh.view(torch.uint8), self.owner.stride(0), self.counters, step,
+                                self._scratch, self._scratch.stride(0), pages, dst, p, self.capacity, self.trash,
+                                LOOKAHEAD=lookahead, PREFETCH=prefetch, BLOCK_P=triton_block(p),
+                                BLOCK_C=self._block_c, num_warps=4 if self._block_c <= 1024 else 8)
+        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words)
+        return pages
+
+
+def triton_block(n: int) -> int:
+    return max(16, 1 << max(0, n - 1).bit_length())

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kvdrive import device as devices
-from kvdrive.attention.select import combine_heads, select_groups
+from kvdrive.attention.select import select_groups_keyed
 from kvdrive.attention.sparse import sparse_attention
 from kvdrive.config import ModelConfig
 from kvdrive.kv import tier_ops
@@ -351,10 +351,9 @@ class TieredSparseKVCache(KVCache):
         rows = slots if table.summarizer.name == "lowrank_seq" else None
         scores = table.summarizer.score(qd, table.data[sl, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
         max_pages = min(n_max, self.max_pages if m["static"] else max_pages_for(self.sel_cfg, g, max(m["lens"])))
-        sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
+        sel, key = select_groups_keyed(scores, num_groups, self.sel_cfg, g, max_pages)  # key: lookahead's (B, N)
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
-        key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]  # (B, N): eviction key of lookahead
         num_pages = sel.num_pages
         cache = self.caches[layer]
         mark("select")

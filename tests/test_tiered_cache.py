@@ -284,6 +284,10 @@ def test_triton_kernels_match_reference(interpret):
     tier_ops.fetch_rows(w(src), sidx, w(want), didx, w(src).shape[1], impl="torch")
     tier_ops.fetch_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton")
     assert torch.equal(got, want) and not torch.equal(got[1], src[19])
+    for programs in (1, 3):  # looping programs: fewer than the tiles, each takes several
+        got = torch.zeros_like(want)
+        tier_ops.fetch_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton", programs=programs)
+        assert torch.equal(got, want)
     k, v = torch.randn(2, 2, 3, 8, generator=gen), torch.randn(2, 2, 3, 8, generator=gen)
     rows, offs = torch.tensor([[1, 1, 2], [5, 6, 6]]), torch.tensor([[2, 3, 0], [3, 0, 1]])
     want, got = torch.zeros(9, 2, 2, 4, 8), torch.zeros(9, 2, 2, 4, 8)
@@ -407,8 +411,9 @@ def test_micro_batched_decode_matches_one_batch(parts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("eviction,parts", [("lookahead", 1), ("none", 1), ("lookahead", 2)])
-def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts):
+@pytest.mark.parametrize("eviction,parts,programs", [("lookahead", 1, 0), ("none", 1, 0), ("lookahead", 2, 0),
+                                                      ("lookahead", 2, 4)])
+def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs):
     """The captured step (prefetch stream forked and joined inside the graph, host-side work in
     prepare_replay, a recapture after the capacity rebalance) computes what eager decode does."""
     from kvdrive.engine.cuda_graph import GraphedDecodeStep
@@ -416,7 +421,7 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts):
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
-                       eviction=eviction, rebalance_after=5, micro_batches=parts)
+                       eviction=eviction, rebalance_after=5, micro_batches=parts, fetch_programs=programs)
     eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs

@@ -87,6 +87,10 @@ def add_arguments(p) -> None:
                    help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, so one "
                         "part's fetch may overlap another's compute (default 1: off; 2 was slower on the H100, "
                         "bench/results/decode-h100.json)")
+    g.add_argument("--fetch-programs", type=int, default=0,
+                   help="kvdrive_host and kvdrive_ssd: run the host->GPU fetch kernel on this many looping programs "
+                        "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default 0: one "
+                        "program per group block)")
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
                    help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "
@@ -356,7 +360,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
         "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
                          "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after,
-                         "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches},
+                         "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches,
+                         "fetch_programs": args.fetch_programs},
         "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
@@ -372,13 +377,15 @@ def run(args) -> int:
         return _summarize(merge(args.merge, args.out), args.no_plot)
     if min(args.warmup, args.new_tokens, min(args.contexts), min(args.batches), args.micro_batches) < 1:
         raise KvdriveError("--warmup, --new-tokens, --contexts, --batches and --micro-batches must be >= 1")
+    if args.fetch_programs < 0:
+        raise KvdriveError("--fetch-programs must be >= 0 (0: one program per group block)")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
                    args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib, args.micro_batches,
-                   args.prefetch_min_precision)
+                   args.prefetch_min_precision, args.fetch_programs)
     haystack = None
     if args.text:
         from kvdrive.eval.corpus import TokenHaystack, load_text

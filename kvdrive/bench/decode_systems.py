@@ -39,6 +39,7 @@ class Options:
     ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
     micro_batches: int = 1  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (1: off)
     prefetch_min_precision: float = 0.5  # tiered systems: a layer's prefetch stops below this precision
+    fetch_programs: int = 0  # kvdrive_host / kvdrive_ssd: looping programs of the fetch kernel (0: one per tile)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def _tiered(eviction: str | None):
         cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=eviction or o.eviction,
                            prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
                            prefetch_min_precision=o.prefetch_min_precision,
-                           micro_batches=1 if eviction else o.micro_batches)  # the baseline has no pipeline
+                           micro_batches=1 if eviction else o.micro_batches,  # the baseline has no pipeline
+                           fetch_programs=0 if eviction else o.fetch_programs)
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
     return build
@@ -188,7 +190,8 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
                        eviction="lru" if previous_step_only else o.eviction, prefetch=o.prefetch, overlap=o.overlap,
                        rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
                        host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
-                       micro_batches=1 if previous_step_only else o.micro_batches)
+                       micro_batches=1 if previous_step_only else o.micro_batches,
+                       fetch_programs=0 if previous_step_only else o.fetch_programs)
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 

@@ -51,6 +51,7 @@ class SelectionCache:
         # Counter updates are atomic adds (index_add_): micro-batches update them from two streams.
         self._select_idx = torch.tensor([0, 1, 2], device=device)
         self._prefetch_idx = torch.tensor([3], device=device)
+        self.fetch_programs = 0  # tier_ops.fetch_rows' programs (0: one per tile); the tiered cache sets it
         self._block_c = triton_block(capacity)  # the kernel's slot block (a power of two)
         self._scratch = torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) \
             if self.impl == "triton" else None  # per sequence slot: micro-batches never share a row
@@ -131,7 +132,8 @@ class SelectionCache:
             fresh.scatter_(1, torch.where(hit, slot, cap), False)
         self.table[rows], self.owner[rows], self.stamp[rows], self.fresh[rows] = tab, own, stamp, fresh
         dst = torch.where(miss, rows[:, None] * cap + victim, -1)  # (B, P)
-        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words)
+        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words,
+                            programs=self.fetch_programs)
         pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
         return pages.to(torch.int32)
 
@@ -152,7 +154,8 @@ class SelectionCache:
                                 self._scratch, self._scratch.stride(0), pages, dst, p, self.capacity, self.trash,
                                 LOOKAHEAD=lookahead, PREFETCH=prefetch, BLOCK_P=triton_block(p),
                                 BLOCK_C=self._block_c, num_warps=4 if self._block_c <= 1024 else 8)
-        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words)
+        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words,
+                            programs=self.fetch_programs)
         return pages
 
 

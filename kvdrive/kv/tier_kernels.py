@@ -25,6 +25,25 @@ def fetch_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, ds
 
 
 @triton.jit
+def fetch_rows_persistent_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
+                                 n_tiles, tiles_per_row, programs, BLOCK: tl.constexpr):
+    """``fetch_rows_kernel`` on ``programs`` programs, each looping over (row, block) tiles:
+    the copy holds only that many SMs, the others stay free for compute running beside it
+    (another micro-batch's layers). A while loop: the CPU interpreter cannot range() over
+    runtime bounds."""
+    t = tl.program_id(0)
+    while t < n_tiles:
+        row = t // tiles_per_row
+        col = (t % tiles_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        d = tl.load(dst_idx_ptr + row).to(tl.int64)
+        s = tl.load(src_idx_ptr + row).to(tl.int64)
+        mask = (col < words) & (d >= 0)
+        v = tl.load(src_ptr + s * src_stride + col, mask=mask)
+        tl.store(dst_ptr + d * dst_stride + col, v, mask=mask)
+        t += programs
+
+
+@triton.jit
 def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, H, G, D: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """Token (b, t) of k/v (B, H, T, D) contiguous -> group row ``row[b, t]``, offset ``off[b, t]``

@@ -32,9 +32,11 @@ def words(rows: torch.Tensor) -> torch.Tensor:
 
 
 def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int,
-               impl: str = "auto") -> None:
+               impl: str = "auto", programs: int = 0) -> None:
     """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
-    src_idx, dst_idx (M,) int64 on the destination's device; ``dst_idx[r] < 0`` skips row r."""
+    src_idx, dst_idx (M,) int64 on the destination's device; ``dst_idx[r] < 0`` skips row r.
+    ``programs``: 0 launches a program per (row, block); N > 0 that many looping programs
+    (the copy then occupies at most N SMs)."""
     if _impl(impl, src, dst) == "torch":
         keep = dst_idx >= 0
         rows = src[src_idx[keep].to(src.device), :n_words]
@@ -42,11 +44,17 @@ def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_
         return
     import triton
 
-    from kvdrive.kv.tier_kernels import fetch_rows_kernel
+    from kvdrive.kv.tier_kernels import fetch_rows_kernel, fetch_rows_persistent_kernel
 
     if src_idx.numel() == 0:
         return
     grid = (src_idx.numel(), triton.cdiv(n_words, FETCH_BLOCK))
+    if programs > 0:
+        n_tiles = grid[0] * grid[1]
+        programs = min(programs, n_tiles)
+        fetch_rows_persistent_kernel[(programs,)](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words,
+                                                  n_tiles, grid[1], programs, BLOCK=FETCH_BLOCK)
+        return
     fetch_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=FETCH_BLOCK)
 
 

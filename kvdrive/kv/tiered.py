@@ -92,8 +92,11 @@ class TieredSparseKVCache(KVCache):
 
     # -- construction ---------------------------------------------------------------
     def _make_caches(self, capacity: dict[int, int]) -> dict[int, SelectionCache]:
-        return {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
-                                  self.tiered.eviction) for l, c in capacity.items()}
+        caches = {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
+                                    self.tiered.eviction) for l, c in capacity.items()}
+        for c in caches.values():
+            c.fetch_programs = self.tiered.fetch_programs
+        return caches
 
     def rebalance(self) -> dict[int, int]:
         """Split the cache slots over layers in proportion to each layer's misses so far (each

@@ -34,6 +34,9 @@ class TieredConfig:
     # Decode batch parts on their own streams, so one part's fetch may overlap another's compute;
     # 1: off. Off by default: on the H100 it was slower (each part reads the weights again).
     micro_batches: int = 1
+    # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
+    # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute.
+    fetch_programs: int = 0
 
     def __post_init__(self):
         if self.disk and self.host_bytes <= 0:
@@ -44,7 +47,7 @@ class TieredConfig:
             raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
         if self.micro_batches < 1:
             raise KvdriveError(f"micro_batches must be >= 1 (1: no micro-batching), got {self.micro_batches}")
-        if self.cache_tokens < 0 or self.rebalance_after < 0:
-            raise KvdriveError("cache_tokens and rebalance_after must be >= 0")
+        if self.cache_tokens < 0 or self.rebalance_after < 0 or self.fetch_programs < 0:
+            raise KvdriveError("cache_tokens, rebalance_after and fetch_programs must be >= 0")
         if not 0 <= self.prefetch_min_precision <= 1:
             raise KvdriveError(f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}")

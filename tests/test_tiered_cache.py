@@ -479,3 +479,36 @@ def test_admission_counts_free_gpu_memory(monkeypatch):
     assert TieredSparseKVCache.seqs_that_fit(cfg, 32768, torch.bfloat16, tcfg) > 10  # no device: host only
     with pytest.raises(CapacityError, match="--gpu-cache-tokens"):
         TieredSparseKVCache(cfg, 16, 32768, gpu, torch.bfloat16, tcfg)
+
+
+def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
+    """cache_tokens='auto': admission counts a sequence's minimum (one selection), and the cache
+    built for a batch grows into AUTO_GPU_SHARE of the free GPU memory, up to the context;
+    off CUDA it is AUTO_CPU_TOKENS."""
+    from kvdrive.kv import tiered_admission as adm
+    from kvdrive.kv.tiered_config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
+    from kvdrive.models import presets
+    from kvdrive.models.registry import from_hf_config
+
+    cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
+    auto, bf = TieredConfig(), torch.bfloat16
+    assert auto.cache_tokens == "auto"
+    minimum = adm.gpu_bytes_per_seq(cfg, 32768, bf, auto)
+    assert minimum == adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(cache_tokens=0))
+    gpu = torch.device("cuda")
+    for free_gib in (20, 60):
+        free = adm.GPU_HEADROOM + (free_gib << 30)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 80 << 30))
+        tokens = adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, gpu)
+        used = 16 * adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(cache_tokens=tokens))
+        room = free - adm.GPU_HEADROOM
+        assert tokens % 16 == 0 and used <= AUTO_GPU_SHARE * room
+        assert used > AUTO_GPU_SHARE * room - 16 * 32 * 2 * (64 << 10)  # within a page per sequence and layer
+    assert 8192 < tokens < 32768  # 60 GiB for 16 sequences of the 8B shape
+    assert adm.resolve_cache_tokens(cfg, 1, 32768, bf, auto, gpu) == 32768  # one sequence: all its groups fit
+    assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, CPU) == AUTO_CPU_TOKENS
+    assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, TieredConfig(cache_tokens=512), gpu) == 512
+    cache = TieredSparseKVCache(_tiny().config, 2, 200, CPU, F32, TieredConfig(SparseConfig(budget=48, group_tokens=8)))
+    assert cache.tiered.cache_tokens == AUTO_CPU_TOKENS and cache.stats()["cache_tokens"] == AUTO_CPU_TOKENS
+    with pytest.raises(KvdriveError, match="'auto'"):
+        TieredConfig(cache_tokens="big")

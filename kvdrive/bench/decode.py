@@ -34,6 +34,7 @@ from kvdrive.bench.decode_systems import (
     remove_disk_files,
     skip_reason,
 )
+from kvdrive.commands.common import parse_cache_tokens
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
@@ -69,9 +70,10 @@ def add_arguments(p) -> None:
     g.add_argument("--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
     g.add_argument("--sink", type=int, default=64, help="attention-sink tokens always attended (default 64)")
     g.add_argument("--window", type=int, default=256, help="recent tokens always attended (default 256)")
-    g.add_argument("--cache-tokens", type=int, default=4096,
+    g.add_argument("--cache-tokens", type=parse_cache_tokens, default=4096, metavar="TOKENS|auto",
                    help="GPU selection cache of kvdrive_host and kvdrive_ssd, tokens per sequence per layer on "
-                        "average (default 4096)")
+                        "average (default 4096: a fixed GPU budget, what bench/results ran; auto: 80%% of the GPU "
+                        "memory free when the row's cache is built, as kvdrive generate does)")
     g.add_argument("--eviction", choices=["lookahead", "lru"], default="lookahead",
                    help="eviction of kvdrive_host and kvdrive_ssd (default lookahead; lru is the ablation)")
     g.add_argument("--rebalance-after", type=int, default=16, help="tiered caches: decode steps before each "
@@ -358,7 +360,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
                    "group_tokens": args.group_tokens, "sink_tokens": args.sink, "window_tokens": args.window,
                    "summary": args.summary},
         "kvdrive_host": {"cache_tokens": args.cache_tokens, "eviction": args.eviction,
-                         "gpu_cache_gib_per_seq": args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
+                         "gpu_cache_gib_per_seq": None if args.cache_tokens == "auto"
+                         else args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after,
                          "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches,
                          "fetch_programs": args.fetch_programs},

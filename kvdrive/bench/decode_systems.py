@@ -29,7 +29,7 @@ class Options:
     """What the command line sets, the same for every system that reads it."""
 
     sparse: SparseConfig  # budget, groups, sinks, window: identical for every sparse system
-    cache_tokens: int  # kvdrive's GPU selection cache, tokens per sequence per layer on average
+    cache_tokens: int | str  # kvdrive's GPU selection cache, tokens per sequence per layer on average, or 'auto'
     eviction: str  # kvdrive_host's and kvdrive_ssd's eviction ("lookahead" | "lru")
     prefetch: bool  # the tiered systems predict and prefetch layer l+1's groups
     overlap: bool  # copies on a side stream (streaming and the tiered caches)
@@ -210,7 +210,8 @@ def _ssd_host(s: Shape, o: Options) -> int:
 
 def _tiered_gpu_bytes(s: Shape, o: Options) -> int:
     sp = o.sparse
-    resident = o.cache_tokens + sp.sink_tokens + sp.window_tokens + budget_tokens(sp, s.context)
+    cache = 0 if o.cache_tokens == "auto" else o.cache_tokens  # auto: the minimum; it grows into what is free
+    resident = cache + sp.sink_tokens + sp.window_tokens + budget_tokens(sp, s.context)
     return s.batch * resident * s.kv_token + _summary_bytes(s, o, s.context)
 
 

@@ -26,3 +26,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def parse_cache_tokens(text: str) -> int | str:
+    """``--gpu-cache-tokens`` / ``--cache-tokens``: ``auto`` or a token count."""
+    import argparse
+
+    if text == "auto":
+        return "auto"
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: give one (e.g. 8192) or 'auto'")
+    return int(text)

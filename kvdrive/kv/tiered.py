@@ -24,6 +24,7 @@ GPU at a time).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ __all__ = ["StepProfile", "TieredConfig", "TieredSparseKVCache"]
 class TieredSparseKVCache(KVCache):
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, tiered: TieredConfig = TieredConfig()):
+        if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
+            tiered = replace(tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype,
+                                                                               tiered, device))
         self.config, self.tiered, self.layer_specs = config, tiered, layer_specs(config)
         self.sparse, self.sel_cfg = tiered.sparse, tiered.sparse.selection()
         self.g = g = tiered.sparse.group_tokens
@@ -470,6 +474,7 @@ class TieredSparseKVCache(KVCache):
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),
             "host_bytes": self.host.nbytes,
             **self.host.stats(),
+            "cache_tokens": self.tiered.cache_tokens,  # resolved where the config said "auto"
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "prefetch_layers": sorted(self.hint_layers),
             "prefetch_precision_per_layer": {l: c["prefetched_hits"] / c["prefetched"]

@@ -39,10 +39,34 @@ def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
 
 def even_capacity(tiered: TieredConfig, max_pages: int) -> int:
     """Pages per sequence of each layer's GPU cache before any rebalance: ``cache_tokens``, at
-    least one selection's ``max_pages`` (``none`` eviction: exactly one selection)."""
-    if tiered.eviction == "none":
+    least one selection's ``max_pages`` (``none`` eviction: exactly one selection). ``"auto"``
+    counts as that minimum here: it grows into the free GPU memory when the cache is built."""
+    if tiered.eviction == "none" or tiered.cache_tokens == "auto":
         return max_pages
     return max(max_pages, tiered.cache_tokens // tiered.sparse.group_tokens)
+
+
+def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
+                         device: torch.device) -> int:
+    """``cache_tokens`` as a number. ``"auto"`` on CUDA: after each sequence's minimum (one
+    selection's pages, slot tables, summaries), ``AUTO_GPU_SHARE`` of the free GPU memory goes
+    to cache pages, evenly per sequence and sparse layer, up to the whole context (more could
+    never hit); off CUDA, ``AUTO_CPU_TOKENS``."""
+    from kvdrive.kv.tiered_config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
+
+    if tiered.cache_tokens != "auto":
+        return tiered.cache_tokens
+    room = gpu_room(device)
+    if room is None:
+        return AUTO_CPU_TOKENS
+    g = tiered.sparse.group_tokens
+    n = -(-max_len // g)
+    layers = sum(1 for l in config.global_layers if l not in tiered.sparse.dense_layers)
+    spare = int(room * AUTO_GPU_SHARE) - max_seqs * gpu_bytes_per_seq(config, max_len, dtype, tiered)
+    group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
+    extra = max(0, spare) // max(1, max_seqs * layers * (group_bytes + 13))  # pages + owner/stamp/fresh
+    minimum = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
+    return min(n, minimum + extra) * g
 
 
 def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,

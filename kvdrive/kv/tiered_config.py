@@ -9,14 +9,21 @@ from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.selection_cache import EVICTIONS
 from kvdrive.kv.sparse import SparseConfig
 
+AUTO_GPU_SHARE = 0.8  # cache_tokens="auto": share of the free GPU memory (after headroom) the cache may take
+AUTO_CPU_TOKENS = 4096  # cache_tokens="auto" off CUDA (the "GPU" cache is then host memory like the tier)
+
 
 @dataclass(frozen=True)
 class TieredConfig:
     """``cache_tokens``: GPU selection-cache size per sequence and layer, averaged over the
-    sparse layers (each layer gets at least the pages one selection takes)."""
+    sparse layers (each layer gets at least the pages one selection takes); ``"auto"``
+    sizes it when the cache is built: on CUDA, ``AUTO_GPU_SHARE`` of the GPU memory then
+    free, split over the sequences (``tiered_admission.resolve_cache_tokens``); elsewhere
+    ``AUTO_CPU_TOKENS``. On the H100 a larger cache was faster: at 32K x 16 of the 8B shape,
+    4096 tokens gave 240 tok/s, 8192 308, 16384 320 (bench/results/decode-h100-cache*.json)."""
 
     sparse: SparseConfig = field(default_factory=lambda: SparseConfig(budget=2048, sink_tokens=64, window_tokens=256))
-    cache_tokens: int = 4096
+    cache_tokens: int | str = "auto"
     eviction: str = "lookahead"  # lookahead | lru | none (no cross-step reuse)
     prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes
     overlap: bool = True  # prefetch on a side stream (False: on the compute stream, ablation)
@@ -47,7 +54,10 @@ class TieredConfig:
             raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
         if self.micro_batches < 1:
             raise KvdriveError(f"micro_batches must be >= 1 (1: no micro-batching), got {self.micro_batches}")
-        if self.cache_tokens < 0 or self.rebalance_after < 0 or self.fetch_programs < 0:
-            raise KvdriveError("cache_tokens, rebalance_after and fetch_programs must be >= 0")
+        if self.cache_tokens != "auto" and (not isinstance(self.cache_tokens, int) or self.cache_tokens < 0):
+            raise KvdriveError(f"cache_tokens must be a token count >= 0 or 'auto', got {self.cache_tokens!r}")
+        if self.rebalance_after < 0 or self.fetch_programs < 0:
+            raise KvdriveError("rebalance_after and fetch_programs must be >= 0")
         if not 0 <= self.prefetch_min_precision <= 1:
             raise KvdriveError(f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}")
+

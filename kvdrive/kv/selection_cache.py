@@ -132,8 +132,7 @@ class SelectionCache:
             fresh.scatter_(1, torch.where(hit, slot, cap), False)
         self.table[rows], self.owner[rows], self.stamp[rows], self.fresh[rows] = tab, own, stamp, fresh
         dst = torch.where(miss, rows[:, None] * cap + victim, -1)  # (B, P)
-        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words,
-                            programs=self.fetch_programs)
+        self._fetch(source, source_rows, dst)
         pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
         return pages.to(torch.int32)
 
@@ -148,15 +147,19 @@ class SelectionCache:
         sc = scores.float().contiguous() if lookahead else self.stamp  # any float tensor: unread
         step = step.reshape(1).to(torch.float32)
         if b:
-            ensure_kernel[(b,)](rows, groups.contiguous(), listed.contiguous(), source_rows.contiguous(), sc,
-                                sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
+            ensure_kernel[(b,)](rows.contiguous(), groups.contiguous(), listed.contiguous(),
+                                source_rows.contiguous(), sc, sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
                                 self.fresh.view(torch.uint8), self.owner.stride(0), self.counters, step,
                                 self._scratch, self._scratch.stride(0), pages, dst, p, self.capacity, self.trash,
                                 LOOKAHEAD=lookahead, PREFETCH=prefetch, BLOCK_P=triton_block(p),
                                 BLOCK_C=self._block_c, num_warps=4 if self._block_c <= 1024 else 8)
+        self._fetch(source, source_rows, dst)
+        return pages
+
+    def _fetch(self, source, source_rows, dst) -> None:
+        """Copy the missed groups (dst row >= 0) from the source pool into this cache's pool."""
         tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words,
                             programs=self.fetch_programs)
-        return pages
 
 
 def triton_block(n: int) -> int:

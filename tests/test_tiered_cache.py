@@ -61,8 +61,15 @@ def test_sliding_layers_and_prefill_are_exact():
     sparse = SparseConfig(group_tokens=8, budget=32, sink_tokens=8, window_tokens=16)
     ref = _decode(model, SparseKVCache(model.config, 2, 400, CPU, F32, sparse), prompts, 12)
     cfg = TieredConfig(sparse, cache_tokens=48)
-    got = _decode(model, TieredSparseKVCache(model.config, 2, 400, CPU, F32, cfg), prompts, 12)
+    cache = TieredSparseKVCache(model.config, 2, 400, CPU, F32, cfg)
+    got = _decode(model, cache, prompts, 12)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert sorted(cache.rings) == [0, 2]  # the sliding layers decode from their GPU rings
+    cache.reset_stats()
+    b = cache.plan([0, 1], 1)
+    model(torch.full((2, 1), 5), cache, b)
+    cache.commit(b)
+    assert cache.stats()["bytes_host_to_gpu"] < 2 * 2 * cache.group_bytes * 3  # no window gathered from host
 
 
 def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
@@ -447,13 +454,18 @@ def test_a_batch_larger_than_host_memory_is_refused_before_allocating():
         TieredSparseKVCache(cfg, 64, 1 << 20, CPU, torch.bfloat16)
 
 
-def test_gpu_bytes_per_sequence_matches_what_the_cache_allocates():
-    """The admission estimate is what the GPU part of the cache really takes, per sequence."""
-    model = _tiny()
+@pytest.mark.parametrize("sliding", [False, True])
+def test_gpu_bytes_per_sequence_matches_what_the_cache_allocates(sliding):
+    """The admission estimate is what the GPU part of the cache really takes, per sequence
+    (sliding-window layers: their rings of recent tokens)."""
+    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]) if sliding else _tiny()
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="mean"),
                        cache_tokens=96)
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     real = sum(c.nbytes + c.fresh.numel() for c in cache.caches.values()) + sum(t.nbytes for t in cache.tables.values())
+    real += sum(r.nbytes for r in cache.rings.values())
+    assert (len(cache.rings) == 2) == sliding
     per_seq = TieredSparseKVCache.gpu_bytes_per_seq(model.config, 400, F32, cfg)
     trash = len(cache.caches) * cache.group_bytes  # one trash page per layer
     assert real - trash == 3 * per_seq

@@ -16,9 +16,10 @@ eviction key and are copied from host by one masked kernel driven by GPU indices
 host sync), then attends over the cache's pages. With ``prefetch``, the model calls
 ``hint(l + 1, q_pred)`` while layer l computes: layer l+1's groups are predicted from
 layer l's hidden state and fetched on a side stream; layer l+1 waits on that event and
-then fetches only what the prediction missed. Prefill, sliding-window and dense layers
-attend exactly over KV gathered from host for that layer alone (one layer's KV on the
-GPU at a time).
+then fetches only what the prediction missed. Prefill and dense layers attend exactly
+over KV gathered from host for that layer alone (one layer's KV on the GPU at a time);
+sliding-window layers decode from a GPU ring of their last ``window`` tokens
+(``WindowRing``), written as tokens arrive.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from kvdrive.kv.step_profile import StepProfile
 from kvdrive.kv.summaries import SummaryTable
 from kvdrive.kv.tiered_config import TieredConfig
 from kvdrive.kv.tiered_prefill import TieredPrefill
+from kvdrive.kv.window_ring import WindowRing
 
 REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)
 
@@ -75,6 +77,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
                                        device, dtype) for l in self.sparse_layers}
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
         self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> last prefill query (H_q, D)
+        # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
+        self.rings = {l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
+                      for l, spec in enumerate(self.layer_specs) if spec.window is not None}
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
         self.caches = self._make_caches({l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
@@ -225,6 +230,8 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             self._append_groups(layer, k, v, batch, rows)
         else:
             tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
+        if layer in self.rings:
+            self.rings[layer].write(m["slots"], batch.positions, k, v)
         if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
             cache = self.caches[layer]
             rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
@@ -234,6 +241,8 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
 
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         spec = self.layer_specs[layer]
+        if batch.num_new == 1 and layer in self.rings:
+            return self.rings[layer].attend(q, batch.meta["slots"], batch.positions, spec.scale, spec.softcap)
         if batch.num_new > 1 or layer not in self.caches:
             out = self._dense(layer, q, batch, spec)
             if batch.num_new > 1 and layer in self.caches and self.tiered.warm_start:
@@ -384,6 +393,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             "bytes_gpu_to_host": self._moved["token_writes"],
             "gpu_cache_bytes": sum(c.nbytes for c in self.caches.values()),
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),
+            "window_ring_bytes": sum(r.nbytes for r in self.rings.values()),
             "host_bytes": self.host.nbytes,
             **self.host.stats(),
             "cache_tokens": self.tiered.cache_tokens,  # resolved where the config said "auto"

@@ -89,13 +89,13 @@ def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered:
 def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
     """GPU memory one sequence of ``max_len`` costs the cache (weights and activations not
     included): on every sparse layer its selection-cache pages and slot tables and the
-    summaries of its groups. Rebalancing moves pages between layers, never adds any."""
+    summaries of its groups; on every sliding-window layer its ring of recent tokens. Rebalancing moves pages between layers, never adds any."""
     g = tiered.sparse.group_tokens
     n = -(-max_len // g)
     group_bytes = GroupLayout.from_config(config, dtype, g).group_bytes
     cap = even_capacity(tiered, min(n, max_pages_for(tiered.sparse.selection(), g, max_len)))
     h, d = config.num_key_value_heads, config.head_dim
-    total = 0
+    total = sum(2 * h * min(w, max_len) * d * dtype.itemsize for w in config.sliding_windows if w is not None)  # rings
     for layer in config.global_layers:
         if layer in tiered.sparse.dense_layers:
             continue

@@ -2,8 +2,8 @@
 
 * ``_append_groups``: a prefill chunk's whole groups go to the host tier as rows (one DMA
   per sequence for a host-only tier) and are summarized from their GPU copy at once;
-* ``_dense``: prefill, sliding-window and dense layers attend exactly over the layer's KV
-  gathered from host (one layer's KV on the GPU at a time);
+* ``_dense``: prefill and dense layers attend exactly over the layer's KV gathered from
+  host (one layer's KV on the GPU at a time); sliding layers decode from their GPU ring;
 * ``place``: initial placement by importance once a prompt is prefilled;
 * ``export_kv``: a sequence's KV back out of the tiers (prefix store, tests).
 

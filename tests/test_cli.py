@@ -32,6 +32,23 @@ def test_info_llama_8b_kv_arithmetic(capsys):
     assert info["layers"] == 32 and info["kv_heads"] == 8
 
 
+def test_info_plans_where_the_kv_can_live_on_a_given_gpu(capsys):
+    """--gpu-gib: 4 x 128K of the 8B shape does not fit on an 80 GiB GPU, fits the tiered cache
+    (host-bound at 8 sequences of 16 GiB in 128 GiB), with an auto GPU cache far above 4096
+    tokens; 16 x 32K on 24 GiB with 32 GiB of host is refused with the disk tier named."""
+    args = ["info", "random:llama-3.1-8b", "--json", "--host-gib", "128"]
+    assert main(args + ["--context", "131072", "--batch", "4", "--gpu-gib", "80"]) == 0
+    pl = json.loads(capsys.readouterr().out)["placement"]
+    assert not pl["all_kv_on_gpu"] and pl["tiered_fits"] and pl["tiered_seqs_host"] == 8
+    assert 4096 < pl["tiered_cache_tokens"] <= 131072 and pl["tiered_cache_tokens"] % 16 == 0
+    assert main(["info", "random:llama-3.1-8b", "--context", "32768", "--batch", "16", "--gpu-gib", "24",
+                 "--host-gib", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "--disk" in out
+    assert main(["info", "random:llama-3.1-8b", "--context", "4096", "--batch", "4", "--gpu-gib", "80"]) == 0
+    assert "fits (2.00 GiB)" in capsys.readouterr().out
+
+
 def test_info_gemma_counts_sliding_layers(capsys):
     assert main(["info", "random:gemma3-270m", "--context", "32768", "--dtype", "float32", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -18,6 +18,12 @@ def add_parser(sub) -> None:
     p.add_argument("-b", "--batch", type=int, default=1, help="sequences for the KV size (default 1)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="KV dtype (default bfloat16)")
+    w = p.add_argument_group("placement", "With --gpu-gib: where this batch's KV can live on such a GPU (arithmetic "
+                             "only; weights at 2 bytes per parameter for bf16/fp16)")
+    w.add_argument("--gpu-gib", type=float, help="GPU memory to plan for, GiB (e.g. 80 for an H100, 24 for an L4)")
+    w.add_argument("--host-gib", type=float, help="host memory for pinned KV, GiB (default: what this machine has "
+                   "available now)")
+    w.add_argument("--budget", type=int, default=2048, help="tiered cache: tokens attended per step (default 2048)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -53,6 +59,8 @@ def run(args) -> int:
         "kv_bytes_at_context": args.batch * cfg.kv_bytes_at(context, dtype),
         "kv_bytes_at_context_full_cache": args.batch * context * cfg.kv_bytes_per_token(dtype),
     }
+    if args.gpu_gib is not None:
+        info["placement"] = _placement(cfg, context, args, dtype)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -69,7 +77,47 @@ def run(args) -> int:
          + ("" if not windows else f" (a cache that keeps every layer in full: "
                                    f"{human_bytes(info['kv_bytes_at_context_full_cache'])})")),
     ]
+    if "placement" in info:
+        rows += _placement_rows(info["placement"], args)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _placement(cfg, context: int, args, dtype) -> dict:
+    from kvdrive.errors import KvdriveError
+    from kvdrive.kv import tiered_admission
+    from kvdrive.kv.host_kv import host_room
+    from kvdrive.kv.sparse import SparseConfig
+    from kvdrive.kv.tiered_config import TieredConfig
+
+    if args.gpu_gib <= 0 or (args.host_gib is not None and args.host_gib <= 0):
+        raise KvdriveError("--gpu-gib and --host-gib must be positive")
+    host = int(args.host_gib * 2**30) if args.host_gib is not None else (host_room() or 0)
+    tiered = TieredConfig(SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256))
+    out = tiered_admission.plan(cfg, context, args.batch, dtype, tiered, int(args.gpu_gib * 2**30), host)
+    out.update(gpu_gib=args.gpu_gib, host_bytes=host, budget=args.budget)
+    return out
+
+
+def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
+    gib = 2**30
+    rows = [(f"on a {pl['gpu_gib']:g} GiB GPU", (f"weights {human_bytes(pl['weights_bytes'])}, "
+                                                  f"{human_bytes(pl['gpu_room_bytes'])} left for KV (2 GiB headroom)"))]
+    if pl["all_kv_on_gpu"]:
+        rows.append(("all KV on the GPU", f"fits ({human_bytes(pl['kv_bytes'])}): no --budget needed"))
+        return rows
+    rows.append(("all KV on the GPU", f"does not fit ({human_bytes(pl['kv_bytes'])})"))
+    most = min(pl["tiered_seqs_gpu"], pl["tiered_seqs_host"])
+    host = f"{pl['host_bytes'] / gib:.0f} GiB host"
+    if pl["tiered_fits"]:
+        rows.append((f"--budget {pl['budget']}", (
+            f"fits: {human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host per sequence; GPU cache (auto) "
+            f"{pl['tiered_cache_tokens']} tokens per sequence and layer; up to {most} sequences "
+            f"({pl['tiered_seqs_gpu']} by GPU, {pl['tiered_seqs_host']} by {host})")))
+    else:
+        fix = "add --disk DIR --host-gib N" if pl["tiered_seqs_host"] < args.batch else "lower the batch or context"
+        rows.append((f"--budget {pl['budget']}", (f"batch {args.batch} does not fit: {pl['tiered_seqs_gpu']} "
+                                                  f"sequences by GPU, {pl['tiered_seqs_host']} by {host}; {fix}")))
+    return rows

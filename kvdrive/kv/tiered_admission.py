@@ -47,16 +47,17 @@ def even_capacity(tiered: TieredConfig, max_pages: int) -> int:
 
 
 def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
-                         device: torch.device) -> int:
+                         device: torch.device | None, room: int | None = None) -> int:
     """``cache_tokens`` as a number. ``"auto"`` on CUDA: after each sequence's minimum (one
     selection's pages, slot tables, summaries), ``AUTO_GPU_SHARE`` of the free GPU memory goes
     to cache pages, evenly per sequence and sparse layer, up to the whole context (more could
-    never hit); off CUDA, ``AUTO_CPU_TOKENS``."""
+    never hit); off CUDA, ``AUTO_CPU_TOKENS``. ``room``: GPU bytes free for the cache, instead
+    of asking the device (planning for another GPU: ``kvdrive info --gpu-gib``)."""
     from kvdrive.kv.tiered_config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
 
     if tiered.cache_tokens != "auto":
         return tiered.cache_tokens
-    room = gpu_room(device)
+    room = gpu_room(device) if room is None else room
     if room is None:
         return AUTO_CPU_TOKENS
     g = tiered.sparse.group_tokens
@@ -103,3 +104,24 @@ def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tie
         total += (cap * group_bytes + (n + 1) * 4 + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
                   + n * summ.bytes_per_group(dtype) + summ.bytes_per_sequence(torch.float32))
     return total
+
+
+def plan(config: ModelConfig, context: int, batch: int, dtype: torch.dtype, tiered: TieredConfig, gpu_bytes: int,
+         host_bytes: int) -> dict:
+    """Where ``batch`` sequences of ``context`` tokens can live on a GPU of ``gpu_bytes`` and a
+    host of ``host_bytes`` (``kvdrive info --gpu-gib``): weights (2 bytes per parameter at
+    bf16/fp16), whether all KV fits on the GPU, and for the tiered cache the sequences the
+    GPU and host admit and the ``auto`` GPU-cache size at this batch. Arithmetic only."""
+    weights = config.num_parameters() * dtype.itemsize
+    kv = batch * config.kv_bytes_at(context, dtype)
+    room = max(0, gpu_bytes - weights - GPU_HEADROOM)
+    g = tiered.sparse.group_tokens
+    host_per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-context // g) * config.num_hidden_layers
+    minimum = gpu_bytes_per_seq(config, context, dtype, tiered)
+    out = {"weights_bytes": weights, "kv_bytes": kv, "gpu_room_bytes": room, "all_kv_on_gpu": kv <= room,
+           "tiered_gpu_min_bytes_per_seq": minimum, "tiered_host_bytes_per_seq": host_per_seq,
+           "tiered_seqs_gpu": room // max(1, minimum), "tiered_seqs_host": host_bytes // host_per_seq}
+    fits = batch <= min(out["tiered_seqs_gpu"], out["tiered_seqs_host"])
+    out["tiered_fits"] = fits
+    out["tiered_cache_tokens"] = resolve_cache_tokens(config, batch, context, dtype, tiered, None, room) if fits else None
+    return out

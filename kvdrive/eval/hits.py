@@ -299,7 +299,7 @@ def plot_hits(result_json: str | Path, png: str | Path) -> Path:
     plt = pyplot()
     doc = json.loads(Path(result_json).read_text())
     panels = [(e["length"], label, row) for e in doc["results"] for label, row in e["settings"].items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.6, 3.6), squeeze=False)
     colours = dict(zip(EVICTIONS, ("tab:blue", "tab:orange", "tab:green")))
     for ax, (length, label, row) in zip(axes[0], panels):
         xs = sorted({p["cache_x"] for p in row["points"].values()})

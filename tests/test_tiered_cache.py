@@ -85,6 +85,10 @@ def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
     most, least = max(misses, key=misses.get), min(misses, key=misses.get)
     if misses[most] > misses[least]:
         assert cap[most] >= cap[least]
+    big = TieredSparseKVCache(model.config, 3, 400, CPU, F32, TieredConfig(cfg.sparse, cache_tokens=380,
+                                                                            rebalance_after=0))
+    _decode(model, big, _prompts(), 4)
+    assert max(big.rebalance().values()) <= big.n  # never more pages than a sequence has groups
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.9])

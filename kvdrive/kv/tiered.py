@@ -110,14 +110,15 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
 
     def rebalance(self) -> dict[int, int]:
         """Split the cache slots over layers in proportion to each layer's misses so far (each
-        keeps at least one selection's pages); caches restart empty. Returns the capacities."""
+        keeps at least one selection's pages and needs no more than all of a sequence's
+        groups); caches restart empty. Returns the capacities."""
         total = sum(c.capacity for c in self.caches.values())
         misses = {l: c.counts()["misses"] for l, c in self.caches.items()}
         spare = total - self.max_pages * len(self.caches)
         weight = sum(misses.values())
         if spare <= 0 or weight == 0:
             return {l: c.capacity for l, c in self.caches.items()}
-        capacity = {l: self.max_pages + int(spare * m / weight) for l, m in misses.items()}
+        capacity = {l: min(self.n, self.max_pages + int(spare * m / weight)) for l, m in misses.items()}
         counters = {l: c.counters.clone() for l, c in self.caches.items()}
         self.caches = None  # free the old pools before the new ones take their place (not 2x at once)
         devices.release_cached(self.device)

@@ -53,9 +53,13 @@ class _NullStream:
         pass
 
 
-def new_stream(device: torch.device):
-    """A side stream on CUDA, a no-op stand-in on CPU."""
-    return torch.cuda.Stream(device=device) if device.type == "cuda" else _NullStream()
+def new_stream(device: torch.device, high_priority: bool = False):
+    """A side stream on CUDA, a no-op stand-in on CPU. ``high_priority``: the block scheduler
+    starts its kernels' blocks before those of default-priority streams (CUDA graphs captured
+    on it keep that per kernel node)."""
+    if device.type != "cuda":
+        return _NullStream()
+    return torch.cuda.Stream(device=device, priority=-1 if high_priority else 0)
 
 
 def new_event(device: torch.device):

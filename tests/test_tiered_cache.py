@@ -528,3 +528,68 @@ def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
     assert cache.tiered.cache_tokens == AUTO_CPU_TOKENS and cache.stats()["cache_tokens"] == AUTO_CPU_TOKENS
     with pytest.raises(KvdriveError, match="'auto'"):
         TieredConfig(cache_tokens="big")
+
+
+def test_prefetch_precision_counts_only_prefetches_since_the_reset():
+    """A slot filled by a prefetch before ``reset_stats`` and selected after it is not a prefetch
+    hit of the new period: per layer, prefetch hits never exceed prefetches (with a cache as
+    large as the context such slots live long; on the H100 precision read 1.38 before)."""
+    model, prompts = _tiny(), _prompts()
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
+                                TieredConfig(sparse, cache_tokens=400, rebalance_after=0, prefetch_min_precision=0))
+    gen, real_hint = torch.Generator().manual_seed(5), cache.hint
+
+    def hint(layer, q_pred, batch):  # a noisy prediction: prefetched groups are selected only later, if ever
+        real_hint(layer, q_pred + torch.randn(q_pred.shape, generator=gen) * 3, batch)
+    cache.hint = hint
+    _decode(model, cache, prompts, 8)
+    cache.reset_stats()
+    ids = torch.full((3, 1), 11)
+    for _ in range(8):
+        b = cache.plan([0, 1, 2], 1)
+        model(ids, cache, b)
+        cache.commit(b)
+    per_layer = {l: c.counts() for l, c in cache.caches.items()}
+    assert sum(c["prefetched_hits"] for c in per_layer.values()) > 0
+    for layer, c in per_layer.items():
+        assert c["prefetched_hits"] <= c["prefetched"], (layer, c)
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
+    """Parts are issued layer by layer in turn (part 0's layer l, part 1's layer l, part 0's
+    layer l+1, ...), and with ``fetch_lane`` every layer's cache fetches on the cache's one lane."""
+    from kvdrive.engine.micro_batch import MicroBatchedDecode
+    from kvdrive.kv.tiered_config import resolve_fetch_programs
+
+    model, prompts = _tiny(), _prompts()
+    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
+                       micro_batches=2, fetch_lane=lane)
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
+    assert (cache.fetch_lane is not None) == lane
+    assert all(c.fetch_lane is cache.fetch_lane for c in cache.caches.values())
+    assert resolve_fetch_programs(cfg, CPU) == 0 and cache.stats()["fetch_programs"] == 0  # auto, off CUDA
+    _decode(model, cache, prompts, 0)
+    order, real_attend = [], cache.attend
+
+    def attend(layer, q, batch):
+        order.append((layer, batch.seq_ids))
+        return real_attend(layer, q, batch)
+    cache.attend = attend
+    logits, batches = MicroBatchedDecode(model, cache).forward([0, 1, 2], torch.full((3, 1), 7))
+    parts = [b.seq_ids for b in batches]
+    assert len(parts) == 2 and logits.shape[0] == 3
+    assert order == [(layer, p) for layer in range(model.config.num_hidden_layers) for p in parts]
+
+
+def test_fetch_programs_is_a_count_or_auto():
+    from kvdrive.bench.decode import _programs
+
+    assert TieredConfig(fetch_programs=8).fetch_programs == 8
+    for bad in (-1, "half", 2.5):
+        with pytest.raises(KvdriveError, match="fetch_programs"):
+            TieredConfig(fetch_programs=bad)
+    assert _programs("auto") == "auto" and _programs("66") == 66
+    with pytest.raises(Exception, match="program count"):
+        _programs("-3")

@@ -12,6 +12,7 @@ how to read the numbers is in docs/bench.md.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import time
@@ -85,14 +86,17 @@ def add_arguments(p) -> None:
     g.add_argument("--prefetch-min-precision", type=float, default=0.5,
                    help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
                         "of what it prefetched was then selected (default 0.5; 0: always prefetch)")
-    g.add_argument("--micro-batches", type=int, default=1,
-                   help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, so one "
-                        "part's fetch may overlap another's compute (default 1: off; 2 was slower on the H100, "
-                        "bench/results/decode-h100.json)")
-    g.add_argument("--fetch-programs", type=int, default=0,
+    g.add_argument("--micro-batches", type=int, default=2,
+                   help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, layer by "
+                        "layer in turn, fetching in turn on one stream, so one part's fetch overlaps another's "
+                        "compute (default 2; 1: off, the ablation)")
+    g.add_argument("--fetch-programs", type=_programs, default="auto",
                    help="kvdrive_host and kvdrive_ssd: run the host->GPU fetch kernel on this many looping programs "
-                        "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default 0: one "
-                        "program per group block)")
+                        "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default auto: half "
+                        "the SMs with micro-batches, else 0; 0: one program per group block)")
+    g.add_argument("--no-fetch-lane", action="store_true",
+                   help="ablation, with --micro-batches: each part fetches on its own stream, so parts fetching at "
+                        "once share PCIe (default: one fetch stream in issue order, the parts take turns)")
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
                    help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "
@@ -364,13 +368,26 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
                          else args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after,
                          "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches,
-                         "fetch_programs": args.fetch_programs},
+                         "fetch_programs": args.fetch_programs, "fetch_lane": not args.no_fetch_lane},
         "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
         "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype),
         "fill": f"prefill of real prose ({args.text}), greedy continuation" if args.text else "random KV, random first tokens"}
+
+
+def _programs(text: str) -> int | str:
+    """--fetch-programs: a count >= 0, or auto."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a program count >= 0 or 'auto', got {text!r}")
+    return n
 
 
 def run(args) -> int:
@@ -380,15 +397,13 @@ def run(args) -> int:
         return _summarize(merge(args.merge, args.out), args.no_plot)
     if min(args.warmup, args.new_tokens, min(args.contexts), min(args.batches), args.micro_batches) < 1:
         raise KvdriveError("--warmup, --new-tokens, --contexts, --batches and --micro-batches must be >= 1")
-    if args.fetch_programs < 0:
-        raise KvdriveError("--fetch-programs must be >= 0 (0: one program per group block)")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
                    args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib, args.micro_batches,
-                   args.prefetch_min_precision, args.fetch_programs)
+                   args.prefetch_min_precision, args.fetch_programs, not args.no_fetch_lane)
     haystack = None
     if args.text:
         from kvdrive.eval.corpus import TokenHaystack, load_text

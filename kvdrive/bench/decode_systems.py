@@ -37,9 +37,10 @@ class Options:
     disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
     disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
     ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
-    micro_batches: int = 1  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (1: off)
+    micro_batches: int = 2  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (1: off)
     prefetch_min_precision: float = 0.5  # tiered systems: a layer's prefetch stops below this precision
-    fetch_programs: int = 0  # kvdrive_host / kvdrive_ssd: looping programs of the fetch kernel (0: one per tile)
+    fetch_programs: int | str = "auto"  # kvdrive_host / kvdrive_ssd: looping programs of the fetch kernel (0: one per tile)
+    fetch_lane: bool = True  # kvdrive_host / kvdrive_ssd with micro-batches: parts fetch in turn on one stream
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _tiered(eviction: str | None):
                            prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
                            prefetch_min_precision=o.prefetch_min_precision,
                            micro_batches=1 if eviction else o.micro_batches,  # the baseline has no pipeline
-                           fetch_programs=0 if eviction else o.fetch_programs)
+                           fetch_programs=0 if eviction else o.fetch_programs, fetch_lane=o.fetch_lane)
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
     return build
@@ -191,7 +192,7 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
                        rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
                        host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
                        micro_batches=1 if previous_step_only else o.micro_batches,
-                       fetch_programs=0 if previous_step_only else o.fetch_programs)
+                       fetch_programs=0 if previous_step_only else o.fetch_programs, fetch_lane=o.fetch_lane)
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 

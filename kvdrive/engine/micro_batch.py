@@ -8,6 +8,17 @@ are independent, though: with the batch in parts on separate streams, one part's
 fetch overlaps another part's compute (KVDrive's micro-batch pipeline). The price is
 that every part reads the weights once per step.
 
+Two things make the overlap happen on the H100 (measured: bench/results/profile-h100/):
+
+* the parts' layers are issued interleaved (part 0's layer l, part 1's layer l, part 0's
+  layer l+1, ...; ``DecoderLM.layer_steps``), and a cache with a fetch lane
+  (``TieredKVCache``) runs every part's fetch in that order on one stream: the parts
+  take turns on PCIe instead of sharing it. Without the lane, two parts fetching at once
+  each got half the bandwidth, finished together and then computed together: they fell
+  into lockstep and nothing overlapped;
+* the part streams have high priority, the lane default: a part's compute kernels get
+  SMs ahead of the blocks of the copy running beside them.
+
 ``parts == 1`` is the plain step (the ablation switch). On CPU the parts run one after
 the other: same results, no overlap. A cache takes part in this only if it says so
 (``supports_micro_batches``): its per-step state must be per sequence, its counters
@@ -40,7 +51,7 @@ class MicroBatchedDecode:
         parts = getattr(cache, "micro_batches", 1) if parts is None else parts
         self.parts = max(1, parts) if getattr(cache, "supports_micro_batches", False) else 1
         dev = model.device
-        self.streams = [devices.new_stream(dev) for _ in range(self.parts)] if self.parts > 1 else []
+        self.streams = [devices.new_stream(dev, high_priority=True) for _ in range(self.parts)] if self.parts > 1 else []
 
     def forward(self, seq_ids, token_ids: torch.Tensor, start: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[ForwardBatch]]:
@@ -55,14 +66,26 @@ class MicroBatchedDecode:
                    for i, s in enumerate(slices)]
         main = devices.current_stream(self.model.device)
         capturing = self.model.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        outs = []
-        for s, batch, stream in zip(slices, batches, self.streams):
+        for stream in self.streams[: len(slices)]:
             stream.wait_stream(main)
-            with devices.use_stream(stream):
-                out = self.model(token_ids[s], self.cache, batch)
-            if self.model.device.type == "cuda" and not capturing:
+        steps = getattr(self.model, "layer_steps", None) or _whole_forward(self.model)
+        runs = [steps(token_ids[s], self.cache, b) for s, b in zip(slices, batches)]
+        outs = [None] * len(slices)
+        while any(o is None for o in outs):  # one layer of each part in turn
+            for i, (run, stream) in enumerate(zip(runs, self.streams)):
+                if outs[i] is None:
+                    with devices.use_stream(stream):
+                        outs[i] = next(run)
+        if self.model.device.type == "cuda" and not capturing:
+            for out in outs:
                 out.record_stream(main)  # made on the part's stream, read on the main one
-            outs.append(out)
         for stream in self.streams[: len(slices)]:
             main.wait_stream(stream)
         return torch.cat(outs), batches
+
+
+def _whole_forward(model):
+    """``layer_steps`` for a model without it: the whole forward in one step."""
+    def steps(token_ids, cache, batch):
+        yield model(token_ids, cache, batch)
+    return steps

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive import device as devices
 from kvdrive.kv import tier_ops
 
 EVICTIONS = ("lookahead", "lru", "none")
@@ -52,6 +53,7 @@ class SelectionCache:
         self._select_idx = torch.tensor([0, 1, 2], device=device)
         self._prefetch_idx = torch.tensor([3], device=device)
         self.fetch_programs = 0  # tier_ops.fetch_rows' programs (0: one per tile); the tiered cache sets it
+        self.fetch_lane = None  # a stream every fetch runs on, in issue order (micro-batches take turns); None: current
         self._block_c = triton_block(capacity)  # the kernel's slot block (a power of two)
         self._scratch = torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) \
             if self.impl == "triton" else None  # per sequence slot: micro-batches never share a row
@@ -65,7 +67,11 @@ class SelectionCache:
         return dict(zip(_IDX_COUNTERS, self.counters.tolist()))
 
     def reset_counts(self) -> None:
+        """Zero the counters, and forget which slots a prefetch filled: their prefetches were
+        counted before, so a later hit on one must not count as a prefetch hit now (with a
+        large cache, such slots outlived the reset and precision read above 1)."""
         self.counters.zero_()
+        self.fresh.zero_()
 
     def clear(self, rows: torch.Tensor) -> None:
         """Forget every cached group of sequence slots ``rows`` (B,) int64."""
@@ -157,9 +163,19 @@ class SelectionCache:
         return pages
 
     def _fetch(self, source, source_rows, dst) -> None:
-        """Copy the missed groups (dst row >= 0) from the source pool into this cache's pool."""
-        tier_ops.fetch_rows(source, source_rows.reshape(-1).clamp(min=0), self.words, dst.reshape(-1), self.group_words,
-                            programs=self.fetch_programs)
+        """Copy the missed groups (dst row >= 0) from the source pool into this cache's pool (on
+        the fetch lane if set: the current stream waits for it, so what the copy reads stays
+        alive and the pages are there before attention)."""
+        src_rows, dst_rows = source_rows.reshape(-1).clamp(min=0), dst.reshape(-1)
+        lane = self.fetch_lane
+        if lane is None:
+            tier_ops.fetch_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+            return
+        current = devices.current_stream(self.pool.device)
+        lane.wait_stream(current)
+        with devices.use_stream(lane):
+            tier_ops.fetch_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+        current.wait_stream(lane)
 
 
 def triton_block(n: int) -> int:

@@ -45,7 +45,7 @@ from kvdrive.kv.slots import SequenceSlots
 from kvdrive.kv.sparse import layer_summarizer, max_pages_for
 from kvdrive.kv.step_profile import StepProfile
 from kvdrive.kv.summaries import SummaryTable
-from kvdrive.kv.tiered_config import TieredConfig
+from kvdrive.kv.tiered_config import TieredConfig, resolve_fetch_programs
 from kvdrive.kv.tiered_prefill import TieredPrefill
 from kvdrive.kv.window_ring import WindowRing
 
@@ -60,6 +60,8 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
             tiered = replace(tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype,
                                                                                tiered, device))
+        if tiered.fetch_programs == "auto":
+            tiered = replace(tiered, fetch_programs=resolve_fetch_programs(tiered, device))
         self.config, self.tiered, self.layer_specs = config, tiered, layer_specs(config)
         self.sparse, self.sel_cfg = tiered.sparse, tiered.sparse.selection()
         self.g = g = tiered.sparse.group_tokens
@@ -81,6 +83,8 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self.rings = {l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
                       for l, spec in enumerate(self.layer_specs) if spec.window is not None}
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
+        # Micro-batches fetch on one lane, in issue order: they take turns on PCIe (see engine.micro_batch).
+        self.fetch_lane = devices.new_stream(device) if tiered.micro_batches > 1 and tiered.fetch_lane else None
         self.caches = self._make_caches({l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self.steps = 0
@@ -105,7 +109,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         caches = {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
                                     self.tiered.eviction) for l, c in capacity.items()}
         for c in caches.values():
-            c.fetch_programs = self.tiered.fetch_programs
+            c.fetch_programs, c.fetch_lane = self.tiered.fetch_programs, self.fetch_lane
         return caches
 
     def rebalance(self) -> dict[int, int]:
@@ -398,6 +402,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             "host_bytes": self.host.nbytes,
             **self.host.stats(),
             "cache_tokens": self.tiered.cache_tokens,  # resolved where the config said "auto"
+            "micro_batches": self.micro_batches,
+            "fetch_programs": self.tiered.fetch_programs,  # resolved likewise
+            "fetch_lane": self.fetch_lane is not None,
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "prefetch_layers": sorted(self.hint_layers),
             "prefetch_precision_per_layer": {l: c["prefetched_hits"] / c["prefetched"]

@@ -38,12 +38,20 @@ class TieredConfig:
     disk: tuple[PoolPath, ...] = ()  # disk pool paths: host memory becomes an arena in front of them
     host_bytes: int = 0  # with disk: pinned host arena, all layers together
     direct: str = "auto"  # O_DIRECT for the disk pool: auto | on | off
-    # Decode batch parts on their own streams, so one part's fetch may overlap another's compute;
-    # 1: off. Off by default: on the H100 it was slower (each part reads the weights again).
-    micro_batches: int = 1
+    # Decode batch parts on their own streams, interleaved layer by layer, fetching in turn on
+    # one lane (``fetch_lane``), so one part's fetch overlaps another's compute; 1: off. On the
+    # H100 (32K x 16, 8B shape, 4096-token cache) 2 parts went from 240 to 328 tok/s; 4 parts
+    # were slower (204): each part reads the weights again (bench/results/decode-h100*.json).
+    micro_batches: int = 2
     # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
-    # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute.
-    fetch_programs: int = 0
+    # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute;
+    # "auto": half the GPU's SMs with micro-batches (66 of 132 on the H100 still moved the
+    # groups at the full PCIe rate), else 0.
+    fetch_programs: int | str = "auto"
+    # With micro-batches: every part's fetch on one stream, in issue order, so the parts take
+    # turns on PCIe and one computes while the other fetches (False: ablation, each part
+    # fetches on its own stream, and they share PCIe).
+    fetch_lane: bool = True
 
     def __post_init__(self):
         if self.disk and self.host_bytes <= 0:
@@ -56,8 +64,21 @@ class TieredConfig:
             raise KvdriveError(f"micro_batches must be >= 1 (1: no micro-batching), got {self.micro_batches}")
         if self.cache_tokens != "auto" and (not isinstance(self.cache_tokens, int) or self.cache_tokens < 0):
             raise KvdriveError(f"cache_tokens must be a token count >= 0 or 'auto', got {self.cache_tokens!r}")
-        if self.rebalance_after < 0 or self.fetch_programs < 0:
-            raise KvdriveError("rebalance_after and fetch_programs must be >= 0")
+        if self.fetch_programs != "auto" and (not isinstance(self.fetch_programs, int) or self.fetch_programs < 0):
+            raise KvdriveError(f"fetch_programs must be a program count >= 0 or 'auto', got {self.fetch_programs!r}")
+        if self.rebalance_after < 0:
+            raise KvdriveError("rebalance_after must be >= 0")
         if not 0 <= self.prefetch_min_precision <= 1:
             raise KvdriveError(f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}")
 
+
+def resolve_fetch_programs(tiered: TieredConfig, device) -> int:
+    """``fetch_programs`` as a number: "auto" is half the SMs of a CUDA device when the batch is
+    micro-batched, else 0 (one program per tile)."""
+    if tiered.fetch_programs != "auto":
+        return tiered.fetch_programs
+    import torch
+
+    if tiered.micro_batches < 2 or getattr(device, "type", "cpu") != "cuda" or not torch.cuda.is_available():
+        return 0
+    return max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2)

@@ -133,6 +133,15 @@ class DecoderLM(nn.Module):
 
         The caller plans ``batch`` on ``cache`` and commits it afterwards.
         """
+        for out in self.layer_steps(input_ids, cache, batch, all_logits):
+            pass
+        return out
+
+    @torch.inference_mode()
+    def layer_steps(self, input_ids: torch.Tensor, cache: KVCache, batch: ForwardBatch, all_logits: bool = False):
+        """``forward`` one layer per ``next()``: yields None after issuing each layer, then the
+        logits. Micro-batches interleave their layers this way (``engine.micro_batch``), so the
+        GPU sees part 0's layer l, part 1's layer l, part 0's layer l+1, ... in that order."""
         x = self.embed(input_ids)  # (B, T, hidden)
         tables = self._rope_tables(batch.positions, x.dtype)
         # A cache that prefetches (``hint_layers``) gets layer l+1's query predicted from layer
@@ -147,6 +156,7 @@ class DecoderLM(nn.Module):
                 cache.hint(layer + 1, predict_query(x[:, -1], nxt.input_layernorm, nxt.self_attn.project_q,
                                                     cos1, sin1), batch)
             x = block(x, cos, sin, cache, batch)
+            yield None
         if not all_logits:
             x = x[:, -1]
-        return self.logits(x).float()
+        yield self.logits(x).float()

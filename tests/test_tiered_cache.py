@@ -561,7 +561,7 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     """Parts are issued layer by layer in turn (part 0's layer l, part 1's layer l, part 0's
     layer l+1, ...), and with ``fetch_lane`` every layer's cache fetches on the cache's one lane."""
     from kvdrive.engine.micro_batch import MicroBatchedDecode
-    from kvdrive.kv.tiered_config import resolve_fetch_programs
+    from kvdrive.kv.tiered_config import resolve_parts
 
     model, prompts = _tiny(), _prompts()
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
@@ -569,7 +569,7 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     assert (cache.fetch_lane is not None) == lane
     assert all(c.fetch_lane is cache.fetch_lane for c in cache.caches.values())
-    assert resolve_fetch_programs(cfg, CPU) == 0 and cache.stats()["fetch_programs"] == 0  # auto, off CUDA
+    assert resolve_parts(cfg, CPU).fetch_programs == 0 and cache.stats()["fetch_programs"] == 0  # auto, off CUDA
     _decode(model, cache, prompts, 0)
     order, real_attend = [], cache.attend
 
@@ -583,13 +583,25 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     assert order == [(layer, p) for layer in range(model.config.num_hidden_layers) for p in parts]
 
 
-def test_fetch_programs_is_a_count_or_auto():
-    from kvdrive.bench.decode import _programs
+def test_micro_batches_and_fetch_programs_are_counts_or_auto():
+    from kvdrive.bench.decode import _count_or_auto
+    from kvdrive.kv.tiered_config import resolve_parts
 
     assert TieredConfig(fetch_programs=8).fetch_programs == 8
     for bad in (-1, "half", 2.5):
         with pytest.raises(KvdriveError, match="fetch_programs"):
             TieredConfig(fetch_programs=bad)
-    assert _programs("auto") == "auto" and _programs("66") == 66
-    with pytest.raises(Exception, match="program count"):
-        _programs("-3")
+    for bad in (0, "two", 1.5):
+        with pytest.raises(KvdriveError, match="micro_batches"):
+            TieredConfig(micro_batches=bad)
+    assert _count_or_auto("auto") == "auto" and _count_or_auto("66") == 66
+    with pytest.raises(Exception, match="count"):
+        _count_or_auto("-3")
+    # off CUDA, auto means no micro-batching (the parts would only run one after the other);
+    # an explicit count is kept (the CPU tests above micro-batch on purpose)
+    auto = resolve_parts(TieredConfig(), CPU)
+    assert (auto.micro_batches, auto.fetch_programs) == (1, 0)
+    assert resolve_parts(TieredConfig(micro_batches=3), CPU).micro_batches == 3
+    cache = TieredSparseKVCache(_tiny().config, 2, 64, CPU, F32, TieredConfig(SparseConfig(group_tokens=8, budget=32,
+                                sink_tokens=8, window_tokens=8), cache_tokens=32))
+    assert cache.micro_batches == 1 and cache.fetch_lane is None

@@ -86,11 +86,11 @@ def add_arguments(p) -> None:
     g.add_argument("--prefetch-min-precision", type=float, default=0.5,
                    help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
                         "of what it prefetched was then selected (default 0.5; 0: always prefetch)")
-    g.add_argument("--micro-batches", type=int, default=2,
+    g.add_argument("--micro-batches", type=_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, layer by "
                         "layer in turn, fetching in turn on one stream, so one part's fetch overlaps another's "
-                        "compute (default 2; 1: off, the ablation)")
-    g.add_argument("--fetch-programs", type=_programs, default="auto",
+                        "compute (default auto: 2 on CUDA, 1 elsewhere; 1: off, the ablation)")
+    g.add_argument("--fetch-programs", type=_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: run the host->GPU fetch kernel on this many looping programs "
                         "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default auto: half "
                         "the SMs with micro-batches, else 0; 0: one program per group block)")
@@ -377,8 +377,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
         "fill": f"prefill of real prose ({args.text}), greedy continuation" if args.text else "random KV, random first tokens"}
 
 
-def _programs(text: str) -> int | str:
-    """--fetch-programs: a count >= 0, or auto."""
+def _count_or_auto(text: str) -> int | str:
+    """--micro-batches, --fetch-programs: a count >= 0, or auto (TieredConfig checks the rest)."""
     if text == "auto":
         return text
     try:
@@ -386,7 +386,7 @@ def _programs(text: str) -> int | str:
     except ValueError:
         n = -1
     if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a program count >= 0 or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {text!r}")
     return n
 
 
@@ -395,7 +395,8 @@ def run(args) -> int:
 
     if args.merge:
         return _summarize(merge(args.merge, args.out), args.no_plot)
-    if min(args.warmup, args.new_tokens, min(args.contexts), min(args.batches), args.micro_batches) < 1:
+    parts = 1 if args.micro_batches == "auto" else args.micro_batches
+    if min(args.warmup, args.new_tokens, min(args.contexts), min(args.batches), parts) < 1:
         raise KvdriveError("--warmup, --new-tokens, --contexts, --batches and --micro-batches must be >= 1")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config

@@ -37,7 +37,7 @@ class Options:
     disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
     disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
     ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
-    micro_batches: int = 2  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (1: off)
+    micro_batches: int | str = "auto"  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (auto: 2 on CUDA; 1: off)
     prefetch_min_precision: float = 0.5  # tiered systems: a layer's prefetch stops below this precision
     fetch_programs: int | str = "auto"  # kvdrive_host / kvdrive_ssd: looping programs of the fetch kernel (0: one per tile)
     fetch_lane: bool = True  # kvdrive_host / kvdrive_ssd with micro-batches: parts fetch in turn on one stream

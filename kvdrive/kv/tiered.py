@@ -45,7 +45,7 @@ from kvdrive.kv.slots import SequenceSlots
 from kvdrive.kv.sparse import layer_summarizer, max_pages_for
 from kvdrive.kv.step_profile import StepProfile
 from kvdrive.kv.summaries import SummaryTable
-from kvdrive.kv.tiered_config import TieredConfig, resolve_fetch_programs
+from kvdrive.kv.tiered_config import TieredConfig, resolve_parts
 from kvdrive.kv.tiered_prefill import TieredPrefill
 from kvdrive.kv.window_ring import WindowRing
 
@@ -60,8 +60,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
             tiered = replace(tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype,
                                                                                tiered, device))
-        if tiered.fetch_programs == "auto":
-            tiered = replace(tiered, fetch_programs=resolve_fetch_programs(tiered, device))
+        tiered = resolve_parts(tiered, device)  # micro_batches and fetch_programs: "auto" -> numbers
         self.config, self.tiered, self.layer_specs = config, tiered, layer_specs(config)
         self.sparse, self.sel_cfg = tiered.sparse, tiered.sparse.selection()
         self.g = g = tiered.sparse.group_tokens

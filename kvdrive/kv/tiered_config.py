@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvdrive.errors import KvdriveError
 from kvdrive.kv.pool import PoolPath
@@ -39,10 +39,11 @@ class TieredConfig:
     host_bytes: int = 0  # with disk: pinned host arena, all layers together
     direct: str = "auto"  # O_DIRECT for the disk pool: auto | on | off
     # Decode batch parts on their own streams, interleaved layer by layer, fetching in turn on
-    # one lane (``fetch_lane``), so one part's fetch overlaps another's compute; 1: off. On the
-    # H100 (32K x 16, 8B shape, 4096-token cache) 2 parts went from 240 to 328 tok/s; 4 parts
-    # were slower (204): each part reads the weights again (bench/results/decode-h100*.json).
-    micro_batches: int = 2
+    # one lane (``fetch_lane``), so one part's fetch overlaps another's compute; 1: off.
+    # "auto": 2 on CUDA, 1 elsewhere (on a CPU the parts run one after the other: nothing to
+    # overlap, and each part reads the weights again). H200, 32K x 16, 8B shape, 4096-token
+    # cache: 2 parts 315 tok/s, 1 part 246 (bench/results/decode-h200*.json).
+    micro_batches: int | str = "auto"
     # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
     # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute;
     # "auto": half the GPU's SMs with micro-batches (66 of 132 on the H100 still moved the
@@ -60,8 +61,9 @@ class TieredConfig:
             raise KvdriveError(f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
         if self.sparse.mode != "shared":
             raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
-        if self.micro_batches < 1:
-            raise KvdriveError(f"micro_batches must be >= 1 (1: no micro-batching), got {self.micro_batches}")
+        if self.micro_batches != "auto" and (not isinstance(self.micro_batches, int) or self.micro_batches < 1):
+            raise KvdriveError(f"micro_batches must be a part count >= 1 (1: no micro-batching) or 'auto', "
+                               f"got {self.micro_batches!r}")
         if self.cache_tokens != "auto" and (not isinstance(self.cache_tokens, int) or self.cache_tokens < 0):
             raise KvdriveError(f"cache_tokens must be a token count >= 0 or 'auto', got {self.cache_tokens!r}")
         if self.fetch_programs != "auto" and (not isinstance(self.fetch_programs, int) or self.fetch_programs < 0):
@@ -72,13 +74,16 @@ class TieredConfig:
             raise KvdriveError(f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}")
 
 
-def resolve_fetch_programs(tiered: TieredConfig, device) -> int:
-    """``fetch_programs`` as a number: "auto" is half the SMs of a CUDA device when the batch is
+def resolve_parts(tiered: TieredConfig, device) -> TieredConfig:
+    """``tiered`` with ``micro_batches`` and ``fetch_programs`` as numbers. "auto": 2 parts on a
+    CUDA device, else 1; the fetch kernel on half the SMs of a CUDA device when the batch is
     micro-batched, else 0 (one program per tile)."""
-    if tiered.fetch_programs != "auto":
-        return tiered.fetch_programs
     import torch
 
-    if tiered.micro_batches < 2 or getattr(device, "type", "cpu") != "cuda" or not torch.cuda.is_available():
-        return 0
-    return max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2)
+    cuda = getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available()
+    parts = (2 if cuda else 1) if tiered.micro_batches == "auto" else tiered.micro_batches
+    programs = tiered.fetch_programs
+    if programs == "auto":
+        programs = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2) \
+            if cuda and parts > 1 else 0
+    return replace(tiered, micro_batches=parts, fetch_programs=programs)

@@ -239,6 +239,15 @@ def check_selection_kernel() -> None:
         assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups), (n, budget)
         torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])
     assert want.num_pages.tolist() != [max_pages] * 4  # short sequences took fewer pages
+    # ties: groups whose scores are equal on every head carry the same mass; the lower index wins
+    scores = torch.randint(0, 2, (3, 2, 64), generator=gen).float()
+    scores[:, 1] = scores[:, 0]
+    num_groups = torch.tensor([64, 50, 9])
+    c = cfg(tokens=80, n_sink=1, n_window=2, mode="shared")
+    want = select_groups(scores, num_groups, c, 4, max_pages=20, impl="torch")
+    got, _ = select_groups_keyed(scores, num_groups, c, 4, 20, impl="triton")
+    assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups)
+    assert (scores[0, 0, 1:62] == 1).sum() > 17  # sequence 0: 17 of its candidates taken, of more tied 1s
 
 
 @pytest.mark.gpu

@@ -147,11 +147,10 @@ def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, 
     groups = torch.empty(b, p, dtype=torch.int32, device=scores.device)
     count = torch.empty(b, dtype=torch.int32, device=scores.device)
     key = torch.empty(b, n, dtype=torch.float32, device=scores.device)
-    scratch = torch.empty(b, block_n, dtype=torch.int64, device=scores.device)
     if b:
         s = scores if scores.stride(2) == 1 else scores.contiguous()
         select_shared_kernel[(b,)](s, s.stride(0), s.stride(1), num_groups.to(scores.device).contiguous(), groups,
-                                   count, key, scratch, n, p, -(-cfg.budget.tokens // group_tokens), cfg.n_sink,
+                                   count, key, n, p, -(-cfg.budget.tokens // group_tokens), cfg.n_sink,
                                    cfg.n_window, min(cfg.n_sink + cfg.n_window, n), H=h, BLOCK_N=block_n,
                                    BLOCK_P=max(16, triton.next_power_of_2(p)), num_warps=4 if block_n <= 2048 else 8)
     return Selection(groups[:, None, :].expand(b, h, p), count), key

@@ -12,7 +12,6 @@ how to read the numbers is in docs/bench.md.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -35,7 +34,7 @@ from kvdrive.bench.decode_systems import (
     remove_disk_files,
     skip_reason,
 )
-from kvdrive.commands.common import parse_cache_tokens
+from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
@@ -86,11 +85,11 @@ def add_arguments(p) -> None:
     g.add_argument("--prefetch-min-precision", type=float, default=0.5,
                    help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
                         "of what it prefetched was then selected (default 0.5; 0: always prefetch)")
-    g.add_argument("--micro-batches", type=_count_or_auto, default="auto",
+    g.add_argument("--micro-batches", type=parse_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, layer by "
                         "layer in turn, fetching in turn on one stream, so one part's fetch overlaps another's "
                         "compute (default auto: 2 on CUDA, 1 elsewhere; 1: off, the ablation)")
-    g.add_argument("--fetch-programs", type=_count_or_auto, default="auto",
+    g.add_argument("--fetch-programs", type=parse_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: run the host->GPU fetch kernel on this many looping programs "
                         "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default auto: half "
                         "the SMs with micro-batches, else 0; 0: one program per group block)")
@@ -375,19 +374,6 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
         "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype),
         "fill": f"prefill of real prose ({args.text}), greedy continuation" if args.text else "random KV, random first tokens"}
-
-
-def _count_or_auto(text: str) -> int | str:
-    """--micro-batches, --fetch-programs: a count >= 0, or auto (TieredConfig checks the rest)."""
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {text!r}")
-    return n
 
 
 def run(args) -> int:

@@ -28,12 +28,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def parse_cache_tokens(text: str) -> int | str:
-    """``--gpu-cache-tokens`` / ``--cache-tokens``: ``auto`` or a token count."""
+def parse_count_or_auto(text: str, what: str = "count", example: int = 2) -> int | str:
+    """An option that takes ``auto`` or a count >= 0 (``--micro-batches``, ``--fetch-programs``)."""
     import argparse
 
     if text == "auto":
         return "auto"
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a token count: give one (e.g. 8192) or 'auto'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {what}: give one (e.g. {example}) or 'auto'")
     return int(text)
+
+
+def parse_cache_tokens(text: str) -> int | str:
+    """``--gpu-cache-tokens`` / ``--cache-tokens``: ``auto`` or a token count."""
+    return parse_count_or_auto(text, "token count", 8192)

@@ -68,8 +68,7 @@ class MicroBatchedDecode:
         capturing = self.model.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         for stream in self.streams[: len(slices)]:
             stream.wait_stream(main)
-        steps = getattr(self.model, "layer_steps", None) or _whole_forward(self.model)
-        runs = [steps(token_ids[s], self.cache, b) for s, b in zip(slices, batches)]
+        runs = [self.model.layer_steps(token_ids[s], self.cache, b) for s, b in zip(slices, batches)]
         outs = [None] * len(slices)
         while any(o is None for o in outs):  # one layer of each part in turn
             for i, (run, stream) in enumerate(zip(runs, self.streams)):
@@ -83,9 +82,3 @@ class MicroBatchedDecode:
             main.wait_stream(stream)
         return torch.cat(outs), batches
 
-
-def _whole_forward(model):
-    """``layer_steps`` for a model without it: the whole forward in one step."""
-    def steps(token_ids, cache, batch):
-        yield model(token_ids, cache, batch)
-    return steps

@@ -46,8 +46,8 @@ class TieredConfig:
     micro_batches: int | str = "auto"
     # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
     # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute;
-    # "auto": half the GPU's SMs with micro-batches (66 of 132 on the H100 still moved the
-    # groups at the full PCIe rate), else 0.
+    # "auto": half the GPU's SMs with micro-batches (66 of 132 on the H200 runs in
+    # bench/results/decode-h200*.json), else 0.
     fetch_programs: int | str = "auto"
     # With micro-batches: every part's fetch on one stream, in issue order, so the parts take
     # turns on PCIe and one computes while the other fetches (False: ablation, each part

@@ -7,7 +7,7 @@ from torch import nn
 
 from kvdrive.attention import Budget, SelectionConfig, all_pages, paginate, select_groups, selection_mask
 from kvdrive.attention.predict import forced_mask, predict_query, recall
-from kvdrive.attention.select import combine_heads, select_groups_keyed
+from kvdrive.attention.select import _select_kernel, combine_heads, select_groups_keyed
 from kvdrive.attention.sparse_ref import sparse_attention_ref
 from kvdrive.errors import KvdriveError
 from kvdrive.kv.summaries import make_summarizer
@@ -226,6 +226,11 @@ def test_selection_kernel_matches_the_torch_path():
 
 
 def check_selection_kernel() -> None:
+
+    def both(scores, num_groups, c, max_pages):  # one program per sequence; chunks of 16 groups (split kernels)
+        one = select_groups_keyed(scores, num_groups, c, 4, max_pages, impl="triton")
+        return one, _select_kernel(scores, num_groups, c, 4, max_pages, chunk=16)
+
     gen = torch.Generator().manual_seed(3)
     for n, budget, lens in ((40, 64, [40, 7, 23, 1]), (100, 160, [100, 99, 64, 12]), (33, 400, [33, 20, 5, 33])):
         scores = torch.randn(4, 3, n, generator=gen)
@@ -235,18 +240,19 @@ def check_selection_kernel() -> None:
         c = cfg(tokens=budget, n_sink=2, n_window=3, mode="shared")
         max_pages = min(n, -(-budget // 4))
         want = select_groups(scores, num_groups, c, 4, max_pages=max_pages, impl="torch")
-        got, key = select_groups_keyed(scores, num_groups, c, 4, max_pages, impl="triton")
-        assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups), (n, budget)
-        torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])
+        for got, key in both(scores, num_groups, c, max_pages):
+            assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups), (n, budget)
+            torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])
     assert want.num_pages.tolist() != [max_pages] * 4  # short sequences took fewer pages
-    # ties: groups whose scores are equal on every head carry the same mass; the lower index wins
+    # ties: groups whose scores are equal on every head carry the same mass; the lower index wins,
+    # also across the split kernels' chunks
     scores = torch.randint(0, 2, (3, 2, 64), generator=gen).float()
     scores[:, 1] = scores[:, 0]
     num_groups = torch.tensor([64, 50, 9])
     c = cfg(tokens=80, n_sink=1, n_window=2, mode="shared")
     want = select_groups(scores, num_groups, c, 4, max_pages=20, impl="torch")
-    got, _ = select_groups_keyed(scores, num_groups, c, 4, 20, impl="triton")
-    assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups)
+    for got, _ in both(scores, num_groups, c, 20):
+        assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups)
     assert (scores[0, 0, 1:62] == 1).sum() > 17  # sequence 0: 17 of its candidates taken, of more tied 1s
 
 
@@ -261,6 +267,7 @@ def test_selection_kernel_matches_the_torch_path_on_gpu():
                                     float("-inf"))
         c = cfg(tokens=2048, n_sink=4, n_window=16, mode="shared")
         want = select_groups(scores, num_groups, c, 16, max_pages=128, impl="torch")
-        got, key = select_groups_keyed(scores, num_groups, c, 16, 128, impl="triton")
-        assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups)
-        torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])
+        for chunk in (None, 0, 1024):  # the default; one program per sequence; the split kernels
+            got, key = _select_kernel(scores, num_groups, c, 16, 128, chunk=chunk)
+            assert torch.equal(got.num_pages, want.num_pages) and torch.equal(got.groups, want.groups), chunk
+            torch.testing.assert_close(key, combine_heads(scores, "softmax_sum")[:, 0])

@@ -136,27 +136,74 @@ def _kernel_applies(scores: torch.Tensor, cfg: SelectionConfig, impl: str) -> bo
             and scores.shape[-1] <= SELECT_KERNEL_MAX_GROUPS)
 
 
-def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, max_pages: int):
+def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, max_pages: int,
+                   chunk: int | None = None):
+    """``chunk``: groups per program of the split kernels, 0 for one program per sequence;
+    None: split rows longer than ``SPLIT_MIN_GROUPS`` into ``SPLIT_CHUNK``s, else one program."""
     import triton
 
-    from kvdrive.attention.select_kernel import select_shared_kernel
-
     b, h, n = scores.shape
+    if chunk is None and n > SPLIT_MIN_GROUPS:
+        chunk = SPLIT_CHUNK
     p = max(1, min(max_pages, n))
-    block_n = max(16, triton.next_power_of_2(n))
     groups = torch.empty(b, p, dtype=torch.int32, device=scores.device)
     count = torch.empty(b, dtype=torch.int32, device=scores.device)
     key = torch.empty(b, n, dtype=torch.float32, device=scores.device)
     if b:
         s = scores if scores.stride(2) == 1 else scores.contiguous()
-        select_shared_kernel[(b,)](s, s.stride(0), s.stride(1), num_groups.to(scores.device).contiguous(), groups,
-                                   count, key, n, p, -(-cfg.budget.tokens // group_tokens), cfg.n_sink,
-                                   cfg.n_window, min(cfg.n_sink + cfg.n_window, n), H=h, BLOCK_N=block_n,
-                                   BLOCK_P=max(16, triton.next_power_of_2(p)), num_warps=4 if block_n <= 2048 else 8)
+        ng = num_groups.to(scores.device).contiguous()
+        args = (n, p, -(-cfg.budget.tokens // group_tokens))
+        sel = (cfg.n_sink, cfg.n_window, min(cfg.n_sink + cfg.n_window, n))
+        block_p = max(16, triton.next_power_of_2(p))
+        if chunk:
+            _select_split(s, ng, groups, count, key, args, sel, chunk, block_p)
+        else:
+            from kvdrive.attention.select_kernel import select_shared_kernel
+
+            block_n = max(16, triton.next_power_of_2(n))
+            select_shared_kernel[(b,)](s, s.stride(0), s.stride(1), ng, groups, count, key, *args, *sel, H=h,
+                                       BLOCK_N=block_n, BLOCK_P=block_p, num_warps=_select_warps(block_n))
     return Selection(groups[:, None, :].expand(b, h, p), count), key
 
 
-SELECT_KERNEL_MAX_GROUPS = 1 << 15  # one program holds a row of group scores in registers
+def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int) -> None:
+    """Launch the five steps of ``select_split_kernel`` (its docstring says why and how)."""
+    import triton
+
+    from kvdrive.attention import select_split_kernel as k
+
+    b, h, n = s.shape
+    c = -(-n // chunk)
+    c_block = max(2, triton.next_power_of_2(c))
+    n_, p, budget_groups = args
+    floor = sel[2]
+    dev = s.device
+    stats = torch.empty(b, c, h, 4, dtype=torch.float32, device=dev)
+    ordered = torch.empty(b, n, dtype=torch.int64, device=dev)
+    hist = torch.zeros(b, 4, k.NUM_BINS, dtype=torch.int32, device=dev)
+    counts = torch.empty(b, c, 2, dtype=torch.int32, device=dev)
+    grid, w = (b, c), max(1, min(8, chunk // 256))
+    k.split_stats_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, *args, *sel, H=h, CHUNK=chunk, num_warps=w)
+    k.split_mass_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, key, ordered, hist, *args, *sel, H=h,
+                              CHUNK=chunk, C_BLOCK=c_block, num_warps=w)
+    for pass_ in (1, 2, 3):
+        k.split_hist_kernel[grid](ng, ordered, hist, n_, p, budget_groups, floor, PASS=pass_, CHUNK=chunk,
+                                  num_warps=w)
+    k.split_count_kernel[grid](ng, ordered, hist, counts, n_, p, budget_groups, floor, CHUNK=chunk, num_warps=w)
+    k.split_write_kernel[grid](ng, ordered, hist, counts, groups, count, n_, p, budget_groups, floor, CHUNK=chunk,
+                               C_BLOCK=c_block, BLOCK_P=block_p, num_warps=w)
+
+
+def _select_warps(block_n: int) -> int:
+    """Warps of a selection program. NOTE: on the H200 (``bench/results/select-kernel-h200.json``)
+    2048 groups ran in 18.7 us with 8 warps (28.9 with 4) and 8192 in 47 us with 16 (63 with 8,
+    57 with 32): one program per sequence is latency bound, more warps shorten it up to 16."""
+    return min(16, max(4, block_n // 256))
+
+
+SELECT_KERNEL_MAX_GROUPS = 1 << 15
+SPLIT_MIN_GROUPS = 4096  # longer rows (above 64K tokens at G=16) take the split kernels
+SPLIT_CHUNK = 1024  # one program holds a row of group scores in registers
 
 
 def _topk_lowest_index_first(s: torch.Tensor, k: int) -> torch.Tensor:

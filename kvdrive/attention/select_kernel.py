@@ -13,7 +13,8 @@ NOTE: the threshold was first found by sorting the packed (score, index) keys of
 16 sequences on the H100, and ~5.5x the work per program at 8192 groups (128K), where a
 batch of 4 gives 4 programs. The radix select decides the threshold's 32 bits one at a
 time, each by one count over the row: O(32 N). Same groups (ties still go to the lower
-index). Not yet timed on a GPU.
+index); 0.11 vs 0.31 ms per call at 128K x 4 on an H200 (bench/results/select-h200-radix-vs-sort.json).
+Rows above 4096 groups now take ``select_split_kernel`` (many programs per sequence).
 """
 
 import triton
@@ -21,12 +22,44 @@ import triton.language as tl
 
 
 @triton.jit
+def _finite(m):
+    """A row's max as the exp's offset: 0 for an all -inf row (exp(-inf) = 0: masked groups weigh nothing)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _softmax(x):
     """Softmax of a row that may be all -inf (then zeros, as torch's softmax + nan_to_num)."""
-    m = tl.max(x, 0)
-    e = tl.exp(x - tl.where(m == float("-inf"), 0.0, m))  # exp(-inf) = 0: masked groups weigh nothing
+    e = tl.exp(x - _finite(tl.max(x, 0)))
     z = tl.sum(e, 0)
     return e / tl.where(z > 0, z, 1.0)
+
+
+@triton.jit
+def _candidates(raw, forced, valid):
+    """A head's float32 scores as the mass's softmax sees them: nan -> -inf, inf -> the largest
+    float, sinks, window and padding -> -inf."""
+    s = tl.where(raw != raw, float("-inf"), raw)  # noqa: PLR0124 (nan -> -inf)
+    s = tl.where(s == float("inf"), 3.4028234663852886e38, s)
+    return tl.where(forced | ~valid, float("-inf"), s)
+
+
+@triton.jit
+def _ordered(mass, forced, valid, inside):
+    """int64 keys in 0 .. 2^32-1, monotone in the selection order (forced first, invalid last);
+    -1 at padding, below everything."""
+    best = tl.where(forced, float("inf"), mass)
+    best = tl.where(valid, best, float("-inf")) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = best.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # monotone in the float
+    return tl.where(inside, ordered + 0x80000000, -1)
+
+
+@triton.jit
+def _budget(num_groups_ptr, b, P, budget_groups, floor):
+    """(the sequence's group count, the groups it takes)."""
+    ng = tl.load(num_groups_ptr + b).to(tl.int32)
+    return ng, tl.minimum(tl.minimum(tl.maximum(budget_groups, floor), ng), P)
 
 
 @triton.jit
@@ -36,25 +69,18 @@ def select_shared_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, gro
     b = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK_N)
     inside = idx < N
-    ng = tl.load(num_groups_ptr + b).to(tl.int32)
+    ng, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
     valid = idx < ng
     forced = valid & ((idx < n_sink) | (idx >= ng - n_window))
-    count = tl.minimum(tl.minimum(tl.maximum(budget_groups, floor), ng), P)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     key = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in tl.static_range(H):
         raw = tl.load(scores_ptr + b * s_stride_b + h * s_stride_h + idx, mask=inside, other=float("-inf"))
         raw = raw.to(tl.float32)
         key += _softmax(raw)
-        s = tl.where(raw != raw, float("-inf"), raw)  # noqa: PLR0124 (nan -> -inf)
-        s = tl.where(s == float("inf"), 3.4028234663852886e38, s)
-        mass += _softmax(tl.where(forced | ~valid, float("-inf"), s))
+        mass += _softmax(_candidates(raw, forced, valid))
     tl.store(key_ptr + b * N + idx, key, mask=inside)
-    best = tl.where(forced, float("inf"), mass)
-    best = tl.where(valid, best, float("-inf")) + 0.0  # + 0.0 turns -0.0 into +0.0
-    bits = best.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # monotone in the float
-    ordered = tl.where(inside, ordered + 0x80000000, -1)  # 0 .. 2^32-1; padding below everything
+    ordered = _ordered(mass, forced, valid, inside)
     # The count-th largest value: the largest t with at least ``count`` values >= t, bit by bit.
     thr = (count * 0).to(tl.int64)
     for i in tl.static_range(32):

@@ -60,3 +60,38 @@ def test_architecture_flags():
     cfg = from_hf_config(_pair("gemma3")[0].config)
     assert cfg.sliding_windows == (32, None, 32) and cfg.global_layers == (1,)
     assert cfg.attn_scale == pytest.approx(24**-0.5)
+
+
+def test_rmsnorm_kernel_matches_the_torch_path():
+    """The one-launch Triton RMSNorm (interpreted on CPU) gives the torch norm's values, Llama
+    style (scaled in bf16) and Gemma style (offset 1, float32 throughout), hidden and head rows."""
+    pytest.importorskip("triton")
+    from conftest import run_interpreted
+
+    run_interpreted("test_architectures.py", "check_rmsnorm_kernel", "cpu")
+
+
+@pytest.mark.gpu
+def test_rmsnorm_kernel_matches_the_torch_path_on_gpu():
+    """On the GPU, where the kernel rounds to bf16 as torch does (the interpreter truncates),
+    the two agree exactly almost everywhere."""
+    check_rmsnorm_kernel("cuda")
+
+
+def check_rmsnorm_kernel(device: str) -> None:
+    from kvdrive.models.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, offset, dtype in (((3, 2, 4096), 0.0, torch.bfloat16), ((2, 4, 1, 128), 0.0, torch.float32),
+                                 ((2, 1, 640), 1.0, torch.bfloat16), ((5, 100), 1.0, torch.float32)):
+        norm = RMSNorm(shape[-1], 1e-6, offset)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.1 + (0 if offset else 1))
+        norm = norm.to(device, dtype)
+        x = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
+        want, got = norm(x, impl="torch"), norm(x, impl="triton")
+        assert got.dtype == want.dtype and got.shape == want.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: two roundings, each at most one step apart
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        if dtype == torch.bfloat16 and device == "cuda":
+            assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())

@@ -39,6 +39,7 @@ from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
 from kvdrive.kv.sparse import SparseConfig
+from kvdrive.kv.tiered_config import TieredConfig
 from kvdrive.progress import progress
 
 GIB = 1 << 30
@@ -82,9 +83,10 @@ def add_arguments(p) -> None:
     g.add_argument("--no-prefetch", action="store_true",
                    help="ablation: no next-layer prefetch in the tiered systems (every miss fetched when its "
                         "layer runs)")
-    g.add_argument("--prefetch-min-precision", type=float, default=0.5,
+    g.add_argument("--prefetch-min-precision", type=float, default=TieredConfig.prefetch_min_precision,
                    help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
-                        "of what it prefetched was then selected (default 0.5; 0: always prefetch)")
+                        "of what it prefetched was then selected (default %(default)s; 0: always prefetch; at 0.53-0.79 "
+                        "prefetch cost 19%% of the throughput on the H200)")
     g.add_argument("--micro-batches", type=parse_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, layer by "
                         "layer in turn, fetching in turn on one stream, so one part's fetch overlaps another's "

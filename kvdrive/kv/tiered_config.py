@@ -33,8 +33,11 @@ class TieredConfig:
     # host arena as most recently used), so the first decode step starts warm.
     warm_start: bool = True
     # At the rebalance, a layer keeps prefetching only if this share of what its prefetch
-    # fetched was then selected (a wrong prediction costs the bandwidth of its fetch); 0: always.
-    prefetch_min_precision: float = 0.5
+    # fetched was then selected (a wrong prediction costs the bandwidth of its fetch, and every
+    # prefetching layer scores and selects twice per step); 0: always. NOTE: 0.9, not 0.5: on the
+    # H200 (32K x 16, 8B shape) layers prefetching at 0.53-0.79 precision cut the ShadowKV-style
+    # system from 164.6 to 132.8 tok/s in one run (bench/results/decode-h200-32k-prefetch*.json).
+    prefetch_min_precision: float = 0.9
     disk: tuple[PoolPath, ...] = ()  # disk pool paths: host memory becomes an arena in front of them
     host_bytes: int = 0  # with disk: pinned host arena, all layers together
     direct: str = "auto"  # O_DIRECT for the disk pool: auto | on | off

@@ -115,6 +115,26 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     assert doc["results"]["bandwidths"]["hbm_gbps"] > 0 and doc["results"]["bandwidths"]["h2d_gbps"] is None
     assert doc["results"]["best"]["64"]["full_gpu"]["batch"] == 2
     assert out.with_suffix(".png").exists()
+    assert doc["config"]["decode_tokens"] == "random"  # random weights: the default feeds seeded random tokens
+    assert any("seeded random token" in n for n in doc["notes"])
+
+
+def test_decode_tokens_random_ignore_the_logits_and_repeat_per_row():
+    """--decode-tokens random: every row (system) is fed the same tokens, whatever its logits say;
+    greedy feeds the argmax; auto picks random only for random weights without --text."""
+    args = _args()
+    assert decode.decode_tokens(args, random_weights=True) == "random"
+    assert decode.decode_tokens(args, random_weights=False) == "greedy"
+    assert decode.decode_tokens(_args("--decode-tokens", "greedy"), random_weights=True) == "greedy"
+    args.feed = "random"
+    logits = [torch.randn(3, 50), torch.randn(3, 50)]
+    feed_a, feed_b = (decode._feeder(args, 50, 3, torch.device("cpu")) for _ in range(2))
+    a = [feed_a(x) for x in logits]
+    b = [feed_b(-x) for x in logits]  # another system, other logits: the same tokens
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].shape == (3, 1)
+    assert not torch.equal(a[0], a[1])  # a new token each step
+    args.feed = "greedy"
+    assert torch.equal(decode._feeder(args, 50, 3, torch.device("cpu"))(logits[0]), logits[0].argmax(-1, keepdim=True))
 
 
 @pytest.mark.skipif(not TIERED, reason="kvdrive.kv.tiered is not in this checkout")

@@ -135,6 +135,11 @@ def add_arguments(p) -> None:
                    "source (kvdrive.eval.corpus: persuasion-excerpt ships with kvdrive; austen, jargon once fetched) "
                    "instead of random KV, and decode the model's own greedy continuation: attention then has a real "
                    "model's step-to-step locality (use a real model, e.g. -m smollm2)")
+    p.add_argument("--decode-tokens", choices=("auto", "greedy", "random"), default="auto",
+                   help="what each decode step feeds back: the argmax of its logits (greedy) or a seeded random "
+                        "token, the same for every system (random). auto: random for random weights without "
+                        "--text (a random model's argmax trajectory is chaotic, so a kernel's last-bit rounding "
+                        "changes the locality the caches see), greedy otherwise")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, KV and first tokens (default 0)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="measure nothing: combine the rows of these "
                    "results (a sweep split into runs that each fit a time limit; later files win) into --out, "
@@ -220,6 +225,21 @@ def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graph
     return step
 
 
+def decode_tokens(args, random_weights: bool) -> str:
+    """``--decode-tokens`` resolved: greedy or random."""
+    if args.decode_tokens != "auto":
+        return args.decode_tokens
+    return "random" if random_weights and not args.text else "greedy"
+
+
+def _feeder(args, vocab: int, batch: int, dev):
+    """logits (B, V) -> the next step's input ids (B, 1), per ``args.feed`` (``decode_tokens``)."""
+    if args.feed == "greedy":
+        return lambda logits: logits.argmax(-1, keepdim=True)
+    gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
+    return lambda logits: torch.randint(0, vocab, (batch, 1), generator=gen, device=dev)
+
+
 def _breakdown(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, args) -> dict:
     """ms per step by phase over ``--breakdown-steps`` extra eager steps, from the cache's
     ``StepProfile`` (events between phases; not the timed steps, which may be a graph)."""
@@ -227,8 +247,9 @@ def _breakdown(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, arg
 
     cache.profile = StepProfile(model.device)
     step = _step_fn(model, cache, seq_ids, ids, graphs=False)
+    feed = _feeder(args, model.config.vocab_size, len(seq_ids), model.device)
     for _ in range(args.breakdown_steps):
-        ids = step(ids).argmax(-1, keepdim=True)
+        ids = feed(step(ids))
     out = cache.profile.summary(args.breakdown_steps)
     cache.profile = None
     return out
@@ -275,11 +296,12 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
         devices.synchronize(dev)
         row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
         step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
+        feed = _feeder(args, shape.config.vocab_size, shape.batch, dev)
         for _ in range(args.warmup + system.settle_steps(opts) - 1):
-            ids = step(ids).argmax(-1, keepdim=True)
+            ids = feed(step(ids))
         devices.synchronize(dev)
         t0 = time.perf_counter()
-        ids = step(ids).argmax(-1, keepdim=True)
+        ids = feed(step(ids))
         devices.synchronize(dev)
         warm = time.perf_counter() - t0
         steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
@@ -288,7 +310,7 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
             cache.reset_stats()
         t0 = time.perf_counter()
         for _ in range(steps):
-            ids = step(ids).argmax(-1, keepdim=True)
+            ids = feed(step(ids))
         devices.synchronize(dev)
         elapsed = time.perf_counter() - t0
         row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
@@ -375,7 +397,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
         "weights_gib": weights / GIB, "kv_bytes_per_token": config.kv_bytes_per_token(dtype),
-        "fill": f"prefill of real prose ({args.text}), greedy continuation" if args.text else "random KV, random first tokens"}
+        "fill": f"prefill of real prose ({args.text})" if args.text else "random KV, random first tokens",
+        "decode_tokens": args.feed}
 
 
 def run(args) -> int:
@@ -388,6 +411,7 @@ def run(args) -> int:
         raise KvdriveError("--warmup, --new-tokens, --contexts, --batches and --micro-batches must be >= 1")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     model, dev, dtype, config = loaded.model, loaded.model.device, loaded.model.dtype, loaded.config
+    args.feed = decode_tokens(args, loaded.random_weights)
     sparse = SparseConfig(group_tokens=args.group_tokens, budget=args.budget, sink_tokens=args.sink,
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
@@ -405,7 +429,7 @@ def run(args) -> int:
     _release(dev)
     weights = roofline.weight_bytes_read(model)
     config_doc = _config(args, loaded, sparse, weights)
-    notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after)
+    notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after, args.feed)
     rows = []
     points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
     # Every system decodes from the same filled length: room for the longest warm-up of the run.

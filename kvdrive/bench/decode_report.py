@@ -45,7 +45,7 @@ def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
     return best, ratios
 
 
-def run_notes(random_weights: bool, warmup: int, rebalance_after: int) -> list[str]:
+def run_notes(random_weights: bool, warmup: int, rebalance_after: int, feed: str = "greedy") -> list[str]:
     """What a reader of the JSON must know to read the numbers."""
     settle = f" (+{rebalance_after + 1} for the tiered caches, past their capacity rebalance)" if rebalance_after else ""
     return [
@@ -55,8 +55,10 @@ def run_notes(random_weights: bool, warmup: int, rebalance_after: int) -> list[s
         ("contexts filled with seeded N(0,1) post-RoPE K/V through each cache's plan/append/commit (no prefill); "
          "hf_offload prefills random token ids. Sparse selection over random KV and random weights has no real "
          "locality: hit rates and selection overlap between steps are not those of real text"),
-        (f"decode timed over steps_timed greedy steps after {warmup} warm-up steps{settle}, perf_counter around "
-         "a synchronized region; tokens/s = batch * steps / seconds"),
+        (f"decode timed over steps_timed steps after {warmup} warm-up steps{settle}, perf_counter around "
+         "a synchronized region; tokens/s = batch * steps / seconds; each step's input: "
+         + ("the argmax of the last step's logits" if feed == "greedy" else
+            "a seeded random token (the same sequence for every system), not the argmax")),
         "hf_offload: (time of prefill + N+1 tokens - time of prefill + 1 token) / N, one repeat",
         roofline.FORMULA,
         ("PCIe bytes per step: streaming and hf_offload = the whole KV of the batch; sparse_host/kvdrive_host = "

@@ -95,3 +95,39 @@ def check_rmsnorm_kernel(device: str) -> None:
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         if dtype == torch.bfloat16 and device == "cuda":
             assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())
+
+
+def test_rope_kernel_matches_the_torch_path():
+    """The one-launch Triton RoPE (interpreted on CPU) gives torch's rotation: exactly in float32,
+    within bf16 rounding otherwise; strided (transposed) queries, decode and prefill lengths."""
+    pytest.importorskip("triton")
+    from conftest import run_interpreted
+
+    run_interpreted("test_architectures.py", "check_rope_kernel", "cpu")
+
+
+@pytest.mark.gpu
+def test_rope_kernel_matches_the_torch_path_on_gpu():
+    check_rope_kernel("cuda")
+
+
+def check_rope_kernel(device: str) -> None:
+    from kvdrive.config import RopeSpec
+    from kvdrive.models import rope
+
+    gen = torch.Generator().manual_seed(1)
+    for b, h, t, d, dtype in ((2, 4, 1, 64, torch.float32), (1, 3, 37, 128, torch.float32),
+                              (2, 8, 1, 128, torch.bfloat16), (2, 2, 20, 64, torch.bfloat16)):
+        x = torch.randn(b, t, h, d, generator=gen).to(device, dtype).transpose(1, 2)  # (B, H, T, D), strided
+        positions = torch.randint(0, 5000, (b, t), generator=gen).to(device)
+        cos, sin = rope.cos_sin(rope.inv_freq(RopeSpec(theta=10000.0), d, x.device), positions, dtype)
+        want, got = rope.apply(x, cos, sin, impl="torch"), rope.apply(x, cos, sin, impl="triton")
+        assert got.shape == want.shape and got.dtype == want.dtype
+        layout = [[st for st, n in zip(y.stride(), y.shape, strict=True) if n > 1] for y in (got, want)]
+        assert layout[0] == layout[1]  # torch's memory layout (the heads of a transposed projection)
+        if dtype == torch.float32:
+            assert torch.equal(got, want), (b, h, t, d)
+        else:  # the interpreter truncates bf16 casts; the GPU rounds as torch does
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            if device == "cuda":
+                assert (got == want).float().mean() > 0.99, (b, h, t, d)

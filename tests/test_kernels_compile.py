@@ -16,7 +16,7 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 def _kernels():
     from kvdrive.attention import select_kernel as one
     from kvdrive.attention import select_split_kernel as split
-    from kvdrive.models import norm_kernel
+    from kvdrive.models import norm_kernel, rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
                                      **BUDGET, **FORCED}, {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128}
@@ -31,6 +31,9 @@ def _kernels():
     for offset, block in ((0.0, 4096), (1.0, 1024)):
         yield norm_kernel.rmsnorm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32",
                                            "eps": "fp32"}, {"OFFSET": offset, "BLOCK": block}
+    yield rope_kernel.rope_kernel, {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16",
+                                    **dict.fromkeys(("H", "T", "sx_b", "sx_h", "sx_t", "so_b", "so_h", "so_t", "sc_b",
+                                                     "sc_t"), "i32")}, {"D": 128, "BLOCK_T": 16}
 
 
 def test_kernels_compile_for_hopper():
@@ -43,4 +46,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 10
+    assert len(names) == 11

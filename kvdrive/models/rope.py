@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from kvdrive.attention.sparse import triton_available
 from kvdrive.config import RopeSpec
 
 
@@ -40,6 +41,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by position."""
+def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x (B, H, T, D) rotated by position; cos, sin (B, 1, T, D). ``impl``: 'auto' runs the
+    Triton kernel on CUDA (one launch instead of five), 'triton' forces it, 'torch' the reference."""
+    use = impl == "triton" or (impl == "auto" and x.is_cuda and triton_available())
+    d = x.shape[-1]
+    if use and x.dim() == 4 and x.stride(-1) == 1 and d & (d - 1) == 0 and cos.dtype == sin.dtype == x.dtype:
+        return _apply_triton(x, cos, sin)
     return x * cos + rotate_half(x) * sin
+
+
+def _apply_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from kvdrive.models.rope_kernel import rope_kernel
+
+    b, h, t, d = x.shape
+    cos, sin = cos.expand(b, 1, t, d).contiguous(), sin.expand(b, 1, t, d).contiguous()
+    out = torch.empty_like(x)  # the input's layout, as torch's elementwise ops give
+    if out.numel():
+        block_t = 16  # rows of one program (decode: one, masked)
+        rope_kernel[(b * h, -(-t // block_t))](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
+                                               out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+                                               cos.stride(2), D=d, BLOCK_T=block_t)
+    return out

@@ -196,14 +196,14 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
 
 def _select_warps(block_n: int) -> int:
     """Warps of a selection program. NOTE: on the H200 (``bench/results/select-kernel-h200.json``)
-    2048 groups ran in 18.7 us with 8 warps (28.9 with 4) and 8192 in 47 us with 16 (63 with 8,
-    57 with 32): one program per sequence is latency bound, more warps shorten it up to 16."""
+    2048 groups ran in 20.0 us with 8 warps (27.9 with 4) and 8192 in 47.5 us with 16 (59.0 with
+    8, 53.2 with 32): one program per sequence is latency bound, more warps shorten it up to 16."""
     return min(16, max(4, block_n // 256))
 
 
-SELECT_KERNEL_MAX_GROUPS = 1 << 15
+SELECT_KERNEL_MAX_GROUPS = 1 << 15  # one program holds a row of group scores in registers
 SPLIT_MIN_GROUPS = 4096  # longer rows (above 64K tokens at G=16) take the split kernels
-SPLIT_CHUNK = 1024  # one program holds a row of group scores in registers
+SPLIT_CHUNK = 1024  # groups per program of the split kernels
 
 
 def _topk_lowest_index_first(s: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_BLOCK_TOKENS = 64  # tokens per inner iteration (PAGES * G)
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -8,12 +8,23 @@ stand-ins with the same methods. Importing this module does no device work.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports (its kernels run on CUDA, or interpreted with TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve(device: str | torch.device | None) -> torch.device:

@@ -175,8 +175,7 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
     b, h, n = s.shape
     c = -(-n // chunk)
     c_block = max(2, triton.next_power_of_2(c))
-    n_, p, budget_groups = args
-    floor = sel[2]
+    tail = (*args, sel[2])  # N, P, budget_groups, floor: what the threshold passes take
     dev = s.device
     stats = torch.empty(b, c, h, 4, dtype=torch.float32, device=dev)
     ordered = torch.empty(b, n, dtype=torch.int64, device=dev)
@@ -187,11 +186,10 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
     k.split_mass_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, key, ordered, hist, *args, *sel, H=h,
                               CHUNK=chunk, C_BLOCK=c_block, num_warps=w)
     for pass_ in (1, 2, 3):
-        k.split_hist_kernel[grid](ng, ordered, hist, n_, p, budget_groups, floor, PASS=pass_, CHUNK=chunk,
-                                  num_warps=w)
-    k.split_count_kernel[grid](ng, ordered, hist, counts, n_, p, budget_groups, floor, CHUNK=chunk, num_warps=w)
-    k.split_write_kernel[grid](ng, ordered, hist, counts, groups, count, n_, p, budget_groups, floor, CHUNK=chunk,
-                               C_BLOCK=c_block, BLOCK_P=block_p, num_warps=w)
+        k.split_hist_kernel[grid](ng, ordered, hist, *tail, PASS=pass_, CHUNK=chunk, num_warps=w)
+    k.split_count_kernel[grid](ng, ordered, hist, counts, *tail, CHUNK=chunk, num_warps=w)
+    k.split_write_kernel[grid](ng, ordered, hist, counts, groups, count, *tail, CHUNK=chunk, C_BLOCK=c_block,
+                               BLOCK_P=block_p, num_warps=w)
 
 
 def _select_warps(block_n: int) -> int:

@@ -63,15 +63,23 @@ def _budget(num_groups_ptr, b, P, budget_groups, floor):
 
 
 @triton.jit
+def _masks(num_groups_ptr, b, c, N, P, budget_groups, n_sink, n_window, floor, BLOCK: tl.constexpr):
+    """Groups c*BLOCK .. c*BLOCK+BLOCK-1 of sequence b: their indices, inside the row, valid (below
+    the sequence's count), forced (sink or window); and the groups the sequence takes."""
+    idx = c * BLOCK + tl.arange(0, BLOCK)
+    ng, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
+    valid = idx < ng
+    forced = valid & ((idx < n_sink) | (idx >= ng - n_window))
+    return idx, idx < N, valid, forced, count
+
+
+@triton.jit
 def select_shared_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, groups_ptr, count_ptr, key_ptr,
                          N, P, budget_groups, n_sink, n_window, floor,
                          H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, BLOCK_N)
-    inside = idx < N
-    ng, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
-    valid = idx < ng
-    forced = valid & ((idx < n_sink) | (idx >= ng - n_window))
+    idx, inside, valid, forced, count = _masks(num_groups_ptr, b, 0, N, P, budget_groups, n_sink, n_window, floor,
+                                               BLOCK_N)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     key = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in tl.static_range(H):

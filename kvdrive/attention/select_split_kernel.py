@@ -28,20 +28,10 @@ not yet timed (the device time ran out).
 import triton
 import triton.language as tl
 
-from kvdrive.attention.select_kernel import _budget, _candidates, _finite, _ordered
+from kvdrive.attention.select_kernel import _budget, _candidates, _finite, _masks, _ordered
 
 NUM_BINS = 256  # one byte of the 32-bit order key per histogram pass
 BINS = tl.constexpr(NUM_BINS)
-
-
-@triton.jit
-def _masks(num_groups_ptr, b, c, N, P, budget_groups, n_sink, n_window, floor, CHUNK: tl.constexpr):
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    ng, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
-    inside = idx < N
-    valid = idx < ng
-    forced = valid & ((idx < n_sink) | (idx >= ng - n_window))
-    return idx, inside, valid, forced, count
 
 
 @triton.jit
@@ -124,13 +114,23 @@ def _threshold(hist_ptr, b, count, PASSES: tl.constexpr):
 
 
 @triton.jit
-def split_hist_kernel(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor,
-                      PASS: tl.constexpr, CHUNK: tl.constexpr):
+def _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASSES: tl.constexpr,
+           CHUNK: tl.constexpr):
+    """This program's chunk: (sequence, group indices, their order keys, -1 beyond the row), and
+    the threshold's top ``PASSES`` bytes with the groups still to take at it (``_threshold``)."""
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     idx = c * CHUNK + tl.arange(0, CHUNK)
     _, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
-    thr, _ = _threshold(hist_ptr, b, count, PASS)
+    thr, need = _threshold(hist_ptr, b, count, PASSES)
     ordered = tl.load(ordered_ptr + b * N + idx, mask=idx < N, other=-1)
+    return b, c, idx, ordered, count, thr, need
+
+
+@triton.jit
+def split_hist_kernel(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor,
+                      PASS: tl.constexpr, CHUNK: tl.constexpr):
+    b, _, idx, ordered, _, thr, _ = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASS,
+                                           CHUNK)
     high = 32 - 8 * PASS  # the bytes decided so far are the bits above ``high``
     same = (idx < N) & ((ordered >> high) == (thr >> high))
     digit = ((ordered >> (high - 8)) & (BINS - 1)).to(tl.int32)
@@ -140,11 +140,7 @@ def split_hist_kernel(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups
 @triton.jit
 def split_count_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, N, P, budget_groups, floor,
                        CHUNK: tl.constexpr):
-    b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    _, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
-    thr, _ = _threshold(hist_ptr, b, count, 4)
-    ordered = tl.load(ordered_ptr + b * N + idx, mask=idx < N, other=-1)
+    b, c, _, ordered, _, thr, _ = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, 4, CHUNK)
     out = counts_ptr + (b * tl.num_programs(1) + c) * 2
     tl.store(out, tl.sum((ordered > thr).to(tl.int32), 0))
     tl.store(out + 1, tl.sum((ordered == thr).to(tl.int32), 0))
@@ -154,16 +150,13 @@ def split_count_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, N, P, 
 def split_write_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, groups_ptr, count_ptr,
                        N, P, budget_groups, floor, CHUNK: tl.constexpr, C_BLOCK: tl.constexpr,
                        BLOCK_P: tl.constexpr):
-    b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    _, count = _budget(num_groups_ptr, b, P, budget_groups, floor)
-    thr, need = _threshold(hist_ptr, b, count, 4)  # need: the groups at the threshold to take
+    b, c, idx, ordered, count, thr, need = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor,
+                                                  4, CHUNK)  # need: the groups at the threshold to take
     cs = tl.arange(0, C_BLOCK)
     before = cs < c
     at = counts_ptr + (b * tl.num_programs(1) + cs) * 2
     above_before = tl.sum(tl.load(at, mask=before, other=0), 0)
     ties_before = tl.sum(tl.load(at + 1, mask=before, other=0), 0)
-    ordered = tl.load(ordered_ptr + b * N + idx, mask=idx < N, other=-1)
     tie = ordered == thr
     take = ((ordered > thr) | (tie & (ties_before + tl.cumsum(tie.to(tl.int32), 0) <= need))) & (count > 0)
     pos = above_before + tl.minimum(ties_before, need) + tl.cumsum(take.to(tl.int32), 0) - 1

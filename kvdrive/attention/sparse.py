@@ -12,20 +12,12 @@ import functools
 import torch
 
 from kvdrive.attention.sparse_ref import check_inputs, sparse_attention_ref
+from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
 
 IMPLS = ("auto", "torch", "triton")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_BLOCK_TOKENS = 64  # tokens per inner iteration (PAGES * G)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=8)

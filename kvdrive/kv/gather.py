@@ -18,19 +18,12 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as dev
+from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
 
 METHODS = ("auto", "triton", "staging", "torch")
 DEFAULT_BLOCK = 2048  # int32 words per program: 8 KiB, 4 x 16 B vectors per thread at 4 warps
 DEFAULT_WARPS = 4
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def copy_rows_reference(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,

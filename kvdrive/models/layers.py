@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvdrive.attention.sparse import triton_available
+from kvdrive.device import triton_available
 
 
 class RMSNorm(nn.Module):

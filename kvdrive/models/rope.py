@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from kvdrive.attention.sparse import triton_available
 from kvdrive.config import RopeSpec
+from kvdrive.device import triton_available
 
 
 def inv_freq(spec: RopeSpec, head_dim: int, device: torch.device | None = None) -> torch.Tensor:

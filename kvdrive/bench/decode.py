@@ -77,9 +77,9 @@ def add_arguments(p) -> None:
                         "memory free when the row's cache is built, as kvdrive generate does)")
     g.add_argument("--eviction", choices=["lookahead", "lru"], default="lookahead",
                    help="eviction of kvdrive_host and kvdrive_ssd (default lookahead; lru is the ablation)")
-    g.add_argument("--rebalance-after", type=int, default=16, help="tiered caches: decode steps before each "
+    g.add_argument("--rebalance-after", type=int, default=TieredConfig.rebalance_after, help="tiered caches: decode steps before each "
                    "layer's GPU cache share follows its measured misses; these steps (+1) are added to their "
-                   "warm-up so timing sees the steady state (default 16; 0: never rebalance)")
+                   "warm-up so timing sees the steady state (default %(default)s; 0: never rebalance)")
     g.add_argument("--no-prefetch", action="store_true",
                    help="ablation: no next-layer prefetch in the tiered systems (every miss fetched when its "
                         "layer runs)")

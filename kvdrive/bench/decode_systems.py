@@ -20,6 +20,7 @@ import torch
 from kvdrive.config import ModelConfig
 from kvdrive.kv.base import KVCache
 from kvdrive.kv.sparse import SparseConfig
+from kvdrive.kv.tiered_config import TieredConfig
 
 GIB = 1 << 30
 
@@ -33,14 +34,15 @@ class Options:
     eviction: str  # kvdrive_host's and kvdrive_ssd's eviction ("lookahead" | "lru")
     prefetch: bool  # the tiered systems predict and prefetch layer l+1's groups
     overlap: bool  # copies on a side stream (streaming and the tiered caches)
-    rebalance_after: int = 16  # tiered caches: decode steps before layer capacities follow misses; 0: never
+    # The tiered caches' settings default to TieredConfig's, so the benchmark runs what users get.
+    rebalance_after: int = TieredConfig.rebalance_after  # decode steps before layer capacities follow misses
     disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
     disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
     ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
-    micro_batches: int | str = "auto"  # kvdrive_host / kvdrive_ssd: batch parts on their own streams (auto: 2 on CUDA; 1: off)
-    prefetch_min_precision: float = 0.5  # tiered systems: a layer's prefetch stops below this precision
-    fetch_programs: int | str = "auto"  # kvdrive_host / kvdrive_ssd: looping programs of the fetch kernel (0: one per tile)
-    fetch_lane: bool = True  # kvdrive_host / kvdrive_ssd with micro-batches: parts fetch in turn on one stream
+    micro_batches: int | str = TieredConfig.micro_batches  # kvdrive systems: batch parts on their own streams
+    prefetch_min_precision: float = TieredConfig.prefetch_min_precision  # a layer's prefetch stops below this
+    fetch_programs: int | str = TieredConfig.fetch_programs  # kvdrive systems: looping programs of the fetch kernel
+    fetch_lane: bool = TieredConfig.fetch_lane  # kvdrive systems with micro-batches: parts fetch in turn
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,12 @@ are independent, though: with the batch in parts on separate streams, one part's
 fetch overlaps another part's compute (KVDrive's micro-batch pipeline). The price is
 that every part reads the weights once per step.
 
-Two things make the overlap happen on the H100 (measured: bench/results/profile-h100/):
+Two things make the overlap happen (H100 traces of a session whose files were lost; the
+H200 ablations are bench/results/decode-h200-micro1.json and -nolane.json):
 
 * the parts' layers are issued interleaved (part 0's layer l, part 1's layer l, part 0's
   layer l+1, ...; ``DecoderLM.layer_steps``), and a cache with a fetch lane
-  (``TieredKVCache``) runs every part's fetch in that order on one stream: the parts
+  (``TieredSparseKVCache``) runs every part's fetch in that order on one stream: the parts
   take turns on PCIe instead of sharing it. Without the lane, two parts fetching at once
   each got half the bandwidth, finished together and then computed together: they fell
   into lockstep and nothing overlapped;
@@ -81,4 +82,3 @@ class MicroBatchedDecode:
         for stream in self.streams[: len(slices)]:
             main.wait_stream(stream)
         return torch.cat(outs), batches
-

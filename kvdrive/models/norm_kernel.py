@@ -2,8 +2,9 @@
 
 NOTE: in torch a norm is seven kernels (cast, square, mean, add, rsqrt, two multiplies and a
 cast); a decode step runs 65 norms per part on the critical path of each layer's chain
-(the fetch of the next layer waits for it). On the H200 at 128K x 4 the seven took ~20 us
-per norm; this kernel is one launch. One program per row, the row in registers.
+(the fetch of the next layer waits for it). On the H200 at 128K x 4 the seven, with the
+residual add before them, took ~25 us per norm (bench/results/profile-h200/); this kernel is
+one launch. One program per row, the row in registers.
 """
 
 import triton

@@ -16,6 +16,7 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 def _kernels():
     from kvdrive.attention import select_kernel as one
     from kvdrive.attention import select_split_kernel as split
+    from kvdrive.kv import score_kernel
     from kvdrive.models import norm_kernel, rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
@@ -34,6 +35,12 @@ def _kernels():
     yield rope_kernel.rope_kernel, {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16",
                                     **dict.fromkeys(("H", "T", "sx_b", "sx_h", "sx_t", "so_b", "so_h", "so_t", "sc_b",
                                                      "sc_t"), "i32")}, {"D": 128, "BLOCK_T": 16}
+    for minmax, mean in ((True, False), (False, True)):
+        yield score_kernel.group_score_kernel, {"q_ptr": "*bf16", "s_ptr": "*bf16", "count_ptr": "*i64",
+                                                "out_ptr": "*fp32", "N": "i32", "scale": "fp32",
+                                                **dict.fromkeys(("sq_b", "sq_h", "ss_b", "ss_n", "ss_h", "so_b",
+                                                                 "so_h"), "i32")}, \
+            {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64}
 
 
 def test_kernels_compile_for_hopper():
@@ -46,4 +53,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 11
+    assert len(names) == 13

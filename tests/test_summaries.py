@@ -153,3 +153,44 @@ def test_lowrank_seq_prefill_in_chunks_equals_one_shot():
     s.fit(1, keys)
     chunked = s.summarize(keys, torch.ones(300, dtype=torch.int64))
     torch.testing.assert_close(chunked, s.summarize(keys, 1))
+
+
+def test_fused_score_kernel_matches_the_torch_path():
+    """The one-launch Triton score (interpreted on CPU) gives the torch path's scores: minmax and
+    mean summaries, max and mean over query heads, ragged counts (-inf past each row's count)."""
+    pytest.importorskip("triton")
+    from conftest import run_interpreted
+
+    run_interpreted("test_summaries.py", "check_fused_score", "cpu")
+
+
+@pytest.mark.gpu
+def test_fused_score_kernel_matches_the_torch_path_on_gpu():
+    check_fused_score("cuda")
+
+
+def check_fused_score(device: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for name, h_kv, r, d, n, dtype, reduce in (("minmax", 2, 4, 16, 70, torch.float32, "max"),
+                                               ("mean", 2, 2, 16, 130, torch.float32, "mean"),
+                                               ("minmax", 8, 4, 128, 300, torch.bfloat16, "max"),
+                                               ("minmax", 4, 1, 64, 65, torch.bfloat16, "mean")):
+        s = make_summarizer(name, h_kv, d, G)
+        b = 3
+        keys = torch.randn(b * n, h_kv, G, d, generator=gen)
+        summ = s.summarize(keys).view(b, n, *s.summary_shape).to(device, dtype)
+        # a padded table's view: rows of a larger table (stride over N_cap), as the caches pass it
+        summ = torch.cat((summ, torch.zeros_like(summ[:, :5])), dim=1)[:, :n]
+        q = torch.randn(b, h_kv * r, d, generator=gen).to(device, dtype)
+        counts = torch.tensor([n, n - 7, 1], device=device)
+        want = s.score(q, summ, None, 0.3, head_reduce=reduce, counts=counts, impl="torch")
+        got = s.score(q, summ, None, 0.3, head_reduce=reduce, counts=counts, impl="triton")
+        assert got.shape == want.shape == (b, h_kv, n) and got.dtype == torch.float32
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isinf(got[1, :, n - 7:]).all() and torch.isinf(got[2, :, 1:]).all()
+        finite = torch.isfinite(want)
+        # float32: the same sum in another order; bf16: one dtype rounding of the dot product, as the GEMM
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=tol)
+        if device == "cuda" and dtype == torch.bfloat16:  # the GPU rounds as cuBLAS's output does
+            assert (got[finite] == want[finite]).float().mean() > 0.95, name

@@ -208,9 +208,9 @@ class SparseKVCache(KVCache):
         n_max = max(-(-n // g) for n in m["lens"])
         num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
         qd = q[:, :, 0]  # (B, H_q, D)
-        valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[slots][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
-        scores = table.summarizer.score(qd, table.data[slots, :n_max], valid, spec.scale, rows=rows)
+        scores = table.summarizer.score(qd, table.data[slots, :n_max], None, spec.scale, rows=rows,
+                                        counts=table.counts[slots])
         max_pages = min(n_max, max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         self.last_selection[layer] = sel

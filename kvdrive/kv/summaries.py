@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
 
 HEAD_REDUCE = ("max", "mean")
@@ -77,25 +78,54 @@ class GroupSummarizer(ABC):
         return 0
 
     def score(self, q: torch.Tensor, summaries: torch.Tensor, valid: torch.Tensor | None, scale: float,
-              head_reduce: str = "max", rows: torch.Tensor | None = None) -> torch.Tensor:
-        """q (B, H_q, D), summaries (B, N, *shape), valid (B, N) bool -> (B, H_kv, N) float32."""
+              head_reduce: str = "max", rows: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+              impl: str = "auto") -> torch.Tensor:
+        """q (B, H_q, D), summaries (B, N, *shape), valid (B, N) bool -> (B, H_kv, N) float32.
+
+        ``counts`` (B,) int: groups summarized per row, in place of ``valid`` (columns at or past
+        a row's count are invalid). ``impl``: 'auto' runs one fused Triton launch on CUDA for
+        the ``minmax`` and ``mean`` summaries (``kvdrive.kv.score_kernel``), 'triton' forces it
+        (the interpreter on CPU), 'torch' the reference.
+        """
         b, h_q, d = q.shape
         if h_q % self.num_kv_heads or d != self.head_dim:
             raise ValueError(f"query (B, {h_q}, {d}) does not fit {self.num_kv_heads} KV heads of dim {self.head_dim}")
         if tuple(summaries.shape[2:]) != self.summary_shape or summaries.shape[0] != b:
             raise ValueError(f"summaries {tuple(summaries.shape)} are not (B={b}, N, *{self.summary_shape})")
+        if head_reduce not in HEAD_REDUCE:
+            raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
+        if valid is not None and counts is not None:
+            raise ValueError("give valid or counts, not both")
+        fused = self.name in ("minmax", "mean") and (impl == "triton" or (
+            impl == "auto" and q.is_cuda and triton_available()))
+        if fused and valid is None and summaries.stride(-1) == 1 and q.stride(-1) == 1:  # a mask: torch
+            if counts is None:
+                counts = torch.full((b,), summaries.shape[1], device=q.device)
+            return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
+        if counts is not None:
+            valid = torch.arange(summaries.shape[1], device=q.device)[None, :] < counts[:, None]
         q4 = q.view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)  # (B, H_kv, R, D)
         est = self.logits(q4, summaries, rows)  # (B, H_kv, R, N)
-        if head_reduce == "max":
-            s = est.amax(dim=2)
-        elif head_reduce == "mean":
-            s = est.mean(dim=2)
-        else:
-            raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
+        s = est.amax(dim=2) if head_reduce == "max" else est.mean(dim=2)
         s = s * scale  # (B, H_kv, N)
         if valid is not None:
             s = s.masked_fill(~valid[:, None, :], float("-inf"))
         return s
+
+
+def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name) -> torch.Tensor:
+    from kvdrive.kv.score_kernel import group_score_kernel
+
+    b, n = summaries.shape[:2]
+    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    if out.numel():
+        block_n = 64
+        group_score_kernel[(b, kv_heads, -(-n // block_n))](
+            q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
+            R=q.shape[1] // kv_heads, D=q.shape[2], MINMAX=name == "minmax", MEAN=head_reduce == "mean",
+            BLOCK_N=block_n)
+    return out
 
 
 def _per_head_dot(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -305,9 +305,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         n_max = self.n if m["static"] else max(-(-n // g) for n in m["lens"])
         num_groups = m["num_groups"]
         sl = m["slot_range"] if m["slot_range"] is not None else slots  # a range: views, no gather
-        valid = torch.arange(n_max, device=self.device)[None, :] < table.counts[sl][:, None]
         rows = slots if table.summarizer.name == "lowrank_seq" else None
-        scores = table.summarizer.score(qd, table.data[sl, :n_max], valid, scale, rows=rows)  # (B, H_kv, N)
+        scores = table.summarizer.score(qd, table.data[sl, :n_max], None, scale, rows=rows,
+                                        counts=table.counts[sl])  # (B, H_kv, N)
         max_pages = min(n_max, self.max_pages if m["static"] else max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel, key = select_groups_keyed(scores, num_groups, self.sel_cfg, g, max_pages)  # key: lookahead's (B, N)
         groups = sel.groups[:, 0].long()  # (B, P)

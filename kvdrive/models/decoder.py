@@ -10,6 +10,7 @@ renaming. Attention reads and writes KV only through the ``KVCache`` passed in.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvdrive.attention.predict import predict_query
@@ -34,20 +35,52 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False  # fuse_qkv: one GEMM (buffers qkv_weight, qkv_bias)
+
+    def fuse_qkv(self) -> None:
+        """One (q+k+v, hidden) weight for the three projections; q/k/v_proj's parameters become
+        views of it (no extra memory; state dicts keep Hugging Face's names).
+
+        NOTE: at decode's few rows the projections read their weights at HBM speed and each is a
+        launch on the layer's serial chain; one GEMM reads the same bytes in one launch.
+        """
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([m.weight.detach() for m in mods])
+        bias = torch.cat([m.bias.detach() for m in mods]) if self.q_proj.bias is not None else None
+        start = 0
+        for m in mods:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+        # buffers, so ``.to()`` moves them with the parameters (not persistent: not in state dicts)
+        self.register_buffer("qkv_weight", weight, persistent=False)
+        self.register_buffer("qkv_bias", bias, persistent=False)
+        self.fused = True
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, T, hidden) -> post-RoPE queries (B, H_q, T, D). Also used for next-layer prediction."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        return self._rope_q(self.q_proj(x), cos, sin)
+
+    def _rope_q(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = q.shape
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return rope.apply(q, cos, sin)
 
     def forward(self, x, cos, sin, cache: KVCache, batch: ForwardBatch) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.project_q(x, cos, sin)  # (B, H_q, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.fused:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                 self.n_kv * self.head_dim], dim=-1)
+            q = self._rope_q(q, cos, sin)
+        else:
+            q, k, v = self.project_q(x, cos, sin), self.k_proj(x), self.v_proj(x)  # q: (B, H_q, T, D)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = rope.apply(k, cos, sin)
@@ -95,6 +128,12 @@ class DecoderLM(nn.Module):
         self.model = DecoderBody(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._freqs: dict[RopeSpec, torch.Tensor] = {}
+
+    def fuse_projections(self) -> DecoderLM:
+        """Fuse every layer's q/k/v projections into one GEMM (``Attention.fuse_qkv``)."""
+        for block in self.model.layers:
+            block.self_attn.fuse_qkv()
+        return self
 
     @property
     def device(self) -> torch.device:

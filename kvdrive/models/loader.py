@@ -104,11 +104,11 @@ def load_model(spec: str | None = None, device=None, dtype=None, seed: int = 0) 
     if spec.startswith("random:"):
         name = spec.removeprefix("random:")
         model, cfg, tok = _load_random(name, dev, dt, seed)
-        return LoadedModel(model, cfg, tok, f"{spec} (random weights)", True)
+        return LoadedModel(model.fuse_projections(), cfg, tok, f"{spec} (random weights)", True)
     if spec in embedded.EMBEDDED:
         path = embedded.path_of(spec)
         model, cfg, tok = _load_gguf(path, dev, dt)
-        return LoadedModel(model, cfg, tok, f"{spec} ({path.name})", False)
+        return LoadedModel(model.fuse_projections(), cfg, tok, f"{spec} ({path.name})", False)
     if spec in presets.PRESETS:
         raise KvdriveError(f"{spec!r} is a random-weight preset; say random:{spec} to use it")
     path = Path(spec).expanduser()
@@ -123,7 +123,7 @@ def load_model(spec: str | None = None, device=None, dtype=None, seed: int = 0) 
         model, cfg, tok = _load_hf_dir(path, dev, dt)
     else:
         raise KvdriveError(f"{path} is neither a .gguf file nor a directory with config.json")
-    return LoadedModel(model, cfg, tok, str(path), False)
+    return LoadedModel(model.fuse_projections(), cfg, tok, str(path), False)
 
 
 def load_config(spec: str | None) -> ModelConfig:

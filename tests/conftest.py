@@ -56,8 +56,17 @@ def interpret():
     modules are imported lazily by their launchers, so the first import sees this."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    _forget_kernel_modules()  # imported compiled by an earlier test (test_kernels_compile)
     yield
+    _forget_kernel_modules()  # interpreted kernels must not reach later GPU-mode imports
     if old is None:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = old
+
+
+def _forget_kernel_modules() -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n.startswith("kvdrive.") and n.endswith(("_kernel", "_kernels", "_triton"))]:
+        del sys.modules[name]

@@ -16,7 +16,7 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 def _kernels():
     from kvdrive.attention import select_kernel as one
     from kvdrive.attention import select_split_kernel as split
-    from kvdrive.kv import score_kernel
+    from kvdrive.kv import score_kernel, tier_kernels
     from kvdrive.models import norm_kernel, rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
@@ -41,6 +41,10 @@ def _kernels():
                                                 **dict.fromkeys(("sq_b", "sq_h", "ss_b", "ss_n", "ss_h", "so_b",
                                                                  "so_h"), "i32")}, \
             {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64}
+    yield tier_kernels.write_tokens_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_ptr": "*bf16", "row_stride": "i64",
+                                             "row_ptr": "*i64", "off_ptr": "*i64",
+                                             **dict.fromkeys(("T", "H", "G", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h",
+                                                              "sv_t"), "i32")}, {"D": 128, "BLOCK_D": 128}
 
 
 def test_kernels_compile_for_hopper():
@@ -53,4 +57,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 13
+    assert len(names) == 14

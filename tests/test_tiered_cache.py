@@ -304,6 +304,14 @@ def test_triton_kernels_match_reference(interpret):
     tier_ops.write_tokens(want, rows, offs, k, v, impl="torch")
     tier_ops.write_tokens(got, rows, offs, k, v, impl="triton")
     assert torch.equal(got, want) and want.abs().sum() > 0
+    # strided k/v, as views of a fused projection (B, T, H*D) -> (B, H, T, D): no copy first
+    kv = torch.randn(2, 3, 2 * 2 * 8, generator=gen)
+    k, v = (x.view(2, 3, 2, 8).transpose(1, 2) for x in kv.split(16, dim=-1))
+    assert not k.is_contiguous()
+    want, got = torch.zeros(9, 2, 2, 4, 8), torch.zeros(9, 2, 2, 4, 8)
+    tier_ops.write_tokens(want, rows, offs, k, v, impl="torch")
+    tier_ops.write_tokens(got, rows, offs, k, v, impl="triton")
+    assert torch.equal(got, want) and want.abs().sum() > 0
 
 
 def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0):

@@ -25,6 +25,13 @@ class GraphedDecodeStep:
         self._prepare = getattr(cache, "prepare_replay", None)  # host-side work of each step, before replay
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
+        # NOTE: the lengths go up from pinned buffers, two in turn. From pageable memory the copy
+        # blocks the host until the GPU has finished the step before: the next replay's launch
+        # (~4,500 nodes for a 2-part 32-layer step) then ran with the GPU idle, ~2.5 ms per step
+        # in the 128K x 4 H200 trace (bench/results/profile-h200/).
+        self._lengths = [torch.empty_like(self.start, device="cpu").pin_memory() for _ in range(2)]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._capture()
 
     def _capture(self) -> None:
@@ -59,8 +66,20 @@ class GraphedDecodeStep:
         if self._prepare is not None:
             self._prepare(self.seq_ids)
         self.ids.copy_(token_ids)
-        self.start.copy_(torch.tensor([self.cache.length(s) for s in self.seq_ids]), non_blocking=True)
+        self._upload_lengths()
         if getattr(self.cache, "graph_epoch", 0) != self.epoch:  # buffers reallocated: capture again
             self._capture()
         self.graph.replay()
         return self.logits
+
+    def _upload_lengths(self) -> None:
+        """The cached lengths into ``start``, without waiting for the GPU: a buffer is rewritten
+        only after its last copy (issued two steps ago) has run."""
+        i, self._turn = self._turn, 1 - self._turn
+        if self._uploaded[i] is not None:
+            self._uploaded[i].synchronize()
+        buf = self._lengths[i]
+        buf.copy_(torch.tensor([self.cache.length(s) for s in self.seq_ids], dtype=buf.dtype))
+        self.start.copy_(buf, non_blocking=True)
+        self._uploaded[i] = torch.cuda.Event()
+        self._uploaded[i].record()

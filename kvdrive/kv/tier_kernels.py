@@ -44,11 +44,11 @@ def fetch_rows_persistent_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_
 
 
 @triton.jit
-def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, H, G, D: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    """Token (b, t) of k/v (B, H, T, D) contiguous -> group row ``row[b, t]``, offset ``off[b, t]``
-    of a pool (R, 2, H, G, D) whose rows are ``row_stride`` elements apart. One program per
-    (token, head)."""
+def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, H, G, sk_b, sk_h, sk_t, sv_b, sv_h,
+                        sv_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token (b, t) of k/v (B, H, T, D) (any strides, unit in D) -> group row ``row[b, t]``,
+    offset ``off[b, t]`` of a pool (R, 2, H, G, D) whose rows are ``row_stride`` elements
+    apart. One program per (token, head)."""
     bt = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     b = bt // T
@@ -57,9 +57,8 @@ def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, 
     off = tl.load(off_ptr + bt).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m = d < D
-    src = ((b * H + h) * T + t) * D + d
-    kk = tl.load(k_ptr + src, mask=m)
-    vv = tl.load(v_ptr + src, mask=m)
+    kk = tl.load(k_ptr + b * sk_b + h * sk_h + t * sk_t + d, mask=m)
+    vv = tl.load(v_ptr + b * sv_b + h * sv_h + t * sv_t + d, mask=m)
     base = row * row_stride + h * G * D + off * D
     tl.store(dst_ptr + base + d, kk, mask=m)
     tl.store(dst_ptr + base + H * G * D + d, vv, mask=m)

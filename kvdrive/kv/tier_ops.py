@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive.device import triton_available
+
 IMPLS = ("auto", "triton", "torch")
 FETCH_BLOCK = 2048  # int32 words per program
 
@@ -60,7 +62,13 @@ def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_
 
 def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  impl: str = "auto") -> None:
-    """pool (R, 2, H, G, D), rows may be padded (a strided view); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D)."""
+    """pool (R, 2, H, G, D), rows may be padded (a strided view); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D).
+
+    ``auto`` also runs the kernel for a GPU pool written from CUDA: one launch, where torch's two
+    index_puts (with their index arithmetic and copies of the strided k/v) are ~10.
+    """
+    if impl == "auto" and k.is_cuda and pool.is_cuda and pool[0].is_contiguous() and triton_available():
+        impl = "triton"
     if _impl(impl, pool, k) == "torch":
         r, o = rows.to(pool.device), offs.to(pool.device)
         pool[r, 0, :, o] = k.transpose(1, 2).to(pool.device)  # (B, T, H, D)
@@ -72,6 +80,7 @@ def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: 
 
     b, h, t, d = k.shape
     g = pool.shape[3]
-    write_tokens_kernel[(b * t, h)](k.contiguous(), v.contiguous(), pool, pool.stride(0), rows.contiguous(),
-                                    offs.contiguous(),
-                                    t, h, g, D=d, BLOCK_D=triton.next_power_of_2(d))
+    k = k if k.stride(-1) == 1 else k.contiguous()  # the projections' strided views need no copy
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    write_tokens_kernel[(b * t, h)](k, v, pool, pool.stride(0), rows.contiguous(), offs.contiguous(), t, h, g,
+                                    *k.stride()[:3], *v.stride()[:3], D=d, BLOCK_D=triton.next_power_of_2(d))

@@ -239,7 +239,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
             cache = self.caches[layer]
             rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
-            tier_ops.write_tokens(cache.pool, rows, m["offs"], k, v, impl="torch")
+            tier_ops.write_tokens(cache.pool, rows, m["offs"], k, v)
         if batch.num_new > 1:
             m.setdefault("new_kv", {})[layer] = (k, v)
 

@@ -70,3 +70,6 @@ def _forget_kernel_modules() -> None:
 
     for name in [n for n in sys.modules if n.startswith("kvdrive.") and n.endswith(("_kernel", "_kernels", "_triton"))]:
         del sys.modules[name]
+        parent, _, child = name.rpartition(".")
+        if hasattr(sys.modules.get(parent), child):  # ``from package import module`` reads this
+            delattr(sys.modules[parent], child)

@@ -137,7 +137,8 @@ def check_rope_kernel(device: str) -> None:
             assert torch.equal(got, want), (b, h, t, d)
         elif dtype == torch.float32:  # the GPU compiler fuses a product into the add (one rounding fewer)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        else:  # the interpreter truncates bf16 casts; the GPU rounds as torch does
+        else:  # the interpreter truncates bf16 casts; on the GPU the compiler may keep products in fp32
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-            if device == "cuda":
-                assert (got == want).float().mean() > 0.99, (b, h, t, d)
+            if device == "cuda":  # so within the roundings torch makes (three of them, each half an ulp)
+                terms = (x.float() * cos.float()).abs() + (rope.rotate_half(x).float() * sin.float()).abs()
+                assert ((got.float() - want.float()).abs() <= 2 * torch.finfo(dtype).eps * terms).all(), (b, h, t, d)

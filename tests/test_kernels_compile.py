@@ -16,7 +16,7 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 def _kernels():
     from kvdrive.attention import select_kernel as one
     from kvdrive.attention import select_split_kernel as split
-    from kvdrive.kv import score_kernel, tier_kernels
+    from kvdrive.kv import cache_kernels, score_kernel, tier_kernels
     from kvdrive.models import norm_kernel, rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
@@ -41,6 +41,21 @@ def _kernels():
                                                 **dict.fromkeys(("sq_b", "sq_h", "ss_b", "ss_n", "ss_h", "so_b",
                                                                  "so_h"), "i32")}, \
             {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64}
+    i32 = ("groups_stride", "scores_stride", "n_scores", "table_stride", "slot_stride", "scratch_stride", "P", "CAP")
+    for counts, affine in ((True, True), (False, False)):
+        yield cache_kernels.ensure_kernel, {
+            "rows_ptr": "*i64", "groups_ptr": "*i32" if counts else "*i64", "listed_ptr": "*i32" if counts else "*i1",
+            "src_ptr": "*i64", "src_n": "i64", "src_out_ptr": "*i64", "scores_ptr": "*fp32", "table_ptr": "*i32",
+            "owner_ptr": "*i64", "stamp_ptr": "*fp32", "fresh_ptr": "*u8", "counters_ptr": "*i64", "step_ptr": "*fp32",
+            "scratch_ptr": "*i64", "pages_ptr": "*i32", "dst_ptr": "*i64", "TRASH": "i64", **dict.fromkeys(i32, "i32")}, \
+            {"LOOKAHEAD": True, "PREFETCH": not counts, "COUNTS": counts, "AFFINE": affine, "BLOCK_P": 256,
+             "BLOCK_C": 512}
+    for has_cache in (True, False):
+        yield tier_kernels.append_token_kernel, {
+            "k_ptr": "*bf16", "v_ptr": "*bf16", "off_ptr": "*i64", "host_ptr": "*bf16", "host_row_ptr": "*i64",
+            "cache_ptr": "*bf16", "table_ptr": "*i32", "slot_ptr": "*i64", "group_ptr": "*i64", "TRASH": "i64",
+            **dict.fromkeys(("sk_b", "sk_h", "sv_b", "sv_h", "host_stride", "cache_stride", "table_stride", "CAP",
+                             "H", "G"), "i32")}, {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128}
     yield tier_kernels.write_tokens_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_ptr": "*bf16", "row_stride": "i64",
                                              "row_ptr": "*i64", "off_ptr": "*i64",
                                              **dict.fromkeys(("T", "H", "G", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h",
@@ -57,4 +72,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 14
+    assert len(names) == 18

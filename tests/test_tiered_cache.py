@@ -304,6 +304,20 @@ def test_triton_kernels_match_reference(interpret):
     tier_ops.write_tokens(want, rows, offs, k, v, impl="torch")
     tier_ops.write_tokens(got, rows, offs, k, v, impl="triton")
     assert torch.equal(got, want) and want.abs().sum() > 0
+    # a decode token into its host row and the GPU cache's copy of its open group: one kernel
+    caches = [SelectionCache(3, 4, 6, (2, 2, 4, 8), CPU, F32, "lookahead") for _ in range(2)]
+    for c in caches:
+        c.table[1, 2], c.table[3, 5] = 2, 0  # slot 1's group 2 and slot 3's group 5 are cached
+    kv = torch.randn(3, 1, 2 * 2 * 8, generator=gen)  # strided k/v (B, H, 1, D), views of one projection
+    k, v = (x.view(3, 1, 2, 8).transpose(1, 2) for x in kv.split(16, dim=-1))
+    slots, groups, at = torch.tensor([1, 3, 0]), torch.tensor([2, 5, 4]), torch.tensor([3, 0, 1])
+    hosts = [torch.zeros(9, 2, 2, 4, 8) for _ in range(2)]
+    for host, c, impl in zip(hosts, caches, ("torch", "triton")):
+        tier_ops.append_token(host, torch.tensor([7, 2, 5]), at, k, v, c, slots, groups, impl=impl)
+    assert torch.equal(hosts[0], hosts[1]) and torch.equal(hosts[0][2, 1, :, 0], v[1, :, 0])
+    assert torch.equal(caches[0].pool, caches[1].pool)
+    assert torch.equal(caches[1].pool[1 * 3 + 2, 0, :, 3], k[0, :, 0])  # cached: written
+    assert caches[1].pool[: caches[1].trash].count_nonzero() == 2 * 2 * 2 * 8  # two cached groups, k and v
     # strided k/v, as views of a fused projection (B, T, H*D) -> (B, H, T, D): no copy first
     kv = torch.randn(2, 3, 2 * 2 * 8, generator=gen)
     k, v = (x.view(2, 3, 2, 8).transpose(1, 2) for x in kv.split(16, dim=-1))
@@ -314,9 +328,11 @@ def test_triton_kernels_match_reference(interpret):
     assert torch.equal(got, want) and want.abs().sum() > 0
 
 
-def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0):
+def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact: bool = False):
     """A fixed random series of ensure calls (some prefetches, some groups only on disk) on a
-    fresh cache; returns the cache and every call's pages."""
+    fresh cache; returns the cache and every call's pages. Every other call lists a prefix of
+    its groups; ``compact`` passes those as the selection kernel gives them: int32 groups of a
+    strided view, counts for the listed mask, the int n for host rows s*n + g."""
     gen = torch.Generator().manual_seed(seed)
     n, s, p = 50, 4, 9
     c = SelectionCache(cap, s, n, (2, 1, 2, 4), CPU, F32, eviction, impl=impl)
@@ -331,6 +347,12 @@ def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0):
         if prefetch:  # a prefetch skips groups only on disk (source row -1)
             src = torch.where(torch.rand(3, p, generator=gen) < 0.2, -1, src)
         scores = torch.randn(3, n, generator=gen).round(decimals=1)  # ties happen
+        if step % 2 == 1 and not prefetch:
+            counts = torch.randint(0, p + 1, (3,), generator=gen, dtype=torch.int32)
+            listed = torch.arange(p)[None, :] < counts[:, None]
+            if compact:
+                groups = torch.stack((groups, groups.flip(1)), dim=1).to(torch.int32)[:, 0]  # (B, P) strided
+                listed, src = counts, n
         out.append(c.ensure(rows, groups, listed, scores, tier_ops.words(source), src,
                             torch.tensor(float(step)), prefetch))
         if step == 12:
@@ -346,10 +368,20 @@ def test_ensure_kernel_matches_the_torch_body(eviction):
     run_interpreted("test_tiered_cache.py", "check_ensure_kernel", eviction)
 
 
+def test_ensure_takes_a_selection_as_the_kernel_gives_it():
+    """Counts for the listed mask, int32 strided groups and the int n for host rows give the
+    explicit inputs' results."""
+    want, want_pages = _ensure_sequence("torch", "lookahead", 9)
+    got, got_pages = _ensure_sequence("torch", "lookahead", 9, compact=True)
+    for a, b in zip(want_pages, got_pages):
+        assert torch.equal(a, b)
+    assert torch.equal(want.table, got.table) and torch.equal(want.pool, got.pool)
+
+
 def check_ensure_kernel(eviction: str) -> None:
-    for cap in (9, 23):
+    for cap, compact in ((9, False), (23, False), (9, True)):
         want, want_pages = _ensure_sequence("torch", eviction, cap)
-        got, got_pages = _ensure_sequence("triton", eviction, cap)
+        got, got_pages = _ensure_sequence("triton", eviction, cap, compact=compact)
         for a, b in zip(want_pages, got_pages):
             assert torch.equal(a, b)
         assert torch.equal(want.table[:, :-1], got.table[:, :-1])

@@ -18,18 +18,27 @@ import triton.language as tl
 
 
 @triton.jit
-def ensure_kernel(rows_ptr, groups_ptr, listed_ptr, src_ptr, scores_ptr, scores_stride, n_scores,
+def ensure_kernel(rows_ptr, groups_ptr, groups_stride, listed_ptr, src_ptr, src_n, src_out_ptr,
+                  scores_ptr, scores_stride, n_scores,
                   table_ptr, table_stride, owner_ptr, stamp_ptr, fresh_ptr, slot_stride,
                   counters_ptr, step_ptr, scratch_ptr, scratch_stride, pages_ptr, dst_ptr,
                   P, CAP, TRASH,
-                  LOOKAHEAD: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  LOOKAHEAD: tl.constexpr, PREFETCH: tl.constexpr, COUNTS: tl.constexpr, AFFINE: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + b).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     pm = p < P
-    listed = tl.load(listed_ptr + b * P + p, mask=pm, other=0) != 0
-    g = tl.load(groups_ptr + b * P + p, mask=pm, other=0).to(tl.int64)
-    src = tl.load(src_ptr + b * P + p, mask=pm, other=-1)
+    if COUNTS:  # listed: the first count entries
+        listed = pm & (p < tl.load(listed_ptr + b))
+    else:
+        listed = tl.load(listed_ptr + b * P + p, mask=pm, other=0) != 0
+    g = tl.load(groups_ptr + b * groups_stride + p, mask=pm, other=0).to(tl.int64)
+    if AFFINE:  # slot s owns source rows s*n ..
+        src = row * src_n + g
+    else:
+        src = tl.load(src_ptr + b * P + p, mask=pm, other=-1)
+    tl.store(src_out_ptr + b * P + p, tl.maximum(src, 0), mask=pm)
     tab = table_ptr + row * table_stride
     own_row = owner_ptr + row * slot_stride
     stamp_row = stamp_ptr + row * slot_stride

@@ -60,6 +60,7 @@ def check_host_room(nbytes: int, what: str) -> None:
 
 class HostKV(ABC):
     may_miss: bool = False  # True: ``rows`` can return -1 and ``resolve`` must run before a fetch
+    affine_rows: bool = False  # True: ``rows`` is slot * n + group in every layer (never -1)
 
     def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device):
         self.layout, self.max_seqs, self.n, self.device = layout, max_seqs, max_groups, device
@@ -128,6 +129,8 @@ class HostKV(ABC):
 
 
 class FullHostKV(HostKV):
+    affine_rows = True
+
     def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device):
         super().__init__(layout, max_seqs, max_groups, device)
         pin = device.type == "cuda"

@@ -85,19 +85,31 @@ class SelectionCache:
         return torch.where(slot >= 0, rows[:, None] * self.capacity + slot, self.trash)
 
     def ensure(self, rows: torch.Tensor, groups: torch.Tensor, listed: torch.Tensor, scores: torch.Tensor | None,
-               source: torch.Tensor, source_rows: torch.Tensor, step: torch.Tensor, prefetch: bool = False) -> torch.Tensor:
+               source: torch.Tensor, source_rows: torch.Tensor | int, step: torch.Tensor,
+               prefetch: bool = False) -> torch.Tensor:
         """Make the listed groups resident; returns their pool rows (B, P) int32 (trash where unlisted).
 
-        rows (B,) int64 sequence slots; groups (B, P) int64 (distinct where listed); listed (B, P)
-        bool; step () tensor, the decode step (LRU stamp); scores (B, N_s) float32 of this step
-        (``lookahead``; N_s <= N); source the pool every group has a copy in (pinned host) as
-        int32 word rows, ``source_rows`` (B, P) int64 its rows of ``groups``; -1 (on disk only)
-        is fetched by nobody: a prefetch skips it, and the caller resolves every listed group
-        before a non-prefetch call.
+        rows (B,) int64 sequence slots; groups (B, P) integers (distinct where listed; a strided
+        view such as a selection's first head will do); listed (B, P) bool, or (B,) counts: the
+        first ``listed[b]`` entries of row b; step () tensor, the decode step (LRU stamp); scores
+        (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every group has
+        a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows of
+        ``groups``, or an int n for a pool where sequence slot s owns rows s*n .. s*n+n-1; -1
+        (on disk only) is fetched by nobody: a prefetch skips it, and the caller resolves every
+        listed group before a non-prefetch call.
+
+        NOTE: the counts and the int n let the one kernel read a selection as it comes out of
+        the selection kernel: the int64 copy, the listed mask and the host rows were five torch
+        kernels on each micro-batch's serial chain before the fetch.
         """
         if self.impl == "triton":
             return self._ensure_triton(rows, groups, listed, scores, source, source_rows, step, prefetch)
         b, p = groups.shape
+        groups = groups.long()
+        if listed.dim() == 1:
+            listed = torch.arange(p, device=groups.device)[None, :] < listed[:, None]
+        if isinstance(source_rows, int):
+            source_rows = rows[:, None] * source_rows + groups
         n, cap = self.n, self.capacity
         gi = torch.where(listed, groups, n)  # unlisted -> trash column
         tab = self.table[rows]  # (B, N+1)
@@ -138,7 +150,7 @@ class SelectionCache:
             fresh.scatter_(1, torch.where(hit, slot, cap), False)
         self.table[rows], self.owner[rows], self.stamp[rows], self.fresh[rows] = tab, own, stamp, fresh
         dst = torch.where(miss, rows[:, None] * cap + victim, -1)  # (B, P)
-        self._fetch(source, source_rows, dst)
+        self._fetch(source, source_rows.clamp(min=0), dst)
         pages = torch.where(listed, rows[:, None] * cap + slot, self.trash)
         return pages.to(torch.int32)
 
@@ -149,24 +161,31 @@ class SelectionCache:
         b, p = groups.shape
         pages = torch.empty(b, p, dtype=torch.int32, device=groups.device)
         dst = torch.empty(b, p, dtype=torch.int64, device=groups.device)
+        src_rows = torch.empty(b, p, dtype=torch.int64, device=groups.device)  # clamped, for the copy
         lookahead = self.eviction == "lookahead" and scores is not None
         sc = scores.float().contiguous() if lookahead else self.stamp  # any float tensor: unread
         step = step.reshape(1).to(torch.float32)
+        affine = isinstance(source_rows, int)
+        src_in = rows if affine else source_rows.contiguous()  # affine: unread
+        if groups.stride(1) != 1:
+            groups = groups.contiguous()
         if b:
-            ensure_kernel[(b,)](rows.contiguous(), groups.contiguous(), listed.contiguous(),
-                                source_rows.contiguous(), sc, sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
+            ensure_kernel[(b,)](rows.contiguous(), groups, groups.stride(0), listed.contiguous(),
+                                src_in, source_rows if affine else 0, src_rows,
+                                sc, sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
                                 self.fresh.view(torch.uint8), self.owner.stride(0), self.counters, step,
                                 self._scratch, self._scratch.stride(0), pages, dst, p, self.capacity, self.trash,
-                                LOOKAHEAD=lookahead, PREFETCH=prefetch, BLOCK_P=triton_block(p),
-                                BLOCK_C=self._block_c, num_warps=4 if self._block_c <= 1024 else 8)
-        self._fetch(source, source_rows, dst)
+                                LOOKAHEAD=lookahead, PREFETCH=prefetch, COUNTS=listed.dim() == 1, AFFINE=affine,
+                                BLOCK_P=triton_block(p), BLOCK_C=self._block_c,
+                                num_warps=4 if self._block_c <= 1024 else 8)
+        self._fetch(source, src_rows, dst)
         return pages
 
     def _fetch(self, source, source_rows, dst) -> None:
-        """Copy the missed groups (dst row >= 0) from the source pool into this cache's pool (on
+        """Copy the missed groups (dst row >= 0; source rows >= 0) from the source pool into this cache's pool (on
         the fetch lane if set: the current stream waits for it, so what the copy reads stays
         alive and the pages are there before attention)."""
-        src_rows, dst_rows = source_rows.reshape(-1).clamp(min=0), dst.reshape(-1)
+        src_rows, dst_rows = source_rows.reshape(-1), dst.reshape(-1)
         lane = self.fetch_lane
         if lane is None:
             tier_ops.fetch_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)

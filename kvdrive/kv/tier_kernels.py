@@ -62,3 +62,30 @@ def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, 
     base = row * row_stride + h * G * D + off * D
     tl.store(dst_ptr + base + d, kk, mask=m)
     tl.store(dst_ptr + base + H * G * D + d, vv, mask=m)
+
+
+@triton.jit
+def append_token_kernel(k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, off_ptr, host_ptr, host_stride, host_row_ptr,
+                        cache_ptr, cache_stride, table_ptr, table_stride, slot_ptr, group_ptr, CAP, TRASH, H, G,
+                        HAS_CACHE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A decode token's k/v (B, H, 1, D) of sequence b into its host row ``host_row[b]`` and, with
+    ``HAS_CACHE``, into the GPU cache's copy of its open group (pool row ``slot * CAP + table[slot,
+    group]``, the trash row when the group is not cached), at offset ``off[b]``. One program per
+    (sequence, head); both pools are (R, 2, H, G, D) with rows ``*_stride`` elements apart."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = d < D
+    off = tl.load(off_ptr + b).to(tl.int64)
+    kk = tl.load(k_ptr + b * sk_b + h * sk_h + d, mask=m)
+    vv = tl.load(v_ptr + b * sv_b + h * sv_h + d, mask=m)
+    inner = h * G * D + off * D + d
+    base = tl.load(host_row_ptr + b).to(tl.int64) * host_stride + inner
+    tl.store(host_ptr + base, kk, mask=m)
+    tl.store(host_ptr + base + H * G * D, vv, mask=m)
+    if HAS_CACHE:
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        c = tl.load(table_ptr + slot * table_stride + tl.load(group_ptr + b)).to(tl.int64)
+        row = tl.where(c >= 0, slot * CAP + c, TRASH)
+        tl.store(cache_ptr + row * cache_stride + inner, kk, mask=m)
+        tl.store(cache_ptr + row * cache_stride + inner + H * G * D, vv, mask=m)

@@ -4,6 +4,8 @@
   at rows given by device tensors; a negative destination skips the row.
 * ``write_tokens``: new tokens' K and V into their groups of a pool (the host copy of
   every group is written as the token is produced).
+* ``append_token``: a decode token's K and V into its host row and the GPU cache's copy of
+  its open group, in one launch.
 
 ``impl``: ``triton`` runs the kernels of ``tier_kernels`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``torch`` the reference (CPU, or GPU pools); ``auto`` picks
@@ -84,3 +86,39 @@ def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: 
     v = v if v.stride(-1) == 1 else v.contiguous()
     write_tokens_kernel[(b * t, h)](k, v, pool, pool.stride(0), rows.contiguous(), offs.contiguous(), t, h, g,
                                     *k.stride()[:3], *v.stride()[:3], D=d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cache=None, slots: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                 impl: str = "auto") -> None:
+    """One decode token per sequence: k, v (B, H, 1, D) at offset ``offs`` (B,) of host pool row
+    ``host_rows`` (B,); with ``cache`` (a ``SelectionCache``), also into its copy of group
+    ``groups`` (B,) of sequence slot ``slots`` (B,) where cached (its trash row otherwise).
+
+    NOTE: per layer and micro-batch of the decode, this is one launch where the two
+    ``write_tokens`` with their index arithmetic and the cache lookup were ~12 kernels on the
+    serial chain before the next fetch (stop 13's 128K H200 profile).
+    """
+    if impl == "auto":
+        impl = "triton" if k.is_cuda and (cache is None or cache.pool[0].is_contiguous()) and triton_available() \
+            else "torch"
+    if impl == "torch":
+        write_tokens(host, host_rows[:, None], offs[:, None], k, v)
+        if cache is not None:
+            write_tokens(cache.pool, cache.lookup(slots, groups[:, None]), offs[:, None], k, v, impl="torch")
+        return
+    import triton
+
+    from kvdrive.kv.tier_kernels import append_token_kernel
+
+    b, h, t, d = k.shape
+    if t != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"append_token takes one token per sequence with unit stride in D, got k {tuple(k.shape)}")
+    g = host.shape[3]
+    c = cache.pool if cache is not None else host  # unread without a cache
+    table = cache.table if cache is not None else host_rows
+    append_token_kernel[(b, h)](k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), offs.contiguous(), host,
+                                host.stride(0), host_rows.contiguous(), c, c.stride(0), table, table.stride(0),
+                                slots if slots is not None else host_rows, groups if groups is not None else host_rows,
+                                cache.capacity if cache is not None else 0, cache.trash if cache is not None else 0,
+                                h, g, HAS_CACHE=cache is not None, D=d, BLOCK_D=triton.next_power_of_2(d))

@@ -182,6 +182,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
                 c.clear(slots)
         meta = self._meta(slots, slot_list, start + num_new, [s + num_new for s in starts], static)
         meta["offs"] = positions % self.g
+        if num_new == 1:  # the decode token's group and (layer-independent where affine) host row
+            meta["group"] = positions[:, 0] // self.g
+            meta["host_rows"] = slots * self.host.n + meta["group"] if self.host.affine_rows else None
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
 
     def _meta(self, slots, slot_list, len_t, lens, static: bool) -> dict:
@@ -229,17 +232,16 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
     # -- data path ------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m = batch.meta
-        rows = self.host.rows(layer, m["slots"], batch.positions // self.g)  # (B, T)
         if batch.num_new > 1:
-            self._append_groups(layer, k, v, batch, rows)
-        else:
-            tier_ops.write_tokens(self.host.typed(layer), rows, m["offs"], k, v)
+            self._append_groups(layer, k, v, batch, self.host.rows(layer, m["slots"], batch.positions // self.g))
+        else:  # the host copy, and the GPU cache's copy of the open group where it holds one
+            group = m["group"]
+            host_rows = m["host_rows"] if m["host_rows"] is not None else \
+                self.host.rows(layer, m["slots"], group[:, None])[:, 0]
+            tier_ops.append_token(self.host.typed(layer), host_rows, m["offs"][:, 0], k, v,
+                                  self.caches.get(layer), m["slots"], group)
         if layer in self.rings:
             self.rings[layer].write(m["slots"], batch.positions, k, v)
-        if layer in self.caches and batch.num_new == 1:  # keep a cached copy of the open group current
-            cache = self.caches[layer]
-            rows = cache.lookup(m["slots"], batch.positions // self.g)  # (B, 1), trash if not cached
-            tier_ops.write_tokens(cache.pool, rows, m["offs"], k, v)
         if batch.num_new > 1:
             m.setdefault("new_kv", {})[layer] = (k, v)
 
@@ -310,18 +312,23 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
                                         counts=table.counts[sl])  # (B, H_kv, N)
         max_pages = min(n_max, self.max_pages if m["static"] else max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel, key = select_groups_keyed(scores, num_groups, self.sel_cfg, g, max_pages)  # key: lookahead's (B, N)
-        groups = sel.groups[:, 0].long()  # (B, P)
-        listed = torch.arange(groups.shape[1], device=self.device)[None, :] < sel.num_pages[:, None]
         num_pages = sel.num_pages
         cache = self.caches[layer]
         mark("select")
+        if self.host.affine_rows:  # the selection as it is: first head's groups, counts, host rows s*n + g
+            pages = cache.ensure(slots, sel.groups[:, 0], num_pages, key, self.host.words(layer), self.host.n,
+                                 self.step_t, prefetch)
+            mark("sync_fetch")
+            return pages, num_pages
+        groups = sel.groups[:, 0].long()  # (B, P)
+        listed = torch.arange(groups.shape[1], device=self.device)[None, :] < num_pages[:, None]
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
-        if self.host.may_miss and prefetch:  # the predicted groups only on disk: read them ahead
+        if prefetch:  # the predicted groups only on disk: read them ahead
             ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
             m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
                                 devices.new_event(self.device))
             m["ahead"][layer][2].record()
-        if self.host.may_miss and not prefetch:  # one host sync: read what the GPU cache and host lack
+        else:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0
             g_np, need = groups.cpu().numpy(), (listed & ~cached).cpu().numpy()

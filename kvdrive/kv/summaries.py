@@ -113,18 +113,22 @@ class GroupSummarizer(ABC):
         return s
 
 
-def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name) -> torch.Tensor:
+SCORE_BLOCK_N, SCORE_WARPS = 64, 4  # groups per program of the fused score; warps per program
+
+
+def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None,
+                  num_warps: int | None = None) -> torch.Tensor:
     from kvdrive.kv.score_kernel import group_score_kernel
 
     b, n = summaries.shape[:2]
     out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    block_n, num_warps = block_n or SCORE_BLOCK_N, num_warps or SCORE_WARPS
     if out.numel():
-        block_n = 64
         group_score_kernel[(b, kv_heads, -(-n // block_n))](
             q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
             summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
             R=q.shape[1] // kv_heads, D=q.shape[2], MINMAX=name == "minmax", MEAN=head_reduce == "mean",
-            BLOCK_N=block_n)
+            BLOCK_N=block_n, num_warps=num_warps)
     return out
 
 

@@ -43,14 +43,16 @@ def _pair(name):
 @pytest.mark.parametrize("fused", [False, True], ids=["qkv", "fused-qkv"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_matches_transformers(name, fused):
-    """Also with q/k/v fused into one GEMM (biases and q/k norms included), as loaders build them."""
+    """Also with q/k/v fused into one GEMM (biases and q/k norms included) and gate/up into
+    another, as loaders build them."""
     hf, ours = _pair(name)
     if fused:
         keys = set(ours.state_dict())
         ours.fuse_projections()
         assert set(ours.state_dict()) == keys  # Hugging Face's names, no fused copy saved
-        attn = ours.model.layers[0].self_attn
+        attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
         assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views: no second copy
+        assert mlp.fused and mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
     ids = torch.randint(0, SMALL["vocab_size"], (1, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits[0]
@@ -100,6 +102,37 @@ def check_rmsnorm_kernel(device: str) -> None:
         want, got = norm(x, impl="torch"), norm(x, impl="triton")
         assert got.dtype == want.dtype and got.shape == want.shape
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: two roundings, each at most one step apart
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        if dtype == torch.bfloat16 and device == "cuda":
+            assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())
+
+
+def test_silu_mul_kernel_matches_the_torch_path():
+    """The gated MLP's activation and product in one Triton launch (interpreted on CPU) gives
+    torch's silu(gate) * up on a fused [gate | up] row: decode and prefill rows, a width that
+    is not a power of two."""
+    pytest.importorskip("triton")
+    from conftest import run_interpreted
+
+    run_interpreted("test_architectures.py", "check_silu_mul_kernel", "cpu")
+
+
+@pytest.mark.gpu
+def test_silu_mul_kernel_matches_the_torch_path_on_gpu():
+    check_silu_mul_kernel("cuda")
+
+
+def check_silu_mul_kernel(device: str) -> None:
+    from kvdrive.models.layers import act_mul
+
+    gen = torch.Generator().manual_seed(2)
+    for shape, dtype in (((2, 1, 2 * 4096), torch.bfloat16), ((1, 9, 2 * 300), torch.float32),
+                         ((3, 2 * 2500), torch.bfloat16)):
+        gu = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
+        want, got = act_mul(gu, "silu", impl="torch"), act_mul(gu, "silu", impl="triton")
+        assert got.shape == want.shape == (*shape[:-1], shape[-1] // 2) and got.dtype == dtype
+        # float32: exp's last bits; bf16: two roundings, each at most one step apart
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         if dtype == torch.bfloat16 and device == "cuda":
             assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())

@@ -17,11 +17,12 @@ def _kernels():
     from kvdrive.attention import select_kernel as one
     from kvdrive.attention import select_split_kernel as split
     from kvdrive.kv import cache_kernels, score_kernel, tier_kernels
-    from kvdrive.models import norm_kernel, rope_kernel
+    from kvdrive.models import act_kernel, norm_kernel, rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
                                      **BUDGET, **FORCED}, {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128}
-    yield split.split_stats_kernel, {**SCORES, "stats_ptr": "*fp32", **BUDGET, **FORCED}, {"H": 8, "CHUNK": 1024}
+    yield split.split_stats_kernel, {**SCORES, "stats_ptr": "*fp32", "hist_ptr": "*i32", **BUDGET, **FORCED}, \
+        {"H": 8, "CHUNK": 1024}
     yield split.split_mass_kernel, {**SCORES, "stats_ptr": "*fp32", "key_ptr": "*fp32", "ordered_ptr": "*i64",
                                     "hist_ptr": "*i32", **BUDGET, **FORCED}, {"H": 8, "CHUNK": 1024, "C_BLOCK": 8}
     for p in (1, 2, 3):
@@ -56,6 +57,7 @@ def _kernels():
             "cache_ptr": "*bf16", "table_ptr": "*i32", "slot_ptr": "*i64", "group_ptr": "*i64", "TRASH": "i64",
             **dict.fromkeys(("sk_b", "sk_h", "sv_b", "sv_h", "host_stride", "cache_stride", "table_stride", "CAP",
                              "H", "G"), "i32")}, {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128}
+    yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     yield tier_kernels.write_tokens_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_ptr": "*bf16", "row_stride": "i64",
                                              "row_ptr": "*i64", "off_ptr": "*i64",
                                              **dict.fromkeys(("T", "H", "G", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h",
@@ -72,4 +74,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 18
+    assert len(names) == 19

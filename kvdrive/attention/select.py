@@ -179,10 +179,11 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
     dev = s.device
     stats = torch.empty(b, c, h, 4, dtype=torch.float32, device=dev)
     ordered = torch.empty(b, n, dtype=torch.int64, device=dev)
-    hist = torch.zeros(b, 4, k.NUM_BINS, dtype=torch.int32, device=dev)
+    hist = torch.empty(b, 4, k.NUM_BINS, dtype=torch.int32, device=dev)  # zeroed by split_stats_kernel
     counts = torch.empty(b, c, 2, dtype=torch.int32, device=dev)
     grid, w = (b, c), max(1, min(8, chunk // 256))
-    k.split_stats_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, *args, *sel, H=h, CHUNK=chunk, num_warps=w)
+    k.split_stats_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, hist, *args, *sel, H=h, CHUNK=chunk,
+                               num_warps=w)
     k.split_mass_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, key, ordered, hist, *args, *sel, H=h,
                               CHUNK=chunk, C_BLOCK=c_block, num_warps=w)
     for pass_ in (1, 2, 3):

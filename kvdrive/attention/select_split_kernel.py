@@ -21,8 +21,10 @@ critical path (the next fetch waits for it). Here each sequence's row is cut int
 The same groups as ``select_shared_kernel`` (tests/test_attention_select.py), in the same order.
 Measured on an idle H200 (``bench/results/select-kernel-h200.json``): 40 us at 8192 groups
 (one program: 47.5), 40 us at 2048 (one program: 20): seven launches cost more than a short
-row saves, so only rows above ``SPLIT_MIN_GROUPS`` split. Inside the pipelined decode it is
-not yet timed (the device time ran out).
+row saves, so only rows above ``SPLIT_MIN_GROUPS`` split. Inside the pipelined decode at 128K x 4
+the launches took 65-90 us together (the other micro-batch's GEMMs hold the SMs), and the
+one-program kernel was slower there still: 190.7 vs 206.5 tok/s
+(``bench/results/decode-h200-128k-oneprogram.json`` vs ``-ensure.json``).
 """
 
 import triton
@@ -45,10 +47,12 @@ def _add2(a1, b1, a2, b2):
 
 
 @triton.jit
-def split_stats_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, stats_ptr, N, P, budget_groups, n_sink,
-                       n_window, floor, H: tl.constexpr, CHUNK: tl.constexpr):
+def split_stats_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, stats_ptr, hist_ptr, N, P, budget_groups,
+                       n_sink, n_window, floor, H: tl.constexpr, CHUNK: tl.constexpr):
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(1)
+    if c == 0:  # the sequence's four histograms start at zero (no memset launch before the next kernels)
+        tl.store(hist_ptr + b * 4 * BINS + tl.arange(0, 4 * BINS), tl.zeros([4 * BINS], dtype=tl.int32))
     idx, inside, valid, forced, _ = _masks(num_groups_ptr, b, c, N, P, budget_groups, n_sink, n_window, floor, CHUNK)
     for h in tl.static_range(H):
         raw = tl.load(scores_ptr + b * s_stride_b + h * s_stride_h + idx, mask=inside, other=float("-inf"))

@@ -130,9 +130,11 @@ class DecoderLM(nn.Module):
         self._freqs: dict[RopeSpec, torch.Tensor] = {}
 
     def fuse_projections(self) -> DecoderLM:
-        """Fuse every layer's q/k/v projections into one GEMM (``Attention.fuse_qkv``)."""
+        """Fuse every layer's q/k/v projections into one GEMM (``Attention.fuse_qkv``), and its
+        MLP's gate and up (``GatedMLP.fuse``)."""
         for block in self.model.layers:
             block.self_attn.fuse_qkv()
+            block.mlp.fuse()
         return self
 
     @property

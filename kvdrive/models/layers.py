@@ -54,13 +54,52 @@ ACTIVATIONS = {
 }
 
 
+def act_mul(gate_up: torch.Tensor, act: str, impl: str = "auto") -> torch.Tensor:
+    """(..., 2I) [gate | up] -> act(gate) * up (..., I). ``impl``: 'auto' runs one Triton launch
+    for SiLU on CUDA (``act_kernel.py``), 'triton' forces it, 'torch' the reference."""
+    inner = gate_up.shape[-1] // 2
+    use = impl == "triton" or (impl == "auto" and gate_up.is_cuda and triton_available())
+    if use and act == "silu" and gate_up.is_contiguous():
+        return _silu_mul_triton(gate_up, inner)
+    gate, up = gate_up.split(inner, dim=-1)
+    return ACTIVATIONS[act](gate) * up
+
+
+def _silu_mul_triton(gate_up: torch.Tensor, inner: int) -> torch.Tensor:
+    import triton
+
+    from kvdrive.models.act_kernel import silu_mul_kernel
+
+    out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype, device=gate_up.device)
+    rows = out.numel() // inner if inner else 0
+    if rows:
+        block = min(2048, triton.next_power_of_2(inner))
+        silu_mul_kernel[(rows, triton.cdiv(inner, block))](gate_up, out, inner, BLOCK=block)
+    return out
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, inner: int, act: str):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act_name = act
         self.act = ACTIVATIONS[act]
+        self.fused = False  # fuse(): gate and up as one GEMM (buffer gate_up_weight)
+
+    def fuse(self) -> None:
+        """One (2I, hidden) weight for gate and up; their parameters become views of it (no
+        extra memory; state dicts keep Hugging Face's names). One GEMM and one activation
+        launch instead of two GEMMs, the activation and the product."""
+        weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        inner = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight = nn.Parameter(weight[:inner], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(weight[inner:], requires_grad=False)
+        self.register_buffer("gate_up_weight", weight, persistent=False)  # moves with .to()
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(act_mul(F.linear(x, self.gate_up_weight), self.act_name))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -64,13 +64,14 @@ class _NullStream:
         pass
 
 
-def new_stream(device: torch.device, high_priority: bool = False):
+def new_stream(device: torch.device, high_priority: bool = False, highest: bool = False):
     """A side stream on CUDA, a no-op stand-in on CPU. ``high_priority``: the block scheduler
     starts its kernels' blocks before those of default-priority streams (CUDA graphs captured
-    on it keep that per kernel node)."""
+    on it keep that per kernel node); ``highest``: before those of high-priority streams too
+    (torch maps the request to the device's highest priority)."""
     if device.type != "cuda":
         return _NullStream()
-    return torch.cuda.Stream(device=device, priority=-1 if high_priority else 0)
+    return torch.cuda.Stream(device=device, priority=-8 if highest else -1 if high_priority else 0)
 
 
 def new_event(device: torch.device):

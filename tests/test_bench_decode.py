@@ -78,9 +78,11 @@ def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
 def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     sparse = ["kvdrive_host"] if TIERED else ["sparse_gpu"]  # the tiered cache once it is in the checkout
     out = tmp_path / "decode.json"
-    args = _args("--systems", "full_gpu", *sparse, "streaming", "hf_offload", "--batches", "2", "-o", str(out))
+    args = _args("--systems", "full_gpu", *sparse, "streaming", "hf_offload", "--batches", "2", "--control-stream",
+                 "-o", str(out))
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
+    assert doc["config"]["kvdrive_host"]["control_stream"] is True  # recorded; on a CPU (one part) it changes nothing
     assert doc["bench"] == "decode" and doc["command"]
     assert doc["config"]["sparse"]["budget_tokens"] == {"64": 32}
     assert set(doc["config"]["systems"]) == {"full_gpu", *sparse, "streaming", "hf_offload"}

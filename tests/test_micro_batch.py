@@ -2,6 +2,8 @@
 issued layer by layer in turn, fetching on one lane; it must decode what one batch decodes,
 eagerly and inside a CUDA graph."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_sparse_cache import _decode, _tiny
@@ -41,20 +43,24 @@ def test_micro_batched_decode_matches_one_batch(parts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("eviction,parts,programs", [("lookahead", 1, 0), ("none", 1, 0), ("lookahead", 2, 0),
-                                                      ("lookahead", 2, 4)])
-def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs):
+@pytest.mark.parametrize("eviction,parts,programs,control", [("lookahead", 1, 0, False), ("none", 1, 0, False),
+                                                              ("lookahead", 2, 0, False), ("lookahead", 2, 4, False),
+                                                              ("lookahead", 2, 4, True)])
+def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs, control):
     """The captured step (prefetch stream forked and joined inside the graph, host-side work in
-    prepare_replay, a recapture after the capacity rebalance) computes what eager decode does."""
+    prepare_replay, a recapture after the capacity rebalance) computes what eager decode does;
+    also with each part's selection on its highest-priority control stream."""
     from kvdrive.engine.cuda_graph import GraphedDecodeStep
 
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
-                       eviction=eviction, rebalance_after=5, micro_batches=parts, fetch_programs=programs)
-    eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg), prompts, 16)
+                       eviction=eviction, rebalance_after=5, micro_batches=parts, fetch_programs=programs,
+                       control_stream=control)
+    eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, replace(cfg, control_stream=False)),
+                    prompts, 16)
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
-    assert cache.supports_cuda_graphs
+    assert cache.supports_cuda_graphs and cache.stats()["control_stream"] == (control and parts > 1)
     _decode(model, cache, prompts, 0)
     graph, out = None, []
     for t in range(16):

@@ -98,6 +98,9 @@ def add_arguments(p) -> None:
     g.add_argument("--no-fetch-lane", action="store_true",
                    help="ablation, with --micro-batches: each part fetches on its own stream, so parts fetching at "
                         "once share PCIe (default: one fetch stream in issue order, the parts take turns)")
+    g.add_argument("--control-stream", action="store_true",
+                   help="experiment, with --micro-batches: each part's score, selection and cache update on a "
+                        "highest-priority stream, ahead of the other part's GEMMs (default off: not yet measured)")
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument("--disk", nargs="+", default=["bench/decode-disk"],
                    help="disk pool directories; each row writes under DIR/kvdrive-bench-decode and removes it "
@@ -391,7 +394,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
                          else args.cache_tokens * config.kv_bytes_per_token(dtype) / GIB,
                          "prefetch": not args.no_prefetch, "rebalance_after": args.rebalance_after,
                          "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches,
-                         "fetch_programs": args.fetch_programs, "fetch_lane": not args.no_fetch_lane},
+                         "fetch_programs": args.fetch_programs, "fetch_lane": not args.no_fetch_lane,
+                         "control_stream": args.control_stream},
         "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
@@ -416,7 +420,7 @@ def run(args) -> int:
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
                    args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib, args.micro_batches,
-                   args.prefetch_min_precision, args.fetch_programs, not args.no_fetch_lane)
+                   args.prefetch_min_precision, args.fetch_programs, not args.no_fetch_lane, args.control_stream)
     haystack = None
     if args.text:
         from kvdrive.eval.corpus import TokenHaystack, load_text

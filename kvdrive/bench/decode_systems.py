@@ -43,6 +43,7 @@ class Options:
     prefetch_min_precision: float = TieredConfig.prefetch_min_precision  # a layer's prefetch stops below this
     fetch_programs: int | str = TieredConfig.fetch_programs  # kvdrive systems: looping programs of the fetch kernel
     fetch_lane: bool = TieredConfig.fetch_lane  # kvdrive systems with micro-batches: parts fetch in turn
+    control_stream: bool = TieredConfig.control_stream  # kvdrive systems: score/select/ensure at highest priority
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ def _tiered(eviction: str | None):
                            prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
                            prefetch_min_precision=o.prefetch_min_precision,
                            micro_batches=1 if eviction else o.micro_batches,  # the baseline has no pipeline
-                           fetch_programs=0 if eviction else o.fetch_programs, fetch_lane=o.fetch_lane)
+                           fetch_programs=0 if eviction else o.fetch_programs, fetch_lane=o.fetch_lane,
+                           control_stream=o.control_stream and not eviction)
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
     return build
@@ -194,7 +196,8 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
                        rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
                        host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
                        micro_batches=1 if previous_step_only else o.micro_batches,
-                       fetch_programs=0 if previous_step_only else o.fetch_programs, fetch_lane=o.fetch_lane)
+                       fetch_programs=0 if previous_step_only else o.fetch_programs, fetch_lane=o.fetch_lane,
+                       control_stream=o.control_stream and not previous_step_only)
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 

@@ -86,6 +86,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self.fetch_lane = devices.new_stream(device) if tiered.micro_batches > 1 and tiered.fetch_lane else None
         self.caches = self._make_caches({l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers})
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
+        self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0}
         # Graphs: host-only tier (disk misses need host work per layer) and every layer sparse.
@@ -283,6 +284,15 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             self._sides[key] = devices.new_stream(self.device)
         return self._sides[key]
 
+    def _control(self, compute):
+        """The highest-priority stream of this compute stream (None: the selection runs on it)."""
+        if not (self.tiered.control_stream and self.tiered.micro_batches > 1 and self.device.type == "cuda"):
+            return None
+        key = compute.cuda_stream
+        if key not in self._controls:
+            self._controls[key] = devices.new_stream(self.device, highest=True)
+        return self._controls[key]
+
     def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
         mark = self.profile.mark if self.profile is not None and not batch.meta["static"] else _no_mark
         mark("compute")
@@ -291,7 +301,15 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             event.wait(devices.current_stream(self.device))
         mark("prefetch_wait")
         qd = q[:, :, 0]  # (B, H_q, D)
-        pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
+        compute = devices.current_stream(self.device)
+        control = self._control(compute)
+        if control is None:
+            pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
+        else:  # what decides the fetch, ahead of the other part's GEMMs; ordered both ways (no record_stream)
+            control.wait_stream(compute)
+            with devices.use_stream(control):
+                pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
+            compute.wait_stream(control)
         pages = pages[:, None, :].expand(-1, self.group_shape[1], -1)  # (B, H_kv, P): one selection per layer
         out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, batch.meta["last_len"],
                                   spec.scale, spec.softcap)
@@ -411,6 +429,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             "micro_batches": self.micro_batches,
             "fetch_programs": self.tiered.fetch_programs,  # resolved likewise
             "fetch_lane": self.fetch_lane is not None,
+            "control_stream": self.tiered.control_stream and self.tiered.micro_batches > 1,
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "prefetch_layers": sorted(self.hint_layers),
             "prefetch_precision_per_layer": {l: c["prefetched_hits"] / c["prefetched"]

@@ -56,6 +56,12 @@ class TieredConfig:
     # turns on PCIe and one computes while the other fetches (False: ablation, each part
     # fetches on its own stream, and they share PCIe).
     fetch_lane: bool = True
+    # With micro-batches: each part's score, selection and cache update (the kernels that decide
+    # its next fetch) on a stream of the highest priority, so their blocks start before the other
+    # part's GEMM blocks. NOTE: at 128K x 4 on the H200 the split selection's launches took 65-90
+    # us inside the decode against 40 alone (bench/results/profile-h200/README.md): they wait for
+    # SMs. Off by default: not yet measured (``--control-stream`` in ``kvdrive bench decode``).
+    control_stream: bool = False
 
     def __post_init__(self):
         if self.disk and self.host_bytes <= 0:

@@ -27,6 +27,13 @@ def triton_available() -> bool:
     return True
 
 
+def use_triton(impl: str, t: torch.Tensor) -> bool:
+    """The ``impl`` rule of the paths with a Triton kernel and a torch twin: 'triton' forces the
+    kernel (CUDA, or the interpreter on CPU), 'auto' runs it for CUDA tensors when Triton
+    imports, anything else ('torch') the reference."""
+    return impl == "triton" or (impl == "auto" and t.is_cuda and triton_available())
+
+
 def resolve(device: str | torch.device | None) -> torch.device:
     """``None`` or ``"auto"`` picks CUDA when present, else CPU."""
     if device is None or device == "auto":

@@ -8,7 +8,6 @@ Run on a CUDA machine from the repo root: ``python3 bench/scripts/score_kernel_t
 """
 
 import functools
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.join(os.getcwd(), "bench", "scripts"))
-from select_kernel_timing import time_us
+from select_kernel_timing import save, time_us
 
 from kvdrive.kv.summaries import _score_triton, make_summarizer
 
@@ -48,11 +47,8 @@ def main() -> None:
                        "summary_gbps": round(mb * 1e3 / us, 1), "matches_torch": ok}
                 rows.append(row)
                 print(row, flush=True)
-    doc = {"command": "python3 bench/scripts/score_kernel_timing.py", "device": torch.cuda.get_device_name(),
-           "what": "group score per call (scores of every group of every KV head), CUDA graph, idle GPU; "
-                   "minmax bf16 summaries (B, N, 8, 256), 32 query heads", "rows": rows}
-    with open(os.path.join(os.environ.get("OUT", "."), "scorebench.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    save("scorebench.json", "score_kernel_timing.py", "group score per call (scores of every group of every KV "
+         "head), CUDA graph, idle GPU; minmax bf16 summaries (B, N, 8, 256), 32 query heads", rows)
 
 
 if __name__ == "__main__":

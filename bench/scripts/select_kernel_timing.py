@@ -54,10 +54,15 @@ def main() -> None:
             row = {"b": b, "n": n, "chunk": chunk, "us": time_us(call), "matches_torch": ok}
             print(row, flush=True)
             rows.append(row)
-    doc = {"command": "python3 bench/scripts/select_kernel_timing.py", "device": torch.cuda.get_device_name(),
-           "what": "selection launcher time per call, CUDA graph, 8 KV heads, budget 2048 tokens, G=16; "
-                   "chunk 0 = one program per sequence", "rows": rows}
-    with open(os.path.join(os.environ.get("OUT", "."), "selbench.json"), "w") as f:
+    save("selbench.json", "select_kernel_timing.py", "selection launcher time per call, CUDA graph, 8 KV heads, "
+         "budget 2048 tokens, G=16; chunk 0 = one program per sequence", rows)
+
+
+def save(name: str, script: str, what: str, rows: list[dict]) -> None:
+    """A timing script's rows as ``$OUT/name`` (or ``./name``), with its command and the GPU."""
+    doc = {"command": f"python3 bench/scripts/{script}", "device": torch.cuda.get_device_name(), "what": what,
+           "rows": rows}
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(doc, f, indent=1)
 
 

@@ -58,3 +58,9 @@ def all_pages(paged: PagedKV, num_kv_heads: int) -> tuple[torch.Tensor, torch.Te
     b, n = paged.slot_table.shape
     idx = torch.arange(n, device=paged.slot_table.device).expand(b, num_kv_heads, n)
     return to_slots(idx, paged.slot_table), paged.num_groups.to(torch.int32)
+
+
+def leading(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(B,) counts -> (B, width) bool: the first ``counts[b]`` entries of row b (the groups a
+    summary table holds, the pages a selection lists)."""
+    return torch.arange(width, device=counts.device)[None, :] < counts[:, None]

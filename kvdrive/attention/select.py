@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvdrive.attention.pages import leading
 from kvdrive.errors import KvdriveError
 
 MODES = ("shared", "per_head")
@@ -223,7 +224,7 @@ def _topk_lowest_index_first(s: torch.Tensor, k: int) -> torch.Tensor:
 def selection_mask(sel: Selection, n_max: int) -> torch.Tensor:
     """(B, H_kv, n_max) bool: which groups a selection lists."""
     b, h, p = sel.groups.shape
-    listed = torch.arange(p, device=sel.groups.device)[None, None, :] < sel.num_pages.view(b, -1, 1).long()
+    listed = leading(sel.num_pages.long(), p)[:, None, :]
     mask = torch.zeros(b, h, n_max + 1, dtype=torch.bool, device=sel.groups.device)
     idx = torch.where(listed, sel.groups.long(), n_max)  # unlisted entries land in a spare column
     return mask.scatter_(2, idx, True)[..., :n_max]

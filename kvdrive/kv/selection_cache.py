@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as devices
+from kvdrive.attention.pages import leading
 from kvdrive.kv import tier_ops
 
 EVICTIONS = ("lookahead", "lru", "none")
@@ -107,7 +108,7 @@ class SelectionCache:
         b, p = groups.shape
         groups = groups.long()
         if listed.dim() == 1:
-            listed = torch.arange(p, device=groups.device)[None, :] < listed[:, None]
+            listed = leading(listed, p)
         if isinstance(source_rows, int):
             source_rows = rows[:, None] * source_rows + groups
         n, cap = self.n, self.capacity

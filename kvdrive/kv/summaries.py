@@ -27,7 +27,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kvdrive.device import triton_available
+from kvdrive.attention.pages import leading
+from kvdrive.device import use_triton
 from kvdrive.errors import KvdriveError
 
 HEAD_REDUCE = ("max", "mean")
@@ -96,14 +97,13 @@ class GroupSummarizer(ABC):
             raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
         if valid is not None and counts is not None:
             raise ValueError("give valid or counts, not both")
-        fused = self.name in ("minmax", "mean") and (impl == "triton" or (
-            impl == "auto" and q.is_cuda and triton_available()))
+        fused = self.name in ("minmax", "mean") and use_triton(impl, q)
         if fused and valid is None and summaries.stride(-1) == 1 and q.stride(-1) == 1:  # a mask: torch
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
             return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
-            valid = torch.arange(summaries.shape[1], device=q.device)[None, :] < counts[:, None]
+            valid = leading(counts, summaries.shape[1])
         q4 = q.view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)  # (B, H_kv, R, D)
         est = self.logits(q4, summaries, rows)  # (B, H_kv, R, N)
         s = est.amax(dim=2) if head_reduce == "max" else est.mean(dim=2)
@@ -313,8 +313,7 @@ class SummaryTable:
 
     def valid(self, rows: int) -> torch.Tensor:
         """(rows, N_cap) bool: which padded columns hold a summary."""
-        n = torch.arange(self.data.shape[1], device=self.data.device)
-        return n[None, :] < self.counts[:rows, None]
+        return leading(self.counts[:rows], self.data.shape[1])
 
     def reset(self, row: int) -> None:
         self.counts[row] = 0

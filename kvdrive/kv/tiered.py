@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kvdrive import device as devices
+from kvdrive.attention.pages import leading
 from kvdrive.attention.select import select_groups_keyed
 from kvdrive.attention.sparse import sparse_attention
 from kvdrive.config import ModelConfig
@@ -277,21 +278,20 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
 
     def _side(self, compute):
         """The prefetch stream of this compute stream (None: prefetch on the compute stream)."""
-        if not self.tiered.overlap:
-            return None
-        key = getattr(compute, "cuda_stream", 0)  # CPU: one stand-in
-        if key not in self._sides:
-            self._sides[key] = devices.new_stream(self.device)
-        return self._sides[key]
+        return self._companion(self._sides, compute) if self.tiered.overlap else None
 
     def _control(self, compute):
         """The highest-priority stream of this compute stream (None: the selection runs on it)."""
         if not (self.tiered.control_stream and self.tiered.micro_batches > 1 and self.device.type == "cuda"):
             return None
-        key = compute.cuda_stream
-        if key not in self._controls:
-            self._controls[key] = devices.new_stream(self.device, highest=True)
-        return self._controls[key]
+        return self._companion(self._controls, compute, highest=True)
+
+    def _companion(self, streams: dict, compute, **kind):
+        """``streams``' stream for this compute stream (one per micro-batch stream), made once."""
+        key = getattr(compute, "cuda_stream", 0)  # CPU: one stand-in
+        if key not in streams:
+            streams[key] = devices.new_stream(self.device, **kind)
+        return streams[key]
 
     def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
         mark = self.profile.mark if self.profile is not None and not batch.meta["static"] else _no_mark
@@ -339,7 +339,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             mark("sync_fetch")
             return pages, num_pages
         groups = sel.groups[:, 0].long()  # (B, P)
-        listed = torch.arange(groups.shape[1], device=self.device)[None, :] < num_pages[:, None]
+        listed = leading(num_pages, groups.shape[1])
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
         if prefetch:  # the predicted groups only on disk: read them ahead
             ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)

@@ -17,7 +17,7 @@ from kvdrive.attention.predict import predict_query
 from kvdrive.config import ModelConfig, RopeSpec
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.models import rope
-from kvdrive.models.layers import GatedMLP, RMSNorm
+from kvdrive.models.layers import GatedMLP, RMSNorm, fuse_linears
 
 
 class Attention(nn.Module):
@@ -44,16 +44,7 @@ class Attention(nn.Module):
         NOTE: at decode's few rows the projections read their weights at HBM speed and each is a
         launch on the layer's serial chain; one GEMM reads the same bytes in one launch.
         """
-        mods = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([m.weight.detach() for m in mods])
-        bias = torch.cat([m.bias.detach() for m in mods]) if self.q_proj.bias is not None else None
-        start = 0
-        for m in mods:
-            rows = m.weight.shape[0]
-            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-            start += rows
+        weight, bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
         # buffers, so ``.to()`` moves them with the parameters (not persistent: not in state dicts)
         self.register_buffer("qkv_weight", weight, persistent=False)
         self.register_buffer("qkv_bias", bias, persistent=False)

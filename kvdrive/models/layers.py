@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvdrive.device import triton_available
+from kvdrive.device import use_triton
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """``impl``: 'auto' runs the Triton kernel on CUDA, 'triton' forces it (the interpreter
         tests), 'torch' the reference below."""
-        if impl == "triton" or (impl == "auto" and x.is_cuda and self.weight.dtype == x.dtype and triton_available()):
+        if use_triton(impl, x) and (impl == "triton" or self.weight.dtype == x.dtype):
             return _rmsnorm_triton(x, self.weight, self.eps, self.offset)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,12 +54,27 @@ ACTIVATIONS = {
 }
 
 
+def fuse_linears(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of outputs, in) weight (and bias) for linears of one input; each module's
+    parameters become views of it, so no memory is added and state dicts keep their names.
+    The caller keeps the result as buffers (``.to()`` then moves them with the parameters)."""
+    weight = torch.cat([m.weight.detach() for m in mods])
+    bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
 def act_mul(gate_up: torch.Tensor, act: str, impl: str = "auto") -> torch.Tensor:
     """(..., 2I) [gate | up] -> act(gate) * up (..., I). ``impl``: 'auto' runs one Triton launch
     for SiLU on CUDA (``act_kernel.py``), 'triton' forces it, 'torch' the reference."""
     inner = gate_up.shape[-1] // 2
-    use = impl == "triton" or (impl == "auto" and gate_up.is_cuda and triton_available())
-    if use and act == "silu" and gate_up.is_contiguous():
+    if use_triton(impl, gate_up) and act == "silu" and gate_up.is_contiguous():
         return _silu_mul_triton(gate_up, inner)
     gate, up = gate_up.split(inner, dim=-1)
     return ACTIVATIONS[act](gate) * up
@@ -92,11 +107,8 @@ class GatedMLP(nn.Module):
         """One (2I, hidden) weight for gate and up; their parameters become views of it (no
         extra memory; state dicts keep Hugging Face's names). One GEMM and one activation
         launch instead of two GEMMs, the activation and the product."""
-        weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
-        inner = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight = nn.Parameter(weight[:inner], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(weight[inner:], requires_grad=False)
-        self.register_buffer("gate_up_weight", weight, persistent=False)  # moves with .to()
+        weight, _ = fuse_linears(self.gate_proj, self.up_proj)
+        self.register_buffer("gate_up_weight", weight, persistent=False)  # not persistent: not in state dicts
         self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from kvdrive.config import RopeSpec
-from kvdrive.device import triton_available
+from kvdrive.device import use_triton
 
 
 def inv_freq(spec: RopeSpec, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -44,9 +44,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """x (B, H, T, D) rotated by position; cos, sin (B, 1, T, D). ``impl``: 'auto' runs the
     Triton kernel on CUDA (one launch instead of five), 'triton' forces it, 'torch' the reference."""
-    use = impl == "triton" or (impl == "auto" and x.is_cuda and triton_available())
     d = x.shape[-1]
-    if use and x.dim() == 4 and x.stride(-1) == 1 and d & (d - 1) == 0 and cos.dtype == sin.dtype == x.dtype:
+    if use_triton(impl, x) and x.dim() == 4 and x.stride(-1) == 1 and d & (d - 1) == 0 and cos.dtype == sin.dtype == x.dtype:
         return _apply_triton(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 

@@ -38,6 +38,22 @@ def test_roofline_bound_on_a_hand_computed_step():
     assert roofline.bound(1, roofline.StepBytes(1, 1, 1), roofline.Bandwidths(1e9, None, 1)) is None
 
 
+def test_roofline_disk_term_bounds_a_disk_backed_step(tmp_path):
+    bw = roofline.Bandwidths(hbm=2e12, h2d=50e9, probe_bytes=1 << 20, disk=1e9)
+    # compute 10 ms, transfer 20 ms, disk: 0.1e9 / 1e9 = 100 ms -> disk-bound
+    b = roofline.bound(4, roofline.StepBytes(16_000_000_000, 4_000_000_000, 1_000_000_000, disk=100_000_000), bw)
+    assert b.limit == "disk" and b.disk_ms == pytest.approx(100.0) and b.step_ms == pytest.approx(100.0)
+    assert b.tokens_per_s == pytest.approx(4 / 0.100)
+    assert bw.as_dict()["disk_read_gbps"] == 1.0
+    # bytes came from disk but its bandwidth was not measured: no bound rather than a wrong one
+    no_disk = roofline.Bandwidths(hbm=2e12, h2d=50e9, probe_bytes=1)
+    assert roofline.bound(1, roofline.StepBytes(1, 1, 1, disk=1), no_disk) is None
+    assert "disk_read_gbps" not in no_disk.as_dict()
+    # the probe reads real slots from a real file and leaves nothing behind
+    assert roofline.measure_disk(str(tmp_path), 16 << 10, probe_bytes=4 << 20) > 0
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 def test_weight_bytes_skip_an_untied_input_embedding():
     m = torch.nn.Module()
     m.embed_tokens = torch.nn.Embedding(100, 8)  # 800 floats, read B rows per step

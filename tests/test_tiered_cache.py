@@ -376,3 +376,31 @@ def test_prefetch_precision_counts_only_prefetches_since_the_reset():
     assert sum(c["prefetched_hits"] for c in per_layer.values()) > 0
     for layer, c in per_layer.items():
         assert c["prefetched_hits"] <= c["prefetched"], (layer, c)
+
+
+@pytest.mark.parametrize("stamp_hits", [True, False])
+def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
+    """The host arena's LRU counts every group a step selects, GPU-cache hits too: a group the
+    GPU cache serves every step is still in host memory when that cache lets it go. Passing only
+    the misses (the old behaviour) lets it age out to disk while it is the hottest group."""
+    import numpy as np
+
+    from kvdrive.kv.host_kv import DiskBackedHostKV
+    from kvdrive.kv.layout import GroupLayout
+    from kvdrive.kv.pool import PoolPath
+
+    layout, n, chunk = GroupLayout(1, 1, 8, F32, 4), 16, 4
+    kv = DiskBackedHostKV(layout, 1, n, CPU, 6 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))
+    for first in range(0, n, chunk):  # prefill 4 groups at a time: the arena holds 6
+        kv.begin([0], (first * 4,), chunk * 4)
+        kv.end([0], (first * 4,), chunk * 4, kv._last_step)
+        kv._reap(wait_all=True)
+    hot = 0
+    assert kv.slot_of[0, 0, hot] < 0  # aged out during the prefill: the first pick reads it from disk
+    kv.resolve(0, [0], np.array([[hot]]), np.array([[True]]))
+    for g in range(4, n):  # each step: the hot group hits the GPU cache, one new group misses it
+        groups, need = np.array([[hot, g]]), np.array([[False, True]])
+        kv.resolve(0, [0], groups, need, np.ones_like(need) if stamp_hits else None)
+    assert (kv.slot_of[0, 0, hot] >= 0) == stamp_hits
+    assert kv.counts["lost"] == 0
+    kv.close()

@@ -16,6 +16,7 @@ import gc
 import json
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
+from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.sparse import SparseConfig
 from kvdrive.kv.tiered_config import TieredConfig
 from kvdrive.progress import progress
@@ -274,7 +276,7 @@ def per_step(stats: dict, steps: int) -> dict:
         for k in ("gpu_hits", "prefetched_hits", "sync_fetched"):
             if k in stats:
                 out[f"{k}_rate"] = stats[k] / sel
-    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "disk_writes"):
+    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "read_ahead", "disk_writes"):
         if k in stats:
             out[f"{k}_per_step"] = stats[k] / steps
     if isinstance(stats.get("time_ms"), dict):
@@ -335,6 +337,24 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
             close()
 
 
+def _slot_bytes(config, dtype: torch.dtype, group_tokens: int) -> int:
+    """Bytes of one disk slot of the tiered caches' pool: a group of one layer, aligned."""
+    return GroupLayout.from_config(config, dtype, group_tokens).slot_bytes
+
+
+def _disk_bandwidth(path: str, slot_bytes: int) -> float:
+    """The disk term's bandwidth, measured once per run in the first --disk path (made if missing)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return roofline.measure_disk(path, slot_bytes)
+
+
+def _disk_bytes(shape: Shape, row: dict, group_tokens: int) -> int:
+    """Bytes a disk-backed row read from disk per step: its reads and read-ahead, whole slots."""
+    ps = row.get("per_step", {})
+    reads = ps.get("disk_reads_per_step", 0) + ps.get("read_ahead_per_step", 0)
+    return int(reads * _slot_bytes(shape.config, shape.dtype, group_tokens))
+
+
 def _pcie_bytes(system: System, shape: Shape, row: dict) -> int:
     if system.pcie == "all_kv":
         return shape.all_kv
@@ -372,7 +392,8 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
         return {**head, "status": "error", "reason": f"{type(err).__name__}: {err}", **est}
     if dev.type == "cuda":
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
-    step_bytes = roofline.StepBytes(weights, system.gpu_kv_read(shape, opts), _pcie_bytes(system, shape, row))
+    step_bytes = roofline.StepBytes(weights, system.gpu_kv_read(shape, opts), _pcie_bytes(system, shape, row),
+                                    _disk_bytes(shape, row, args.group_tokens))
     b = roofline.bound(shape.batch, step_bytes, bw)
     row["roofline"] = {"weights_bytes": step_bytes.weights, "gpu_kv_bytes": step_bytes.gpu_kv,
                        "pcie_bytes": step_bytes.pcie, **(b.as_dict() if b else {})}
@@ -430,6 +451,8 @@ def run(args) -> int:
                                "(use e.g. -m smollm2)")
         haystack = TokenHaystack(loaded.tokenizer, load_text(args.text).text)
     bw = roofline.measure(dev, args.bw_mib << 20)
+    if any(SYSTEMS[n].on_disk for n in args.systems):
+        bw = replace(bw, disk=_disk_bandwidth(args.disk[0], _slot_bytes(config, dtype, args.group_tokens)))
     _release(dev)
     weights = roofline.weight_bytes_read(model)
     config_doc = _config(args, loaded, sparse, weights)

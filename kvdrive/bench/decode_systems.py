@@ -70,6 +70,10 @@ class Shape:
         return self.batch * self.config.kv_bytes_at(self.context, self.dtype)
 
 
+def _no_disk(s: Shape, o: Options) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class System:
     name: str
@@ -82,7 +86,12 @@ class System:
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
     unavailable: Callable[[], str | None] = lambda: None
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
-    disk_bytes: Callable[[Shape, Options], int] = lambda s, o: 0  # written to the disk pool
+    disk_bytes: Callable[[Shape, Options], int] = _no_disk  # written to the disk pool
+
+    @property
+    def on_disk(self) -> bool:
+        """The system keeps KV on the disk pool (its roofline has a disk term)."""
+        return self.disk_bytes is not _no_disk
 
 
 def budget_tokens(sparse: SparseConfig, context: int) -> int:

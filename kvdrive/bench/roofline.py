@@ -6,7 +6,11 @@ perfectly overlapped the step can be no faster than the slower of the two:
 
     compute_s  = (weight_bytes + gpu_kv_bytes) / hbm_bw
     transfer_s = pcie_bytes / h2d_bw
-    step_s     = max(compute_s, transfer_s)        bound tokens/s = batch / step_s
+    disk_s     = disk_bytes / disk_bw              (disk-backed systems only)
+    step_s     = max(compute_s, transfer_s, disk_s)   bound tokens/s = batch / step_s
+
+``disk_bw`` is random whole-slot reads at the KV slot size and queue depth 32 on the run's
+first disk path (``kvdrive.kv.probe.measure``): what the disk gives the reads a step makes.
 
 FLOPs are left out: decode of a 7-8B model at the batches benchmarked here is bound by
 memory traffic. Both bandwidths are measured in the same run as the decode (``measure``).
@@ -23,7 +27,9 @@ from kvdrive.bench.common import time_ms
 FORMULA = ("bound step = max((weight bytes + KV/summary bytes read on the GPU) / HBM bw, "
            "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
            "fraction_of_bound = measured tokens/s / bound tokens/s. HBM bw = device-to-device copy "
-           "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats")
+           "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats. Disk-backed "
+           "rows: the bound is also at least (disk reads + read-ahead per step) x slot bytes / disk bw, disk bw = "
+           "random slot reads at the KV slot size, queue depth 32, on the first --disk path")
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,14 @@ class Bandwidths:
     hbm: float  # GPU memory (on CPU: host memory copy), read + written bytes per second
     h2d: float | None  # pinned host -> GPU
     probe_bytes: int
+    disk: float | None = None  # random KV-slot reads from the disk pool's first path; None: not measured
 
     def as_dict(self) -> dict:
-        return {"hbm_gbps": round(self.hbm / 1e9, 2), "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
-                "probe_mib": self.probe_bytes >> 20}
+        out = {"hbm_gbps": round(self.hbm / 1e9, 2), "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
+               "probe_mib": self.probe_bytes >> 20}
+        if self.disk is not None:
+            out["disk_read_gbps"] = round(self.disk / 1e9, 3)
+        return out
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class StepBytes:
     weights: int  # read from GPU memory once per step
     gpu_kv: int  # KV (and key summaries) read from GPU memory by attention
     pcie: int  # host -> GPU
+    disk: int = 0  # read from the disk pool (misses of the host arena, read-ahead included)
 
 
 @dataclass(frozen=True)
@@ -54,21 +65,24 @@ class Bound:
     transfer_ms: float
     step_ms: float
     tokens_per_s: float
-    limit: str  # "compute" (HBM) or "transfer" (PCIe)
+    limit: str  # "compute" (HBM), "transfer" (PCIe) or "disk"
+    disk_ms: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def bound(batch: int, step: StepBytes, bw: Bandwidths) -> Bound | None:
-    """The roofline bound of a step of ``batch`` tokens; None if bytes must cross PCIe and
-    there is no measured H2D bandwidth (a CPU run)."""
-    if step.pcie and bw.h2d is None:
+    """The roofline bound of a step of ``batch`` tokens; None if bytes must cross PCIe or
+    come from disk and that bandwidth was not measured (a CPU run has no H2D)."""
+    if (step.pcie and bw.h2d is None) or (step.disk and bw.disk is None):
         return None
-    compute = (step.weights + step.gpu_kv) / bw.hbm
-    transfer = step.pcie / bw.h2d if step.pcie else 0.0
-    s = max(compute, transfer)
-    return Bound(compute * 1e3, transfer * 1e3, s * 1e3, batch / s, "transfer" if transfer > compute else "compute")
+    parts = {"compute": (step.weights + step.gpu_kv) / bw.hbm,
+             "transfer": step.pcie / bw.h2d if step.pcie else 0.0,
+             "disk": step.disk / bw.disk if step.disk else 0.0}
+    limit = max(parts, key=parts.get)
+    s = parts[limit]
+    return Bound(parts["compute"] * 1e3, parts["transfer"] * 1e3, s * 1e3, batch / s, limit, parts["disk"] * 1e3)
 
 
 def weight_bytes_read(model: torch.nn.Module) -> int:
@@ -93,3 +107,11 @@ def measure(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> Ba
         h2d = nbytes / (time_ms(lambda: dst.copy_(host, non_blocking=True), device, repeats, warmup=1) * 1e-3)
         del host
     return Bandwidths(hbm, h2d, nbytes)
+
+
+def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> float:
+    """Bytes/s of random ``slot_bytes`` reads at queue depth 32 in ``path`` (O_DIRECT where it
+    works), through the pool's own ``DiskDevice``; its files are removed after."""
+    from kvdrive.kv import probe
+
+    return probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes).read_gbps * 1e9

@@ -32,7 +32,6 @@ from kvdrive.kv.host import HostTier
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskAddr, DiskPool, PoolPath
 
-
 HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
 
 
@@ -84,8 +83,11 @@ class HostKV(ABC):
     def end(self, slot_list: list[int], starts: tuple[int, ...], num_new: int, written) -> None:
         """After a forward (``written``: an event after its token writes): groups that filled go to disk."""
 
-    def resolve(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray) -> np.ndarray:
-        """Bring ``groups`` (B, P) where ``need`` into host rows; returns the (B, P) mask that failed."""
+    def resolve(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray,
+                keep: np.ndarray | None = None) -> np.ndarray:
+        """Bring ``groups`` (B, P) where ``need`` into host rows; returns the (B, P) mask that failed.
+        ``keep`` (B, P): every group this step selects, GPU-cache hits too (default ``need``); a
+        host tier that evicts uses it to keep them."""
         return np.zeros_like(need)
 
     def read_ahead(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray) -> None:
@@ -330,15 +332,18 @@ class DiskBackedHostKV(HostKV):
             flat, slots, fut = pending
             self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.result()).sum())
 
-    def resolve(self, layer, slot_list, groups, need):
+    def resolve(self, layer, slot_list, groups, need, keep=None):
         self._land(layer)
         self.clock += 1
         failed = np.zeros_like(need)
         s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
         flat_all = s * self.n + groups
         host = self.slot_of[layer, s, groups]
-        touched = host[(host >= 0) & need.astype(bool)]
-        self.stamp[layer][touched] = self.clock  # LRU: host rows this step reads
+        keep = need if keep is None else keep
+        # LRU over what the step selects, GPU-cache hits included: a group the GPU cache holds
+        # stays warm here too, so when that cache evicts it a later pick reads host, not disk
+        touched = host[(host >= 0) & keep.astype(bool)]
+        self.stamp[layer][touched] = self.clock
         want = need & (host < 0)
         if not want.any():
             return failed

@@ -349,8 +349,10 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         else:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0
-            g_np, need = groups.cpu().numpy(), (listed & ~cached).cpu().numpy()
-            failed = self.host.resolve(layer, m["slot_list"], g_np, need)
+            g_np = groups.cpu().numpy()
+            keep, cached = torch.stack((listed, cached)).cpu().numpy()  # one host sync
+            need = keep & ~cached
+            failed = self.host.resolve(layer, m["slot_list"], g_np, need, keep)
             self._read_ahead(m, layer + 1)  # the next layer's disk reads overlap this layer's compute
             if failed.any():  # never served: drop those groups from this step's attention
                 groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)

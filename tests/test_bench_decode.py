@@ -50,7 +50,8 @@ def test_roofline_disk_term_bounds_a_disk_backed_step(tmp_path):
     assert roofline.bound(1, roofline.StepBytes(1, 1, 1, disk=1), no_disk) is None
     assert "disk_read_gbps" not in no_disk.as_dict()
     # the probe reads real slots from a real file and leaves nothing behind
-    assert roofline.measure_disk(str(tmp_path), 16 << 10, probe_bytes=4 << 20) > 0
+    gbps, ms = roofline.measure_disk(str(tmp_path), 16 << 10, probe_bytes=4 << 20)
+    assert gbps > 0 and ms > 0
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
@@ -170,7 +171,10 @@ def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp
     assert max(kvswap.values()) < min(doc["results"]["rows"][0]["stats"]["capacity_per_layer"].values())
     assert [(r["system"], r["vs"]) for r in doc["results"]["ratios"]] == [("kvdrive_ssd", "kvswap_ssd")]
     assert doc["config"]["kvdrive_ssd"]["host_arena_gib"] == 0.01
+    bw = doc["results"]["bandwidths"]  # the disk term's probe ran on the --disk path
+    assert bw["disk_read_gbps"] > 0 and bw["disk_read_latency_ms"] > 0
     assert not (disk / "kvdrive-bench-decode").exists()
+    assert not [p for p in disk.rglob("*") if p.is_file() and not p.name.startswith(".kvdrive-probe")]
 
 
 def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):

@@ -342,8 +342,9 @@ def _slot_bytes(config, dtype: torch.dtype, group_tokens: int) -> int:
     return GroupLayout.from_config(config, dtype, group_tokens).slot_bytes
 
 
-def _disk_bandwidth(path: str, slot_bytes: int) -> float:
-    """The disk term's bandwidth, measured once per run in the first --disk path (made if missing)."""
+def _disk_bandwidth(path: str, slot_bytes: int) -> tuple[float, float | None]:
+    """The disk term's bandwidth (bytes/s) and one read's latency (ms), measured once per run
+    in the first --disk path (made if missing)."""
     Path(path).mkdir(parents=True, exist_ok=True)
     return roofline.measure_disk(path, slot_bytes)
 
@@ -452,7 +453,8 @@ def run(args) -> int:
         haystack = TokenHaystack(loaded.tokenizer, load_text(args.text).text)
     bw = roofline.measure(dev, args.bw_mib << 20)
     if any(SYSTEMS[n].on_disk for n in args.systems):
-        bw = replace(bw, disk=_disk_bandwidth(args.disk[0], _slot_bytes(config, dtype, args.group_tokens)))
+        disk_bw, disk_ms = _disk_bandwidth(args.disk[0], _slot_bytes(config, dtype, args.group_tokens))
+        bw = replace(bw, disk=disk_bw, disk_latency_ms=disk_ms)
     _release(dev)
     weights = roofline.weight_bytes_read(model)
     config_doc = _config(args, loaded, sparse, weights)

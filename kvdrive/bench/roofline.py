@@ -40,12 +40,15 @@ class Bandwidths:
     h2d: float | None  # pinned host -> GPU
     probe_bytes: int
     disk: float | None = None  # random KV-slot reads from the disk pool's first path; None: not measured
+    disk_latency_ms: float | None = None  # one such read alone (not in the bound: the row's notes use it)
 
     def as_dict(self) -> dict:
         out = {"hbm_gbps": round(self.hbm / 1e9, 2), "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
                "probe_mib": self.probe_bytes >> 20}
         if self.disk is not None:
             out["disk_read_gbps"] = round(self.disk / 1e9, 3)
+        if self.disk_latency_ms is not None:
+            out["disk_read_latency_ms"] = round(self.disk_latency_ms, 3)
         return out
 
 
@@ -109,9 +112,11 @@ def measure(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> Ba
     return Bandwidths(hbm, h2d, nbytes)
 
 
-def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> float:
-    """Bytes/s of random ``slot_bytes`` reads at queue depth 32 in ``path`` (O_DIRECT where it
-    works), through the pool's own ``DiskDevice``; its files are removed after."""
+def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> tuple[float, float | None]:
+    """(bytes/s of random ``slot_bytes`` reads at queue depth 32, ms of one read alone) in
+    ``path`` (O_DIRECT where it works), through the pool's own ``DiskDevice``; its files are
+    removed after."""
     from kvdrive.kv import probe
 
-    return probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes).read_gbps * 1e9
+    p = probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes)
+    return p.read_gbps * 1e9, p.read_latency_ms

@@ -6,6 +6,11 @@ network mounts) are reported, never hidden. ``measure`` times random reads and
 sequential writes of whole slots at a given size and queue depth, and
 ``save``/``load`` keep the result in ``PATH/.kvdrive-probe.json`` so the pool can
 weight its stripes without measuring again. ``kvdrive probe PATH...`` runs it.
+
+``measure`` also times single reads one at a time (``read_latency_ms``, the median): a
+tiered decode step waits at least one such read for every layer whose selection needs the
+disk, so on a disk with millisecond reads the SSD tier is bound by latency, not bandwidth
+(docs/bench.md, stop 14: 1-2 ms per read on the lent H200 machine's disk).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ PROBE_FILE = ".kvdrive-probe.json"
 DEFAULT_PROBE_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = 64 << 10
 DEFAULT_DEPTH = 32
+LATENCY_READS = 64  # single reads timed one at a time for read_latency_ms
+SLOW_READ_MS = 0.5  # a local NVMe reads a slot in ~0.1 ms; network volumes take milliseconds
 
 
 class DirectIOWarning(UserWarning):
@@ -49,6 +56,7 @@ class DeviceProbe:
     depth: int
     probe_bytes: int
     date: str
+    read_latency_ms: float | None = None  # median of single random slot reads, one at a time
 
 
 def probe_direct(path: str, faults=None) -> DirectProbe:
@@ -99,9 +107,14 @@ def measure(path: str, slot_bytes: int = DEFAULT_SLOT_BYTES, probe_bytes: int = 
         t0 = time.perf_counter()
         disk.read([slots[i] for i in order], [bufs[i] for i in range(n)]).result()
         read_s = time.perf_counter() - t0
+        single = []
+        for i in order[:LATENCY_READS]:  # one read in flight: what a layer that needs one group waits
+            t1 = time.perf_counter()
+            disk.read([slots[i]], [bufs[0]]).result()
+            single.append(time.perf_counter() - t1)
         total = n * slot_bytes
         return DeviceProbe(path, slot_bytes, disk.direct, total / read_s / 1e9, total / write_s / 1e9, depth,
-                           total, time.strftime("%Y-%m-%dT%H:%M:%S"))
+                           total, time.strftime("%Y-%m-%dT%H:%M:%S"), float(np.median(single)) * 1e3)
     finally:
         disk.close()
 
@@ -159,5 +172,9 @@ def run(args) -> int:
             print(f"{path}: O_DIRECT REFUSED ({d.reason}); buffered I/O with page-cache dropping will be used")
         p = measure(path, args.slot_kib << 10, args.mib << 20, args.depth)
         print(f"{path}: read {p.read_gbps:.2f} GB/s, write {p.write_gbps:.2f} GB/s at {args.slot_kib} KiB, "
-              f"depth {p.depth}, direct={p.direct} -> {save(p)}")
+              f"depth {p.depth}, direct={p.direct}; one read alone {p.read_latency_ms:.3f} ms -> {save(p)}")
+        if p.read_latency_ms > SLOW_READ_MS:
+            print(f"{path}: reads take {p.read_latency_ms:.1f} ms: a decode step waits about that long for every "
+                  "layer that needs the disk, so keep the hot KV in host memory (a larger --host-gib) or use "
+                  "a local NVMe")
     return 0

@@ -350,12 +350,12 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0
             g_np = groups.cpu().numpy()
-            keep, cached = torch.stack((listed, cached)).cpu().numpy()  # one host sync
+            keep, cached = torch.stack((listed, cached)).cpu().numpy()  # both masks in one copy
             need = keep & ~cached
             failed = self.host.resolve(layer, m["slot_list"], g_np, need, keep)
             self._read_ahead(m, layer + 1)  # the next layer's disk reads overlap this layer's compute
             if failed.any():  # never served: drop those groups from this step's attention
-                groups, listed, num_pages = _drop(g_np, listed.cpu().numpy(), failed, self.device)
+                groups, listed, num_pages = _drop(g_np, keep, failed, self.device)  # keep: listed, on the host
             src = self.host.rows(layer, slots, groups)
             mark("disk_resolve")
         pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)

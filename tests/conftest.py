@@ -1,7 +1,12 @@
+import inspect
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+# A kernel test's devices: the CPU through Triton's interpreter, and the GPU where there is one.
+KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +53,16 @@ def run_interpreted(test_file: str, func: str, *args) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root,
                          check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def check_kernel(check, device: str) -> None:
+    """Run a kernel test's ``check(device)``: on "cpu" in a fresh process under Triton's
+    interpreter (``run_interpreted``), on "cuda" here, compiled."""
+    if device == "cpu":
+        pytest.importorskip("triton")
+        run_interpreted(Path(inspect.getfile(check)).name, check.__name__, "cpu")
+    else:
+        check(device)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ transformers, with small random weights shared by both implementations."""
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICES, check_kernel
 
 from kvdrive.kv.contiguous import ContiguousKVCache
 from kvdrive.models.decoder import DecoderLM
@@ -72,20 +73,13 @@ def test_architecture_flags():
     assert cfg.attn_scale == pytest.approx(24**-0.5)
 
 
-def test_rmsnorm_kernel_matches_the_torch_path():
-    """The one-launch Triton RMSNorm (interpreted on CPU) gives the torch norm's values, Llama
-    style (scaled in bf16) and Gemma style (offset 1, float32 throughout), hidden and head rows."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-
-    run_interpreted("test_architectures.py", "check_rmsnorm_kernel", "cpu")
-
-
-@pytest.mark.gpu
-def test_rmsnorm_kernel_matches_the_torch_path_on_gpu():
-    """On the GPU, where the kernel rounds to bf16 as torch does (the interpreter truncates),
-    the two agree exactly almost everywhere."""
-    check_rmsnorm_kernel("cuda")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_rmsnorm_kernel_matches_the_torch_path(device):
+    """The one-launch Triton RMSNorm gives the torch norm's values, Llama style (scaled in bf16)
+    and Gemma style (offset 1, float32 throughout), hidden and head rows. On the GPU, where the
+    kernel rounds to bf16 as torch does (the interpreter truncates), the two agree exactly
+    almost everywhere."""
+    check_kernel(check_rmsnorm_kernel, device)
 
 
 def check_rmsnorm_kernel(device: str) -> None:
@@ -107,19 +101,12 @@ def check_rmsnorm_kernel(device: str) -> None:
             assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())
 
 
-def test_silu_mul_kernel_matches_the_torch_path():
-    """The gated MLP's activation and product in one Triton launch (interpreted on CPU) gives
-    torch's silu(gate) * up on a fused [gate | up] row: decode and prefill rows, a width that
-    is not a power of two."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-
-    run_interpreted("test_architectures.py", "check_silu_mul_kernel", "cpu")
-
-
-@pytest.mark.gpu
-def test_silu_mul_kernel_matches_the_torch_path_on_gpu():
-    check_silu_mul_kernel("cuda")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_silu_mul_kernel_matches_the_torch_path(device):
+    """The gated MLP's activation and product in one Triton launch gives torch's
+    silu(gate) * up on a fused [gate | up] row: decode and prefill rows, a width that is not
+    a power of two."""
+    check_kernel(check_silu_mul_kernel, device)
 
 
 def check_silu_mul_kernel(device: str) -> None:
@@ -138,18 +125,11 @@ def check_silu_mul_kernel(device: str) -> None:
             assert (got == want).float().mean() > 0.95, (shape, (got == want).float().mean())
 
 
-def test_rope_kernel_matches_the_torch_path():
-    """The one-launch Triton RoPE (interpreted on CPU) gives torch's rotation: exactly in float32,
-    within bf16 rounding otherwise; strided (transposed) queries, decode and prefill lengths."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-
-    run_interpreted("test_architectures.py", "check_rope_kernel", "cpu")
-
-
-@pytest.mark.gpu
-def test_rope_kernel_matches_the_torch_path_on_gpu():
-    check_rope_kernel("cuda")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_rope_kernel_matches_the_torch_path(device):
+    """The one-launch Triton RoPE gives torch's rotation: exactly in float32, within bf16
+    rounding otherwise; strided (transposed) queries, decode and prefill lengths."""
+    check_kernel(check_rope_kernel, device)
 
 
 def check_rope_kernel(device: str) -> None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICES, check_kernel
 
 from kvdrive.attention.lowrank import KeyGram, load_bases, save_bases
 from kvdrive.errors import KvdriveError
@@ -155,18 +156,11 @@ def test_lowrank_seq_prefill_in_chunks_equals_one_shot():
     torch.testing.assert_close(chunked, s.summarize(keys, 1))
 
 
-def test_fused_score_kernel_matches_the_torch_path():
-    """The one-launch Triton score (interpreted on CPU) gives the torch path's scores: minmax and
-    mean summaries, max and mean over query heads, ragged counts (-inf past each row's count)."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-
-    run_interpreted("test_summaries.py", "check_fused_score", "cpu")
-
-
-@pytest.mark.gpu
-def test_fused_score_kernel_matches_the_torch_path_on_gpu():
-    check_fused_score("cuda")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_fused_score_kernel_matches_the_torch_path(device):
+    """The one-launch Triton score gives the torch path's scores: minmax and mean summaries,
+    max and mean over query heads, ragged counts (-inf past each row's count)."""
+    check_kernel(check_fused_score, device)
 
 
 def check_fused_score(device: str) -> None:

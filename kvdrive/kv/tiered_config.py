@@ -85,14 +85,16 @@ class TieredConfig:
 
 def resolve_parts(tiered: TieredConfig, device) -> TieredConfig:
     """``tiered`` with ``micro_batches`` and ``fetch_programs`` as numbers. "auto": 2 parts on a
-    CUDA device, else 1; the fetch kernel on half the SMs of a CUDA device when the batch is
-    micro-batched, else 0 (one program per tile)."""
+    CUDA device, else 1; the fetch kernel on a quarter of the SMs of a CUDA device when the
+    batch is micro-batched, else 0 (one program per tile). A quarter: at 128K x 4 on the H200
+    (132 SMs), 32 programs still fill PCIe and give the other part's GEMMs the SMs that 66 held
+    (237 vs 212 tok/s; 16 starve PCIe: 198; bench/results/decode-h200-128k-fp*.json)."""
     import torch
 
     cuda = getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available()
     parts = (2 if cuda else 1) if tiered.micro_batches == "auto" else tiered.micro_batches
     programs = tiered.fetch_programs
     if programs == "auto":
-        programs = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 2) \
+        programs = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 4) \
             if cuda and parts > 1 else 0
     return replace(tiered, micro_batches=parts, fetch_programs=programs)

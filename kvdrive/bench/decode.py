@@ -95,8 +95,8 @@ def add_arguments(p) -> None:
                         "compute (default auto: 2 on CUDA, 1 elsewhere; 1: off, the ablation)")
     g.add_argument("--fetch-programs", type=parse_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: run the host->GPU fetch kernel on this many looping programs "
-                        "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default auto: half "
-                        "the SMs with micro-batches, else 0; 0: one program per group block)")
+                        "(SMs), leaving the rest to compute beside it, e.g. another micro-batch (default auto: a "
+                        "quarter of the SMs with micro-batches, else 0; 0: one program per group block)")
     g.add_argument("--no-fetch-lane", action="store_true",
                    help="ablation, with --micro-batches: each part fetches on its own stream, so parts fetching at "
                         "once share PCIe (default: one fetch stream in issue order, the parts take turns)")
@@ -110,6 +110,11 @@ def add_arguments(p) -> None:
     d.add_argument("--disk-gib", type=float, default=48.0,
                    help="most GiB written per directory; rows needing more, or more than is free, are skipped "
                         "(default 48)")
+    d.add_argument("--disk-misses", choices=("wait", "defer"), default="wait",
+                   help="kvdrive_ssd and kvswap_ssd: selected groups only on disk are read before the layer "
+                        "attends (wait: exact, one host sync per layer and micro-batch) or left out of that "
+                        "step and read for later ones (defer: no sync, CUDA graphs; the step attends to fewer "
+                        "groups) (default wait)")
     d.add_argument("--ssd-host-gib", type=float, default=8.0,
                    help="pinned host arena in front of the disks, all layers together (default 8)")
     p.add_argument("--no-overlap", action="store_true",
@@ -273,10 +278,10 @@ def per_step(stats: dict, steps: int) -> dict:
     out = {}
     sel = stats.get("groups_selected") or 0
     if sel:
-        for k in ("gpu_hits", "prefetched_hits", "sync_fetched"):
+        for k in ("gpu_hits", "prefetched_hits", "sync_fetched", "deferred"):  # deferred: left out, read behind
             if k in stats:
                 out[f"{k}_rate"] = stats[k] / sel
-    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "read_ahead", "disk_writes"):
+    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "read_ahead", "deferred_reads", "disk_writes"):
         if k in stats:
             out[f"{k}_per_step"] = stats[k] / steps
     if isinstance(stats.get("time_ms"), dict):
@@ -352,7 +357,7 @@ def _disk_bandwidth(path: str, slot_bytes: int) -> tuple[float, float | None]:
 def _disk_bytes(shape: Shape, row: dict, group_tokens: int) -> int:
     """Bytes a disk-backed row read from disk per step: its reads and read-ahead, whole slots."""
     ps = row.get("per_step", {})
-    reads = ps.get("disk_reads_per_step", 0) + ps.get("read_ahead_per_step", 0)
+    reads = ps.get("disk_reads_per_step", 0) + ps.get("read_ahead_per_step", 0) + ps.get("deferred_reads_per_step", 0)
     return int(reads * _slot_bytes(shape.config, shape.dtype, group_tokens))
 
 
@@ -418,7 +423,8 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
                          "prefetch_min_precision": args.prefetch_min_precision, "micro_batches": args.micro_batches,
                          "fetch_programs": args.fetch_programs, "fetch_lane": not args.no_fetch_lane,
                          "control_stream": args.control_stream},
-        "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib},
+        "kvdrive_ssd": {"disk": args.disk, "disk_gib_per_path": args.disk_gib, "host_arena_gib": args.ssd_host_gib,
+                        "disk_misses": args.disk_misses},
         "overlap": not args.no_overlap, "cuda_graphs": not args.no_cuda_graphs, "fill_chunk": args.fill_chunk,
         "gpu_headroom_gib": args.gpu_headroom_gib, "host_headroom_gib": args.host_headroom_gib,
         "hf_max_tokens": args.hf_max_tokens, "hf_new_tokens": args.hf_new_tokens,
@@ -442,7 +448,8 @@ def run(args) -> int:
                           window_tokens=args.window, summary=args.summary)
     opts = Options(sparse, args.cache_tokens, args.eviction, not args.no_prefetch, not args.no_overlap,
                    args.rebalance_after, tuple(args.disk), args.disk_gib, args.ssd_host_gib, args.micro_batches,
-                   args.prefetch_min_precision, args.fetch_programs, not args.no_fetch_lane, args.control_stream)
+                   args.prefetch_min_precision, args.fetch_programs, not args.no_fetch_lane, args.control_stream,
+                   args.disk_misses)
     haystack = None
     if args.text:
         from kvdrive.eval.corpus import TokenHaystack, load_text

@@ -44,6 +44,7 @@ class Options:
     fetch_programs: int | str = TieredConfig.fetch_programs  # kvdrive systems: looping programs of the fetch kernel
     fetch_lane: bool = TieredConfig.fetch_lane  # kvdrive systems with micro-batches: parts fetch in turn
     control_stream: bool = TieredConfig.control_stream  # kvdrive systems: score/select/ensure at highest priority
+    disk_misses: str = TieredConfig.disk_misses  # kvdrive_ssd, kvswap_ssd: wait for disk-only groups, or defer them
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
                        host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
                        micro_batches=1 if previous_step_only else o.micro_batches,
                        fetch_programs=0 if previous_step_only else o.fetch_programs, fetch_lane=o.fetch_lane,
-                       control_stream=o.control_stream and not previous_step_only)
+                       control_stream=o.control_stream and not previous_step_only, disk_misses=o.disk_misses)
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 

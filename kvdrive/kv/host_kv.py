@@ -16,6 +16,16 @@ fetch kernel needs no host work. Two implementations:
   layer before computes, and adopted by that layer's ``resolve``. A read that
   fails its checksum or I/O is never served: the group is dropped from that step's
   attention and counted (``lost``).
+
+  Deferred misses (``TieredConfig.disk_misses="defer"``) take the host off the step's
+  path: the GPU serves what the GPU cache and the arena hold and leaves the disk-only
+  groups out of that step's attention; the step's selections reach the host
+  asynchronously (``take_selections``), which stamps the arena's LRU and reads the
+  groups that were left out, to be mapped before a later step (``begin``). No host sync
+  per layer, so such a step can be a CUDA graph.
+
+Evicted arena slots are not reused at once: a step still in flight may read them, so they
+wait (``_held``) for the event of the last step committed when they were evicted.
 """
 
 from __future__ import annotations
@@ -169,6 +179,10 @@ class _Done:
     def synchronize(self) -> None:
         pass
 
+    def query(self) -> bool:
+        return True
+
+
 
 class DiskBackedHostKV(HostKV):
     may_miss = True
@@ -195,6 +209,11 @@ class DiskBackedHostKV(HostKV):
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
         self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
         self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
+        self._held = [deque() for _ in range(nl)]  # per layer: (event, slots) evicted, free once it completes
+        self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
+        self._deferred: list[list] = [[] for _ in range(nl)]  # per layer: (flats, slots, future) deferred reads
+        self._inflight = [set() for _ in range(nl)]  # per layer: flats of deferred reads in flight
+        self.counts.update(deferred=0, deferred_reads=0)
 
     @property
     def nbytes(self) -> int:
@@ -210,35 +229,60 @@ class DiskBackedHostKV(HostKV):
         return self.slot_gpu[layer][slots[:, None], groups]
 
     # -- capacity ---------------------------------------------------------------------
-    def _alloc(self, layer: int, n: int, protect: set[int]) -> list[int]:
+    def _alloc(self, layer: int, n: int, protect: set[int], wait: bool = True) -> list[int]:
+        """``n`` free arena slots of ``layer``, evicting least recently used durable groups not
+        in ``protect``. ``wait=False``: as many as are free without waiting (maybe fewer)."""
         arena = self.arenas[layer]
         if n > arena.num_slots:
             raise CapacityError(f"layer {layer}: {n} groups must be in host memory at once, the arena has "
                                 f"{arena.num_slots} slots: raise the host budget")
-        while arena.num_free < n:
-            own = self.owner[layer]
-            used = np.nonzero(own >= 0)[0]
-            flat = own[used]
-            ok = (self.disk_at[layer, flat, 1] >= 0) & ~np.isin(flat, list(protect))
-            cand = used[ok]
-            victims = cand[np.argsort(self.stamp[layer][cand], kind="stable")[: n - arena.num_free]]
-            if len(victims):
-                self._last_step.synchronize()  # GPU copies of the last step may still read these slots
-                self._evict(layer, victims)
-            elif self._writes:
+        while True:
+            self._recycle(layer)
+            if arena.num_free >= n:
+                return arena.alloc(n)
+            short = n - arena.num_free - sum(len(x) for _, x in self._held[layer])
+            if short > 0:
+                victims = self._victims(layer, short, protect)
+                if len(victims):
+                    self._evict(layer, victims)
+                    continue
+            if self._held[layer] and wait:
+                self._recycle(layer, block=True)  # GPU copies of a step in flight may still read them
+            elif self._writes and wait:
                 self._reap(wait_one=True)
+            elif not wait:
+                return arena.alloc(arena.num_free)
             else:
                 raise CapacityError(f"layer {layer}: host arena of {arena.num_slots} groups is full and no group can "
                                     f"leave (the rest are in use now or not yet on disk): raise the host budget")
-        return arena.alloc(n)
+
+    def _victims(self, layer: int, n: int, protect: set[int]) -> np.ndarray:
+        """Up to ``n`` arena slots of durable groups not in ``protect``, least recently used first."""
+        own = self.owner[layer]
+        used = np.nonzero(own >= 0)[0]
+        flat = own[used]
+        ok = self.disk_at[layer, flat, 1] >= 0
+        if protect:
+            ok &= ~np.isin(flat, list(protect))
+        cand = used[ok]
+        return cand[np.argsort(self.stamp[layer][cand], kind="stable")[:n]]
+
+    def _recycle(self, layer: int, block: bool = False) -> None:
+        """Free the evicted slots whose last possible reader is done (``block``: wait for the oldest)."""
+        held = self._held[layer]
+        while held and (block or held[0][0].query()):
+            event, slots = held.popleft()
+            event.synchronize()
+            self.arenas[layer].free(slots)
+            block = False
 
     def _evict(self, layer: int, slots: np.ndarray) -> None:
         flat = self.owner[layer][slots]
         s, g = np.divmod(flat, self.n)
         self.slot_of[layer, s, g] = -1
-        self.slot_gpu[layer][torch.as_tensor(s, device=self.device), torch.as_tensor(g, device=self.device)] = -1
+        self.slot_gpu[layer][self._up(s), self._up(g)] = -1
         self.owner[layer][slots] = -1
-        self.arenas[layer].free(slots.tolist())
+        self._held[layer].append((self._last_step, slots.tolist()))  # the step in flight may still read them
         self.counts["host_evictions"] += len(slots)
 
     def _map(self, layer: int, flat: np.ndarray, slots: list[int]) -> None:
@@ -247,11 +291,20 @@ class DiskBackedHostKV(HostKV):
         self.slot_of[layer, s, g] = sl
         self.owner[layer][sl] = flat
         self.stamp[layer][sl] = self.clock
-        self.slot_gpu[layer][torch.as_tensor(s, device=self.device),
-                             torch.as_tensor(g, device=self.device)] = torch.as_tensor(sl, device=self.device)
+        self.slot_gpu[layer][self._up(s), self._up(g)] = self._up(sl)
+
+    def _up(self, a: np.ndarray) -> torch.Tensor:
+        """``a`` on the device without waiting for the GPU: from pinned memory (a pageable copy
+        would block the host until the step in flight ends, e.g. while a graph replays)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # -- write path -------------------------------------------------------------------
     def begin(self, slot_list, starts, num_new):
+        self._take_selections()
+        self._land_deferred()
         self.clock += 1
         g = self.layout.group_tokens
         s_idx = np.repeat(slot_list, [(st + num_new - 1) // g - st // g + 1 for st in starts])
@@ -356,12 +409,87 @@ class DiskBackedHostKV(HostKV):
         self.counts["disk_reads"] += int(ok.sum())
         if not ok.all():
             lost = flat[~ok]
-            bad = lost[self.disk_at[layer, lost, 1] >= 0]
-            self.pool.free(self._addrs(layer, bad))  # never read a bad copy again
-            self.disk_at[layer, lost] = -1
+            self._lose(layer, lost)
             failed = want & np.isin(flat_all, lost)
             self.counts["lost"] += int(failed.sum())
         return failed
+
+    # -- deferred misses ----------------------------------------------------------------
+    MAX_SELECTIONS_IN_FLIGHT = 4  # steps whose selections may wait for the host before begin blocks
+
+    def take_selections(self, slot_list, layers: list[int], groups: torch.Tensor, flags: torch.Tensor, event) -> None:
+        """A decode step's selections, copied to the host asynchronously: ``groups`` (L, B, P)
+        and ``flags`` (L, B, P) uint8 (1: selected, 2: left out, on disk only) for ``layers``,
+        valid once ``event`` completes. Taken (without waiting) at a later ``begin``."""
+        self._selections.append((list(slot_list), layers, groups, flags, event))
+
+    def _take_selections(self) -> None:
+        """Stamp what finished steps selected and read what they left out, into free arena slots."""
+        while self._selections and (self._selections[0][4].query()
+                                    or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
+            slot_list, layers, groups, flags, event = self._selections.popleft()
+            event.synchronize()
+            groups, flags = groups.numpy().astype(np.int64), flags.numpy()
+            s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[2], 1)
+            for i, layer in enumerate(layers):
+                g, f = groups[i], flags[i]
+                flat_all = s * self.n + g
+                host = self.slot_of[layer, s, g]
+                self.stamp[layer][host[(host >= 0) & (f & 1 > 0)]] = self.clock
+                left = f & 2 > 0
+                if left.any():
+                    self.counts["deferred"] += int(left.sum())
+                    self._read_deferred(layer, np.unique(flat_all[left]))
+
+    def _read_deferred(self, layer: int, flat: np.ndarray) -> None:
+        flat = flat[(self.slot_of[layer].reshape(-1)[flat] < 0) & (self.disk_at[layer, flat, 1] >= 0)]
+        flat = flat[~np.isin(flat, list(self._inflight[layer]))] if self._inflight[layer] else flat
+        if not len(flat):
+            return
+        slots = self._alloc(layer, len(flat), set(), wait=False)  # what is free now; the rest at a later step
+        if not slots:
+            return
+        flat = flat[: len(slots)]
+        fut = self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
+        self._deferred[layer].append((flat, slots, fut))
+        self._inflight[layer].update(flat.tolist())
+
+    def _land_deferred(self, block: bool = False) -> None:
+        """Map the deferred reads that arrived (``block``: all of them); a failed read is lost."""
+        for layer, pending in enumerate(self._deferred):
+            keep = []
+            for flat, slots, fut in pending:
+                if not (block or fut.done()):
+                    keep.append((flat, slots, fut))
+                    continue
+                self._inflight[layer].difference_update(flat.tolist())
+                results = fut.result()
+                here = self.slot_of[layer].reshape(-1)[flat] >= 0  # brought meanwhile by a synchronous read
+                if here.any():
+                    self.arenas[layer].free([x for x, h in zip(slots, here) if h])
+                    flat, slots = flat[~here], [x for x, h in zip(slots, here) if not h]
+                    results = [r for r, h in zip(results, here) if not h]
+                ok = self._adopt(layer, flat, slots, results)
+                self.counts["deferred_reads"] += int(ok.sum())
+                if not ok.all():
+                    self._lose(layer, flat[~ok])
+                    self.counts["lost"] += int((~ok).sum())
+            self._deferred[layer] = keep
+
+    def _lose(self, layer: int, lost: np.ndarray) -> None:
+        """Groups whose disk copy failed its read: never read a bad copy again (the group is gone)."""
+        bad = lost[self.disk_at[layer, lost, 1] >= 0]
+        self.pool.free(self._addrs(layer, bad))
+        self.disk_at[layer, lost] = -1
+
+    def _drain(self) -> None:
+        """Every read and selection in flight landed (before slots are freed or files closed)."""
+        while self._selections:
+            self._selections[0][4].synchronize()
+            self._take_selections()
+        self._land_deferred(block=True)
+        for layer in list(self._ahead):
+            self._land(layer)
 
     def gather_pairs(self, layer, slots, groups):
         if groups:
@@ -375,8 +503,7 @@ class DiskBackedHostKV(HostKV):
 
     def clear(self, slot):
         self._last_step.synchronize()
-        for layer in list(self._ahead):
-            self._land(layer)
+        self._drain()
         self._reap(wait_all=True)
         for layer, arena in enumerate(self.arenas):
             held = self.slot_of[layer, slot]
@@ -398,7 +525,6 @@ class DiskBackedHostKV(HostKV):
                     host_resident_groups=int(sum(a.num_slots - a.num_free for a in self.arenas)))
 
     def close(self) -> None:
-        for layer in list(self._ahead):
-            self._land(layer)
+        self._drain()
         self._reap(wait_all=True)
         self.pool.close()

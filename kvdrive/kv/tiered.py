@@ -90,8 +90,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0}
-        # Graphs: host-only tier (disk misses need host work per layer) and every layer sparse.
-        self.supports_cuda_graphs = (device.type == "cuda" and not tiered.disk
+        # Graphs: every layer sparse, and no host work per layer: a host-only tier, or disk misses deferred.
+        self.defer = bool(tiered.disk) and tiered.disk_misses == "defer"
+        self.supports_cuda_graphs = (device.type == "cuda" and (not tiered.disk or self.defer)
                                      and len(self.caches) == config.num_hidden_layers)
         self.graph_epoch = 0
         # Per-step state is per sequence and counters add atomically: batch parts may run concurrently.
@@ -195,7 +196,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         return {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": len_t, "num_groups": num_groups,
                 "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32), "static": static,
-                "prefetch": {}, "ahead": {}, "masks": {},
+                "prefetch": {}, "ahead": {}, "masks": {}, "selections": [],
                 "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None}
 
     def prepare_replay(self, seq_ids) -> None:
@@ -226,10 +227,22 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
 
     def commit(self, batch: ForwardBatch) -> None:
         self._moved["token_writes"] += batch.batch_size * batch.num_new * self.group_bytes // self.g * len(self.layer_specs)
+        if batch.meta["selections"]:  # deferred disk misses: the step's selections go to the host
+            self._send_selections(batch)
         written = devices.new_event(self.device)
         written.record()
         self.host.end(batch.meta["slot_list"], batch.start, batch.num_new, written)
         self.seqs.commit(batch.seq_ids, batch.num_new)
+
+    def _send_selections(self, batch: ForwardBatch) -> None:
+        """One asynchronous copy of what each layer selected and left out (``disk_misses="defer"``);
+        after a graph replay the captured tensors hold this step's values."""
+        layers, groups, flags = zip(*batch.meta["selections"])
+        groups = devices.to_host_async(torch.stack(groups).to(torch.int32))
+        flags = devices.to_host_async(torch.stack(flags))
+        event = devices.new_event(self.device)
+        event.record()
+        self.host.take_selections(batch.meta["slot_list"], list(layers), groups, flags, event)
 
     # -- data path ------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
@@ -341,7 +354,17 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = leading(num_pages, groups.shape[1])
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
-        if prefetch:  # the predicted groups only on disk: read them ahead
+        if self.defer and not prefetch:  # serve what the GPU cache and host hold; the rest later
+            cached = cache.table[slots[:, None], groups] >= 0
+            left = listed & ~cached & (src < 0)
+            m["selections"].append((layer, groups, listed.to(torch.uint8) | (left.to(torch.uint8) << 1)))
+            order = torch.sort(left.to(torch.uint8), dim=1, stable=True).indices  # served first, in order
+            groups, src = groups.gather(1, order), src.gather(1, order)
+            num_pages = (listed & ~left).sum(1, dtype=torch.int32)
+            listed = leading(num_pages, groups.shape[1])
+        elif prefetch and self.defer:
+            pass  # the prefetch skips disk-only groups; no read-ahead (it would need a host sync)
+        elif prefetch:  # the predicted groups only on disk: read them ahead
             ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
             m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
                                 devices.new_event(self.device))

@@ -10,6 +10,7 @@ from kvdrive.kv.selection_cache import EVICTIONS
 from kvdrive.kv.sparse import SparseConfig
 
 AUTO_GPU_SHARE = 0.8  # cache_tokens="auto": share of the free GPU memory (after headroom) the cache may take
+DISK_MISSES = ("wait", "defer")  # TieredConfig.disk_misses
 AUTO_CPU_TOKENS = 4096  # cache_tokens="auto" off CUDA (the "GPU" cache is then host memory like the tier)
 
 
@@ -49,8 +50,8 @@ class TieredConfig:
     micro_batches: int | str = "auto"
     # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
     # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute;
-    # "auto": half the GPU's SMs with micro-batches (66 of 132 on the H200 runs in
-    # bench/results/decode-h200*.json), else 0.
+    # "auto": a quarter of the GPU's SMs with micro-batches (33 of 132 on the H200; runs before
+    # stop 15 in bench/results/decode-h200*.json used half, 66), else 0.
     fetch_programs: int | str = "auto"
     # With micro-batches: every part's fetch on one stream, in issue order, so the parts take
     # turns on PCIe and one computes while the other fetches (False: ablation, each part
@@ -62,6 +63,12 @@ class TieredConfig:
     # us inside the decode against 40 alone (bench/results/profile-h200/README.md): they wait for
     # SMs. Off by default: not yet measured (``--control-stream`` in ``kvdrive bench decode``).
     control_stream: bool = False
+    # With disk: what a decode step does with selected groups that are only on disk. "wait": read
+    # them before the layer's fetch (exact; one host sync per layer and micro-batch). "defer":
+    # attend without them this step and read them for later steps (no host sync in the step, so
+    # it can be a CUDA graph; the step's attention misses those groups). NOTE: on the H200's disk
+    # (1-2 ms a read) "wait" ran at 0.004x of host-only (bench/results/decode-smollm2-text-ssd-h200.json).
+    disk_misses: str = "wait"
 
     def __post_init__(self):
         if self.disk and self.host_bytes <= 0:
@@ -77,6 +84,8 @@ class TieredConfig:
             raise KvdriveError(f"cache_tokens must be a token count >= 0 or 'auto', got {self.cache_tokens!r}")
         if self.fetch_programs != "auto" and (not isinstance(self.fetch_programs, int) or self.fetch_programs < 0):
             raise KvdriveError(f"fetch_programs must be a program count >= 0 or 'auto', got {self.fetch_programs!r}")
+        if self.disk_misses not in DISK_MISSES:
+            raise KvdriveError(f"disk_misses must be one of {', '.join(DISK_MISSES)}, got {self.disk_misses!r}")
         if self.rebalance_after < 0:
             raise KvdriveError("rebalance_after must be >= 0")
         if not 0 <= self.prefetch_min_precision <= 1:

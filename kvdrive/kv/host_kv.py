@@ -43,6 +43,10 @@ from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskAddr, DiskPool, PoolPath
 
 HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
+# An arena short of slots evicts at least 1/EVICT_SHARE of them at once: choosing victims scans
+# the arena (~28K slots a layer at 8K x 64 of SmolLM2), which per read batch cost ~2 ms a layer
+# (H200, bench/results/decode-smollm2-text-ssd-h200-defer*.json).
+EVICT_SHARE = 64
 
 
 def host_room() -> int | None:
@@ -241,8 +245,8 @@ class DiskBackedHostKV(HostKV):
             if arena.num_free >= n:
                 return arena.alloc(n)
             short = n - arena.num_free - sum(len(x) for _, x in self._held[layer])
-            if short > 0:
-                victims = self._victims(layer, short, protect)
+            if short > 0:  # a batch at a time: each choice scans the whole arena
+                victims = self._victims(layer, max(short, arena.num_slots // EVICT_SHARE), protect)
                 if len(victims):
                     self._evict(layer, victims)
                     continue
@@ -265,7 +269,9 @@ class DiskBackedHostKV(HostKV):
         if protect:
             ok &= ~np.isin(flat, list(protect))
         cand = used[ok]
-        return cand[np.argsort(self.stamp[layer][cand], kind="stable")[:n]]
+        if len(cand) > n:  # the n oldest, in no order: O(arena), not a sort of it
+            cand = cand[np.argpartition(self.stamp[layer][cand], n - 1)[:n]]
+        return cand
 
     def _recycle(self, layer: int, block: bool = False) -> None:
         """Free the evicted slots whose last possible reader is done (``block``: wait for the oldest)."""

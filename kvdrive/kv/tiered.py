@@ -231,7 +231,10 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             self._send_selections(batch)
         written = devices.new_event(self.device)
         written.record()
-        self.host.end(batch.meta["slot_list"], batch.start, batch.num_new, written)
+        # NOTE: the lengths now, not batch.start: a replayed graph's batch keeps its capture's
+        # starts, and with them no group ever filled, so none was written behind to disk.
+        starts = self.seqs.starts(batch.seq_ids, batch.num_new)
+        self.host.end(batch.meta["slot_list"], starts, batch.num_new, written)
         self.seqs.commit(batch.seq_ids, batch.num_new)
 
     def _send_selections(self, batch: ForwardBatch) -> None:

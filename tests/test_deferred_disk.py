@@ -167,6 +167,7 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
                                                TieredConfig(SPARSE, cache_tokens=48, micro_batches=2,
                                                             rebalance_after=5)), prompts, 16)
     _decode(model, cache, prompts, 0)
+    written = cache.stats()["disk_writes"]
     graph, out = None, []
     for t in range(16):
         ids = torch.full((3, 1), 7 + t, device="cuda")
@@ -177,6 +178,7 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
     cache.host._drain()
     st = cache.stats()
     assert torch.isfinite(torch.stack(out)).all() and st["lost"] == 0
+    assert st["disk_writes"] - written >= 3 * 3  # each sequence filled a group in 16 steps: written behind
     if arena_groups == 200:
         torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
         assert st["deferred"] == 0

@@ -155,7 +155,7 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
     """A disk tier with deferred misses decodes as a CUDA graph: with an arena that holds
     everything it matches the host-only tier's eager decode; with a small one it runs, reads
     behind, and loses nothing."""
-    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+    from test_micro_batch import graphed_decode
 
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
@@ -168,19 +168,13 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
                                                             rebalance_after=5)), prompts, 16)
     _decode(model, cache, prompts, 0)
     written = cache.stats()["disk_writes"]
-    graph, out = None, []
-    for t in range(16):
-        ids = torch.full((3, 1), 7 + t, device="cuda")
-        if graph is None:
-            graph = GraphedDecodeStep(model, cache, [0, 1, 2], ids)
-        out.append(graph(ids).clone())
-        graph.commit()
+    out = graphed_decode(model, cache, 3, 16)
     cache.host._drain()
     st = cache.stats()
-    assert torch.isfinite(torch.stack(out)).all() and st["lost"] == 0
+    assert torch.isfinite(out).all() and st["lost"] == 0
     assert st["disk_writes"] - written >= 3 * 3  # each sequence filled a group in 16 steps: written behind
     if arena_groups == 200:
-        torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
         assert st["deferred"] == 0
     else:
         assert st["deferred"] > 0 and st["deferred_reads"] > 0

@@ -28,6 +28,21 @@ def test_small_budget_over_disk_generates(smollm2, tmp_path):
     assert len(out[0].token_ids) == 6
 
 
+def test_deferred_disk_misses_with_room_for_everything_give_the_same_greedy_tokens(smollm2, tmp_path):
+    """Over the disk with deferred misses, when the arena holds every group nothing is left out:
+    the greedy tokens are those of the plain cache."""
+    from kvdrive.kv.pool import PoolPath
+
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = LLM(loaded=smollm2).generate([PROMPT], params)[0]
+    cfg = TieredConfig(SparseConfig(budget=1 << 20), cache_tokens=256, rebalance_after=4,
+                       disk=(PoolPath(str(tmp_path), 256 << 20),), host_bytes=30 * 64 * 24576, direct="off",
+                       disk_misses="defer")
+    llm = LLM(loaded=smollm2, kv_cache=cfg)
+    tiered = llm.generate([PROMPT], params)[0]
+    assert tiered.token_ids == plain.token_ids
+
+
 def test_generate_cli_names_the_missing_flag(capsys):
     from kvdrive.cli import main
 

@@ -50,8 +50,6 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs, cont
     """The captured step (prefetch stream forked and joined inside the graph, host-side work in
     prepare_replay, a recapture after the capacity rebalance) computes what eager decode does;
     also with each part's selection on its highest-priority control stream."""
-    from kvdrive.engine.cuda_graph import GraphedDecodeStep
-
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
@@ -62,15 +60,22 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs, cont
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs and cache.stats()["control_stream"] == (control and parts > 1)
     _decode(model, cache, prompts, 0)
+    torch.testing.assert_close(graphed_decode(model, cache, 3, 16), eager, rtol=2e-2, atol=2e-2)
+    assert cache.graph_epoch == 1
+
+
+def graphed_decode(model, cache, num_seqs: int, steps: int) -> torch.Tensor:
+    """Decode the batch ``steps`` times as one captured graph, inputs as ``_decode``'s: (B, steps, V)."""
+    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
     graph, out = None, []
-    for t in range(16):
-        ids = torch.full((3, 1), 7 + t, device="cuda")
+    for t in range(steps):
+        ids = torch.full((num_seqs, 1), 7 + t, device="cuda")
         if graph is None:
-            graph = GraphedDecodeStep(model, cache, [0, 1, 2], ids)
+            graph = GraphedDecodeStep(model, cache, list(range(num_seqs)), ids)
         out.append(graph(ids).clone())
         graph.commit()
-    torch.testing.assert_close(torch.stack(out, 1), eager, rtol=2e-2, atol=2e-2)
-    assert cache.graph_epoch == 1
+    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("lane", [True, False])

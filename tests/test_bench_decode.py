@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvdrive.bench import decode, decode_report, roofline
+from kvdrive.bench.decode_fill import fill_random
 from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape, _pinned
 from kvdrive.kv.contiguous import ContiguousKVCache
 from kvdrive.kv.sparse import SparseConfig, SparseKVCache
@@ -84,7 +85,7 @@ def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
         cache = make(cfg)
         for s in (0, 1):
             cache.add(s, 80)
-        decode.fill_random(cache, [0, 1], 70, cfg, torch.device("cpu"), torch.float32, chunk=32, seed=3)
+        fill_random(cache, [0, 1], 70, cfg, torch.device("cpu"), torch.float32, chunk=32, seed=3)
         assert cache.length(0) == 70 and cache.length(1) == 70
         caches.append(cache)
     k0, _ = caches[0].export_kv(1, 5, 0, 70)
@@ -245,7 +246,7 @@ def test_fill_text_prefills_real_prose_in_chunks(smollm2):
     the next token returned is the model's greedy choice after the whole window."""
     import random
 
-    from kvdrive.bench.decode import fill_text
+    from kvdrive.bench.decode_fill import fill_text
     from kvdrive.eval.corpus import TokenHaystack, load_text
     from kvdrive.kv.contiguous import ContiguousKVCache
     from kvdrive.kv.sparse import SparseConfig

@@ -23,6 +23,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.bench import roofline
+from kvdrive.bench.decode_fill import fill_random, fill_text
 from kvdrive.bench.decode_report import merge, plot, run_notes, save
 from kvdrive.bench.decode_systems import (
     SYSTEMS,
@@ -41,7 +42,7 @@ from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv.base import KVCache
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered_config import TieredConfig
+from kvdrive.kv.tiered_config import DISK_MISSES, TieredConfig
 from kvdrive.progress import progress
 
 GIB = 1 << 30
@@ -110,7 +111,7 @@ def add_arguments(p) -> None:
     d.add_argument("--disk-gib", type=float, default=48.0,
                    help="most GiB written per directory; rows needing more, or more than is free, are skipped "
                         "(default 48)")
-    d.add_argument("--disk-misses", choices=("wait", "defer"), default="wait",
+    d.add_argument("--disk-misses", choices=DISK_MISSES, default=TieredConfig.disk_misses,
                    help="kvdrive_ssd and kvswap_ssd: selected groups only on disk are read before the layer "
                         "attends (wait: exact, one host sync per layer and micro-batch) or left out of that "
                         "step and read for later ones (defer: no sync, CUDA graphs; the step attends to fewer "
@@ -157,45 +158,6 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots written next to the JSON")
     p.add_argument("-o", "--out", default="bench/results/decode.json", help="JSON result path "
                    "(default bench/results/decode.json; plots beside it)")
-
-
-def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.device, dtype: torch.dtype,
-                chunk: int = 8192, seed: int = 0) -> None:
-    """Give every sequence in ``seq_ids`` (already added) ``length`` tokens of seeded N(0, 1)
-    K and V through the cache's normal path, ``chunk`` tokens per plan/append/commit; no
-    model, no attention."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    h, d = config.num_key_value_heads, config.head_dim
-    for seq in seq_ids:
-        done = cache.length(seq)
-        while done < length:
-            t = min(chunk, length - done)
-            batch = cache.plan([seq], t)
-            for layer in range(config.num_hidden_layers):
-                k = torch.randn(1, h, t, d, generator=gen, device=device, dtype=dtype)  # (1, H_kv, T, D)
-                v = torch.randn(1, h, t, d, generator=gen, device=device, dtype=dtype)
-                cache.append(layer, k, v, batch)
-            cache.commit(batch)
-            done += t
-
-
-def fill_text(model, cache: KVCache, seq_ids, length: int, haystack, chunk: int, seed: int) -> torch.Tensor:
-    """Prefill every sequence with ``length`` tokens of real prose (its own random start in the
-    text), ``chunk`` tokens per forward; returns each one's greedy next token (B, 1)."""
-    import random
-
-    rng, first = random.Random(seed), []
-    for seq in seq_ids:
-        ids = torch.tensor(haystack.sample(length, rng), device=model.device)
-        for a in range(0, length, chunk):
-            part = ids[a : a + chunk]
-            batch = cache.plan([seq], len(part))
-            logits = model(part[None], cache, batch)
-            cache.commit(batch)
-        if hasattr(cache, "place"):  # the tiered caches' initial placement, as the engine does
-            cache.place([seq])
-        first.append(logits.argmax(-1))
-    return torch.stack(first).reshape(-1, 1)
 
 
 def _release(dev: torch.device) -> None:
@@ -347,15 +309,9 @@ def _slot_bytes(config, dtype: torch.dtype, group_tokens: int) -> int:
     return GroupLayout.from_config(config, dtype, group_tokens).slot_bytes
 
 
-def _disk_bandwidth(path: str, slot_bytes: int) -> tuple[float, float | None]:
-    """The disk term's bandwidth (bytes/s) and one read's latency (ms), measured once per run
-    in the first --disk path (made if missing)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return roofline.measure_disk(path, slot_bytes)
-
-
 def _disk_bytes(shape: Shape, row: dict, group_tokens: int) -> int:
-    """Bytes a disk-backed row read from disk per step: its reads and read-ahead, whole slots."""
+    """Bytes a disk-backed row read from disk per step: its reads, read-ahead and reads behind
+    (deferred misses), whole slots."""
     ps = row.get("per_step", {})
     reads = ps.get("disk_reads_per_step", 0) + ps.get("read_ahead_per_step", 0) + ps.get("deferred_reads_per_step", 0)
     return int(reads * _slot_bytes(shape.config, shape.dtype, group_tokens))
@@ -460,7 +416,7 @@ def run(args) -> int:
         haystack = TokenHaystack(loaded.tokenizer, load_text(args.text).text)
     bw = roofline.measure(dev, args.bw_mib << 20)
     if any(SYSTEMS[n].on_disk for n in args.systems):
-        disk_bw, disk_ms = _disk_bandwidth(args.disk[0], _slot_bytes(config, dtype, args.group_tokens))
+        disk_bw, disk_ms = roofline.measure_disk(args.disk[0], _slot_bytes(config, dtype, args.group_tokens))
         bw = replace(bw, disk=disk_bw, disk_latency_ms=disk_ms)
     _release(dev)
     weights = roofline.weight_bytes_read(model)

@@ -66,9 +66,9 @@ def run_notes(random_weights: bool, warmup: int, rebalance_after: int, feed: str
          "attention; for sparse systems the budget's tokens per global layer plus the minmax summaries of every group"),
         ("ratios: each system's best tokens/s over batches per context; targets: "
          + ", ".join(f"{a} / {b} >= {t}" for (a, b), t in TARGETS.items())),
-        ("kvdrive_ssd, kvswap_ssd: the roofline's disk term is (disk reads + read-ahead per step) x slot bytes / "
-         "bandwidths.disk_read_gbps (random slot reads, queue depth 32, first --disk path); it assumes the reads "
-         "overlap everything, while a layer that waits for its reads also pays the disk's latency"),
+        ("kvdrive_ssd, kvswap_ssd: the roofline's disk term is (disk reads + read-ahead + reads behind per step) x "
+         "slot bytes / bandwidths.disk_read_gbps (random slot reads, queue depth 32, first --disk path); it assumes "
+         "the reads overlap everything, while a layer that waits for its reads also pays the disk's latency"),
     ]
 
 

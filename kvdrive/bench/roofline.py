@@ -28,7 +28,7 @@ FORMULA = ("bound step = max((weight bytes + KV/summary bytes read on the GPU) /
            "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
            "fraction_of_bound = measured tokens/s / bound tokens/s. HBM bw = device-to-device copy "
            "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats. Disk-backed "
-           "rows: the bound is also at least (disk reads + read-ahead per step) x slot bytes / disk bw, disk bw = "
+           "rows: the bound is also at least (disk reads + read-ahead + reads behind per step) x slot bytes / disk bw, disk bw = "
            "random slot reads at the KV slot size, queue depth 32, on the first --disk path")
 
 
@@ -114,9 +114,12 @@ def measure(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> Ba
 
 def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> tuple[float, float | None]:
     """(bytes/s of random ``slot_bytes`` reads at queue depth 32, ms of one read alone) in
-    ``path`` (O_DIRECT where it works), through the pool's own ``DiskDevice``; its files are
-    removed after."""
+    ``path`` (made if missing; O_DIRECT where it works), through the pool's own ``DiskDevice``;
+    its files are removed after."""
+    from pathlib import Path
+
     from kvdrive.kv import probe
 
+    Path(path).mkdir(parents=True, exist_ok=True)
     p = probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes)
     return p.read_gbps * 1e9, p.read_latency_ms

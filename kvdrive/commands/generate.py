@@ -46,6 +46,7 @@ def add_sampling_options(p) -> None:
                    help="keep the KV on this directory too (repeatable: striped); needs --host-gib")
     k.add_argument("--disk-gib", type=float, default=64.0, help="disk budget per --disk directory (default 64)")
     k.add_argument("--host-gib", type=float, help="pinned host arena in front of the disks, GiB")
+    # TieredConfig.disk_misses' choices, spelled here: importing it would load torch for --help
     k.add_argument("--disk-misses", choices=("wait", "defer"), default="wait",
                    help="with --disk, selected groups that are only on disk: wait reads them before the layer "
                         "attends (exact; on a GPU every layer that needs the disk waits for it), defer leaves them "

@@ -115,7 +115,7 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
 def test_evicted_slots_wait_for_the_step_that_may_read_them(tmp_path):
     """An arena slot evicted while a step is in flight is not handed out again until that step's
     event completes (its copy kernels may still read the old group)."""
-    from kvdrive.kv.host_kv import DiskBackedHostKV
+    from kvdrive.kv.disk_host_kv import DiskBackedHostKV
     from kvdrive.kv.layout import GroupLayout
     from kvdrive.kv.pool import PoolPath
 

@@ -385,7 +385,7 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
     the misses (the old behaviour) lets it age out to disk while it is the hottest group."""
     import numpy as np
 
-    from kvdrive.kv.host_kv import DiskBackedHostKV
+    from kvdrive.kv.disk_host_kv import DiskBackedHostKV
     from kvdrive.kv.layout import GroupLayout
     from kvdrive.kv.pool import PoolPath
 

@@ -39,7 +39,8 @@ from kvdrive.kv import tier_ops
 from kvdrive.kv import tiered_admission as admission
 from kvdrive.kv.base import ForwardBatch, KVCache
 from kvdrive.kv.contiguous import layer_specs
-from kvdrive.kv.host_kv import DiskBackedHostKV, FullHostKV
+from kvdrive.kv.disk_host_kv import DiskBackedHostKV
+from kvdrive.kv.host_kv import FullHostKV
 from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.selection_cache import SelectionCache
 from kvdrive.kv.slots import SequenceSlots

@@ -1,0 +1,395 @@
+"""``DiskBackedHostKV``: the tiered cache's groups on the disk pool, behind a pinned host arena.
+
+Per layer a pinned ``HostTier`` arena of fewer slots than groups, and the disk pool (O_DIRECT
+extents, xxh3 per slot) holding every full group, written behind as groups fill. Host slots
+are evicted LRU among groups already durable on disk. A decode step whose selection needs
+disk-only groups pays one host sync per layer (``resolve``): they are read into the arena,
+then fetched like host hits; the groups a layer's predicted selection needs from disk are
+read ahead (``read_ahead``) while the layer before computes, and adopted by that layer's
+``resolve``. A read that fails its checksum or I/O is never served: the group is dropped
+from that step's attention and counted (``lost``).
+
+Deferred misses (``TieredConfig.disk_misses="defer"``) take the host off the step's path:
+the GPU serves what the GPU cache and the arena hold and leaves the disk-only groups out of
+that step's attention; the step's selections reach the host asynchronously
+(``take_selections``), which stamps the arena's LRU and reads the groups that were left out,
+to be mapped before a later step (``begin``). No host sync per layer, so such a step can be
+a CUDA graph.
+
+Evicted arena slots are not reused at once: a step still in flight may read them, so they
+wait (``_held``) for the event of the last step committed when they were evicted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv.host import HostTier
+from kvdrive.kv.host_kv import HostKV, check_host_room
+from kvdrive.kv.layout import GroupLayout
+from kvdrive.kv.pool import DiskAddr, DiskPool, PoolPath
+
+# An arena short of slots evicts at least 1/EVICT_SHARE of them at once: choosing victims scans
+# the arena (~28K slots a layer at 8K x 64 of SmolLM2), which per read batch cost ~2 ms a layer
+# (H200, the defer rows bench/results/decode-smollm2-text-ssd-h200-s0*d.json).
+EVICT_SHARE = 64
+
+
+class _Done:
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class DiskBackedHostKV(HostKV):
+    may_miss = True
+
+    def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device,
+                 host_bytes: int, disk: tuple[PoolPath, ...], direct: str = "auto", faults=None):
+        super().__init__(layout, max_seqs, max_groups, device)
+        if not disk:
+            raise KvdriveError("a disk-backed host tier needs at least one disk path (PoolPath)")
+        nl = layout.num_layers
+        check_host_room(host_bytes, "the host arena in front of the disks")
+        self.arenas = [HostTier(layout, host_bytes // nl, pin=device.type == "cuda") for _ in range(nl)]
+        self._typed = [layout.as_groups(a.rows) for a in self.arenas]
+        self.slot_of = np.full((nl, max_seqs, max_groups), -1, dtype=np.int64)  # host slot, -1: not in host
+        self.slot_gpu = torch.full((nl, max_seqs, max_groups), -1, dtype=torch.int64, device=device)
+        self.owner = [np.full(a.num_slots, -1, dtype=np.int64) for a in self.arenas]  # slot -> seq*N + group
+        self.stamp = [np.zeros(a.num_slots) for a in self.arenas]
+        # Durable disk copy of (layer, seq*N + group): (device, slot), -1 while there is none. A
+        # group is durable (may leave host memory) exactly when it has one.
+        self.disk_at = np.full((nl, max_seqs * max_groups, 2), -1, dtype=np.int64)
+        self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
+        self._writes: deque = deque()  # (layer, flats, addrs, future), oldest first
+        self.clock = 0.0
+        self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
+        self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
+        self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
+        self._held = [deque() for _ in range(nl)]  # per layer: (event, slots) evicted, free once it completes
+        self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
+        self._deferred: list[list] = [[] for _ in range(nl)]  # per layer: (flats, slots, future) deferred reads
+        self._inflight = [set() for _ in range(nl)]  # per layer: flats of deferred reads in flight
+        self.counts.update(deferred=0, deferred_reads=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.bytes_capacity for a in self.arenas)
+
+    def words(self, layer):
+        return self.arenas[layer].rows.view(torch.int32)
+
+    def typed(self, layer):
+        return self._typed[layer]
+
+    def rows(self, layer, slots, groups):
+        return self.slot_gpu[layer][slots[:, None], groups]
+
+    # -- capacity ---------------------------------------------------------------------
+    def _alloc(self, layer: int, n: int, protect: set[int], wait: bool = True) -> list[int]:
+        """``n`` free arena slots of ``layer``, evicting least recently used durable groups not
+        in ``protect``. ``wait=False``: as many as are free without waiting (maybe fewer)."""
+        arena = self.arenas[layer]
+        if n > arena.num_slots:
+            raise CapacityError(f"layer {layer}: {n} groups must be in host memory at once, the arena has "
+                                f"{arena.num_slots} slots: raise the host budget")
+        while True:
+            self._recycle(layer)
+            if arena.num_free >= n:
+                return arena.alloc(n)
+            short = n - arena.num_free - sum(len(x) for _, x in self._held[layer])
+            if short > 0:  # a batch at a time: each choice scans the whole arena
+                victims = self._victims(layer, max(short, arena.num_slots // EVICT_SHARE), protect)
+                if len(victims):
+                    self._evict(layer, victims)
+                    continue
+            if self._held[layer] and wait:
+                self._recycle(layer, block=True)  # GPU copies of a step in flight may still read them
+            elif self._writes and wait:
+                self._reap(wait_one=True)
+            elif not wait:
+                return arena.alloc(arena.num_free)
+            else:
+                raise CapacityError(f"layer {layer}: host arena of {arena.num_slots} groups is full and no group can "
+                                    f"leave (the rest are in use now or not yet on disk): raise the host budget")
+
+    def _victims(self, layer: int, n: int, protect: set[int]) -> np.ndarray:
+        """Up to ``n`` arena slots of durable groups not in ``protect``, least recently used first."""
+        own = self.owner[layer]
+        used = np.nonzero(own >= 0)[0]
+        flat = own[used]
+        ok = self.disk_at[layer, flat, 1] >= 0
+        if protect:
+            ok &= ~np.isin(flat, list(protect))
+        cand = used[ok]
+        if len(cand) > n:  # the n oldest, in no order: O(arena), not a sort of it
+            cand = cand[np.argpartition(self.stamp[layer][cand], n - 1)[:n]]
+        return cand
+
+    def _recycle(self, layer: int, block: bool = False) -> None:
+        """Free the evicted slots whose last possible reader is done (``block``: wait for the oldest)."""
+        held = self._held[layer]
+        while held and (block or held[0][0].query()):
+            event, slots = held.popleft()
+            event.synchronize()
+            self.arenas[layer].free(slots)
+            block = False
+
+    def _evict(self, layer: int, slots: np.ndarray) -> None:
+        flat = self.owner[layer][slots]
+        s, g = np.divmod(flat, self.n)
+        self.slot_of[layer, s, g] = -1
+        self.slot_gpu[layer][self._up(s), self._up(g)] = -1
+        self.owner[layer][slots] = -1
+        self._held[layer].append((self._last_step, slots.tolist()))  # the step in flight may still read them
+        self.counts["host_evictions"] += len(slots)
+
+    def _map(self, layer: int, flat: np.ndarray, slots: list[int]) -> None:
+        s, g = np.divmod(flat, self.n)
+        sl = np.asarray(slots, dtype=np.int64)
+        self.slot_of[layer, s, g] = sl
+        self.owner[layer][sl] = flat
+        self.stamp[layer][sl] = self.clock
+        self.slot_gpu[layer][self._up(s), self._up(g)] = self._up(sl)
+
+    def _up(self, a: np.ndarray) -> torch.Tensor:
+        """``a`` on the device without waiting for the GPU: from pinned memory (a pageable copy
+        would block the host until the step in flight ends, e.g. while a graph replays)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    # -- write path -------------------------------------------------------------------
+    def begin(self, slot_list, starts, num_new):
+        self._take_selections()
+        self._land_deferred()
+        self.clock += 1
+        g = self.layout.group_tokens
+        s_idx = np.repeat(slot_list, [(st + num_new - 1) // g - st // g + 1 for st in starts])
+        g_idx = np.concatenate([np.arange(st // g, (st + num_new - 1) // g + 1) for st in starts])
+        flat = s_idx * self.n + g_idx
+        for layer in range(len(self.arenas)):
+            missing = flat[self.slot_of[layer, s_idx, g_idx] < 0]
+            if len(missing):
+                slots = self._alloc(layer, len(missing), set(flat.tolist()))
+                self.arenas[layer].rows[slots] = 0  # a group's unwritten tail reads as zeros, never stale data
+                self._map(layer, missing, slots)
+
+    def end(self, slot_list, starts, num_new, written):
+        self._last_step = written
+        g = self.layout.group_tokens
+        full = [(s, grp) for s, st in zip(slot_list, starts) for grp in range(st // g, (st + num_new) // g)]
+        if not full:
+            self._reap()
+            return
+        flat = np.array([s * self.n + grp for s, grp in full], dtype=np.int64)
+        for layer, arena in enumerate(self.arenas):
+            slots = self.slot_of[layer].reshape(-1)[flat]
+            addrs = self.pool.alloc(len(flat))
+            fut = self.pool.write(addrs, [arena.buffer(int(x)) for x in slots], before=written.synchronize)
+            self._writes.append((layer, flat, addrs, fut))
+            self.counts["disk_writes"] += len(flat)
+        self._reap()
+
+    def _reap(self, wait_all: bool = False, wait_one: bool = False) -> None:
+        while self._writes:
+            layer, flat, addrs, fut = self._writes[0]
+            if not (wait_all or wait_one or fut.done()):
+                return
+            self._writes.popleft()
+            wait_one = False
+            for f, a, r in zip(flat.tolist(), addrs, fut.result()):
+                if r is None:
+                    self.disk_at[layer, f] = a
+                else:  # the host copy stays (not durable, so never evicted)
+                    self.pool.free([a])
+
+    # -- read path --------------------------------------------------------------------
+    def _addrs(self, layer: int, flat: np.ndarray) -> list[DiskAddr]:
+        return [DiskAddr(int(d), int(x)) for d, x in self.disk_at[layer, flat]]
+
+    def _submit(self, layer: int, flat: np.ndarray, protect: set[int]):
+        """Host slots for the durable groups ``flat`` and their disk reads, all devices at once."""
+        slots = self._alloc(layer, len(flat), protect)
+        return slots, self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
+
+    def _adopt(self, layer: int, flat: np.ndarray, slots: list[int], results) -> np.ndarray:
+        """Map the groups whose read succeeded, free the slots of the others; (n,) bool ok."""
+        ok = np.array([r is None for r in results], dtype=bool)
+        self.arenas[layer].free([x for x, good in zip(slots, ok) if not good])
+        if ok.any():
+            self._map(layer, flat[ok], [x for x, good in zip(slots, ok) if good])
+        return ok
+
+    def read_ahead(self, layer, slot_list, groups, need):
+        self._land(layer)
+        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
+        flat_all = s * self.n + groups
+        want = need.astype(bool) & (self.slot_of[layer, s, groups] < 0)
+        flat = np.unique(flat_all[want])
+        flat = flat[self.disk_at[layer, flat, 1] >= 0]
+        if not len(flat):
+            return
+        try:
+            slots, fut = self._submit(layer, flat, set(flat_all[need.astype(bool)].tolist()))
+        except CapacityError:
+            return  # the arena cannot take them now: the synchronous path will
+        self._ahead[layer] = (flat, slots, fut)
+
+    def _land(self, layer: int) -> None:
+        """Adopt the read-ahead of ``layer`` (waits for it); failed reads are left to ``resolve``."""
+        pending = self._ahead.pop(layer, None)
+        if pending is not None:
+            flat, slots, fut = pending
+            self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.result()).sum())
+
+    def resolve(self, layer, slot_list, groups, need, keep=None):
+        self._land(layer)
+        self.clock += 1
+        failed = np.zeros_like(need)
+        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
+        flat_all = s * self.n + groups
+        host = self.slot_of[layer, s, groups]
+        keep = need if keep is None else keep
+        # LRU over what the step selects, GPU-cache hits included: a group the GPU cache holds
+        # stays warm here too, so when that cache evicts it a later pick reads host, not disk
+        touched = host[(host >= 0) & keep.astype(bool)]
+        self.stamp[layer][touched] = self.clock
+        want = need & (host < 0)
+        if not want.any():
+            return failed
+        flat = np.unique(flat_all[want])
+        on_disk = self.disk_at[layer, flat, 1] >= 0
+        ok = np.zeros(len(flat), dtype=bool)
+        if on_disk.any():
+            slots, fut = self._submit(layer, flat[on_disk], set(flat_all[need].tolist()))
+            ok[on_disk] = self._adopt(layer, flat[on_disk], slots, fut.result())
+        self.counts["disk_reads"] += int(ok.sum())
+        if not ok.all():
+            lost = flat[~ok]
+            self._lose(layer, lost)
+            failed = want & np.isin(flat_all, lost)
+            self.counts["lost"] += int(failed.sum())
+        return failed
+
+    # -- deferred misses ----------------------------------------------------------------
+    MAX_SELECTIONS_IN_FLIGHT = 4  # steps whose selections may wait for the host before begin blocks
+
+    def take_selections(self, slot_list, layers: list[int], groups: torch.Tensor, flags: torch.Tensor, event) -> None:
+        """A decode step's selections, copied to the host asynchronously: ``groups`` (L, B, P)
+        and ``flags`` (L, B, P) uint8 (1: selected, 2: left out, on disk only) for ``layers``,
+        valid once ``event`` completes. Taken (without waiting) at a later ``begin``."""
+        self._selections.append((list(slot_list), layers, groups, flags, event))
+
+    def _take_selections(self) -> None:
+        """Stamp what finished steps selected and read what they left out, into free arena slots."""
+        while self._selections and (self._selections[0][4].query()
+                                    or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
+            slot_list, layers, groups, flags, event = self._selections.popleft()
+            event.synchronize()
+            groups, flags = groups.numpy().astype(np.int64), flags.numpy()
+            s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[2], 1)
+            for i, layer in enumerate(layers):
+                g, f = groups[i], flags[i]
+                flat_all = s * self.n + g
+                host = self.slot_of[layer, s, g]
+                self.stamp[layer][host[(host >= 0) & (f & 1 > 0)]] = self.clock
+                left = f & 2 > 0
+                if left.any():
+                    self.counts["deferred"] += int(left.sum())
+                    self._read_deferred(layer, np.unique(flat_all[left]))
+
+    def _read_deferred(self, layer: int, flat: np.ndarray) -> None:
+        flat = flat[(self.slot_of[layer].reshape(-1)[flat] < 0) & (self.disk_at[layer, flat, 1] >= 0)]
+        flat = flat[~np.isin(flat, list(self._inflight[layer]))] if self._inflight[layer] else flat
+        if not len(flat):
+            return
+        slots = self._alloc(layer, len(flat), set(), wait=False)  # what is free now; the rest at a later step
+        if not slots:
+            return
+        flat = flat[: len(slots)]
+        fut = self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
+        self._deferred[layer].append((flat, slots, fut))
+        self._inflight[layer].update(flat.tolist())
+
+    def _land_deferred(self, block: bool = False) -> None:
+        """Map the deferred reads that arrived (``block``: all of them); a failed read is lost."""
+        for layer, pending in enumerate(self._deferred):
+            keep = []
+            for flat, slots, fut in pending:
+                if not (block or fut.done()):
+                    keep.append((flat, slots, fut))
+                    continue
+                self._inflight[layer].difference_update(flat.tolist())
+                results = fut.result()
+                here = self.slot_of[layer].reshape(-1)[flat] >= 0  # brought meanwhile by a synchronous read
+                if here.any():
+                    self.arenas[layer].free([x for x, h in zip(slots, here) if h])
+                    flat, slots = flat[~here], [x for x, h in zip(slots, here) if not h]
+                    results = [r for r, h in zip(results, here) if not h]
+                ok = self._adopt(layer, flat, slots, results)
+                self.counts["deferred_reads"] += int(ok.sum())
+                if not ok.all():
+                    self._lose(layer, flat[~ok])
+                    self.counts["lost"] += int((~ok).sum())
+            self._deferred[layer] = keep
+
+    def _lose(self, layer: int, lost: np.ndarray) -> None:
+        """Groups whose disk copy failed its read: never read a bad copy again (the group is gone)."""
+        bad = lost[self.disk_at[layer, lost, 1] >= 0]
+        self.pool.free(self._addrs(layer, bad))
+        self.disk_at[layer, lost] = -1
+
+    def _drain(self) -> None:
+        """Every read and selection in flight landed (before slots are freed or files closed)."""
+        while self._selections:
+            self._selections[0][4].synchronize()
+            self._take_selections()
+        self._land_deferred(block=True)
+        for layer in list(self._ahead):
+            self._land(layer)
+
+    def gather_pairs(self, layer, slots, groups):
+        if groups:
+            g = np.asarray(groups, dtype=np.int64)[:, None]
+            failed = self.resolve(layer, list(slots), g, np.ones_like(g, dtype=bool))
+            if failed.any():
+                bad = sorted({int(x) for x in np.asarray(slots)[failed[:, 0]]})
+                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups of sequence slots {bad} could not be "
+                                   "read back (I/O error or checksum); those sequences must be prefilled again")
+        return super().gather_pairs(layer, slots, groups)
+
+    def clear(self, slot):
+        self._last_step.synchronize()
+        self._drain()
+        self._reap(wait_all=True)
+        for layer, arena in enumerate(self.arenas):
+            held = self.slot_of[layer, slot]
+            used = held[held >= 0]
+            if len(used):
+                self.owner[layer][used] = -1
+                arena.free(used.tolist())
+            self.slot_of[layer, slot] = -1
+            self.slot_gpu[layer, slot] = -1
+            span = np.arange(slot * self.n, (slot + 1) * self.n)
+            self.pool.free(self._addrs(layer, span[self.disk_at[layer, span, 1] >= 0]))
+            self.disk_at[layer, span] = -1
+
+    def reset_counts(self) -> None:
+        self.counts = dict.fromkeys(self.counts, 0)
+
+    def stats(self) -> dict:
+        return dict(self.counts, disk_bytes=self.pool.bytes_used(),
+                    host_resident_groups=int(sum(a.num_slots - a.num_free for a in self.arenas)))
+
+    def close(self) -> None:
+        self._drain()
+        self._reap(wait_all=True)
+        self.pool.close()

@@ -254,14 +254,9 @@ class DiskBackedHostKV(HostKV):
         self._land(layer)
         self.clock += 1
         failed = np.zeros_like(need)
-        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
-        flat_all = s * self.n + groups
-        host = self.slot_of[layer, s, groups]
-        keep = need if keep is None else keep
         # LRU over what the step selects, GPU-cache hits included: a group the GPU cache holds
         # stays warm here too, so when that cache evicts it a later pick reads host, not disk
-        touched = host[(host >= 0) & keep.astype(bool)]
-        self.stamp[layer][touched] = self.clock
+        flat_all, host = self._touch(layer, slot_list, groups, (need if keep is None else keep).astype(bool))
         want = need & (host < 0)
         if not want.any():
             return failed
@@ -295,16 +290,21 @@ class DiskBackedHostKV(HostKV):
             slot_list, layers, groups, flags, event = self._selections.popleft()
             event.synchronize()
             groups, flags = groups.numpy().astype(np.int64), flags.numpy()
-            s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[2], 1)
             for i, layer in enumerate(layers):
-                g, f = groups[i], flags[i]
-                flat_all = s * self.n + g
-                host = self.slot_of[layer, s, g]
-                self.stamp[layer][host[(host >= 0) & (f & 1 > 0)]] = self.clock
+                f = flags[i]
+                flat_all, _ = self._touch(layer, slot_list, groups[i], f & 1 > 0)
                 left = f & 2 > 0
                 if left.any():
                     self.counts["deferred"] += int(left.sum())
                     self._read_deferred(layer, np.unique(flat_all[left]))
+
+    def _touch(self, layer: int, slot_list, groups: np.ndarray, selected: np.ndarray):
+        """Stamp the ``selected`` of ``groups`` (B, P) of ``slot_list`` that are in the arena as
+        used now (LRU); returns their flat ids seq * N + group and host slots (-1: not in host)."""
+        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
+        host = self.slot_of[layer, s, groups]
+        self.stamp[layer][host[(host >= 0) & selected]] = self.clock
+        return s * self.n + groups, host
 
     def _read_deferred(self, layer: int, flat: np.ndarray) -> None:
         flat = flat[(self.slot_of[layer].reshape(-1)[flat] < 0) & (self.disk_at[layer, flat, 1] >= 0)]

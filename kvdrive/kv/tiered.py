@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from kvdrive import device as devices
@@ -358,21 +357,18 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = leading(num_pages, groups.shape[1])
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
-        if self.defer and not prefetch:  # serve what the GPU cache and host hold; the rest later
+        if prefetch:  # the prefetch skips disk-only groups
+            if not self.defer:  # read them ahead (deferred misses: no, that would need a host sync)
+                ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
+                m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
+                                    devices.new_event(self.device))
+                m["ahead"][layer][2].record()
+        elif self.defer:  # serve what the GPU cache and host hold; the rest later
             cached = cache.table[slots[:, None], groups] >= 0
             left = listed & ~cached & (src < 0)
             m["selections"].append((layer, groups, listed.to(torch.uint8) | (left.to(torch.uint8) << 1)))
-            order = torch.sort(left.to(torch.uint8), dim=1, stable=True).indices  # served first, in order
-            groups, src = groups.gather(1, order), src.gather(1, order)
-            num_pages = (listed & ~left).sum(1, dtype=torch.int32)
-            listed = leading(num_pages, groups.shape[1])
-        elif prefetch and self.defer:
-            pass  # the prefetch skips disk-only groups; no read-ahead (it would need a host sync)
-        elif prefetch:  # the predicted groups only on disk: read them ahead
-            ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
-            m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
-                                devices.new_event(self.device))
-            m["ahead"][layer][2].record()
+            groups, listed, num_pages, order = _compact(groups, listed, left)
+            src = src.gather(1, order)
         else:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0
@@ -382,7 +378,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             failed = self.host.resolve(layer, m["slot_list"], g_np, need, keep)
             self._read_ahead(m, layer + 1)  # the next layer's disk reads overlap this layer's compute
             if failed.any():  # never served: drop those groups from this step's attention
-                groups, listed, num_pages = _drop(g_np, keep, failed, self.device)  # keep: listed, on the host
+                groups, listed, num_pages, _ = _compact(groups, listed, torch.as_tensor(failed, device=self.device))
             src = self.host.rows(layer, slots, groups)
             mark("disk_resolve")
         pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)
@@ -471,14 +467,10 @@ def _no_mark(name: str) -> None:
     pass
 
 
-def _drop(groups: np.ndarray, listed: np.ndarray, failed: np.ndarray, device):
-    """Remove failed groups from a selection, keeping each row's pages a prefix (the partly
-    filled group, always in host memory, stays last)."""
-    keep = listed & ~failed
-    out = np.zeros_like(groups)
-    counts = keep.sum(1)
-    for b in range(groups.shape[0]):
-        out[b, : counts[b]] = groups[b][keep[b]]
-    pages = np.arange(groups.shape[1])[None, :] < counts[:, None]
-    return (torch.as_tensor(out, device=device), torch.as_tensor(pages, device=device),
-            torch.as_tensor(counts, dtype=torch.int32, device=device))
+def _compact(groups: torch.Tensor, listed: torch.Tensor, drop: torch.Tensor):
+    """A selection (B, P) without its ``drop`` groups, each row's kept groups a prefix in their
+    order (the partly filled group, always in host memory, stays last), on the device:
+    (groups, listed, num_pages, order), ``order`` the permutation applied to each row."""
+    order = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices
+    num_pages = (listed & ~drop).sum(1, dtype=torch.int32)
+    return groups.gather(1, order), leading(num_pages, groups.shape[1]), num_pages, order

@@ -17,3 +17,15 @@ def cache_dir() -> Path:
 def progress_enabled() -> bool:
     """Progress bars unless ``KVDRIVE_NO_PROGRESS=1`` (they go to stderr and hide themselves off a TTY)."""
     return os.environ.get("KVDRIVE_NO_PROGRESS", "") not in ("1", "true", "yes")
+
+
+def native_io_enabled() -> bool:
+    """Batched disk reads in native threads unless ``KVDRIVE_NATIVE_IO=0`` (then: Python threads, one read each)."""
+    return os.environ.get("KVDRIVE_NATIVE_IO", "") not in ("0", "false", "no")
+
+
+def c_compiler() -> str | None:
+    """The C compiler for kvdrive's native helpers: ``$CC``, else cc, gcc or clang on PATH."""
+    import shutil
+
+    return os.environ.get("CC") or next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)

@@ -31,6 +31,7 @@ import numpy as np
 import xxhash
 
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv import native_io
 from kvdrive.kv.io_buffers import FreeList
 from kvdrive.kv.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
 from kvdrive.kv.layout import GroupLayout
@@ -39,6 +40,7 @@ from kvdrive.kv.probe import DirectIOWarning, probe_direct
 
 DEFAULT_EXTENT_BYTES = 1 << 30
 MAX_RUN_BYTES = 1 << 20  # longest coalesced preadv/pwritev; beyond this, more requests in flight win
+assert MAX_RUN_BYTES // 4096 <= native_io.MAX_RUN_SLOTS
 DIRECT_MODES = ("auto", "on", "off")
 
 
@@ -223,6 +225,50 @@ class DiskDevice:
         if absent:
             parts.append((absent, _done(["absent"] * len(absent))))
         return BatchFuture(len(slots), parts)
+
+    def read_to(self, slots: np.ndarray, dsts: np.ndarray) -> "BatchFuture":
+        """``read`` into ``slot_bytes`` of host memory at each address ``dsts[i]`` (ALIGN-aligned,
+        kept alive by the caller until the result is in). The whole batch is one native call
+        outside the GIL (``native_io``) where it is built and no faults are injected; otherwise
+        the Python path of ``read``. Same per-slot results."""
+        slots, dsts = np.asarray(slots, dtype=np.int64), np.asarray(dsts, dtype=np.uint64)
+        fn = native_io.reader() if isinstance(self.faults, NoFaults) else None
+        if fn is None:
+            sb = self.layout.slot_bytes
+            return self.read(slots.tolist(), [native_io.view(d, sb) for d in dsts.tolist()])
+        ok = self._valid[slots]
+        idx = np.flatnonzero(ok)[np.argsort(slots[ok], kind="stable")]  # by slot: neighbours coalesce
+        parts = []
+        if len(idx):
+            parts.append((idx.tolist(), self._reads.map_shards(lambda req: self._read_native(fn, *req),
+                                                                [(slots[idx], dsts[idx])])[0][1]))
+        if not ok.all():
+            absent = np.flatnonzero(~ok).tolist()
+            parts.append((absent, _done(["absent"] * len(absent))))
+        return BatchFuture(len(slots), parts)
+
+    def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
+        """Read ``slots`` (sorted) in runs of consecutive slots of one extent, then check each."""
+        sb, es = self.layout.slot_bytes, self.extent_slots
+        brk = np.ones(len(slots), dtype=bool)
+        brk[1:] = (np.diff(slots) != 1) | (slots[1:] % es == 0)
+        start = np.flatnonzero(brk)
+        pos = np.arange(len(slots)) - np.repeat(start, np.diff(np.append(start, len(slots))))
+        brk |= pos % max(1, MAX_RUN_BYTES // sb) == 0  # cap run length
+        first = np.append(np.flatnonzero(brk), len(slots))
+        head = slots[first[:-1]]
+        fds = np.asarray(self._fds, dtype=np.int32)[head // es]
+        status, secs = native_io.preadv_batch(fn, fds, (head % es) * sb, first, dsts, np.full(len(slots), sb),
+                                              threads=self._reads.depth, dontneed=not self.direct)
+        per = np.repeat(status, np.diff(first)).tolist()
+        gb = self.layout.group_bytes
+        out = [("short_read" if st == -1 else "io_error") if st else
+               (None if xxhash.xxh3_64_intdigest(native_io.view(d, gb)) == want else "checksum")
+               for d, st, want in zip(dsts.tolist(), per, self._sums[slots].tolist())]
+        good = out.count(None)
+        self.metrics.moved("disk->host", gb * good, good)
+        self.metrics.latencies("disk_read", secs)
+        return out
 
     def write(self, slots: list[int], bufs: list, before=None) -> "BatchFuture":
         """Write each buffer to its slot (``before()`` first, e.g. wait for a GPU copy). Per slot None or "io_error"."""

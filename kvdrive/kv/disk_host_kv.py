@@ -59,10 +59,12 @@ class DiskBackedHostKV(HostKV):
         check_host_room(host_bytes, "the host arena in front of the disks")
         self.arenas = [HostTier(layout, host_bytes // nl, pin=device.type == "cuda") for _ in range(nl)]
         self._typed = [layout.as_groups(a.rows) for a in self.arenas]
+        self._bases = np.array([a.rows.data_ptr() for a in self.arenas], dtype=np.uint64)  # disk reads land here
         self.slot_of = np.full((nl, max_seqs, max_groups), -1, dtype=np.int64)  # host slot, -1: not in host
         self.slot_gpu = torch.full((nl, max_seqs, max_groups), -1, dtype=torch.int64, device=device)
-        self.owner = [np.full(a.num_slots, -1, dtype=np.int64) for a in self.arenas]  # slot -> seq*N + group
-        self.stamp = [np.zeros(a.num_slots) for a in self.arenas]
+        ns = self.arenas[0].num_slots  # the same in every layer
+        self.owner = np.full((nl, ns), -1, dtype=np.int64)  # (layer, slot) -> seq*N + group
+        self.stamp = np.zeros((nl, ns))
         # Durable disk copy of (layer, seq*N + group): (device, slot), -1 while there is none. A
         # group is durable (may leave host memory) exactly when it has one.
         self.disk_at = np.full((nl, max_seqs * max_groups, 2), -1, dtype=np.int64)
@@ -74,8 +76,8 @@ class DiskBackedHostKV(HostKV):
         self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
         self._held = [deque() for _ in range(nl)]  # per layer: (event, slots) evicted, free once it completes
         self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
-        self._deferred: list[list] = [[] for _ in range(nl)]  # per layer: (flats, slots, future) deferred reads
-        self._inflight = [set() for _ in range(nl)]  # per layer: flats of deferred reads in flight
+        self._deferred: deque = deque()  # a step's deferred reads, all layers: (layers, flats, slots, future)
+        self._reading = np.zeros((nl, max_seqs * max_groups), dtype=bool)  # (layer, flat): a deferred read in flight
         self.counts.update(deferred=0, deferred_reads=0)
 
     @property
@@ -150,13 +152,16 @@ class DiskBackedHostKV(HostKV):
         self._held[layer].append((self._last_step, slots.tolist()))  # the step in flight may still read them
         self.counts["host_evictions"] += len(slots)
 
-    def _map(self, layer: int, flat: np.ndarray, slots: list[int]) -> None:
+    def _map(self, layer, flat: np.ndarray, slots) -> None:
+        """Groups ``flat`` of ``layer`` (one, or one per group) now live in arena ``slots``."""
         s, g = np.divmod(flat, self.n)
         sl = np.asarray(slots, dtype=np.int64)
-        self.slot_of[layer, s, g] = sl
-        self.owner[layer][sl] = flat
-        self.stamp[layer][sl] = self.clock
-        self.slot_gpu[layer][self._up(s), self._up(g)] = self._up(sl)
+        lay = np.broadcast_to(np.asarray(layer, dtype=np.int64), sl.shape)
+        self.slot_of[lay, s, g] = sl
+        self.owner[lay, sl] = flat
+        self.stamp[lay, sl] = self.clock
+        idx = self._up(np.stack([lay, s, g, sl]))  # one pinned upload
+        self.slot_gpu[idx[0], idx[1], idx[2]] = idx[3]
 
     def _up(self, a: np.ndarray) -> torch.Tensor:
         """``a`` on the device without waiting for the GPU: from pinned memory (a pageable copy
@@ -215,10 +220,17 @@ class DiskBackedHostKV(HostKV):
     def _addrs(self, layer: int, flat: np.ndarray) -> list[DiskAddr]:
         return [DiskAddr(int(d), int(x)) for d, x in self.disk_at[layer, flat]]
 
+    def _read(self, layers, flat: np.ndarray, slots) -> object:
+        """Read the disk copies of groups ``flat`` of ``layers`` (one, or one per group) into
+        their arena ``slots``: one batch over all devices."""
+        at = self.disk_at[layers, flat]  # (n, 2): device, disk slot
+        dsts = self._bases[layers] + np.asarray(slots, dtype=np.uint64) * np.uint64(self.layout.slot_bytes)
+        return self.pool.read_to(at[:, 0], at[:, 1], np.broadcast_to(dsts, (len(flat),)))
+
     def _submit(self, layer: int, flat: np.ndarray, protect: set[int]):
         """Host slots for the durable groups ``flat`` and their disk reads, all devices at once."""
         slots = self._alloc(layer, len(flat), protect)
-        return slots, self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
+        return slots, self._read(layer, flat, slots)
 
     def _adopt(self, layer: int, flat: np.ndarray, slots: list[int], results) -> np.ndarray:
         """Map the groups whose read succeeded, free the slots of the others; (n,) bool ok."""
@@ -284,19 +296,24 @@ class DiskBackedHostKV(HostKV):
         self._selections.append((list(slot_list), layers, groups, flags, event))
 
     def _take_selections(self) -> None:
-        """Stamp what finished steps selected and read what they left out, into free arena slots."""
+        """Stamp what finished steps selected and read what they left out, into free arena slots:
+        all layers of a step at once, in one read batch (per-layer batches cost the engine thread
+        ~30 executor hand-offs a step, and their Python time competes for the GIL with the step)."""
         while self._selections and (self._selections[0][4].query()
                                     or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
             slot_list, layers, groups, flags, event = self._selections.popleft()
             event.synchronize()
             groups, flags = groups.numpy().astype(np.int64), flags.numpy()
-            for i, layer in enumerate(layers):
-                f = flags[i]
-                flat_all, _ = self._touch(layer, slot_list, groups[i], f & 1 > 0)
-                left = f & 2 > 0
-                if left.any():
-                    self.counts["deferred"] += int(left.sum())
-                    self._read_deferred(layer, np.unique(flat_all[left]))
+            lay = np.asarray(layers, dtype=np.int64)[:, None, None]
+            seq = np.asarray(slot_list, dtype=np.int64)[None, :, None]
+            host = self.slot_of[lay, seq, groups]  # (L, B, P)
+            hit = (flags & 1 > 0) & (host >= 0)
+            self.stamp[np.broadcast_to(lay, hit.shape)[hit], host[hit]] = self.clock
+            left = flags & 2 > 0
+            if left.any():
+                self.counts["deferred"] += int(left.sum())
+                key = np.unique((lay * self.n * self.max_seqs + seq * self.n + groups)[left])
+                self._read_deferred(*np.divmod(key, self.n * self.max_seqs))
 
     def _touch(self, layer: int, slot_list, groups: np.ndarray, selected: np.ndarray):
         """Stamp the ``selected`` of ``groups`` (B, P) of ``slot_list`` that are in the arena as
@@ -306,40 +323,47 @@ class DiskBackedHostKV(HostKV):
         self.stamp[layer][host[(host >= 0) & selected]] = self.clock
         return s * self.n + groups, host
 
-    def _read_deferred(self, layer: int, flat: np.ndarray) -> None:
-        flat = flat[(self.slot_of[layer].reshape(-1)[flat] < 0) & (self.disk_at[layer, flat, 1] >= 0)]
-        flat = flat[~np.isin(flat, list(self._inflight[layer]))] if self._inflight[layer] else flat
-        if not len(flat):
+    def _read_deferred(self, layers: np.ndarray, flat: np.ndarray) -> None:
+        """Read groups ``flat`` of ``layers`` (sorted by layer) that are still on disk only and not
+        already being read, into the arena slots free now; the rest wait for a later step."""
+        keep = ((self.slot_of.reshape(len(self.arenas), -1)[layers, flat] < 0)
+                & (self.disk_at[layers, flat, 1] >= 0) & ~self._reading[layers, flat])
+        layers, flat = layers[keep], flat[keep]
+        take = np.zeros(len(flat), dtype=bool)
+        slots = np.empty(len(flat), dtype=np.int64)
+        for layer in np.unique(layers).tolist():
+            at = np.flatnonzero(layers == layer)
+            got = self._alloc(layer, len(at), set(), wait=False)
+            take[at[: len(got)]] = True
+            slots[at[: len(got)]] = got
+        if not take.any():
             return
-        slots = self._alloc(layer, len(flat), set(), wait=False)  # what is free now; the rest at a later step
-        if not slots:
-            return
-        flat = flat[: len(slots)]
-        fut = self.pool.read(self._addrs(layer, flat), [self.arenas[layer].buffer(x) for x in slots])
-        self._deferred[layer].append((flat, slots, fut))
-        self._inflight[layer].update(flat.tolist())
+        layers, flat, slots = layers[take], flat[take], slots[take]
+        fut = self._read(layers, flat, slots)
+        self._deferred.append((layers, flat, slots, fut))
+        self._reading[layers, flat] = True
 
     def _land_deferred(self, block: bool = False) -> None:
         """Map the deferred reads that arrived (``block``: all of them); a failed read is lost."""
-        for layer, pending in enumerate(self._deferred):
-            keep = []
-            for flat, slots, fut in pending:
-                if not (block or fut.done()):
-                    keep.append((flat, slots, fut))
-                    continue
-                self._inflight[layer].difference_update(flat.tolist())
-                results = fut.result()
-                here = self.slot_of[layer].reshape(-1)[flat] >= 0  # brought meanwhile by a synchronous read
-                if here.any():
-                    self.arenas[layer].free([x for x, h in zip(slots, here) if h])
-                    flat, slots = flat[~here], [x for x, h in zip(slots, here) if not h]
-                    results = [r for r, h in zip(results, here) if not h]
-                ok = self._adopt(layer, flat, slots, results)
-                self.counts["deferred_reads"] += int(ok.sum())
-                if not ok.all():
-                    self._lose(layer, flat[~ok])
-                    self.counts["lost"] += int((~ok).sum())
-            self._deferred[layer] = keep
+        keep: deque = deque()
+        for layers, flat, slots, fut in self._deferred:
+            if not (block or fut.done()):
+                keep.append((layers, flat, slots, fut))
+                continue
+            self._reading[layers, flat] = False
+            ok = np.fromiter((r is None for r in fut.result()), dtype=bool, count=len(flat))
+            here = self.slot_of.reshape(len(self.arenas), -1)[layers, flat] >= 0  # a synchronous read overtook it
+            for layer in np.unique(layers[here | ~ok]).tolist():
+                self.arenas[layer].free(slots[(layers == layer) & (here | ~ok)].tolist())
+            good = ok & ~here
+            if good.any():
+                self._map(layers[good], flat[good], slots[good])
+            self.counts["deferred_reads"] += int(good.sum())
+            bad = ~ok & ~here
+            for layer in np.unique(layers[bad]).tolist():
+                self._lose(layer, flat[bad & (layers == layer)])
+            self.counts["lost"] += int(bad.sum())
+        self._deferred = keep
 
     def _lose(self, layer: int, lost: np.ndarray) -> None:
         """Groups whose disk copy failed its read: never read a bad copy again (the group is gone)."""

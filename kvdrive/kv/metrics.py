@@ -112,6 +112,14 @@ class StoreMetrics:
             self._samples[op][i % LATENCY_WINDOW] = seconds
             self._counts[op] = i + 1
 
+    def latencies(self, op: str, seconds: np.ndarray) -> None:
+        """Many samples under one lock (a native batch's per-request latencies)."""
+        seconds = seconds[-LATENCY_WINDOW:]
+        with self._lock:
+            i = self._counts[op]
+            self._samples[op][(i + np.arange(len(seconds))) % LATENCY_WINDOW] = seconds
+            self._counts[op] = i + len(seconds)
+
     def snapshot(self, capacity: dict[str, TierUsage] | None = None) -> MetricsSnapshot:
         with self._lock:
             lat = {}

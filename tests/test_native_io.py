@@ -1,0 +1,136 @@
+"""The native batched reader (kvdrive.kv.native_io) and DiskDevice.read_to, which uses it."""
+
+import errno
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from kvdrive.kv import native_io
+from kvdrive.kv.disk import DiskDevice
+from kvdrive.kv.host import HostTier
+from kvdrive.kv.layout import GroupLayout
+
+LAYOUT = GroupLayout(2, 2, 16, torch.float16, 4)  # 512 B group in a 4 KiB slot
+SB = LAYOUT.slot_bytes
+
+
+@pytest.fixture
+def fn():
+    f = native_io.reader()
+    if f is None:
+        pytest.fail("the native reader did not build: this machine has a C compiler (CI installs gcc)")
+    return f
+
+
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch):
+    """read_to through the native batch, and through the Python fallback it must agree with."""
+    if request.param == "python":
+        monkeypatch.setattr(native_io, "reader", lambda: None)
+    return request.param
+
+
+def filled_disk(tmp_path, n):
+    disk = DiskDevice(str(tmp_path), LAYOUT, 16 * SB, extent_bytes=4 * SB)
+    src = HostTier(LAYOUT, n * SB, pin=False)
+    src.rows.copy_(torch.randint(0, 256, src.rows.shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8))
+    slots = disk.alloc(n)
+    assert disk.write(slots, [src.buffer(i) for i in range(n)]).result() == [None] * n
+    return disk, src, slots
+
+
+def addresses(host: HostTier, rows) -> np.ndarray:
+    return np.asarray(rows, dtype=np.uint64) * np.uint64(SB) + np.uint64(host.rows.data_ptr())
+
+
+def test_preadv_batch_runs_land_in_their_buffers(tmp_path, fn):
+    data = np.random.default_rng(0).integers(0, 256, 8 * SB, dtype=np.uint8)
+    path = tmp_path / "f"
+    path.write_bytes(data.tobytes())
+    dst = np.zeros((8, SB), dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # run 0: file slots 5, 6 into rows 1, 0 (one preadv, two iovecs); run 1: slot 2 into row 7
+        bases = np.uint64(dst.ctypes.data) + np.array([1, 0, 7], dtype=np.uint64) * np.uint64(SB)
+        status, secs = native_io.preadv_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
+                                              threads=4, dontneed=True)
+    finally:
+        os.close(fd)
+    assert status.tolist() == [0, 0] and (secs >= 0).all()
+    chunks = data.reshape(8, SB)
+    assert (dst[1] == chunks[5]).all() and (dst[0] == chunks[6]).all() and (dst[7] == chunks[2]).all()
+    assert not dst[2:7].any()
+
+
+def test_preadv_batch_reports_short_reads_and_errors(tmp_path, fn):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(SB))
+    dst = np.zeros((2, SB), dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bases = np.uint64(dst.ctypes.data) + np.array([0, 1], dtype=np.uint64) * np.uint64(SB)
+        status, _ = native_io.preadv_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
+                                           threads=2, dontneed=False)
+    finally:
+        os.close(fd)
+    assert status.tolist() == [-1, errno.EBADF]  # past the end: short; a closed fd: its errno
+
+
+def test_preadv_batch_checks_its_arguments(fn):
+    with pytest.raises(ValueError, match="n_runs"):
+        native_io.preadv_batch(fn, [0], [0], [0, 2], [0], [SB], threads=1, dontneed=False)
+    with pytest.raises(ValueError, match="at most"):
+        n = native_io.MAX_RUN_SLOTS + 1
+        native_io.preadv_batch(fn, [0], [0], [0, n], [0] * n, [SB] * n, threads=1, dontneed=False)
+
+
+def test_read_to_matches_the_written_bytes(tmp_path, path):
+    disk, src, slots = filled_disk(tmp_path, 10)  # three extents: runs break at extent ends
+    try:
+        back = HostTier(LAYOUT, 12 * SB, pin=False)
+        rows = [11, 3, 0, 5, 9, 1, 2, 8, 4, 6]  # scattered destinations, slots in file order
+        res = disk.read_to(np.asarray(slots), addresses(back, rows)).result()
+        assert res == [None] * 10
+        gb = LAYOUT.group_bytes
+        for i, r in enumerate(rows):
+            assert torch.equal(back.rows[r, :gb], src.rows[i, :gb])
+        assert disk.metrics.snapshot().moved["disk->host"].groups == 10
+    finally:
+        disk.close()
+
+
+def test_read_to_refuses_corrupt_and_absent_slots(tmp_path, path):
+    disk, _, slots = filled_disk(tmp_path, 6)
+    try:
+        ext, off = disk.locate(slots[2])
+        with open(ext, "r+b") as f:  # flip one byte of slot 2's group behind kvdrive's back
+            f.seek(off + 7)
+            b = f.read(1)
+            f.seek(off + 7)
+            f.write(bytes([b[0] ^ 0xFF]))
+        disk.free([slots[4]])
+        back = HostTier(LAYOUT, 6 * SB, pin=False)
+        res = disk.read_to(np.asarray(slots), addresses(back, range(6))).result()
+        assert res == [None, None, "checksum", None, "absent", None]
+    finally:
+        disk.close()
+
+
+def test_no_compiler_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("KVDRIVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_io, "_state", {})
+    with pytest.warns(native_io.NativeIOWarning, match="C compiler"):
+        assert native_io.reader() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native_io.reader() is None  # decided once
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("KVDRIVE_NATIVE_IO", "0")
+    monkeypatch.setattr(native_io, "_state", {})
+    assert native_io.reader() is None

@@ -243,7 +243,8 @@ def per_step(stats: dict, steps: int) -> dict:
         for k in ("gpu_hits", "prefetched_hits", "sync_fetched", "deferred"):  # deferred: left out, read behind
             if k in stats:
                 out[f"{k}_rate"] = stats[k] / sel
-    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "read_ahead", "deferred_reads", "disk_writes"):
+    for k in ("bytes_host_to_gpu", "bytes_gpu_to_host", "disk_reads", "read_ahead", "deferred_reads", "disk_writes",
+              "host_waits"):  # host_waits: the engine thread waited for the GPU to free arena slots
         if k in stats:
             out[f"{k}_per_step"] = stats[k] / steps
     if isinstance(stats.get("time_ms"), dict):

@@ -215,7 +215,7 @@ class DiskDevice:
         e, i = divmod(slot, self.extent_slots)
         return self._fds[e], self._paths[e], i * self.layout.slot_bytes
 
-    def read(self, slots: list[int], bufs: list) -> "BatchFuture":
+    def read(self, slots: list[int], bufs: list) -> BatchFuture:
         """Read each slot into its ``slot_bytes`` buffer. Result: per slot None (ok) or a miss reason."""
         ok = [i for i, s in enumerate(slots) if self._valid[s]]
         absent = [i for i, s in enumerate(slots) if not self._valid[s]]
@@ -226,7 +226,7 @@ class DiskDevice:
             parts.append((absent, _done(["absent"] * len(absent))))
         return BatchFuture(len(slots), parts)
 
-    def read_to(self, slots: np.ndarray, dsts: np.ndarray) -> "BatchFuture":
+    def read_to(self, slots: np.ndarray, dsts: np.ndarray) -> BatchFuture:
         """``read`` into ``slot_bytes`` of host memory at each address ``dsts[i]`` (ALIGN-aligned,
         kept alive by the caller until the result is in). The whole batch is one native call
         outside the GIL (``native_io``) where it is built and no faults are injected; otherwise
@@ -270,7 +270,7 @@ class DiskDevice:
         self.metrics.latencies("disk_read", secs)
         return out
 
-    def write(self, slots: list[int], bufs: list, before=None) -> "BatchFuture":
+    def write(self, slots: list[int], bufs: list, before=None) -> BatchFuture:
         """Write each buffer to its slot (``before()`` first, e.g. wait for a GPU copy). Per slot None or "io_error"."""
         if before is not None:
             before = _Once(before)
@@ -356,7 +356,7 @@ class BatchFuture:
     """Per-item results of a batch split into parts (runs, devices); ``result()`` waits and
     restores input order. A part is anything with ``done()`` and ``result() -> list``."""
 
-    def __init__(self, n: int, parts: list[tuple[list[int], Future | "BatchFuture"]]):
+    def __init__(self, n: int, parts: list[tuple[list[int], Future | BatchFuture]]):
         self._n = n
         self._parts = parts
 

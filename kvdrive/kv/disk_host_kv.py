@@ -78,7 +78,7 @@ class DiskBackedHostKV(HostKV):
         self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
         self._deferred: deque = deque()  # a step's deferred reads, all layers: (layers, flats, slots, future)
         self._reading = np.zeros((nl, max_seqs * max_groups), dtype=bool)  # (layer, flat): a deferred read in flight
-        self.counts.update(deferred=0, deferred_reads=0)
+        self.counts.update(deferred=0, deferred_reads=0, host_waits=0)
 
     @property
     def nbytes(self) -> int:
@@ -94,29 +94,32 @@ class DiskBackedHostKV(HostKV):
         return self.slot_gpu[layer][slots[:, None], groups]
 
     # -- capacity ---------------------------------------------------------------------
-    def _alloc(self, layer: int, n: int, protect: set[int], wait: bool = True) -> list[int]:
+    def _alloc(self, layer: int, n: int, protect: set[int], wait: bool = True, reserve: int = 0) -> list[int]:
         """``n`` free arena slots of ``layer``, evicting least recently used durable groups not
-        in ``protect``. ``wait=False``: as many as are free without waiting (maybe fewer)."""
+        in ``protect``. ``wait=False``: as many as are free without waiting (maybe fewer), leaving
+        ``reserve`` free (the groups the next steps open: ``begin`` must never wait for the GPU)."""
         arena = self.arenas[layer]
         if n > arena.num_slots:
             raise CapacityError(f"layer {layer}: {n} groups must be in host memory at once, the arena has "
                                 f"{arena.num_slots} slots: raise the host budget")
         while True:
             self._recycle(layer)
-            if arena.num_free >= n:
+            if arena.num_free >= n + reserve:
                 return arena.alloc(n)
-            short = n - arena.num_free - sum(len(x) for _, x in self._held[layer])
+            short = n + reserve - arena.num_free - sum(len(x) for _, x in self._held[layer])
             if short > 0:  # a batch at a time: each choice scans the whole arena
                 victims = self._victims(layer, max(short, arena.num_slots // EVICT_SHARE), protect)
                 if len(victims):
                     self._evict(layer, victims)
                     continue
-            if self._held[layer] and wait:
+            if not wait:
+                return arena.alloc(max(0, arena.num_free - reserve))
+            # NOTE: the waits below stall the host until the GPU's queued steps finish; counted
+            self.counts["host_waits"] += 1
+            if self._held[layer]:
                 self._recycle(layer, block=True)  # GPU copies of a step in flight may still read them
-            elif self._writes and wait:
+            elif self._writes:
                 self._reap(wait_one=True)
-            elif not wait:
-                return arena.alloc(arena.num_free)
             else:
                 raise CapacityError(f"layer {layer}: host arena of {arena.num_slots} groups is full and no group can "
                                     f"leave (the rest are in use now or not yet on disk): raise the host budget")
@@ -333,7 +336,7 @@ class DiskBackedHostKV(HostKV):
         slots = np.empty(len(flat), dtype=np.int64)
         for layer in np.unique(layers).tolist():
             at = np.flatnonzero(layers == layer)
-            got = self._alloc(layer, len(at), set(), wait=False)
+            got = self._alloc(layer, len(at), set(), wait=False, reserve=2 * self.max_seqs)
             take[at[: len(got)]] = True
             slots[at[: len(got)]] = got
         if not take.any():

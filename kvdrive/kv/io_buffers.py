@@ -24,9 +24,7 @@ def aligned_empty(nbytes: int, device: torch.device, pin: bool, alignment: int =
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     pin = pin and dev.pin_supported()
     if pin:
-        # NOTE: pinned blocks come from cudaHostAlloc, page-aligned already; over-allocating
-        # would also push torch's pinned allocator to the next power of two.
-        base = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        base = dev.pinned_empty(nbytes)  # page-aligned, registered at its exact size
         if base.data_ptr() % alignment == 0:
             return base
     base = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin)

@@ -49,7 +49,7 @@ class DiskPool:
         self._credit = [0.0] * len(devices)
 
     @classmethod
-    def open(cls, paths: list[PoolPath], layout: GroupLayout, **device_kwargs) -> "DiskPool":
+    def open(cls, paths: list[PoolPath], layout: GroupLayout, **device_kwargs) -> DiskPool:
         devices, weights = [], []
         try:
             for p in paths:

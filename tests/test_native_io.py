@@ -46,7 +46,7 @@ def addresses(host: HostTier, rows) -> np.ndarray:
     return np.asarray(rows, dtype=np.uint64) * np.uint64(SB) + np.uint64(host.rows.data_ptr())
 
 
-def test_preadv_batch_runs_land_in_their_buffers(tmp_path, fn):
+def test_transfer_batch_runs_land_in_their_buffers(tmp_path, fn):
     data = np.random.default_rng(0).integers(0, 256, 8 * SB, dtype=np.uint8)
     path = tmp_path / "f"
     path.write_bytes(data.tobytes())
@@ -55,7 +55,7 @@ def test_preadv_batch_runs_land_in_their_buffers(tmp_path, fn):
     try:
         # run 0: file slots 5, 6 into rows 1, 0 (one preadv, two iovecs); run 1: slot 2 into row 7
         bases = np.uint64(dst.ctypes.data) + np.array([1, 0, 7], dtype=np.uint64) * np.uint64(SB)
-        status, secs = native_io.preadv_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
+        status, secs = native_io.transfer_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
                                               threads=4, dontneed=True)
     finally:
         os.close(fd)
@@ -65,26 +65,26 @@ def test_preadv_batch_runs_land_in_their_buffers(tmp_path, fn):
     assert not dst[2:7].any()
 
 
-def test_preadv_batch_reports_short_reads_and_errors(tmp_path, fn):
+def test_transfer_batch_reports_short_reads_and_errors(tmp_path, fn):
     path = tmp_path / "f"
     path.write_bytes(bytes(SB))
     dst = np.zeros((2, SB), dtype=np.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
         bases = np.uint64(dst.ctypes.data) + np.array([0, 1], dtype=np.uint64) * np.uint64(SB)
-        status, _ = native_io.preadv_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
+        status, _ = native_io.transfer_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
                                            threads=2, dontneed=False)
     finally:
         os.close(fd)
     assert status.tolist() == [-1, errno.EBADF]  # past the end: short; a closed fd: its errno
 
 
-def test_preadv_batch_checks_its_arguments(fn):
+def test_transfer_batch_checks_its_arguments(fn):
     with pytest.raises(ValueError, match="n_runs"):
-        native_io.preadv_batch(fn, [0], [0], [0, 2], [0], [SB], threads=1, dontneed=False)
+        native_io.transfer_batch(fn, [0], [0], [0, 2], [0], [SB], threads=1, dontneed=False)
     with pytest.raises(ValueError, match="at most"):
         n = native_io.MAX_RUN_SLOTS + 1
-        native_io.preadv_batch(fn, [0], [0], [0, n], [0] * n, [SB] * n, threads=1, dontneed=False)
+        native_io.transfer_batch(fn, [0], [0], [0, n], [0] * n, [SB] * n, threads=1, dontneed=False)
 
 
 def test_read_to_matches_the_written_bytes(tmp_path, path):
@@ -115,6 +115,47 @@ def test_read_to_refuses_corrupt_and_absent_slots(tmp_path, path):
         back = HostTier(LAYOUT, 6 * SB, pin=False)
         res = disk.read_to(np.asarray(slots), addresses(back, range(6))).result()
         assert res == [None, None, "checksum", None, "absent", None]
+    finally:
+        disk.close()
+
+
+def test_write_from_round_trips_and_checksums(tmp_path, path):
+    disk = DiskDevice(str(tmp_path), LAYOUT, 16 * SB, extent_bytes=4 * SB)
+    try:
+        src = HostTier(LAYOUT, 9 * SB, pin=False)
+        src.rows.copy_(torch.randint(0, 256, src.rows.shape, generator=torch.Generator().manual_seed(2),
+                                     dtype=torch.uint8))
+        slots = np.asarray(disk.alloc(9))[::-1].copy()  # written out of order, across extents
+        rows = [4, 0, 8, 2, 6, 1, 3, 7, 5]
+        calls = []
+        res = disk.write_from(slots, addresses(src, rows), before=lambda: calls.append(1)).result()
+        assert res == [None] * 9 and calls
+        back = HostTier(LAYOUT, 9 * SB, pin=False)
+        assert disk.read(slots.tolist(), [back.buffer(i) for i in range(9)]).result() == [None] * 9
+        gb = LAYOUT.group_bytes
+        for i, r in enumerate(rows):
+            assert torch.equal(back.rows[i, :gb], src.rows[r, :gb])
+        assert disk.metrics.snapshot().moved["host->disk"].groups == 9
+    finally:
+        disk.close()
+
+
+def test_native_write_failure_is_reported_not_raised(tmp_path, fn):
+    disk = DiskDevice(str(tmp_path), LAYOUT, 4 * SB, extent_bytes=4 * SB)
+    try:
+        slots = disk.alloc(2)
+        src = HostTier(LAYOUT, 2 * SB, pin=False)
+        fd = disk._fds[0]
+        disk._fds[0] = os.open(disk._paths[0], os.O_RDONLY)  # the extent cannot be written through it
+        try:
+            res = disk.write_from(np.asarray(slots), addresses(src, [0, 1])).result()
+        finally:
+            os.close(disk._fds[0])
+            disk._fds[0] = fd
+        assert res == ["io_error", "io_error"]
+        assert not disk._valid[slots].any()  # never read back as data
+        back = HostTier(LAYOUT, 2 * SB, pin=False)
+        assert disk.read_to(np.asarray(slots), addresses(back, [0, 1])).result() == ["absent", "absent"]
     finally:
         disk.close()
 

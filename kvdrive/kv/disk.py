@@ -73,6 +73,11 @@ class DiskDevice:
         self._valid = np.zeros(self.num_slots, dtype=bool)
         self._reads = IoQueue(read_depth, f"{self._tag}-r", self.metrics, "disk_read")
         self._writes = IoQueue(write_depth, f"{self._tag}-w", self.metrics, "disk_write")
+        # Native batches run one at a time, each on read_depth (write_depth) threads: the queue
+        # depth the disk was probed at. Batches of several steps at once drove it to ~1000 reads in
+        # flight, where the lent H200's disk is slower (bench/results/io-h200.json, depth 64).
+        self._native_reads = IoQueue(1, f"{self._tag}-nr", self.metrics, "disk_read_batch")
+        self._native_writes = IoQueue(1, f"{self._tag}-nw", self.metrics, "disk_write_batch")
         if self.persistent:
             self._reopen()
 
@@ -232,7 +237,7 @@ class DiskDevice:
         outside the GIL (``native_io``) where it is built and no faults are injected; otherwise
         the Python path of ``read``. Same per-slot results."""
         slots, dsts = np.asarray(slots, dtype=np.int64), np.asarray(dsts, dtype=np.uint64)
-        fn = native_io.reader() if isinstance(self.faults, NoFaults) else None
+        fn = self._native()
         if fn is None:
             sb = self.layout.slot_bytes
             return self.read(slots.tolist(), [native_io.view(d, sb) for d in dsts.tolist()])
@@ -240,15 +245,31 @@ class DiskDevice:
         idx = np.flatnonzero(ok)[np.argsort(slots[ok], kind="stable")]  # by slot: neighbours coalesce
         parts = []
         if len(idx):
-            parts.append((idx.tolist(), self._reads.map_shards(lambda req: self._read_native(fn, *req),
-                                                                [(slots[idx], dsts[idx])])[0][1]))
+            parts.append((idx.tolist(), self._native_reads.map_shards(lambda req: self._read_native(fn, *req),
+                                                                       [(slots[idx], dsts[idx])])[0][1]))
         if not ok.all():
             absent = np.flatnonzero(~ok).tolist()
             parts.append((absent, _done(["absent"] * len(absent))))
         return BatchFuture(len(slots), parts)
 
-    def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
-        """Read ``slots`` (sorted) in runs of consecutive slots of one extent, then check each."""
+    def write_from(self, slots: np.ndarray, srcs: np.ndarray, before=None) -> BatchFuture:
+        """``write`` from ``slot_bytes`` of host memory at each address ``srcs[i]``: one native
+        call (after ``before()``) where ``read_to`` would use one, else the Python path."""
+        slots, srcs = np.asarray(slots, dtype=np.int64), np.asarray(srcs, dtype=np.uint64)
+        fn = self._native()
+        if fn is None:
+            sb = self.layout.slot_bytes
+            return self.write(slots.tolist(), [native_io.view(x, sb) for x in srcs.tolist()], before)
+        idx = np.argsort(slots, kind="stable")
+        fut = self._native_writes.map_shards(lambda req: self._write_native(fn, *req), [(slots[idx], srcs[idx], before)])
+        return BatchFuture(len(slots), [(idx.tolist(), fut[0][1])])
+
+    def _native(self):
+        """The native batch function, or None: not built, or faults injected (they live on the Python path)."""
+        return native_io.reader() if isinstance(self.faults, NoFaults) else None
+
+    def _transfer_native(self, fn, slots: np.ndarray, bases: np.ndarray, write: bool) -> np.ndarray:
+        """Move ``slots`` (sorted) in runs of consecutive slots of one extent; per-slot status."""
         sb, es = self.layout.slot_bytes, self.extent_slots
         brk = np.ones(len(slots), dtype=bool)
         brk[1:] = (np.diff(slots) != 1) | (slots[1:] % es == 0)
@@ -258,17 +279,34 @@ class DiskDevice:
         first = np.append(np.flatnonzero(brk), len(slots))
         head = slots[first[:-1]]
         fds = np.asarray(self._fds, dtype=np.int32)[head // es]
-        status, secs = native_io.preadv_batch(fn, fds, (head % es) * sb, first, dsts, np.full(len(slots), sb),
-                                              threads=self._reads.depth, dontneed=not self.direct)
-        per = np.repeat(status, np.diff(first)).tolist()
+        queue = self._writes if write else self._reads
+        status, secs = native_io.transfer_batch(fn, fds, (head % es) * sb, first, bases, np.full(len(slots), sb),
+                                                threads=queue.depth, dontneed=not self.direct, write=write)
+        self.metrics.latencies("disk_write" if write else "disk_read", secs)
+        return np.repeat(status, np.diff(first))
+
+    def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
+        per = self._transfer_native(fn, slots, dsts, write=False).tolist()
         gb = self.layout.group_bytes
         out = [("short_read" if st == -1 else "io_error") if st else
                (None if xxhash.xxh3_64_intdigest(native_io.view(d, gb)) == want else "checksum")
                for d, st, want in zip(dsts.tolist(), per, self._sums[slots].tolist())]
         good = out.count(None)
         self.metrics.moved("disk->host", gb * good, good)
-        self.metrics.latencies("disk_read", secs)
         return out
+
+    def _write_native(self, fn, slots: np.ndarray, srcs: np.ndarray, before) -> list[str | None]:
+        if before is not None:
+            before()
+        gb = self.layout.group_bytes
+        sums = [xxhash.xxh3_64_intdigest(native_io.view(x, gb)) for x in srcs.tolist()]
+        ok = self._transfer_native(fn, slots, srcs, write=True) == 0
+        self._sums[slots[ok]] = np.asarray(sums, dtype=np.uint64)[ok]
+        self._valid[slots[ok]] = True
+        self.metrics.moved("host->disk", gb * int(ok.sum()), int(ok.sum()))
+        if not ok.all():
+            self.metrics.write_error(int((~ok).sum()))
+        return [None if x else "io_error" for x in ok.tolist()]
 
     def write(self, slots: list[int], bufs: list, before=None) -> BatchFuture:
         """Write each buffer to its slot (``before()`` first, e.g. wait for a GPU copy). Per slot None or "io_error"."""
@@ -321,8 +359,8 @@ class DiskDevice:
     def close(self, remove: bool | None = None) -> None:
         """Stop the queues and close the extents; they are deleted unless the device is
         persistent (``remove`` overrides)."""
-        self._reads.shutdown()
-        self._writes.shutdown()
+        for queue in (self._reads, self._writes, self._native_reads, self._native_writes):
+            queue.shutdown()
         remove = not self.persistent if remove is None else remove
         for fd, path in zip(self._fds, self._paths):
             os.close(fd)

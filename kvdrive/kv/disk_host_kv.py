@@ -69,7 +69,7 @@ class DiskBackedHostKV(HostKV):
         # group is durable (may leave host memory) exactly when it has one.
         self.disk_at = np.full((nl, max_seqs * max_groups, 2), -1, dtype=np.int64)
         self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
-        self._writes: deque = deque()  # (layer, flats, addrs, future), oldest first
+        self._writes: deque = deque()  # (layers, flats, (n, 2) disk addrs, future) per step, oldest first
         self.clock = 0.0
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
         self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
@@ -193,31 +193,30 @@ class DiskBackedHostKV(HostKV):
     def end(self, slot_list, starts, num_new, written):
         self._last_step = written
         g = self.layout.group_tokens
-        full = [(s, grp) for s, st in zip(slot_list, starts) for grp in range(st // g, (st + num_new) // g)]
-        if not full:
-            self._reap()
-            return
-        flat = np.array([s * self.n + grp for s, grp in full], dtype=np.int64)
-        for layer, arena in enumerate(self.arenas):
-            slots = self.slot_of[layer].reshape(-1)[flat]
-            addrs = self.pool.alloc(len(flat))
-            fut = self.pool.write(addrs, [arena.buffer(int(x)) for x in slots], before=written.synchronize)
-            self._writes.append((layer, flat, addrs, fut))
+        full = [s * self.n + grp for s, st in zip(slot_list, starts) for grp in range(st // g, (st + num_new) // g)]
+        if full:  # every layer's filled groups in one write batch, after the step's writes land
+            nl = len(self.arenas)
+            layers = np.repeat(np.arange(nl), len(full))
+            flat = np.tile(np.asarray(full, dtype=np.int64), nl)
+            slots = self.slot_of.reshape(nl, -1)[layers, flat]
+            addrs = np.array(self.pool.alloc(len(flat)), dtype=np.int64).reshape(-1, 2)
+            srcs = self._bases[layers] + slots.astype(np.uint64) * np.uint64(self.layout.slot_bytes)
+            fut = self.pool.write_from(addrs[:, 0], addrs[:, 1], srcs, before=written.synchronize)
+            self._writes.append((layers, flat, addrs, fut))
             self.counts["disk_writes"] += len(flat)
         self._reap()
 
     def _reap(self, wait_all: bool = False, wait_one: bool = False) -> None:
         while self._writes:
-            layer, flat, addrs, fut = self._writes[0]
+            layers, flat, addrs, fut = self._writes[0]
             if not (wait_all or wait_one or fut.done()):
                 return
             self._writes.popleft()
             wait_one = False
-            for f, a, r in zip(flat.tolist(), addrs, fut.result()):
-                if r is None:
-                    self.disk_at[layer, f] = a
-                else:  # the host copy stays (not durable, so never evicted)
-                    self.pool.free([a])
+            ok = np.fromiter((r is None for r in fut.result()), dtype=bool, count=len(flat))
+            self.disk_at[layers[ok], flat[ok]] = addrs[ok]
+            if not ok.all():  # the host copy stays (not durable, so never evicted)
+                self.pool.free([DiskAddr(int(d), int(x)) for d, x in addrs[~ok]])
 
     # -- read path --------------------------------------------------------------------
     def _addrs(self, layer: int, flat: np.ndarray) -> list[DiskAddr]:

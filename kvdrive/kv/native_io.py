@@ -1,16 +1,17 @@
-"""Batched disk reads outside the GIL: ``native/batch_io.c``, compiled on first use, via ctypes.
+"""Batched disk I/O outside the GIL: ``native/batch_io.c``, compiled on first use, via ctypes.
 
 Why: a decode step of the disk tier reads hundreds of scattered slots. Issued one
 ``preadv`` per Python task, each read holds the GIL for tens of microseconds (task
 hand-off, syscall wrapper, bookkeeping) on 32 worker threads, and that Python time
 competes with the engine thread that launches the GPU's work; at ~800 reads a step it
-was the step. ``preadv_batch`` reads a whole batch of runs in one foreign call on
-POSIX threads; ctypes drops the GIL for all of it.
+was the step; write-behind of the groups a step fills cost the same per write.
+``transfer_batch`` reads or writes a whole batch of runs in one foreign call on POSIX
+threads; ctypes drops the GIL for all of it.
 
 The library is built once per source and compiler into ``env.cache_dir()/native`` with
 the system C compiler (the one Triton also needs). Without one, or with
 ``KVDRIVE_NATIVE_IO=0``, ``reader()`` returns None and the disk tier reads with Python
-threads as before, after one ``NativeIOWarning`` that names the fix.
+threads, one task per run, after one ``NativeIOWarning`` that names the fix.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _build(compiler: str) -> Path:
 
 
 def reader():
-    """The loaded ``kvd_preadv_batch``, or None (disabled, or no compiler: warned once)."""
+    """The loaded ``kvd_pio_batch``, or None (disabled, or no compiler: warned once)."""
     with _lock:
         if "fn" not in _state:
             _state["fn"] = _load()
@@ -74,36 +75,37 @@ def _load():
     try:
         if compiler is None:
             raise OSError("no C compiler on PATH (cc, gcc, clang) and $CC is unset")
-        fn = ctypes.CDLL(str(_build(compiler))).kvd_preadv_batch
+        fn = ctypes.CDLL(str(_build(compiler))).kvd_pio_batch
     except OSError as err:
         warnings.warn(f"kvdrive's batched disk reader is unavailable ({err}); disk reads use Python threads, "
                       f"which costs the engine thread time per read. Install a C compiler (e.g. apt install gcc) "
                       f"or set CC; KVDRIVE_NATIVE_IO=0 silences this", NativeIOWarning, stacklevel=3)
         return None
     p = ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int64, p, p, p, p, p, ctypes.c_int32, ctypes.c_int32, p, p]
+    fn.argtypes = [ctypes.c_int64, p, p, p, p, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, p, p]
     fn.restype = ctypes.c_int
     return fn
 
 
-def preadv_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, bases: np.ndarray,
-                 lens: np.ndarray, threads: int, dontneed: bool) -> tuple[np.ndarray, np.ndarray]:
+def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, bases: np.ndarray,
+                   lens: np.ndarray, threads: int, dontneed: bool, write: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read run r (``fds[r]`` from ``offsets[r]``) into buffers ``first[r]:first[r+1]`` of
-    (``bases``, ``lens``); returns per run (status: 0 ok, -1 short, else errno; latency in s).
-    The caller keeps every buffer alive and, for O_DIRECT, aligned."""
+    (``bases``, ``lens``), or write them there (``write``); returns per run (status: 0 ok,
+    -1 short, else errno; latency in s). The caller keeps every buffer alive and, for
+    O_DIRECT, aligned."""
     n = len(fds)
     fds, offsets, first = (np.ascontiguousarray(a, dtype=t) for a, t in
                            ((fds, np.int32), (offsets, np.int64), (first, np.int64)))
     bases, lens = np.ascontiguousarray(bases, dtype=np.uint64), np.ascontiguousarray(lens, dtype=np.int64)
     if len(first) != n + 1 or first[-1] != len(bases) or len(lens) != len(bases):
-        raise ValueError("preadv_batch: first must hold n_runs + 1 offsets into bases/lens")
+        raise ValueError("transfer_batch: first must hold n_runs + 1 offsets into bases/lens")
     if n and np.diff(first).max() > MAX_RUN_SLOTS:
-        raise ValueError(f"preadv_batch: a run may have at most {MAX_RUN_SLOTS} buffers")
+        raise ValueError(f"transfer_batch: a run may have at most {MAX_RUN_SLOTS} buffers")
     status = np.zeros(n, dtype=np.int32)
     nanos = np.zeros(n, dtype=np.int64)
     if n:
         fn(n, fds.ctypes.data, offsets.ctypes.data, first.ctypes.data, bases.ctypes.data, lens.ctypes.data,
-           threads, int(dontneed), status.ctypes.data, nanos.ctypes.data)
+           threads, int(dontneed), int(write), status.ctypes.data, nanos.ctypes.data)
     return status, nanos * 1e-9
 
 

@@ -124,11 +124,18 @@ class DiskPool:
     def read_to(self, devs: np.ndarray, slots: np.ndarray, dsts: np.ndarray) -> BatchFuture:
         """``read`` of slot ``slots[i]`` of device ``devs[i]`` into host memory at ``dsts[i]``
         (``DiskDevice.read_to``): arrays in, no Python object per read on the way."""
+        return self._per_device(devs, lambda d, idx: d.read_to(np.asarray(slots)[idx], np.asarray(dsts)[idx]))
+
+    def write_from(self, devs: np.ndarray, slots: np.ndarray, srcs: np.ndarray, before=None) -> BatchFuture:
+        """``write`` to slot ``slots[i]`` of device ``devs[i]`` from host memory at ``srcs[i]``."""
+        return self._per_device(devs, lambda d, idx: d.write_from(np.asarray(slots)[idx], np.asarray(srcs)[idx], before))
+
+    def _per_device(self, devs: np.ndarray, submit) -> BatchFuture:
         devs = np.asarray(devs, dtype=np.int64)
         parts = []
         for dev in np.unique(devs).tolist():
             idx = np.flatnonzero(devs == dev)
-            parts.append((idx.tolist(), self.devices[dev].read_to(np.asarray(slots)[idx], np.asarray(dsts)[idx])))
+            parts.append((idx.tolist(), submit(self.devices[dev], idx)))
         return BatchFuture(len(devs), parts)
 
     def write(self, addrs: list[DiskAddr], bufs: list, before=None) -> BatchFuture:

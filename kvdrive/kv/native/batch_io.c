@@ -1,10 +1,10 @@
-/* Batched positional reads for kvdrive's disk tier: one call reads many runs of slots,
- * each run one preadv, on up to `threads` POSIX threads that take runs from a shared
- * counter. Called through ctypes, which releases the GIL for the whole batch, so
- * hundreds of reads of a decode step cost the Python threads nothing per read.
+/* Batched positional I/O for kvdrive's disk tier: one call reads (or writes) many runs of
+ * slots, each run one preadv (pwritev), on up to `threads` POSIX threads that take runs from
+ * a shared counter. Called through ctypes, which releases the GIL for the whole batch, so
+ * hundreds of transfers of a decode step cost the Python threads nothing per transfer.
  *
- * Run r reads iovecs [first[r], first[r+1]) from fds[r] at offsets[r]. status[r]:
- * 0 ok, -1 short read, else the errno. nanos[r]: the run's latency in ns.
+ * Run r moves iovecs [first[r], first[r+1]) from/to fds[r] at offsets[r]. status[r]:
+ * 0 ok, -1 short transfer (EOF / no space), else the errno. nanos[r]: its latency in ns.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,6 +26,7 @@ typedef struct {
     const uint64_t *bases;
     const int64_t *lens;
     int32_t dontneed;
+    int32_t write;
     int32_t *status;
     int64_t *nanos;
     int64_t next; /* next run to take (atomic) */
@@ -37,7 +38,7 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static int read_run(const batch_t *b, int64_t r) {
+static int move_run(const batch_t *b, int64_t r) {
     struct iovec iov[MAX_IOV];
     int64_t lo = b->first[r], hi = b->first[r + 1], want = 0;
     if (hi - lo > MAX_IOV || hi <= lo) return EINVAL;
@@ -49,7 +50,8 @@ static int read_run(const batch_t *b, int64_t r) {
     int64_t done = 0;
     int k = 0;
     while (done < want) { /* a short transfer that is not EOF is resumed, as preadv may split */
-        ssize_t got = preadv(b->fds[r], iov + k, (int)(hi - lo - k), b->offsets[r] + done);
+        ssize_t got = b->write ? pwritev(b->fds[r], iov + k, (int)(hi - lo - k), b->offsets[r] + done)
+                               : preadv(b->fds[r], iov + k, (int)(hi - lo - k), b->offsets[r] + done);
         if (got < 0) {
             if (errno == EINTR) continue;
             return errno;
@@ -72,16 +74,16 @@ static void *worker(void *arg) {
         int64_t r = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED);
         if (r >= b->n_runs) return NULL;
         int64_t t0 = now_ns();
-        b->status[r] = read_run(b, r);
+        b->status[r] = move_run(b, r);
         b->nanos[r] = now_ns() - t0;
     }
 }
 
 /* Returns 0, or the errno of pthread_create when no thread could be started at all. */
-int kvd_preadv_batch(int64_t n_runs, const int32_t *fds, const int64_t *offsets, const int64_t *first,
-                     const uint64_t *bases, const int64_t *lens, int32_t threads, int32_t dontneed,
-                     int32_t *status, int64_t *nanos) {
-    batch_t b = {n_runs, fds, offsets, first, bases, lens, dontneed, status, nanos, 0};
+int kvd_pio_batch(int64_t n_runs, const int32_t *fds, const int64_t *offsets, const int64_t *first,
+                  const uint64_t *bases, const int64_t *lens, int32_t threads, int32_t dontneed, int32_t write,
+                  int32_t *status, int64_t *nanos) {
+    batch_t b = {n_runs, fds, offsets, first, bases, lens, dontneed, write, status, nanos, 0};
     pthread_t tid[MAX_THREADS];
     int n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
     if (n > n_runs) n = (int)n_runs;

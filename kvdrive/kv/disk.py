@@ -289,7 +289,7 @@ class DiskDevice:
         per = self._transfer_native(fn, slots, dsts, write=False).tolist()
         gb = self.layout.group_bytes
         out = [("short_read" if st == -1 else "io_error") if st else
-               (None if xxhash.xxh3_64_intdigest(native_io.view(d, gb)) == want else "checksum")
+               (None if xxhash.xxh3_64_intdigest(native_io.at(d, gb)) == want else "checksum")
                for d, st, want in zip(dsts.tolist(), per, self._sums[slots].tolist())]
         good = out.count(None)
         self.metrics.moved("disk->host", gb * good, good)
@@ -299,7 +299,7 @@ class DiskDevice:
         if before is not None:
             before()
         gb = self.layout.group_bytes
-        sums = [xxhash.xxh3_64_intdigest(native_io.view(x, gb)) for x in srcs.tolist()]
+        sums = [xxhash.xxh3_64_intdigest(native_io.at(x, gb)) for x in srcs.tolist()]
         ok = self._transfer_native(fn, slots, srcs, write=True) == 0
         self._sums[slots[ok]] = np.asarray(sums, dtype=np.uint64)[ok]
         self._valid[slots[ok]] = True

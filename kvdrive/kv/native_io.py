@@ -17,6 +17,7 @@ threads, one task per run, after one ``NativeIOWarning`` that names the fix.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -109,6 +110,17 @@ def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, 
     return status, nanos * 1e-9
 
 
+@functools.cache
+def _chars(nbytes: int):
+    return ctypes.c_char * nbytes
+
+
+def at(address: int, nbytes: int):
+    """``nbytes`` of memory at ``address`` as a buffer (no copy): what a checksum reads. ~0.4 us,
+    a quarter of ``view``; a decode step checks hundreds."""
+    return _chars(nbytes).from_address(address)
+
+
 def view(address: int, nbytes: int) -> memoryview:
     """A writable byte view of ``nbytes`` of memory at ``address`` (no copy)."""
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+    return memoryview(at(address, nbytes)).cast("B")

@@ -25,11 +25,14 @@ def fn():
     return f
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=["native", "native_python_hash", "python"])
 def path(request, monkeypatch):
-    """read_to through the native batch, and through the Python fallback it must agree with."""
+    """read_to/write_from through the native batch (checksums in its threads, or in Python where
+    the xxhash build exports no XXH3_64bits), and through the Python fallback they must agree with."""
     if request.param == "python":
         monkeypatch.setattr(native_io, "reader", lambda: None)
+    if request.param == "native_python_hash":
+        monkeypatch.setattr(native_io, "xxh3_address", lambda: None)
     return request.param
 
 
@@ -55,7 +58,7 @@ def test_transfer_batch_runs_land_in_their_buffers(tmp_path, fn):
     try:
         # run 0: file slots 5, 6 into rows 1, 0 (one preadv, two iovecs); run 1: slot 2 into row 7
         bases = np.uint64(dst.ctypes.data) + np.array([1, 0, 7], dtype=np.uint64) * np.uint64(SB)
-        status, secs = native_io.transfer_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
+        status, secs, _ = native_io.transfer_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
                                               threads=4, dontneed=True)
     finally:
         os.close(fd)
@@ -72,7 +75,7 @@ def test_transfer_batch_reports_short_reads_and_errors(tmp_path, fn):
     fd = os.open(path, os.O_RDONLY)
     try:
         bases = np.uint64(dst.ctypes.data) + np.array([0, 1], dtype=np.uint64) * np.uint64(SB)
-        status, _ = native_io.transfer_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
+        status, _, _ = native_io.transfer_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
                                            threads=2, dontneed=False)
     finally:
         os.close(fd)
@@ -136,6 +139,22 @@ def test_write_from_round_trips_and_checksums(tmp_path, path):
         for i, r in enumerate(rows):
             assert torch.equal(back.rows[i, :gb], src.rows[r, :gb])
         assert disk.metrics.snapshot().moved["host->disk"].groups == 9
+    finally:
+        disk.close()
+
+
+def test_native_checksums_are_the_xxhash_package_s(tmp_path, fn):
+    """The threads' XXH3_64bits (by address from xxhash's extension) gives xxh3_64_intdigest's sums."""
+    import xxhash
+
+    assert native_io.xxh3_address() is not None, "xxhash's extension exports XXH3_64bits on Linux wheels"
+    disk, src, slots = filled_disk(tmp_path, 5)  # written by write(): sums from Python
+    try:
+        gb = LAYOUT.group_bytes
+        assert disk._sums[slots].tolist() == [xxhash.xxh3_64_intdigest(src.buffer(i)[:gb]) for i in range(5)]
+        again = np.asarray(disk.alloc(5))
+        assert disk.write_from(again, addresses(src, range(5))).result() == [None] * 5
+        assert disk._sums[again].tolist() == disk._sums[slots].tolist()
     finally:
         disk.close()
 

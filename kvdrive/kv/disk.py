@@ -268,8 +268,9 @@ class DiskDevice:
         """The native batch function, or None: not built, or faults injected (they live on the Python path)."""
         return native_io.reader() if isinstance(self.faults, NoFaults) else None
 
-    def _transfer_native(self, fn, slots: np.ndarray, bases: np.ndarray, write: bool) -> np.ndarray:
-        """Move ``slots`` (sorted) in runs of consecutive slots of one extent; per-slot status."""
+    def _transfer_native(self, fn, slots: np.ndarray, bases: np.ndarray, write: bool, sums: np.ndarray):
+        """Move ``slots`` (sorted) in runs of consecutive slots of one extent, checksumming in the
+        native threads where they can; returns per-slot (status, checked: see transfer_batch)."""
         sb, es = self.layout.slot_bytes, self.extent_slots
         brk = np.ones(len(slots), dtype=bool)
         brk[1:] = (np.diff(slots) != 1) | (slots[1:] % es == 0)
@@ -280,28 +281,38 @@ class DiskDevice:
         head = slots[first[:-1]]
         fds = np.asarray(self._fds, dtype=np.int32)[head // es]
         queue = self._writes if write else self._reads
-        status, secs = native_io.transfer_batch(fn, fds, (head % es) * sb, first, bases, np.full(len(slots), sb),
-                                                threads=queue.depth, dontneed=not self.direct, write=write)
+        status, secs, checked = native_io.transfer_batch(
+            fn, fds, (head % es) * sb, first, bases, np.full(len(slots), sb), threads=queue.depth,
+            dontneed=not self.direct, write=write, hash_len=self.layout.group_bytes, sums=sums)
         self.metrics.latencies("disk_write" if write else "disk_read", secs)
-        return np.repeat(status, np.diff(first))
+        return np.repeat(status, np.diff(first)), checked
 
     def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
-        per = self._transfer_native(fn, slots, dsts, write=False).tolist()
+        want = np.ascontiguousarray(self._sums[slots])
+        per, bad = self._transfer_native(fn, slots, dsts, write=False, sums=want)
         gb = self.layout.group_bytes
-        out = [("short_read" if st == -1 else "io_error") if st else
-               (None if xxhash.xxh3_64_intdigest(native_io.at(d, gb)) == want else "checksum")
-               for d, st, want in zip(dsts.tolist(), per, self._sums[slots].tolist())]
-        good = out.count(None)
+        if bad is None:  # no native hash: check here, holding the GIL per slot
+            bad = np.array([xxhash.xxh3_64_intdigest(native_io.at(d, gb)) != w
+                            for d, w in zip(dsts.tolist(), want.tolist())], dtype=bool)
+        out = np.full(len(slots), None, dtype=object)
+        out[per == -1] = "short_read"
+        out[(per != 0) & (per != -1)] = "io_error"
+        out[(per == 0) & bad] = "checksum"
+        good = int(((per == 0) & ~bad).sum())
         self.metrics.moved("disk->host", gb * good, good)
-        return out
+        return out.tolist()
 
     def _write_native(self, fn, slots: np.ndarray, srcs: np.ndarray, before) -> list[str | None]:
         if before is not None:
             before()
         gb = self.layout.group_bytes
-        sums = [xxhash.xxh3_64_intdigest(native_io.at(x, gb)) for x in srcs.tolist()]
-        ok = self._transfer_native(fn, slots, srcs, write=True) == 0
-        self._sums[slots[ok]] = np.asarray(sums, dtype=np.uint64)[ok]
+        if native_io.xxh3_address() is None:  # no native hash: checksum here, before the write
+            sums = np.array([xxhash.xxh3_64_intdigest(native_io.at(x, gb)) for x in srcs.tolist()], dtype=np.uint64)
+        else:
+            sums = np.zeros(len(slots), dtype=np.uint64)  # filled by the native threads
+        per, _ = self._transfer_native(fn, slots, srcs, write=True, sums=sums)
+        ok = per == 0
+        self._sums[slots[ok]] = sums[ok]
         self._valid[slots[ok]] = True
         self.metrics.moved("host->disk", gb * int(ok.sum()), int(ok.sum()))
         if not ok.all():

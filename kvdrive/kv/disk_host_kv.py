@@ -150,7 +150,8 @@ class DiskBackedHostKV(HostKV):
         flat = self.owner[layer][slots]
         s, g = np.divmod(flat, self.n)
         self.slot_of[layer, s, g] = -1
-        self.slot_gpu[layer][self._up(s), self._up(g)] = -1
+        idx = self._up(np.stack([s, g]))  # one pinned upload
+        self.slot_gpu[layer][idx[0], idx[1]] = -1
         self.owner[layer][slots] = -1
         self._held[layer].append((self._last_step, slots.tolist()))  # the step in flight may still read them
         self.counts["host_evictions"] += len(slots)
@@ -305,17 +306,18 @@ class DiskBackedHostKV(HostKV):
                                     or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
             slot_list, layers, groups, flags, event = self._selections.popleft()
             event.synchronize()
-            groups, flags = groups.numpy().astype(np.int64), flags.numpy()
+            flags = flags.numpy().reshape(-1)
             lay = np.asarray(layers, dtype=np.int64)[:, None, None]
             seq = np.asarray(slot_list, dtype=np.int64)[None, :, None]
-            host = self.slot_of[lay, seq, groups]  # (L, B, P)
+            per_layer = self.n * self.max_seqs
+            key = (lay * per_layer + seq * self.n + groups.numpy()).reshape(-1)  # (L*B*P,) into slot_of's layers
+            host = self.slot_of.reshape(-1)[key]
             hit = (flags & 1 > 0) & (host >= 0)
-            self.stamp[np.broadcast_to(lay, hit.shape)[hit], host[hit]] = self.clock
+            self.stamp.reshape(-1)[key[hit] // per_layer * self.stamp.shape[1] + host[hit]] = self.clock
             left = flags & 2 > 0
             if left.any():
                 self.counts["deferred"] += int(left.sum())
-                key = np.unique((lay * self.n * self.max_seqs + seq * self.n + groups)[left])
-                self._read_deferred(*np.divmod(key, self.n * self.max_seqs))
+                self._read_deferred(*np.divmod(np.unique(key[left]), per_layer))
 
     def _touch(self, layer: int, slot_list, groups: np.ndarray, selected: np.ndarray):
         """Stamp the ``selected`` of ``groups`` (B, P) of ``slot_list`` that are in the arena as

@@ -82,18 +82,36 @@ def _load():
                       f"which costs the engine thread time per read. Install a C compiler (e.g. apt install gcc) "
                       f"or set CC; KVDRIVE_NATIVE_IO=0 silences this", NativeIOWarning, stacklevel=3)
         return None
-    p = ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int64, p, p, p, p, p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, p, p]
+    p, i32 = ctypes.c_void_p, ctypes.c_int32
+    fn.argtypes = [ctypes.c_int64, p, p, p, p, p, i32, i32, i32, p, ctypes.c_int64, p, p, p, p]
     fn.restype = ctypes.c_int
     return fn
 
 
+def xxh3_address() -> int | None:
+    """Address of ``XXH3_64bits`` in the xxhash package's own extension (the function behind
+    ``xxhash.xxh3_64_intdigest``), for the native threads to checksum without the GIL; None
+    where that build does not export it (then Python checksums, holding the GIL per slot)."""
+    with _lock:
+        if "xxh3" not in _state:
+            try:
+                import xxhash._xxhash as ext
+
+                _state["xxh3"] = ctypes.cast(ctypes.CDLL(ext.__file__).XXH3_64bits, ctypes.c_void_p).value
+            except (OSError, AttributeError, ImportError):
+                _state["xxh3"] = None
+        return _state["xxh3"]
+
+
 def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, bases: np.ndarray,
-                   lens: np.ndarray, threads: int, dontneed: bool, write: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   lens: np.ndarray, threads: int, dontneed: bool, write: bool = False, hash_len: int = 0,
+                   sums: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Read run r (``fds[r]`` from ``offsets[r]``) into buffers ``first[r]:first[r+1]`` of
     (``bases``, ``lens``), or write them there (``write``); returns per run (status: 0 ok,
-    -1 short, else errno; latency in s). The caller keeps every buffer alive and, for
-    O_DIRECT, aligned."""
+    -1 short, else errno; latency in s) and, with ``hash_len`` where ``xxh3_address`` has
+    the hash, per buffer: a read's mismatch against ``sums`` (bool), or a write's xxh3 of the
+    first ``hash_len`` bytes in ``sums`` (filled in place); else None. The caller keeps every
+    buffer alive and, for O_DIRECT, aligned."""
     n = len(fds)
     fds, offsets, first = (np.ascontiguousarray(a, dtype=t) for a, t in
                            ((fds, np.int32), (offsets, np.int64), (first, np.int64)))
@@ -104,10 +122,16 @@ def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, 
         raise ValueError(f"transfer_batch: a run may have at most {MAX_RUN_SLOTS} buffers")
     status = np.zeros(n, dtype=np.int32)
     nanos = np.zeros(n, dtype=np.int64)
+    hash_fn = xxh3_address() if hash_len else None
+    bad = np.zeros(len(bases), dtype=np.uint8)
+    if hash_fn is not None and (sums is None or sums.dtype != np.uint64 or len(sums) != len(bases)
+                                or not sums.flags.c_contiguous):
+        raise ValueError("transfer_batch: sums must be a contiguous uint64 array, one per buffer")
     if n:
         fn(n, fds.ctypes.data, offsets.ctypes.data, first.ctypes.data, bases.ctypes.data, lens.ctypes.data,
-           threads, int(dontneed), int(write), status.ctypes.data, nanos.ctypes.data)
-    return status, nanos * 1e-9
+           threads, int(dontneed), int(write), hash_fn, hash_len if hash_fn else 0,
+           sums.ctypes.data if hash_fn else None, bad.ctypes.data, status.ctypes.data, nanos.ctypes.data)
+    return status, nanos * 1e-9, (None if hash_fn is None else (sums if write else bad.astype(bool)))
 
 
 @functools.cache

@@ -5,6 +5,11 @@
  *
  * Run r moves iovecs [first[r], first[r+1]) from/to fds[r] at offsets[r]. status[r]:
  * 0 ok, -1 short transfer (EOF / no space), else the errno. nanos[r]: its latency in ns.
+ *
+ * With `hash` (the xxhash library's XXH3_64bits, passed in by address) the threads also
+ * checksum the first `hash_len` bytes of each buffer: a write stores them in sums[i] before
+ * its run is written; a read of a run that succeeded sets bad[i] where the hash of what
+ * arrived differs from the expected sums[i]. Without it (NULL) the caller checksums.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,6 +32,10 @@ typedef struct {
     const int64_t *lens;
     int32_t dontneed;
     int32_t write;
+    uint64_t (*hash)(const void *, size_t);
+    int64_t hash_len;
+    uint64_t *sums;
+    uint8_t *bad;
     int32_t *status;
     int64_t *nanos;
     int64_t next; /* next run to take (atomic) */
@@ -42,6 +51,8 @@ static int move_run(const batch_t *b, int64_t r) {
     struct iovec iov[MAX_IOV];
     int64_t lo = b->first[r], hi = b->first[r + 1], want = 0;
     if (hi - lo > MAX_IOV || hi <= lo) return EINVAL;
+    if (b->hash && b->write)
+        for (int64_t i = lo; i < hi; i++) b->sums[i] = b->hash((const void *)(uintptr_t)b->bases[i], (size_t)b->hash_len);
     for (int64_t i = lo; i < hi; i++) {
         iov[i - lo].iov_base = (void *)(uintptr_t)b->bases[i];
         iov[i - lo].iov_len = (size_t)b->lens[i];
@@ -65,6 +76,9 @@ static int move_run(const batch_t *b, int64_t r) {
         }
     }
     if (b->dontneed) posix_fadvise(b->fds[r], b->offsets[r], want, POSIX_FADV_DONTNEED);
+    if (b->hash && !b->write)
+        for (int64_t i = lo; i < hi; i++)
+            b->bad[i] = b->hash((const void *)(uintptr_t)b->bases[i], (size_t)b->hash_len) != b->sums[i];
     return 0;
 }
 
@@ -82,8 +96,10 @@ static void *worker(void *arg) {
 /* Returns 0, or the errno of pthread_create when no thread could be started at all. */
 int kvd_pio_batch(int64_t n_runs, const int32_t *fds, const int64_t *offsets, const int64_t *first,
                   const uint64_t *bases, const int64_t *lens, int32_t threads, int32_t dontneed, int32_t write,
+                  uint64_t (*hash)(const void *, size_t), int64_t hash_len, uint64_t *sums, uint8_t *bad,
                   int32_t *status, int64_t *nanos) {
-    batch_t b = {n_runs, fds, offsets, first, bases, lens, dontneed, write, status, nanos, 0};
+    batch_t b = {n_runs, fds, offsets, first, bases, lens, dontneed, write, hash, hash_len, sums, bad,
+                 status, nanos, 0};
     pthread_t tid[MAX_THREADS];
     int n = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
     if (n > n_runs) n = (int)n_runs;

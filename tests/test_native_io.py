@@ -49,6 +49,11 @@ def addresses(host: HostTier, rows) -> np.ndarray:
     return np.asarray(rows, dtype=np.uint64) * np.uint64(SB) + np.uint64(host.rows.data_ptr())
 
 
+def same_groups(a: HostTier, a_rows, b: HostTier, b_rows) -> bool:
+    gb = LAYOUT.group_bytes
+    return all(torch.equal(a.rows[i, :gb], b.rows[j, :gb]) for i, j in zip(a_rows, b_rows))
+
+
 def test_transfer_batch_runs_land_in_their_buffers(tmp_path, fn):
     data = np.random.default_rng(0).integers(0, 256, 8 * SB, dtype=np.uint8)
     path = tmp_path / "f"
@@ -97,9 +102,7 @@ def test_read_to_matches_the_written_bytes(tmp_path, path):
         rows = [11, 3, 0, 5, 9, 1, 2, 8, 4, 6]  # scattered destinations, slots in file order
         res = disk.read_to(np.asarray(slots), addresses(back, rows)).result()
         assert res == [None] * 10
-        gb = LAYOUT.group_bytes
-        for i, r in enumerate(rows):
-            assert torch.equal(back.rows[r, :gb], src.rows[i, :gb])
+        assert same_groups(back, rows, src, range(10))
         assert disk.metrics.snapshot().moved["disk->host"].groups == 10
     finally:
         disk.close()
@@ -135,9 +138,7 @@ def test_write_from_round_trips_and_checksums(tmp_path, path):
         assert res == [None] * 9 and calls
         back = HostTier(LAYOUT, 9 * SB, pin=False)
         assert disk.read(slots.tolist(), [back.buffer(i) for i in range(9)]).result() == [None] * 9
-        gb = LAYOUT.group_bytes
-        for i, r in enumerate(rows):
-            assert torch.equal(back.rows[i, :gb], src.rows[r, :gb])
+        assert same_groups(back, range(9), src, rows)
         assert disk.metrics.snapshot().moved["host->disk"].groups == 9
     finally:
         disk.close()

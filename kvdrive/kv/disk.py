@@ -202,18 +202,22 @@ class DiskDevice:
 
     # -- I/O --------------------------------------------------------------------------
 
+    def _run_starts(self, slots: np.ndarray) -> np.ndarray:
+        """Where the runs of ``slots`` (sorted) begin, and ``len(slots)`` last: a run is consecutive
+        slots of one extent, at most ``MAX_RUN_BYTES`` (one preadv/pwritev each)."""
+        brk = np.ones(len(slots), dtype=bool)
+        brk[1:] = (np.diff(slots) != 1) | (slots[1:] % self.extent_slots == 0)
+        start = np.flatnonzero(brk)
+        pos = np.arange(len(slots)) - np.repeat(start, np.diff(np.append(start, len(slots))))
+        brk |= pos % max(1, MAX_RUN_BYTES // self.layout.slot_bytes) == 0  # cap run length
+        return np.append(np.flatnonzero(brk), len(slots))
+
     def _runs(self, slots: list[int], bufs: list):
         """Group (slot, buf) into runs of consecutive slots in one extent; yields (indices, slots, bufs)."""
-        order = sorted(range(len(slots)), key=slots.__getitem__)
-        max_len = max(1, MAX_RUN_BYTES // self.layout.slot_bytes)
-        run: list[int] = []
-        for i in order:
-            s = slots[i]
-            if run and (s != slots[run[-1]] + 1 or s % self.extent_slots == 0 or len(run) == max_len):
-                yield run, [slots[j] for j in run], [bufs[j] for j in run]
-                run = []
-            run.append(i)
-        if run:
+        order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
+        first = self._run_starts(np.asarray(slots, dtype=np.int64)[order])
+        for lo, hi in zip(first[:-1].tolist(), first[1:].tolist()):
+            run = order[lo:hi].tolist()
             yield run, [slots[j] for j in run], [bufs[j] for j in run]
 
     def _where(self, slot: int) -> tuple[int, str, int]:
@@ -272,12 +276,7 @@ class DiskDevice:
         """Move ``slots`` (sorted) in runs of consecutive slots of one extent, checksumming in the
         native threads where they can; returns per-slot (status, checked: see transfer_batch)."""
         sb, es = self.layout.slot_bytes, self.extent_slots
-        brk = np.ones(len(slots), dtype=bool)
-        brk[1:] = (np.diff(slots) != 1) | (slots[1:] % es == 0)
-        start = np.flatnonzero(brk)
-        pos = np.arange(len(slots)) - np.repeat(start, np.diff(np.append(start, len(slots))))
-        brk |= pos % max(1, MAX_RUN_BYTES // sb) == 0  # cap run length
-        first = np.append(np.flatnonzero(brk), len(slots))
+        first = self._run_starts(slots)
         head = slots[first[:-1]]
         fds = np.asarray(self._fds, dtype=np.int32)[head // es]
         queue = self._writes if write else self._reads
@@ -418,3 +417,7 @@ class BatchFuture:
             for i, r in zip(idx, fut.result()):
                 out[i] = r
         return out
+
+    def ok(self) -> np.ndarray:
+        """(n,) bool: which items succeeded (waits like ``result``)."""
+        return np.array([r is None for r in self.result()], dtype=bool)

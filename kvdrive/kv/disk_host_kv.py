@@ -61,6 +61,7 @@ class DiskBackedHostKV(HostKV):
         self._typed = [layout.as_groups(a.rows) for a in self.arenas]
         self._bases = np.array([a.rows.data_ptr() for a in self.arenas], dtype=np.uint64)  # disk reads land here
         self.slot_of = np.full((nl, max_seqs, max_groups), -1, dtype=np.int64)  # host slot, -1: not in host
+        self._slot_by_flat = self.slot_of.reshape(nl, -1)  # a view: (layer, seq * N + group)
         self.slot_gpu = torch.full((nl, max_seqs, max_groups), -1, dtype=torch.int64, device=device)
         ns = self.arenas[0].num_slots  # the same in every layer
         self.owner = np.full((nl, ns), -1, dtype=np.int64)  # (layer, slot) -> seq*N + group
@@ -199,7 +200,7 @@ class DiskBackedHostKV(HostKV):
             nl = len(self.arenas)
             layers = np.repeat(np.arange(nl), len(full))
             flat = np.tile(np.asarray(full, dtype=np.int64), nl)
-            slots = self.slot_of.reshape(nl, -1)[layers, flat]
+            slots = self._slot_by_flat[layers, flat]
             addrs = np.array(self.pool.alloc(len(flat)), dtype=np.int64).reshape(-1, 2)
             srcs = self._bases[layers] + slots.astype(np.uint64) * np.uint64(self.layout.slot_bytes)
             fut = self.pool.write_from(addrs[:, 0], addrs[:, 1], srcs, before=written.synchronize)
@@ -214,7 +215,7 @@ class DiskBackedHostKV(HostKV):
                 return
             self._writes.popleft()
             wait_one = False
-            ok = np.fromiter((r is None for r in fut.result()), dtype=bool, count=len(flat))
+            ok = fut.ok()
             self.disk_at[layers[ok], flat[ok]] = addrs[ok]
             if not ok.all():  # the host copy stays (not durable, so never evicted)
                 self.pool.free([DiskAddr(int(d), int(x)) for d, x in addrs[~ok]])
@@ -330,7 +331,7 @@ class DiskBackedHostKV(HostKV):
     def _read_deferred(self, layers: np.ndarray, flat: np.ndarray) -> None:
         """Read groups ``flat`` of ``layers`` (sorted by layer) that are still on disk only and not
         already being read, into the arena slots free now; the rest wait for a later step."""
-        keep = ((self.slot_of.reshape(len(self.arenas), -1)[layers, flat] < 0)
+        keep = ((self._slot_by_flat[layers, flat] < 0)
                 & (self.disk_at[layers, flat, 1] >= 0) & ~self._reading[layers, flat])
         layers, flat = layers[keep], flat[keep]
         take = np.zeros(len(flat), dtype=bool)
@@ -355,8 +356,8 @@ class DiskBackedHostKV(HostKV):
                 keep.append((layers, flat, slots, fut))
                 continue
             self._reading[layers, flat] = False
-            ok = np.fromiter((r is None for r in fut.result()), dtype=bool, count=len(flat))
-            here = self.slot_of.reshape(len(self.arenas), -1)[layers, flat] >= 0  # a synchronous read overtook it
+            ok = fut.ok()
+            here = self._slot_by_flat[layers, flat] >= 0  # a synchronous read overtook it
             for layer in np.unique(layers[here | ~ok]).tolist():
                 self.arenas[layer].free(slots[(layers == layer) & (here | ~ok)].tolist())
             good = ok & ~here

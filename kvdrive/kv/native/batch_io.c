@@ -93,7 +93,8 @@ static void *worker(void *arg) {
     }
 }
 
-/* Returns 0, or the errno of pthread_create when no thread could be started at all. */
+/* Returns 0: the calling thread is worker 0, so the batch completes even if no thread starts
+ * (then it runs at depth 1). Per-run outcomes are in status. */
 int kvd_pio_batch(int64_t n_runs, const int32_t *fds, const int64_t *offsets, const int64_t *first,
                   const uint64_t *bases, const int64_t *lens, int32_t threads, int32_t dontneed, int32_t write,
                   uint64_t (*hash)(const void *, size_t), int64_t hash_len, uint64_t *sums, uint8_t *bad,

@@ -23,7 +23,7 @@ JSON: misses (groups selected but absent), requests and groups read, per step.
 from __future__ import annotations
 
 import argparse
-import json
+import heapq
 import shutil
 import sys
 import tempfile
@@ -32,13 +32,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
+from defer_agreement import prose_rows, run, write_out  # this directory is on sys.path when run as a script
 
-from kvdrive.eval import corpus
 from kvdrive.kv.disk_host_kv import DiskBackedHostKV
 from kvdrive.kv.pool import PoolPath
 from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.kv.tiered import TieredConfig
 from kvdrive.models.loader import load_model
 
 
@@ -62,107 +61,108 @@ def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) ->
         cfg = TieredConfig(sparse=SparseConfig(budget=512, sink_tokens=16, window_tokens=64, group_tokens=group),
                            cache_tokens=1024, disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
                            host_bytes=2 * kv_bytes, disk_misses="defer")
-        cache = TieredSparseKVCache(model.config, b, total + 8, model.device, model.dtype, tiered=cfg)
-        ids = torch.tensor(rows, device=model.device)
-        for i in range(b):
-            cache.add(i, total + 8)
-            for s in range(0, prompt, chunk):
-                batch = cache.plan([i], min(chunk, prompt - s))
-                model(ids[i : i + 1, s : s + batch.num_new], cache, batch)
-                cache.commit(batch)
-        for t in range(prompt, total):
-            batch = cache.plan(list(range(b)), 1)
-            model(ids[:, t : t + 1], cache, batch)
-            cache.commit(batch)
-        cache.host._drain()
-        cache.close()
+        run(model, cfg, rows, prompt, chunk)  # defer_agreement's teacher-forced decode
     finally:
         DiskBackedHostKV.take_selections = orig
         shutil.rmtree(tmp, ignore_errors=True)
     return steps
 
 
-def replay(steps, batch: int, prompt: int, group: int, capacity: int, around: int) -> dict:
-    """Misses, requests and groups read per step of one layer-independent arena policy."""
-    layers = len(steps[0])
+class LruArena:
+    """What ``DiskBackedHostKV`` does: every use stamps a group; a miss is read (with its
+    ``around`` absent neighbours, in one request) and evicts the least recently used."""
+
+    def __init__(self, capacity: int, around: int):
+        self.capacity, self.around = capacity, around
+        self.keys: OrderedDict = OrderedDict()  # (seq, group) -> None, least recently used first
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys
+
+    def use(self, key, now: int) -> None:
+        self.keys.pop(key, None)
+        self.keys[key] = None
+        while len(self.keys) > self.capacity:
+            self.keys.popitem(last=False)
+
+    def serve(self, seq: int, sel: set, now: int, written: int) -> tuple[int, int, int]:
+        """One sequence's selection of a step (``written``: groups below it exist); (misses,
+        requests, groups read)."""
+        absent = sorted(g for g in sel if (seq, g) not in self)
+        requests = read = 0
+        fetched: set = set()
+        for g in absent:
+            if g in fetched:
+                continue
+            span = [x for x in range(g - self.around, g + self.around + 1)
+                    if x == g or (0 <= x < written and (seq, x) not in self)]
+            requests += 1
+            read += len(span)
+            fetched.update(span)
+            for x in span:
+                self.use((seq, x), now)
+        for g in sel:  # every selected group is used (LRU over what the step uses)
+            self.use((seq, g), now)
+        return len(absent), requests, read
+
+
+class BeladyArena:
+    """Each eviction takes the group used again furthest in the future (Belady's optimum for
+    one-group reads): the floor under any recency policy. ``uses``: key -> sorted use steps."""
+
+    def __init__(self, capacity: int, uses: dict, never: int):
+        self.capacity, self.uses, self.never = capacity, uses, never
+        self.next: dict = {}  # key -> its next use
+        self.heap: list = []  # (-next use, key); stale entries skipped
+
+    def __contains__(self, key) -> bool:
+        return key in self.next
+
+    def use(self, key, now: int) -> None:
+        times = self.uses.get(key, ())
+        i = np.searchsorted(times, now, side="right")
+        self.next[key] = times[i] if i < len(times) else self.never
+        heapq.heappush(self.heap, (-self.next[key], key))
+        while len(self.next) > self.capacity:
+            neg, victim = heapq.heappop(self.heap)
+            if self.next.get(victim) == -neg:
+                del self.next[victim]
+
+    def serve(self, seq: int, sel: set, now: int, written: int) -> tuple[int, int, int]:
+        misses = 0
+        for g in sel:
+            misses += (seq, g) not in self
+            self.use((seq, g), now)
+        return misses, misses, misses
+
+
+def uses_of(steps, layer: int, batch: int, prompt: int, group: int) -> dict:
+    """(seq, group) -> the steps that use it in ``layer``: selected, or written as the open group."""
+    uses: dict = {}
+    for t, step in enumerate(steps):
+        for s in range(batch):
+            uses.setdefault((s, (prompt + t) // group), []).append(t)
+            for g in step[layer][s]:
+                uses.setdefault((s, g), []).append(t)
+    return uses
+
+
+def replay(steps, batch: int, prompt: int, group: int, make_arena) -> dict:
+    """Misses, requests and groups read per step with ``make_arena(layer)``'s policy in every layer."""
     misses = requests = read = 0
-    for la in range(layers):
-        arena: OrderedDict = OrderedDict()  # (seq, group) -> None, least recently used first
-
-        def touch(key):
-            arena.pop(key, None)
-            arena[key] = None
-            while len(arena) > capacity:
-                arena.popitem(last=False)
-
+    for la in range(len(steps[0])):
+        arena = make_arena(la)
         for s in range(batch):  # the prefill's writes, in order
             for g in range(prompt // group):
-                touch((s, g))
+                arena.use((s, g), -1)
         for t, step in enumerate(steps):
+            written = (prompt + t) // group  # the group the decode token is written to
             for s in range(batch):
-                touch((s, (prompt + t) // group))  # the group the decode token is written to
-                sel = step[la][s]
-                absent = sorted(g for g in sel if (s, g) not in arena)
-                misses += len(absent)
-                fetched: set = set()
-                for g in absent:
-                    if g in fetched:
-                        continue
-                    span = [x for x in range(g - around, g + around + 1) if x == g or (
-                            0 <= x < (prompt + t) // group and (s, x) not in arena)]
-                    requests += 1
-                    read += len(span)
-                    fetched.update(span)
-                    for x in span:
-                        touch((s, x))
-                for g in sel:  # every selected group is stamped (LRU over what the step uses)
-                    touch((s, g))
+                arena.use((s, written), t)
+                m, r, n = arena.serve(s, step[la][s], t, written)
+                misses, requests, read = misses + m, requests + r, read + n
     n = len(steps)
     return {"misses_per_step": misses / n, "requests_per_step": requests / n, "groups_read_per_step": read / n}
-
-
-def replay_belady(steps, batch: int, prompt: int, group: int, capacity: int) -> dict:
-    """Misses per step when each eviction takes the group used again furthest in the future
-    (Belady's optimum for one-group reads): the floor under any recency policy."""
-    import heapq
-
-    layers, n = len(steps[0]), len(steps)
-    misses = 0
-    never = n + 1
-    for la in range(layers):
-        uses: dict = {}  # key -> step indices it is used at (selected, or written as the open group)
-        for t, step in enumerate(steps):
-            for s in range(batch):
-                uses.setdefault((s, (prompt + t) // group), []).append(t)
-                for g in step[la][s]:
-                    uses.setdefault((s, g), []).append(t)
-        arena: dict = {}  # key -> its next use
-        heap: list = []  # (-next use, key); stale entries skipped
-
-        def nxt(key, now):
-            times = uses.get(key, ())
-            i = np.searchsorted(times, now, side="right")
-            return times[i] if i < len(times) else never
-
-        def put(key, now):
-            arena[key] = nxt(key, now)
-            heapq.heappush(heap, (-arena[key], key))
-            while len(arena) > capacity:
-                neg, victim = heapq.heappop(heap)
-                if arena.get(victim) == -neg:
-                    del arena[victim]
-
-        for s in range(batch):
-            for g in range(prompt // group):
-                put((s, g), -1)
-        for t, step in enumerate(steps):
-            for s in range(batch):
-                put((s, (prompt + t) // group), t)
-                for g in step[la][s]:
-                    if (s, g) not in arena:
-                        misses += 1
-                    put((s, g), t)
-    return {"misses_per_step": misses / n, "requests_per_step": misses / n, "groups_read_per_step": misses / n}
 
 
 def main(argv=None) -> int:
@@ -178,11 +178,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     group = 16
     lm = load_model(args.model)
-    ids = lm.tokenizer(corpus.load_text(args.text).text, add_special_tokens=False)["input_ids"]
     span = args.prompt + args.steps
-    if span * args.batch > len(ids):
-        raise SystemExit(f"the text has {len(ids)} tokens, {span * args.batch} are needed")
-    rows = [ids[i * span : (i + 1) * span] for i in range(args.batch)]
+    rows = prose_rows(lm, args.text, span, args.batch)
     t0 = time.perf_counter()
     steps = record(lm.model, rows, args.prompt, 1024, group)
     total = args.batch * (span // group)
@@ -198,15 +195,15 @@ def main(argv=None) -> int:
         cap = int(share * total)
         for k in args.around:
             row = {"arena_share": share, "policy": "lru" if k == 0 else f"lru+around{k}",
-                   **replay(steps, args.batch, args.prompt, group, cap, k)}
+                   **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap, k=k: LruArena(cap, k))}
             out["rows"].append(row)
             print(row, flush=True)
-        row = {"arena_share": share, "policy": "belady", **replay_belady(steps, args.batch, args.prompt, group, cap)}
+        belady = replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: BeladyArena(
+            cap, uses_of(steps, la, args.batch, args.prompt, group), len(steps) + 1))
+        row = {"arena_share": share, "policy": "belady", **belady}
         out["rows"].append(row)
         print(row, flush=True)
-    out["seconds"] = time.perf_counter() - t0
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+    write_out(out, args.out, t0)
     return 0
 
 

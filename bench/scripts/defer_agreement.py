@@ -52,6 +52,21 @@ def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int
     return torch.stack(preds, 1), stats
 
 
+def prose_rows(lm, text: str, span: int, batch: int) -> list[list[int]]:
+    """``batch`` consecutive windows of ``span`` tokens of the text source ``text``."""
+    ids = lm.tokenizer(corpus.load_text(text).text, add_special_tokens=False)["input_ids"]
+    if span * batch > len(ids):
+        raise SystemExit(f"the text has {len(ids)} tokens, {span * batch} are needed")
+    return [ids[i * span : (i + 1) * span] for i in range(batch)]
+
+
+def write_out(out: dict, path: str, t0: float) -> None:
+    """The result JSON, with the seconds since ``t0``."""
+    out["seconds"] = time.perf_counter() - t0
+    Path(path).write_text(json.dumps(out, indent=1))
+    print("wrote", path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-m", "--model", default="smollm2")
@@ -67,12 +82,8 @@ def main(argv=None) -> int:
 
     lm = load_model(args.model)
     model = lm.model
-    text = corpus.load_text(args.text)
-    ids = lm.tokenizer(text.text, add_special_tokens=False)["input_ids"]
+    rows = prose_rows(lm, args.text, args.prompt + args.steps, args.batch)
     span = args.prompt + args.steps
-    if span * args.batch > len(ids):
-        raise SystemExit(f"the text has {len(ids)} tokens, {span * args.batch} are needed")
-    rows = [ids[i * span : (i + 1) * span] for i in range(args.batch)]
     sparse = SparseConfig(budget=512, sink_tokens=16, window_tokens=64, group_tokens=16)
     base = {"sparse": sparse, "cache_tokens": 1024}
     kv_bytes = model.config.kv_bytes_per_token(model.dtype) * (span + 8) * args.batch
@@ -101,9 +112,7 @@ def main(argv=None) -> int:
                "lost": st.get("lost", 0)}
         out["rows"].append(row)
         print(row, flush=True)
-    out["seconds"] = time.perf_counter() - t0
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print("wrote", args.out)
+    write_out(out, args.out, t0)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -26,6 +27,4 @@ def native_io_enabled() -> bool:
 
 def c_compiler() -> str | None:
     """The C compiler for kvdrive's native helpers: ``$CC``, else cc, gcc or clang on PATH."""
-    import shutil
-
     return os.environ.get("CC") or next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)

@@ -229,16 +229,15 @@ class DiskBackedHostKV(HostKV):
         their arena ``slots``: one batch over all devices."""
         at = self.disk_at[layers, flat]  # (n, 2): device, disk slot
         dsts = self._bases[layers] + np.asarray(slots, dtype=np.uint64) * np.uint64(self.layout.slot_bytes)
-        return self.pool.read_to(at[:, 0], at[:, 1], np.broadcast_to(dsts, (len(flat),)))
+        return self.pool.read_to(at[:, 0], at[:, 1], dsts)
 
     def _submit(self, layer: int, flat: np.ndarray, protect: set[int]):
         """Host slots for the durable groups ``flat`` and their disk reads, all devices at once."""
         slots = self._alloc(layer, len(flat), protect)
         return slots, self._read(layer, flat, slots)
 
-    def _adopt(self, layer: int, flat: np.ndarray, slots: list[int], results) -> np.ndarray:
-        """Map the groups whose read succeeded, free the slots of the others; (n,) bool ok."""
-        ok = np.array([r is None for r in results], dtype=bool)
+    def _adopt(self, layer: int, flat: np.ndarray, slots: list[int], ok: np.ndarray) -> np.ndarray:
+        """Map the groups whose read succeeded (``ok``), free the slots of the others; returns ``ok``."""
         self.arenas[layer].free([x for x, good in zip(slots, ok) if not good])
         if ok.any():
             self._map(layer, flat[ok], [x for x, good in zip(slots, ok) if good])
@@ -264,7 +263,7 @@ class DiskBackedHostKV(HostKV):
         pending = self._ahead.pop(layer, None)
         if pending is not None:
             flat, slots, fut = pending
-            self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.result()).sum())
+            self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.ok()).sum())
 
     def resolve(self, layer, slot_list, groups, need, keep=None):
         self._land(layer)
@@ -281,7 +280,7 @@ class DiskBackedHostKV(HostKV):
         ok = np.zeros(len(flat), dtype=bool)
         if on_disk.any():
             slots, fut = self._submit(layer, flat[on_disk], set(flat_all[need].tolist()))
-            ok[on_disk] = self._adopt(layer, flat[on_disk], slots, fut.result())
+            ok[on_disk] = self._adopt(layer, flat[on_disk], slots, fut.ok())
         self.counts["disk_reads"] += int(ok.sum())
         if not ok.all():
             lost = flat[~ok]

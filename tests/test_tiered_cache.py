@@ -390,17 +390,21 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
     from kvdrive.kv.pool import PoolPath
 
     layout, n, chunk = GroupLayout(1, 1, 8, F32, 4), 16, 4
-    kv = DiskBackedHostKV(layout, 1, n, CPU, 6 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))
+    kv = DiskBackedHostKV(layout, 1, n + 4, CPU, 6 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))
     for first in range(0, n, chunk):  # prefill 4 groups at a time: the arena holds 6
         kv.begin([0], (first * 4,), chunk * 4)
         kv.end([0], (first * 4,), chunk * 4, kv._last_step)
         kv._reap(wait_all=True)
     hot = 0
     assert kv.slot_of[0, 0, hot] < 0  # aged out during the prefill: the first pick reads it from disk
+    kv.begin([0], (n * 4,), 1)  # the first decode step
     kv.resolve(0, [0], np.array([[hot]]), np.array([[True]]))
-    for g in range(4, n):  # each step: the hot group hits the GPU cache, one new group misses it
+    kv.end([0], (n * 4,), 1, kv._last_step)
+    for step, g in enumerate(range(4, n), start=1):  # each step: the hot group hits the GPU cache, one new group misses it
+        kv.begin([0], (n * 4 + step,), 1)  # a decode step (its token's open group takes a slot too)
         groups, need = np.array([[hot, g]]), np.array([[False, True]])
         kv.resolve(0, [0], groups, need, np.ones_like(need) if stamp_hits else None)
+        kv.end([0], (n * 4 + step,), 1, kv._last_step)
     assert (kv.slot_of[0, 0, hot] >= 0) == stamp_hits
     assert kv.counts["lost"] == 0
     kv.close()

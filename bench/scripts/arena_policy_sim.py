@@ -32,6 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 from defer_agreement import prose_rows, run, write_out  # this directory is on sys.path when run as a script
 
 from kvdrive.kv.disk_host_kv import DiskBackedHostKV
@@ -41,12 +42,22 @@ from kvdrive.kv.tiered import TieredConfig
 from kvdrive.models.loader import load_model
 
 
-def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) -> list[list[list[set]]]:
-    """Per step, per layer, per sequence: the set of groups selected (exact path)."""
+def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) -> tuple[list, list]:
+    """Per step, per layer, per sequence: the set of groups selected (exact path); and per layer,
+    per sequence, the importance of each prompt group as placement ranks it (the prompt's last
+    query, ``TieredSparseKVCache.importance``)."""
     b, total = len(rows), len(rows[0])
     kv_bytes = model.config.kv_bytes_per_token(model.dtype) * (total + 8) * b
     steps: list = []
+    keys: list = []
     orig = DiskBackedHostKV.take_selections
+
+    def importance(cache):
+        slots = torch.tensor([cache.seqs.slot(i) for i in range(b)], device=cache.device)
+        for layer in sorted(cache.caches):
+            q = torch.stack([cache._last_q[int(s)][layer] for s in slots])
+            key, counts = cache.importance(layer, q, slots)
+            keys.append([key[i, : counts[i]] for i in range(b)])
 
     def take(self, slot_list, layers, groups, flags, event):
         event.synchronize()
@@ -61,11 +72,11 @@ def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) ->
         cfg = TieredConfig(sparse=SparseConfig(budget=512, sink_tokens=16, window_tokens=64, group_tokens=group),
                            cache_tokens=1024, disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
                            host_bytes=2 * kv_bytes, disk_misses="defer")
-        run(model, cfg, rows, prompt, chunk)  # defer_agreement's teacher-forced decode
+        run(model, cfg, rows, prompt, chunk, importance, place=False)  # defer_agreement's teacher-forced decode
     finally:
         DiskBackedHostKV.take_selections = orig
         shutil.rmtree(tmp, ignore_errors=True)
-    return steps
+    return steps, keys
 
 
 class LruArena:
@@ -147,22 +158,47 @@ def uses_of(steps, layer: int, batch: int, prompt: int, group: int) -> dict:
     return uses
 
 
-def replay(steps, batch: int, prompt: int, group: int, make_arena) -> dict:
-    """Misses, requests and groups read per step with ``make_arena(layer)``'s policy in every layer."""
-    misses = requests = read = 0
+def initial_order(batch: int, prompt: int, group: int, keys=None) -> list:
+    """The prompt's groups, least recently used first, as the arena holds them when decoding
+    starts: in the prefills' write order, or (``keys``: one layer's importance per sequence)
+    as ``DiskBackedHostKV.place`` ranks them: by rank within the sequence, all sequences
+    interleaved."""
+    if keys is None:
+        return [(s, g) for s in range(batch) for g in range(prompt // group)]
+    prio = [((np.argsort(np.argsort(k, kind="stable")) + 1) / (len(k) + 1), s) for s, k in enumerate(keys)]
+    flat = [(p, s, g) for pr, s in prio for g, p in enumerate(pr)]
+    return [(s, g) for _, s, g in sorted(flat)]
+
+
+FIRST = 32  # steps counted apart: what the arena's initial content costs
+
+
+def replay(steps, batch: int, prompt: int, group: int, make_arena, keys=None) -> dict:
+    """Misses, requests and groups read per step with ``make_arena(layer)``'s policy in every
+    layer (``keys``: per layer, the arena starts as ``place`` leaves it)."""
+    misses = requests = read = first = 0
+    placed = 0
     for la in range(len(steps[0])):
         arena = make_arena(la)
-        for s in range(batch):  # the prefill's writes, in order
-            for g in range(prompt // group):
-                arena.use((s, g), -1)
+        for key in initial_order(batch, prompt, group, None if keys is None else keys[la]):
+            arena.use(key, -1)
+        if keys is not None:  # what placement reads: its content that the prefills' order evicted
+            plain = make_arena(la)
+            for key in initial_order(batch, prompt, group):
+                plain.use(key, -1)
+            placed += sum(1 for key in arena.keys if key not in plain)
         for t, step in enumerate(steps):
             written = (prompt + t) // group  # the group the decode token is written to
             for s in range(batch):
                 arena.use((s, written), t)
                 m, r, n = arena.serve(s, step[la][s], t, written)
                 misses, requests, read = misses + m, requests + r, read + n
+                first += m if t < FIRST else 0
     n = len(steps)
-    return {"misses_per_step": misses / n, "requests_per_step": requests / n, "groups_read_per_step": read / n}
+    return {"misses_per_step": misses / n, "requests_per_step": requests / n, "groups_read_per_step": read / n,
+            f"misses_per_step_first_{FIRST}": first / min(n, FIRST),
+            f"misses_per_step_after_{FIRST}": (misses - first) / max(n - FIRST, 1),
+            **({"placement_reads": placed} if keys is not None else {})}
 
 
 def main(argv=None) -> int:
@@ -181,7 +217,7 @@ def main(argv=None) -> int:
     span = args.prompt + args.steps
     rows = prose_rows(lm, args.text, span, args.batch)
     t0 = time.perf_counter()
-    steps = record(lm.model, rows, args.prompt, 1024, group)
+    steps, keys = record(lm.model, rows, args.prompt, 1024, group)
     total = args.batch * (span // group)
     selected = float(np.mean([sum(len(x) for la in st for x in la) for st in steps]))
     out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -198,6 +234,10 @@ def main(argv=None) -> int:
                    **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap, k=k: LruArena(cap, k))}
             out["rows"].append(row)
             print(row, flush=True)
+        row = {"arena_share": share, "policy": "lru, placed by importance",
+               **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: LruArena(cap, 0), keys)}
+        out["rows"].append(row)
+        print(row, flush=True)
         belady = replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: BeladyArena(
             cap, uses_of(steps, la, args.batch, args.prompt, group), len(steps) + 1))
         row = {"arena_share": share, "policy": "belady", **belady}

@@ -28,8 +28,11 @@ from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
 from kvdrive.models.loader import load_model
 
 
-def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int) -> tuple[torch.Tensor, dict]:
-    """Argmax (B, steps) and cache stats for teacher-forced decoding of ``rows`` after ``prompt`` tokens."""
+def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int,
+        after_prefill=None, place: bool = True) -> tuple[torch.Tensor, dict]:
+    """Argmax (B, steps) and cache stats for teacher-forced decoding of ``rows`` after ``prompt``
+    tokens. Each prompt is placed once prefilled (``place``), as the engine does;
+    ``after_prefill(cache)`` is called once every prompt is in."""
     b, total = len(rows), len(rows[0])
     cache = TieredSparseKVCache(model.config, b, total + 8, model.device, model.dtype, tiered=cfg)
     ids = torch.tensor(rows, device=model.device)
@@ -39,6 +42,10 @@ def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int
             batch = cache.plan([i], min(chunk, prompt - s))
             model(ids[i : i + 1, s : s + batch.num_new], cache, batch)
             cache.commit(batch)
+        if place:
+            cache.place([i])
+    if after_prefill is not None:
+        after_prefill(cache)
     preds = []
     for t in range(prompt, total):
         batch = cache.plan(list(range(b)), 1)

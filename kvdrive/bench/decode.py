@@ -268,6 +268,9 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
             ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
         devices.synchronize(dev)
         row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
+        placed = cache.stats().get("bytes_placed_from_disk") if callable(getattr(cache, "stats", None)) else None
+        if placed:  # a disk tier's initial placement read these back into the arena (in fill_s)
+            row["placed_from_disk_gib"] = placed / GIB
         step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
         feed = _feeder(args, shape.config.vocab_size, shape.batch, dev)
         for _ in range(args.warmup + system.settle_steps(opts) - 1):

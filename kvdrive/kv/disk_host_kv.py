@@ -71,7 +71,10 @@ class DiskBackedHostKV(HostKV):
         self.disk_at = np.full((nl, max_seqs * max_groups, 2), -1, dtype=np.int64)
         self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
         self._writes: deque = deque()  # (layers, flats, (n, 2) disk addrs, future) per step, oldest first
+        # LRU stamps: a decode step's uses get ``clock`` (one more each decode step), a prefill's
+        # clock - 0.25, placement priorities (``place``) lie below both
         self.clock = 0.0
+        self._now = -0.25
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
         self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
         self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
@@ -79,7 +82,8 @@ class DiskBackedHostKV(HostKV):
         self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
         self._deferred: deque = deque()  # a step's deferred reads, all layers: (layers, flats, slots, future)
         self._reading = np.zeros((nl, max_seqs * max_groups), dtype=bool)  # (layer, flat): a deferred read in flight
-        self.counts.update(deferred=0, deferred_reads=0, host_waits=0)
+        self.prio = np.full((nl, max_seqs * max_groups), -np.inf)  # (layer, flat): placement priority (``place``)
+        self.counts.update(deferred=0, deferred_reads=0, host_waits=0, placed_reads=0)
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +168,7 @@ class DiskBackedHostKV(HostKV):
         lay = np.broadcast_to(np.asarray(layer, dtype=np.int64), sl.shape)
         self.slot_of[lay, s, g] = sl
         self.owner[lay, sl] = flat
-        self.stamp[lay, sl] = self.clock
+        self.stamp[lay, sl] = self._now
         idx = self._up(np.stack([lay, s, g, sl]))  # one pinned upload
         self.slot_gpu[idx[0], idx[1], idx[2]] = idx[3]
 
@@ -180,7 +184,9 @@ class DiskBackedHostKV(HostKV):
     def begin(self, slot_list, starts, num_new):
         self._take_selections()
         self._land_deferred()
-        self.clock += 1
+        if num_new == 1:
+            self.clock += 1
+        self._now = self.clock if num_new == 1 else self.clock - 0.25
         g = self.layout.group_tokens
         s_idx = np.repeat(slot_list, [(st + num_new - 1) // g - st // g + 1 for st in starts])
         g_idx = np.concatenate([np.arange(st // g, (st + num_new - 1) // g + 1) for st in starts])
@@ -267,7 +273,6 @@ class DiskBackedHostKV(HostKV):
 
     def resolve(self, layer, slot_list, groups, need, keep=None):
         self._land(layer)
-        self.clock += 1
         failed = np.zeros_like(need)
         # LRU over what the step selects, GPU-cache hits included: a group the GPU cache holds
         # stays warm here too, so when that cache evicts it a later pick reads host, not disk
@@ -288,6 +293,53 @@ class DiskBackedHostKV(HostKV):
             failed = want & np.isin(flat_all, lost)
             self.counts["lost"] += int(failed.sum())
         return failed
+
+    # -- initial placement --------------------------------------------------------------
+    def place(self, layer, slot_list, importance, counts):
+        """Initial placement by importance (``TieredPrefill.place``), one layer of newly prefilled
+        sequences. Each of their groups gets a priority by its rank within its sequence
+        (``prio``): in (clock - 1, clock - 0.5), below what a prefill or a decode step touches
+        now, the most important highest, so sequences placed at the same clock compare by rank.
+        Their arena slots are restamped with it, and every absent durable group (of any placed
+        sequence) whose priority outranks the arena's least recently used is read back in its
+        place, synchronously (prefill time). Without it the arena holds what the prefills
+        touched last: whole sequences, the first ones gone (``bench/scripts/arena_policy_sim.py``
+        compares the two). Returns the groups read."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.sum():
+            rows = np.repeat(np.arange(len(counts)), counts)
+            g = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # group within its sequence
+            flat = np.asarray(slot_list, dtype=np.int64)[rows] * self.n + g
+            order = np.lexsort((importance[rows, g], rows))  # by sequence, least important first
+            prio = np.empty(len(rows))
+            prio[order] = self.clock - 1 + 0.5 * (g + 1) / (counts[rows] + 1)
+            self.prio[layer, flat] = prio
+            host = self._slot_by_flat[layer, flat]
+            self.stamp[layer, host[host >= 0]] = prio[host >= 0]
+        prio = self.prio[layer]
+        cand = np.flatnonzero((self._slot_by_flat[layer] < 0) & (self.disk_at[layer, :, 1] >= 0)
+                              & ~self._reading[layer] & (prio > -np.inf))
+        if not len(cand):
+            return 0
+        cand = cand[np.argsort(-prio[cand], kind="stable")]
+        # the free slots first, then as many as outrank the durable groups LRU would evict for them
+        free = max(0, self.arenas[layer].num_free - 2 * self.max_seqs)
+        own = self.owner[layer]
+        used = np.flatnonzero(own >= 0)
+        lru = np.sort(self.stamp[layer, used[self.disk_at[layer, own[used], 1] >= 0]])
+        rest = prio[cand[free:]]
+        m = min(len(rest), len(lru))
+        take = cand[: free + int(np.count_nonzero(rest[:m] > lru[:m]))]  # both monotone: a prefix
+        if not len(take):
+            return 0
+        slots = np.asarray(self._alloc(layer, len(take), set()), dtype=np.int64)
+        ok = self._adopt(layer, take, slots.tolist(), self._read(layer, take, slots).ok())
+        self.stamp[layer, slots[ok]] = prio[take[ok]]
+        if not ok.all():  # its disk copy is bad: the group is gone, as after a failed decode read
+            self._lose(layer, take[~ok])
+            self.counts["lost"] += int((~ok).sum())
+        self.counts["placed_reads"] += int(ok.sum())
+        return int(ok.sum())
 
     # -- deferred misses ----------------------------------------------------------------
     MAX_SELECTIONS_IN_FLIGHT = 4  # steps whose selections may wait for the host before begin blocks
@@ -324,7 +376,7 @@ class DiskBackedHostKV(HostKV):
         used now (LRU); returns their flat ids seq * N + group and host slots (-1: not in host)."""
         s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
         host = self.slot_of[layer, s, groups]
-        self.stamp[layer][host[(host >= 0) & selected]] = self.clock
+        self.stamp[layer][host[(host >= 0) & selected]] = self._now
         return s * self.n + groups, host
 
     def _read_deferred(self, layers: np.ndarray, flat: np.ndarray) -> None:
@@ -407,6 +459,7 @@ class DiskBackedHostKV(HostKV):
             self.slot_of[layer, slot] = -1
             self.slot_gpu[layer, slot] = -1
             span = np.arange(slot * self.n, (slot + 1) * self.n)
+            self.prio[layer, span] = -np.inf
             self.pool.free(self._addrs(layer, span[self.disk_at[layer, span, 1] >= 0]))
             self.disk_at[layer, span] = -1
 

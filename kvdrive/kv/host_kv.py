@@ -71,6 +71,13 @@ class HostKV(ABC):
     def end(self, slot_list: list[int], starts: tuple[int, ...], num_new: int, written) -> None:
         """After a forward (``written``: an event after its token writes): groups that filled go to disk."""
 
+    def place(self, layer: int, slot_list: list[int], importance: np.ndarray, counts: np.ndarray) -> int:
+        """Initial placement by importance of newly prefilled sequences: ``importance`` (B, N) of
+        their first ``counts`` (B,) full groups of ``layer`` (higher: more likely attended). A tier
+        that holds only part of the KV in host memory keeps the most important; returns the
+        groups read to do so. Everything is in host memory here: nothing to do."""
+        return 0
+
     def resolve(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray,
                 keep: np.ndarray | None = None) -> np.ndarray:
         """Bring ``groups`` (B, P) where ``need`` into host rows; returns the (B, P) mask that failed.

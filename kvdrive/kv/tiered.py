@@ -89,7 +89,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
-        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0}
+        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0, "placed_disk_reads": 0}
         # Graphs: every layer sparse, and no host work per layer: a host-only tier, or disk misses deferred.
         self.defer = bool(tiered.disk) and tiered.disk_misses == "defer"
         self.supports_cuda_graphs = (device.type == "cuda" and (not tiered.disk or self.defer)
@@ -444,6 +444,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             "bytes_host_to_gpu": fetched * self.group_bytes + self._moved["dense_host_to_gpu"]
             + self._moved["warm_host_to_gpu"],
             "bytes_warm_start": self._moved["warm_host_to_gpu"],
+            "bytes_placed_from_disk": self._moved["placed_disk_reads"],
             "bytes_gpu_to_host": self._moved["token_writes"],
             "gpu_cache_bytes": sum(c.nbytes for c in self.caches.values()),
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),

@@ -13,8 +13,10 @@ It uses the cache's state (``host``, ``tables``, ``caches``, ``seqs``, ``_summar
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from kvdrive.attention.select import combine_heads
 from kvdrive.kv import tier_ops
 from kvdrive.kv.base import ForwardBatch
 from kvdrive.kv.contiguous import grouped_sdpa
@@ -42,12 +44,26 @@ class TieredPrefill:
             if hasattr(self.tables[layer].summarizer, "fit"):  # lowrank_seq fits on the whole prompt later
                 continue
             q = torch.stack([self._last_q[s][layer] for s in slot_list])  # (B, H_q, D)
+            if self.host.may_miss:  # a disk tier: the arena keeps what the prompt's end ranks highest
+                key, counts = self.importance(layer, q, slots)
+                self._moved["placed_disk_reads"] += self.host.place(layer, slot_list, key, counts) * self.group_bytes
             before = cache.counters.clone()
             self._select_and_fetch(layer, q, batch, self.layer_specs[layer].scale, prefetch=False)
             self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
             cache.counters.copy_(before)
         for s in slot_list:
             del self._last_q[s]
+
+    def importance(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """How much query ``q`` (B, H_q, D) attends each summarized group of ``layer`` (the
+        heads' combined scores, as selection ranks them): ((B, N) float32, (B,) groups summarized)."""
+        table = self.tables[layer]
+        counts = table.counts[slots]
+        n = int(counts.max())
+        scores = table.summarizer.score(q, table.data[slots, :n], None, self.layer_specs[layer].scale,
+                                        counts=counts)  # (B, H_kv, N)
+        key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]
+        return key.float().cpu().numpy(), counts.cpu().numpy()
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
         self.seqs.check_range(seq_id, start, stop)

@@ -81,6 +81,35 @@ def test_triton_kernels_match_reference(interpret):
     assert torch.equal(got, want) and want.abs().sum() > 0
 
 
+def test_defer_split_serves_what_is_held_and_flags_the_rest(interpret):
+    """``tier_ops.defer_split`` (one kernel per layer of a deferred-miss step) against its torch
+    twin and against the rule: a listed group is served when the GPU cache or the arena holds
+    it, else left out (flag 2); served groups come first, in their order, with their arena rows."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    s, n, p = 5, 30, 12
+    host_map = torch.where(torch.rand(s, n, generator=gen) < 0.6, torch.randint(0, 99, (s, n), generator=gen), -1)
+    table = torch.where(torch.rand(s, n + 1, generator=gen) < 0.3, 1, -1).to(torch.int32)
+    picks = torch.stack([torch.randperm(n, generator=gen)[:p] for _ in range(3)]).to(torch.int32)
+    groups = torch.stack([picks, picks], 1)[:, 0]  # a strided view, as a selection's first head
+    assert not groups.is_contiguous()
+    num_pages = torch.tensor([12, 7, 0], dtype=torch.int32)
+    slots = torch.tensor([4, 0, 2])
+    out = {impl: tier_ops.defer_split(groups, num_pages, slots, host_map, table, impl=impl) for impl in ("torch", "triton")}
+    for b in range(3):
+        g = groups[b, : num_pages[b]].long()
+        held = (table[slots[b], g] >= 0) | (host_map[slots[b], g] >= 0)
+        for kept, kept_pages, src, flags in out.values():
+            k = int(kept_pages[b])
+            assert k == int(held.sum())
+            assert kept[b, :k].tolist() == g[held].tolist()
+            assert src[b, :k].tolist() == host_map[slots[b], g[held]].tolist()
+            want = torch.zeros(p, dtype=torch.uint8)
+            want[: len(g)] = 1 + 2 * (~held).to(torch.uint8)
+            assert flags[b].tolist() == want.tolist()
+    assert int(out["triton"][1].sum()) > 0 and (out["triton"][3] == 3).any()  # some served, some left out
+
+
 def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact: bool = False):
     """A fixed random series of ensure calls (some prefetches, some groups only on disk) on a
     fresh cache; returns the cache and every call's pages. Every other call lists a prefix of

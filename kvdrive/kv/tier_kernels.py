@@ -89,3 +89,29 @@ def append_token_kernel(k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, off_ptr, host_ptr,
         row = tl.where(c >= 0, slot * CAP + c, TRASH)
         tl.store(cache_ptr + row * cache_stride + inner, kk, mask=m)
         tl.store(cache_ptr + row * cache_stride + inner + H * G * D, vv, mask=m)
+
+
+@triton.jit
+def defer_split_kernel(groups_ptr, g_sb, g_sp, num_pages_ptr, slots_ptr, map_ptr, map_stride, table_ptr, table_stride,
+                       kept_ptr, kept_pages_ptr, src_ptr, flags_ptr, P, BLOCK_P: tl.constexpr):
+    """One sequence's selection of a deferred-miss step (``tier_ops.defer_split``): flags of
+    each listed group, and the groups the GPU cache or the arena holds compacted to the
+    front in their order, with their arena rows. One program per sequence."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    inb = p < P
+    listed = inb & (p < tl.load(num_pages_ptr + b))
+    g = tl.load(groups_ptr + b * g_sb + p * g_sp, mask=inb, other=0).to(tl.int64)
+    s = tl.load(slots_ptr + b).to(tl.int64)
+    row = tl.load(map_ptr + s * map_stride + g, mask=listed, other=-1)
+    cached = tl.load(table_ptr + s * table_stride + g, mask=listed, other=-1) >= 0
+    keep = listed & (cached | (row >= 0))
+    left = listed.to(tl.int32) - keep.to(tl.int32)  # 1: listed, on disk only, not cached
+    tl.store(flags_ptr + b * P + p, (listed.to(tl.int32) | (left << 1)).to(tl.uint8), mask=inb)
+    k32 = keep.to(tl.int32)
+    n_keep = tl.sum(k32, axis=0)
+    rest = inb.to(tl.int32) - k32
+    pos = tl.where(keep, tl.cumsum(k32, axis=0) - 1, n_keep + tl.cumsum(rest, axis=0) - 1)
+    tl.store(kept_ptr + b * P + pos, g.to(tl.int32), mask=inb)
+    tl.store(src_ptr + b * P + pos, row, mask=inb)
+    tl.store(kept_pages_ptr + b, n_keep)

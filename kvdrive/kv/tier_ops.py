@@ -6,6 +6,8 @@
   every group is written as the token is produced).
 * ``append_token``: a decode token's K and V into its host row and the GPU cache's copy of
   its open group, in one launch.
+* ``defer_split``: a deferred-miss step's selection split into what is served now and what
+  is left out, in one launch.
 
 ``impl``: ``triton`` runs the kernels of ``tier_kernels`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``); ``torch`` the reference (CPU, or GPU pools); ``auto`` picks
@@ -122,3 +124,45 @@ def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor
                                 slots if slots is not None else host_rows, groups if groups is not None else host_rows,
                                 cache.capacity if cache is not None else 0, cache.trash if cache is not None else 0,
                                 h, g, HAS_CACHE=cache is not None, D=d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def defer_split(groups: torch.Tensor, num_pages: torch.Tensor, slots: torch.Tensor, host_map: torch.Tensor,
+                cache_table: torch.Tensor, impl: str = "auto"):
+    """A selection of a deferred-miss step (``disk_misses="defer"``) split on the device:
+    groups (B, P) integers (a strided view will do), the first ``num_pages`` (B,) of each row
+    listed; slots (B,) int64 sequence slots; host_map (S, N) int64 the layer's arena row of
+    each group (-1: on disk only); cache_table (S, N + 1) int32 the GPU cache's slot (-1: not
+    cached). Returns (kept (B, P) int32, kept_pages (B,) int32, src (B, P) int64, flags (B, P)
+    uint8): the listed groups the GPU cache or the arena holds, first in each row in their
+    order, their count and arena rows (entries past ``kept_pages`` are unspecified); flags
+    aligned with ``groups``, 1 listed, 2 listed but left out (on disk only and not cached).
+
+    NOTE: one launch per layer and micro-batch where the torch twin is ~25 kernels (lookups,
+    masks, a sort to compact, gathers); the H200 profile of SmolLM2 8K x 64 counted 3006
+    kernels a step with them against 1135 host-only, the step 10.5 ms against 4.5.
+    """
+    if impl == "auto":
+        impl = "triton" if groups.is_cuda and triton_available() else "torch"
+    b, p = groups.shape
+    if impl == "torch":
+        g = groups.long()
+        listed = torch.arange(p, device=g.device)[None, :] < num_pages[:, None]
+        src = host_map[slots[:, None], g]
+        cached = cache_table[slots[:, None], g] >= 0
+        left = listed & ~cached & (src < 0)
+        flags = listed.to(torch.uint8) | (left.to(torch.uint8) << 1)
+        order = torch.sort((~(listed & ~left)).to(torch.uint8), dim=1, stable=True).indices  # kept first, in order
+        kept_pages = (listed & ~left).sum(1, dtype=torch.int32)
+        return g.gather(1, order).to(torch.int32), kept_pages, src.gather(1, order), flags
+    import triton
+
+    from kvdrive.kv.tier_kernels import defer_split_kernel
+
+    kept = torch.empty(b, p, dtype=torch.int32, device=groups.device)
+    src = torch.empty(b, p, dtype=torch.int64, device=groups.device)
+    flags = torch.empty(b, p, dtype=torch.uint8, device=groups.device)
+    kept_pages = torch.empty(b, dtype=torch.int32, device=groups.device)
+    defer_split_kernel[(b,)](groups, groups.stride(0), groups.stride(1), num_pages, slots, host_map, host_map.stride(0),
+                             cache_table, cache_table.stride(0), kept, kept_pages, src, flags, p,
+                             BLOCK_P=triton.next_power_of_2(p))
+    return kept, kept_pages, src, flags

@@ -354,6 +354,13 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
                                  self.step_t, prefetch)
             mark("sync_fetch")
             return pages, num_pages
+        if self.defer and not prefetch:  # serve what the GPU cache and host hold; the rest later
+            groups, num_pages, src, flags = tier_ops.defer_split(sel.groups[:, 0], num_pages, slots,
+                                                                  self.host.slot_gpu[layer], cache.table)
+            m["selections"].append((layer, sel.groups[:, 0], flags))
+            pages = cache.ensure(slots, groups, num_pages, key, self.host.words(layer), src, self.step_t, prefetch)
+            mark("sync_fetch")
+            return pages, num_pages
         groups = sel.groups[:, 0].long()  # (B, P)
         listed = leading(num_pages, groups.shape[1])
         src = self.host.rows(layer, slots, groups)  # (B, P) host rows, -1 on disk only
@@ -363,12 +370,6 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
                 m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
                                     devices.new_event(self.device))
                 m["ahead"][layer][2].record()
-        elif self.defer:  # serve what the GPU cache and host hold; the rest later
-            cached = cache.table[slots[:, None], groups] >= 0
-            left = listed & ~cached & (src < 0)
-            m["selections"].append((layer, groups, listed.to(torch.uint8) | (left.to(torch.uint8) << 1)))
-            groups, listed, num_pages, order = _compact(groups, listed, left)
-            src = src.gather(1, order)
         else:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
             cached = cache.table[slots[:, None], groups] >= 0

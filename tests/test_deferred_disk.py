@@ -67,6 +67,8 @@ def test_groups_left_out_are_read_behind_and_served_later(tmp_path):
         cache.commit(b)
         exact.commit(e)
         assert torch.isfinite(got).all()
+        for c in (cache, exact):  # the GPU's map of arena rows, updated in one batch per call, is the host's
+            assert torch.equal(c.host.slot_gpu, torch.from_numpy(c.host.slot_of))
         diverged |= bool((cache.host._selections[-1][3].numpy() & 2).any())  # this step left groups out
         if not diverged:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -179,3 +181,23 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
     else:
         assert st["deferred"] > 0 and st["deferred_reads"] > 0
     cache.close()
+
+
+def test_queued_map_changes_keep_the_last_value_of_each_group(tmp_path):
+    """``slot_gpu`` changes are applied in one scatter per call; a group evicted and mapped again
+    (or mapped twice) in one call ends with its last value, whatever order a scatter of duplicate
+    indices would pick."""
+    from kvdrive.kv.disk_host_kv import DiskBackedHostKV
+    from kvdrive.kv.layout import GroupLayout
+    from kvdrive.kv.pool import PoolPath
+
+    layout = GroupLayout(2, 1, 8, F32, 4)
+    kv = DiskBackedHostKV(layout, 2, 8, CPU, 16 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))
+    kv._map(1, np.array([3, 9]), [5, 6])  # seq 0 group 3, seq 1 group 1
+    kv._updates.append(np.array([[1], [0], [3], [-1]]))  # evicted ...
+    kv._map(1, np.array([3]), [7])  # ... and mapped again, all in one call
+    kv._map(np.array([0, 0]), np.array([2, 2]), [1, 4])  # the same group twice: the second wins
+    kv._flush()
+    assert kv.slot_gpu[1, 0, 3] == 7 and kv.slot_gpu[1, 1, 1] == 6 and kv.slot_gpu[0, 0, 2] == 4
+    assert torch.equal(kv.slot_gpu, torch.from_numpy(kv.slot_of)) and not kv._updates
+    kv.close()

@@ -22,6 +22,7 @@ wait (``_held``) for the event of the last step committed when they were evicted
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 
 import numpy as np
@@ -34,9 +35,10 @@ from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskAddr, DiskPool, PoolPath
 
 # An arena short of slots evicts at least 1/EVICT_SHARE of them at once: choosing victims scans
-# the arena (~28K slots a layer at 8K x 64 of SmolLM2), which per read batch cost ~2 ms a layer
-# (H200, the defer rows bench/results/decode-smollm2-text-ssd-h200-s0*d.json).
-EVICT_SHARE = 64
+# the arena (~21K slots a layer at 8K x 64 of SmolLM2 with 7.2 GiB), ~1-2 ms a choice on the
+# engine thread (1/64 until stop 17: ~1.5 choices a step at ~90 reads a step). The slots evicted
+# ahead of need (up to 3% of a layer's arena) wait free until reads take them.
+EVICT_SHARE = 32
 
 
 class _Done:
@@ -45,6 +47,17 @@ class _Done:
 
     def query(self) -> bool:
         return True
+
+
+def _flushing(method):
+    """Run ``method``, then apply the ``slot_gpu`` changes it queued (``_flush``)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._flush()
+    return run
 
 
 class DiskBackedHostKV(HostKV):
@@ -59,6 +72,7 @@ class DiskBackedHostKV(HostKV):
         check_host_room(host_bytes, "the host arena in front of the disks")
         self.arenas = [HostTier(layout, host_bytes // nl, pin=device.type == "cuda") for _ in range(nl)]
         self._typed = [layout.as_groups(a.rows) for a in self.arenas]
+        self._np_rows = [a.rows.numpy() for a in self.arenas]  # the same memory, for numpy's fancy indexing
         self._bases = np.array([a.rows.data_ptr() for a in self.arenas], dtype=np.uint64)  # disk reads land here
         self.slot_of = np.full((nl, max_seqs, max_groups), -1, dtype=np.int64)  # host slot, -1: not in host
         self._slot_by_flat = self.slot_of.reshape(nl, -1)  # a view: (layer, seq * N + group)
@@ -76,6 +90,7 @@ class DiskBackedHostKV(HostKV):
         self.clock = 0.0
         self._now = -0.25
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
+        self._updates: list[np.ndarray] = []  # (4, n) layer, seq, group, slot: slot_gpu changes not yet applied
         self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0}
         self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
         self._held = [deque() for _ in range(nl)]  # per layer: (event, slots) evicted, free once it completes
@@ -107,6 +122,8 @@ class DiskBackedHostKV(HostKV):
         if n > arena.num_slots:
             raise CapacityError(f"layer {layer}: {n} groups must be in host memory at once, the arena has "
                                 f"{arena.num_slots} slots: raise the host budget")
+        if arena.num_free >= n + reserve:  # the common case: no event queries, no scans
+            return arena.alloc(n)
         while True:
             self._recycle(layer)
             if arena.num_free >= n + reserve:
@@ -155,8 +172,7 @@ class DiskBackedHostKV(HostKV):
         flat = self.owner[layer][slots]
         s, g = np.divmod(flat, self.n)
         self.slot_of[layer, s, g] = -1
-        idx = self._up(np.stack([s, g]))  # one pinned upload
-        self.slot_gpu[layer][idx[0], idx[1]] = -1
+        self._updates.append(np.stack([np.full_like(s, layer), s, g, np.full_like(s, -1)]))
         self.owner[layer][slots] = -1
         self._held[layer].append((self._last_step, slots.tolist()))  # the step in flight may still read them
         self.counts["host_evictions"] += len(slots)
@@ -169,7 +185,22 @@ class DiskBackedHostKV(HostKV):
         self.slot_of[lay, s, g] = sl
         self.owner[lay, sl] = flat
         self.stamp[lay, sl] = self._now
-        idx = self._up(np.stack([lay, s, g, sl]))  # one pinned upload
+        self._updates.append(np.stack([lay, s, g, sl]))
+
+    def _flush(self) -> None:
+        """Apply the queued changes of ``slot_gpu`` (the GPU's copy of ``slot_of``) in one pinned
+        upload and one scatter, ahead of the next step on the stream; a (layer, seq, group)
+        changed twice keeps its last value. Every entry point that maps or evicts ends with it.
+
+        NOTE: one upload per change was ~5 pinned allocations, copies and scatters a decode
+        step on the engine thread (H200: ~2.5 ms a step in ``_evict`` and ``_map``)."""
+        if not self._updates:
+            return
+        a = np.concatenate(self._updates, axis=1)
+        self._updates.clear()
+        key = (a[0] * self.max_seqs + a[1]) * self.n + a[2]
+        _, last = np.unique(key[::-1], return_index=True)  # the last change of each entry
+        idx = self._up(a[:, len(key) - 1 - last])
         self.slot_gpu[idx[0], idx[1], idx[2]] = idx[3]
 
     def _up(self, a: np.ndarray) -> torch.Tensor:
@@ -181,6 +212,7 @@ class DiskBackedHostKV(HostKV):
         return t.pin_memory().to(self.device, non_blocking=True)
 
     # -- write path -------------------------------------------------------------------
+    @_flushing
     def begin(self, slot_list, starts, num_new):
         self._take_selections()
         self._land_deferred()
@@ -195,7 +227,9 @@ class DiskBackedHostKV(HostKV):
             missing = flat[self.slot_of[layer, s_idx, g_idx] < 0]
             if len(missing):
                 slots = self._alloc(layer, len(missing), set(flat.tolist()))
-                self.arenas[layer].rows[slots] = 0  # a group's unwritten tail reads as zeros, never stale data
+                # a group's unwritten tail reads as zeros, never stale data (numpy: torch's index_put
+                # of 64 rows took ~3 ms a layer on the engine thread, bench/scripts/deferred_host_path.py)
+                self._np_rows[layer][slots] = 0
                 self._map(layer, missing, slots)
 
     def end(self, slot_list, starts, num_new, written):
@@ -249,6 +283,7 @@ class DiskBackedHostKV(HostKV):
             self._map(layer, flat[ok], [x for x, good in zip(slots, ok) if good])
         return ok
 
+    @_flushing
     def read_ahead(self, layer, slot_list, groups, need):
         self._land(layer)
         s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
@@ -271,6 +306,7 @@ class DiskBackedHostKV(HostKV):
             flat, slots, fut = pending
             self.counts["read_ahead"] += int(self._adopt(layer, flat, slots, fut.ok()).sum())
 
+    @_flushing
     def resolve(self, layer, slot_list, groups, need, keep=None):
         self._land(layer)
         failed = np.zeros_like(need)
@@ -295,6 +331,7 @@ class DiskBackedHostKV(HostKV):
         return failed
 
     # -- initial placement --------------------------------------------------------------
+    @_flushing
     def place(self, layer, slot_list, importance, counts):
         """Initial placement by importance (``TieredPrefill.place``), one layer of newly prefilled
         sequences. Each of their groups gets a priority by its rank within its sequence
@@ -449,6 +486,7 @@ class DiskBackedHostKV(HostKV):
     def clear(self, slot):
         self._last_step.synchronize()
         self._drain()
+        self._flush()
         self._reap(wait_all=True)
         for layer, arena in enumerate(self.arenas):
             held = self.slot_of[layer, slot]

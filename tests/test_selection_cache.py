@@ -4,7 +4,7 @@ between tiers (``tier_ops``: fetch_rows, write_tokens, append_token) against the
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import KERNEL_DEVICES, check_kernel, run_interpreted
 
 from kvdrive.kv import tier_ops
 from kvdrive.kv.selection_cache import SelectionCache
@@ -81,11 +81,16 @@ def test_triton_kernels_match_reference(interpret):
     assert torch.equal(got, want) and want.abs().sum() > 0
 
 
-def test_defer_split_serves_what_is_held_and_flags_the_rest(interpret):
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_defer_split_serves_what_is_held_and_flags_the_rest(device):
     """``tier_ops.defer_split`` (one kernel per layer of a deferred-miss step) against its torch
     twin and against the rule: a listed group is served when the GPU cache or the arena holds
-    it, else left out (flag 2); served groups come first, in their order, with their arena rows."""
-    pytest.importorskip("triton")
+    it, else left out (flag 2); served groups come first, in their order, with their arena rows.
+    On CPU under Triton's interpreter in a fresh process (its ``tl.cumsum`` is bound at import)."""
+    check_kernel(check_defer_split, device)
+
+
+def check_defer_split(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     s, n, p = 5, 30, 12
     host_map = torch.where(torch.rand(s, n, generator=gen) < 0.6, torch.randint(0, 99, (s, n), generator=gen), -1)
@@ -95,7 +100,10 @@ def test_defer_split_serves_what_is_held_and_flags_the_rest(interpret):
     assert not groups.is_contiguous()
     num_pages = torch.tensor([12, 7, 0], dtype=torch.int32)
     slots = torch.tensor([4, 0, 2])
-    out = {impl: tier_ops.defer_split(groups, num_pages, slots, host_map, table, impl=impl) for impl in ("torch", "triton")}
+    host_map, table, groups, num_pages, slots = (t.to(device) for t in (host_map, table, groups, num_pages, slots))
+    out = {impl: [t.cpu() for t in tier_ops.defer_split(groups, num_pages, slots, host_map, table, impl=impl)]
+           for impl in ("torch", "triton")}
+    groups, num_pages, slots, host_map, table = (t.cpu() for t in (groups, num_pages, slots, host_map, table))
     for b in range(3):
         g = groups[b, : num_pages[b]].long()
         held = (table[slots[b], g] >= 0) | (host_map[slots[b], g] >= 0)

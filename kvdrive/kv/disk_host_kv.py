@@ -14,7 +14,7 @@ the GPU serves what the GPU cache and the arena hold and leaves the disk-only gr
 that step's attention; the step's selections reach the host asynchronously
 (``take_selections``), which stamps the arena's LRU and reads the groups that were left out,
 to be mapped before a later step (``begin``). No host sync per layer, so such a step can be
-a CUDA graph.
+a CUDA graph. That path is the ``DeferredReads`` mixin (``disk_deferred.py``).
 
 Evicted arena slots are not reused at once: a step still in flight may read them, so they
 wait (``_held``) for the event of the last step committed when they were evicted.
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.kv.disk_deferred import DeferredReads
 from kvdrive.kv.host import HostTier
 from kvdrive.kv.host_kv import HostKV, check_host_room
 from kvdrive.kv.layout import GroupLayout
@@ -60,7 +61,7 @@ def _flushing(method):
     return run
 
 
-class DiskBackedHostKV(HostKV):
+class DiskBackedHostKV(DeferredReads, HostKV):
     may_miss = True
 
     def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device,
@@ -97,6 +98,9 @@ class DiskBackedHostKV(HostKV):
         self._selections: deque = deque()  # steps' selections on their way to the host (deferred misses)
         self._deferred: deque = deque()  # a step's deferred reads, all layers: (layers, flats, slots, future)
         self._reading = np.zeros((nl, max_seqs * max_groups), dtype=bool)  # (layer, flat): a deferred read in flight
+        # arena slots per layer that reads behind and placement leave free: the groups the next
+        # steps open, so ``begin`` never waits for the GPU to free slots
+        self.reserve = 2 * max_seqs
         self.prio = np.full((nl, max_seqs * max_groups), -np.inf)  # (layer, flat): placement priority (``place``)
         self.counts.update(deferred=0, deferred_reads=0, host_waits=0, placed_reads=0)
 
@@ -330,6 +334,14 @@ class DiskBackedHostKV(HostKV):
             self.counts["lost"] += int(failed.sum())
         return failed
 
+    def _touch(self, layer: int, slot_list, groups: np.ndarray, selected: np.ndarray):
+        """Stamp the ``selected`` of ``groups`` (B, P) of ``slot_list`` that are in the arena as
+        used now (LRU); returns their flat ids seq * N + group and host slots (-1: not in host)."""
+        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
+        host = self.slot_of[layer, s, groups]
+        self.stamp[layer][host[(host >= 0) & selected]] = self._now
+        return s * self.n + groups, host
+
     # -- initial placement --------------------------------------------------------------
     @_flushing
     def place(self, layer, slot_list, importance, counts):
@@ -360,7 +372,7 @@ class DiskBackedHostKV(HostKV):
             return 0
         cand = cand[np.argsort(-prio[cand], kind="stable")]
         # the free slots first, then as many as outrank the durable groups LRU would evict for them
-        free = max(0, self.arenas[layer].num_free - 2 * self.max_seqs)
+        free = max(0, self.arenas[layer].num_free - self.reserve)
         own = self.owner[layer]
         used = np.flatnonzero(own >= 0)
         lru = np.sort(self.stamp[layer, used[self.disk_at[layer, own[used], 1] >= 0]])
@@ -377,86 +389,6 @@ class DiskBackedHostKV(HostKV):
             self.counts["lost"] += int((~ok).sum())
         self.counts["placed_reads"] += int(ok.sum())
         return int(ok.sum())
-
-    # -- deferred misses ----------------------------------------------------------------
-    MAX_SELECTIONS_IN_FLIGHT = 4  # steps whose selections may wait for the host before begin blocks
-
-    def take_selections(self, slot_list, layers: list[int], groups: torch.Tensor, flags: torch.Tensor, event) -> None:
-        """A decode step's selections, copied to the host asynchronously: ``groups`` (L, B, P)
-        and ``flags`` (L, B, P) uint8 (1: selected, 2: left out, on disk only) for ``layers``,
-        valid once ``event`` completes. Taken (without waiting) at a later ``begin``."""
-        self._selections.append((list(slot_list), layers, groups, flags, event))
-
-    def _take_selections(self) -> None:
-        """Stamp what finished steps selected and read what they left out, into free arena slots:
-        all layers of a step at once, in one read batch (per-layer batches cost the engine thread
-        ~30 executor hand-offs a step, and their Python time competes for the GIL with the step)."""
-        while self._selections and (self._selections[0][4].query()
-                                    or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
-            slot_list, layers, groups, flags, event = self._selections.popleft()
-            event.synchronize()
-            flags = flags.numpy().reshape(-1)
-            lay = np.asarray(layers, dtype=np.int64)[:, None, None]
-            seq = np.asarray(slot_list, dtype=np.int64)[None, :, None]
-            per_layer = self.n * self.max_seqs
-            key = (lay * per_layer + seq * self.n + groups.numpy()).reshape(-1)  # (L*B*P,) into slot_of's layers
-            host = self.slot_of.reshape(-1)[key]
-            hit = (flags & 1 > 0) & (host >= 0)
-            self.stamp.reshape(-1)[key[hit] // per_layer * self.stamp.shape[1] + host[hit]] = self.clock
-            left = flags & 2 > 0
-            if left.any():
-                self.counts["deferred"] += int(left.sum())
-                self._read_deferred(*np.divmod(np.unique(key[left]), per_layer))
-
-    def _touch(self, layer: int, slot_list, groups: np.ndarray, selected: np.ndarray):
-        """Stamp the ``selected`` of ``groups`` (B, P) of ``slot_list`` that are in the arena as
-        used now (LRU); returns their flat ids seq * N + group and host slots (-1: not in host)."""
-        s = np.asarray(slot_list, dtype=np.int64)[:, None].repeat(groups.shape[1], 1)
-        host = self.slot_of[layer, s, groups]
-        self.stamp[layer][host[(host >= 0) & selected]] = self._now
-        return s * self.n + groups, host
-
-    def _read_deferred(self, layers: np.ndarray, flat: np.ndarray) -> None:
-        """Read groups ``flat`` of ``layers`` (sorted by layer) that are still on disk only and not
-        already being read, into the arena slots free now; the rest wait for a later step."""
-        keep = ((self._slot_by_flat[layers, flat] < 0)
-                & (self.disk_at[layers, flat, 1] >= 0) & ~self._reading[layers, flat])
-        layers, flat = layers[keep], flat[keep]
-        take = np.zeros(len(flat), dtype=bool)
-        slots = np.empty(len(flat), dtype=np.int64)
-        for layer in np.unique(layers).tolist():
-            at = np.flatnonzero(layers == layer)
-            got = self._alloc(layer, len(at), set(), wait=False, reserve=2 * self.max_seqs)
-            take[at[: len(got)]] = True
-            slots[at[: len(got)]] = got
-        if not take.any():
-            return
-        layers, flat, slots = layers[take], flat[take], slots[take]
-        fut = self._read(layers, flat, slots)
-        self._deferred.append((layers, flat, slots, fut))
-        self._reading[layers, flat] = True
-
-    def _land_deferred(self, block: bool = False) -> None:
-        """Map the deferred reads that arrived (``block``: all of them); a failed read is lost."""
-        keep: deque = deque()
-        for layers, flat, slots, fut in self._deferred:
-            if not (block or fut.done()):
-                keep.append((layers, flat, slots, fut))
-                continue
-            self._reading[layers, flat] = False
-            ok = fut.ok()
-            here = self._slot_by_flat[layers, flat] >= 0  # a synchronous read overtook it
-            for layer in np.unique(layers[here | ~ok]).tolist():
-                self.arenas[layer].free(slots[(layers == layer) & (here | ~ok)].tolist())
-            good = ok & ~here
-            if good.any():
-                self._map(layers[good], flat[good], slots[good])
-            self.counts["deferred_reads"] += int(good.sum())
-            bad = ~ok & ~here
-            for layer in np.unique(layers[bad]).tolist():
-                self._lose(layer, flat[bad & (layers == layer)])
-            self.counts["lost"] += int(bad.sum())
-        self._deferred = keep
 
     def _lose(self, layer: int, lost: np.ndarray) -> None:
         """Groups whose disk copy failed its read: never read a bad copy again (the group is gone)."""

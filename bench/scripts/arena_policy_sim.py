@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from defer_agreement import prose_rows, run, write_out  # this directory is on sys.path when run as a script
+from defer_agreement import add_row, prose_rows, run, write_out  # this directory is on sys.path when run as a script
 
 from kvdrive.kv.disk_host_kv import DiskBackedHostKV
 from kvdrive.kv.pool import PoolPath
@@ -232,17 +232,14 @@ def main(argv=None) -> int:
         for k in args.around:
             row = {"arena_share": share, "policy": "lru" if k == 0 else f"lru+around{k}",
                    **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap, k=k: LruArena(cap, k))}
-            out["rows"].append(row)
-            print(row, flush=True)
+            add_row(out, row)
         row = {"arena_share": share, "policy": "lru, placed by importance",
                **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: LruArena(cap, 0), keys)}
-        out["rows"].append(row)
-        print(row, flush=True)
+        add_row(out, row)
         belady = replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: BeladyArena(
             cap, uses_of(steps, la, args.batch, args.prompt, group), len(steps) + 1))
         row = {"arena_share": share, "policy": "belady", **belady}
-        out["rows"].append(row)
-        print(row, flush=True)
+        add_row(out, row)
     write_out(out, args.out, t0)
     return 0
 

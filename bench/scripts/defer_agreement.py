@@ -67,6 +67,12 @@ def prose_rows(lm, text: str, span: int, batch: int) -> list[list[int]]:
     return [ids[i * span : (i + 1) * span] for i in range(batch)]
 
 
+def add_row(out: dict, row: dict) -> None:
+    """One result row: into the JSON's rows, and printed as it comes."""
+    out["rows"].append(row)
+    print(row, flush=True)
+
+
 def write_out(out: dict, path: str, t0: float) -> None:
     """The result JSON, with the seconds since ``t0``."""
     out["seconds"] = time.perf_counter() - t0
@@ -117,8 +123,7 @@ def main(argv=None) -> int:
                "deferred_share": st.get("deferred", 0) / max(st["groups_selected"], 1),
                "disk_reads": st.get("disk_reads", 0), "deferred_reads": st.get("deferred_reads", 0),
                "lost": st.get("lost", 0)}
-        out["rows"].append(row)
-        print(row, flush=True)
+        add_row(out, row)
     write_out(out, args.out, t0)
     return 0
 

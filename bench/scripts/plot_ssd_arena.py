@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def rows(paths: list[str]) -> tuple[list[dict], list[dict]]:
     """(kvdrive_host rows, kvdrive_ssd rows) with the --ssd-host-gib of each file's command."""
     host, ssd = [], []
     for path in paths:
-        d = json.load(open(path))
+        d = json.loads(Path(path).read_text())
         cmd = d["command"].split()
         arena = float(cmd[cmd.index("--ssd-host-gib") + 1]) if "--ssd-host-gib" in cmd else None
         for r in d["results"]["rows"]:

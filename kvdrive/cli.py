@@ -21,7 +21,7 @@ COMMANDS = {
     "generate": "kvdrive.commands.generate",
     "info": "kvdrive.commands.info",
     "eval": "kvdrive.commands.eval",
-    "probe": "kvdrive.kv.probe",
+    "probe": "kvdrive.storage.probe",
     "bench": "kvdrive.bench",
 }
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel
 
-from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 

@@ -5,12 +5,12 @@ import torch
 from conftest import run_interpreted
 from torch import nn
 
-from kvdrive.attention import Budget, SelectionConfig, all_pages, paginate, select_groups, selection_mask
-from kvdrive.attention.predict import forced_mask, predict_query, recall
-from kvdrive.attention.select import _select_kernel, combine_heads, select_groups_keyed
-from kvdrive.attention.sparse_ref import sparse_attention_ref
+from kvdrive.retrieval import Budget, SelectionConfig, all_pages, paginate, select_groups, selection_mask
+from kvdrive.retrieval.predict import forced_mask, predict_query, recall
+from kvdrive.retrieval.select import _select_kernel, combine_heads, select_groups_keyed
+from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.summaries import make_summarizer
+from kvdrive.retrieval.summaries import make_summarizer
 
 
 def cfg(tokens=None, fraction=None, n_sink=1, n_window=2, mode="per_head", **kw):
@@ -180,7 +180,7 @@ def test_score_select_attend_finds_a_planted_needle(name, mode):
     scores = s.score(q, summ, valid, d**-0.5, rows=torch.zeros(1, dtype=torch.int64))
     sel = select_groups(scores, paged.num_groups, cfg(fraction=0.25, mode=mode), g)
     assert (sel.groups[0, :, : sel.num_pages[0]] == needle).any(dim=-1).all()
-    from kvdrive.attention import to_slots
+    from kvdrive.retrieval import to_slots
 
     out, _ = sparse_attention_ref(q, paged.kv_pool, to_slots(sel.groups, paged.slot_table), sel.num_pages,
                                   paged.last_page_len, d**-0.5)
@@ -206,7 +206,7 @@ def test_gpu_selection_equals_cpu_selection(mode):
 
 
 def test_topk_key_orders_like_a_stable_descending_sort():
-    from kvdrive.attention.select import _topk_lowest_index_first
+    from kvdrive.retrieval.select import _topk_lowest_index_first
 
     gen = torch.Generator().manual_seed(5)
     s = torch.randn(6, 300, generator=gen).round(decimals=1)  # many ties, both signs

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvdrive.attention import all_pages, merge_attention, merge_attention_many, paginate, sparse_attention
-from kvdrive.attention.sparse import plan_splits, triton_available
-from kvdrive.attention.sparse_ref import sparse_attention_ref
+from kvdrive.retrieval import all_pages, merge_attention, merge_attention_many, paginate, sparse_attention
+from kvdrive.retrieval.sparse_attention import plan_splits, triton_available
+from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +123,7 @@ def test_split_plan_covers_every_page():
 def check_triton_against_reference(device, cases):
     """Runs Triton and the reference on each case; returns the worst relative error of out and
     the worst absolute error of lse. Shared by the interpreter test and the GPU test."""
-    from kvdrive.attention.sparse import sparse_attention_triton
+    from kvdrive.retrieval.sparse_attention import sparse_attention_triton
 
     worst = [0.0, 0.0]
     for c in cases:

@@ -8,11 +8,11 @@ import torch
 from kvdrive.bench import decode, decode_report, roofline
 from kvdrive.bench.decode_fill import fill_random
 from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape, _pinned
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.loader import load_config
 
-TIERED = importlib.util.find_spec("kvdrive.kv.tiered") is not None
+TIERED = importlib.util.find_spec("kvdrive.tiered.cache") is not None
 TINY = ["-m", "random:smollm2-135m", "--device", "cpu", "--contexts", "64", "--batches", "1", "2", "-n", "1",
         "--warmup", "1", "--rebalance-after", "0", "--budget", "32", "--sink", "16", "--window", "16",
         "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2",
@@ -157,7 +157,7 @@ def test_decode_tokens_random_ignore_the_logits_and_repeat_per_row():
     assert torch.equal(decode._feeder(args, 50, 3, torch.device("cpu"))(logits[0]), logits[0].argmax(-1, keepdim=True))
 
 
-@pytest.mark.skipif(not TIERED, reason="kvdrive.kv.tiered is not in this checkout")
+@pytest.mark.skipif(not TIERED, reason="kvdrive.tiered.cache is not in this checkout")
 def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
     out, disk = tmp_path / "decode.json", tmp_path / "disk"
     args = _args("--systems", "kvdrive_ssd", "kvswap_ssd", "--batches", "1", "--disk", str(disk), "--ssd-host-gib", "0.01",
@@ -248,9 +248,9 @@ def test_fill_text_prefills_real_prose_in_chunks(smollm2):
 
     from kvdrive.bench.decode_fill import fill_text
     from kvdrive.eval.corpus import TokenHaystack, load_text
-    from kvdrive.kv.contiguous import ContiguousKVCache
-    from kvdrive.kv.sparse import SparseConfig
-    from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+    from kvdrive.cache.contiguous import ContiguousKVCache
+    from kvdrive.cache.sparse import SparseConfig
+    from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
     model, cpu = smollm2.model, torch.device("cpu")
     hay = TokenHaystack(smollm2.tokenizer, load_text("persuasion-excerpt").text)

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvdrive.kv.contiguous import ContiguousKVCache, attention_mask
+from kvdrive.cache.contiguous import ContiguousKVCache, attention_mask
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 

@@ -10,8 +10,8 @@ from test_sparse_cache import _decode, _tiny
 from test_tiered_cache import CPU, F32, _disk_cfg, _prompts
 
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
-from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 SPARSE = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
 
@@ -92,7 +92,7 @@ def test_groups_left_out_are_read_behind_and_served_later(tmp_path):
 
 
 def test_failed_deferred_reads_are_lost_not_served(tmp_path):
-    from kvdrive.kv.io_engine import InjectedFaults
+    from kvdrive.storage.io_engine import InjectedFaults
 
     model, prompts = _tiny(), _prompts()
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
@@ -117,9 +117,9 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
 def test_evicted_slots_wait_for_the_step_that_may_read_them(tmp_path):
     """An arena slot evicted while a step is in flight is not handed out again until that step's
     event completes (its copy kernels may still read the old group)."""
-    from kvdrive.kv.disk_host_kv import DiskBackedHostKV
-    from kvdrive.kv.layout import GroupLayout
-    from kvdrive.kv.pool import PoolPath
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
+    from kvdrive.storage.layout import GroupLayout
+    from kvdrive.storage.pool import PoolPath
 
     class Pending:
         done = False
@@ -187,9 +187,9 @@ def test_queued_map_changes_keep_the_last_value_of_each_group(tmp_path):
     """``slot_gpu`` changes are applied in one scatter per call; a group evicted and mapped again
     (or mapped twice) in one call ends with its last value, whatever order a scatter of duplicate
     indices would pick."""
-    from kvdrive.kv.disk_host_kv import DiskBackedHostKV
-    from kvdrive.kv.layout import GroupLayout
-    from kvdrive.kv.pool import PoolPath
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
+    from kvdrive.storage.layout import GroupLayout
+    from kvdrive.storage.pool import PoolPath
 
     layout = GroupLayout(2, 1, 8, F32, 4)
     kv = DiskBackedHostKV(layout, 2, 8, CPU, 16 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))

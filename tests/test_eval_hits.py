@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvdrive.attention.select import Selection, selection_mask
+from kvdrive.retrieval.select import Selection, selection_mask
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.hits import CachePoint, HitsSpec, SelectionTrace, grid, measure_point, overlap
-from kvdrive.kv.selection_cache import EVICTIONS
-from kvdrive.kv.sparse import SparseConfig
+from kvdrive.tiered.selection_cache import EVICTIONS
+from kvdrive.cache.sparse import SparseConfig
 from test_sparse_cache import _tiny
 
 L, M = 200, 24  # prefill tokens, teacher-forced steps

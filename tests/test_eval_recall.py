@@ -5,7 +5,7 @@ import pytest
 from kvdrive.eval import corpus
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import text_sweep
-from kvdrive.kv.sparse import SparseConfig
+from kvdrive.cache.sparse import SparseConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from kvdrive.eval import corpus, tasks
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import task_sweep, text_sweep
-from kvdrive.kv.sparse import SparseConfig
+from kvdrive.cache.sparse import SparseConfig
 
 
 @pytest.fixture(scope="module")

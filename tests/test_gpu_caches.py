@@ -4,9 +4,9 @@ side streams, the Triton paged-attention kernel, CUDA-graph decode)."""
 import pytest
 import torch
 
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
-from kvdrive.kv.streaming import HostStreamingKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.streaming import HostStreamingKVCache
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 

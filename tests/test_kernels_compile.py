@@ -14,10 +14,11 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 
 
 def _kernels():
-    from kvdrive.attention import select_kernel as one
-    from kvdrive.attention import select_split_kernel as split
-    from kvdrive.kv import cache_kernels, score_kernel, tier_kernels
-    from kvdrive.models import act_kernel, norm_kernel, rope_kernel
+    from kvdrive.retrieval import select_triton as one
+    from kvdrive.retrieval import select_split_triton as split
+    from kvdrive.tiered import selection_cache_triton as cache_kernels, tier_ops_triton as tier_kernels
+    from kvdrive.retrieval import score_triton as score_kernel
+    from kvdrive.models import act_triton as act_kernel, norm_triton as norm_kernel, rope_triton as rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
                                      **BUDGET, **FORCED}, {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128}

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
-from kvdrive.kv.disk import DiskDevice
-from kvdrive.kv.host import HostTier
-from kvdrive.kv.io_engine import InjectedFaults
-from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.probe import DirectIOWarning, probe_direct
+from kvdrive.storage.disk import DiskDevice
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.io_engine import InjectedFaults
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.probe import DirectIOWarning, probe_direct
 
 LAYOUT = GroupLayout(2, 2, 16, torch.float16, 4)  # 512 B group in a 4 KiB slot
 SB = LAYOUT.slot_bytes

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from kvdrive.kv.gather import RowCopier, copy_rows_reference, triton_available
+from kvdrive.storage.gather import RowCopier, copy_rows_reference, triton_available
 
 
 def rows(n, words, seed=0):
@@ -34,7 +34,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
     # TRITON_INTERPRET must be set before the kernel module is imported: use a fresh process.
     code = textwrap.dedent("""
         import torch
-        from kvdrive.kv.gather import copy_rows_reference, copy_rows_triton
+        from kvdrive.storage.gather import copy_rows_reference, copy_rows_triton
         g = torch.Generator().manual_seed(0)
         src = torch.randint(-2**31, 2**31 - 1, (9, 1000), generator=g, dtype=torch.int32)
         si, di = torch.tensor([8, 0, 4, 4]), torch.tensor([1, 3, 0, 2])

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
-from kvdrive.kv.host import HostTier
-from kvdrive.kv.io_buffers import FreeList
-from kvdrive.kv.layout import ALIGN, GroupLayout
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.io_buffers import FreeList
+from kvdrive.storage.layout import ALIGN, GroupLayout
 
 LAYOUT = GroupLayout(2, 2, 16, torch.float16, 4)  # 512 B group, 4 KiB slot
 
@@ -68,7 +68,7 @@ def test_pinned_arena_is_exactly_its_size_and_device_mapped():
     (a 9.6 GiB arena of 30 layers held 15.7 GiB); registered memory is the size asked for."""
     import os
 
-    from kvdrive.kv import tier_ops
+    from kvdrive.tiered import tier_ops
 
     def resident() -> int:
         with open("/proc/self/statm") as f:

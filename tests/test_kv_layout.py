@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.layout import ALIGN, GroupKey, GroupLayout, align_up
+from kvdrive.storage.layout import ALIGN, GroupKey, GroupLayout, align_up
 
 LLAMA_8B = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, head_dim=128)
 

@@ -1,7 +1,7 @@
 import pytest
 
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.policy import LRUPolicy, make_policy
+from kvdrive.storage.policy import LRUPolicy, make_policy
 
 
 def test_lru_order_touch_and_filter():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from kvdrive.errors import CapacityError
-from kvdrive.kv import probe
-from kvdrive.kv.host import HostTier
-from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.pool import DiskPool, PoolPath
+from kvdrive.storage import probe
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import DiskPool, PoolPath
 
 LAYOUT = GroupLayout(2, 2, 16, torch.float16, 4)
 SB = LAYOUT.slot_bytes

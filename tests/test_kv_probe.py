@@ -2,7 +2,7 @@ import argparse
 import json
 import os
 
-from kvdrive.kv import probe
+from kvdrive.storage import probe
 
 
 def test_measure_save_load(tmp_path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
-from kvdrive.kv.io_engine import InjectedFaults
-from kvdrive.kv.layout import GroupKey, GroupLayout
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.store import KVStore, StoreConfig
+from kvdrive.storage.io_engine import InjectedFaults
+from kvdrive.storage.layout import GroupKey, GroupLayout
+from kvdrive.storage.pool import PoolPath
+from kvdrive.storage.store import KVStore, StoreConfig
 
 LAYOUT = GroupLayout(4, 2, 16, torch.bfloat16, 4)  # 512 B group, 4 KiB slot
 SB, GB = LAYOUT.slot_bytes, LAYOUT.group_bytes
@@ -228,7 +228,7 @@ def test_config_validation():
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["triton", "staging"])
 def test_cuda_round_trip_through_every_tier(tmp_path, method):
-    from kvdrive.kv.gather import triton_available
+    from kvdrive.storage.gather import triton_available
 
     if method == "triton" and not triton_available():
         pytest.skip("triton not installed")

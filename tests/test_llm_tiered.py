@@ -2,8 +2,8 @@
 
 from kvdrive.engine.llm import LLM
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.cache import TieredConfig
 
 PROMPT = ("The history of the lighthouse keeper's family, told over three generations, begins on a cold "
           "morning when the supply boat failed to arrive. ") * 12
@@ -19,7 +19,7 @@ def test_budget_covering_the_context_gives_the_same_greedy_tokens(smollm2):
 
 
 def test_small_budget_over_disk_generates(smollm2, tmp_path):
-    from kvdrive.kv.pool import PoolPath
+    from kvdrive.storage.pool import PoolPath
 
     cfg = TieredConfig(SparseConfig(budget=128, sink_tokens=16, window_tokens=32), cache_tokens=192,
                        disk=(PoolPath(str(tmp_path), 256 << 20),), host_bytes=30 * 64 * 12288, direct="off")
@@ -31,7 +31,7 @@ def test_small_budget_over_disk_generates(smollm2, tmp_path):
 def test_deferred_disk_misses_with_room_for_everything_give_the_same_greedy_tokens(smollm2, tmp_path):
     """Over the disk with deferred misses, when the arena holds every group nothing is left out:
     the greedy tokens are those of the plain cache."""
-    from kvdrive.kv.pool import PoolPath
+    from kvdrive.storage.pool import PoolPath
 
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     plain = LLM(loaded=smollm2).generate([PROMPT], params)[0]

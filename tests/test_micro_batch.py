@@ -10,8 +10,8 @@ from test_sparse_cache import _decode, _tiny
 from test_tiered_cache import CPU, F32, _prompts
 
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -83,7 +83,7 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     """Parts are issued layer by layer in turn (part 0's layer l, part 1's layer l, part 0's
     layer l+1, ...), and with ``fetch_lane`` every layer's cache fetches on the cache's one lane."""
     from kvdrive.engine.micro_batch import MicroBatchedDecode
-    from kvdrive.kv.tiered_config import resolve_parts
+    from kvdrive.tiered.config import resolve_parts
 
     model, prompts = _tiny(), _prompts()
     cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
@@ -107,7 +107,7 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
 
 def test_micro_batches_and_fetch_programs_are_counts_or_auto():
     from kvdrive.commands.common import parse_count_or_auto
-    from kvdrive.kv.tiered_config import resolve_parts
+    from kvdrive.tiered.config import resolve_parts
 
     assert TieredConfig(fetch_programs=8).fetch_programs == 8
     for bad in (-1, "half", 2.5):

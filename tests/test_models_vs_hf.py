@@ -7,7 +7,7 @@ norm handling), so these tests also check kvdrive's GGUF loader.
 import pytest
 import torch
 
-from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.models import embedded
 
 TEXT = (

@@ -1,4 +1,4 @@
-"""The native batched reader (kvdrive.kv.native_io) and DiskDevice.read_to, which uses it."""
+"""The native batched reader (kvdrive.storage.native_io) and DiskDevice.read_to, which uses it."""
 
 import errno
 import os
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvdrive.kv import native_io
-from kvdrive.kv.disk import DiskDevice
-from kvdrive.kv.host import HostTier
-from kvdrive.kv.layout import GroupLayout
+from kvdrive.storage import native_io
+from kvdrive.storage.disk import DiskDevice
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.layout import GroupLayout
 
 LAYOUT = GroupLayout(2, 2, 16, torch.float16, 4)  # 512 B group in a 4 KiB slot
 SB = LAYOUT.slot_bytes

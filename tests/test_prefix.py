@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.prefix import PrefixConfig, PrefixPool
-from kvdrive.kv.prefix_keys import PrefixNamespace, chunk_keys
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.storage.pool import PoolPath
+from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
 
 CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, sliding_windows=(None,) * 3,
                             attn_scale=1.0, attn_logit_softcap=None)
@@ -53,7 +53,7 @@ def test_keys_are_chained_and_stable_across_processes():
     assert changed[:2] == keys[:2] and all(x != y for x, y in zip(changed[2:], keys[2:]))
     assert chunk_keys(ids, PrefixNamespace("m", "float32", NS.layout, 3, C, tenant="t"))[0] != keys[0]
     assert chunk_keys(ids, PrefixNamespace("m", "bfloat16", NS.layout, 3, C))[0] != keys[0]
-    code = ("from kvdrive.kv.prefix_keys import *; ns = PrefixNamespace('m','float32','kv2-h2-g4-d8-float32',3,4); "
+    code = ("from kvdrive.prefix.keys import *; ns = PrefixNamespace('m','float32','kv2-h2-g4-d8-float32',3,4); "
             "print(chunk_keys(list(range(100, 118)), ns)[-1].hex())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": os.getcwd()})

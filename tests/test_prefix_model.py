@@ -4,10 +4,10 @@ import torch
 
 from kvdrive.engine import generation
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.prefix import PrefixConfig, PrefixPool
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.storage.pool import PoolPath
+from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 
 CHUNK = 16
 PROMPT = 75  # 4 full chunks + 11 tokens; a hit covers 64

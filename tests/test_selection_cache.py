@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel, run_interpreted
 
-from kvdrive.kv import tier_ops
-from kvdrive.kv.selection_cache import SelectionCache
+from kvdrive.tiered import tier_ops
+from kvdrive.tiered.selection_cache import SelectionCache
 
 CPU, F32 = torch.device("cpu"), torch.float32
 

@@ -4,8 +4,8 @@ small budget it attends to exactly the selected groups."""
 import pytest
 import torch
 
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from defer_agreement import add_row, prose_rows, run, write_out  # this directory is on sys.path when run as a script
 
-from kvdrive.kv.disk_host_kv import DiskBackedHostKV
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig
+from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
+from kvdrive.storage.pool import PoolPath
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.cache import TieredConfig
 from kvdrive.models.loader import load_model
 
 

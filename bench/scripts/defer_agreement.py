@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from kvdrive.eval import corpus
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.storage.pool import PoolPath
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 from kvdrive.models.loader import load_model
 
 

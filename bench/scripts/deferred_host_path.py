@@ -5,7 +5,7 @@ disk, then each simulated step hands it the selections of all layers with ~``--l
 left out (disk-only, chosen at random), and ``begin``/``end`` are timed: that is the host work a
 decode step of ``disk_misses="defer"`` waits for, including the read path's GIL contention.
 A sleep of ``--gpu-ms`` between steps stands for the GPU step the host overlaps. Both read
-paths run in one process, side by side: the native batched reader (``kvdrive.kv.native_io``)
+paths run in one process, side by side: the native batched reader (``kvdrive.storage.native_io``)
 and Python threads with one task per read (``KVDRIVE_NATIVE_IO=0``).
 
     python bench/scripts/deferred_host_path.py --dir /path/on/the/disk -o bench/results/deferred-host-path-cpu.json
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvdrive.kv import native_io
-from kvdrive.kv.disk_host_kv import DiskBackedHostKV, _Done
-from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.pool import PoolPath
+from kvdrive.storage import native_io
+from kvdrive.tiered.disk_host_kv import DiskBackedHostKV, _Done
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import PoolPath
 
 SELECTED = 32  # groups a layer selects per sequence: budget 512 / 16-token groups
 

@@ -1,4 +1,4 @@
-"""Time the fused group score (``kvdrive.kv.score_kernel``) against the torch path at the
+"""Time the fused group score (``kvdrive.retrieval.score_triton``) against the torch path at the
 Llama-3.1-8B decode shapes (8 KV heads of 4 query heads, D=128, minmax summaries in bf16), for
 several programs' sizes: a CUDA graph of 50 calls, median of 7 replays, on an idle GPU. Checks
 each result against the torch path. Also prints the bandwidth of reading the summaries once.
@@ -17,7 +17,7 @@ sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.join(os.getcwd(), "bench", "scripts"))
 from select_kernel_timing import save, time_us
 
-from kvdrive.kv.summaries import _score_triton, make_summarizer
+from kvdrive.retrieval.summaries import _score_triton, make_summarizer
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
-from kvdrive.attention.select import Budget, SelectionConfig, _select_kernel, select_groups
+from kvdrive.retrieval.select import Budget, SelectionConfig, _select_kernel, select_groups
 
 CFG = SelectionConfig(Budget(tokens=2048), n_sink=4, n_window=16, mode="shared")
 

@@ -39,10 +39,10 @@ from kvdrive.bench.decode_systems import (
 from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
-from kvdrive.kv.base import KVCache
-from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered_config import DISK_MISSES, TieredConfig
+from kvdrive.cache.base import KVCache
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.config import DISK_MISSES, TieredConfig
 from kvdrive.progress import progress
 
 GIB = 1 << 30
@@ -215,7 +215,7 @@ def _feeder(args, vocab: int, batch: int, dev):
 def _breakdown(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, args) -> dict:
     """ms per step by phase over ``--breakdown-steps`` extra eager steps, from the cache's
     ``StepProfile`` (events between phases; not the timed steps, which may be a graph)."""
-    from kvdrive.kv.tiered import StepProfile
+    from kvdrive.tiered.cache import StepProfile
 
     cache.profile = StepProfile(model.device)
     step = _step_fn(model, cache, seq_ids, ids, graphs=False)

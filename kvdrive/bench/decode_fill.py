@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.kv.base import KVCache
+from kvdrive.cache.base import KVCache
 
 
 def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.device, dtype: torch.dtype,

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from kvdrive.config import ModelConfig
-from kvdrive.kv.base import KVCache
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered_config import TieredConfig
+from kvdrive.cache.base import KVCache
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.config import TieredConfig
 
 GIB = 1 << 30
 
@@ -147,19 +147,19 @@ def _none(s: Shape, o: Options) -> int:
 
 
 def _contiguous(s: Shape, device, o: Options) -> KVCache:
-    from kvdrive.kv.contiguous import ContiguousKVCache
+    from kvdrive.cache.contiguous import ContiguousKVCache
 
     return ContiguousKVCache(s.config, s.batch, s.context, device, s.dtype)
 
 
 def _streaming(s: Shape, device, o: Options) -> KVCache:
-    from kvdrive.kv.streaming import HostStreamingKVCache
+    from kvdrive.cache.streaming import HostStreamingKVCache
 
     return HostStreamingKVCache(s.config, s.batch, s.context, device, s.dtype, overlap=o.overlap)
 
 
 def _sparse_gpu(s: Shape, device, o: Options) -> KVCache:
-    from kvdrive.kv.sparse import SparseKVCache
+    from kvdrive.cache.sparse import SparseKVCache
 
     return SparseKVCache(s.config, s.batch, s.context, device, s.dtype, o.sparse)
 
@@ -174,7 +174,7 @@ def _tiered(eviction: str | None):
     """sparse_host (eviction=None: no cross-step reuse) or kvdrive_host (the CLI's eviction)."""
 
     def build(s: Shape, device, o: Options) -> KVCache:
-        from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+        from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
         cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=eviction or o.eviction,
                            prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
@@ -193,8 +193,8 @@ DISK_SUBDIR = "kvdrive-bench-decode"  # made under each --disk directory per row
 def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) -> KVCache:
     """kvdrive_ssd, or (``previous_step_only``) KVSwap-style: the GPU cache holds one selection's
     pages (only what the last step selected can hit), LRU, capacities never rebalanced."""
-    from kvdrive.kv.pool import PoolPath
-    from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+    from kvdrive.storage.pool import PoolPath
+    from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
     budget = min(int(o.disk_gib * GIB), int(_disk_kv(s, o) / len(o.disk) * 1.25) + GIB)
     paths = []
@@ -236,8 +236,8 @@ def _settle(o: Options) -> int:
 
 
 def _tiered_missing() -> str | None:
-    if importlib.util.find_spec("kvdrive.kv.tiered") is None:
-        return "kvdrive.kv.tiered (TieredSparseKVCache) is not in this checkout yet"
+    if importlib.util.find_spec("kvdrive.tiered.cache") is None:
+        return "kvdrive.tiered.cache (TieredSparseKVCache) is not in this checkout yet"
     return None
 
 

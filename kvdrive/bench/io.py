@@ -22,11 +22,11 @@ import torch
 
 from kvdrive import device as dev
 from kvdrive.bench.common import write_result
-from kvdrive.kv.gather import RowCopier, triton_available
-from kvdrive.kv.host import HostTier
-from kvdrive.kv.layout import GroupKey, GroupLayout
-from kvdrive.kv.pool import DiskPool, PoolPath
-from kvdrive.kv.store import KVStore, StoreConfig
+from kvdrive.storage.gather import RowCopier, triton_available
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.layout import GroupKey, GroupLayout
+from kvdrive.storage.pool import DiskPool, PoolPath
+from kvdrive.storage.store import KVStore, StoreConfig
 
 GIB = 1 << 30
 MIB = 1 << 20

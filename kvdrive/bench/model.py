@@ -45,7 +45,7 @@ def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs
     """Greedy through the engine's own loop: prefill each sequence, then decode the batch."""
     from kvdrive.engine import generation
     from kvdrive.engine.sampling import SamplingParams
-    from kvdrive.kv.contiguous import ContiguousKVCache
+    from kvdrive.cache.contiguous import ContiguousKVCache
 
     b, t = prompts.shape
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)

@@ -10,7 +10,7 @@ perfectly overlapped the step can be no faster than the slower of the two:
     step_s     = max(compute_s, transfer_s, disk_s)   bound tokens/s = batch / step_s
 
 ``disk_bw`` is random whole-slot reads at the KV slot size and queue depth 32 on the run's
-first disk path (``kvdrive.kv.probe.measure``): what the disk gives the reads a step makes.
+first disk path (``kvdrive.storage.probe.measure``): what the disk gives the reads a step makes.
 
 FLOPs are left out: decode of a 7-8B model at the batches benchmarked here is bound by
 memory traffic. Both bandwidths are measured in the same run as the decode (``measure``).
@@ -118,7 +118,7 @@ def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> tu
     its files are removed after."""
     from pathlib import Path
 
-    from kvdrive.kv import probe
+    from kvdrive.storage import probe
 
     Path(path).mkdir(parents=True, exist_ok=True)
     p = probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes)

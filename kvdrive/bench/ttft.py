@@ -26,11 +26,11 @@ import xxhash
 
 from kvdrive import device as devices
 from kvdrive.bench.common import write_result
-from kvdrive.kv import probe
-from kvdrive.kv.contiguous import ContiguousKVCache
-from kvdrive.kv.layout import GroupLayout
-from kvdrive.kv.pool import PoolPath
-from kvdrive.kv.prefix import PrefixConfig, PrefixPool
+from kvdrive.storage import probe
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import PoolPath
+from kvdrive.prefix.pool import PrefixConfig, PrefixPool
 
 PREFILL_CHUNK = 2048  # the engine's prefill piece
 TINY = dict(model="random:smollm2-135m", contexts=[96, 160], chunk_tokens=16, probe_mib=4)

@@ -8,7 +8,7 @@ from kvdrive.commands.common import add_model_options
 
 SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq")
 TASKS = ("needle", "multikey", "vartrack", "cwe")
-EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.kv.selection_cache.EVICTIONS (not imported: torch at parse time)
+EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.tiered.selection_cache.EVICTIONS (not imported: torch at parse time)
 
 
 def add_parser(sub) -> None:

@@ -78,9 +78,9 @@ def tiered_config(args):
         if args.disk or args.host_gib:
             raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget 2048)")
         return None
-    from kvdrive.kv.pool import PoolPath
-    from kvdrive.kv.sparse import SparseConfig
-    from kvdrive.kv.tiered import TieredConfig
+    from kvdrive.storage.pool import PoolPath
+    from kvdrive.cache.sparse import SparseConfig
+    from kvdrive.tiered.cache import TieredConfig
 
     if args.disk and not args.host_gib:
         raise KvdriveError("--disk needs --host-gib: the pinned host arena in front of the disks (e.g. --host-gib 8)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvdrive.engine.micro_batch import MicroBatchedDecode
-from kvdrive.kv.base import KVCache
+from kvdrive.cache.base import KVCache
 
 
 class GraphedDecodeStep:

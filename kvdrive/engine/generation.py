@@ -17,7 +17,7 @@ import torch
 
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.engine.sampling import SamplingParams, sample
-from kvdrive.kv.base import KVCache
+from kvdrive.cache.base import KVCache
 from kvdrive.progress import progress
 
 PREFILL_CHUNK = 2048  # tokens per prefill forward; bounds the (T x L) attention mask

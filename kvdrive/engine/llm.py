@@ -16,7 +16,7 @@ import torch
 from kvdrive.engine import generation
 from kvdrive.engine.sampling import SamplingParams
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.models.loader import load_model
 
 
@@ -42,7 +42,7 @@ class LLM:
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
                  seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
-        ``kv_cache``: a ``kvdrive.kv.tiered.TieredConfig`` to keep the KV in host memory (and on
+        ``kv_cache``: a ``kvdrive.tiered.cache.TieredConfig`` to keep the KV in host memory (and on
         disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device.
         ``max_batch``: most sequences decoding at once (default: every request; with
         ``kv_cache``, no more than host memory holds); the rest queue and are admitted as
@@ -57,12 +57,12 @@ class LLM:
             raise KvdriveError(f"max_model_len must be in 1..{limit} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self._next_seq = 0
-        # ``prefix_cache``: a ``kvdrive.kv.prefix.PrefixConfig``; repeated prompt prefixes then load
+        # ``prefix_cache``: a ``kvdrive.prefix.pool.PrefixConfig``; repeated prompt prefixes then load
         # their KV from the pool (host memory + disks) instead of being recomputed.
         self.kv_cache = kv_cache
         self.prefix = None
         if prefix_cache is not None:
-            from kvdrive.kv.prefix import PrefixPool
+            from kvdrive.prefix.pool import PrefixPool
 
             self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache)
 
@@ -117,7 +117,7 @@ class LLM:
         max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
         n = min(len(reqs), self.max_batch or len(reqs))
         if self.kv_cache is not None:
-            from kvdrive.kv.tiered import TieredSparseKVCache
+            from kvdrive.tiered.cache import TieredSparseKVCache
 
             n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache,
                                                          self.model.device))

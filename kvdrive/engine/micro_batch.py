@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as devices
-from kvdrive.kv.base import ForwardBatch, KVCache
+from kvdrive.cache.base import ForwardBatch, KVCache
 
 
 def part_slices(n: int, parts: int) -> list[slice]:

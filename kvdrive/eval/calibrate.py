@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.attention.lowrank import KeyGram
-from kvdrive.kv.contiguous import ContiguousKVCache
+from kvdrive.retrieval.lowrank import KeyGram
+from kvdrive.cache.contiguous import ContiguousKVCache
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvdrive.eval.recall import RecallProbe
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 
 FULL_BUDGET = 1 << 30  # tokens: more than any context, so every group is selected
 

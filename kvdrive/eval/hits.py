@@ -5,7 +5,7 @@ into the harness's ``SparseKVCache``) and their continuation is teacher-forced o
 the sparse setting while ``SelectionTrace`` records every layer's selection: the
 step-to-step overlap it reports is the locality that bounds any cache, and it does not
 depend on the cache (the tiered cache selects exactly what the sparse cache selects; the
-tests of ``kv/tiered.py`` prove the logits equal). Then, per point of the grid (eviction x
+tests of ``tiered/cache.py`` prove the logits equal). Then, per point of the grid (eviction x
 cache size x prefetch), a fresh ``TieredSparseKVCache`` imports the prefilled KV through
 the ``KVCache`` import path (``plan(seq, T)``, ``append`` per layer, ``commit``) and decodes
 the same continuation; its ``stats()`` after the first decode step (the cold fill) and over
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from kvdrive.attention.predict import forced_mask
-from kvdrive.attention.select import selection_mask
+from kvdrive.retrieval.predict import forced_mask
+from kvdrive.retrieval.select import selection_mask
 from kvdrive.errors import KvdriveError
 from kvdrive.eval.harness import Runner, Setting
-from kvdrive.kv.selection_cache import EVICTIONS
-from kvdrive.kv.sparse import SparseConfig
-from kvdrive.kv.tiered import TieredConfig, TieredSparseKVCache
+from kvdrive.tiered.selection_cache import EVICTIONS
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def measure_point(lm, src, length: int, tokens: torch.Tensor, sparse: SparseConf
     b, m = tokens.shape
     extra = {}
     if point.disk:
-        from kvdrive.kv.pool import PoolPath
+        from kvdrive.storage.pool import PoolPath
 
         kv_bytes = lm.config.kv_bytes_per_token(lm.model.dtype) * (length + m) * b
         disk_dir.mkdir(parents=True, exist_ok=True)

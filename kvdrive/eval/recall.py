@@ -1,7 +1,7 @@
 """Recall of next-layer prediction, measured during a teacher-forced decode.
 
 While layer l computes, InfiniGen / KVSwap guess layer l+1's groups from layer l's input
-hidden state (``kvdrive.attention.predict``). ``RecallProbe`` measures that guess on a real
+hidden state (``kvdrive.retrieval.predict``). ``RecallProbe`` measures that guess on a real
 model without touching the model's code: forward pre-hooks record each decoder layer's
 input ``(x, cos, sin)`` during a decode step; after the step, for every sparse layer
 L >= 1 the query predicted from layer L-1's input (layer L's input norm, Wq, q-norm and
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.attention.predict import forced_mask, predict_query, recall
+from kvdrive.retrieval.predict import forced_mask, predict_query, recall
 from kvdrive.errors import KvdriveError
-from kvdrive.kv.base import ForwardBatch
-from kvdrive.kv.sparse import SparseConfig, SparseKVCache
+from kvdrive.cache.base import ForwardBatch
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 
 
 class RecallProbe:

@@ -9,7 +9,7 @@ from pathlib import Path
 from kvdrive.errors import KvdriveError
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import task_sweep, text_sweep
-from kvdrive.kv.sparse import SparseConfig
+from kvdrive.cache.sparse import SparseConfig
 
 
 CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank bases

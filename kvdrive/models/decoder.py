@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvdrive.attention.predict import predict_query
+from kvdrive.retrieval.predict import predict_query
 from kvdrive.config import ModelConfig, RopeSpec
-from kvdrive.kv.base import ForwardBatch, KVCache
+from kvdrive.cache.base import ForwardBatch, KVCache
 from kvdrive.models import rope
 from kvdrive.models.layers import GatedMLP, RMSNorm, fuse_linears
 

@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 def _rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     import triton
 
-    from kvdrive.models.norm_kernel import rmsnorm_kernel
+    from kvdrive.models.norm_triton import rmsnorm_kernel
 
     n = x.shape[-1]
     xc = x.contiguous()
@@ -72,7 +72,7 @@ def fuse_linears(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def act_mul(gate_up: torch.Tensor, act: str, impl: str = "auto") -> torch.Tensor:
     """(..., 2I) [gate | up] -> act(gate) * up (..., I). ``impl``: 'auto' runs one Triton launch
-    for SiLU on CUDA (``act_kernel.py``), 'triton' forces it, 'torch' the reference."""
+    for SiLU on CUDA (``act_triton.py``), 'triton' forces it, 'torch' the reference."""
     inner = gate_up.shape[-1] // 2
     if use_triton(impl, gate_up) and act == "silu" and gate_up.is_contiguous():
         return _silu_mul_triton(gate_up, inner)
@@ -83,7 +83,7 @@ def act_mul(gate_up: torch.Tensor, act: str, impl: str = "auto") -> torch.Tensor
 def _silu_mul_triton(gate_up: torch.Tensor, inner: int) -> torch.Tensor:
     import triton
 
-    from kvdrive.models.act_kernel import silu_mul_kernel
+    from kvdrive.models.act_triton import silu_mul_kernel
 
     out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype, device=gate_up.device)
     rows = out.numel() // inner if inner else 0

@@ -51,7 +51,7 @@ def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "au
 
 
 def _apply_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    from kvdrive.models.rope_kernel import rope_kernel
+    from kvdrive.models.rope_triton import rope_kernel
 
     b, h, t, d = x.shape
     cos, sin = cos.expand(b, 1, t, d).contiguous(), sin.expand(b, 1, t, d).contiguous()

@@ -1,0 +1,1 @@
+"""The prefix pool: KV of repeated prompt prefixes, reused across requests and restarts."""

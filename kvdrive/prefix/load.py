@@ -1,0 +1,155 @@
+"""Moving prefix chunks: the layer-pipelined parallel load, and the store's export + write.
+
+A chunk is ``C`` tokens of every layer; on disk and in host memory one slot holds one
+layer of one chunk, laid out like a KV group of ``G = C`` tokens: (2, H_kv, C, D).
+For Llama-3.1-8B in bf16 at C = 256 that is 1 MiB, one O_DIRECT read.
+
+Load (``import_chunks``): the KV of ``n`` chunks enters the cache through the normal
+path, one ``plan([seq], n*C)``, one ``append`` per layer, one ``commit``. Reads run
+``ahead`` layers in front of the import: layer ``l``'s slots of every chunk are issued
+on all devices at once (each device's share on its own queue, so every disk is busy
+together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
+to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
+chunks are copied straight from the pinned host arena by one gather launch per layer. Every disk slot is checked against
+its xxh3_64; the first chunk that fails at any layer ends the import uncommitted and
+is reported, so the caller can drop it and import the shorter prefix again. An
+uncommitted plan is simply abandoned (plans of the plain and sparse caches do not
+mutate the cache; only ``commit`` does).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+
+from kvdrive import device as devices
+from kvdrive.storage.disk import BatchFuture
+from kvdrive.storage.gather import RowCopier
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.io_buffers import aligned_empty
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import DiskPool
+
+
+class ChunkSource(NamedTuple):
+    """Where one chunk is read from: the host arena or a disk of the pool, one slot per layer."""
+
+    tier: str  # "host" | "disk"
+    device: int  # index into the pool's devices (disk); -1 for host
+    slots: list[int]
+
+
+class ImportResult(NamedTuple):
+    chunks: int  # chunks imported and committed (== asked) or, on failure, the first bad chunk
+    failed: bool
+    reason: str | None  # miss reason of the first bad slot ("checksum", "io_error", ...)
+    bytes_disk: int
+    bytes_host: int
+    seconds: float
+
+
+class Staging:
+    """A ring of page-aligned (pinned on CUDA machines) buffers for one layer's disk reads
+    each; grows on demand and is kept, so steady-state loads allocate nothing."""
+
+    def __init__(self, layout: GroupLayout, ring: int):
+        self.layout, self.ring = layout, ring
+        self.rows_per_buf = 0
+        self._bufs: list[torch.Tensor] = []
+
+    def reserve(self, rows: int) -> None:
+        if rows <= self.rows_per_buf:
+            return
+        sb = self.layout.slot_bytes
+        self._bufs = [aligned_empty(rows * sb, torch.device("cpu"), pin=True).view(rows, sb) for _ in range(self.ring)]
+        self.rows_per_buf = rows
+
+    def buf(self, i: int) -> torch.Tensor:
+        return self._bufs[i % self.ring]  # (rows, slot_bytes) uint8
+
+    @property
+    def nbytes(self) -> int:
+        return self.ring * self.rows_per_buf * self.layout.slot_bytes
+
+
+def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupLayout, pool: DiskPool | None,
+                  host: HostTier | None, staging: Staging, device: torch.device) -> ImportResult:
+    t0 = time.perf_counter()
+    n, c, gb = len(sources), layout.group_tokens, layout.group_bytes
+    disk_idx = [i for i, s in enumerate(sources) if s.tier == "disk"]
+    host_idx = [i for i, s in enumerate(sources) if s.tier == "host"]
+    staging.reserve(len(disk_idx))
+    batch = cache.plan([seq_id], n * c)
+    done = devices.new_event(device)
+    futures: dict[int, BatchFuture] = {}
+
+    def issue(layer: int) -> None:
+        if not disk_idx:
+            futures[layer] = BatchFuture(0, [])
+            return
+        buf = staging.buf(layer)
+        np_rows = buf.numpy()
+        parts, by_dev = [], {}
+        for row, i in enumerate(disk_idx):
+            by_dev.setdefault(sources[i].device, []).append(row)
+        for dev, rows in by_dev.items():
+            slots = [sources[disk_idx[r]].slots[layer] for r in rows]
+            parts.append((rows, pool.devices[dev].read(slots, [memoryview(np_rows[r]) for r in rows])))
+        futures[layer] = BatchFuture(len(disk_idx), parts)
+
+    def drain() -> None:
+        for f in futures.values():
+            f.result()
+
+    ahead = staging.ring
+    for layer in range(min(ahead - 1, layout.num_layers)):  # the ring slot of the layer in import stays busy
+        issue(layer)
+    host_rows = torch.tensor([[s.slots[l] for l in range(layout.num_layers)] for s in (sources[i] for i in host_idx)],
+                             dtype=torch.int64).reshape(len(host_idx), layout.num_layers)
+    copier = RowCopier(device)
+    disk_at = torch.tensor(disk_idx, dtype=torch.int64, device=device)
+    for layer in range(layout.num_layers):
+        if layer + ahead - 1 < layout.num_layers:
+            issue(layer + ahead - 1)
+        results = futures.pop(layer).result()
+        bad = [disk_idx[r] for r, why in enumerate(results) if why is not None]
+        if bad:
+            drain()
+            first = min(bad)
+            why = results[disk_idx.index(first)]
+            return ImportResult(first, True, why, 0, 0, time.perf_counter() - t0)
+        rows = staging.buf(layer)[: len(disk_idx), :gb] if disk_idx else None
+        if not host_idx:
+            flat = rows.to(device, non_blocking=True)  # (n, group_bytes) uint8
+        else:
+            flat = torch.empty(n, gb, dtype=torch.uint8, device=device)
+            # Pinned arena -> GPU in one launch (Triton over unified addressing), no CPU gather.
+            copier.copy(host.rows.view(torch.int32), host_rows[:, layer].tolist(), flat.view(torch.int32), host_idx,
+                        layout.group_words)
+            if disk_idx:
+                flat[disk_at] = rows.to(device, non_blocking=True)
+        kv = layout.as_groups(flat)  # (n, 2, H_kv, C, D)
+        k = kv[:, 0].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)  # (1, H_kv, P, D)
+        v = kv[:, 1].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)
+        cache.append(layer, k, v, batch)
+        done.record()
+        done.synchronize()  # the staging buffer of this layer is free again
+    cache.commit(batch)
+    nbytes = layout.num_layers * gb
+    return ImportResult(n, False, None, nbytes * len(disk_idx), nbytes * len(host_idx), time.perf_counter() - t0)
+
+
+def export_layer(cache, seq_id: int, layer: int, chunks: list[int], layout: GroupLayout) -> torch.Tensor:
+    """Chunks ``chunks`` (ascending indices) of one layer as contiguous (N, 2, H_kv, C, D),
+    on the cache's device."""
+    c = layout.group_tokens
+    lo, hi = chunks[0], chunks[-1] + 1
+    k, v = cache.export_kv(seq_id, layer, lo * c, hi * c)  # (H_kv, (hi-lo)*C, D)
+    h, d = layout.num_kv_heads, layout.head_dim
+    kv = torch.stack([k.view(h, hi - lo, c, d), v.view(h, hi - lo, c, d)], dim=1)  # (H_kv, 2, n, C, D)
+    kv = kv.permute(2, 1, 0, 3, 4)  # (n, 2, H_kv, C, D)
+    if len(chunks) != hi - lo:
+        kv = kv[torch.tensor([i - lo for i in chunks], device=kv.device)]
+    return kv.contiguous()

@@ -1,0 +1,365 @@
+"""The prefix pool: KV of repeated prompt prefixes, reused across requests and restarts.
+
+    pool = PrefixPool(model.config, torch.bfloat16,
+                      PrefixConfig(model="llama-3.1-8b", disks=(PoolPath("/nvme0/kv", 64 << 30),),
+                                   host_bytes=16 << 30))
+    hit = pool.lookup(prompt_ids)                 # longest stored prefix, one call
+    done = pool.load(model, cache, seq, prompt_ids)   # KV of `done` tokens now in the cache
+    ... prefill prompt_ids[done:] ...
+    pool.store(cache, seq, prompt_ids)            # full chunks of the prompt
+    pool.stats(); pool.close()
+
+It plugs into the generation loop as ``prefix=pool`` (``load``/``store`` hooks).
+
+Chunks of ``chunk_tokens`` tokens are addressed by a chained SHA-256 (``keys``)
+in a namespace of model, dtype, layout and tenant. Every chunk admitted to disk is
+written once to one disk of the pool (smooth weighted round-robin by measured read
+bandwidth, so a prefix's chunks spread over all disks in proportion to their speed),
+with a row in a crash-safe SQLite index (``index``): the pool survives a
+restart. Host memory is a tier of the same pool: a pinned arena that keeps a copy of
+a bandwidth-proportional share of the chunks (and chunks not yet admitted to disk),
+lost on restart. A load reads each chunk from wherever it is, all devices at once,
+layer by layer (``load``). Admission: a chunk goes to disk on its
+``admit_after``-th store (default 2: seen twice). Capacity: each disk's extents are
+preallocated under its budget (a physical cap); when full, its least recently used
+chunks are evicted, never those of the prompt being stored. A chunk that fails its
+checksum or its read is dropped and recomputed, never served.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from kvdrive.errors import KvdriveError
+from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import DiskPool, PoolPath
+from kvdrive.prefix.index import PrefixIndex
+from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
+from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
+from kvdrive.prefix.store import ChunkWriter, weighted_pick
+
+INDEX_FILE = "kvdrive-prefix.sqlite"
+PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """``model`` names the weights (same name = same weights). ``disks``: the pool's
+    paths with their byte budgets. ``host_bytes``: the pinned host arena (0 = none).
+    ``admit_after``: stores of a chunk before it is written to disk (1 = at once).
+    ``host_weight``: GB/s weight of the host arena in the stripe (None = measured)."""
+
+    model: str
+    disks: tuple[PoolPath, ...] = ()
+    host_bytes: int = 0
+    chunk_tokens: int = 256
+    admit_after: int = 2
+    tenant: str = ""
+    index_path: str | None = None  # default: <first disk>/kvdrive-prefix.sqlite
+    host_weight: float | None = None
+    layers_ahead: int = 4  # staging ring: layers read ahead of the one being imported
+    read_depth: int = 32
+    write_depth: int = 8
+    direct: str = "auto"
+    extent_bytes: int = DEFAULT_EXTENT_BYTES
+    seen_capacity: int = 1 << 20  # admission counters kept
+
+    def __post_init__(self):
+        if not self.disks and self.host_bytes <= 0:
+            raise KvdriveError("prefix pool needs disk paths or host_bytes > 0")
+        if self.chunk_tokens < 1 or self.admit_after < 1 or self.layers_ahead < 1:
+            raise KvdriveError("prefix pool: chunk_tokens, admit_after and layers_ahead must be >= 1")
+        if self.host_bytes < 0 or (self.host_weight is not None and self.host_weight <= 0):
+            raise KvdriveError("prefix pool: host_bytes must be >= 0 and host_weight > 0")
+
+    @property
+    def index_file(self) -> str | None:
+        if self.index_path is not None:
+            return self.index_path
+        return os.path.join(self.disks[0].path, INDEX_FILE) if self.disks else None
+
+
+class PrefixHit(NamedTuple):
+    """The longest stored prefix of a prompt."""
+
+    tokens: int  # chunks * chunk_tokens
+    chunks: int
+    keys: list[bytes]
+    sources: list[ChunkSource]  # where each chunk is read from (host preferred)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    tokens: int
+    chunks_from_disk: int
+    chunks_from_host: int
+    bytes_read: int
+    seconds: float
+    corrupt: int  # chunks dropped (checksum / I/O) during this load
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    lookups: int
+    hits: int
+    hit_tokens: int
+    loaded_bytes: int
+    corrupt_chunks: int
+    stored_chunks_disk: int
+    stored_chunks_host: int
+    evicted_disk: int
+    evicted_host: int
+    index_chunks: int
+    host_chunks: int
+    disk_bytes_used: int
+    disk_physical_bytes: int
+    disk_capacity: int
+    host_bytes_used: int
+    host_capacity: int
+    weights: dict = field(default_factory=dict)
+
+
+class PrefixPool:
+    def __init__(self, model_config, dtype: torch.dtype, config: PrefixConfig):
+        self.config = config
+        self.layout = GroupLayout.from_config(model_config, dtype, config.chunk_tokens)
+        self.num_layers = self.layout.num_layers
+        self._ns = {}
+        self._counters = dict.fromkeys(("lookups", "hits", "hit_tokens", "loaded_bytes", "corrupt", "disk_in",
+                                        "host_in", "evicted_disk", "evicted_host"), 0)
+        self.last_load: LoadReport | None = None
+        self.host = HostTier(self.layout, config.host_bytes) if config.host_bytes else None
+        self._host: OrderedDict[bytes, list[int]] = OrderedDict()  # key -> host slot per layer; LRU first
+        self.pool = self.index = None
+        if config.disks:
+            self.pool = DiskPool.open(list(config.disks), self.layout, direct=config.direct,
+                                      read_depth=config.read_depth, write_depth=config.write_depth,
+                                      extent_bytes=config.extent_bytes, persist_name=PERSIST_NAME)
+            geometry = f"{self.layout.name}-L{self.num_layers}-slot{self.layout.slot_bytes}-ext{self.pool.devices[0].extent_slots}"
+            self.index = PrefixIndex(config.index_file, geometry, config.seen_capacity)
+            self._paths = {os.path.abspath(d.path): i for i, d in enumerate(self.pool.devices)}
+            self._restore()
+        self.host_weight = config.host_weight or (_measure_host_gbps(self.host) if self.host else 0.0)
+        self._disk_credit = [0.0] * len(config.disks)
+        self._host_credit = [0.0, 0.0]  # host vs all disks
+        self._writer = ChunkWriter(self.layout, config.layers_ahead)
+        self.staging = Staging(self.layout, config.layers_ahead)
+
+    def _restore(self) -> None:
+        """Hand each disk the slots and checksums its index rows name; drop rows that do not fit."""
+        rows, stale = {}, []
+        for ch in self.index.all():
+            dev = self._paths.get(os.path.abspath(ch.path))
+            if dev is None or len(ch.slots) != self.num_layers:
+                stale.append(ch.key)
+            else:
+                rows.setdefault(dev, []).append(ch)
+        for dev, chunks in rows.items():
+            d = self.pool.devices[dev]
+            ok = d.restore([s for ch in chunks for s in ch.slots], [c for ch in chunks for c in ch.sums])
+            for j, ch in enumerate(chunks):
+                good = ok[j * self.num_layers : (j + 1) * self.num_layers]
+                if not all(good):
+                    stale.append(ch.key)
+                    d.free([s for s, g in zip(ch.slots, good) if g])
+        self.index.remove(stale)
+
+    def namespace(self, tenant: str | None = None) -> PrefixNamespace:
+        tenant = self.config.tenant if tenant is None else tenant
+        if tenant not in self._ns:
+            self._ns[tenant] = PrefixNamespace(self.config.model, str(self.layout.dtype).removeprefix("torch."),
+                                               self.layout.name, self.num_layers, self.config.chunk_tokens, tenant)
+        return self._ns[tenant]
+
+    # -- lookup / load ------------------------------------------------------------------
+
+    def lookup(self, tokens, tenant: str | None = None, max_chunks: int | None = None) -> PrefixHit:
+        """Longest prefix of ``tokens`` whose every chunk is stored (host copy preferred)."""
+        keys = chunk_keys(tokens, self.namespace(tenant), max_chunks)
+        on_disk = self.index.get(keys) if self.index is not None else {}
+        sources = []
+        for k in keys:
+            if k in self._host:
+                sources.append(ChunkSource("host", -1, self._host[k]))
+            elif k in on_disk:
+                ch = on_disk[k]
+                sources.append(ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots))
+            else:
+                break
+        n = len(sources)
+        return PrefixHit(n * self.config.chunk_tokens, n, keys[:n], sources)
+
+    def load(self, model, cache, seq_id: int, prompt_ids, tenant: str | None = None) -> int:
+        """Import the KV of the longest stored prefix of ``prompt_ids`` into ``cache`` (sequence
+        ``seq_id``, empty); returns its length in tokens, a whole number of chunks and
+        < len(prompt_ids). Chunks that fail to read are dropped and the shorter prefix loaded."""
+        t0 = time.perf_counter()
+        self._counters["lookups"] += 1
+        if cache.length(seq_id) != 0:
+            raise KvdriveError(f"prefix load needs an empty sequence; {seq_id} has {cache.length(seq_id)} tokens")
+        device = getattr(cache, "device", torch.device("cpu"))
+        hit = self.lookup(prompt_ids, tenant, max_chunks=(len(prompt_ids) - 1) // self.config.chunk_tokens)
+        sources, keys, corrupt = hit.sources, hit.keys, 0
+        res = ImportResult(0, False, None, 0, 0, 0.0)
+        while sources:
+            res = import_chunks(cache, seq_id, sources, self.layout, self.pool, self.host, self.staging, device)
+            if not res.failed:
+                break
+            corrupt += 1
+            self._drop(keys[res.chunks])
+            sources, keys = sources[: res.chunks], keys[: res.chunks]
+        n = len(sources)
+        if n:
+            self._counters["hits"] += 1
+            self._counters["hit_tokens"] += n * self.config.chunk_tokens
+            self._counters["loaded_bytes"] += res.bytes_disk + res.bytes_host
+            for k in keys:
+                if k in self._host:
+                    self._host.move_to_end(k)
+            if self.index is not None:
+                self.index.touch(keys)
+        self._counters["corrupt"] += corrupt
+        n_host = sum(s.tier == "host" for s in sources)
+        self.last_load = LoadReport(n * self.config.chunk_tokens, n - n_host, n_host, res.bytes_disk + res.bytes_host,
+                                    time.perf_counter() - t0, corrupt)
+        return n * self.config.chunk_tokens
+
+    def _drop(self, key: bytes) -> None:
+        """Forget a chunk everywhere (it failed a read): index row first, then its slots."""
+        slots = self._host.pop(key, None)
+        if slots is not None:
+            self.host.free(slots)
+        if self.index is not None:
+            for ch in self.index.get([key]).values():
+                self.index.remove([key])
+                self.pool.devices[self._paths[os.path.abspath(ch.path)]].free(ch.slots)
+
+    # -- store --------------------------------------------------------------------------
+
+    def store(self, cache, seq_id: int, prompt_ids, tenant: str | None = None) -> int:
+        """Save the full chunks of ``prompt_ids`` whose KV is committed in ``cache`` and not
+        stored yet (admission and eviction as in the module doc). Returns chunks written."""
+        c = self.config.chunk_tokens
+        keys = chunk_keys(prompt_ids, self.namespace(tenant), cache.length(seq_id) // c)
+        if not keys:
+            return 0
+        protect = set(keys)
+        on_disk = self.index.get(keys) if self.index is not None else {}
+        new = [i for i, k in enumerate(keys) if k not in on_disk]
+        counts = self.index.seen([keys[i] for i in new]) if self.index is not None and new else [0] * len(new)
+        host_slots: dict[int, list[int]] = {}
+        disk: dict[int, tuple[int, list[int]]] = {}
+        for i, count in zip(new, counts):
+            admitted = self.pool is not None and count >= self.config.admit_after
+            dev = self._place_disk(protect) if admitted else None
+            if dev is not None:
+                disk[i] = (dev, self.pool.devices[dev].alloc(self.num_layers))
+            # The host keeps a bandwidth-proportional share of the disk chunks, and what the disks did not take.
+            host_share = dev is None or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)],
+                                                      [0, 1]) == 0
+            if self.host is not None and keys[i] not in self._host and host_share and self._host_room(protect):
+                host_slots[i] = self.host.alloc(self.num_layers)
+        if not disk and not host_slots:
+            return 0
+        ok = self._writer.write(cache, seq_id, self.pool, self.host, host_slots, disk)
+        for i, slots in host_slots.items():
+            self._host[keys[i]] = slots
+        rows = []
+        for i, (d, slots) in disk.items():
+            dev = self.pool.devices[d]
+            if ok[i]:
+                rows.append(ChunkWriter.row(keys[i], dev, slots, os.path.abspath(dev.path)))
+            else:
+                dev.free(slots)
+        if rows:
+            for d in {d for d, _ in disk.values()}:
+                self.pool.devices[d].sync()  # data durable before the index names it
+            self.index.insert(rows)
+        self._counters["disk_in"] += len(rows)
+        self._counters["host_in"] += len(host_slots)
+        return len(rows) + len(host_slots)
+
+    def _place_disk(self, protect: set) -> int | None:
+        """A disk for one new chunk by weighted round-robin, evicting LRU chunks there if full."""
+        live = list(range(len(self.pool.devices)))
+        while live:
+            dev = weighted_pick(self._disk_credit, self.pool.weights, live)
+            if self._disk_room(dev, protect):
+                return dev
+            live.remove(dev)
+        return None
+
+    def _disk_room(self, dev: int, protect: set) -> bool:
+        d, need = self.pool.devices[dev], self.num_layers
+        if d.num_slots < need:
+            return False
+        while d.num_free < need:
+            victims = [ch for ch in self.index.lru(os.path.abspath(d.path), len(protect) + 1) if ch.key not in protect]
+            if not victims:
+                return False
+            self.index.remove([victims[0].key])  # the row goes first: a crash never leaves it naming freed slots
+            d.free(victims[0].slots)
+            self._counters["evicted_disk"] += 1
+        return True
+
+    def _host_room(self, protect: set) -> bool:
+        while self.host.num_free < self.num_layers:
+            victim = next((k for k in self._host if k not in protect), None)
+            if victim is None:
+                return False
+            self.host.free(self._host.pop(victim))
+            self._counters["evicted_host"] += 1
+        return True
+
+    # -- state ----------------------------------------------------------------------------
+
+    def stats(self) -> PrefixStats:
+        c = self._counters
+        pool = self.pool
+        return PrefixStats(
+            lookups=c["lookups"], hits=c["hits"], hit_tokens=c["hit_tokens"], loaded_bytes=c["loaded_bytes"],
+            corrupt_chunks=c["corrupt"], stored_chunks_disk=c["disk_in"], stored_chunks_host=c["host_in"],
+            evicted_disk=c["evicted_disk"], evicted_host=c["evicted_host"],
+            index_chunks=self.index.count() if self.index is not None else 0, host_chunks=len(self._host),
+            disk_bytes_used=pool.bytes_used() if pool else 0, disk_physical_bytes=pool.physical_bytes() if pool else 0,
+            disk_capacity=pool.bytes_capacity() if pool else 0,
+            host_bytes_used=self.host.bytes_used if self.host else 0,
+            host_capacity=self.host.bytes_capacity if self.host else 0,
+            weights={"host": self.host_weight, **({d.path: w for d, w in zip(pool.devices, pool.weights)} if pool else {})},
+        )
+
+    def close(self, remove: bool = False) -> None:
+        """Close files and the index; ``remove`` also deletes the extents and the index (tests, benchmarks)."""
+        if self.pool is not None:
+            self.pool.close(remove=remove)
+            self.index.close()
+            if remove:
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(self.config.index_file + suffix):
+                        os.unlink(self.config.index_file + suffix)
+            self.pool = self.index = None
+
+
+def _measure_host_gbps(host: HostTier) -> float:
+    """Copy bandwidth out of the host arena (to the GPU when there is one): its stripe weight."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    src = host.rows[: max(1, min(host.num_slots, (256 << 20) // host.row_bytes))]
+    dst = torch.empty_like(src, device=dev)
+    dst.copy_(src)  # warm-up
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    t0 = time.perf_counter()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    return src.numel() / max(time.perf_counter() - t0, 1e-9) / 1e9

@@ -1,0 +1,1 @@
+"""The tiered sparse cache: KV in host memory (and on disk), a GPU selection cache per layer."""

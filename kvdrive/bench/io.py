@@ -1,11 +1,12 @@
-"""``kvdrive bench io``: how close the KV store's transfers come to the hardware, in one run.
+"""``kvdrive bench io``: how close kvdrive's transfers come to the hardware, in one run.
 
-(a) pinned host -> GPU: one large memcpy (the peak) vs the batched gather of randomly
+(a) pinned host -> GPU: one large memcpy (the peak) vs the batched row copy of randomly
     chosen groups (Triton kernel over UVA, and the staging fallback), plus the GPU ->
-    host write-back scatter, and the store's ``fetch`` of host-resident groups;
+    host write-back scatter, and the tiered cache's fetch (indices already on the GPU);
 (b) disk: raw O_DIRECT sequential read (large blocks) and random group-size reads (plain
     threads, no kvdrive), vs kvdrive's pool read of random groups at several queue
-    depths, and the store's end-to-end ``fetch`` of disk-resident groups;
+    depths, per request (``read``) and as one native batch into a host arena (``read_to``,
+    the disk tier's path);
 (c) (b) with the pool over two paths.
 CUDA parts are skipped, with a note, where there is no GPU; sizes shrink with ``--tiny``.
 """
@@ -24,9 +25,9 @@ from kvdrive import device as dev
 from kvdrive.bench.common import write_result
 from kvdrive.storage.gather import RowCopier, triton_available
 from kvdrive.storage.host import HostTier
-from kvdrive.storage.layout import GroupKey, GroupLayout
-from kvdrive.storage.pool import DiskPool, PoolPath
-from kvdrive.storage.store import KVStore, StoreConfig
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.pool import DiskAddr, DiskPool, PoolPath
+from kvdrive.tiered import tier_ops
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -101,27 +102,17 @@ def bench_host_gpu(args, layout: GroupLayout, notes: list[str]) -> dict:
     best = max((k for k in out if k.startswith("gather_h2d_")), key=out.get)
     out["gather_best"] = best
     out["gather_vs_memcpy"] = round(out[best] / out["memcpy_h2d_gbps"], 3)
-    out["store_fetch_host_hits_gbps"] = _store_host_fetch(args, layout, n, cuda)
-    out["store_fetch_vs_memcpy"] = round(out["store_fetch_host_hits_gbps"] / out["memcpy_h2d_gbps"], 3)
+    out["fetch_rows_gbps"] = _fetch_rows(src_w, dst_w, pick, layout, args.repeats, cuda)
+    out["fetch_rows_vs_memcpy"] = round(out["fetch_rows_gbps"] / out["memcpy_h2d_gbps"], 3)
     return out
 
 
-def _store_host_fetch(args, layout, n, cuda) -> float:
-    """End to end: ``KVStore.fetch`` of n host-resident groups into a GPU tensor (Python look-ups included)."""
-    store = KVStore(layout, StoreConfig(host_bytes=4 * n * layout.slot_bytes), device=cuda)
-    data = torch.randn(n, *layout.slot_shape, device=cuda).to(layout.dtype)
-    keys = [GroupKey(0, 0, i) for i in range(4 * n)]
-    for lo in range(0, 4 * n, n):
-        store.put(keys[lo : lo + n], data)
-    out = torch.empty_like(data)
-    pick = [keys[i] for i in np.random.default_rng(1).choice(len(keys), n, replace=False)]
-
-    def once():
-        store.fetch(pick, out).wait().event.synchronize()
-
-    s = _median_s(once, args.repeats, cuda)
-    store.close()
-    return _gbps(n * layout.group_bytes, s)
+def _fetch_rows(src_w, dst_w, pick, layout, repeats: int, cuda) -> float:
+    """The tiered cache's fetch: host rows -> GPU rows with both index lists already on the GPU."""
+    src_idx = torch.tensor(pick, dtype=torch.int64, device=cuda)
+    dst_idx = torch.arange(len(pick), dtype=torch.int64, device=cuda)
+    s = _median_s(lambda: tier_ops.fetch_rows(src_w, src_idx, dst_w, dst_idx, layout.group_words), repeats, cuda)
+    return _gbps(len(pick) * layout.group_bytes, s)
 
 
 def _raw_disk(path: str, nbytes: int, group_bytes: int, depths: list[int], batch: int) -> dict:
@@ -162,50 +153,46 @@ def _raw_disk(path: str, nbytes: int, group_bytes: int, depths: list[int], batch
 
 
 def bench_disk(args, layout: GroupLayout, paths: list[str], device: torch.device) -> dict:
-    """kvdrive's pool over ``paths``: write-behind GB/s, random group reads per depth, store fetch."""
+    """kvdrive's pool over ``paths``: batched write GB/s, random group reads per depth, one
+    request at a time (``read``) and as one native batch into a host arena (``read_to``)."""
     n = max(args.batch, int(args.disk_gib * GIB) // layout.slot_bytes)
     per_path = -(-n // len(paths)) * layout.slot_bytes + 64 * MIB
     out: dict = {"paths": paths, "groups": n, "group_bytes": layout.group_bytes, "depths": {}}
     batch = min(args.batch, n)
+    arena = HostTier(layout, batch * layout.slot_bytes, pin=device.type == "cuda")
+    arena.rows.copy_(torch.randint(0, 255, arena.rows.shape, dtype=torch.uint8))  # not zeros: some devices compress
+    base = np.uint64(arena.rows.data_ptr())
+    slot_addrs = base + np.arange(batch, dtype=np.uint64) * np.uint64(layout.slot_bytes)
+    bufs = [arena.buffer(i) for i in range(batch)]
     for depth in args.depths:
-        cfg = StoreConfig(host_bytes=2 * batch * layout.slot_bytes, read_depth=depth,
-                          disk=tuple(PoolPath(p, per_path, 1.0) for p in paths))
-        with KVStore(layout, cfg, device=device) as store:
-            out["direct"] = [d.direct for d in store.pool.devices]
-            data = torch.randn(batch, *layout.slot_shape, device=device).to(layout.dtype)
-            keys = [GroupKey(0, 0, i) for i in range(n)]
+        pool = DiskPool.open([PoolPath(p, per_path, 1.0) for p in paths], layout, read_depth=depth)
+        try:
+            out["direct"] = [d.direct for d in pool.devices]
+            addrs = np.array(pool.alloc(n), dtype=np.int64).reshape(-1, 2)  # (n, 2): device, slot
             t0 = time.perf_counter()
             for lo in range(0, n, batch):
-                ks = keys[lo : lo + batch]
-                store.put(ks, data[: len(ks)])
-            store.flush()
-            out.setdefault("write_behind_gbps", _gbps(n * layout.group_bytes, time.perf_counter() - t0))
-            store.demote(keys, "disk")
+                part = addrs[lo : lo + batch]
+                ok = pool.write_from(part[:, 0], part[:, 1], slot_addrs[: len(part)]).ok()
+                assert ok.all(), "disk write failed"
+            out.setdefault("write_gbps", _gbps(n * layout.group_bytes, time.perf_counter() - t0))
             rng = np.random.default_rng(3)
             reads = [rng.choice(n, batch, replace=False) for _ in range(args.repeats)]
-            # pool only: disk -> host slots, all devices at once
-            stage = HostTier(layout, batch * layout.slot_bytes, pin=device.type == "cuda")
-            bufs = [stage.buffer(i) for i in range(batch)]
-            addrs = [store._entries[k].disk for k in keys]
             t0 = time.perf_counter()
-            for pick in reads:
-                assert all(r is None for r in store.pool.read([addrs[i] for i in pick], bufs).result())
+            for pick in reads:  # one request per group, all devices at once
+                picked = [DiskAddr(int(d), int(s)) for d, s in addrs[pick]]
+                assert all(r is None for r in pool.read(picked, bufs).result())
             pool_s = time.perf_counter() - t0
-            # store end to end: disk -> host -> destination tensor (GPU if present)
-            dest = torch.empty(batch, *layout.slot_shape, dtype=layout.dtype, device=device)
             t0 = time.perf_counter()
-            from_disk = 0
-            for pick in reads:
-                store.demote([keys[i] for i in pick], "disk")
-                res = store.fetch([keys[i] for i in pick], dest).wait()
-                res.event.synchronize()
-                from_disk += res.from_disk
-            fetch_s = time.perf_counter() - t0
+            for pick in reads:  # one native batch per device, as the disk tier reads into its arena
+                assert pool.read_to(addrs[pick, 0], addrs[pick, 1], slot_addrs).ok().all()
+            batch_s = time.perf_counter() - t0
             moved = len(reads) * batch * layout.group_bytes
+            latency = pool.devices[0].metrics.snapshot().latency.get("disk_read")
             out["depths"][str(depth)] = {"pool_read_gbps": _gbps(moved, pool_s),
-                                         "store_fetch_gbps": _gbps(moved, fetch_s),
-                                         "fetched_from_disk": from_disk,
-                                         "read_latency_ms": store.metrics().latency["disk_read"].__dict__}
+                                         "pool_read_to_gbps": _gbps(moved, batch_s),
+                                         "read_latency_ms": latency.__dict__ if latency else None}
+        finally:
+            pool.close()
     best = max(out["depths"], key=lambda d: out["depths"][d]["pool_read_gbps"])
     out["best_depth"] = int(best)
     return out
@@ -250,7 +237,7 @@ def _summary(r: dict, path) -> None:
     if "skipped" not in a:
         print(f"(a) memcpy h2d {a['memcpy_h2d_gbps']} GB/s; best gather {a['gather_best']} "
               f"{a[a['gather_best']]} GB/s = {a['gather_vs_memcpy']:.0%} of memcpy (target 80%); "
-              f"store.fetch {a['store_fetch_host_hits_gbps']} GB/s")
+              f"tiered fetch {a['fetch_rows_gbps']} GB/s")
     b = r["b_disk"]
     print(f"(b) raw seq read {b['raw']['seq_read_gbps']} GB/s, raw random {b['raw']['random_group_read_gbps_by_depth']} "
           f"GB/s by depth; kvdrive pool read {b['kvdrive']['depths']} ")

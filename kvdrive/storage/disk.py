@@ -35,7 +35,7 @@ from kvdrive.storage import native_io
 from kvdrive.storage.io_buffers import FreeList
 from kvdrive.storage.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
 from kvdrive.storage.layout import GroupLayout
-from kvdrive.storage.metrics import StoreMetrics
+from kvdrive.storage.metrics import IoMetrics
 from kvdrive.storage.probe import DirectIOWarning, probe_direct
 
 DEFAULT_EXTENT_BYTES = 1 << 30
@@ -49,7 +49,7 @@ class DiskDevice:
 
     def __init__(self, path: str, layout: GroupLayout, budget_bytes: int, *, direct: str = "auto",
                  read_depth: int = 32, write_depth: int = 4, extent_bytes: int = DEFAULT_EXTENT_BYTES,
-                 faults: IoFaults | None = None, metrics: StoreMetrics | None = None,
+                 faults: IoFaults | None = None, metrics: IoMetrics | None = None,
                  persist_name: str | None = None):
         if direct not in DIRECT_MODES:
             raise KvdriveError(f"direct must be one of {DIRECT_MODES}, got {direct!r}")
@@ -58,7 +58,7 @@ class DiskDevice:
         self.path = path
         self.layout = layout
         self.faults = faults or NoFaults()
-        self.metrics = metrics or StoreMetrics()
+        self.metrics = metrics or IoMetrics()
         sb = layout.slot_bytes
         self.num_slots = budget_bytes // sb
         self.extent_slots = max(1, min(extent_bytes // sb, self.num_slots))

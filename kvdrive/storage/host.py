@@ -8,8 +8,6 @@ only move indices, so millions of cycles allocate and leak nothing.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import numpy as np
 import torch
 
@@ -18,58 +16,15 @@ from kvdrive.storage.io_buffers import FreeList, aligned_empty
 from kvdrive.storage.layout import GroupLayout
 
 
-class MemoryTier(ABC):
-    """A fixed pool of group slots in one memory (GPU or host).
+class HostTier:
+    """Pinned host arena: ``budget_bytes // slot_bytes`` slots, one allocation.
 
-    Contract: ``alloc(n)`` returns ``n`` distinct slot indices or raises
-    ``CapacityError`` and changes nothing. ``free`` returns slots; freeing a slot not
-    allocated raises. ``rows`` is the whole slab as (num_slots, row_bytes) uint8 and
-    stays valid (same storage) for the tier's lifetime; what a slot holds is the
-    caller's business until it frees it. Implementations set ``_rows`` (the slab) and
-    ``_free`` (a ``FreeList`` over its slots).
+    Contract: ``alloc(n)`` returns ``n`` distinct slot indices or raises ``CapacityError``
+    and changes nothing. ``free`` returns slots; freeing a slot not allocated raises.
+    ``rows`` is the whole slab as (num_slots, slot_bytes) uint8 and stays valid (same
+    storage) for the tier's lifetime; what a slot holds is the caller's business until it
+    frees it.
     """
-
-    layout: GroupLayout
-    _rows: torch.Tensor  # (num_slots, row_bytes) uint8
-    _free: FreeList
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._rows
-
-    @property
-    def num_slots(self) -> int:
-        return self._free.capacity
-
-    @property
-    def num_free(self) -> int:
-        return self._free.num_free
-
-    @abstractmethod
-    def alloc(self, n: int) -> list[int]: ...
-
-    @abstractmethod
-    def free(self, slots) -> None: ...
-
-    @property
-    def row_bytes(self) -> int:
-        return self.rows.shape[1]
-
-    @property
-    def bytes_used(self) -> int:
-        return (self.num_slots - self.num_free) * self.row_bytes
-
-    @property
-    def bytes_capacity(self) -> int:
-        return self.num_slots * self.row_bytes
-
-    def groups(self, slots: torch.Tensor | list[int]) -> torch.Tensor:
-        """A gathered copy of ``slots`` as typed groups (N, 2, H_kv, G, D); for tests and tools."""
-        return self.layout.as_groups(self.rows[slots])
-
-
-class HostTier(MemoryTier):
-    """Pinned host arena: ``budget_bytes // slot_bytes`` slots, one allocation."""
 
     def __init__(self, layout: GroupLayout, budget_bytes: int, pin: bool = True):
         num_slots = budget_bytes // layout.slot_bytes
@@ -93,6 +48,34 @@ class HostTier(MemoryTier):
     def buffer(self, slot: int) -> memoryview:
         """The ``slot_bytes`` of one slot as a writable, ALIGN-aligned buffer."""
         return memoryview(self._np[slot])
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._rows
+
+    @property
+    def num_slots(self) -> int:
+        return self._free.capacity
+
+    @property
+    def num_free(self) -> int:
+        return self._free.num_free
+
+    @property
+    def row_bytes(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def bytes_used(self) -> int:
+        return (self.num_slots - self.num_free) * self.row_bytes
+
+    @property
+    def bytes_capacity(self) -> int:
+        return self.num_slots * self.row_bytes
+
+    def groups(self, slots: torch.Tensor | list[int]) -> torch.Tensor:
+        """A gathered copy of ``slots`` as typed groups (N, 2, H_kv, G, D); for tests and tools."""
+        return self.layout.as_groups(self.rows[slots])
 
     def group_view(self, slot: int) -> np.ndarray:
         """The first ``group_bytes`` of one slot (what is checksummed and transferred)."""

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvdrive.storage.metrics import StoreMetrics
+from kvdrive.storage.metrics import IoMetrics
 
 
 class ShortTransfer(OSError):
@@ -115,7 +115,7 @@ class IoQueue:
     the number of busy workers (the queue depth) go to ``metrics``.
     """
 
-    def __init__(self, depth: int, name: str, metrics: StoreMetrics, op: str):
+    def __init__(self, depth: int, name: str, metrics: IoMetrics, op: str):
         if depth <= 0:
             raise ValueError(f"queue depth must be positive, got {depth}")
         self.depth = depth

@@ -18,6 +18,7 @@ def _kernels():
     from kvdrive.retrieval import select_split_triton as split
     from kvdrive.tiered import selection_cache_triton as cache_kernels, tier_ops_triton as tier_kernels
     from kvdrive.retrieval import score_triton as score_kernel
+    from kvdrive.storage import gather_triton
     from kvdrive.models import act_triton as act_kernel, norm_triton as norm_kernel, rope_triton as rope_kernel
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
@@ -58,6 +59,9 @@ def _kernels():
             "cache_ptr": "*bf16", "table_ptr": "*i32", "slot_ptr": "*i64", "group_ptr": "*i64", "TRASH": "i64",
             **dict.fromkeys(("sk_b", "sk_h", "sv_b", "sv_h", "host_stride", "cache_stride", "table_stride", "CAP",
                              "H", "G"), "i32")}, {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128}
+    yield gather_triton.copy_rows_kernel, {"src_ptr": "*i32", "src_idx_ptr": "*i64", "dst_ptr": "*i32",
+                                           "dst_idx_ptr": "*i64", "src_stride": "i64", "dst_stride": "i64",
+                                           "words": "i32"}, {"BLOCK": 2048}
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     yield tier_kernels.write_tokens_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_ptr": "*bf16", "row_stride": "i64",
                                              "row_ptr": "*i64", "off_ptr": "*i64",
@@ -75,4 +79,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 19
+    assert len(names) == 20

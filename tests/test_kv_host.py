@@ -68,7 +68,7 @@ def test_pinned_arena_is_exactly_its_size_and_device_mapped():
     (a 9.6 GiB arena of 30 layers held 15.7 GiB); registered memory is the size asked for."""
     import os
 
-    from kvdrive.tiered import tier_ops
+    from kvdrive.storage.gather import copy_rows
 
     def resident() -> int:
         with open("/proc/self/statm") as f:
@@ -86,6 +86,5 @@ def test_pinned_arena_is_exactly_its_size_and_device_mapped():
     assert torch.equal(on_gpu.cpu(), host.rows)
     words = host.rows.view(torch.int32)  # the fetch kernel reads host rows in place, through the mapping
     out = torch.zeros(3, words.shape[1], dtype=torch.int32, device="cuda")
-    tier_ops.fetch_rows(words, torch.tensor([5, 0, 4099], device="cuda"), out, torch.arange(3, device="cuda"),
-                        words.shape[1])
+    copy_rows(words, torch.tensor([5, 0, 4099], device="cuda"), out, torch.arange(3, device="cuda"), words.shape[1])
     assert torch.equal(out.cpu(), words[[5, 0, 4099]])

@@ -1,11 +1,13 @@
-"""The GPU selection cache and the tier copy kernels: ``SelectionCache.ensure`` (its torch body
-and its one Triton kernel, which must agree call after call) and the kernels that move KV
-between tiers (``tier_ops``: fetch_rows, write_tokens, append_token) against their torch twins."""
+"""The GPU selection cache and the tier kernels: ``SelectionCache.ensure`` (its torch body
+and its one Triton kernel, which must agree call after call), the row copy that fills it
+(``copy_rows``) and the kernels that write KV into the tiers (``tier_ops``: write_tokens,
+append_token) against their torch twins."""
 
 import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel, run_interpreted
 
+from kvdrive.storage.gather import copy_rows, words
 from kvdrive.tiered import tier_ops
 from kvdrive.tiered.selection_cache import SelectionCache
 
@@ -21,7 +23,7 @@ def test_selection_cache_invariants_under_random_selections():
     for step in range(30):
         groups = torch.stack([torch.randperm(n, generator=gen)[:8] for _ in rows])  # (B, 8) distinct
         listed = torch.rand(2, 8, generator=gen) < 0.8
-        pages = c.ensure(rows, groups, listed, torch.randn(2, n, generator=gen), tier_ops.words(source),
+        pages = c.ensure(rows, groups, listed, torch.randn(2, n, generator=gen), words(source),
                          rows[:, None] * n + groups, torch.tensor(float(step)))
         # every listed group is resident and its page holds the source group
         for b in range(2):
@@ -43,13 +45,13 @@ def test_triton_kernels_match_reference(interpret):
     src = torch.randn(20, 2, 2, 4, 8, generator=gen).to(torch.bfloat16)
     want, got = torch.zeros(9, 2, 2, 4, 8, dtype=torch.bfloat16), torch.zeros(9, 2, 2, 4, 8, dtype=torch.bfloat16)
     sidx, didx = torch.tensor([3, 19, 0, 7]), torch.tensor([8, -1, 0, 4])
-    w = tier_ops.words
-    tier_ops.fetch_rows(w(src), sidx, w(want), didx, w(src).shape[1], impl="torch")
-    tier_ops.fetch_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton")
+    w = words
+    copy_rows(w(src), sidx, w(want), didx, w(src).shape[1], impl="torch")
+    copy_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton")
     assert torch.equal(got, want) and not torch.equal(got[1], src[19])
     for programs in (1, 3):  # looping programs: fewer than the tiles, each takes several
         got = torch.zeros_like(want)
-        tier_ops.fetch_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton", programs=programs)
+        copy_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton", programs=programs)
         assert torch.equal(got, want)
     k, v = torch.randn(2, 2, 3, 8, generator=gen), torch.randn(2, 2, 3, 8, generator=gen)
     rows, offs = torch.tensor([[1, 1, 2], [5, 6, 6]]), torch.tensor([[2, 3, 0], [3, 0, 1]])
@@ -143,7 +145,7 @@ def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact:
             if compact:
                 groups = torch.stack((groups, groups.flip(1)), dim=1).to(torch.int32)[:, 0]  # (B, P) strided
                 listed, src = counts, n
-        out.append(c.ensure(rows, groups, listed, scores, tier_ops.words(source), src,
+        out.append(c.ensure(rows, groups, listed, scores, words(source), src,
                             torch.tensor(float(step)), prefetch))
         if step == 12:
             c.clear(rows[:1])
@@ -198,7 +200,7 @@ def test_ensure_kernel_matches_the_torch_body_on_gpu(eviction):
         listed = torch.arange(p, device=dev)[None, :] < torch.randint(p // 2, p + 1, (6, 1), device=dev, generator=gen)
         scores = torch.rand(6, n - 1, device=dev, generator=gen)
         src = rows[:, None] * n + groups
-        pages = [c.ensure(rows, groups, listed, scores, tier_ops.words(source), src,
+        pages = [c.ensure(rows, groups, listed, scores, words(source), src,
                           torch.tensor(float(step), device=dev), step % 4 == 3) for c in caches]
         assert torch.equal(pages[0], pages[1]), step
     want, got = caches

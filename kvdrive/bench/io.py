@@ -23,11 +23,10 @@ import torch
 
 from kvdrive import device as dev
 from kvdrive.bench.common import write_result
-from kvdrive.storage.gather import RowCopier, triton_available
+from kvdrive.storage.gather import RowCopier, copy_rows, triton_available
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskAddr, DiskPool, PoolPath
-from kvdrive.tiered import tier_ops
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -111,7 +110,7 @@ def _fetch_rows(src_w, dst_w, pick, layout, repeats: int, cuda) -> float:
     """The tiered cache's fetch: host rows -> GPU rows with both index lists already on the GPU."""
     src_idx = torch.tensor(pick, dtype=torch.int64, device=cuda)
     dst_idx = torch.arange(len(pick), dtype=torch.int64, device=cuda)
-    s = _median_s(lambda: tier_ops.fetch_rows(src_w, src_idx, dst_w, dst_idx, layout.group_words), repeats, cuda)
+    s = _median_s(lambda: copy_rows(src_w, src_idx, dst_w, dst_idx, layout.group_words), repeats, cuda)
     return _gbps(len(pick) * layout.group_bytes, s)
 
 

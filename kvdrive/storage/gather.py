@@ -1,16 +1,19 @@
 """Batched row copies between tiers: ``dst[dst_idx[r], :words] = src[src_idx[r], :words]``.
 
-Rows are int32 words (a group is ``layout.group_words`` of them). One call moves any
-set of groups between any two of {pinned host arena, GPU slot pool, caller tensor}:
+Rows are int32 words (a group is ``layout.group_words`` of them; ``words`` views a pool so).
+``copy_rows`` is the one row copy of kvdrive, for any set of groups between any two of
+{pinned host arena, GPU pool, caller tensor}, with indices as device tensors:
 
-* ``triton``: one kernel launch; reads/writes pinned host memory in place through
-  unified addressing (no staging copy, no per-group work);
-* ``staging``: the fallback without Triton: ``index_select`` into a pinned staging
-  buffer, then one large non_blocking copy and one ``index_copy_`` on the device
-  (reverse order for device -> host);
-* ``torch``: the pure-torch reference twin; the CPU path, and what tests compare to.
+* ``triton``: one kernel launch (``gather_triton``); reads or writes pinned host memory in
+  place through unified addressing (no staging copy, no per-group work); a negative
+  destination index skips its row (a cache hit costs no PCIe traffic);
+* ``torch``: the pure-torch twin (``copy_rows_reference``); the CPU path, and what tests
+  compare the kernel to.
 
-Copies run on the caller's current stream; the store puts them on its side stream.
+``RowCopier`` takes index lists (the prefix pool's load and store) and adds a fallback for
+CUDA without Triton: ``index_select`` into a pinned staging buffer, then one large
+non_blocking copy and one ``index_copy_`` on the device (reverse order for device -> host).
+Copies run on the caller's current stream.
 """
 
 from __future__ import annotations
@@ -21,40 +24,66 @@ from kvdrive import device as dev
 from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
 
+IMPLS = ("auto", "triton", "torch")
 METHODS = ("auto", "triton", "staging", "torch")
 DEFAULT_BLOCK = 2048  # int32 words per program: 8 KiB, 4 x 16 B vectors per thread at 4 warps
-DEFAULT_WARPS = 4
+
+
+def words(rows: torch.Tensor) -> torch.Tensor:
+    """A pool as int32 word rows (R, row_words): typed (R, 2, H_kv, G, D) contiguous, or byte rows
+    (R, row_bytes) uint8 (the host arena, whose rows are padded to 4 KiB)."""
+    return rows.view(rows.shape[0], -1).view(torch.int32)
 
 
 def copy_rows_reference(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
-                        words: int) -> None:
-    """Reference twin: plain indexing, across devices if need be (synchronous)."""
-    rows = src[src_idx.to(src.device), :words]  # (n, words)
-    dst[dst_idx.to(dst.device), :words] = rows.to(dst.device)
+                        n_words: int) -> None:
+    """The torch twin of ``copy_rows``: plain indexing, across devices if need be (synchronous)."""
+    keep = dst_idx >= 0
+    rows = src[src_idx[keep].to(src.device), :n_words]  # (n, words)
+    dst[dst_idx[keep].to(dst.device), :n_words] = rows.to(dst.device)
 
 
-def copy_rows_triton(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
-                     words: int, block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_WARPS) -> None:
-    """Launch the kernel; indices must be int64 where the kernel runs (GPU, or CPU under TRITON_INTERPRET)."""
+def copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int,
+              impl: str = "auto", programs: int = 0, block: int = DEFAULT_BLOCK) -> None:
+    """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
+    src_idx, dst_idx (M,) int64 where the kernel runs (the destination's device, or CPU under
+    TRITON_INTERPRET); ``dst_idx[r] < 0`` skips row r. ``impl="auto"``: the kernel when one side
+    is pinned host memory seen from CUDA (torch cannot index it there), else torch.
+    ``programs``: 0 launches a program per (row, block); N > 0 that many looping programs (the
+    copy then occupies at most N SMs)."""
+    if impl == "auto":
+        impl = "triton" if {src.device.type, dst.device.type} == {"cuda", "cpu"} else "torch"
+    if impl == "torch":
+        copy_rows_reference(src, src_idx, dst, dst_idx, n_words)
+        return
     import triton
 
-    from kvdrive.storage.gather_triton import copy_rows_kernel
+    from kvdrive.storage.gather_triton import copy_rows_kernel, copy_rows_persistent_kernel
 
     n = src_idx.numel()
-    if dst_idx.numel() != n:
-        raise ValueError(f"{n} source rows but {dst_idx.numel()} destination rows")
+    if n == 0:
+        return
+    grid = (n, triton.cdiv(n_words, block))
+    if programs > 0:
+        n_tiles = grid[0] * grid[1]
+        programs = min(programs, n_tiles)
+        copy_rows_persistent_kernel[(programs,)](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words,
+                                                 n_tiles, grid[1], programs, BLOCK=block)
+        return
+    copy_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=block)
+
+
+def check_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
+               n_words: int) -> None:
+    """What the kernel assumes of its operands (``copy_rows`` itself does not check: it runs
+    on the decode step's path)."""
+    if dst_idx.numel() != src_idx.numel():
+        raise ValueError(f"{src_idx.numel()} source rows but {dst_idx.numel()} destination rows")
     for name, t in (("src", src), ("dst", dst)):
         if t.dtype != torch.int32 or t.dim() != 2 or t.stride(1) != 1:
             raise ValueError(f"{name} must be 2-D int32 rows with unit column stride, got {t.dtype} {tuple(t.shape)}")
-        if t.shape[1] < words:
-            raise ValueError(f"{name} rows have {t.shape[1]} words, {words} to copy")
-    if src_idx.dtype != torch.int64 or dst_idx.dtype != torch.int64:
-        raise ValueError("indices must be int64")
-    if n == 0:
-        return
-    grid = (n, triton.cdiv(words, block))
-    copy_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), words,
-                           BLOCK=block, num_warps=num_warps)
+        if t.shape[1] < n_words:
+            raise ValueError(f"{name} rows have {t.shape[1]} words, {n_words} to copy")
 
 
 def _device_visible(t: torch.Tensor) -> bool:
@@ -63,7 +92,8 @@ def _device_visible(t: torch.Tensor) -> bool:
 
 
 class RowCopier:
-    """Runs one resolved method; owns the pinned staging buffer of the fallback.
+    """``copy_rows`` with index lists, by one resolved method; owns the pinned staging buffer of
+    the fallback.
 
     ``copy`` is asynchronous w.r.t. the host on CUDA (except staging device->host,
     which waits for its copy); the staging buffer is reused only after the copy that
@@ -91,8 +121,9 @@ class RowCopier:
         if self.method == "torch" or not (_device_visible(src) and _device_visible(dst)):
             copy_rows_reference(src, sidx, dst, didx, words)
         elif self.method == "triton":
-            copy_rows_triton(src, sidx.to(self.device, non_blocking=True), dst,
-                             didx.to(self.device, non_blocking=True), words, self.block)
+            check_rows(src, sidx, dst, didx, words)
+            copy_rows(src, sidx.to(self.device, non_blocking=True), dst, didx.to(self.device, non_blocking=True),
+                      words, impl="triton", block=self.block)
         elif src.device.type == "cpu":
             self._staged_h2d(src, sidx, dst, didx.to(self.device, non_blocking=True), words)
         elif dst.device.type == "cpu":

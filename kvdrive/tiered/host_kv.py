@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kvdrive.errors import CapacityError
-from kvdrive.tiered import tier_ops
+from kvdrive.storage.gather import copy_rows, words
 from kvdrive.storage.layout import GroupLayout
 
 HOST_HEADROOM = 2 << 30  # bytes of host memory left to everything else
@@ -97,7 +97,7 @@ class HostKV(ABC):
         host rows (a prefill: row-sized copies, not one 2 x D-element write per token)."""
         rows = self.rows(layer, torch.tensor([slot], device=self.device),
                          torch.arange(first, first + groups.shape[0], device=self.device)[None])[0]
-        tier_ops.fetch_rows(self.layout.as_words(groups), torch.arange(groups.shape[0], device=groups.device),
+        copy_rows(self.layout.as_words(groups), torch.arange(groups.shape[0], device=groups.device),
                             self.words(layer), rows, self.group_words)
 
     def gather(self, layer: int, slot: int, groups: list[int]) -> torch.Tensor:
@@ -111,7 +111,7 @@ class HostKV(ABC):
         if groups:
             g = torch.tensor(groups, device=self.device)
             src = self.rows(layer, torch.tensor(slots, device=self.device), g[:, None])[:, 0]
-            tier_ops.fetch_rows(self.words(layer), src, tier_ops.words(out), torch.arange(len(groups), device=self.device),
+            copy_rows(self.words(layer), src, words(out), torch.arange(len(groups), device=self.device),
                                 self.group_words)
         return out
 
@@ -141,7 +141,7 @@ class FullHostKV(HostKV):
         return sum(p.numel() * p.element_size() for p in self.pools)
 
     def words(self, layer):
-        return tier_ops.words(self.pools[layer])
+        return words(self.pools[layer])
 
     def typed(self, layer):
         return self.pools[layer]

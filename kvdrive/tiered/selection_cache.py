@@ -24,7 +24,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.retrieval.pages import leading
-from kvdrive.tiered import tier_ops
+from kvdrive.storage.gather import copy_rows, words
 
 EVICTIONS = ("lookahead", "lru", "none")
 IMPLS = ("auto", "triton", "torch")
@@ -43,7 +43,7 @@ class SelectionCache:
         self.capacity, self.max_seqs, self.n, self.eviction = capacity, max_seqs, max_groups, eviction
         self.pool = torch.zeros(max_seqs * capacity + 1, *group_shape, device=device, dtype=dtype)
         self.trash = max_seqs * capacity
-        self.words = tier_ops.words(self.pool)
+        self.words = words(self.pool)
         self.group_words = self.words.shape[1]
         self.table = torch.full((max_seqs, max_groups + 1), -1, dtype=torch.int32, device=device)
         self.owner = torch.full((max_seqs, capacity + 1), -1, dtype=torch.int64, device=device)
@@ -53,7 +53,7 @@ class SelectionCache:
         # Counter updates are atomic adds (index_add_): micro-batches update them from two streams.
         self._select_idx = torch.tensor([0, 1, 2], device=device)
         self._prefetch_idx = torch.tensor([3], device=device)
-        self.fetch_programs = 0  # tier_ops.fetch_rows' programs (0: one per tile); the tiered cache sets it
+        self.fetch_programs = 0  # copy_rows' programs (0: one per tile); the tiered cache sets it
         self.fetch_lane = None  # a stream every fetch runs on, in issue order (micro-batches take turns); None: current
         self._block_c = triton_block(capacity)  # the kernel's slot block (a power of two)
         self._scratch = torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) \
@@ -189,12 +189,12 @@ class SelectionCache:
         src_rows, dst_rows = source_rows.reshape(-1), dst.reshape(-1)
         lane = self.fetch_lane
         if lane is None:
-            tier_ops.fetch_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+            copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
             return
         current = devices.current_stream(self.pool.device)
         lane.wait_stream(current)
         with devices.use_stream(lane):
-            tier_ops.fetch_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+            copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
         current.wait_stream(lane)
 
 

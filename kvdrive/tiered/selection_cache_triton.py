@@ -6,7 +6,7 @@ decode step at batch 8, a quarter of the layer (bench/results/profile-h100/). He
 program per sequence does the whole bookkeeping in registers: look the selection up, count,
 key the cache slots for eviction, sort them, hand the lowest-keyed slots to the misses in
 order, and update the table, owners, stamps and fresh flags. The copy of the missed groups
-stays in ``fetch_rows_kernel``, driven by the ``dst`` this kernel writes.
+stays in ``kvdrive.storage.gather.copy_rows``, driven by the ``dst`` this kernel writes.
 
 Ties sort by slot index (keys are packed above the index), as the torch twin's stable sort
 does, so both give the same victims. A per-sequence scratch row carries values between lanes

@@ -1,7 +1,6 @@
-"""Index-driven copies of the tiered cache, each with a pure-torch twin.
+"""Index-driven writes of the tiered cache, each with a pure-torch twin (the row copy
+between pools is ``kvdrive.storage.gather.copy_rows``).
 
-* ``fetch_rows``: groups from a source pool (pinned host) into a destination pool (GPU)
-  at rows given by device tensors; a negative destination skips the row.
 * ``write_tokens``: new tokens' K and V into their groups of a pool (the host copy of
   every group is written as the token is produced).
 * ``append_token``: a decode token's K and V into its host row and the GPU cache's copy of
@@ -21,7 +20,6 @@ import torch
 from kvdrive.device import triton_available
 
 IMPLS = ("auto", "triton", "torch")
-FETCH_BLOCK = 2048  # int32 words per program
 
 
 def _impl(impl: str, *tensors) -> str:
@@ -29,39 +27,6 @@ def _impl(impl: str, *tensors) -> str:
         return impl
     devices = {t.device.type for t in tensors}
     return "triton" if devices == {"cuda", "cpu"} else "torch"
-
-
-def words(rows: torch.Tensor) -> torch.Tensor:
-    """A pool as int32 word rows (R, row_words): typed (R, 2, H_kv, G, D) contiguous, or byte rows
-    (R, row_bytes) uint8 (the host arena, whose rows are padded to 4 KiB)."""
-    return rows.view(rows.shape[0], -1).view(torch.int32)
-
-
-def fetch_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int,
-               impl: str = "auto", programs: int = 0) -> None:
-    """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
-    src_idx, dst_idx (M,) int64 on the destination's device; ``dst_idx[r] < 0`` skips row r.
-    ``programs``: 0 launches a program per (row, block); N > 0 that many looping programs
-    (the copy then occupies at most N SMs)."""
-    if _impl(impl, src, dst) == "torch":
-        keep = dst_idx >= 0
-        rows = src[src_idx[keep].to(src.device), :n_words]
-        dst[dst_idx[keep].to(dst.device), :n_words] = rows.to(dst.device)
-        return
-    import triton
-
-    from kvdrive.tiered.tier_ops_triton import fetch_rows_kernel, fetch_rows_persistent_kernel
-
-    if src_idx.numel() == 0:
-        return
-    grid = (src_idx.numel(), triton.cdiv(n_words, FETCH_BLOCK))
-    if programs > 0:
-        n_tiles = grid[0] * grid[1]
-        programs = min(programs, n_tiles)
-        fetch_rows_persistent_kernel[(programs,)](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words,
-                                                  n_tiles, grid[1], programs, BLOCK=FETCH_BLOCK)
-        return
-    fetch_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=FETCH_BLOCK)
 
 
 def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

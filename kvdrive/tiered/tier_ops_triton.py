@@ -1,46 +1,12 @@
 """Triton bodies of the tiered cache's data movement (launchers: ``kvdrive.tiered.tier_ops``).
 
-Both kernels take their indices from device tensors, so a decode step moves KV between
-pinned host memory and the GPU without a host synchronisation: the selection decides on
-the GPU what to copy and the copy kernel reads it there. Pinned host memory is reached
-through unified virtual addressing (its data_ptr is valid on the device).
+The kernels take their indices from device tensors, so a decode step writes KV to pinned
+host memory and the GPU cache without a host synchronisation. Pinned host memory is
+reached through unified virtual addressing (its data_ptr is valid on the device).
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def fetch_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
-                      BLOCK: tl.constexpr):
-    """``dst[dst_idx[r]] = src[src_idx[r]]`` for rows with ``dst_idx[r] >= 0``; others are skipped
-    (their loads are masked off: a cache hit costs no PCIe traffic)."""
-    row = tl.program_id(0)
-    col = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    d = tl.load(dst_idx_ptr + row).to(tl.int64)
-    s = tl.load(src_idx_ptr + row).to(tl.int64)
-    mask = (col < words) & (d >= 0)
-    v = tl.load(src_ptr + s * src_stride + col, mask=mask)
-    tl.store(dst_ptr + d * dst_stride + col, v, mask=mask)
-
-
-@triton.jit
-def fetch_rows_persistent_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
-                                 n_tiles, tiles_per_row, programs, BLOCK: tl.constexpr):
-    """``fetch_rows_kernel`` on ``programs`` programs, each looping over (row, block) tiles:
-    the copy holds only that many SMs, the others stay free for compute running beside it
-    (another micro-batch's layers). A while loop: the CPU interpreter cannot range() over
-    runtime bounds."""
-    t = tl.program_id(0)
-    while t < n_tiles:
-        row = t // tiles_per_row
-        col = (t % tiles_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        d = tl.load(dst_idx_ptr + row).to(tl.int64)
-        s = tl.load(src_idx_ptr + row).to(tl.int64)
-        mask = (col < words) & (d >= 0)
-        v = tl.load(src_ptr + s * src_stride + col, mask=mask)
-        tl.store(dst_ptr + d * dst_stride + col, v, mask=mask)
-        t += programs
 
 
 @triton.jit

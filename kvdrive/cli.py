@@ -21,7 +21,7 @@ COMMANDS = {
     "generate": "kvdrive.commands.generate",
     "info": "kvdrive.commands.info",
     "eval": "kvdrive.commands.eval",
-    "probe": "kvdrive.storage.probe",
+    "probe": "kvdrive.commands.probe",
     "bench": "kvdrive.bench",
 }
 

@@ -2,11 +2,12 @@ import argparse
 import json
 import os
 
+from kvdrive.commands import probe as probe_command
 from kvdrive.storage import probe
 
 
 def test_measure_save_load(tmp_path):
-    p = probe.measure(str(tmp_path), slot_bytes=64 << 10, probe_bytes=4 << 20, depth=4)
+    p = probe_command.measure(str(tmp_path), slot_bytes=64 << 10, probe_bytes=4 << 20, depth=4)
     assert p.direct and p.read_gbps > 0 and p.write_gbps > 0 and p.slot_bytes == 64 << 10
     assert 0 < p.read_latency_ms < 1e3
     probe.save(p)
@@ -14,7 +15,7 @@ def test_measure_save_load(tmp_path):
     assert probe.load(str(tmp_path), 60 << 10) == p  # nearest size
     assert probe.load(str(tmp_path), 8 << 10).read_gbps == 9.0
     assert probe.load(str(tmp_path / "nowhere"), 4096) is None
-    # a probe file written before read_latency_ms existed still loads
+    # a probe file without read_latency_ms still loads
     old_dir = tmp_path.parent / f"{tmp_path.name}-old"
     old_dir.mkdir()
     old = {k: v for k, v in p.__dict__.items() if k != "read_latency_ms"}
@@ -26,7 +27,7 @@ def test_measure_save_load(tmp_path):
 def test_probe_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    probe.add_parser(sub)
+    probe_command.add_parser(sub)
     args = parser.parse_args(["probe", str(tmp_path), "--mib", "2", "--depth", "2"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -37,13 +38,13 @@ def test_probe_command(tmp_path, capsys):
 
 def test_probe_command_warns_about_a_slow_disk(tmp_path, capsys, monkeypatch):
     """Every read is 'slow' at a threshold of 0 ms: the command says what that means and the fix."""
-    monkeypatch.setattr(probe, "SLOW_READ_MS", 0.0)
+    monkeypatch.setattr(probe_command, "SLOW_READ_MS", 0.0)
     parser = argparse.ArgumentParser()
-    probe.add_parser(parser.add_subparsers())
+    probe_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["probe", str(tmp_path), "--mib", "2", "--depth", "2"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "every layer that needs the disk" in out and "--host-gib" in out
-    monkeypatch.setattr(probe, "SLOW_READ_MS", 1e9)
+    monkeypatch.setattr(probe_command, "SLOW_READ_MS", 1e9)
     assert args.func(args) == 0
     assert "every layer that needs the disk" not in capsys.readouterr().out

@@ -10,7 +10,7 @@ perfectly overlapped the step can be no faster than the slower of the two:
     step_s     = max(compute_s, transfer_s, disk_s)   bound tokens/s = batch / step_s
 
 ``disk_bw`` is random whole-slot reads at the KV slot size and queue depth 32 on the run's
-first disk path (``kvdrive.storage.probe.measure``): what the disk gives the reads a step makes.
+first disk path (``kvdrive.commands.probe.measure``): what the disk gives the reads a step makes.
 
 FLOPs are left out: decode of a 7-8B model at the batches benchmarked here is bound by
 memory traffic. Both bandwidths are measured in the same run as the decode (``measure``).
@@ -118,8 +118,8 @@ def measure_disk(path: str, slot_bytes: int, probe_bytes: int = 256 << 20) -> tu
     its files are removed after."""
     from pathlib import Path
 
-    from kvdrive.storage import probe
+    from kvdrive.commands.probe import measure
 
     Path(path).mkdir(parents=True, exist_ok=True)
-    p = probe.measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes)
+    p = measure(path, slot_bytes=slot_bytes, probe_bytes=probe_bytes)
     return p.read_gbps * 1e9, p.read_latency_ms

@@ -25,7 +25,8 @@ import torch
 import xxhash
 
 from kvdrive import device as devices
-from kvdrive.bench.common import write_result
+from kvdrive.results import write_result
+from kvdrive.commands.probe import measure
 from kvdrive.storage import probe
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.storage.layout import GroupLayout
@@ -112,7 +113,7 @@ def serial_buffered_load(pool: PrefixPool, cache, seq, ids) -> tuple[int, int]:
 def _probe_paths(paths, slot_bytes, mib) -> dict:
     out = {}
     for p in paths:
-        res = probe.measure(p, slot_bytes, mib << 20)
+        res = measure(p, slot_bytes, mib << 20)
         probe.save(res)
         out[p] = {"read_gbps": res.read_gbps, "write_gbps": res.write_gbps, "direct": res.direct,
                   "st_dev": os.stat(p).st_dev}

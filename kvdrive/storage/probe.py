@@ -2,15 +2,10 @@
 
 ``probe_direct`` opens, writes and reads back one aligned block with O_DIRECT. File
 systems that refuse (EINVAL on open or on I/O, e.g. older tmpfs, some FUSE and
-network mounts) are reported, never hidden. ``measure`` times random reads and
-sequential writes of whole slots at a given size and queue depth, and
-``save``/``load`` keep the result in ``PATH/.kvdrive-probe.json`` so the pool can
-weight its stripes without measuring again. ``kvdrive probe PATH...`` runs it.
-
-``measure`` also times single reads one at a time (``read_latency_ms``, the median): a
-tiered decode step waits at least one such read for every layer whose selection needs the
-disk, so on a disk with millisecond reads the SSD tier is bound by latency, not bandwidth
-(docs/bench.md, stop 14: 1-2 ms per read on the lent H200 machine's disk).
+network mounts) are reported, never hidden. ``kvdrive probe PATH...``
+(``kvdrive.commands.probe.measure``) times random reads and sequential writes of whole
+slots at a given size and queue depth; ``save``/``load`` keep the result in
+``PATH/.kvdrive-probe.json`` so the pool can weight its stripes without measuring again.
 """
 
 from __future__ import annotations
@@ -18,20 +13,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass
-
-import numpy as np
 
 from kvdrive.storage.layout import ALIGN
 
 PROBE_FILE = ".kvdrive-probe.json"
-DEFAULT_PROBE_BYTES = 256 << 20
-DEFAULT_SLOT_BYTES = 64 << 10
-DEFAULT_DEPTH = 32
-LATENCY_READS = 64  # single reads timed one at a time for read_latency_ms
-SLOW_READ_MS = 0.5  # a local NVMe reads a slot in ~0.1 ms; network volumes take milliseconds
 
 
 class DirectIOWarning(UserWarning):
@@ -81,44 +68,6 @@ def probe_direct(path: str, faults=None) -> DirectProbe:
         buf.close()
 
 
-def measure(path: str, slot_bytes: int = DEFAULT_SLOT_BYTES, probe_bytes: int = DEFAULT_PROBE_BYTES,
-            depth: int = DEFAULT_DEPTH, seed: int = 0) -> DeviceProbe:
-    """Write ``probe_bytes`` sequentially, then read as many random slots, through a real ``DiskDevice``."""
-    import torch
-
-    from kvdrive.storage.disk import DiskDevice
-    from kvdrive.storage.host import HostTier
-    from kvdrive.storage.layout import GroupLayout
-
-    # A layout whose group is exactly ``slot_bytes``: 1 head x 1 token x slot_bytes/8 int16 dims x K|V.
-    layout = GroupLayout(1, 1, slot_bytes // 4, torch.int16, 1)
-    n = max(depth, probe_bytes // slot_bytes)
-    host_slots = min(n, 4 * depth)
-    host = HostTier(layout, host_slots * slot_bytes, pin=False)
-    host.rows.copy_(torch.randint(0, 255, host.rows.shape, dtype=torch.uint8))
-    disk = DiskDevice(path, layout, n * slot_bytes, read_depth=depth, write_depth=depth)
-    try:
-        slots = disk.alloc(n)
-        bufs = [host.buffer(i % host_slots) for i in range(n)]
-        t0 = time.perf_counter()
-        assert all(r is None for r in disk.write(slots, bufs).result())
-        write_s = time.perf_counter() - t0
-        order = np.random.default_rng(seed).permutation(n)
-        t0 = time.perf_counter()
-        disk.read([slots[i] for i in order], [bufs[i] for i in range(n)]).result()
-        read_s = time.perf_counter() - t0
-        single = []
-        for i in order[:LATENCY_READS]:  # one read in flight: what a layer that needs one group waits
-            t1 = time.perf_counter()
-            disk.read([slots[i]], [bufs[0]]).result()
-            single.append(time.perf_counter() - t1)
-        total = n * slot_bytes
-        return DeviceProbe(path, slot_bytes, disk.direct, total / read_s / 1e9, total / write_s / 1e9, depth,
-                           total, time.strftime("%Y-%m-%dT%H:%M:%S"), float(np.median(single)) * 1e3)
-    finally:
-        disk.close()
-
-
 def save(probe: DeviceProbe) -> str:
     """Merge ``probe`` into ``PATH/.kvdrive-probe.json`` (one entry per slot size)."""
     file = os.path.join(probe.path, PROBE_FILE)
@@ -145,36 +94,3 @@ def _read(file: str) -> dict:
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-# -- ``kvdrive probe PATH...`` ----------------------------------------------------------
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("probe", help="measure disk paths for the KV pool and store the result",
-                       description="Measure O_DIRECT support and read/write GB/s of each PATH at the group "
-                                   f"size; stores PATH/{PROBE_FILE}, which the KV pool uses to weight stripes.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="directories on the devices to pool")
-    p.add_argument("--slot-kib", type=int, default=DEFAULT_SLOT_BYTES >> 10, help="group size in KiB (default 64)")
-    p.add_argument("--mib", type=int, default=DEFAULT_PROBE_BYTES >> 20, help="MiB written and read (default 256)")
-    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="I/O queue depth (default 32)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    from kvdrive.errors import KvdriveError
-
-    for path in args.paths:
-        if not os.path.isdir(path):
-            raise KvdriveError(f"{path!r} is not a directory")
-        d = probe_direct(path)
-        if not d.ok:
-            print(f"{path}: O_DIRECT REFUSED ({d.reason}); buffered I/O with page-cache dropping will be used")
-        p = measure(path, args.slot_kib << 10, args.mib << 20, args.depth)
-        print(f"{path}: read {p.read_gbps:.2f} GB/s, write {p.write_gbps:.2f} GB/s at {args.slot_kib} KiB, "
-              f"depth {p.depth}, direct={p.direct}; one read alone {p.read_latency_ms:.3f} ms -> {save(p)}")
-        if p.read_latency_ms > SLOW_READ_MS:
-            print(f"{path}: reads take {p.read_latency_ms:.1f} ms: a decode step waits about that long for every "
-                  "layer that needs the disk, so keep the hot KV in host memory (a larger --host-gib) or use "
-                  "a local NVMe")
-    return 0

@@ -241,6 +241,21 @@ def test_merge_combines_split_runs_later_rows_win(tmp_path):
     assert set(doc["config"]["merged_from"]) == {str(a), str(b)}
 
 
+def test_merge_keeps_each_sources_environment(tmp_path):
+    """A merge records where each run ran (its GPU, commit), not the merging machine."""
+    a, b, ab, out = (tmp_path / f"{n}.json" for n in ("a", "b", "ab", "all"))
+    for path, gpu in ((a, "GPU A"), (b, "GPU B")):
+        decode_report.save(path, {"model": "m"}, {}, [_row("sparse_host", 1, 10.0)], [])
+        doc = json.loads(path.read_text())
+        doc["environment"] = {**doc["environment"], "gpu": gpu, "commit": gpu.lower()}
+        path.write_text(json.dumps(doc))
+    decode_report.merge([str(a)], ab)
+    doc = json.loads(decode_report.merge([str(ab), str(b)], out).read_text())  # a merged input brings its sources
+    assert [s["environment"]["gpu"] for s in doc["sources"]] == ["GPU A", "GPU B"]
+    assert [s["path"] for s in doc["sources"]] == [str(a), str(b)]
+    assert doc["environment"]["gpu"] == "GPU A" and doc["environment"]["commit"] == "gpu a"
+
+
 def test_fill_text_prefills_real_prose_in_chunks(smollm2):
     """--text: each sequence gets its own window of prose, prefilled in chunks through the cache;
     the next token returned is the model's greedy choice after the whole window."""

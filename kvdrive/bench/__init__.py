@@ -19,7 +19,9 @@ BENCHES = {
     "decode": ("kvdrive.bench.decode", ("decode tokens/s of every KV placement side by side (all-GPU, "
                                         "transformers offload, streaming, sparse from host, kvdrive) with each "
                                         "row's roofline bound")),
-    "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
+    "io": ("kvdrive.bench.io", "host<->GPU row copy and disk read bandwidth vs the hardware's raw figures"),
+    "suite": ("kvdrive.bench.suite", "run a named set of the benchmarks above (headline: regenerate the "
+              "README's results on a GPU)"),
 }
 
 

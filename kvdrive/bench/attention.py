@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from kvdrive import device as dev
 from kvdrive.retrieval.sparse_attention import sparse_attention_triton, triton_available
 from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
-from kvdrive.bench.common import time_ms, write_result
+from kvdrive.bench.common import time_ms
+from kvdrive.results import write_result
 
 LLAMA = dict(h_q=32, h_kv=8, d=128)
 

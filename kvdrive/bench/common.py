@@ -1,54 +1,13 @@
-"""What every benchmark records: environment, config, the command line, results as JSON."""
+"""Timing shared by the benchmarks (result files: ``kvdrive.results``)."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from kvdrive import device as dev
-
-
-def environment() -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if torch.cuda.is_available():
-        prop = torch.cuda.get_device_properties(0)
-        env.update(gpu=prop.name, gpu_memory_gib=round(prop.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return env
-
-
-def command_line() -> str:
-    return "kvdrive " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
-
-
-def write_result(path: str | Path, name: str, config: dict, results, notes: list[str] | None = None) -> Path:
-    """Write ``{"bench", "command", "environment", "config", "results", "notes"}`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"bench": name, "command": command_line(), "environment": environment(), "config": config,
-           "results": results, "notes": notes or []}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    return path
 
 
 def time_ms(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:

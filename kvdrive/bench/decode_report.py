@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from kvdrive.bench import roofline
-from kvdrive.bench.common import write_result
+from kvdrive.results import write_result
 from kvdrive.errors import KvdriveError
 from kvdrive.plotting import pyplot
 
@@ -72,21 +72,25 @@ def run_notes(random_weights: bool, warmup: int, rebalance_after: int, feed: str
     ]
 
 
-def save(out: str | Path, config: dict, bandwidths: dict, rows: list[dict], notes: list[str]) -> Path:
-    """Write the result with each system's best batch, the ratios and a note per row not measured."""
+def save(out: str | Path, config: dict, bandwidths: dict, rows: list[dict], notes: list[str],
+         environment_of: dict | None = None, sources: list[dict] | None = None) -> Path:
+    """Write the result with each system's best batch, the ratios and a note per row not measured
+    (``environment_of``, ``sources``: see ``kvdrive.results.write_result``)."""
     best, ratios = best_and_ratios(rows)
     missing = [f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
                for r in rows if r["status"] != "ok"]
     results = {"bandwidths": bandwidths, "rows": rows, "best": best, "ratios": ratios}
     out = Path(out)
-    tmp = write_result(out.with_name(out.name + ".part"), "decode", config, results, [*notes, *missing])
+    tmp = write_result(out.with_name(out.name + ".part"), "decode", config, results, [*notes, *missing],
+                       environment_of=environment_of, sources=sources)
     return tmp.replace(out)  # atomic: a run killed mid-write keeps the previous rows
 
 
 def merge(paths: list[str], out: str | Path) -> Path:
     """One result from several runs (a sweep split to fit a time limit): rows of later files
-    replace rows of earlier ones for the same (system, context, batch); config, bandwidths
-    and notes of the first, plus where each row came from."""
+    replace rows of earlier ones for the same (system, context, batch); config, bandwidths,
+    notes and environment of the first, plus where each row came from and, per input, its
+    command and environment (a merged input contributes its own sources)."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     rows: dict[tuple, dict] = {}
     for p, doc in zip(paths, docs):
@@ -103,7 +107,11 @@ def merge(paths: list[str], out: str | Path) -> Path:
     config = {**first["config"], "merged_from": merged_from,
               "bandwidths_per_run": [d["results"]["bandwidths"] for d in docs]}
     notes = [n for n in first["notes"] if not n.startswith(NOT_MEASURED)]
-    return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes)
+    sources = []
+    for p, d in zip(paths, docs):
+        sources += d.get("sources") or [{"path": str(p), "command": d["command"], "environment": d["environment"]}]
+    return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes,
+                environment_of=sources[0]["environment"], sources=sources)
 
 
 def _ctx(tokens: int) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvdrive import device as dev
-from kvdrive.bench.common import write_result
+from kvdrive.results import write_result
 from kvdrive.storage.gather import RowCopier, copy_rows, triton_available
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout

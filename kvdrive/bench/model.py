@@ -13,7 +13,7 @@ import time
 import torch
 
 from kvdrive import device as devices
-from kvdrive.bench.common import write_result
+from kvdrive.results import write_result
 from kvdrive.progress import progress
 
 

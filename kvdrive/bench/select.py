@@ -25,7 +25,8 @@ from kvdrive.retrieval.pages import to_slots
 from kvdrive.retrieval.select import Budget, SelectionConfig, select_groups
 from kvdrive.retrieval.sparse_attention import sparse_attention, triton_available
 from kvdrive.bench.attention import contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms
-from kvdrive.bench.common import time_ms, write_result
+from kvdrive.bench.common import time_ms
+from kvdrive.results import write_result
 from kvdrive.retrieval.summaries import SUMMARIZERS, make_summarizer
 
 FIT_TOKENS = 1 << 16  # keys used to fit the low-rank bases (timing only needs a plausible basis)

@@ -267,7 +267,7 @@ def measure(spec: HitsSpec, out: str | Path, plot: str | Path | None = None) -> 
 
 
 def _write(spec, lm, text, out, results) -> Path:
-    from kvdrive.bench.common import write_result
+    from kvdrive.results import write_result
 
     config = {**asdict(spec), "model": lm.source, "text_source": text.source, "text_licence": text.licence,
               "model_dtype": str(lm.model.dtype), "device": str(lm.model.device)}

@@ -108,7 +108,7 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
 
 
 def _write(spec, lm, text, bases, out, results) -> Path:
-    from kvdrive.bench.common import write_result
+    from kvdrive.results import write_result
 
     config = {**asdict(spec), "model": lm.source, "calibration": f"first {CALIB_TOKENS} tokens of the text"
               if bases else None, "text_source": text.source, "text_licence": text.licence,

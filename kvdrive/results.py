@@ -1,0 +1,91 @@
+"""Result files: what every benchmark and evaluation JSON records besides its numbers.
+
+``write_result`` writes ``{"bench", "command", "environment", "config", "results", "notes"}``
+for the benchmarks and the evaluation alike (neither imports the other). The environment
+names the code (git commit, and whether its tree had uncommitted changes) and the machine
+(GPU, driver and CUDA versions, null where there is no GPU), so every number can be traced
+to what produced it. A result merged from several runs keeps each run's environment
+(``sources``) instead of the merging machine's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout this package runs from, if it is one
+
+
+def _run(*cmd: str) -> str | None:
+    """stdout of ``cmd`` stripped, or None where it cannot run or fails."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_state(repo: Path = REPO) -> dict:
+    """``{"commit", "dirty"}`` of the checkout at ``repo``; both None outside a git checkout.
+    ``dirty``: tracked files differ from the commit (untracked files do not count)."""
+    if not (repo / ".git").exists():
+        return {"commit": None, "dirty": None}
+    commit = _run("git", "-C", str(repo), "rev-parse", "HEAD")
+    status = _run("git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def gpu_state() -> dict:
+    """``{"gpu", "gpu_memory_gib", "gpu_driver", "cuda"}`` of CUDA device 0; None on a machine without one."""
+    if not torch.cuda.is_available():
+        return {"gpu": None, "gpu_memory_gib": None, "gpu_driver": None, "cuda": None}
+    prop = torch.cuda.get_device_properties(0)
+    driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+    return {"gpu": prop.name, "gpu_memory_gib": round(prop.total_memory / 2**30, 1),
+            "gpu_driver": driver.splitlines()[0] if driver else None, "cuda": torch.version.cuda}
+
+
+def environment() -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git_state(),
+        **gpu_state(),
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def command_line() -> str:
+    return "kvdrive " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+
+
+def write_result(path: str | Path, name: str, config: dict, results, notes: list[str] | None = None, *,
+                 environment_of: dict | None = None, sources: list[dict] | None = None) -> Path:
+    """Write the result to ``path``. ``environment_of``: the environment to record instead of
+    this process's (a merge records its first source's); ``sources``: per merged input file its
+    ``{"path", "command", "environment"}``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"bench": name, "command": command_line(), "environment": environment_of or environment(),
+           "config": config, "results": results, "notes": notes or []}
+    if sources is not None:
+        doc["sources"] = sources
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path

@@ -1,0 +1,39 @@
+import json
+import subprocess
+
+import pytest
+
+from kvdrive import results
+
+
+def test_result_records_commit_dirty_and_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(results.sys, "argv", ["kvdrive", "bench", "io", "--tiny"])
+    path = results.write_result(tmp_path / "r" / "x.json", "io", {"a": 1}, {"b": 2}, ["n"])
+    doc = json.loads(path.read_text())
+    assert doc["command"] == "kvdrive bench io --tiny" and doc["config"] == {"a": 1} and doc["notes"] == ["n"]
+    env = doc["environment"]
+    for key in ("commit", "dirty", "gpu", "gpu_driver", "cuda"):
+        assert key in env
+    if (results.REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(results.REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        assert env["commit"] == head and isinstance(env["dirty"], bool)
+    if not results.torch.cuda.is_available():
+        assert env["gpu"] is None and env["gpu_driver"] is None and env["cuda"] is None
+
+
+def test_git_state_of_a_tree(tmp_path):
+    if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("git not installed")
+    assert results.git_state(tmp_path) == {"commit": None, "dirty": None}  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("1")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    clean = results.git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    (tmp_path / "untracked").write_text("x")
+    assert results.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "f").write_text("2")
+    assert results.git_state(tmp_path) == {"commit": clean["commit"], "dirty": True}

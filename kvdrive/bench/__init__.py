@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+__all__ = ["BENCHES", "add_parser"]
+
 # name -> (module, one-line help)
 BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),

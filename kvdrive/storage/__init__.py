@@ -1,1 +1,22 @@
-"""Where KV groups are stored and how they move: layout, host slabs, disks, the disk pool, row copies."""
+"""Where KV groups are stored and how they move, below any cache policy.
+
+* ``layout``: ``GroupLayout``, the geometry of a group (the unit of storage and transfer);
+* ``host``: ``HostTier``, a pinned, page-aligned slab of group slots; ``io_buffers`` its
+  aligned memory and free list;
+* ``disk``: ``DiskDevice``, one path as O_DIRECT extent files with a checksum per slot;
+  ``io_engine`` its syscalls, queues and fault hook; ``native_io`` batched I/O outside the
+  GIL (``native/batch_io.c``); ``metrics`` its counters;
+* ``pool``: ``DiskPool``, several paths striped by measured bandwidth; ``probe`` the O_DIRECT
+  check and the stored bandwidth of a path;
+* ``gather``: ``copy_rows``, the one row copy between tiers (kernels: ``gather_triton``).
+"""
+
+from kvdrive.storage.disk import BatchFuture, DiskDevice
+from kvdrive.storage.gather import RowCopier, copy_rows, copy_rows_reference, words
+from kvdrive.storage.host import HostTier
+from kvdrive.storage.layout import GroupKey, GroupLayout
+from kvdrive.storage.metrics import IoMetrics
+from kvdrive.storage.pool import DiskAddr, DiskPool, PoolPath
+
+__all__ = ["BatchFuture", "DiskAddr", "DiskDevice", "DiskPool", "GroupKey", "GroupLayout", "HostTier", "IoMetrics",
+           "PoolPath", "RowCopier", "copy_rows", "copy_rows_reference", "words"]

@@ -175,7 +175,7 @@ def _release(dev: torch.device) -> None:
 
 def _step_fn(model, cache: KVCache, seq_ids: list[int], ids: torch.Tensor, graphs: bool):
     """One decode step of the batch: ids (B, 1) -> logits (B, V), committed."""
-    if graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False):
+    if graphs and model.device.type == "cuda" and cache.supports_cuda_graphs:
         from kvdrive.engine.cuda_graph import GraphedDecodeStep
 
         graph = GraphedDecodeStep(model, cache, seq_ids, ids)
@@ -268,7 +268,7 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
             ids = torch.randint(0, shape.config.vocab_size, (shape.batch, 1), generator=gen, device=dev)  # (B, 1)
         devices.synchronize(dev)
         row = {"fill_s": time.perf_counter() - t0, "host_mem_used_gib": max(0, avail0 - mem_available()) / GIB}
-        placed = cache.stats().get("bytes_placed_from_disk") if callable(getattr(cache, "stats", None)) else None
+        placed = cache.stats().get("bytes_placed_from_disk")
         if placed:  # a disk tier's initial placement read these back into the arena (in fill_s)
             row["placed_from_disk_gib"] = placed / GIB
         step = _step_fn(model, cache, seq_ids, ids, not args.no_cuda_graphs)
@@ -281,17 +281,16 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
         devices.synchronize(dev)
         warm = time.perf_counter() - t0
         steps = max(min(3, args.new_tokens), min(args.new_tokens, int(args.row_seconds / warm)))
-        has_stats = callable(getattr(cache, "stats", None))
-        if has_stats:
-            cache.reset_stats()
+        cache.reset_stats()
         t0 = time.perf_counter()
         for _ in range(steps):
             ids = feed(step(ids))
         devices.synchronize(dev)
         elapsed = time.perf_counter() - t0
         row.update(tokens_per_s=shape.batch * steps / elapsed, step_ms=elapsed / steps * 1e3, steps_timed=steps)
-        if has_stats:
-            stats = _jsonable(cache.stats())
+        stats = cache.stats()
+        if stats:
+            stats = _jsonable(stats)
             row.update(stats=stats, per_step=per_step(stats, steps))
         row["cuda_graph"] = step.graphed
         if args.profile:
@@ -299,13 +298,11 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
 
             name = f"{system.name}-{shape.context}-b{shape.batch}"
             row["profile"] = profile_steps(step, ids, args.profile_steps, Path(args.profile), name)
-        if args.breakdown_steps and hasattr(cache, "profile"):
+        if args.breakdown_steps and cache.supports_profile:
             row.setdefault("per_step", {})["time_ms_per_step"] = _breakdown(model, cache, seq_ids, ids, args)
         return row
     finally:
-        close = getattr(cache, "close", None)  # disk-backed caches: stop I/O threads, close extent files
-        if close is not None:
-            close()
+        cache.close()  # disk-backed caches: stop I/O threads, close extent files
 
 
 def _slot_bytes(config, dtype: torch.dtype, group_tokens: int) -> int:

@@ -41,7 +41,6 @@ def fill_text(model, cache: KVCache, seq_ids, length: int, haystack, chunk: int,
             batch = cache.plan([seq], len(part))
             logits = model(part[None], cache, batch)
             cache.commit(batch)
-        if hasattr(cache, "place"):  # the tiered caches' initial placement, as the engine does
-            cache.place([seq])
+        cache.place([seq])  # the tiered caches' initial placement, as the engine does
         first.append(logits.argmax(-1))
     return torch.stack(first).reshape(-1, 1)

@@ -61,9 +61,28 @@ class KVCache(ABC):
     passed to ``append`` are post-RoPE, shape (B, H_kv, T, D), in the cache dtype.
     ``attend`` returns (B, H_q, T, D). A ``ForwardBatch`` must be used with the
     cache that planned it, and only until its ``commit``.
+
+    Optional capabilities are declared here with their defaults (a plain cache has none of
+    them); the engine reads these attributes and calls these methods, never probes for them.
     """
 
     layer_specs: tuple[LayerSpec, ...]
+    max_seqs: int  # sequences held at once: the engine's default batch
+    device: torch.device  # where attention runs and imported KV goes
+
+    # CUDA-graph decode: ``plan(seq_ids, 1, start=...)`` plans against a device tensor of
+    # lengths with fixed shapes, and nothing a decode step does needs the host.
+    supports_cuda_graphs: bool = False
+    graph_epoch: int = 0  # bumped when buffers a captured graph reads are reallocated: capture again
+    # Micro-batched decode (``kvdrive.engine.micro_batch``): per-step state is per sequence,
+    # counters add atomically, and ``plan(..., new_step=False)`` plans a later part of one step.
+    supports_micro_batches: bool = False
+    micro_batches: int = 1  # parts a decode step is split into
+    # Layers whose query the model predicts one layer early and passes to ``hint``.
+    hint_layers: frozenset[int] = frozenset()
+    # A per-phase profile of eager decode steps may be set on ``profile`` (a ``StepProfile``).
+    supports_profile: bool = False
+    profile: Any = None
 
     @abstractmethod
     def add(self, seq_id: int, max_tokens: int) -> None: ...
@@ -86,6 +105,28 @@ class KVCache(ABC):
 
     @abstractmethod
     def commit(self, batch: ForwardBatch) -> None: ...
+
+    def place(self, seq_ids) -> None:
+        """After a prompt's last prefill chunk: initial placement of its KV across the cache's
+        tiers by the prompt's own attention. Default: nothing to place."""
+
+    def hint(self, layer: int, q_pred: torch.Tensor, batch: ForwardBatch) -> None:
+        """A predicted query (B, H_q, D) of ``layer`` (one of ``hint_layers``), issued before the
+        layer before it runs, so the cache may fetch ahead. Default: ignored."""
+
+    def prepare_replay(self, seq_ids) -> None:
+        """Host-side work of a graphed decode step of ``seq_ids``, before its replay (may bump
+        ``graph_epoch``). Default: none."""
+
+    def stats(self) -> dict:
+        """Counters since ``reset_stats`` (traffic, hits); empty for a cache that keeps none."""
+        return {}
+
+    def reset_stats(self) -> None:
+        """Start the counters of ``stats`` over."""
+
+    def close(self) -> None:
+        """Release what the cache holds outside the process's memory (I/O threads, files)."""
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens [start, stop) of a committed sequence, each (H_kv, stop - start, D),

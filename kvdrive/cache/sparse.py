@@ -188,7 +188,7 @@ class SparseKVCache(KVCache):
         summ = table.summarizer
         for slot, n in zip(batch.meta["slot_list"], batch.start):  # tokens cached before this step
             full = n // self.g
-            if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt
+            if done[slot] == 0 and full and summ.fits_prompt:  # lowrank_seq: fit on the prompt
                 keys = self.pool[layer][slot * self.max_groups : slot * self.max_groups + full, 0]
                 summ.fit(slot, keys.transpose(1, 2).reshape(-1, *keys.shape[1:2], keys.shape[-1]))
             rows += [slot] * (full - done[slot])

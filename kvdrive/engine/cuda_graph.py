@@ -22,7 +22,6 @@ class GraphedDecodeStep:
         (see ``kvdrive.engine.micro_batch``), for caches that support it; None: the cache's setting."""
         self.model, self.cache, self.seq_ids = model, cache, tuple(seq_ids)
         self.step = MicroBatchedDecode(model, cache, micro_batches)
-        self._prepare = getattr(cache, "prepare_replay", None)  # host-side work of each step, before replay
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
         # NOTE: the lengths go up from pinned buffers, two in turn. From pageable memory the copy
@@ -36,7 +35,7 @@ class GraphedDecodeStep:
 
     def _capture(self) -> None:
         dev = self.model.device
-        self.epoch = getattr(self.cache, "graph_epoch", 0)  # a cache that reallocates bumps it
+        self.epoch = self.cache.graph_epoch  # a cache that reallocates bumps it
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
@@ -63,11 +62,10 @@ class GraphedDecodeStep:
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Run one decode step; the caller then calls ``commit``."""
-        if self._prepare is not None:
-            self._prepare(self.seq_ids)
+        self.cache.prepare_replay(self.seq_ids)  # host-side work of the step, before the replay
         self.ids.copy_(token_ids)
         self._upload_lengths()
-        if getattr(self.cache, "graph_epoch", 0) != self.epoch:  # buffers reallocated: capture again
+        if self.cache.graph_epoch != self.epoch:  # buffers reallocated: capture again
             self._capture()
         self.graph.replay()
         return self.logits

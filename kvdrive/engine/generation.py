@@ -83,9 +83,7 @@ def _prefill(model, cache: KVCache, req: Request, chunk: int, bar, prefix=None) 
         bar.update(piece.shape[1])
     if prefix is not None:
         prefix.store(cache, req.seq_id, req.prompt_ids)
-    place = getattr(cache, "place", None)  # tiered cache: initial placement by the prompt's attention
-    if place is not None:
-        place([req.seq_id])
+    cache.place([req.seq_id])  # the tiered cache: initial placement by the prompt's attention
     return logits  # (1, V)
 
 
@@ -102,8 +100,8 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
     ``load(model, cache, seq_id, prompt_ids) -> int`` (tokens of KV it placed in the cache,
     < len(prompt)) and ``store(cache, seq_id, prompt_ids)``."""
     detok = Detokenizer(tokenizer)
-    use_graphs = cuda_graphs and model.device.type == "cuda" and getattr(cache, "supports_cuda_graphs", False)
-    max_batch = max_batch or getattr(cache, "max_seqs", len(requests))
+    use_graphs = cuda_graphs and model.device.type == "cuda" and cache.supports_cuda_graphs
+    max_batch = max_batch or cache.max_seqs
     graph, step = None, MicroBatchedDecode(model, cache)
     queue = deque(requests)
     active: list[Request] = []

@@ -49,8 +49,8 @@ class MicroBatchedDecode:
     def __init__(self, model, cache: KVCache, parts: int | None = None):
         """``parts``: None takes the cache's own setting (``micro_batches``, e.g. TieredConfig's)."""
         self.model, self.cache = model, cache
-        parts = getattr(cache, "micro_batches", 1) if parts is None else parts
-        self.parts = max(1, parts) if getattr(cache, "supports_micro_batches", False) else 1
+        parts = cache.micro_batches if parts is None else parts
+        self.parts = max(1, parts) if cache.supports_micro_batches else 1
         dev = model.device
         self.streams = [devices.new_stream(dev, high_priority=True) for _ in range(self.parts)] if self.parts > 1 else []
 

@@ -178,7 +178,7 @@ class DecoderLM(nn.Module):
         tables = self._rope_tables(batch.positions, x.dtype)
         # A cache that prefetches (``hint_layers``) gets layer l+1's query predicted from layer
         # l's input before layer l runs, so its fetch overlaps layer l's compute (InfiniGen).
-        hinted = getattr(cache, "hint_layers", ()) if input_ids.shape[1] == 1 else ()
+        hinted = cache.hint_layers if input_ids.shape[1] == 1 else ()
         layers = self.model.layers
         for layer, block in enumerate(layers):
             cos, sin = tables[self.config.rope[layer]]

@@ -209,7 +209,7 @@ class PrefixPool:
         self._counters["lookups"] += 1
         if cache.length(seq_id) != 0:
             raise KvdriveError(f"prefix load needs an empty sequence; {seq_id} has {cache.length(seq_id)} tokens")
-        device = getattr(cache, "device", torch.device("cpu"))
+        device = cache.device
         hit = self.lookup(prompt_ids, tenant, max_chunks=(len(prompt_ids) - 1) // self.config.chunk_tokens)
         sources, keys, corrupt = hit.sources, hit.keys, 0
         res = ImportResult(0, False, None, 0, 0, 0.0)

@@ -47,6 +47,9 @@ class GroupSummarizer(ABC):
     """
 
     name: str = ""
+    # True: a sequence's summaries need ``fit(row, keys)`` on its whole prompt first (so they
+    # are computed after the prefill, not chunk by chunk)
+    fits_prompt: bool = False
 
     def __init__(self, num_kv_heads: int, head_dim: int, group_tokens: int):
         for label, v in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("group_tokens", group_tokens)):
@@ -245,6 +248,7 @@ class SeqLowRankSummarizer(LowRankSummarizer):
 
     name = "lowrank_seq"
     per_row = True
+    fits_prompt = True
 
     def __init__(self, num_kv_heads, head_dim, group_tokens, rank: int, max_seqs: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

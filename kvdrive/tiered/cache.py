@@ -56,6 +56,7 @@ __all__ = ["StepProfile", "TieredConfig", "TieredSparseKVCache"]
 
 
 class TieredSparseKVCache(TieredPrefill, KVCache):
+    supports_profile = True
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, tiered: TieredConfig = TieredConfig()):
         if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
@@ -89,6 +90,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
+        self._stats_steps = 0  # steps at the last reset_stats
         self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0, "placed_disk_reads": 0}
         # Graphs: every layer sparse, and no host work per layer: a host-only tier, or disk misses deferred.
         self.defer = bool(tiered.disk) and tiered.disk_misses == "defer"
@@ -403,7 +405,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         pair_slots, pair_groups = [], []
         for slot, n in zip(slot_list, starts):
             full = n // self.g
-            if done[slot] == 0 and full and hasattr(summ, "fit"):  # lowrank_seq: fit on the prompt's keys
+            if done[slot] == 0 and full and summ.fits_prompt:  # lowrank_seq: fit on the prompt's keys
                 keys = torch.cat([self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]
                                   for i in range(0, full, REFRESH_CHUNK)])
                 summ.fit(slot, keys.transpose(1, 2).reshape(-1, keys.shape[1], keys.shape[-1]))
@@ -435,7 +437,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         fetched = tot["misses"] + tot["prefetched"]
         selected = tot["hits"] + tot["misses"]
         return {
-            "steps": self.steps - getattr(self, "_stats_steps", 0),
+            "steps": self.steps - self._stats_steps,
             "groups_selected": selected,
             "gpu_hits": tot["hits"] - tot["prefetched_hits"],
             "prefetched_hits": tot["prefetched_hits"],

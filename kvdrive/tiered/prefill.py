@@ -41,7 +41,7 @@ class TieredPrefill:
         len_t = torch.tensor(lens, device=self.device)
         batch = ForwardBatch(seq_ids, tuple(lens), 0, None, self._meta(slots, slot_list, len_t, lens, False))
         for layer, cache in self.caches.items():
-            if hasattr(self.tables[layer].summarizer, "fit"):  # lowrank_seq fits on the whole prompt later
+            if self.tables[layer].summarizer.fits_prompt:  # lowrank_seq fits on the whole prompt later
                 continue
             q = torch.stack([self._last_q[s][layer] for s in slot_list])  # (B, H_q, D)
             if self.host.may_miss:  # a disk tier: the arena keeps what the prompt's end ranks highest
@@ -96,7 +96,7 @@ class TieredPrefill:
             kv = torch.stack((k[b, :, lo:hi], v[b, :, lo:hi]))  # (2, H, n*G, D)
             groups = kv.view(2, h, n, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
             self.host.put(layer, slot, first, groups)
-            if table is not None and not hasattr(table.summarizer, "fit"):  # lowrank_seq fits on the whole prompt
+            if table is not None and not table.summarizer.fits_prompt:  # lowrank_seq fits on the whole prompt
                 self._refresh_slots(layer, [slot], [first * g])  # the group the chunk completed, if any
                 table.write(slot, torch.arange(first, first + n, device=self.device), groups[:, 0])
                 self._summarized[layer][slot] = first + n

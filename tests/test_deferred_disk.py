@@ -23,7 +23,7 @@ def _no_sync_resolve(cache):
 
     def resolve(layer, slot_list, groups, need, keep=None):
         s = np.asarray(slot_list)[:, None].repeat(groups.shape[1], 1)
-        assert (host.slot_of[layer, s, groups][need.astype(bool)] >= 0).all(), "a step waited for the disk"
+        assert (host.index.slot_of[layer, s, groups][need.astype(bool)] >= 0).all(), "a step waited for the disk"
         return real(layer, slot_list, groups, need, keep)
     host.resolve = resolve
 
@@ -68,8 +68,8 @@ def test_groups_left_out_are_read_behind_and_served_later(tmp_path):
         exact.commit(e)
         assert torch.isfinite(got).all()
         for c in (cache, exact):  # the GPU's map of arena rows, updated in one batch per call, is the host's
-            assert torch.equal(c.host.slot_gpu, torch.from_numpy(c.host.slot_of))
-        diverged |= bool((cache.host._selections[-1][3].numpy() & 2).any())  # this step left groups out
+            assert torch.equal(c.host.slot_gpu, torch.from_numpy(c.host.index.slot_of))
+        diverged |= bool((cache.host.deferred._selections[-1][3].numpy() & 2).any())  # this step left groups out
         if not diverged:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             matched += 1
@@ -77,12 +77,12 @@ def test_groups_left_out_are_read_behind_and_served_later(tmp_path):
     assert st["deferred"] > 0 and st["deferred_reads"] > 0 and st["lost"] == 0 and st["disk_reads"] == 0
     assert diverged and matched < 16
     host, ref = cache.host, exact.host
-    host._drain()
+    host.drain()
     checked = 0
     for layer in range(3):  # the prompts' groups read back hold the bytes the exact cache holds
         for s_, p in enumerate(prompts):
             for g in range(len(p) // 8):
-                a, b = host.slot_of[layer, s_, g], ref.slot_of[layer, s_, g]
+                a, b = host.index.slot_of[layer, s_, g], ref.index.slot_of[layer, s_, g]
                 if a >= 0 and b >= 0:
                     assert torch.equal(host.arenas[layer].rows[a], ref.arenas[layer].rows[b])
                     checked += 1
@@ -98,7 +98,7 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
                                 _disk_cfg(tmp_path, SPARSE, 40, cache_tokens=48, disk_misses="defer"))
     _decode(model, cache, prompts, 2)
-    cache.host._drain()  # the reads behind the healthy steps landed
+    cache.host.drain()  # the reads behind the healthy steps landed
     cache.reset_stats()
     faults = InjectedFaults().fail("read", times=-1)
     for dev in cache.host.pool.devices:
@@ -107,10 +107,10 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
         b = cache.plan([0, 1, 2], 1)
         assert torch.isfinite(model(torch.full((3, 1), 9 + t), cache, b)).all()
         cache.commit(b)
-    cache.host._drain()
+    cache.host.drain()
     st = cache.stats()
     assert faults.fired > 0 and st["lost"] > 0 and st["deferred_reads"] == 0
-    lost = np.argwhere(cache.host.disk_at[:, :, 1] < 0)
+    lost = np.argwhere(cache.host.index.disk_at[:, :, 1] < 0)
     assert len(lost)  # their disk copies are forgotten: never read (or served) again
 
 
@@ -138,11 +138,11 @@ def test_evicted_slots_wait_for_the_step_that_may_read_them(tmp_path):
         kv._reap(wait_all=True)
     step = Pending()
     kv._last_step = step  # a step in flight
-    assert kv.arenas[0].num_free == 0
-    assert kv._alloc(0, 1, set(), wait=False) == []  # evicts one, but may not reuse it yet
-    assert kv.counts["host_evictions"] == 1 and kv.arenas[0].num_free == 0
+    assert kv.index.num_free(0) == 0
+    assert kv.alloc(0, 1, set(), wait=False) == []  # evicts one, but may not reuse it yet
+    assert kv.counts["host_evictions"] == 1 and kv.index.num_free(0) == 0
     step.done = True
-    assert len(kv._alloc(0, 1, set(), wait=False)) == 1  # the step ended: the slot is free again
+    assert len(kv.alloc(0, 1, set(), wait=False)) == 1  # the step ended: the slot is free again
     kv.close()
 
 
@@ -171,7 +171,7 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
     _decode(model, cache, prompts, 0)
     written = cache.stats()["disk_writes"]
     out = graphed_decode(model, cache, 3, 16)
-    cache.host._drain()
+    cache.host.drain()
     st = cache.stats()
     assert torch.isfinite(out).all() and st["lost"] == 0
     assert st["disk_writes"] - written >= 3 * 3  # each sequence filled a group in 16 steps: written behind
@@ -191,13 +191,16 @@ def test_queued_map_changes_keep_the_last_value_of_each_group(tmp_path):
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.storage.pool import PoolPath
 
+    from test_arena_index import Done
+
     layout = GroupLayout(2, 1, 8, F32, 4)
     kv = DiskBackedHostKV(layout, 2, 8, CPU, 16 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))
-    kv._map(1, np.array([3, 9]), [5, 6])  # seq 0 group 3, seq 1 group 1
-    kv._updates.append(np.array([[1], [0], [3], [-1]]))  # evicted ...
-    kv._map(1, np.array([3]), [7])  # ... and mapped again, all in one call
-    kv._map(np.array([0, 0]), np.array([2, 2]), [1, 4])  # the same group twice: the second wins
+    index = kv.index
+    index.map(1, np.array([3, 9]), [5, 6])  # seq 0 group 3, seq 1 group 1
+    index.evict(1, np.array([5]), Done())  # evicted ...
+    index.map(1, np.array([3]), [7])  # ... and mapped again, all in one call
+    index.map(np.array([0, 0]), np.array([2, 2]), [1, 4])  # the same group twice: the second wins
     kv._flush()
     assert kv.slot_gpu[1, 0, 3] == 7 and kv.slot_gpu[1, 1, 1] == 6 and kv.slot_gpu[0, 0, 2] == 4
-    assert torch.equal(kv.slot_gpu, torch.from_numpy(kv.slot_of)) and not kv._updates
+    assert torch.equal(kv.slot_gpu, torch.from_numpy(index.slot_of)) and index.take_changes() is None
     kv.close()

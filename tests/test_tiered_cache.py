@@ -396,7 +396,7 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
         kv.end([0], (first * 4,), chunk * 4, kv._last_step)
         kv._reap(wait_all=True)
     hot = 0
-    assert kv.slot_of[0, 0, hot] < 0  # aged out during the prefill: the first pick reads it from disk
+    assert kv.index.slot_of[0, 0, hot] < 0  # aged out during the prefill: the first pick reads it from disk
     kv.begin([0], (n * 4,), 1)  # the first decode step
     kv.resolve(0, [0], np.array([[hot]]), np.array([[True]]))
     kv.end([0], (n * 4,), 1, kv._last_step)
@@ -405,6 +405,6 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
         groups, need = np.array([[hot, g]]), np.array([[False, True]])
         kv.resolve(0, [0], groups, need, np.ones_like(need) if stamp_hits else None)
         kv.end([0], (n * 4 + step,), 1, kv._last_step)
-    assert (kv.slot_of[0, 0, hot] >= 0) == stamp_hits
+    assert (kv.index.slot_of[0, 0, hot] >= 0) == stamp_hits
     assert kv.counts["lost"] == 0
     kv.close()

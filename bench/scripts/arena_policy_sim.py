@@ -55,7 +55,7 @@ def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) ->
     def importance(cache):
         slots = torch.tensor([cache.seqs.slot(i) for i in range(b)], device=cache.device)
         for layer in sorted(cache.caches):
-            q = torch.stack([cache._last_q[int(s)][layer] for s in slots])
+            q = cache.prefill.queries(slots.tolist(), layer)
             key, counts = cache.importance(layer, q, slots)
             keys.append([key[i, : counts[i]] for i in range(b)])
 

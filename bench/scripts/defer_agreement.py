@@ -51,9 +51,7 @@ def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int
         batch = cache.plan(list(range(b)), 1)
         preds.append(model(ids[:, t : t + 1], cache, batch).argmax(-1))
         cache.commit(batch)
-    drain = getattr(cache.host, "_drain", None)  # the last steps' selections reach the counters
-    if drain is not None:
-        drain()
+    cache.host.drain()  # the last steps' selections reach the counters
     stats = cache.stats()
     cache.close()
     return torch.stack(preds, 1), stats

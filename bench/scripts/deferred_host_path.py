@@ -38,7 +38,7 @@ def selections(kv: DiskBackedHostKV, rng, layers: int, seqs: int, left: int):
     groups = np.zeros((layers, seqs, SELECTED), dtype=np.int32)
     flags = np.ones((layers, seqs, SELECTED), dtype=np.uint8)
     for la in range(layers):
-        resident = kv.slot_of[la] >= 0
+        resident = kv.index.slot_of[la] >= 0
         for b in range(seqs):
             r, d = np.flatnonzero(resident[b]), np.flatnonzero(~resident[b])
             k = min(len(d), rng.poisson(left / (layers * seqs)))

@@ -27,11 +27,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from kvdrive import device as devices
 from kvdrive.retrieval.pages import leading
-from kvdrive.retrieval.select import select_groups_keyed
+from kvdrive.retrieval.select import combine_heads, select_groups_keyed
 from kvdrive.retrieval.sparse_attention import sparse_attention
 from kvdrive.config import ModelConfig
 from kvdrive.tiered import tier_ops
@@ -55,7 +56,7 @@ REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the 
 __all__ = ["StepProfile", "TieredConfig", "TieredSparseKVCache"]
 
 
-class TieredSparseKVCache(TieredPrefill, KVCache):
+class TieredSparseKVCache(KVCache):
     supports_profile = True
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, tiered: TieredConfig = TieredConfig()):
@@ -78,8 +79,8 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         h, d = config.num_key_value_heads, config.head_dim
         self.tables = {l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n,
                                        device, dtype) for l in self.sparse_layers}
-        self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}
-        self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> last prefill query (H_q, D)
+        self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}  # groups in each table, per slot
+        self.prefill = TieredPrefill(self.host, layout, self.layer_specs, self._summarize_whole, device)
         # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
         self.rings = {l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
                       for l, spec in enumerate(self.layer_specs) if spec.window is not None}
@@ -91,7 +92,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
         self._stats_steps = 0  # steps at the last reset_stats
-        self._moved = {"dense_host_to_gpu": 0, "token_writes": 0, "warm_host_to_gpu": 0, "placed_disk_reads": 0}
+        self._moved = {"token_writes": 0, "warm_host_to_gpu": 0, "placed_disk_reads": 0}
         # Graphs: every layer sparse, and no host work per layer: a host-only tier, or disk misses deferred.
         self.defer = bool(tiered.disk) and tiered.disk_misses == "defer"
         self.supports_cuda_graphs = (device.type == "cuda" and (not tiered.disk or self.defer)
@@ -147,11 +148,60 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         self.hint_layers = frozenset(keep)
         return self.hint_layers
 
+    # -- initial placement ----------------------------------------------------------
+    def place(self, seq_ids) -> None:
+        """Initial placement by importance, once a prompt is prefilled: per sparse layer, what the
+        prompt's last query selects becomes resident in the GPU cache (a disk tier first reads
+        it into the host arena, as most recently used), so decoding starts warm. Counted as
+        prefill traffic (``bytes_warm_start``), not as decode hits or misses. No-op unless
+        ``warm_start``, for ``eviction='none'`` (nothing survives a step) and ``lowrank_seq``."""
+        if not self.tiered.warm_start or self.tiered.eviction == "none":
+            return
+        seq_ids = tuple(seq_ids)
+        slot_list = [self.seqs.slot(s) for s in seq_ids]
+        lens = [self.seqs.length(s) for s in seq_ids]
+        if not self.prefill.has_queries(slot_list):
+            return  # not prefilled through this cache's attention (e.g. KV imported)
+        slots = torch.tensor(slot_list, device=self.device)
+        len_t = torch.tensor(lens, device=self.device)
+        batch = ForwardBatch(seq_ids, tuple(lens), 0, None, self._meta(slots, slot_list, len_t, lens, False))
+        for layer, cache in self.caches.items():
+            if self.tables[layer].summarizer.fits_prompt:  # lowrank_seq fits on the whole prompt later
+                continue
+            q = self.prefill.queries(slot_list, layer)  # (B, H_q, D)
+            if self.host.may_miss:  # a disk tier: the arena keeps what the prompt's end ranks highest
+                key, counts = self.importance(layer, q, slots)
+                self._moved["placed_disk_reads"] += self.host.place(layer, slot_list, key, counts) * self.group_bytes
+            before = cache.counters.clone()
+            self._select_and_fetch(layer, q, batch, self.layer_specs[layer].scale, prefetch=False)
+            self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
+            cache.counters.copy_(before)
+        self.prefill.forget(slot_list)
+
+    def importance(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """How much query ``q`` (B, H_q, D) attends each summarized group of ``layer`` (the
+        heads' combined scores, as selection ranks them): ((B, N) float32, (B,) groups summarized)."""
+        table = self.tables[layer]
+        counts = table.counts[slots]
+        n = int(counts.max())
+        scores = table.summarizer.score(q, table.data[slots, :n], None, self.layer_specs[layer].scale,
+                                        counts=counts)  # (B, H_kv, N)
+        key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]
+        return key.float().cpu().numpy(), counts.cpu().numpy()
+
+    def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
+        self.seqs.check_range(seq_id, start, stop)
+        g = self.g
+        groups = self.host.gather(layer, self.seqs.slot(seq_id), list(range(start // g, -(-stop // g))))
+        kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
+        off = start - (start // g) * g
+        return kv[0, :, off : off + stop - start].clone(), kv[1, :, off : off + stop - start].clone()
+
     # -- bookkeeping ----------------------------------------------------------------
     def add(self, seq_id: int, max_tokens: int) -> None:
         slot = self.seqs.add(seq_id, max_tokens)
         self.host.clear(slot)
-        self._last_q.pop(slot, None)
+        self.prefill.forget([slot])
         rows = torch.tensor([slot], device=self.device)
         for layer, table in self.tables.items():
             table.reset(slot)
@@ -253,7 +303,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m = batch.meta
         if batch.num_new > 1:
-            self._append_groups(layer, k, v, batch, self.host.rows(layer, m["slots"], batch.positions // self.g))
+            self.prefill.write(layer, k, v, batch, self.host.rows(layer, m["slots"], batch.positions // self.g))
         else:  # the host copy, and the GPU cache's copy of the open group where it holds one
             group = m["group"]
             host_rows = m["host_rows"] if m["host_rows"] is not None else \
@@ -270,10 +320,9 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         if batch.num_new == 1 and layer in self.rings:
             return self.rings[layer].attend(q, batch.meta["slots"], batch.positions, spec.scale, spec.softcap)
         if batch.num_new > 1 or layer not in self.caches:
-            out = self._dense(layer, q, batch, spec)
+            out = self.prefill.attend(layer, q, batch, spec)
             if batch.num_new > 1 and layer in self.caches and self.tiered.warm_start:
-                for i, slot in enumerate(batch.meta["slot_list"]):  # the prompt's last query, for ``place``
-                    self._last_q.setdefault(slot, {})[layer] = q[i, :, -1].clone()  # (H_q, D)
+                self.prefill.remember(layer, q, batch.meta["slot_list"])  # the prompt's last query, for ``place``
             return out
         return self._sparse(layer, q, batch, spec)
 
@@ -396,6 +445,16 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             event.synchronize()  # the prediction (side stream) and its copy to the host are done
             self.host.read_ahead(layer, meta["slot_list"], groups.numpy(), need.numpy())
 
+    def _summarize_whole(self, layer: int, slot: int, first: int, groups: torch.Tensor) -> None:
+        """A prefill chunk's whole groups ``first ..`` (n, 2, H_kv, G, D) of one sequence, on the
+        device: summarized at once (``lowrank_seq`` fits on the whole prompt, at decode)."""
+        table = self.tables.get(layer)
+        if table is None or table.summarizer.fits_prompt:
+            return
+        self._refresh_slots(layer, [slot], [first * self.g])  # the group the chunk completed, if any
+        table.write(slot, torch.arange(first, first + groups.shape[0], device=self.device), groups[:, 0])
+        self._summarized[layer][slot] = first + groups.shape[0]
+
     def _refresh_slots(self, layer: int, slot_list, starts) -> None:
         """Summarize the groups filled since this layer's last decode step (keys read from host):
         the whole batch's in one gather and one write per ``REFRESH_CHUNK`` groups (in decode,
@@ -427,6 +486,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
         for c in self.caches.values():
             c.reset_counts()
         self._moved = dict.fromkeys(self._moved, 0)
+        self.prefill.dense_bytes = 0
         self._stats_steps = self.steps
         self.host.reset_counts()
 
@@ -444,7 +504,7 @@ class TieredSparseKVCache(TieredPrefill, KVCache):
             "sync_fetched": tot["misses"],
             "prefetched": tot["prefetched"],
             "hit_rate": tot["hits"] / selected if selected else None,
-            "bytes_host_to_gpu": fetched * self.group_bytes + self._moved["dense_host_to_gpu"]
+            "bytes_host_to_gpu": fetched * self.group_bytes + self.prefill.dense_bytes
             + self._moved["warm_host_to_gpu"],
             "bytes_warm_start": self._moved["warm_host_to_gpu"],
             "bytes_placed_from_disk": self._moved["placed_disk_reads"],

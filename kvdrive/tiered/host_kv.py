@@ -92,6 +92,9 @@ class HostKV(ABC):
     def clear(self, slot: int) -> None:
         """A sequence slot starts over."""
 
+    def drain(self) -> None:
+        """Every read in flight has landed (a tier that reads from disk behind the steps)."""
+
     def put(self, layer: int, slot: int, first: int, groups: torch.Tensor) -> None:
         """Whole groups ``first ..`` of one sequence from the device (n, 2, H_kv, G, D) into their
         host rows (a prefill: row-sized copies, not one 2 x D-element write per token)."""

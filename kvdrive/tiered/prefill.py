@@ -1,108 +1,82 @@
-"""The prefill side of the tiered cache (a mixin of ``TieredSparseKVCache``, split out by phase).
+"""``TieredPrefill``: the prefill side of a ``TieredSparseKVCache``, and its exact attention.
 
-* ``_append_groups``: a prefill chunk's whole groups go to the host tier as rows (one DMA
-  per sequence for a host-only tier) and are summarized from their GPU copy at once;
-* ``_dense``: prefill and dense layers attend exactly over the layer's KV gathered from
-  host (one layer's KV on the GPU at a time); sliding layers decode from their GPU ring;
-* ``place``: initial placement by importance once a prompt is prefilled;
-* ``export_kv``: a sequence's KV back out of the tiers (prefix store, tests).
+* ``write``: a prefill chunk's whole groups go to the host tier as rows (one DMA per
+  sequence for a host-only tier) and are summarized from their GPU copy at once; only the
+  partial groups at the chunk's ends are written token by token;
+* ``attend``: exact attention over a layer's KV gathered from host for the span the query
+  sees, one layer's KV on the GPU at a time (prefill, and the decode of dense layers);
+* ``remember`` / ``queries``: each prompt's last query per sparse layer, kept for the
+  initial placement (``TieredSparseKVCache.place``).
 
-It uses the cache's state (``host``, ``tables``, ``caches``, ``seqs``, ``_summarized``,
-``_last_q``, ``_moved``) and its decode methods (``_select_and_fetch``, ``_refresh_slots``).
+Owns the prompts' last queries and the count of bytes its gathers moved. The host tier, the
+layer specs and the group geometry are the cache's, passed in; summaries go through the
+cache's ``summarize(layer, slot, first, groups)`` (the cache owns the summary tables).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from kvdrive.retrieval.select import combine_heads
-from kvdrive.tiered import tier_ops
-from kvdrive.cache.base import ForwardBatch
+from kvdrive.cache.base import ForwardBatch, LayerSpec
 from kvdrive.cache.contiguous import grouped_sdpa
 from kvdrive.cache.sparse import span_mask
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.tiered import tier_ops
 
 
 class TieredPrefill:
-    def place(self, seq_ids) -> None:
-        """Initial placement by importance, once a prompt is prefilled: per sparse layer, what the
-        prompt's last query selects becomes resident in the GPU cache (a disk tier first reads
-        it into the host arena, as most recently used), so decoding starts warm. Counted as
-        prefill traffic (``bytes_warm_start``), not as decode hits or misses. No-op unless
-        ``warm_start``, for ``eviction='none'`` (nothing survives a step) and ``lowrank_seq``."""
-        if not self.tiered.warm_start or self.tiered.eviction == "none":
-            return
-        seq_ids = tuple(seq_ids)
-        slot_list = [self.seqs.slot(s) for s in seq_ids]
-        lens = [self.seqs.length(s) for s in seq_ids]
-        if not all(s in self._last_q for s in slot_list):
-            return  # not prefilled through this cache's attention (e.g. KV imported)
-        slots = torch.tensor(slot_list, device=self.device)
-        len_t = torch.tensor(lens, device=self.device)
-        batch = ForwardBatch(seq_ids, tuple(lens), 0, None, self._meta(slots, slot_list, len_t, lens, False))
-        for layer, cache in self.caches.items():
-            if self.tables[layer].summarizer.fits_prompt:  # lowrank_seq fits on the whole prompt later
-                continue
-            q = torch.stack([self._last_q[s][layer] for s in slot_list])  # (B, H_q, D)
-            if self.host.may_miss:  # a disk tier: the arena keeps what the prompt's end ranks highest
-                key, counts = self.importance(layer, q, slots)
-                self._moved["placed_disk_reads"] += self.host.place(layer, slot_list, key, counts) * self.group_bytes
-            before = cache.counters.clone()
-            self._select_and_fetch(layer, q, batch, self.layer_specs[layer].scale, prefetch=False)
-            self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
-            cache.counters.copy_(before)
+    def __init__(self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device):
+        self.host, self.layer_specs, self.summarize, self.device = host, layer_specs, summarize, device
+        self.g, self.group_shape, self.group_bytes = layout.group_tokens, layout.slot_shape, layout.group_bytes
+        self.dtype = layout.dtype
+        self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> the prompt's last query (H_q, D)
+        self.dense_bytes = 0  # host -> GPU bytes gathered by ``attend``
+
+    # -- the prompts' last queries ------------------------------------------------------
+    def remember(self, layer: int, q: torch.Tensor, slot_list) -> None:
+        """The last query (B, H_q, T, D) of a prefill chunk, per sequence: the latest chunk's wins."""
+        for i, slot in enumerate(slot_list):
+            self._last_q.setdefault(slot, {})[layer] = q[i, :, -1].clone()  # (H_q, D)
+
+    def queries(self, slot_list, layer: int) -> torch.Tensor:
+        """(B, H_q, D): the remembered last query of ``layer`` of each of ``slot_list``."""
+        return torch.stack([self._last_q[s][layer] for s in slot_list])
+
+    def has_queries(self, slot_list) -> bool:
+        return all(s in self._last_q for s in slot_list)
+
+    def forget(self, slot_list) -> None:
         for s in slot_list:
-            del self._last_q[s]
+            self._last_q.pop(s, None)
 
-    def importance(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """How much query ``q`` (B, H_q, D) attends each summarized group of ``layer`` (the
-        heads' combined scores, as selection ranks them): ((B, N) float32, (B,) groups summarized)."""
-        table = self.tables[layer]
-        counts = table.counts[slots]
-        n = int(counts.max())
-        scores = table.summarizer.score(q, table.data[slots, :n], None, self.layer_specs[layer].scale,
-                                        counts=counts)  # (B, H_kv, N)
-        key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]
-        return key.float().cpu().numpy(), counts.cpu().numpy()
-
-    def export_kv(self, seq_id: int, layer: int, start: int, stop: int):
-        self.seqs.check_range(seq_id, start, stop)
-        g = self.g
-        groups = self.host.gather(layer, self.seqs.slot(seq_id), list(range(start // g, -(-stop // g))))
-        kv = groups.permute(1, 2, 0, 3, 4).reshape(2, groups.shape[2], -1, groups.shape[4])
-        off = start - (start // g) * g
-        return kv[0, :, off : off + stop - start].clone(), kv[1, :, off : off + stop - start].clone()
-
-    def _append_groups(self, layer, k, v, batch, rows) -> None:
-        """A prefill chunk: the groups it fills whole go to the host tier as whole rows (one DMA
-        per sequence for a host-only tier) and are summarized from the GPU copy right away;
-        only the partial groups at its ends are written token by token."""
+    # -- write path ---------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, rows: torch.Tensor) -> None:
+        """A prefill chunk's k, v (B, H_kv, T, D) of ``layer``: the groups it fills whole go to the
+        host tier as whole rows and are summarized right away; only the partial groups at its
+        ends are written token by token (``rows`` (B, T): each token's host row)."""
         g, t = self.g, batch.num_new
-        table = self.tables.get(layer)
+        typed, offs = self.host.typed(layer), batch.meta["offs"]
         for b, (slot, start) in enumerate(zip(batch.meta["slot_list"], batch.start)):
             first = -(-start // g)  # first group that starts inside the chunk
             n = (start + t) // g - first  # groups the chunk covers whole
             if n <= 0:
-                tier_ops.write_tokens(self.host.typed(layer), rows[b : b + 1], batch.meta["offs"][b : b + 1],
-                                      k[b : b + 1], v[b : b + 1])
+                tier_ops.write_tokens(typed, rows[b : b + 1], offs[b : b + 1], k[b : b + 1], v[b : b + 1])
                 continue
             lo, hi = first * g - start, (first + n) * g - start  # token span of the whole groups
             for a, z in ((0, lo), (hi, t)):
                 if z > a:
-                    tier_ops.write_tokens(self.host.typed(layer), rows[b : b + 1, a:z],
-                                          batch.meta["offs"][b : b + 1, a:z], k[b : b + 1, :, a:z],
+                    tier_ops.write_tokens(typed, rows[b : b + 1, a:z], offs[b : b + 1, a:z], k[b : b + 1, :, a:z],
                                           v[b : b + 1, :, a:z])
             h, d = k.shape[1], k.shape[3]
             kv = torch.stack((k[b, :, lo:hi], v[b, :, lo:hi]))  # (2, H, n*G, D)
             groups = kv.view(2, h, n, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
             self.host.put(layer, slot, first, groups)
-            if table is not None and not table.summarizer.fits_prompt:  # lowrank_seq fits on the whole prompt
-                self._refresh_slots(layer, [slot], [first * g])  # the group the chunk completed, if any
-                table.write(slot, torch.arange(first, first + n, device=self.device), groups[:, 0])
-                self._summarized[layer][slot] = first + n
+            self.summarize(layer, slot, first, groups)
 
-    def _dense(self, layer, q, batch, spec) -> torch.Tensor:
-        """Exact attention over this layer's KV, gathered from host for the span the query sees."""
+    # -- exact attention ----------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, spec: LayerSpec) -> torch.Tensor:
+        """Exact attention of q (B, H_q, T, D) over this layer's KV, gathered from host for the
+        span the query sees (the chunk's own tokens straight from the GPU)."""
         m, g = batch.meta, self.g
         first = [0 if spec.window is None else max(0, s - spec.window + 1) // g for s in batch.start]
         n_pages = max(-(-n // g) - f for n, f in zip(m["lens"], first))
@@ -111,7 +85,7 @@ class TieredPrefill:
         for i, (slot, f, n) in enumerate(zip(m["slot_list"], first, m["lens"])):
             span = -(-n // g) - f
             kv[i, :span] = self.host.gather(layer, slot, list(range(f, f + span)))
-            self._moved["dense_host_to_gpu"] += span * self.group_bytes
+            self.dense_bytes += span * self.group_bytes
         if batch.num_new > 1:  # the chunk's own tokens straight from the GPU, not the host round trip
             k_new, v_new = m["new_kv"][layer]
             first_t = torch.tensor(first, device=self.device)

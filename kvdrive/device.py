@@ -124,9 +124,9 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-locked, device-mapped host memory, page-aligned, exactly that size: an
     anonymous mapping registered with CUDA, unregistered when its last tensor is freed.
 
-    NOTE: torch's pinned allocator rounds each block up to a power of two, so a 9.6 GiB arena of
-    30 layers (0.32 GiB each) held 15.7 GiB (bench/results/decode-smollm2-text-ssd-h200-s096d.json).
-    Falls back to that allocator where registration fails."""
+    NOTE: torch's pinned allocator rounds each block up to a power of two, so an arena of many
+    layers can hold up to twice its size in pinned memory. Falls back to that allocator where
+    registration fails."""
     mem = mmap.mmap(-1, max(nbytes, 1))
     out = torch.frombuffer(mem, dtype=torch.uint8)[:nbytes]
     cudart = torch.cuda.cudart()

@@ -1,5 +1,4 @@
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -12,7 +11,6 @@ from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.loader import load_config
 
-TIERED = importlib.util.find_spec("kvdrive.tiered.cache") is not None
 TINY = ["-m", "random:smollm2-135m", "--device", "cpu", "--contexts", "64", "--batches", "1", "2", "-n", "1",
         "--warmup", "1", "--rebalance-after", "0", "--budget", "32", "--sink", "16", "--window", "16",
         "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2",
@@ -94,16 +92,15 @@ def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
 
 
 def test_bench_decode_runs_tiny_on_cpu(tmp_path):
-    sparse = ["kvdrive_host"] if TIERED else ["sparse_gpu"]  # the tiered cache once it is in the checkout
     out = tmp_path / "decode.json"
-    args = _args("--systems", "full_gpu", *sparse, "streaming", "hf_offload", "--batches", "2", "--control-stream",
-                 "-o", str(out))
+    args = _args("--systems", "full_gpu", "kvdrive_host", "streaming", "hf_offload", "--batches", "2",
+                 "--control-stream", "-o", str(out))
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
     assert doc["config"]["kvdrive_host"]["control_stream"] is True  # recorded; on a CPU (one part) it changes nothing
     assert doc["bench"] == "decode" and doc["command"]
     assert doc["config"]["sparse"]["budget_tokens"] == {"64": 32}
-    assert set(doc["config"]["systems"]) == {"full_gpu", *sparse, "streaming", "hf_offload"}
+    assert set(doc["config"]["systems"]) == {"full_gpu", "kvdrive_host", "streaming", "hf_offload"}
     rows = doc["results"]["rows"]
     assert {(r["system"], r["batch"]) for r in rows} == {(s, 2) for s in doc["config"]["systems"]}
     for r in rows:
@@ -121,17 +118,16 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     assert rl["pcie_bytes"] == 0 and rl["limit"] == "compute"
     assert rl["gpu_kv_bytes"] == 2 * load_config("random:smollm2-135m").kv_bytes_at(64, torch.float32)
     assert full["fraction_of_bound"] == pytest.approx(full["tokens_per_s"] / rl["tokens_per_s"])
-    for s in sparse:
-        r = by[s, 2]
-        assert r["status"] == "ok", r.get("reason")
-        # attention reads the 32-token budget of each of 30 layers and the minmax summary of each of 4 groups:
-        # smollm2 fp32 keeps 2 x 3 heads x 64 x 4 bytes per token and layer, a summary is as large
-        assert r["roofline"]["gpu_kv_bytes"] == 2 * 30 * 1536 * (32 + 4)
-        if TIERED:  # stats of the timed steps only, turned into rates and bytes per step
-            assert r["stats"]["steps"] == 1 and r["stats"]["groups_selected"] > 0
-            assert 0 <= r["per_step"]["gpu_hits_rate"] <= 1
-            assert r["per_step"]["bytes_host_to_gpu_per_step"] == r["roofline"]["pcie_bytes"]
-            assert {"select", "attention"} <= set(r["per_step"]["time_ms_per_step"])  # the profiled extra step
+    r = by["kvdrive_host", 2]
+    assert r["status"] == "ok", r.get("reason")
+    # attention reads the 32-token budget of each of 30 layers and the minmax summary of each of 4 groups:
+    # smollm2 fp32 keeps 2 x 3 heads x 64 x 4 bytes per token and layer, a summary is as large
+    assert r["roofline"]["gpu_kv_bytes"] == 2 * 30 * 1536 * (32 + 4)
+    # stats of the timed steps only, turned into rates and bytes per step
+    assert r["stats"]["steps"] == 1 and r["stats"]["groups_selected"] > 0
+    assert 0 <= r["per_step"]["gpu_hits_rate"] <= 1
+    assert r["per_step"]["bytes_host_to_gpu_per_step"] == r["roofline"]["pcie_bytes"]
+    assert {"select", "attention"} <= set(r["per_step"]["time_ms_per_step"])  # the profiled extra step
     assert doc["results"]["bandwidths"]["hbm_gbps"] > 0 and doc["results"]["bandwidths"]["h2d_gbps"] is None
     assert doc["results"]["best"]["64"]["full_gpu"]["batch"] == 2
     assert out.with_suffix(".png").exists()
@@ -157,7 +153,6 @@ def test_decode_tokens_random_ignore_the_logits_and_repeat_per_row():
     assert torch.equal(decode._feeder(args, 50, 3, torch.device("cpu"))(logits[0]), logits[0].argmax(-1, keepdim=True))
 
 
-@pytest.mark.skipif(not TIERED, reason="kvdrive.tiered.cache is not in this checkout")
 def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
     out, disk = tmp_path / "decode.json", tmp_path / "disk"
     args = _args("--systems", "kvdrive_ssd", "kvswap_ssd", "--batches", "1", "--disk", str(disk), "--ssd-host-gib", "0.01",

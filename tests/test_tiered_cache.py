@@ -355,7 +355,7 @@ def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
 def test_prefetch_precision_counts_only_prefetches_since_the_reset():
     """A slot filled by a prefetch before ``reset_stats`` and selected after it is not a prefetch
     hit of the new period: per layer, prefetch hits never exceed prefetches (with a cache as
-    large as the context such slots live long; on the H100 precision read 1.38 before)."""
+    large as the context such slots live long, and precision read above 1)."""
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,

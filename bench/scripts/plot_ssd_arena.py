@@ -4,8 +4,7 @@ Reads ``kvdrive bench decode`` result JSONs (kvdrive_host and kvdrive_ssd rows),
 kvdrive_ssd row at the host memory it used, labelled with its arena and the share of selections
 left out a step, with host-only and 0.70x of it as lines.
 
-    python bench/scripts/plot_ssd_arena.py bench/results/decode-smollm2-text-ssd-h200-stop17-final-*.json \\
-        -o bench/results/decode-smollm2-ssd-arena-stop17.png
+    python bench/scripts/plot_ssd_arena.py RESULT.json [RESULT.json ...] -o PLOT.png
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     host, ssd = rows(args.results)
+    gpu = json.loads(Path(args.results[0]).read_text())["environment"].get("gpu") or "CPU"
     if not host or not ssd:
         raise SystemExit("need kvdrive_host and kvdrive_ssd rows (bench decode --systems kvdrive_host kvdrive_ssd)")
     ref = max(r["tokens_per_s"] for r in host)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     ax.set_ylim(0, ref * 1.15)
     ax.set_xlim(0, max(r["host_mem_used_gib"] for r in host + ssd) * 1.1)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("SmolLM2-135M, real prose, 8K x 64, H200 + lent disk", fontsize=10)
+    ax.set_title(f"SmolLM2-135M, real prose, 8K x 64, {gpu}", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print("wrote", args.out)

@@ -4,7 +4,7 @@ split kernels (chunk 1024), at the Llama-3.1-8B decode shapes (8 KV heads, budge
 each result against the torch path.
 
 Run on a CUDA machine from the repo root: ``python3 bench/scripts/select_kernel_timing.py``
-(writes ``$OUT/selbench.json``, or ``./selbench.json``). Result: bench/results/select-kernel-h200.json.
+(writes ``$OUT/selbench.json``, or ``./selbench.json``).
 """
 
 import json

@@ -68,7 +68,7 @@ def add_arguments(p) -> None:
                         "N steps would take longer (default 30)")
     g = p.add_argument_group("sparse systems (the same for every one)")
     g.add_argument("--summary", default="minmax", choices=("minmax", "mean"),
-                   help="group summary that scores selection (default minmax: what bench/results/decode-h100.json ran)")
+                   help="group summary that scores selection (default minmax)")
     g.add_argument("--budget", type=int, default=2048, help="tokens attended per step on global layers, sinks "
                    "and window included (default 2048)")
     g.add_argument("--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
@@ -88,8 +88,7 @@ def add_arguments(p) -> None:
                         "layer runs)")
     g.add_argument("--prefetch-min-precision", type=float, default=TieredConfig.prefetch_min_precision,
                    help="tiered systems: after the warm-up a layer keeps prefetching only if at least this share "
-                        "of what it prefetched was then selected (default %(default)s; 0: always prefetch; at 0.53-0.79 "
-                        "prefetch cost 19%% of the throughput on the H200)")
+                        "of what it prefetched was then selected (default %(default)s; 0: always prefetch)")
     g.add_argument("--micro-batches", type=parse_count_or_auto, default="auto",
                    help="kvdrive_host and kvdrive_ssd: batch parts decoded on their own CUDA streams, layer by "
                         "layer in turn, fetching in turn on one stream, so one part's fetch overlaps another's "

@@ -14,8 +14,8 @@ from kvdrive.results import write_result
 from kvdrive.errors import KvdriveError
 from kvdrive.plotting import pyplot
 
-# issue 5's targets, each system at its best batch: kvdrive over the ShadowKV-style baseline,
-# and host + SSD against host only
+# the design's targets, each system at its best batch: kvdrive over the ShadowKV-style
+# baseline, and host + SSD against host only
 TARGETS = {("kvdrive_host", "sparse_host"): 1.74, ("kvdrive_ssd", "kvdrive_host"): 0.70}
 PANEL = (5.0, 3.8)
 NOT_MEASURED = "not measured: "
@@ -24,7 +24,7 @@ NOT_MEASURED = "not measured: "
 def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
     """``best[context][system]`` = the batch with the most tokens/s; ratios at each one's best
     batch, per context: kvdrive_host over every system not on disk, kvdrive_ssd over
-    kvdrive_host and over kvswap_ssd (with the targets where issue 5 sets one)."""
+    kvdrive_host and over kvswap_ssd (with the target where ``TARGETS`` sets one)."""
     best: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r["status"] == "ok":

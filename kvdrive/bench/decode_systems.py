@@ -3,13 +3,11 @@ needs in GPU and host memory, and what one decode step must move (the roofline's
 
 Every system but ``hf_offload`` is a ``KVCache`` decoded by kvdrive's own model, so the
 numbers differ only by where the KV lives and how it moves. Factories import their
-cache lazily; ``unavailable`` says why a system cannot run in this checkout (the tiered
-cache is being built), and the bench records that reason instead of failing.
+cache lazily.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +83,6 @@ class System:
     host_bytes: Callable[[Shape, Options], int]  # estimated, mostly pinned
     gpu_kv_read: Callable[[Shape, Options], int]  # KV + summary bytes attention reads per step
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
-    unavailable: Callable[[], str | None] = lambda: None
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
     disk_bytes: Callable[[Shape, Options], int] = _no_disk  # written to the disk pool
 
@@ -235,12 +232,6 @@ def _settle(o: Options) -> int:
     return o.rebalance_after + 1 if o.rebalance_after else 0  # caches restart empty after the rebalance
 
 
-def _tiered_missing() -> str | None:
-    if importlib.util.find_spec("kvdrive.tiered.cache") is None:
-        return "kvdrive.tiered.cache (TieredSparseKVCache) is not in this checkout yet"
-    return None
-
-
 def _hf_gpu_bytes(s: Shape, o: Options) -> int:
     # Prefill activations of the batch (hidden states, q/k/v, the MLP's three intermediates)
     # and two layers of KV (one computing, one prefetched).
@@ -266,17 +257,17 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
            _sparse_gpu, _sparse_gpu_bytes, _none, _sparse_read, "none"),
     System("sparse_host", "ShadowKV/InfiniGen-style: KV in host memory, selected groups fetched every step, "
            "next layer prefetched, no cross-step GPU cache (TieredSparseKVCache, eviction='none')", False,
-           _tiered("none"), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _tiered_missing, _settle),
+           _tiered("none"), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _settle),
     System("kvdrive_host", "kvdrive: KV in host memory, GPU selection cache with lookahead eviction, next-layer "
            "prefetch (TieredSparseKVCache)", False,
-           _tiered(None), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _tiered_missing, _settle),
+           _tiered(None), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _settle),
     System("kvdrive_ssd", "kvdrive over host + SSD: as kvdrive_host, every group on the disk pool (--disk) behind "
            "a fixed pinned host arena (--ssd-host-gib)", False,
-           _tiered_ssd, _tiered_gpu_bytes, _ssd_host, _sparse_read, "measured", _tiered_missing, _settle, _disk_kv),
+           _tiered_ssd, _tiered_gpu_bytes, _ssd_host, _sparse_read, "measured", _settle, _disk_kv),
     System("kvswap_ssd", "KVSwap-style: as kvdrive_ssd, but the GPU keeps only the previous step's selection "
            "(cache of one selection, LRU, no rebalance)", False,
            lambda s, d, o: _tiered_ssd(s, d, o, previous_step_only=True), _tiered_gpu_bytes, _ssd_host,
-           _sparse_read, "measured", _tiered_missing, lambda o: 0, _disk_kv),
+           _sparse_read, "measured", lambda o: 0, _disk_kv),
 )}
 
 
@@ -301,9 +292,6 @@ def _disk_free(path: str) -> int:
 
 def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) -> str | None:
     """Why ``system`` cannot run ``shape`` here (None: it can); memory estimates vs what is free."""
-    reason = system.unavailable()
-    if reason:
-        return reason
     if shape.filled < 1:
         return f"context {shape.context} leaves no room for {shape.decode_room} decode steps"
     if system.needs_cuda and dev.type != "cuda":

@@ -73,8 +73,8 @@ class HostStreamingKVCache(KVCache):
         n = max(batch.start)  # tokens already on the host; new ones arrive through append
         stream = self.copy_stream if self.overlap else devices.current_stream(self.device)
         stream.wait_event(self.free_ev[b])
-        # NOTE: a (B, H, :n, D) slice is strided and torch copies it from pinned memory at ~4 GB/s
-        # (measured on the H100); whole rows of the slot range are one contiguous DMA at full
+        # NOTE: torch copies a strided (B, H, :n, D) slice from pinned memory at a fraction of
+        # the link's bandwidth; whole rows of the slot range are one contiguous DMA at full
         # bandwidth, so copy them when they are not much more than what is needed.
         span = self.max_len if 2 * n >= self.max_len else n
         with devices.use_stream(stream):

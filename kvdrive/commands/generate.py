@@ -39,8 +39,8 @@ def add_sampling_options(p) -> None:
     k.add_argument("--gpu-cache-tokens", type=parse_cache_tokens, default="auto", metavar="TOKENS|auto",
                    help="GPU selection cache per sequence and layer, in tokens (default auto: 80%% of the free GPU "
                         "memory, split over the batch; 4096 on CPU). Larger is faster (more of each step's selection "
-                        "is already there: 4096 -> 8192 tokens took Llama-3.1-8B at 32K x 16 from 240 to 308 tok/s on "
-                        "an H100); it costs this many tokens of KV per sequence (Llama-3.1-8B: 4096 tokens = 512 MiB). "
+                        "is already there; docs/tiered.md); it costs this many tokens of KV per sequence "
+                        "(Llama-3.1-8B: 4096 tokens = 512 MiB). "
                         "The batch is capped to what free GPU memory holds")
     k.add_argument("--disk", action="append", default=[], metavar="DIR",
                    help="keep the KV on this directory too (repeatable: striped); needs --host-gib")
@@ -50,9 +50,8 @@ def add_sampling_options(p) -> None:
     k.add_argument("--disk-misses", choices=("wait", "defer"), default="wait",
                    help="with --disk, selected groups that are only on disk: wait reads them before the layer "
                         "attends (exact; on a GPU every layer that needs the disk waits for it), defer leaves them "
-                        "out of that step and reads them for the next ones (no waits, CUDA graphs: 0.88x of host-only "
-                        "speed with 85%% of the KV in the arena on an H200; not exact: on SmolLM2 prose top-1 "
-                        "agreement 0.93-0.99 with half to 60%% of the KV in the host arena; docs/tiered.md) "
+                        "out of that step and reads them for the next ones (no waits, CUDA graphs; not exact: the "
+                        "step attends without those groups; speed and agreement: docs/tiered.md) "
                         "(default wait)")
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")

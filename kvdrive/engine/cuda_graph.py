@@ -25,9 +25,8 @@ class GraphedDecodeStep:
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
         # NOTE: the lengths go up from pinned buffers, two in turn. From pageable memory the copy
-        # blocks the host until the GPU has finished the step before: the next replay's launch
-        # (~4,500 nodes for a 2-part 32-layer step) then ran with the GPU idle, ~2.5 ms per step
-        # in the 128K x 4 H200 trace (bench/results/profile-h200/).
+        # blocks the host until the GPU has finished the step before, and the next replay's
+        # launch (thousands of graph nodes) then runs with the GPU idle.
         self._lengths = [torch.empty_like(self.start, device="cpu").pin_memory() for _ in range(2)]
         self._uploaded: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0

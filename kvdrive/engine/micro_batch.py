@@ -8,8 +8,7 @@ are independent, though: with the batch in parts on separate streams, one part's
 fetch overlaps another part's compute (KVDrive's micro-batch pipeline). The price is
 that every part reads the weights once per step.
 
-Two things make the overlap happen (H100 traces of a session whose files were lost; the
-H200 ablations are bench/results/decode-h200-micro1.json and -nolane.json):
+Two things make the overlap happen (docs/bench.md has the ablations):
 
 * the parts' layers are issued interleaved (part 0's layer l, part 1's layer l, part 0's
   layer l+1, ...; ``DecoderLM.layer_steps``), and a cache with a fetch lane

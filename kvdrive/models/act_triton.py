@@ -1,7 +1,7 @@
 """Triton body of ``act_mul`` for SiLU on CUDA (torch twin: ``kvdrive.models.layers.act_mul``).
 
 NOTE: the gated MLP's ``silu(gate) * up`` is two torch kernels on each micro-batch's serial
-chain (stop 13's 128K profile, bench/results/profile-h200/); with gate and up as one GEMM
+chain; with gate and up as one GEMM
 (``GatedMLP.fuse``) this reads its (rows, 2I) output once and writes (rows, I), in one launch,
 with torch's roundings: the SiLU rounded to the dtype, then the product.
 """

@@ -1,10 +1,9 @@
 """Triton body of ``RMSNorm`` on CUDA (torch twin: ``kvdrive.models.layers.RMSNorm``).
 
 NOTE: in torch a norm is seven kernels (cast, square, mean, add, rsqrt, two multiplies and a
-cast); a decode step runs 65 norms per part on the critical path of each layer's chain
-(the fetch of the next layer waits for it). On the H200 at 128K x 4 the seven, with the
-residual add before them, took ~25 us per norm (bench/results/profile-h200/); this kernel is
-one launch. One program per row, the row in registers.
+cast); a decode step runs two norms a layer per part on the critical path of each layer's
+chain (the fetch of the next layer waits for it). This kernel is one launch. One program per
+row, the row in registers.
 """
 
 import triton

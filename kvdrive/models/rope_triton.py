@@ -2,11 +2,11 @@
 
 NOTE: in torch the rotation is five kernels (two multiplies, a negation, a concatenation, an
 add) for the queries and five for the keys of every layer, on each micro-batch's serial
-chain between the QKV projection and the next fetch (stop 12's 128K profile). Here it is
-one launch, written with torch's roundings: each product rounded to the input dtype, then the
-sum. On the H200 the compiled kernel matches torch within those roundings but not bit for bit
-(in bfloat16 ~76% of elements equal, the rest one ulp apart; in float32 the product is fused
-into the add): the compiler does not keep every intermediate rounding.
+chain between the QKV projection and the next fetch. Here it is one launch, written with
+torch's roundings: each product rounded to the input dtype, then the sum. On a GPU the
+compiled kernel matches torch within those roundings but not bit for bit (elements one ulp
+apart in bfloat16; in float32 the product is fused into the add): the compiler does not keep
+every intermediate rounding, so tests bound the difference.
 """
 
 import triton

@@ -3,9 +3,8 @@
 
 NOTE: in torch a score is about ten kernels: the split query and its block-diagonal copy,
 the GEMM, a float copy of its transposed output, the max over query heads, the scale, the
-mask from the group counts (arange, compare, not, fill). At 128K x 4 on the H200 they took
-~100 us per micro-batch and layer on the serial chain before the fetch
-(bench/results/profile-h200/), five times the time to read the summaries. Here it is one
+mask from the group counts (arange, compare, not, fill), on the serial chain before the
+fetch and several times the time to read the summaries. Here it is one
 launch reading each summary once, with torch's roundings: the split query in the summaries'
 dtype, each dot product rounded to it (the GEMM's output dtype), then the head reduction.
 """

@@ -195,9 +195,8 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
 
 
 def _select_warps(block_n: int) -> int:
-    """Warps of a selection program. NOTE: on the H200 (``bench/results/select-kernel-h200.json``)
-    2048 groups ran in 20.0 us with 8 warps (27.9 with 4) and 8192 in 47.5 us with 16 (59.0 with
-    8, 53.2 with 32): one program per sequence is latency bound, more warps shorten it up to 16."""
+    """Warps of a selection program: one program per sequence is latency bound, and more warps
+    shorten it up to 16 (measured per row length: docs/attention.md)."""
     return min(16, max(4, block_n // 256))
 
 
@@ -209,8 +208,8 @@ SPLIT_CHUNK = 1024  # groups per program of the split kernels
 def _topk_lowest_index_first(s: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest of float32 s (..., N), best first; ties go to the lower index.
 
-    NOTE: topk is a radix select (a full stable sort of 8192 groups x 128 rows cost ~1 ms
-    on an H100); its tie order is unspecified, so the key packs the score's order-preserving
+    NOTE: topk is a radix select (a full stable sort of long rows costs far more); its tie
+    order is unspecified, so the key packs the score's order-preserving
     int32 image above the reversed index into one int64: no two keys are equal.
     """
     n = s.shape[-1]

@@ -1,11 +1,10 @@
 """Shared-mode selection with many programs per sequence, for long rows (launcher:
 ``kvdrive.retrieval.select._select_split``; one-program twin: ``select_triton``).
 
-NOTE: one program per sequence is latency bound at 8192 groups (128K tokens): 47 us on an
-idle H200 at its best warp count, and 110-145 us inside the pipelined decode, where it
-shares the SMs with the fetch kernel and the other micro-batch, and sits on each layer's
-critical path (the next fetch waits for it). Here each sequence's row is cut into chunks of
-``CHUNK`` groups, one program each, in five steps:
+NOTE: one program per sequence is latency bound on long rows, and inside the pipelined decode
+it shares the SMs with the fetch kernel and the other micro-batch while it sits on each
+layer's critical path (the next fetch waits for it). Here each sequence's row is cut into
+chunks of ``CHUNK`` groups, one program each, in five steps:
 
 1. ``split_stats_kernel``: per chunk and KV head, the max and the sum of exp of the raw
    scores (the lookahead key's softmax) and of the candidates (the mass's softmax).
@@ -18,13 +17,9 @@ critical path (the next fetch waits for it). Here each sequence's row is cut int
 5. ``split_write_kernel``: each chunk writes its groups at the offset the chunks before
    it fill; ties go to the lower index, as in the one-program kernel.
 
-The same groups as ``select_shared_kernel`` (tests/test_attention_select.py), in the same order.
-Measured on an idle H200 (``bench/results/select-kernel-h200.json``): 40 us at 8192 groups
-(one program: 47.5), 40 us at 2048 (one program: 20): seven launches cost more than a short
-row saves, so only rows above ``SPLIT_MIN_GROUPS`` split. Inside the pipelined decode at 128K x 4
-the launches took 65-90 us together (the other micro-batch's GEMMs hold the SMs), and the
-one-program kernel was slower there still: 190.7 vs 206.5 tok/s
-(``bench/results/decode-h200-128k-oneprogram.json`` vs ``-ensure.json``).
+The same groups as ``select_shared_kernel`` (tests/retrieval/test_select.py), in the same order.
+Seven launches cost more than a short row saves, so only rows above ``SPLIT_MIN_GROUPS`` split
+(the timings: docs/attention.md).
 """
 
 import triton

@@ -1,20 +1,18 @@
 """Triton body of shared-mode ``select_groups`` (launcher and torch twin: ``kvdrive.retrieval.select``).
 
 In torch, a shared selection is ~40 kernels per layer and step (masks, two softmaxes over the
-KV heads, the packed top-k key, top-k, two sorts); on an H100 they took ~170 us per layer of
-a Llama-3.1-8B decode step at batch 8. Here one program per sequence does it in registers:
+KV heads, the packed top-k key, top-k, two sorts), on every layer's serial chain. Here one
+program per sequence does it in registers:
 each KV head's softmax over the candidate groups, summed over heads (the estimated attention
 mass, ``softmax_sum``), sinks and window forced in; a radix select finds the threshold of
 the ``count`` best, and a scan writes those groups out in ascending order. The same pass sums
 the softmax of the unmasked scores: the eviction key of the lookahead cache.
 
-NOTE: the threshold was first found by sorting the packed (score, index) keys of the row
-(``tl.sort``: a bitonic sort, O(N log^2 N) in one program): 87 us per layer at 2048 groups x
-16 sequences on the H100, and ~5.5x the work per program at 8192 groups (128K), where a
-batch of 4 gives 4 programs. The radix select decides the threshold's 32 bits one at a
-time, each by one count over the row: O(32 N). Same groups (ties still go to the lower
-index); 0.11 vs 0.31 ms per call at 128K x 4 on an H200 (bench/results/select-h200-radix-vs-sort.json).
-Rows above 4096 groups now take ``select_split_triton`` (many programs per sequence).
+NOTE: the threshold is a radix select, not a sort of the packed (score, index) keys of the row
+(``tl.sort`` is a bitonic sort, O(N log^2 N) in one program, and a small batch at a long
+context gives few programs): it decides the threshold's 32 bits one at a time, each by one
+count over the row, O(32 N). Ties go to the lower index. Rows above ``SPLIT_MIN_GROUPS``
+groups take ``select_split_triton`` (many programs per sequence).
 """
 
 import triton

@@ -116,8 +116,7 @@ class GroupSummarizer(ABC):
         return s
 
 
-SCORE_BLOCK_N, SCORE_WARPS = 64, 8  # per program: groups, warps (25.0 us vs 29.1 with 4 warps for 2 x 8192 groups
-# on an idle H200, bench/results/score-kernel-h200.json; the torch path 57.8 us)
+SCORE_BLOCK_N, SCORE_WARPS = 64, 8  # per program: groups, warps (the fastest measured: docs/attention.md)
 
 
 def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None,

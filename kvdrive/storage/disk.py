@@ -74,8 +74,8 @@ class DiskDevice:
         self._reads = IoQueue(read_depth, f"{self._tag}-r", self.metrics, "disk_read")
         self._writes = IoQueue(write_depth, f"{self._tag}-w", self.metrics, "disk_write")
         # Native batches run one at a time, each on read_depth (write_depth) threads: the queue
-        # depth the disk was probed at. Batches of several steps at once drove it to ~1000 reads in
-        # flight, where the lent H200's disk is slower (bench/results/io-h200.json, depth 64).
+        # depth the disk was probed at (several batches at once put far more reads in flight,
+        # where a disk can be slower, not faster).
         self._native_reads = IoQueue(1, f"{self._tag}-nr", self.metrics, "disk_read_batch")
         self._native_writes = IoQueue(1, f"{self._tag}-nw", self.metrics, "disk_write_batch")
         if self.persistent:

@@ -110,7 +110,7 @@ class IoQueue:
 
     ``map_shards`` splits a batch of requests round-robin into at most ``depth`` shards,
     one task per shard: exactly ``depth`` syscalls in flight at a time, and one executor
-    hand-off per shard instead of one per request (about 14 us each on 2 cores, which
+    hand-off per shard instead of one per request (each costs microseconds, which
     matters at tens of thousands of 64 KiB reads per second). Per-request latency and
     the number of busy workers (the queue depth) go to ``metrics``.
     """

@@ -20,8 +20,7 @@ class TieredConfig:
     sparse layers (each layer gets at least the pages one selection takes); ``"auto"``
     sizes it when the cache is built: on CUDA, ``AUTO_GPU_SHARE`` of the GPU memory then
     free, split over the sequences (``admission.resolve_cache_tokens``); elsewhere
-    ``AUTO_CPU_TOKENS``. On the H100 a larger cache was faster: at 32K x 16 of the 8B shape,
-    4096 tokens gave 240 tok/s, 8192 308, 16384 320 (bench/results/decode-h100-cache*.json)."""
+    ``AUTO_CPU_TOKENS``. A larger cache decodes faster while it fits (docs/tiered.md)."""
 
     sparse: SparseConfig = field(default_factory=lambda: SparseConfig(budget=2048, sink_tokens=64, window_tokens=256))
     cache_tokens: int | str = "auto"
@@ -35,9 +34,8 @@ class TieredConfig:
     warm_start: bool = True
     # At the rebalance, a layer keeps prefetching only if this share of what its prefetch
     # fetched was then selected (a wrong prediction costs the bandwidth of its fetch, and every
-    # prefetching layer scores and selects twice per step); 0: always. NOTE: 0.9, not 0.5: on the
-    # H200 (32K x 16, 8B shape) layers prefetching at 0.53-0.79 precision cut the ShadowKV-style
-    # system from 164.6 to 132.8 tok/s in one run (bench/results/decode-h200-32k-prefetch*.json).
+    # prefetching layer scores and selects twice per step); 0: always. NOTE: 0.9, not 0.5: layers
+    # prefetching at a mediocre precision cost more throughput than they save (docs/bench.md).
     prefetch_min_precision: float = 0.9
     disk: tuple[PoolPath, ...] = ()  # disk pool paths: host memory becomes an arena in front of them
     host_bytes: int = 0  # with disk: pinned host arena, all layers together
@@ -45,13 +43,11 @@ class TieredConfig:
     # Decode batch parts on their own streams, interleaved layer by layer, fetching in turn on
     # one lane (``fetch_lane``), so one part's fetch overlaps another's compute; 1: off.
     # "auto": 2 on CUDA, 1 elsewhere (on a CPU the parts run one after the other: nothing to
-    # overlap, and each part reads the weights again). H200, 32K x 16, 8B shape, 4096-token
-    # cache: 2 parts 315 tok/s, 1 part 246 (bench/results/decode-h200*.json).
+    # overlap, and each part reads the weights again).
     micro_batches: int | str = "auto"
     # Programs of the host -> GPU fetch kernel. 0: one per (group, block), as many SMs as it
     # gets; N: N looping programs, so the copy leaves the other SMs to a micro-batch's compute;
-    # "auto": a quarter of the GPU's SMs with micro-batches (33 of 132 on the H200; runs before
-    # stop 15 in bench/results/decode-h200*.json used half, 66), else 0.
+    # "auto": a quarter of the GPU's SMs with micro-batches (see ``resolve_parts``), else 0.
     fetch_programs: int | str = "auto"
     # With micro-batches: every part's fetch on one stream, in issue order, so the parts take
     # turns on PCIe and one computes while the other fetches (False: ablation, each part
@@ -59,15 +55,14 @@ class TieredConfig:
     fetch_lane: bool = True
     # With micro-batches: each part's score, selection and cache update (the kernels that decide
     # its next fetch) on a stream of the highest priority, so their blocks start before the other
-    # part's GEMM blocks. NOTE: at 128K x 4 on the H200 the split selection's launches took 65-90
-    # us inside the decode against 40 alone (bench/results/profile-h200/README.md): they wait for
-    # SMs. Off by default: not yet measured (``--control-stream`` in ``kvdrive bench decode``).
+    # part's GEMM blocks (inside the decode the selection's launches wait for SMs). Off by
+    # default until measured (``--control-stream`` in ``kvdrive bench decode``).
     control_stream: bool = False
     # With disk: what a decode step does with selected groups that are only on disk. "wait": read
     # them before the layer's fetch (exact; one host sync per layer and micro-batch). "defer":
     # attend without them this step and read them for later steps (no host sync in the step, so
-    # it can be a CUDA graph; the step's attention misses those groups). NOTE: on the H200's disk
-    # (1-2 ms a read) "wait" ran at 0.004x of host-only (bench/results/decode-smollm2-text-ssd-h200.json).
+    # it can be a CUDA graph; the step's attention misses those groups). NOTE: on a disk with
+    # millisecond reads "wait" is bound by one read round trip per layer (docs/tiered.md).
     disk_misses: str = "wait"
 
     def __post_init__(self):
@@ -95,9 +90,9 @@ class TieredConfig:
 def resolve_parts(tiered: TieredConfig, device) -> TieredConfig:
     """``tiered`` with ``micro_batches`` and ``fetch_programs`` as numbers. "auto": 2 parts on a
     CUDA device, else 1; the fetch kernel on a quarter of the SMs of a CUDA device when the
-    batch is micro-batched, else 0 (one program per tile). A quarter: at 128K x 4 on the H200
-    (132 SMs), 32 programs still fill PCIe and give the other part's GEMMs the SMs that 66 held
-    (237 vs 212 tok/s; 16 starve PCIe: 198; bench/results/decode-h200-128k-fp*.json)."""
+    batch is micro-batched, else 0 (one program per tile). A quarter: enough programs to fill
+    PCIe, the rest of the SMs left to the other part's GEMMs (half was slower, an eighth starved
+    PCIe: docs/bench.md)."""
     import torch
 
     cuda = getattr(device, "type", "cpu") == "cuda" and torch.cuda.is_available()

@@ -1,9 +1,8 @@
 """Triton body of ``SelectionCache.ensure`` (launcher and pure-torch twin: ``kvdrive.tiered.selection_cache``).
 
 The torch version of ``ensure`` is about 60 small kernels per layer and step (gathers,
-scatters, a sort, a scan, masks); on an H100 they took ~235 us per layer of a Llama-3.1-8B
-decode step at batch 8, a quarter of the layer (bench/results/profile-h100/). Here one
-program per sequence does the whole bookkeeping in registers: look the selection up, count,
+scatters, a sort, a scan, masks), a large share of a decode layer. Here one program per
+sequence does the whole bookkeeping in registers: look the selection up, count,
 key the cache slots for eviction, sort them, hand the lowest-keyed slots to the misses in
 order, and update the table, owners, stamps and fresh flags. The copy of the missed groups
 stays in ``kvdrive.storage.gather.copy_rows``, driven by the ``dst`` this kernel writes.

@@ -63,8 +63,8 @@ def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor
     ``groups`` (B,) of sequence slot ``slots`` (B,) where cached (its trash row otherwise).
 
     NOTE: per layer and micro-batch of the decode, this is one launch where the two
-    ``write_tokens`` with their index arithmetic and the cache lookup were ~12 kernels on the
-    serial chain before the next fetch (stop 13's 128K H200 profile).
+    ``write_tokens`` with their index arithmetic and the cache lookup are ~12 kernels on the
+    serial chain before the next fetch.
     """
     if impl == "auto":
         impl = "triton" if k.is_cuda and (cache is None or cache.pool[0].is_contiguous()) and triton_available() \
@@ -103,8 +103,8 @@ def defer_split(groups: torch.Tensor, num_pages: torch.Tensor, slots: torch.Tens
     aligned with ``groups``, 1 listed, 2 listed but left out (on disk only and not cached).
 
     NOTE: one launch per layer and micro-batch where the torch twin is ~25 kernels (lookups,
-    masks, a sort to compact, gathers); the H200 profile of SmolLM2 8K x 64 counted 3006
-    kernels a step with them against 1135 host-only, the step 10.5 ms against 4.5.
+    masks, a sort to compact, gathers): with the twin, a small model's deferred step is bound
+    by kernel launches.
     """
     if impl == "auto":
         impl = "triton" if groups.is_cuda and triton_available() else "torch"

@@ -32,7 +32,7 @@ def _pair(name):
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # norms are initialised to constants: randomise them too
-        for n, p in hf.named_parameters():
+        for _, p in hf.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     ours = DecoderLM(from_hf_config(hf_cfg))

@@ -5,11 +5,11 @@ import torch
 from conftest import run_interpreted
 from torch import nn
 
+from kvdrive.errors import KvdriveError
 from kvdrive.retrieval import Budget, SelectionConfig, all_pages, paginate, select_groups, selection_mask
 from kvdrive.retrieval.predict import forced_mask, predict_query, recall
 from kvdrive.retrieval.select import _select_kernel, combine_heads, select_groups_keyed
 from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
-from kvdrive.errors import KvdriveError
 from kvdrive.retrieval.summaries import make_summarizer
 
 

@@ -257,9 +257,9 @@ def test_fill_text_prefills_real_prose_in_chunks(smollm2):
     import random
 
     from kvdrive.bench.decode_fill import fill_text
-    from kvdrive.eval.corpus import TokenHaystack, load_text
     from kvdrive.cache.contiguous import ContiguousKVCache
     from kvdrive.cache.sparse import SparseConfig
+    from kvdrive.eval.corpus import TokenHaystack, load_text
     from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
     model, cpu = smollm2.model, torch.device("cpu")

@@ -9,8 +9,8 @@ import torch
 from test_sparse_cache import _decode, _tiny
 from test_tiered_cache import CPU, F32, _disk_cfg, _prompts
 
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.errors import KvdriveError
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 SPARSE = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
@@ -117,9 +117,9 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
 def test_evicted_slots_wait_for_the_step_that_may_read_them(tmp_path):
     """An arena slot evicted while a step is in flight is not handed out again until that step's
     event completes (its copy kernels may still read the old group)."""
-    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.storage.pool import PoolPath
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
 
     class Pending:
         done = False
@@ -187,11 +187,11 @@ def test_queued_map_changes_keep_the_last_value_of_each_group(tmp_path):
     """``slot_gpu`` changes are applied in one scatter per call; a group evicted and mapped again
     (or mapped twice) in one call ends with its last value, whatever order a scatter of duplicate
     indices would pick."""
-    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
+    from test_arena_index import Done
+
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.storage.pool import PoolPath
-
-    from test_arena_index import Done
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
 
     layout = GroupLayout(2, 1, 8, F32, 4)
     kv = DiskBackedHostKV(layout, 2, 8, CPU, 16 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))

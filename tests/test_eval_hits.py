@@ -4,13 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_sparse_cache import _tiny
 
-from kvdrive.retrieval.select import Selection, selection_mask
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.hits import CachePoint, HitsSpec, SelectionTrace, grid, measure_point, overlap
+from kvdrive.retrieval.select import Selection, selection_mask
 from kvdrive.tiered.selection_cache import EVICTIONS
-from kvdrive.cache.sparse import SparseConfig
-from test_sparse_cache import _tiny
 
 L, M = 200, 24  # prefill tokens, teacher-forced steps
 

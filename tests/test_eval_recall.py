@@ -2,10 +2,10 @@
 
 import pytest
 
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.eval import corpus
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import text_sweep
-from kvdrive.cache.sparse import SparseConfig
 
 
 @pytest.fixture(scope="module")

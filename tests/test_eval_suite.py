@@ -3,10 +3,10 @@ budget covers the context, and differ when it does not."""
 
 import pytest
 
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.eval import corpus, tasks
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import task_sweep, text_sweep
-from kvdrive.cache.sparse import SparseConfig
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,15 @@ SPLIT = {"num_groups_ptr": "*i64", "ordered_ptr": "*i64", "hist_ptr": "*i32"}
 
 
 def _kernels():
-    from kvdrive.retrieval import select_triton as one
-    from kvdrive.retrieval import select_split_triton as split
-    from kvdrive.tiered import selection_cache_triton as cache_kernels, tier_ops_triton as tier_kernels
+    from kvdrive.models import act_triton as act_kernel
+    from kvdrive.models import norm_triton as norm_kernel
+    from kvdrive.models import rope_triton as rope_kernel
     from kvdrive.retrieval import score_triton as score_kernel
+    from kvdrive.retrieval import select_split_triton as split
+    from kvdrive.retrieval import select_triton as one
     from kvdrive.storage import gather_triton
-    from kvdrive.models import act_triton as act_kernel, norm_triton as norm_kernel, rope_triton as rope_kernel
+    from kvdrive.tiered import selection_cache_triton as cache_kernels
+    from kvdrive.tiered import tier_ops_triton as tier_kernels
 
     yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
                                      **BUDGET, **FORCED}, {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128}

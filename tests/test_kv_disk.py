@@ -3,7 +3,6 @@ import os
 import resource
 import warnings
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 import json
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +75,7 @@ def test_weights_come_from_the_probe_file(tmp_path):
     paths = three_paths(tmp_path, weights=(None, None, None))
     for p, gbps in zip(paths, (1.0, 1.0, 2.0)):
         probe.save(probe.DeviceProbe(p.path, SB, True, gbps, 1.0, 8, 1 << 20, "2026-01-01T00:00:00"))
-    assert json.load(open(os.path.join(paths[2].path, probe.PROBE_FILE)))[str(SB)]["read_gbps"] == 2.0
+    assert json.loads(Path(paths[2].path, probe.PROBE_FILE).read_text())[str(SB)]["read_gbps"] == 2.0
     pool = DiskPool.open(paths, LAYOUT)
     try:
         assert pool.weights == [1.0, 1.0, 2.0]

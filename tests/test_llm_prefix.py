@@ -2,8 +2,8 @@
 
 from kvdrive.engine.llm import LLM
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.storage.pool import PoolPath
 from kvdrive.prefix.pool import PrefixConfig
+from kvdrive.storage.pool import PoolPath
 
 
 def test_repeated_prompt_hits_the_pool_and_matches(tmp_path):

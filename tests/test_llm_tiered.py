@@ -1,8 +1,8 @@
 """Generation through the tiered cache on a real model (SmolLM2-135M, CPU)."""
 
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.engine.llm import LLM
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.cache.sparse import SparseConfig
 from kvdrive.tiered.cache import TieredConfig
 
 PROMPT = ("The history of the lighthouse keeper's family, told over three generations, begins on a cold "

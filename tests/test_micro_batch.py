@@ -9,8 +9,8 @@ import torch
 from test_sparse_cache import _decode, _tiny
 from test_tiered_cache import CPU, F32, _prompts
 
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.sparse import SparseConfig
+from kvdrive.errors import KvdriveError
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 

@@ -8,11 +8,11 @@ import types
 import pytest
 import torch
 
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.contiguous import ContiguousKVCache
-from kvdrive.storage.pool import PoolPath
-from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.errors import KvdriveError
 from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
+from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.storage.pool import PoolPath
 
 CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, sliding_windows=(None,) * 3,
                             attn_scale=1.0, attn_logit_softcap=None)

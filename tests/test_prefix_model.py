@@ -2,12 +2,12 @@
 
 import torch
 
+from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.engine import generation
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.cache.contiguous import ContiguousKVCache
-from kvdrive.storage.pool import PoolPath
 from kvdrive.prefix.pool import PrefixConfig, PrefixPool
-from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.storage.pool import PoolPath
 
 CHUNK = 16
 PROMPT = 75  # 4 full chunks + 11 tokens; a hit covers 64

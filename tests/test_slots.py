@@ -1,7 +1,7 @@
 import pytest
 
-from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.cache.slots import SequenceSlots
+from kvdrive.errors import CapacityError, KvdriveError
 
 
 def test_slots_are_reused_and_lengths_tracked():

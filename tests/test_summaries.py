@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel
 
-from kvdrive.retrieval.lowrank import KeyGram, load_bases, save_bases
 from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.lowrank import KeyGram, load_bases, save_bases
 from kvdrive.retrieval.summaries import SUMMARIZERS, SummaryTable, make_summarizer
 
 H_KV, D, G = 2, 16, 4

@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_sparse_cache import _decode, _tiny
 
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.errors import KvdriveError
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -122,7 +122,7 @@ def test_prefetch_stops_on_layers_whose_prediction_misses(threshold):
 def _disk_cfg(tmp_path, sparse, host_groups_per_layer, **kw):
     from kvdrive.storage.pool import PoolPath
 
-    layers, group_bytes = 3, 2 * 2 * 8 * 16 * 4  # the tiny model: 2 KV heads, D=16, fp32; 4 KiB slots
+    layers = 3  # the tiny model: 2 KV heads, D=16, fp32; 4 KiB slots
     return TieredConfig(sparse, disk=(PoolPath(str(tmp_path), 64 << 20),), host_bytes=layers * host_groups_per_layer * 4096,
                         direct="off", **kw)
 
@@ -301,9 +301,9 @@ def test_admission_counts_free_gpu_memory(monkeypatch):
     """On a GPU, the batch admitted is what the free GPU memory holds (host room aside), and a
     cache too large for it is refused before anything is allocated, naming the fix."""
     from kvdrive.errors import CapacityError
-    from kvdrive.tiered import admission as tiered_mod
     from kvdrive.models import presets
     from kvdrive.models.registry import from_hf_config
+    from kvdrive.tiered import admission as tiered_mod
 
     cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
     tcfg = TieredConfig(cache_tokens=16384)
@@ -323,10 +323,10 @@ def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
     """cache_tokens='auto': admission counts a sequence's minimum (one selection), and the cache
     built for a batch grows into AUTO_GPU_SHARE of the free GPU memory, up to the context;
     off CUDA it is AUTO_CPU_TOKENS."""
-    from kvdrive.tiered import admission as adm
-    from kvdrive.tiered.config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
     from kvdrive.models import presets
     from kvdrive.models.registry import from_hf_config
+    from kvdrive.tiered import admission as adm
+    from kvdrive.tiered.config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
 
     cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
     auto, bf = TieredConfig(), torch.bfloat16
@@ -385,9 +385,9 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
     the misses (the old behaviour) lets it age out to disk while it is the hottest group."""
     import numpy as np
 
-    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.storage.pool import PoolPath
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
 
     layout, n, chunk = GroupLayout(1, 1, 8, F32, 4), 16, 4
     kv = DiskBackedHostKV(layout, 1, n + 4, CPU, 6 * layout.slot_bytes, (PoolPath(str(tmp_path), 1 << 20),))

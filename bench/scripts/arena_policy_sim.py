@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from defer_agreement import add_row, prose_rows, run, write_out  # this directory is on sys.path when run as a script
 
-from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
-from kvdrive.storage.pool import PoolPath
 from kvdrive.cache.sparse import SparseConfig
-from kvdrive.tiered.cache import TieredConfig
 from kvdrive.models.loader import load_model
+from kvdrive.storage.pool import PoolPath
+from kvdrive.tiered.cache import TieredConfig
+from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
 
 
 def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) -> tuple[list, list]:

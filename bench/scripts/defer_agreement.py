@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from kvdrive.eval import corpus
-from kvdrive.storage.pool import PoolPath
 from kvdrive.cache.sparse import SparseConfig
-from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
+from kvdrive.eval import corpus
 from kvdrive.models.loader import load_model
+from kvdrive.storage.pool import PoolPath
+from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 
 def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int,

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from kvdrive.storage import native_io
-from kvdrive.tiered.disk_host_kv import DiskBackedHostKV, _Done
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import PoolPath
+from kvdrive.tiered.disk_host_kv import DiskBackedHostKV, _Done
 
 SELECTED = 32  # groups a layer selects per sequence: budget 512 / 16-token groups
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from kvdrive import device as dev
-from kvdrive.retrieval.sparse_attention import sparse_attention_triton, triton_available
-from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
 from kvdrive.bench.common import time_ms
 from kvdrive.results import write_result
+from kvdrive.retrieval.sparse_attention import sparse_attention_triton, triton_available
+from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
 
 LLAMA = dict(h_q=32, h_kv=8, d=128)
 
@@ -131,10 +131,10 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
     if use_triton:
         for bt in args.block_tokens:
             res[f"full_triton_ms_bt{bt}"] = time_ms(
-                lambda: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=bt), device,
+                lambda bt=bt: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=bt), device,
                 args.repeats)
             res[f"sparse_triton_ms_bt{bt}"] = time_ms(
-                lambda: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=bt), device,
+                lambda bt=bt: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=bt), device,
                 args.repeats)
         best = min(args.block_tokens, key=lambda bt: res[f"full_triton_ms_bt{bt}"])
         res["sparse_triton_graph_ms"] = time_graph_ms(
@@ -158,7 +158,7 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
     if use_triton:
         out_f, _ = sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=best)
         res["full_out_rel_err_vs_sdpa"] = rel_err(out_f, sdpa_decode(q, k, v, scale))
-    del k, v
+    k = v = None  # free them before the next case
     res["full_kv_gb"] = round(kv_bytes(context) / 1e9, 3)
     res["sparse_kv_gb"] = round(kv_bytes(int(sp_np[0]) * g) / 1e9, 4)
     if peak:
@@ -168,7 +168,7 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
         for key in ("sparse_triton_ms", "sparse_triton_graph_ms"):
             if res.get(key):
                 res[key.replace("_ms", "_gbps")] = round(kv_bytes(int(sp_np[0]) * g) / res[key] / 1e6, 1)
-    del pool
+    pool = None
     return res
 
 

@@ -36,14 +36,14 @@ from kvdrive.bench.decode_systems import (
     remove_disk_files,
     skip_reason,
 )
+from kvdrive.cache.base import KVCache
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
-from kvdrive.cache.base import KVCache
-from kvdrive.storage.layout import GroupLayout
-from kvdrive.cache.sparse import SparseConfig
-from kvdrive.tiered.config import DISK_MISSES, TieredConfig
 from kvdrive.progress import progress
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.tiered.config import DISK_MISSES, TieredConfig
 
 GIB = 1 << 30
 

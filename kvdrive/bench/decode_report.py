@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from kvdrive.bench import roofline
-from kvdrive.results import write_result
 from kvdrive.errors import KvdriveError
 from kvdrive.plotting import pyplot
+from kvdrive.results import write_result
 
 # the design's targets, each system at its best batch: kvdrive over the ShadowKV-style
 # baseline, and host + SSD against host only

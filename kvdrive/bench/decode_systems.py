@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from kvdrive.config import ModelConfig
 from kvdrive.cache.base import KVCache
 from kvdrive.cache.sparse import SparseConfig
+from kvdrive.config import ModelConfig
 from kvdrive.tiered.config import TieredConfig
 
 GIB = 1 << 30

@@ -140,7 +140,8 @@ def _raw_disk(path: str, nbytes: int, group_bytes: int, depths: list[int], batch
             gbufs = [memoryview(mmap.mmap(-1, group_bytes)) for _ in range(depth)]
             with ThreadPoolExecutor(depth) as ex:
                 t0 = time.perf_counter()
-                list(ex.map(lambda j: os.preadv(fd, [gbufs[j % depth]], int(offs[j])), range(len(offs))))
+                list(ex.map(lambda j, gbufs=gbufs, depth=depth: os.preadv(fd, [gbufs[j % depth]], int(offs[j])),
+                            range(len(offs))))
                 random[str(depth)] = _gbps(len(offs) * group_bytes, time.perf_counter() - t0)
     finally:
         os.close(fd)

@@ -13,8 +13,8 @@ import time
 import torch
 
 from kvdrive import device as devices
-from kvdrive.results import write_result
 from kvdrive.progress import progress
+from kvdrive.results import write_result
 
 
 def add_arguments(p) -> None:
@@ -43,9 +43,9 @@ def _median_time(fn, repeats: int, dev) -> float:
 
 def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool = True) -> list[list[int]]:
     """Greedy through the engine's own loop: prefill each sequence, then decode the batch."""
+    from kvdrive.cache.contiguous import ContiguousKVCache
     from kvdrive.engine import generation
     from kvdrive.engine.sampling import SamplingParams
-    from kvdrive.cache.contiguous import ContiguousKVCache
 
     b, t = prompts.shape
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)

@@ -20,13 +20,13 @@ import sys
 import torch
 
 from kvdrive import device as dev
+from kvdrive.bench.attention import contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms
+from kvdrive.bench.common import time_ms
+from kvdrive.results import write_result
 from kvdrive.retrieval.lowrank import KeyGram
 from kvdrive.retrieval.pages import to_slots
 from kvdrive.retrieval.select import Budget, SelectionConfig, select_groups
 from kvdrive.retrieval.sparse_attention import sparse_attention, triton_available
-from kvdrive.bench.attention import contiguous_kv, copy_gbps, full_table, make_pool, sdpa_decode, time_graph_ms
-from kvdrive.bench.common import time_ms
-from kvdrive.results import write_result
 from kvdrive.retrieval.summaries import SUMMARIZERS, make_summarizer
 
 FIT_TOKENS = 1 << 16  # keys used to fit the low-rank bases (timing only needs a plausible basis)
@@ -97,14 +97,14 @@ def run(args) -> int:
         attn["full_graph_ms"] = time_graph_ms(full, device, args.repeats)
     k, v = contiguous_kv(pool, b, n)
     attn["full_sdpa_ms"] = time_ms(lambda: sdpa_decode(q, k, v, scale), device, args.repeats)
-    del k, v
+    k = v = None  # free them before the summaries
     attn.setdefault("full_ms", attn["full_sdpa_ms"])
     results = []
     for name in args.summaries:
         s = _summarizer(name, args, pool, device)
         summ = s.summarize(pool[:, 0], rows.repeat_interleave(n)).view(b, n, *s.summary_shape)  # (B, N, ...)
         srows = rows if name == "lowrank_seq" else None
-        score = lambda: s.score(q, summ, valid, scale, rows=srows)  # noqa: E731
+        score = lambda s=s, summ=summ, srows=srows: s.score(q, summ, valid, scale, rows=srows)  # noqa: E731
         entry = {"summary": name, "bytes_per_group": s.bytes_per_group(dtype),
                  "bytes_per_token": s.bytes_per_group(dtype) / g,
                  "batch_summary_mb": round(summ.numel() * summ.element_size() / 1e6, 1),
@@ -117,12 +117,12 @@ def run(args) -> int:
                                       n_window=-(-args.window_tokens // g), mode=mode)
                 p_max = min(n, max(-(-budget // g), cfg.n_sink + cfg.n_window))
 
-                def select():
+                def select(scores=scores, cfg=cfg, p_max=p_max):
                     sel = select_groups(scores, num_groups, cfg, g, max_pages=p_max)
                     return sel, to_slots(sel.groups, slot_table)
 
                 sel, pt = select()
-                sparse = lambda: sparse_attention(q, pool, pt, sel.num_pages, last, scale, impl=impl)  # noqa: E731
+                sparse = lambda pt=pt, sel=sel: sparse_attention(q, pool, pt, sel.num_pages, last, scale, impl=impl)  # noqa: E731
                 r = {"select_ms": time_ms(select, device, args.repeats),
                      "sparse_attention_ms": time_ms(sparse, device, args.repeats),
                      "select_graph_ms": time_graph_ms(select, device, args.repeats),
@@ -138,7 +138,7 @@ def run(args) -> int:
                 entry[f"b{budget}_{mode}"] = r
         results.append(entry)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
-        del summ, scores
+        summ = scores = None
     fit = _fit_ms(args, pool, device) if "lowrank_seq" in args.summaries else None
     config = {k: getattr(args, k) for k in ("batch", "context", "group_tokens", "heads", "kv_heads", "head_dim",
                                             "budget", "rank", "sink_tokens", "window_tokens", "repeats")}

@@ -17,6 +17,7 @@ pool overhead, not more bandwidth).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -25,13 +26,13 @@ import torch
 import xxhash
 
 from kvdrive import device as devices
-from kvdrive.results import write_result
-from kvdrive.commands.probe import measure
-from kvdrive.storage import probe
 from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.commands.probe import measure
+from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.results import write_result
+from kvdrive.storage import probe
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import PoolPath
-from kvdrive.prefix.pool import PrefixConfig, PrefixPool
 
 PREFILL_CHUNK = 2048  # the engine's prefill piece
 TINY = dict(model="random:smollm2-135m", contexts=[96, 160], chunk_tokens=16, probe_mib=4)
@@ -62,10 +63,8 @@ def _prefill(model, cache, seq, ids, start=0) -> int:
 
 def _fresh(cache, seq, tokens):
     """Sequence ``seq`` empty, with room for ``tokens`` (the bench owns both sequences of the cache)."""
-    try:
+    with contextlib.suppress(KeyError):
         cache.free(seq)
-    except KeyError:
-        pass
     cache.add(seq, tokens)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvdrive.config import ModelConfig
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec
 from kvdrive.cache.slots import SequenceSlots
+from kvdrive.config import ModelConfig
 
 
 def layer_specs(config: ModelConfig) -> tuple[LayerSpec, ...]:

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvdrive.retrieval.sparse_attention import sparse_attention
-from kvdrive.retrieval.pages import to_slots
-from kvdrive.retrieval.select import Budget, SelectionConfig, select_groups
-from kvdrive.config import ModelConfig
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.base import ForwardBatch, KVCache
 from kvdrive.cache.contiguous import grouped_sdpa, layer_specs
 from kvdrive.cache.slots import SequenceSlots
+from kvdrive.config import ModelConfig
+from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.pages import to_slots
+from kvdrive.retrieval.select import Budget, SelectionConfig, select_groups
+from kvdrive.retrieval.sparse_attention import sparse_attention
 from kvdrive.retrieval.summaries import SUMMARIZERS, SummaryTable, make_summarizer
 
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as devices
-from kvdrive.config import ModelConfig
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.base import ForwardBatch, KVCache
 from kvdrive.cache.contiguous import attention_mask, grouped_sdpa, layer_specs, sdpa
 from kvdrive.cache.slots import SequenceSlots
+from kvdrive.config import ModelConfig
+from kvdrive.errors import KvdriveError
 
 
 class HostStreamingKVCache(KVCache):

@@ -77,8 +77,8 @@ def tiered_config(args):
         if args.disk or args.host_gib:
             raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget 2048)")
         return None
-    from kvdrive.storage.pool import PoolPath
     from kvdrive.cache.sparse import SparseConfig
+    from kvdrive.storage.pool import PoolPath
     from kvdrive.tiered.cache import TieredConfig
 
     if args.disk and not args.host_gib:

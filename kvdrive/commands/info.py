@@ -86,11 +86,11 @@ def run(args) -> int:
 
 
 def _placement(cfg, context: int, args, dtype) -> dict:
+    from kvdrive.cache.sparse import SparseConfig
     from kvdrive.errors import KvdriveError
     from kvdrive.tiered import admission as tiered_admission
-    from kvdrive.tiered.host_kv import host_room
-    from kvdrive.cache.sparse import SparseConfig
     from kvdrive.tiered.config import TieredConfig
+    from kvdrive.tiered.host_kv import host_room
 
     if args.gpu_gib <= 0 or (args.host_gib is not None and args.host_gib <= 0):
         raise KvdriveError("--gpu-gib and --host-gib must be positive")

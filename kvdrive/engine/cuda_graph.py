@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.cache.base import KVCache
+from kvdrive.engine.micro_batch import MicroBatchedDecode
 
 
 class GraphedDecodeStep:

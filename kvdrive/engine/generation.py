@@ -10,14 +10,14 @@ queued requests take their places (continuous batching).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
+from kvdrive.cache.base import KVCache
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.engine.sampling import SamplingParams, sample
-from kvdrive.cache.base import KVCache
 from kvdrive.progress import progress
 
 PREFILL_CHUNK = 2048  # tokens per prefill forward; bounds the (T x L) attention mask

@@ -8,15 +8,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
+from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.engine import generation
 from kvdrive.engine.sampling import SamplingParams
 from kvdrive.errors import KvdriveError
-from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.models.loader import load_model
 
 

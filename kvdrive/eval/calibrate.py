@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.retrieval.lowrank import KeyGram
 from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.retrieval.lowrank import KeyGram
 
 
 @torch.inference_mode()

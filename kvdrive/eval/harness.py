@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvdrive.eval.recall import RecallProbe
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.eval.recall import RecallProbe
 
 FULL_BUDGET = 1 << 30  # tokens: more than any context, so every group is selected
 

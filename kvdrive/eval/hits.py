@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from kvdrive.retrieval.predict import forced_mask
-from kvdrive.retrieval.select import selection_mask
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
 from kvdrive.eval.harness import Runner, Setting
-from kvdrive.tiered.selection_cache import EVICTIONS
-from kvdrive.cache.sparse import SparseConfig
+from kvdrive.retrieval.predict import forced_mask
+from kvdrive.retrieval.select import selection_mask
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
+from kvdrive.tiered.selection_cache import EVICTIONS
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from kvdrive.retrieval.predict import forced_mask, predict_query, recall
-from kvdrive.errors import KvdriveError
 from kvdrive.cache.base import ForwardBatch
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
+from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.predict import forced_mask, predict_query, recall
 
 
 class RecallProbe:

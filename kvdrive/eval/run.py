@@ -6,11 +6,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.sweep import task_sweep, text_sweep
-from kvdrive.cache.sparse import SparseConfig
-
 
 CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank bases
 CALIB_ROW = 4096

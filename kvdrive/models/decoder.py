@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvdrive.retrieval.predict import predict_query
-from kvdrive.config import ModelConfig, RopeSpec
 from kvdrive.cache.base import ForwardBatch, KVCache
+from kvdrive.config import ModelConfig, RopeSpec
 from kvdrive.models import rope
 from kvdrive.models.layers import GatedMLP, RMSNorm, fuse_linears
+from kvdrive.retrieval.predict import predict_query
 
 
 class Attention(nn.Module):
@@ -165,9 +165,8 @@ class DecoderLM(nn.Module):
 
         The caller plans ``batch`` on ``cache`` and commits it afterwards.
         """
-        for out in self.layer_steps(input_ids, cache, batch, all_logits):
-            pass
-        return out
+        *_, logits = self.layer_steps(input_ids, cache, batch, all_logits)  # None per layer, then the logits
+        return logits
 
     @torch.inference_mode()
     def layer_steps(self, input_ids: torch.Tensor, cache: KVCache, batch: ForwardBatch, all_logits: bool = False):

@@ -7,7 +7,7 @@ metadata declares), never on file names. Every supported architecture runs on
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kvdrive.config import ModelConfig, RopeSpec
 from kvdrive.errors import KvdriveError

@@ -37,14 +37,14 @@ from typing import NamedTuple
 import torch
 
 from kvdrive.errors import KvdriveError
+from kvdrive.prefix.index import PrefixIndex
+from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
+from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
+from kvdrive.prefix.store import ChunkWriter, weighted_pick
 from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool, PoolPath
-from kvdrive.prefix.index import PrefixIndex
-from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
-from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
-from kvdrive.prefix.store import ChunkWriter, weighted_pick
 
 INDEX_FILE = "kvdrive-prefix.sqlite"
 PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent

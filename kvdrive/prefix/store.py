@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as devices
+from kvdrive.prefix.index import DiskChunk
+from kvdrive.prefix.load import Staging, export_layer
 from kvdrive.storage.disk import BatchFuture, DiskDevice
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool
-from kvdrive.prefix.index import DiskChunk
-from kvdrive.prefix.load import Staging, export_layer
 
 
 def weighted_pick(credit: list[float], weights: list[float], live: list[int]) -> int:

@@ -13,7 +13,7 @@ the predicted selection also lists.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

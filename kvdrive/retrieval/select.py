@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-from kvdrive.retrieval.pages import leading
 from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.pages import leading
 
 MODES = ("shared", "per_head")
 SHARED_REDUCE = ("softmax_sum", "max")

@@ -11,9 +11,9 @@ import functools
 
 import torch
 
-from kvdrive.retrieval.sparse_attention_ref import check_inputs, sparse_attention_ref
 from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.sparse_attention_ref import check_inputs, sparse_attention_ref
 
 IMPLS = ("auto", "torch", "triton")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,7 +43,6 @@ def sparse_attention_triton(q, kv_pool, page_table, num_pages, last_page_len, sc
                             softcap: float | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                             num_splits: int | None = None, num_warps: int = 4):
     """Launch the split and merge kernels. Same contract as ``sparse_attention_ref``."""
-    import triton
 
     from kvdrive.retrieval.sparse_attention_triton import sparse_decode_merge_kernel, sparse_decode_split_kernel
 

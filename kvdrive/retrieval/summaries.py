@@ -27,9 +27,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kvdrive.retrieval.pages import leading
 from kvdrive.device import use_triton
 from kvdrive.errors import KvdriveError
+from kvdrive.retrieval.pages import leading
 
 HEAD_REDUCE = ("max", "mean")
 _GATHER_CHUNK = 256  # lowrank_seq: per-group bases gathered at once (256 x 1024 x 32 x 4 B = 32 MiB)

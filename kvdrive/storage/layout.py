@@ -51,7 +51,7 @@ class GroupLayout:
             raise KvdriveError(f"group layout: dtype must be a real torch dtype, got {self.dtype!r}")
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype, group_tokens: int) -> "GroupLayout":
+    def from_config(cls, config, dtype: torch.dtype, group_tokens: int) -> GroupLayout:
         """From any object with ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim``."""
         return cls(
             num_layers=config.num_hidden_layers,

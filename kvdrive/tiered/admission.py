@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive.cache.sparse import layer_summarizer, max_pages_for
 from kvdrive.config import ModelConfig
 from kvdrive.errors import CapacityError
-from kvdrive.tiered.host_kv import host_room
 from kvdrive.storage.layout import GroupLayout
-from kvdrive.cache.sparse import layer_summarizer, max_pages_for
 from kvdrive.tiered.config import TieredConfig
+from kvdrive.tiered.host_kv import host_room
 
 GPU_HEADROOM = 2 << 30  # GPU bytes left to activations, CUDA graphs and the allocator
 

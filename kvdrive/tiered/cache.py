@@ -31,24 +31,23 @@ import numpy as np
 import torch
 
 from kvdrive import device as devices
+from kvdrive.cache.base import ForwardBatch, KVCache
+from kvdrive.cache.contiguous import layer_specs
+from kvdrive.cache.slots import SequenceSlots
+from kvdrive.cache.sparse import layer_summarizer, max_pages_for
+from kvdrive.config import ModelConfig
 from kvdrive.retrieval.pages import leading
 from kvdrive.retrieval.select import combine_heads, select_groups_keyed
 from kvdrive.retrieval.sparse_attention import sparse_attention
-from kvdrive.config import ModelConfig
-from kvdrive.tiered import tier_ops
-from kvdrive.tiered import admission
-from kvdrive.cache.base import ForwardBatch, KVCache
-from kvdrive.cache.contiguous import layer_specs
+from kvdrive.retrieval.summaries import SummaryTable
+from kvdrive.storage.layout import GroupLayout
+from kvdrive.tiered import admission, tier_ops
+from kvdrive.tiered.config import TieredConfig, resolve_parts
 from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
 from kvdrive.tiered.host_kv import FullHostKV
-from kvdrive.storage.layout import GroupLayout
-from kvdrive.tiered.selection_cache import SelectionCache
-from kvdrive.cache.slots import SequenceSlots
-from kvdrive.cache.sparse import layer_summarizer, max_pages_for
-from kvdrive.tiered.step_profile import StepProfile
-from kvdrive.retrieval.summaries import SummaryTable
-from kvdrive.tiered.config import TieredConfig, resolve_parts
 from kvdrive.tiered.prefill import TieredPrefill
+from kvdrive.tiered.selection_cache import SelectionCache
+from kvdrive.tiered.step_profile import StepProfile
 from kvdrive.tiered.window_ring import WindowRing
 
 REFRESH_CHUNK = 4096  # groups gathered from host per summary batch (bounds the temporary)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
 from kvdrive.storage.pool import PoolPath
 from kvdrive.tiered.selection_cache import EVICTIONS
-from kvdrive.cache.sparse import SparseConfig
 
 AUTO_GPU_SHARE = 0.8  # cache_tokens="auto": share of the free GPU memory (after headroom) the cache may take
 DISK_MISSES = ("wait", "defer")  # TieredConfig.disk_misses

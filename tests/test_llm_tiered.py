@@ -18,14 +18,35 @@ def test_budget_covering_the_context_gives_the_same_greedy_tokens(smollm2):
     assert tiered.token_ids == plain.token_ids
 
 
-def test_small_budget_over_disk_generates(smollm2, tmp_path):
+def test_small_budget_over_disk_reads_back_and_matches_host_only(smollm2, tmp_path, monkeypatch):
+    """Two prompts over an arena that holds three quarters of their groups: the second prompt's
+    prefill pushes the first one's groups out to disk, decoding reads them back, and (disk misses
+    waited for) the greedy tokens are those of the host-only tier."""
     from kvdrive.storage.pool import PoolPath
+    from kvdrive.tiered import cache as tiered_cache
 
-    cfg = TieredConfig(SparseConfig(budget=128, sink_tokens=16, window_tokens=32), cache_tokens=192,
-                       disk=(PoolPath(str(tmp_path), 256 << 20),), host_bytes=30 * 64 * 12288, direct="off")
-    llm = LLM(loaded=smollm2, kv_cache=cfg)
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-    assert len(out[0].token_ids) == 6
+    built = []
+
+    class Recorded(tiered_cache.TieredSparseKVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(tiered_cache, "TieredSparseKVCache", Recorded)
+    prompts = [PROMPT, PROMPT.replace("lighthouse keeper", "ferry captain").replace("cold", "bright")]
+    sparse = SparseConfig(budget=128, sink_tokens=16, window_tokens=32)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    host_only = LLM(loaded=smollm2, kv_cache=TieredConfig(sparse, cache_tokens=192)).generate(prompts, params)
+    slot = 2 * 3 * 16 * 64 * 4  # a group of one layer: K|V x 3 KV heads x 16 tokens x 64 dims, fp32
+    groups = sum(len(o.prompt_token_ids) // 16 + 1 for o in host_only)  # per layer, both prompts
+    cfg = TieredConfig(sparse, cache_tokens=192, disk=(PoolPath(str(tmp_path), 256 << 20),),
+                       host_bytes=30 * (3 * groups // 4) * slot, direct="off")
+    over_disk = LLM(loaded=smollm2, kv_cache=cfg).generate(prompts, params)
+    st = built[-1].stats()
+    assert built[-1].host.may_miss and st["disk_writes"] > 0 and st["lost"] == 0
+    assert st["disk_reads"] + st["placed_reads"] > 0  # groups came back from disk
+    assert [o.token_ids for o in over_disk] == [o.token_ids for o in host_only]
+    assert all(len(o.token_ids) == 6 for o in over_disk)
 
 
 def test_deferred_disk_misses_with_room_for_everything_give_the_same_greedy_tokens(smollm2, tmp_path):

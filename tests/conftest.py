@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+TESTS = Path(__file__).resolve().parent
+
 # A kernel test's devices: the CPU through Triton's interpreter, and the GPU where there is one.
 KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -33,7 +35,7 @@ def gemma3():
 
 
 def run_interpreted(test_file: str, func: str, *args) -> None:
-    """Call ``func(*args)`` of ``tests/<test_file>`` in a fresh process with TRITON_INTERPRET=1
+    """Call ``func(*args)`` of the test module at ``test_file`` in a fresh process with TRITON_INTERPRET=1
     (Triton's kernels run on the CPU). A fresh process because Triton reads the variable when
     it is imported, and its own library functions (``tl.sort``) are bound then."""
     import subprocess
@@ -42,8 +44,8 @@ def run_interpreted(test_file: str, func: str, *args) -> None:
 
     code = textwrap.dedent(f"""
         import importlib.util, sys
-        sys.path.insert(0, "tests")
-        spec = importlib.util.spec_from_file_location("t", "tests/{test_file}")
+        sys.path.insert(0, {str(TESTS)!r})
+        spec = importlib.util.spec_from_file_location("t", {str(Path(test_file).resolve())!r})
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
         m.{func}(*{args!r})
         print("ok")
@@ -60,7 +62,7 @@ def check_kernel(check, device: str) -> None:
     interpreter (``run_interpreted``), on "cuda" here, compiled."""
     if device == "cpu":
         pytest.importorskip("triton")
-        run_interpreted(Path(inspect.getfile(check)).name, check.__name__, "cpu")
+        run_interpreted(inspect.getfile(check), check.__name__, "cpu")
     else:
         check(device)
 

@@ -5,18 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import Done
 
 from kvdrive.errors import CapacityError
 from kvdrive.tiered import arena_index
 from kvdrive.tiered.arena_index import ArenaIndex
-
-
-class Done:
-    def query(self):
-        return True
-
-    def synchronize(self):
-        pass
 
 
 class Pending:

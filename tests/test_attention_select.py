@@ -222,7 +222,7 @@ def test_selection_kernel_matches_the_torch_path():
     as the torch path, for ragged lengths, short sequences, padding and -inf scores, and its
     eviction key is the heads' combined softmax."""
     pytest.importorskip("triton")
-    run_interpreted("test_attention_select.py", "check_selection_kernel")
+    run_interpreted(__file__, "check_selection_kernel")
 
 
 def check_selection_kernel() -> None:

@@ -6,8 +6,11 @@ left out are read behind and served later; a failed read is lost, never served."
 import numpy as np
 import pytest
 import torch
-from test_sparse_cache import _decode, _tiny
-from test_tiered_cache import CPU, F32, _disk_cfg, _prompts
+from factories import CPU, F32, Done
+from factories import decode_steps as _decode
+from factories import disk_config as _disk_cfg
+from factories import random_prompts as _prompts
+from factories import tiny_model as _tiny
 
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.errors import KvdriveError
@@ -157,7 +160,7 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
     """A disk tier with deferred misses decodes as a CUDA graph: with an arena that holds
     everything it matches the host-only tier's eager decode; with a small one it runs, reads
     behind, and loses nothing."""
-    from test_micro_batch import graphed_decode
+    from factories import graphed_decode
 
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
@@ -187,8 +190,6 @@ def test_queued_map_changes_keep_the_last_value_of_each_group(tmp_path):
     """``slot_gpu`` changes are applied in one scatter per call; a group evicted and mapped again
     (or mapped twice) in one call ends with its last value, whatever order a scatter of duplicate
     indices would pick."""
-    from test_arena_index import Done
-
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.storage.pool import PoolPath
     from kvdrive.tiered.disk_host_kv import DiskBackedHostKV

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_sparse_cache import _tiny
+from factories import tiny_model as _tiny
 
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.eval.harness import Runner, Setting

@@ -6,8 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_sparse_cache import _decode, _tiny
-from test_tiered_cache import CPU, F32, _prompts
+from factories import CPU, F32, graphed_decode
+from factories import decode_steps as _decode
+from factories import random_prompts as _prompts
+from factories import tiny_model as _tiny
 
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
@@ -62,20 +64,6 @@ def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs, cont
     _decode(model, cache, prompts, 0)
     torch.testing.assert_close(graphed_decode(model, cache, 3, 16), eager, rtol=2e-2, atol=2e-2)
     assert cache.graph_epoch == 1
-
-
-def graphed_decode(model, cache, num_seqs: int, steps: int) -> torch.Tensor:
-    """Decode the batch ``steps`` times as one captured graph, inputs as ``_decode``'s: (B, steps, V)."""
-    from kvdrive.engine.cuda_graph import GraphedDecodeStep
-
-    graph, out = None, []
-    for t in range(steps):
-        ids = torch.full((num_seqs, 1), 7 + t, device="cuda")
-        if graph is None:
-            graph = GraphedDecodeStep(model, cache, list(range(num_seqs)), ids)
-        out.append(graph(ids).clone())
-        graph.commit()
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("lane", [True, False])

@@ -157,7 +157,7 @@ def test_ensure_kernel_matches_the_torch_body(eviction):
     """The one-kernel ensure (Triton, interpreted on CPU) gives the torch body's pages, victims,
     table, owners, stamps, fresh flags, counters and pool, call after call."""
     pytest.importorskip("triton")
-    run_interpreted("test_selection_cache.py", "check_ensure_kernel", eviction)
+    run_interpreted(__file__, "check_ensure_kernel", eviction)
 
 
 def test_ensure_takes_a_selection_as_the_kernel_gives_it():

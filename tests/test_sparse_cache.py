@@ -3,36 +3,11 @@ small budget it attends to exactly the selected groups."""
 
 import pytest
 import torch
+from factories import decode_steps as _decode
+from factories import tiny_model as _tiny
 
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
-from kvdrive.models.decoder import DecoderLM
-from kvdrive.models.registry import from_hf_config
-
-
-def _tiny(model_type="llama", **extra):
-    from transformers import AutoConfig
-
-    cfg = from_hf_config(AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=1024, **extra))
-    torch.manual_seed(0)
-    return DecoderLM(cfg).eval()
-
-
-def _decode(model, cache, prompts, steps):
-    """Prefill each prompt, then decode the batch ``steps`` times with fixed inputs."""
-    for i, p in enumerate(prompts):
-        cache.add(i, 400)
-        b = cache.plan([i], len(p))
-        model(torch.tensor([p], device=model.device), cache, b)
-        cache.commit(b)
-    out = []
-    for t in range(steps):
-        b = cache.plan(list(range(len(prompts))), 1)
-        out.append(model(torch.full((len(prompts), 1), 7 + t, device=model.device), cache, b))
-        cache.commit(b)
-    return torch.stack(out, 1) if out else None  # (B, steps, V)
 
 
 @pytest.mark.parametrize("summary", ["minmax", "mean", "lowrank_seq"])

@@ -4,19 +4,16 @@ prefetch and cache size; with a budget covering the context it is full attention
 
 import pytest
 import torch
-from test_sparse_cache import _decode, _tiny
+from factories import CPU, F32
+from factories import decode_steps as _decode
+from factories import disk_config as _disk_cfg
+from factories import random_prompts as _prompts
+from factories import tiny_model as _tiny
 
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.errors import KvdriveError
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
-
-CPU, F32 = torch.device("cpu"), torch.float32
-
-
-def _prompts(lengths=(150, 77, 203), seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("eviction,prefetch", [("lookahead", True), ("none", False)])
@@ -117,14 +114,6 @@ def test_prefetch_stops_on_layers_whose_prediction_misses(threshold):
               if l > 0 and (c["prefetched"] == 0 or c["prefetched_hits"] >= threshold * c["prefetched"])}
     assert cache.hint_layers == expect
     assert (2 in expect) == (threshold == 0.0)
-
-
-def _disk_cfg(tmp_path, sparse, host_groups_per_layer, **kw):
-    from kvdrive.storage.pool import PoolPath
-
-    layers = 3  # the tiny model: 2 KV heads, D=16, fp32; 4 KiB slots
-    return TieredConfig(sparse, disk=(PoolPath(str(tmp_path), 64 << 20),), host_bytes=layers * host_groups_per_layer * 4096,
-                        direct="off", **kw)
 
 
 @pytest.mark.parametrize("eviction", ["lookahead", "none"])

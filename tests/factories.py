@@ -1,0 +1,75 @@
+"""Small factories the tests share: a tiny decoder, prompts, a decode loop, disk configs."""
+
+import torch
+
+from kvdrive.cache.sparse import SparseConfig
+from kvdrive.models.decoder import DecoderLM
+from kvdrive.models.registry import from_hf_config
+from kvdrive.tiered.config import TieredConfig
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+def tiny_model(model_type="llama", **extra):
+    """A random 3-layer decoder: 4 query heads, 2 KV heads, head_dim 16, vocabulary 300."""
+    from transformers import AutoConfig
+
+    cfg = from_hf_config(AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=1024, **extra))
+    torch.manual_seed(0)
+    return DecoderLM(cfg).eval()
+
+
+def random_prompts(lengths=(150, 77, 203), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
+
+
+def decode_steps(model, cache, prompts, steps):
+    """Prefill each prompt, then decode the batch ``steps`` times with fixed inputs: (B, steps, V)."""
+    for i, p in enumerate(prompts):
+        cache.add(i, 400)
+        b = cache.plan([i], len(p))
+        model(torch.tensor([p], device=model.device), cache, b)
+        cache.commit(b)
+    out = []
+    for t in range(steps):
+        b = cache.plan(list(range(len(prompts))), 1)
+        out.append(model(torch.full((len(prompts), 1), 7 + t, device=model.device), cache, b))
+        cache.commit(b)
+    return torch.stack(out, 1) if out else None  # (B, steps, V)
+
+
+def graphed_decode(model, cache, num_seqs: int, steps: int) -> torch.Tensor:
+    """Decode the batch ``steps`` times as one captured graph, inputs as ``decode_steps``': (B, steps, V)."""
+    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+    graph, out = None, []
+    for t in range(steps):
+        ids = torch.full((num_seqs, 1), 7 + t, device="cuda")
+        if graph is None:
+            graph = GraphedDecodeStep(model, cache, list(range(num_seqs)), ids)
+        out.append(graph(ids).clone())
+        graph.commit()
+    return torch.stack(out, 1)
+
+
+def disk_config(tmp_path, sparse: SparseConfig, host_groups_per_layer: int, **kw) -> TieredConfig:
+    """A tiered config over a disk directory with an arena of ``host_groups_per_layer`` groups
+    of ``tiny_model`` per layer (2 KV heads, D=16, fp32 at G=8: 4 KiB slots)."""
+    from kvdrive.storage.pool import PoolPath
+
+    layers = 3
+    return TieredConfig(sparse, disk=(PoolPath(str(tmp_path), 64 << 20),),
+                        host_bytes=layers * host_groups_per_layer * 4096, direct="off", **kw)
+
+
+class Done:
+    """An event that has completed (the arena's held slots are free at once)."""
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass

@@ -4,16 +4,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kvdrive
 from kvdrive.retrieval import all_pages, merge_attention, merge_attention_many, paginate, sparse_attention
 from kvdrive.retrieval.sparse_attention import plan_splits, triton_available
 from kvdrive.retrieval.sparse_attention_ref import sparse_attention_ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = Path(kvdrive.__file__).resolve().parents[1]  # the checkout: the subprocess imports kvdrive from it
 
 
 def make_case(lens, h_q=8, h_kv=2, d=32, g=4, dtype=torch.float32, seed=0, device="cpu"):
@@ -156,9 +158,9 @@ SMALL_CASES = [
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernel_matches_reference_under_interpreter():
     # TRITON_INTERPRET must be set before the kernel module is imported: use a fresh process.
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import importlib.util, torch
-        spec = importlib.util.spec_from_file_location("t", "tests/test_attention_sparse.py")
+        spec = importlib.util.spec_from_file_location("t", {str(Path(__file__).resolve())!r})
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
         out_err, lse_err = m.check_triton_against_reference("cpu", m.SMALL_CASES)
         assert out_err < 1e-2 and lse_err < 1e-3, (out_err, lse_err)

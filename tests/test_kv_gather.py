@@ -2,10 +2,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+import kvdrive
 from kvdrive.storage.gather import RowCopier, copy_rows_reference, triton_available
 
 
@@ -47,7 +49,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=Path(kvdrive.__file__).resolve().parents[1])
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

@@ -131,7 +131,7 @@ def select_groups_keyed(scores: torch.Tensor, num_groups: torch.Tensor, cfg: Sel
 def _kernel_applies(scores: torch.Tensor, cfg: SelectionConfig, impl: str) -> bool:
     """The Triton selection runs for shared mode with ``softmax_sum`` and a token budget, on CUDA
     (``impl='auto'``; ``'triton'`` forces it, e.g. under TRITON_INTERPRET=1); the two agree
-    (tests/test_attention_select.py)."""
+    (tests/retrieval/test_select.py)."""
     use = impl == "triton" or (impl == "auto" and scores.is_cuda)
     return (use and cfg.mode == "shared" and cfg.shared_reduce == "softmax_sum" and cfg.budget.tokens is not None
             and scores.shape[-1] <= SELECT_KERNEL_MAX_GROUPS)

@@ -19,6 +19,8 @@ Implementations, chosen by name through ``make_summarizer``:
 * ``lowrank_offline`` (KVSwap): keys of all KV heads projected on a basis fitted offline
   from calibration keys; scores are the max over tokens of the approximate logit.
 * ``lowrank_seq`` (ShadowKV-style): same, with a basis fitted per sequence at prefill.
+* ``tokenmax``: every token's key in 2 bits per channel within the group's min/max; scores
+  are the max over the group's tokens of the dequantized logit (``token_summary``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from kvdrive.attention.pages import leading
 from kvdrive.device import use_triton
 from kvdrive.errors import KvdriveError
+from kvdrive.kv import token_summary
 
 HEAD_REDUCE = ("max", "mean")
 _GATHER_CHUNK = 256  # lowrank_seq: per-group bases gathered at once (256 x 1024 x 32 x 4 B = 32 MiB)
@@ -67,12 +70,16 @@ class GroupSummarizer(ABC):
     def logits(self, q: torch.Tensor, summaries: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """q (B, H_kv, R, D), summaries (B, N, *shape) -> unscaled estimates (B, H_kv, R, N) float32."""
 
+    def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype summaries are stored in when the model runs in ``dtype``."""
+        return dtype
+
     def bytes_per_group(self, dtype: torch.dtype) -> int:
-        """GPU bytes one group's summary costs when stored in ``dtype``."""
+        """GPU bytes one group's summary costs when the model runs in ``dtype``."""
         n = 1
         for s in self.summary_shape:
             n *= s
-        return n * dtype.itemsize
+        return n * self.storage_dtype(dtype).itemsize
 
     def bytes_per_sequence(self, dtype: torch.dtype) -> int:
         """Per-sequence state (a fitted basis) on top of the per-group cost."""
@@ -97,10 +104,13 @@ class GroupSummarizer(ABC):
             raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
         if valid is not None and counts is not None:
             raise ValueError("give valid or counts, not both")
-        fused = self.name in ("minmax", "mean") and use_triton(impl, q)
+        fused = self.name in ("minmax", "mean", "tokenmax") and use_triton(impl, q)
         if fused and valid is None and summaries.stride(-1) == 1 and q.stride(-1) == 1:  # a mask: torch
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
+            if self.name == "tokenmax":
+                return _token_score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce,
+                                           self.group_tokens)
             return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
             valid = leading(counts, summaries.shape[1])
@@ -130,6 +140,23 @@ def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, bloc
             summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
             R=q.shape[1] // kv_heads, D=q.shape[2], MINMAX=name == "minmax", MEAN=head_reduce == "mean",
             BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
+TOKEN_SCORE_BLOCK_N = 8  # groups per program: 8 x G tokens x D codes unpacked in registers
+
+
+def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens) -> torch.Tensor:
+    from kvdrive.kv.score_kernel import token_score_kernel
+
+    b, n = summaries.shape[:2]
+    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    if out.numel():
+        token_score_kernel[(b, kv_heads, -(-n // TOKEN_SCORE_BLOCK_N))](
+            q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
+            R=q.shape[1] // kv_heads, D=q.shape[2], G=group_tokens, MEAN=head_reduce == "mean",
+            BLOCK_N=TOKEN_SCORE_BLOCK_N, num_warps=4)
     return out
 
 
@@ -275,7 +302,31 @@ class SeqLowRankSummarizer(LowRankSummarizer):
         return self.bases[rows]  # (N, H_kv*D, r)
 
 
-SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer)}
+class TokenMaxSummarizer(GroupSummarizer):
+    """Every token's key in 2 bits per channel within the group's per-channel [min, max]; a
+    group scores the max over its tokens of ``q . k`` (``kvdrive.kv.token_summary``). Costs
+    ``D / 2`` bytes per token and head: a quarter of a bf16 key."""
+
+    name = "tokenmax"
+
+    @property
+    def summary_shape(self):
+        return (self.num_kv_heads, token_summary.summary_bytes(self.group_tokens, self.head_dim))
+
+    def storage_dtype(self, dtype):
+        return torch.uint8
+
+    def summarize(self, keys, rows=None):
+        return token_summary.encode(keys)  # (N, H_kv, bytes)
+
+    def logits(self, q, summaries, rows):
+        keys = token_summary.decode(summaries, self.group_tokens, self.head_dim)  # (B, N, H_kv, G, D)
+        est = torch.einsum("bhrd,bnhgd->bhrng", q.float(), keys)
+        return est.amax(dim=-1)  # (B, H_kv, R, N)
+
+
+SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer,
+                                   TokenMaxSummarizer)}
 
 
 def make_summarizer(name: str, num_kv_heads: int, head_dim: int, group_tokens: int, **kwargs) -> GroupSummarizer:
@@ -295,7 +346,8 @@ class SummaryTable:
 
     def __init__(self, summarizer: GroupSummarizer, max_seqs: int, max_groups: int, device, dtype: torch.dtype):
         self.summarizer = summarizer
-        self.data = torch.zeros(max_seqs, max_groups, *summarizer.summary_shape, device=device, dtype=dtype)
+        self.data = torch.zeros(max_seqs, max_groups, *summarizer.summary_shape, device=device,
+                                dtype=summarizer.storage_dtype(dtype))
         self.counts = torch.zeros(max_seqs, dtype=torch.int64, device=device)
 
     @property

@@ -83,3 +83,17 @@ def check_token_score(device: str) -> None:
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         finite = torch.isfinite(want)
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_oracle_ranks_groups_by_their_true_attention_share():
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(1, 12, 2, 16, 8, generator=gen)  # (B, N, H_kv, G, D)
+    q = torch.randn(1, 4, 8, generator=gen)
+    s = make_summarizer("oracle", 2, 8, 16)
+    scores = s.score(q, s.summarize(keys.view(12, 2, 16, 8)).view(1, 12, 2, 16, 8), None, 0.5)  # (1, H_kv, N)
+    logits = torch.einsum("hrd,nhgd->hrng", q.view(2, 2, 8), keys[0]) * 0.5  # (H_kv, R, N, G)
+    share = logits.flatten(2).softmax(-1).view(2, 2, 12, 16).sum(-1)  # (H_kv, R, N)
+    torch.testing.assert_close(scores[0].exp(), share.amax(1))
+    counts = torch.tensor([5])
+    masked = s.score(q, s.summarize(keys.view(12, 2, 16, 8)).view(1, 12, 2, 16, 8), None, 0.5, counts=counts)
+    assert torch.isinf(masked[0, :, 5:]).all() and torch.isfinite(masked[0, :, :5]).all()

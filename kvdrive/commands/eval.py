@@ -6,10 +6,20 @@ import sys
 
 from kvdrive.commands.common import add_model_options
 
-SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax")
+SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "oracle")
 FAMILIES = ("passkey", "multikey", "vartrack")  # kvdrive.eval.retrieval.FAMILIES (not imported: torch at parse time)
 MODES = ("prefilled", "sparse-question")
 EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.kv.selection_cache.EVICTIONS (not imported: torch at parse time)
+
+
+def summary_choice(value: str) -> str:
+    import argparse
+
+    name, _, mode = value.partition("/")
+    if name not in SUMMARIES or mode not in ("", "shared", "per_head"):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose a summary of {', '.join(SUMMARIES)}, optionally "
+                                         "followed by /shared or /per_head")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -22,7 +32,7 @@ def add_parser(sub) -> None:
             "perplexity. Then the retrieval suite (RULER-style, on prose kvdrive does not ship): a pass key, one "
             "of six keyed numbers, or the end of a chain of variable assignments, hidden at depths spread over "
             "the context; --items questions per family and length, answered by greedy decoding and scored by "
-            "exact match, with 95%% intervals and the paired difference to full attention on the same items. "
+            "exact match, with 95% intervals and the paired difference to full attention on the same items. "
             "Writes JSON and, with --plot, PNGs of accuracy vs budget and vs depth. On a CPU, start small "
             "(--items 10 --lengths 2048)."
         ),
@@ -33,8 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("-b", "--budgets", type=float, nargs="+", default=None,
                    help="token budgets as fractions of the context (default 0.03125 0.0625 0.125; "
                         "with --hits 0.0625)")
-    p.add_argument("-s", "--summaries", nargs="+", default=None, choices=SUMMARIES,
-                   help="group summaries to compare (default: mean tokenmax; with --hits mean)")
+    p.add_argument("-s", "--summaries", nargs="+", default=None, type=summary_choice, metavar="SUMMARY[/MODE]",
+                   help=f"group summaries to compare, each optionally /shared or /per_head to override --mode "
+                        f"(e.g. oracle/per_head): {', '.join(SUMMARIES)} (default: mean tokenmax; with --hits mean)")
     p.add_argument("--mode", default="shared", choices=["shared", "per_head"],
                    help="one selection per layer (shared, default) or per KV head")
     p.add_argument("--rank", type=int, default=32, help="rank of the low-rank summaries (default 32)")

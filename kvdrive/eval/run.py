@@ -42,7 +42,13 @@ class EvalSpec:
     recall: bool = False  # measure next-layer prediction recall per layer on the text sweep
 
     def settings(self) -> list[Setting]:
-        return [Setting(None, 1.0)] + [Setting(s, b, self.mode) for s in self.summaries for b in self.budgets]
+        """Full attention, then every summary x budget; a summary ``name/mode`` overrides ``mode``
+        (e.g. ``oracle/per_head`` beside shared summaries)."""
+        out = [Setting(None, 1.0)]
+        for s in self.summaries:
+            name, _, mode = s.partition("/")
+            out += [Setting(name, b, mode or self.mode) for b in self.budgets]
+        return out
 
 
 def text_rows(ids: list[int], length: int, steps: int, samples: int, rng: random.Random) -> list[list[int]]:

@@ -21,10 +21,12 @@ Implementations, chosen by name through ``make_summarizer``:
 * ``lowrank_seq`` (ShadowKV-style): same, with a basis fitted per sequence at prefill.
 * ``tokenmax``: every token's key in 2 bits per channel within the group's min/max; scores
   are the max over the group's tokens of the dequantized logit (``token_summary``).
+* ``oracle``: every key kept; scores are each group's true share of the attention (evaluation only).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -325,8 +327,42 @@ class TokenMaxSummarizer(GroupSummarizer):
         return est.amax(dim=-1)  # (B, H_kv, R, N)
 
 
+class OracleSummarizer(GroupSummarizer):
+    """An evaluation oracle, not a summary: it keeps every key (twice the keys' memory) and scores
+    a group by its true share of each query head's attention, ``log sum_t softmax(q.k)_t`` over
+    the group's tokens, so top-k picks the groups that hold the most attention mass. With
+    ``mode='per_head'`` that is the exact per-KV-head top-k: the best any selection at the budget
+    can do, to tell a budget that is too small from scoring that is poor."""
+
+    name = "oracle"
+
+    @property
+    def summary_shape(self):
+        return (self.num_kv_heads, self.group_tokens, self.head_dim)
+
+    def summarize(self, keys, rows=None):
+        return keys.clone()  # (N, H_kv, G, D)
+
+    def score(self, q, summaries, valid, scale, head_reduce="max", rows=None, counts=None, impl="auto"):
+        b, h_q, d = q.shape
+        n = summaries.shape[1]
+        if counts is not None:
+            valid = leading(counts, n)
+        q4 = q.float().view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
+        logits = torch.einsum("bhrd,bnhgd->bhrng", q4, summaries.float()) * scale  # (B, H_kv, R, N, G)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :, None], float("-inf"))
+        group = torch.logsumexp(logits, dim=-1)  # (B, H_kv, R, N)
+        share = group - torch.logsumexp(group, dim=-1, keepdim=True)  # log of each group's share, per query head
+        s = share.amax(dim=2) if head_reduce == "max" else torch.logsumexp(share, dim=2) - math.log(share.shape[2])
+        return s.masked_fill(s.isnan(), float("-inf"))
+
+    def logits(self, q, summaries, rows):
+        raise NotImplementedError("the oracle scores through score()")
+
+
 SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer,
-                                   TokenMaxSummarizer)}
+                                   TokenMaxSummarizer, OracleSummarizer)}
 
 
 def make_summarizer(name: str, num_kv_heads: int, head_dim: int, group_tokens: int, **kwargs) -> GroupSummarizer:

@@ -69,7 +69,8 @@ def test_token_score_kernel_matches_the_torch_path(device):
 
 def check_token_score(device: str) -> None:
     gen = torch.Generator().manual_seed(4)
-    for h_kv, r, d, g, n, reduce in ((2, 4, 16, 16, 37, "max"), (1, 4, 64, 16, 20, "mean"), (3, 3, 64, 8, 9, "max")):
+    for h_kv, r, d, g, n, reduce in ((2, 4, 16, 16, 37, "max"), (1, 4, 64, 16, 20, "mean"), (3, 3, 64, 8, 9, "max"),
+                                     (1, 4, 256, 16, 5, "max")):
         s = make_summarizer("tokenmax", h_kv, d, g)
         b = 3
         keys = torch.randn(b * n, h_kv, g, d, generator=gen)

@@ -13,12 +13,18 @@ EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.kv.selection_cache.EVICTIONS
 
 
 def summary_choice(value: str) -> str:
+    """``name[/mode][@budget]``: a summary, optionally with its own selection mode or one budget."""
     import argparse
 
-    name, _, mode = value.partition("/")
-    if name not in SUMMARIES or mode not in ("", "shared", "per_head"):
+    spec, _, at = value.partition("@")
+    name, _, mode = spec.partition("/")
+    try:
+        budget_ok = not at or 0 < float(at) < 1
+    except ValueError:
+        budget_ok = False
+    if name not in SUMMARIES or mode not in ("", "shared", "per_head") or not budget_ok:
         raise argparse.ArgumentTypeError(f"{value!r}: choose a summary of {', '.join(SUMMARIES)}, optionally "
-                                         "followed by /shared or /per_head")
+                                         "followed by /shared or /per_head and by @FRACTION (one budget, in (0, 1))")
     return value
 
 
@@ -43,9 +49,11 @@ def add_parser(sub) -> None:
     p.add_argument("-b", "--budgets", type=float, nargs="+", default=None,
                    help="token budgets as fractions of the context (default 0.03125 0.0625 0.125; "
                         "with --hits 0.0625)")
-    p.add_argument("-s", "--summaries", nargs="+", default=None, type=summary_choice, metavar="SUMMARY[/MODE]",
-                   help=f"group summaries to compare, each optionally /shared or /per_head to override --mode "
-                        f"(e.g. oracle/per_head): {', '.join(SUMMARIES)} (default: mean tokenmax; with --hits mean)")
+    p.add_argument("-s", "--summaries", nargs="+", default=None, type=summary_choice,
+                   metavar="SUMMARY[/MODE][@BUDGET]",
+                   help=f"group summaries to compare: {', '.join(SUMMARIES)}; each optionally /shared or /per_head "
+                        "to override --mode, and @FRACTION to run at that budget only instead of every --budgets "
+                        "(e.g. oracle/per_head@0.0625) (default: mean tokenmax; with --hits mean)")
     p.add_argument("--mode", default="shared", choices=["shared", "per_head"],
                    help="one selection per layer (shared, default) or per KV head")
     p.add_argument("--rank", type=int, default=32, help="rank of the low-rank summaries (default 32)")

@@ -42,12 +42,13 @@ class EvalSpec:
     recall: bool = False  # measure next-layer prediction recall per layer on the text sweep
 
     def settings(self) -> list[Setting]:
-        """Full attention, then every summary x budget; a summary ``name/mode`` overrides ``mode``
-        (e.g. ``oracle/per_head`` beside shared summaries)."""
+        """Full attention, then every summary x budget. A summary ``name[/mode][@budget]`` overrides
+        ``mode`` (``oracle/per_head`` beside shared summaries) or runs at that one budget only."""
         out = [Setting(None, 1.0)]
         for s in self.summaries:
+            s, _, at = s.partition("@")
             name, _, mode = s.partition("/")
-            out += [Setting(name, b, mode or self.mode) for b in self.budgets]
+            out += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
         return out
 
 

@@ -145,7 +145,7 @@ def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, bloc
     return out
 
 
-TOKEN_SCORE_BLOCK_N = 8  # groups per program: 8 x G tokens x D codes unpacked in registers
+TOKEN_SCORE_CODES = 4096  # codes unpacked per program (BLOCK_N groups x G tokens x D): ~32 registers a thread
 
 
 def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens) -> torch.Tensor:
@@ -153,12 +153,14 @@ def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, grou
 
     b, n = summaries.shape[:2]
     out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    fit = max(1, TOKEN_SCORE_CODES // (group_tokens * q.shape[2]))
+    block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
     if out.numel():
-        token_score_kernel[(b, kv_heads, -(-n // TOKEN_SCORE_BLOCK_N))](
+        token_score_kernel[(b, kv_heads, -(-n // block_n))](
             q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
             summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
             R=q.shape[1] // kv_heads, D=q.shape[2], G=group_tokens, MEAN=head_reduce == "mean",
-            BLOCK_N=TOKEN_SCORE_BLOCK_N, num_warps=4)
+            BLOCK_N=block_n, num_warps=4)
     return out
 
 

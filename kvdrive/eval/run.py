@@ -8,8 +8,10 @@ from pathlib import Path
 
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
+from kvdrive.eval import retrieval
 from kvdrive.eval.harness import Runner, Setting
-from kvdrive.eval.sweep import task_sweep, text_sweep
+from kvdrive.eval.retrieval_sweep import RETRIEVAL_NOTES, run_family, summarize
+from kvdrive.eval.sweep import text_sweep
 
 CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank bases
 CALIB_ROW = 4096
@@ -20,9 +22,9 @@ class EvalSpec:
     model: str | None = None
     device: str = "auto"
     dtype: str | None = None
-    lengths: tuple[int, ...] = (2048, 4096, 8192)
-    budgets: tuple[float, ...] = (0.0156, 0.03, 0.0625, 0.125)
-    summaries: tuple[str, ...] = ("minmax", "mean", "lowrank_offline", "lowrank_seq")
+    lengths: tuple[int, ...] = (4096, 8192)
+    budgets: tuple[float, ...] = (0.03125, 0.0625, 0.125)
+    summaries: tuple[str, ...] = ("mean", "tokenmax")
     rank: int = 32
     dense_layers: tuple[int, ...] = ()
     mode: str = "shared"
@@ -31,14 +33,23 @@ class EvalSpec:
     window: int = 64
     steps: int = 64
     samples: int = 2
-    tasks: tuple[str, ...] = ("needle", "multikey", "vartrack", "cwe")
-    items: int = 3
-    text: str = "austen"
+    families: tuple[str, ...] = retrieval.FAMILIES
+    items: int = 100
+    modes: tuple[str, ...] = ("prefilled",)
+    batch: int = 8
+    text: str = "kjv"
     seed: int = 0
     recall: bool = False  # measure next-layer prediction recall per layer on the text sweep
 
     def settings(self) -> list[Setting]:
-        return [Setting(None, 1.0)] + [Setting(s, b, self.mode) for s in self.summaries for b in self.budgets]
+        """Full attention, then every summary x budget. A summary ``name[/mode][@budget]`` overrides
+        ``mode`` (``oracle/per_head`` beside shared summaries) or runs at that one budget only."""
+        out = [Setting(None, 1.0)]
+        for s in self.summaries:
+            s, _, at = s.partition("@")
+            name, _, mode = s.partition("/")
+            out += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
+        return out
 
 
 def text_rows(ids: list[int], length: int, steps: int, samples: int, rng: random.Random) -> list[list[int]]:
@@ -68,8 +79,6 @@ def load_model_and_text(spec) -> tuple:
 
 
 def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) -> Path:
-    from kvdrive.eval import tasks
-
     lm, text, ids = load_model_and_text(spec)
     rng = random.Random(spec.seed)
     bases = None
@@ -83,19 +92,22 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
                         rank=spec.rank, bases=bases, dense_layers=spec.dense_layers)
     settings = spec.settings()
     results = []
+    builder = retrieval.Builder(lm.tokenizer, text.text) if spec.families else None
+    global_layers = list(lm.config.global_layers)
     for length in spec.lengths:
         rows = text_rows(ids, length, spec.steps, spec.samples, rng)
         runner = Runner(lm, spec.samples, length + spec.steps + 8, base)
         entry = {"length": length, "text": text_sweep(runner, rows, length, settings, spec.recall)}
         results.append(entry)
         _write(spec, lm, text, bases, out, results)  # partial results survive an interrupted run
-        if spec.tasks:
-            items = tasks.make_suite(lm.tokenizer, text.text, tasks.SuiteSpec(length, spec.tasks, spec.items,
-                                                                              seed=spec.seed))
-            runner = Runner(lm, 1, max(len(i.prompt_ids) + max(map(len, i.candidates)) for i in items), base)
-            entry["tasks"] = {}
-            for fam in spec.tasks:
-                entry["tasks"][fam] = task_sweep(runner, [i for i in items if i.family == fam], settings)
+        if spec.families:
+            entry["retrieval"] = {}
+            for fam in spec.families:
+                items = builder.build(fam, length, spec.items, spec.seed)
+                batch = min(spec.batch, len(items))
+                runner = Runner(lm, batch, length + max(i.max_new_tokens for i in items) + 8, base)
+                outcomes = run_family(runner, lm.tokenizer, items, settings, spec.modes, batch, global_layers)
+                entry["retrieval"][fam] = {"items": len(items), "settings": summarize(items, outcomes)}
                 _write(spec, lm, text, bases, out, results)
         print(f"length {length}: done", flush=True)
     path = _write(spec, lm, text, bases, out, results)
@@ -103,7 +115,17 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
         from kvdrive.eval.plot import plot_eval
 
         plot_eval(path, plot)
+        if spec.families:
+            from kvdrive.eval.retrieval_plot import plot_retrieval
+
+            plot_retrieval(path, retrieval_png(plot))
     return path
+
+
+def retrieval_png(plot: str | Path) -> Path:
+    """Where the retrieval plot goes beside the text plot ``plot``."""
+    plot = Path(plot)
+    return plot.with_name(f"{plot.stem}-retrieval{plot.suffix or '.png'}")
 
 
 def _write(spec, lm, text, bases, out, results) -> Path:
@@ -118,6 +140,5 @@ def _write(spec, lm, text, bases, out, results) -> Path:
              "(sinks and window excluded) that a query predicted from layer L-1's input hidden state through "
              "layer L's input norm, Wq and RoPE also selects, same summaries and budget; mean over steps and "
              "sequences of the text sweep",
-             "tasks: the context is prefilled exactly; the question and every candidate answer are decoded under "
-             "the setting; an item is right when the true answer is the most likely candidate"]
+             *RETRIEVAL_NOTES]
     return write_result(out, "eval", config, results, notes)

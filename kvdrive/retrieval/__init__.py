@@ -11,7 +11,8 @@ Modules: ``summaries`` (per-group key summaries and their scorers; fused score k
 ``score_triton``), ``select`` (budget, sinks, window, shared/per-head top-k; kernels:
 ``select_triton``, ``select_split_triton``), ``sparse_attention`` (dispatch + Triton launcher;
 kernels: ``sparse_attention_triton``; the pure-torch reference and the contract:
-``sparse_attention_ref``), ``merge`` (exact LSE merge of partial attentions), ``predict``
+``sparse_attention_ref``), ``token_summary`` (the 2-bit token keys of ``tokenmax``), ``merge`` (exact LSE merge
+of partial attentions), ``predict``
 (next-layer query and recall), ``lowrank`` (basis fitting), ``pages``. Importing this package
 imports torch only; Triton is imported when its path runs.
 """

@@ -49,3 +49,44 @@ def group_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
         red = red / R
     score = tl.where(n < count, red * scale, float("-inf"))
     tl.store(out_ptr + b * so_b + h * so_h + n, score, mask=n < N)
+
+
+@triton.jit
+def token_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
+                       sq_b, sq_h, ss_b, ss_n, ss_h, so_b, so_h,
+                       R: tl.constexpr, D: tl.constexpr, G: tl.constexpr, MEAN: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """``tokenmax`` scores: per group, the max over its G tokens of q . (lo + code * (hi - lo) / 3)
+    (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    j = tl.arange(0, G * D // 4)
+    count = tl.load(count_ptr + b)
+    inside = n < N
+    row = s_ptr + b * ss_b + n.to(tl.int64) * ss_n + h * ss_h  # (BLOCK_N,) byte pointers
+    half = row.to(tl.pointer_type(tl.float16))
+    lo = tl.load(half[:, None] + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
+    hi = tl.load(half[:, None] + D + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+    step = (hi - lo) / 3.0
+    packed = tl.load(row[:, None] + 4 * D + j[None, :], mask=inside[:, None], other=0)  # (BLOCK_N, G*D/4) uint8
+    shifts = (tl.arange(0, 4) * 2).to(tl.uint8)
+    codes = (packed[:, :, None] >> shifts[None, None, :]) & 3  # (BLOCK_N, G*D/4, 4): code t*D + d in order
+    codes = tl.reshape(codes, (BLOCK_N, G, D)).to(tl.float32)
+    red = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    if MEAN:
+        red = tl.zeros((BLOCK_N,), tl.float32)
+    for r in tl.static_range(R):
+        q = tl.load(q_ptr + b * sq_b + (h * R + r) * sq_h + d).to(tl.float32)
+        base = tl.sum(lo * q[None, :], axis=1)  # (BLOCK_N,)
+        w = step * q[None, :]  # (BLOCK_N, D)
+        best = tl.max(tl.sum(codes * w[:, None, :], axis=2), axis=1) + base  # (BLOCK_N,)
+        if MEAN:
+            red += best
+        else:
+            red = tl.maximum(red, best)
+    if MEAN:
+        red = red / R
+    score = tl.where(n < count, red * scale, float("-inf"))
+    tl.store(out_ptr + b * so_b + h * so_h + n, score, mask=inside)

@@ -19,16 +19,21 @@ Implementations, chosen by name through ``make_summarizer``:
 * ``lowrank_offline`` (KVSwap): keys of all KV heads projected on a basis fitted offline
   from calibration keys; scores are the max over tokens of the approximate logit.
 * ``lowrank_seq`` (ShadowKV-style): same, with a basis fitted per sequence at prefill.
+* ``tokenmax``: every token's key in 2 bits per channel within the group's min/max; scores
+  are the max over the group's tokens of the dequantized logit (``token_summary``).
+* ``oracle``: every key kept; scores are each group's true share of the attention (evaluation only).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 
 from kvdrive.device import use_triton
 from kvdrive.errors import KvdriveError
+from kvdrive.retrieval import token_summary
 from kvdrive.retrieval.pages import leading
 
 HEAD_REDUCE = ("max", "mean")
@@ -70,12 +75,16 @@ class GroupSummarizer(ABC):
     def logits(self, q: torch.Tensor, summaries: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """q (B, H_kv, R, D), summaries (B, N, *shape) -> unscaled estimates (B, H_kv, R, N) float32."""
 
+    def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype summaries are stored in when the model runs in ``dtype``."""
+        return dtype
+
     def bytes_per_group(self, dtype: torch.dtype) -> int:
-        """GPU bytes one group's summary costs when stored in ``dtype``."""
+        """GPU bytes one group's summary costs when the model runs in ``dtype``."""
         n = 1
         for s in self.summary_shape:
             n *= s
-        return n * dtype.itemsize
+        return n * self.storage_dtype(dtype).itemsize
 
     def bytes_per_sequence(self, dtype: torch.dtype) -> int:
         """Per-sequence state (a fitted basis) on top of the per-group cost."""
@@ -100,10 +109,13 @@ class GroupSummarizer(ABC):
             raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
         if valid is not None and counts is not None:
             raise ValueError("give valid or counts, not both")
-        fused = self.name in ("minmax", "mean") and use_triton(impl, q)
+        fused = self.name in ("minmax", "mean", "tokenmax") and use_triton(impl, q)
         if fused and valid is None and summaries.stride(-1) == 1 and q.stride(-1) == 1:  # a mask: torch
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
+            if self.name == "tokenmax":
+                return _token_score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce,
+                                           self.group_tokens)
             return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
             valid = leading(counts, summaries.shape[1])
@@ -132,6 +144,25 @@ def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, bloc
             summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
             R=q.shape[1] // kv_heads, D=q.shape[2], MINMAX=name == "minmax", MEAN=head_reduce == "mean",
             BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
+TOKEN_SCORE_CODES = 4096  # codes unpacked per program (BLOCK_N groups x G tokens x D): ~32 registers a thread
+
+
+def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens) -> torch.Tensor:
+    from kvdrive.retrieval.score_triton import token_score_kernel
+
+    b, n = summaries.shape[:2]
+    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    fit = max(1, TOKEN_SCORE_CODES // (group_tokens * q.shape[2]))
+    block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
+    if out.numel():
+        token_score_kernel[(b, kv_heads, -(-n // block_n))](
+            q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
+            R=q.shape[1] // kv_heads, D=q.shape[2], G=group_tokens, MEAN=head_reduce == "mean",
+            BLOCK_N=block_n, num_warps=4)
     return out
 
 
@@ -278,7 +309,65 @@ class SeqLowRankSummarizer(LowRankSummarizer):
         return self.bases[rows]  # (N, H_kv*D, r)
 
 
-SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer)}
+class TokenMaxSummarizer(GroupSummarizer):
+    """Every token's key in 2 bits per channel within the group's per-channel [min, max]; a
+    group scores the max over its tokens of ``q . k`` (``kvdrive.retrieval.token_summary``). Costs
+    ``D / 2`` bytes per token and head: a quarter of a bf16 key."""
+
+    name = "tokenmax"
+
+    @property
+    def summary_shape(self):
+        return (self.num_kv_heads, token_summary.summary_bytes(self.group_tokens, self.head_dim))
+
+    def storage_dtype(self, dtype):
+        return torch.uint8
+
+    def summarize(self, keys, rows=None):
+        return token_summary.encode(keys)  # (N, H_kv, bytes)
+
+    def logits(self, q, summaries, rows):
+        keys = token_summary.decode(summaries, self.group_tokens, self.head_dim)  # (B, N, H_kv, G, D)
+        est = torch.einsum("bhrd,bnhgd->bhrng", q.float(), keys)
+        return est.amax(dim=-1)  # (B, H_kv, R, N)
+
+
+class OracleSummarizer(GroupSummarizer):
+    """An evaluation oracle, not a summary: it keeps every key (twice the keys' memory) and scores
+    a group by its true share of each query head's attention, ``log sum_t softmax(q.k)_t`` over
+    the group's tokens, so top-k picks the groups that hold the most attention mass. With
+    ``mode='per_head'`` that is the exact per-KV-head top-k: the best any selection at the budget
+    can do, to tell a budget that is too small from scoring that is poor."""
+
+    name = "oracle"
+
+    @property
+    def summary_shape(self):
+        return (self.num_kv_heads, self.group_tokens, self.head_dim)
+
+    def summarize(self, keys, rows=None):
+        return keys.clone()  # (N, H_kv, G, D)
+
+    def score(self, q, summaries, valid, scale, head_reduce="max", rows=None, counts=None, impl="auto"):
+        b, h_q, d = q.shape
+        n = summaries.shape[1]
+        if counts is not None:
+            valid = leading(counts, n)
+        q4 = q.float().view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
+        logits = torch.einsum("bhrd,bnhgd->bhrng", q4, summaries.float()) * scale  # (B, H_kv, R, N, G)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :, None], float("-inf"))
+        group = torch.logsumexp(logits, dim=-1)  # (B, H_kv, R, N)
+        share = group - torch.logsumexp(group, dim=-1, keepdim=True)  # log of each group's share, per query head
+        s = share.amax(dim=2) if head_reduce == "max" else torch.logsumexp(share, dim=2) - math.log(share.shape[2])
+        return s.masked_fill(s.isnan(), float("-inf"))
+
+    def logits(self, q, summaries, rows):
+        raise NotImplementedError("the oracle scores through score()")
+
+
+SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer,
+                                   TokenMaxSummarizer, OracleSummarizer)}
 
 
 def make_summarizer(name: str, num_kv_heads: int, head_dim: int, group_tokens: int, **kwargs) -> GroupSummarizer:
@@ -298,7 +387,8 @@ class SummaryTable:
 
     def __init__(self, summarizer: GroupSummarizer, max_seqs: int, max_groups: int, device, dtype: torch.dtype):
         self.summarizer = summarizer
-        self.data = torch.zeros(max_seqs, max_groups, *summarizer.summary_shape, device=device, dtype=dtype)
+        self.data = torch.zeros(max_seqs, max_groups, *summarizer.summary_shape, device=device,
+                                dtype=summarizer.storage_dtype(dtype))
         self.counts = torch.zeros(max_seqs, dtype=torch.int64, device=device)
 
     @property

@@ -204,7 +204,8 @@ def test_ratios_compare_each_system_at_its_best_batch():
 
 def test_every_system_estimates_memory_and_traffic():
     cfg = load_config("random:llama-3.1-8b")
-    opts = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256), 4096, "lookahead", True, True)
+    opts = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="minmax"), 4096, "lookahead",
+                   True, True)
     shape = Shape(cfg, torch.bfloat16, 4, 131072, 40)
     gib = 1 << 30
     assert shape.all_kv == 4 * 16 * gib  # 128 KiB per token
@@ -214,6 +215,9 @@ def test_every_system_estimates_memory_and_traffic():
     assert sparse.gpu_bytes(shape, opts) < 8 * gib
     # attention reads 2048 tokens of KV per global layer plus the summaries (1/16 of the keys and values)
     assert sparse.gpu_kv_read(shape, opts) == 4 * 2048 * 128 * 1024 + shape.all_kv // 16
+    token = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="tokenmax"), 4096,
+                    "lookahead", True, True)
+    assert sparse.gpu_kv_read(shape, token) == 4 * 2048 * 128 * 1024 + shape.all_kv // 8  # D/2 bytes a token and head
     assert SYSTEMS["streaming"].pcie == "all_kv" and full.pcie == "none" and sparse.pcie == "measured"
 
 

@@ -7,8 +7,6 @@ import torch
 
 from kvdrive.eval.metrics import (
     Comparison,
-    accuracy,
-    accuracy_by,
     bits_per_byte,
     compare_logits,
     kl_per_token,
@@ -111,12 +109,3 @@ def test_shape_errors():
         compare_logits(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         bits_per_byte(1.0, 0)
-
-
-def test_accuracy_and_grouping():
-    a = accuracy([1.0, 0.0, 1.0, 1.0])
-    assert a.mean == 0.75 and a.items == 4
-    assert a.stderr == pytest.approx(math.sqrt(0.25 / 4))  # sample variance 0.25
-    assert accuracy([1.0]).stderr == 0.0
-    groups = accuracy_by(["needle", "cwe", "needle"], [1.0, 0.5, 0.0])
-    assert list(groups) == ["needle", "cwe"] and groups["needle"].mean == 0.5 and groups["cwe"].items == 1

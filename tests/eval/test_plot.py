@@ -18,9 +18,11 @@ def result_doc(modes=("shared",)):
     for length in (2048, 4096):
         text = {"full": {"ppl": 30.0}}
         text.update({lab: {"top1_agreement": 0.5 + 4 * float(lab.split("@")[1].split("/")[0])} for lab in labels})
-        tasks = {fam: {"full": {"accuracy": acc, "items": 5}, **{lab: {"accuracy": acc / 2, "items": 5} for lab in labels}}
-                 for fam, acc in (("needle", 1.0), ("cwe", 0.6))}
-        entries.append({"length": length, "text": text, "tasks": tasks})
+        retrieval = {fam: {"items": 5, "settings": {
+            "full": {"prefilled": {"accuracy": acc}},
+            **{lab: {"prefilled": {"accuracy": acc / 2}} for lab in labels}}}
+            for fam, acc in (("passkey", 1.0), ("multikey", 0.6))}
+        entries.append({"length": length, "text": text, "retrieval": retrieval})
     return {"config": {"model": "SmolLM2-135M"}, "results": entries}
 
 
@@ -45,7 +47,7 @@ def test_modes_are_named_when_there_are_several():
 def test_text_only_result_has_no_task_curves():
     doc = result_doc()
     for e in doc["results"]:
-        del e["tasks"]
+        del e["retrieval"]
     p = panels_from_result(doc)[0]
     assert p.full_accuracy is None and {c.metric for c in p.curves} == {"top-1"}
 

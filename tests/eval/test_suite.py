@@ -4,9 +4,9 @@ budget covers the context, and differ when it does not."""
 import pytest
 
 from kvdrive.cache.sparse import SparseConfig
-from kvdrive.eval import corpus, tasks
+from kvdrive.eval import corpus
 from kvdrive.eval.harness import Runner, Setting
-from kvdrive.eval.sweep import task_sweep, text_sweep
+from kvdrive.eval.sweep import text_sweep
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,3 @@ def test_full_budget_sweep_agrees_with_full_attention(smollm2, text):
     assert res["mean@0.999/shared"]["kl"] < 1e-6 and res["mean@0.999/shared"]["top1_agreement"] == 1.0
     assert res["minmax@0.05/shared"]["kl"] > 1e-4  # a small budget does change the distribution
     assert 0 < res["minmax@0.05/shared"]["attended_fraction"] < 0.3
-
-
-def test_task_sweep_scores_items(smollm2, text):
-    items = tasks.make_suite(smollm2.tokenizer, text.text, tasks.SuiteSpec(400, ("needle",), 2))
-    runner = Runner(smollm2, 1, 460, SparseConfig())
-    res = task_sweep(runner, items, [Setting(None, 1.0), Setting("mean", 0.999)])
-    assert res["full"]["items"] == 2
-    assert res["full"]["accuracy"] == res["mean@0.999/shared"]["accuracy"]

@@ -27,7 +27,8 @@ def test_full_budget_equals_full_attention(eviction, prefetch):
 
 
 @pytest.mark.parametrize("summary,eviction,cache_tokens", [("minmax", "lookahead", 96), ("lowrank_seq", "lookahead", 400),
-                                                           ("minmax", "lru", 96), ("lowrank_seq", "none", 0)])
+                                                           ("minmax", "lru", 96), ("lowrank_seq", "none", 0),
+                                                           ("tokenmax", "lookahead", 96)])
 def test_small_budget_matches_the_gpu_resident_sparse_cache(summary, eviction, cache_tokens):
     """Same summaries, same selection, attention over cached copies: same logits as SparseKVCache.
     A cache smaller than the context forces evictions and refetches on every step."""
@@ -121,7 +122,7 @@ def test_disk_backed_host_matches_the_gpu_resident_cache(tmp_path, eviction):
     """Host arena of 40 groups per layer for 3 sequences of ~26 groups: most groups live only
     on disk and come back through O_DIRECT-style extent reads; logits are unchanged."""
     model, prompts = _tiny(), _prompts()
-    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
+    sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="tokenmax")
     ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 12)
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
                                 _disk_cfg(tmp_path, sparse, 40, cache_tokens=96, eviction=eviction))

@@ -3,7 +3,7 @@
 Top row: one panel per (length, family); x the budget (% of the context, log scale), one
 colour per summary, solid lines for the ``prefilled`` mode and dashed for ``sparse-question``,
 full attention's accuracy and its 95% interval in grey. Bottom row: the same panels against
-the depth of the asked fact, one line per budget of the first summary (prefilled mode).
+the depth of the asked fact, one line per budget of ``tokenmax`` (or the first summary), prefilled.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from kvdrive.plotting import pyplot
 PANEL = (3.4, 3.0)
 DPI = 120
 LINE = {"prefilled": "-", "sparse-question": "--"}
+DEPTH_SUMMARY = "tokenmax"  # the summary whose budgets the depth panels draw, when it ran
 
 
 def _parse(label: str) -> tuple[str, float]:
@@ -25,7 +26,7 @@ def _parse(label: str) -> tuple[str, float]:
 
 def plot_retrieval(result_path: str | Path, png: str | Path) -> Path:
     doc = json.loads(Path(result_path).read_text())
-    panels = [(e["length"], fam, body["settings"]) for e in doc["results"] for fam, body in e["families"].items()]
+    panels = [(e["length"], fam, body["settings"]) for e in doc["results"] for fam, body in (e.get("retrieval") or {}).items()]
     plt = pyplot()
     fig, axes = plt.subplots(2, len(panels), figsize=(PANEL[0] * len(panels), PANEL[1] * 2), squeeze=False)
     summaries = sorted({_parse(lab)[0] for _, _, s in panels for lab in s if lab != "full"})
@@ -54,7 +55,7 @@ def plot_retrieval(result_path: str | Path, png: str | Path) -> Path:
         ax.set_title(f"{fam}, {length} tokens", fontsize=9)
         ax.set_xlabel("budget (% of context)", fontsize=8)
         ax.grid(alpha=0.3)
-        first = summaries[0] if summaries else None
+        first = DEPTH_SUMMARY if DEPTH_SUMMARY in summaries else (summaries[0] if summaries else None)
         for label, by_mode in settings.items():
             row = by_mode.get("prefilled") or next(iter(by_mode.values()))
             bins = list(row["by_depth"])
@@ -68,7 +69,7 @@ def plot_retrieval(result_path: str | Path, png: str | Path) -> Path:
         dax.grid(alpha=0.3)
         dax.legend(fontsize=6)
     axes[0][0].set_ylabel("exact-match accuracy")
-    axes[1][0].set_ylabel(f"accuracy by depth ({summaries[0] if summaries else ''})")
+    axes[1][0].set_ylabel(f"accuracy by depth ({first})")
     handles, names = axes[0][0].get_legend_handles_labels()
     model = Path(str(doc.get("config", {}).get("model", "model"))).name
     fig.suptitle(f"{model}: retrieval, sparse vs full attention (grey)", fontsize=10)

@@ -125,8 +125,8 @@ def summarize(items: list[retrieval.Item], outcomes: dict) -> dict:
             if label != "full":
                 row["vs_full"] = retrieval.paired_difference(full[mode]["right"], right)
             row["by_depth"] = {f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}":
-                               sum(r for r, bb in zip(right, bins) if bb == b) / max(bins.count(b), 1)
-                               for b in range(DEPTH_BINS)}
+                               sum(r for r, bb in zip(right, bins) if bb == b) / bins.count(b)
+                               for b in range(DEPTH_BINS) if bins.count(b)}
             result[label][mode] = row
     return result
 

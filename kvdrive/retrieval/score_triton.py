@@ -54,15 +54,18 @@ def group_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
 @triton.jit
 def token_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
                        sq_b, sq_h, ss_b, ss_n, ss_h, so_b, so_h,
-                       R: tl.constexpr, D: tl.constexpr, G: tl.constexpr, MEAN: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       R: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                       MEAN: tl.constexpr, BLOCK_N: tl.constexpr):
     """``tokenmax`` scores: per group, the max over its G tokens of q . (lo + code * (hi - lo) / 3)
-    (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h."""
+    (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h.
+    The dequantized keys of BLOCK_N groups meet the R queries in one tensor-core dot (fp16 in,
+    float32 out)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     j = tl.arange(0, G * D // 4)
+    r = tl.arange(0, BLOCK_R)
     count = tl.load(count_ptr + b)
     inside = n < N
     row = s_ptr + b * ss_b + n.to(tl.int64) * ss_n + h * ss_h  # (BLOCK_N,) byte pointers
@@ -74,19 +77,14 @@ def token_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
     shifts = (tl.arange(0, 4) * 2).to(tl.uint8)
     codes = (packed[:, :, None] >> shifts[None, None, :]) & 3  # (BLOCK_N, G*D/4, 4): code t*D + d in order
     codes = tl.reshape(codes, (BLOCK_N, G, D)).to(tl.float32)
-    red = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    keys = lo[:, None, :] + codes * step[:, None, :]  # (BLOCK_N, G, D)
+    keys = tl.reshape(keys, (BLOCK_N * G, D)).to(tl.float16)
+    q = tl.load(q_ptr + b * sq_b + (h * R + r)[None, :] * sq_h + d[:, None], mask=(r < R)[None, :], other=0.0)
+    logits = tl.dot(keys, q.to(tl.float16))  # (BLOCK_N * G, BLOCK_R) float32
+    best = tl.max(tl.reshape(logits, (BLOCK_N, G, BLOCK_R)), axis=1)  # (BLOCK_N, BLOCK_R)
     if MEAN:
-        red = tl.zeros((BLOCK_N,), tl.float32)
-    for r in tl.static_range(R):
-        q = tl.load(q_ptr + b * sq_b + (h * R + r) * sq_h + d).to(tl.float32)
-        base = tl.sum(lo * q[None, :], axis=1)  # (BLOCK_N,)
-        w = step * q[None, :]  # (BLOCK_N, D)
-        best = tl.max(tl.sum(codes * w[:, None, :], axis=2), axis=1) + base  # (BLOCK_N,)
-        if MEAN:
-            red += best
-        else:
-            red = tl.maximum(red, best)
-    if MEAN:
-        red = red / R
+        red = tl.sum(tl.where((r < R)[None, :], best, 0.0), axis=1) / R
+    else:
+        red = tl.max(tl.where((r < R)[None, :], best, float("-inf")), axis=1)
     score = tl.where(n < count, red * scale, float("-inf"))
     tl.store(out_ptr + b * so_b + h * so_h + n, score, mask=inside)

@@ -147,7 +147,7 @@ def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, bloc
     return out
 
 
-TOKEN_SCORE_CODES = 4096  # codes unpacked per program (BLOCK_N groups x G tokens x D): ~32 registers a thread
+TOKEN_SCORE_CODES = 8192  # keys dequantized per program (BLOCK_N groups x G tokens x D), one dot with the queries
 
 
 def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens) -> torch.Tensor:
@@ -161,8 +161,8 @@ def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, grou
         token_score_kernel[(b, kv_heads, -(-n // block_n))](
             q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
             summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
-            R=q.shape[1] // kv_heads, D=q.shape[2], G=group_tokens, MEAN=head_reduce == "mean",
-            BLOCK_N=block_n, num_warps=4)
+            R=q.shape[1] // kv_heads, BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()), D=q.shape[2],
+            G=group_tokens, MEAN=head_reduce == "mean", BLOCK_N=block_n, num_warps=4)
     return out
 
 

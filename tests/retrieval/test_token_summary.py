@@ -70,7 +70,7 @@ def test_token_score_kernel_matches_the_torch_path(device):
 def check_token_score(device: str) -> None:
     gen = torch.Generator().manual_seed(4)
     for h_kv, r, d, g, n, reduce in ((2, 4, 16, 16, 37, "max"), (1, 4, 64, 16, 20, "mean"), (3, 3, 64, 8, 9, "max"),
-                                     (1, 4, 256, 16, 5, "max")):
+                                     (1, 4, 256, 16, 5, "max"), (8, 4, 128, 16, 40, "max")):
         s = make_summarizer("tokenmax", h_kv, d, g)
         b = 3
         keys = torch.randn(b * n, h_kv, g, d, generator=gen)
@@ -83,7 +83,8 @@ def check_token_score(device: str) -> None:
         assert got.shape == want.shape == (b, h_kv, n) and got.dtype == torch.float32
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         finite = torch.isfinite(want)
-        torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+        # fp16 keys and queries meet in the kernel's dot: an fp16 rounding of each operand
+        torch.testing.assert_close(got[finite], want[finite], rtol=2e-2, atol=2e-2 * want[finite].abs().max().item())
 
 
 def test_oracle_ranks_groups_by_their_true_attention_share():

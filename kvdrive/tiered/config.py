@@ -22,7 +22,7 @@ class TieredConfig:
     free, split over the sequences (``admission.resolve_cache_tokens``); elsewhere
     ``AUTO_CPU_TOKENS``. A larger cache decodes faster while it fits (docs/tiered.md)."""
 
-    sparse: SparseConfig = field(default_factory=lambda: SparseConfig(budget=2048, sink_tokens=64, window_tokens=256))
+    sparse: SparseConfig = field(default_factory=lambda: SparseConfig(sink_tokens=64, window_tokens=256))
     cache_tokens: int | str = "auto"
     eviction: str = "lookahead"  # lookahead | lru | none (no cross-step reuse)
     prefetch: bool = True  # predict and fetch layer l+1's groups while layer l computes

@@ -287,6 +287,10 @@ def test_gpu_bytes_per_sequence_matches_what_the_cache_allocates(sliding):
     assert real - trash == 3 * per_seq
 
 
+# the 8B shape's arithmetic below is written for this selection: 2048 tokens, mean summaries (1/32 of the KV)
+BUDGET_2048 = SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="mean")
+
+
 def test_admission_counts_free_gpu_memory(monkeypatch):
     """On a GPU, the batch admitted is what the free GPU memory holds (host room aside), and a
     cache too large for it is refused before anything is allocated, naming the fix."""
@@ -296,7 +300,7 @@ def test_admission_counts_free_gpu_memory(monkeypatch):
     from kvdrive.tiered import admission as tiered_mod
 
     cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
-    tcfg = TieredConfig(cache_tokens=16384)
+    tcfg = TieredConfig(BUDGET_2048, cache_tokens=16384)
     per_seq = TieredSparseKVCache.gpu_bytes_per_seq(cfg, 32768, torch.bfloat16, tcfg)
     assert 16 << 30 < 16 * per_seq < 40 << 30  # 32 layers x 1024 pages x 64 KiB per sequence, plus summaries
     free = tiered_mod.GPU_HEADROOM + 10 * per_seq + 1
@@ -319,23 +323,23 @@ def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
     from kvdrive.tiered.config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
 
     cfg = from_hf_config(presets.hf_config("llama-3.1-8b"))
-    auto, bf = TieredConfig(), torch.bfloat16
+    auto, bf = TieredConfig(BUDGET_2048), torch.bfloat16
     assert auto.cache_tokens == "auto"
     minimum = adm.gpu_bytes_per_seq(cfg, 32768, bf, auto)
-    assert minimum == adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(cache_tokens=0))
+    assert minimum == adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=0))
     gpu = torch.device("cuda")
     for free_gib in (20, 60):
         free = adm.GPU_HEADROOM + (free_gib << 30)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 80 << 30))
         tokens = adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, gpu)
-        used = 16 * adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(cache_tokens=tokens))
+        used = 16 * adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=tokens))
         room = free - adm.GPU_HEADROOM
         assert tokens % 16 == 0 and used <= AUTO_GPU_SHARE * room
         assert used > AUTO_GPU_SHARE * room - 16 * 32 * 2 * (64 << 10)  # within a page per sequence and layer
     assert 8192 < tokens < 32768  # 60 GiB for 16 sequences of the 8B shape
     assert adm.resolve_cache_tokens(cfg, 1, 32768, bf, auto, gpu) == 32768  # one sequence: all its groups fit
     assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, CPU) == AUTO_CPU_TOKENS
-    assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, TieredConfig(cache_tokens=512), gpu) == 512
+    assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=512), gpu) == 512
     cache = TieredSparseKVCache(_tiny().config, 2, 200, CPU, F32, TieredConfig(SparseConfig(budget=48, group_tokens=8)))
     assert cache.tiered.cache_tokens == AUTO_CPU_TOKENS and cache.stats()["cache_tokens"] == AUTO_CPU_TOKENS
     with pytest.raises(KvdriveError, match="'auto'"):

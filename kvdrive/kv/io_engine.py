@@ -122,6 +122,12 @@ class IoQueue:
         self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=name)
         self._metrics = metrics
         self._op = op
+        # every worker started now: the executor starts them lazily, so a long-lived queue's thread
+        # count crept up call after call until it reached ``depth``
+        started = threading.Barrier(depth + 1)
+        for _ in range(depth):
+            self._pool.submit(started.wait)
+        started.wait()
 
     def map_shards(self, fn, requests: list) -> list[tuple[list, Future]]:
         """Run ``fn(request) -> list`` for each request; returns (requests of the shard, future of

@@ -21,6 +21,7 @@ from kvdrive.kv.layout import GroupLayout
 from kvdrive.kv.pool import DiskPool
 from kvdrive.kv.prefix_index import DiskChunk
 from kvdrive.kv.prefix_io import Staging, export_layer
+from kvdrive.kv.prefix_keys import bind_sums
 
 
 def weighted_pick(credit: list[float], weights: list[float], live: list[int]) -> int:
@@ -84,4 +85,5 @@ class ChunkWriter:
 
     @staticmethod
     def row(key: bytes, device: DiskDevice, slots: list[int], path: str) -> DiskChunk:
-        return DiskChunk(key, path, list(slots), device.checksums(slots))
+        """The index row of a chunk just written: its checksums bound to its key (``bind_sums``)."""
+        return DiskChunk(key, path, list(slots), bind_sums(key, device.checksums(slots)))

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from kvdrive.kv.slots import SequenceSlots
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -64,6 +66,7 @@ class KVCache(ABC):
     """
 
     layer_specs: tuple[LayerSpec, ...]
+    seqs: SequenceSlots  # the registered sequences (``seq_id in cache.seqs``) and their lengths
 
     @abstractmethod
     def add(self, seq_id: int, max_tokens: int) -> None: ...
@@ -92,3 +95,7 @@ class KVCache(ABC):
         post-RoPE, as new tensors (for the prefix pool). Importing goes through the normal
         path: ``plan(seq, T)``, ``append`` per layer, ``commit``."""
         raise NotImplementedError(f"{type(self).__name__} cannot export KV")
+
+    def close(self) -> None:
+        """Release what a cache holds outside Python objects (files, I/O threads); the cache is
+        unusable after. Default: nothing to release."""

@@ -48,6 +48,7 @@ import xxhash
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.kv import native_io
 from kvdrive.kv.dir_lock import DirLock, sweep_stale
+from kvdrive.kv.faults import from_env as faults_from_env
 from kvdrive.kv.io_buffers import FreeList
 from kvdrive.kv.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
 from kvdrive.kv.layout import GroupLayout
@@ -78,7 +79,7 @@ class DiskDevice:
             raise KvdriveError(f"disk path {path!r} is not a directory")
         self.path = path
         self.layout = layout
-        self.faults = faults or NoFaults()
+        self.faults = faults or faults_from_env() or NoFaults()
         self.metrics = metrics or StoreMetrics()
         sb = layout.slot_bytes
         self.num_slots = budget_bytes // sb

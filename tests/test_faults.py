@@ -123,7 +123,7 @@ def test_a_vanishing_disk_fails_everything_after_n_calls(tmp_path):
         with pytest.warns(ReadFailureWarning):
             assert disk.read([0], [back.buffer(0)]).result() == ["io_error"]
         assert disk.write([1], [back.buffer(0)]).result() == ["io_error"]
-        assert disk.faults.fired["vanish"] == 3  # the read, its retry, the write
+        assert disk.faults.fired["vanish"] == 4  # the read and the write, each tried twice
     finally:
         disk.close()
 

@@ -112,7 +112,7 @@ def test_injected_read_errors_and_short_reads(tmp_path):
 
 
 def test_write_error_is_reported_not_raised(tmp_path):
-    faults = InjectedFaults().fail("write", errno.ENOSPC)
+    faults = InjectedFaults().fail("write", errno.ENOSPC, times=2)  # the write and its retry
     disk = make(tmp_path, faults=faults)
     try:
         host = filled_host(2)

@@ -17,7 +17,8 @@ Every extent is ``extent_bytes`` except the last, which may be shorter (a budget
 not a multiple of it, or a file system that took only part of an extent: then the device
 stops growing there). A read that fails is read once more, alone (a transient EIO, a
 short read or a flipped bit in flight recover); what fails twice is counted and warned
-about once per device (``ReadFailureWarning``), never served.
+about once per device (``ReadFailureWarning``), never served. A failed write is tried once
+more before it is reported.
 
 Ownership (``dir_lock``): a device locks its files for its lifetime. A private device
 (no ``persist_name``) names them after a fresh per-process lock, deletes them on
@@ -60,6 +61,7 @@ MAX_RUN_BYTES = 1 << 20  # longest coalesced preadv/pwritev; beyond this, more r
 assert MAX_RUN_BYTES // 4096 <= native_io.MAX_RUN_SLOTS
 DIRECT_MODES = ("auto", "on", "off")
 READ_RETRIES = 1  # a failed slot read is tried this many more times, alone, before it is a miss
+WRITE_RETRIES = 1  # a failed write is tried this many more times before it is reported
 
 
 class ReadFailureWarning(UserWarning):
@@ -96,6 +98,7 @@ class DiskDevice:
         self._fresh = np.zeros(0, dtype=bool)  # slots of extents created at this open (restore refuses them)
         self.last_write_error: str | None = None  # strerror of the last failed write or extent creation
         self.read_failures = 0  # slot reads that failed after their retry
+        self.read_retries = 0  # slot reads tried again (recovered: read_retries - read_failures)
         self._warned_reads = False
         if self.persistent:
             self._lock = DirLock.take(os.path.join(path, f"kvdrive-{persist_name}.lock"))
@@ -422,6 +425,7 @@ class DiskDevice:
         out[(per == 0) & bad] = "checksum"
         sb = self.layout.slot_bytes
         for i in np.flatnonzero((per != 0) | bad).tolist():  # read again alone
+            self.read_retries += 1
             for _ in range(READ_RETRIES):
                 s = int(slots[i])
                 out[i] = self._read_once([s], [native_io.view(int(dsts[i]), sb)], [int(want[i])])[0]
@@ -443,6 +447,11 @@ class DiskDevice:
             sums = np.zeros(len(slots), dtype=np.uint64)  # filled by the native threads
         per, _ = self._transfer_native(fn, slots, srcs, write=True, sums=sums)
         ok = per == 0
+        sb = self.layout.slot_bytes
+        for i in np.flatnonzero(~ok).tolist():  # written once more, alone
+            buf = native_io.view(int(srcs[i]), sb)
+            sums[i] = xxhash.xxh3_64_intdigest(buf[:gb])
+            ok[i] = any(self._write_once([int(slots[i])], [buf]) for _ in range(WRITE_RETRIES))
         self._sums[slots[ok]] = sums[ok]
         self._valid[slots[ok]] = True
         self.metrics.moved("host->disk", gb * int(ok.sum()), int(ok.sum()))
@@ -469,6 +478,7 @@ class DiskDevice:
             bad = [i for i, why in enumerate(out) if why is not None]
             if not bad:
                 break
+            self.read_retries += len(bad)
             for i in bad:
                 out[i] = self._read_once([slots[i]], [bufs[i]], [want[i]])[0]
         self._count_failures(out)
@@ -503,24 +513,33 @@ class DiskDevice:
                           "read_failures counts them", ReadFailureWarning, stacklevel=2)
 
     def _write_run(self, slots: list[int], bufs: list, before) -> list[str | None]:
+        """One pwritev of a run; a run that failed is written once more (a transient EIO or short write)."""
         if before is not None:
             before()
         gb = self.layout.group_bytes
         sums = [xxhash.xxh3_64_intdigest(b[:gb]) for b in bufs]
+        for _ in range(1 + WRITE_RETRIES):
+            if self._write_once(slots, bufs):
+                break
+        else:
+            self.metrics.write_error(len(slots))
+            return ["io_error"] * len(slots)
+        self._sums[slots] = sums
+        self._valid[slots] = True
+        self.metrics.moved("host->disk", gb * len(slots), len(slots))
+        return [None] * len(slots)
+
+    def _write_once(self, slots: list[int], bufs: list) -> bool:
         fd, path, off = self._where(slots[0])
         try:
             pwrite_run(fd, path, bufs, off, self.faults)
         except OSError as err:
             self.last_write_error = err.strerror or str(err)
-            self.metrics.write_error(len(slots))
-            return ["io_error"] * len(slots)
+            return False
         finally:
             if not self.direct:
                 os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
-        self._sums[slots] = sums
-        self._valid[slots] = True
-        self.metrics.moved("host->disk", gb * len(slots), len(slots))
-        return [None] * len(slots)
+        return True
 
     def close(self, remove: bool | None = None) -> None:
         """Stop the queues, close the extents and drop the lock; the extents are deleted unless

@@ -96,9 +96,13 @@ class DiskPool:
         """Device of each of ``n`` new groups (smooth weighted round-robin over devices with room)."""
         room = [d.num_free for d in self.devices]
         if sum(room) < n:
-            why = "".join(f"; {d.path}: {d.full_reason}" for d in self.devices if d.full_reason)
-            raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on "
-                                f"{len(self.devices)} path(s); raise the disk budget or free sequences{why}")
+            full = [d for d in self.devices if d.full_reason]
+            # a file system that refused to grow is fixed there, not by a larger budget
+            fix = (f"free space on {', '.join(d.path for d in full)} or add another --disk path ("
+                   + "; ".join(f"{d.path}: {d.full_reason}" for d in full) + ")") if full else \
+                "raise the disk budget (--disk-gib) or free sequences"
+            raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on {len(self.devices)} "
+                                f"path(s): {fix}")
         credit = self._credit
         out = []
         for _ in range(n):

@@ -20,6 +20,10 @@ BENCHES = {
                                         "transformers offload, streaming, sparse from host, kvdrive) with each "
                                         "row's roofline bound")),
     "io": ("kvdrive.bench.io", "host<->GPU gather and disk read bandwidth vs the hardware's raw figures"),
+    "faults": ("kvdrive.bench.faults", "injected faults, kill -9 and contention across prefix reuse and tiered "
+               "decode, outputs compared with clean runs (docs/reliability.md)"),
+    "soak": ("kvdrive.bench.soak", "thousands of generate calls with the disk tier: RSS, fds, threads and disk "
+             "bytes over time, and what is left on disk after exit"),
 }
 
 

@@ -24,6 +24,7 @@ def environment() -> dict:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": source_commit(),
     }
     if torch.cuda.is_available():
         prop = torch.cuda.get_device_properties(0)
@@ -35,6 +36,21 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def source_commit() -> str | None:
+    """The git commit of the kvdrive source that ran ("+dirty" with uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def command_line() -> str:

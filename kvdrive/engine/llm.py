@@ -91,6 +91,11 @@ class LLM:
             self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache, weights=digest)
             self._owns_prefix = True
 
+    @property
+    def cache(self) -> KVCache | None:
+        """The KV cache of this LLM's requests (built at the first one; None before and after close)."""
+        return self._cache
+
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Release the KV cache (the tiered cache's disk extents are deleted) and the prefix pool

@@ -4,6 +4,10 @@ descriptors, threads, bytes on the disk directory, the host arena's bytes. After
 calls the LLM is closed and the directory must be empty; then a child process makes the
 same LLM, generates and exits without ``close()``: its extents must be gone too.
 
+``--model tiny`` (default): random weights of SmolLM2's architecture cut to 2 layers of
+width 64 (a call takes milliseconds, so thousands fit in minutes on a CPU); ``smollm2``:
+the real SmolLM2-135M with its tokenizer.
+
 Flat means: after ``warmup`` calls, fds, threads and disk bytes never exceed their value at
 the end of the warm-up, and RSS grows by less than ``rss_slack`` MiB (the allocator's noise).
 """
@@ -28,17 +32,49 @@ def probe_process(path: str) -> dict:
             "threads": len(os.listdir("/proc/self/task")), "disk_bytes": disk, "files": len(os.listdir(path))}
 
 
-def tiered_config(path: str):
+def tiny_model(seed: int = 0):
+    """SmolLM2's architecture with random weights, 2 layers of width 64, no tokenizer."""
+    from kvdrive.models import presets
+    from kvdrive.models.decoder import DecoderLM
+    from kvdrive.models.loader import LoadedModel
+    from kvdrive.models.registry import from_hf_config
+
+    hf = presets.hf_config("smollm2-135m")
+    hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size, hf.vocab_size = 2, 64, 128, 512
+    hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim = 4, 2, 16
+    cfg = from_hf_config(hf)
+    model = DecoderLM(cfg)
+    presets.init_random_(model, seed)
+    return LoadedModel(model.eval().fuse_projections(), cfg, None, "tiny (SmolLM2 architecture, 2 layers, random)",
+                       True)
+
+
+def load(name: str):
+    from kvdrive.models.loader import load_model
+
+    return tiny_model() if name == "tiny" else load_model(name, device="cpu", dtype="float32")
+
+
+def tiered_config(path: str, loaded=None):
+    """Budget 64 tokens over a 256 MiB disk behind an arena of 16 groups a layer."""
+    from kvdrive.kv.layout import GroupLayout
     from kvdrive.kv.pool import PoolPath
     from kvdrive.kv.sparse import SparseConfig
     from kvdrive.kv.tiered import TieredConfig
 
-    return TieredConfig(SparseConfig(budget=64, sink_tokens=16, window_tokens=32), cache_tokens=96,
-                        disk=(PoolPath(path, 256 << 20),), host_bytes=30 * 16 * 24576, direct="off")
+    sparse = SparseConfig(budget=64, sink_tokens=16, window_tokens=32)
+    slot = GroupLayout.from_config(loaded.config, loaded.model.dtype, sparse.group_tokens).slot_bytes \
+        if loaded is not None else 24576  # SmolLM2, float32
+    layers = loaded.config.num_hidden_layers if loaded is not None else 30
+    return TieredConfig(sparse, cache_tokens=96, disk=(PoolPath(path, 256 << 20),),
+                        host_bytes=layers * 16 * slot, direct="off")
 
 
-def prompts(i: int) -> str:
-    """Call ``i``'s prompt: 1 to 4 sentences, so lengths vary and groups fill at different steps."""
+def prompts(i: int, loaded=None):
+    """Call ``i``'s prompt: 1 to 4 sentences (token ids without a tokenizer), so lengths vary
+    and groups fill at different steps."""
+    if loaded is not None and loaded.tokenizer is None:
+        return [1 + (37 * i + 11 * t) % 500 for t in range(20 * (1 + i % 4))]
     return f"Call {i}. " + PROMPT * (1 + i % 4)
 
 
@@ -49,9 +85,9 @@ def soak(loaded, calls: int, path: str, every: int, max_tokens: int = 3) -> list
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     samples = []
     t0 = time.perf_counter()
-    with LLM(loaded=loaded, kv_cache=tiered_config(path)) as llm:
+    with LLM(loaded=loaded, kv_cache=tiered_config(path, loaded)) as llm:
         for i in range(calls):
-            llm.generate([prompts(i)], params)
+            llm.generate([prompts(i, loaded)], params)
             if i % every == every - 1 or i == 0:
                 host = llm.cache.host if llm.cache is not None else None
                 samples.append({"call": i + 1, "seconds": round(time.perf_counter() - t0, 1),
@@ -69,43 +105,43 @@ def flat(samples: list[dict], warmup: int, rss_slack: float) -> dict:
     return out
 
 
-def exit_without_close(path: str) -> list[str]:
+def exit_without_close(path: str, model: str) -> list[str]:
     """Files left in ``path`` by a process that generated with the disk tier and exited without
     ``close()`` (the interpreter's exit must delete its extents)."""
-    code = ("from kvdrive.engine.llm import LLM; from kvdrive.bench.soak import tiered_config, prompts; "
+    code = ("from kvdrive.engine.llm import LLM; from kvdrive.bench.soak import load, tiered_config, prompts; "
             "from kvdrive.engine.sampling import SamplingParams; "
-            f"llm = LLM('smollm2', device='cpu', dtype='float32', kv_cache=tiered_config({path!r})); "
-            "llm.generate([prompts(0)], SamplingParams(max_tokens=2)); import os; "
+            f"m = load({model!r}); llm = LLM(loaded=m, kv_cache=tiered_config({path!r}, m)); "
+            "llm.generate([prompts(0, m)], SamplingParams(max_tokens=2)); import os; "
             f"assert any(f.endswith('.extent') for f in os.listdir({path!r}))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
     return os.listdir(path)
 
 
 def add_arguments(p) -> None:
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="model (default tiny)")
     p.add_argument("--calls", type=int, default=1000, help="generate calls (default 1000)")
     p.add_argument("--every", type=int, default=25, help="calls between samples (default 25)")
     p.add_argument("--warmup", type=int, default=100, help="calls before the measures must stay flat (default 100)")
     p.add_argument("--rss-slack", type=float, default=64.0, help="RSS growth after warm-up counted as flat, MiB")
     p.add_argument("--dir", default=None, help="disk directory (default: a temporary one)")
-    p.add_argument("-o", "--out", default="bench/results/soak-smollm2-cpu.json")
+    p.add_argument("-o", "--out", default="bench/results/soak-cpu.json")
 
 
 def run(args) -> int:
     from kvdrive.bench.common import write_result
-    from kvdrive.models.loader import load_model
 
-    loaded = load_model("smollm2", device="cpu", dtype="float32")
+    loaded = load(args.model)
     with tempfile.TemporaryDirectory(dir=args.dir) as path:
         samples = soak(loaded, args.calls, path, args.every)
         left_after_close = os.listdir(path)
-        left_after_exit = exit_without_close(path)
+        left_after_exit = exit_without_close(path, args.model)
     verdict = flat(samples, args.warmup, args.rss_slack)
     verdict.update(left_after_close=left_after_close, left_after_exit=left_after_exit)
     for s in samples[:: max(1, len(samples) // 10)] + samples[-1:]:
         print(s)
     print(verdict)
-    out = write_result(args.out, "soak", {"model": "smollm2 (SmolLM2-135M-Instruct, CPU, float32)",
-                                          "calls": args.calls, "every": args.every, "warmup": args.warmup,
+    out = write_result(args.out, "soak", {"model": loaded.source, "device": "cpu", "calls": args.calls,
+                                          "every": args.every, "warmup": args.warmup, "max_tokens": 3,
                                           "tiered": "budget 64, disk 256 MiB, host arena 16 groups a layer"},
                        {"samples": samples, "verdict": verdict})
     print(f"-> {out}")

@@ -13,7 +13,8 @@ dead owner and its files are stale.
 * ``DirLock.private(dir)``: a lock of a fresh per-process name, for extents that live as
   long as their process (the tiered cache's disk tier). It is created under a temporary
   name, locked, then renamed into place, so no other process ever sees it unlocked.
-* ``sweep_stale(dir)``: delete the private extents and locks whose owner is dead.
+* ``sweep_stale(dir)``: delete the private extents and locks whose owner is dead, and the
+  small temporary files of dead processes (a lock not yet renamed, an O_DIRECT or write probe).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from kvdrive.errors import KvdriveError
 
 # kvdrive-<pid>-<8 hex>.lock and kvdrive-<pid>-<8 hex>-<n>.extent: a private owner and its extents
 _PRIVATE = re.compile(r"^kvdrive-(\d+)-([0-9a-f]{8})(?:\.lock|-\d+\.extent)$")
+# temporary files named after their process: a private lock before its rename, the disk probes
+_TEMPORARY = re.compile(r"^\.kvdrive-(?:(\d+)-[0-9a-f]{8}\.lock\.tmp|(?:odirect|write-check)-(\d+)-[0-9a-f]{8})$")
 
 
 class DirectoryInUse(KvdriveError):
@@ -105,11 +108,14 @@ def sweep_stale(directory: str) -> list[str]:
     except OSError:
         return []
     tags: dict[str, list[str]] = {}
+    removed = []
     for name in names:
         m = _PRIVATE.match(name)
         if m:
             tags.setdefault(f"kvdrive-{m[1]}-{m[2]}", []).append(name)
-    removed = []
+        t = _TEMPORARY.match(name)
+        if t and not _pid_alive(int(t[1] or t[2])) and _unlink(os.path.join(directory, name)):
+            removed.append(name)
     for tag, files in tags.items():
         lock = os.path.join(directory, f"{tag}.lock")
         fd = _open_existing(lock)

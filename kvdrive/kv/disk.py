@@ -21,9 +21,9 @@ about once per device (``ReadFailureWarning``), never served. A failed write is 
 more before it is reported.
 
 Ownership (``dir_lock``): a device locks its files for its lifetime. A private device
-(no ``persist_name``) names them after a fresh per-process lock, deletes them on
-``close`` or when it is garbage collected or the interpreter exits, and at open deletes
-those of owners that died (kill -9). With ``persist_name`` the extents are named
+(no ``persist_name``) names them after a fresh per-process lock and deletes them on
+``close`` or when it is garbage collected or the interpreter exits; every device deletes,
+at open, the files of private owners that died in its directory (kill -9). With ``persist_name`` the extents are named
 ``kvdrive-<persist_name>-<n>.extent`` under the lock ``kvdrive-<persist_name>.lock``
 (a second owner is refused: ``DirectoryInUse``), reopened by the next ``DiskDevice`` of
 that name and kept by ``close()``; the owner of the slot index (the prefix pool) hands
@@ -100,11 +100,11 @@ class DiskDevice:
         self.read_failures = 0  # slot reads that failed after their retry
         self.read_retries = 0  # slot reads tried again (recovered: read_retries - read_failures)
         self._warned_reads = False
+        sweep_stale(path)
         if self.persistent:
             self._lock = DirLock.take(os.path.join(path, f"kvdrive-{persist_name}.lock"))
             self._tag = f"kvdrive-{persist_name}"
         else:
-            sweep_stale(path)
             self._lock = DirLock.private(path)
             self._tag = self._lock.tag
         # files of a private device go when it does, closed or not (and at interpreter exit)

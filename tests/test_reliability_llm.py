@@ -144,7 +144,7 @@ def test_cli_runs_with_disk_leave_nothing_behind_even_when_interrupted(tmp_path)
     args = ["generate", "--raw", "--device", "cpu", "--budget", "64", "--disk", str(tmp_path), "--host-gib", "0.05",
             "--disk-gib", "0.25"]
     done = _cli(*args, "-n", "3", PROMPT)
-    out, err = done.communicate(timeout=300)
+    _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert os.listdir(tmp_path) == []
     running = _cli(*args, "-n", "2000", "--ignore-eos", PROMPT)

@@ -4,9 +4,9 @@ trial's outputs compared token for token with a clean run.
 For each fault kind (``kv.faults``) and workload, ``trials`` runs with seeds 0, 1, ... under
 ``KVDRIVE_FAULTS``; SmolLM2-135M on the CPU, greedy, short prompts:
 
-  prefix        an LLM with a prefix pool (a disk and a small host arena): three prompts that
-                share a prefix, each generated twice (stored, then loaded); the reference is
-                an LLM without a pool.
+  prefix        an LLM with a prefix pool (a disk, and a host arena that takes 1 chunk in 20):
+                three prompts that share a two-chunk prefix, each generated twice (stored, then
+                loaded); the reference is an LLM without a pool.
   tenants       two LLMs sharing one pool as tenants "a" and "b", the same prompts each.
   tiered-wait   the tiered cache over a disk behind an arena smaller than the batch's KV (two
                 sequences: the first's groups are evicted and read back); the reference is
@@ -47,7 +47,7 @@ FAULTS = {  # kind -> KVDRIVE_FAULTS text (the trial's seed is added)
 }
 WORKLOADS = ("prefix", "tenants", "tiered-wait", "tiered-defer")
 _SHARED = "Anne Elliot walked along the Cobb at Lyme while the grey sea rose against the old stones. "
-PREFIX_PROMPTS = [_SHARED + q for q in ("Who was with her?", "What did she see?", "Why had she come?")]
+PREFIX_PROMPTS = [_SHARED * 2 + q for q in ("Who was with her?", "What did she see?", "Why had she come?")]
 TIERED_PROMPTS = [f"Chapter {i}. " + _SHARED * 5 for i in range(2)]
 POOL_FILES = ("kvdrive-prefix-", "kvdrive-prefix.sqlite", "kvdrive-prefix.lock")
 
@@ -134,7 +134,8 @@ def _prefix_outputs(loaded, path: str, tenants: bool):
     from kvdrive.kv.prefix import PrefixConfig, PrefixPool
     from kvdrive.models.identity import weights_digest
 
-    cfg = PrefixConfig(disks=(PoolPath(path, 16 << 20),), host_bytes=1 << 20, host_weight=1.0, chunk_tokens=16,
+    # a host arena (the nomem faults hit it) that takes a small share: loads read the disk
+    cfg = PrefixConfig(disks=(PoolPath(path, 16 << 20),), host_bytes=1 << 20, host_weight=0.05, chunk_tokens=16,
                        admit_after=1)
     if not tenants:
         with LLM(loaded=loaded, prefix_cache=cfg) as llm:

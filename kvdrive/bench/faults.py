@@ -205,6 +205,18 @@ def campaign(loaded, trials: int, tiered_trials: int, workloads=WORKLOADS, kinds
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as the markdown table of docs/reliability.md."""
+    head = ["workload", "fault", "trials", "faults fired", "outputs identical", "reads recovered",
+            "chunks recomputed", "stores skipped", "surfaced errors", "degraded (reported)", "wrong outputs",
+            "bytes leaked"]
+    keys = ["workload", "fault", "trials", "fired", "identical", "recovered_reads", "recomputed_chunks",
+            "skipped_stores", "surfaced", "degraded", "wrong", "leaked_bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=5, help="runs per fault kind of the prefix workloads (default 5)")
     p.add_argument("--tiered-trials", type=int, default=2, help="runs per fault kind of the tiered ones (default 2)")
@@ -233,6 +245,7 @@ def run(args) -> int:
         if row is not None:
             rows.append(asdict(row))
             print(rows[-1])
+    print(table(rows))
     bad = [r for r in rows if r["wrong"] or r["leaked_bytes"]]
     path = write_result(args.out, "faults", {"trials": args.trials, "tiered_trials": args.tiered_trials,
                                              "kills": args.kills, "processes": args.processes, "faults": FAULTS,

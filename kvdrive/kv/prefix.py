@@ -59,8 +59,8 @@ from kvdrive.kv.prefix_keys import PrefixNamespace, bind_sums, chunk_keys
 from kvdrive.kv.prefix_store import ChunkWriter, weighted_pick
 
 INDEX_FILE = "kvdrive-prefix.sqlite"
-_FAILED = object()  # what ``PrefixPool._index`` returns for a call that did not happen
 PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent
+_FAILED = object()  # what ``PrefixPool._index`` returns for a call that did not happen
 
 
 class PrefixPoolWarning(UserWarning):
@@ -168,6 +168,8 @@ class PrefixPool:
         self._warned: set[str] = set()
         self.disk_off = ""
         self.last_load: LoadReport | None = None
+        self.host = HostTier(self.layout, config.host_bytes) if config.host_bytes else None
+        self._host: OrderedDict[bytes, list[int]] = OrderedDict()  # key -> host slot per layer; LRU first
         self.pool = self.index = None
         if config.disks:
             es = max(1, config.extent_bytes // self.layout.slot_bytes)
@@ -188,8 +190,6 @@ class PrefixPool:
             except BaseException:
                 self.close()
                 raise
-        self.host = HostTier(self.layout, config.host_bytes) if config.host_bytes else None
-        self._host: OrderedDict[bytes, list[int]] = OrderedDict()  # key -> host slot per layer; LRU first
         self.host_weight = config.host_weight or (_measure_host_gbps(self.host) if self.host else 0.0)
         self._disk_credit = [0.0] * len(config.disks)
         self._host_credit = [0.0, 0.0]  # host vs all disks

@@ -222,7 +222,7 @@ def full_filesystem(loaded, workload: str, size: str = "2m") -> Row | None:
         try:
             with injected(None):
                 if workload == "prefix":
-                    prompts = [f"Letter {i}: " + PREFIX_PROMPTS[i % 3] for i in range(4)]  # 12 chunks: 8.6 MiB
+                    prompts = [f"Letter {i}: " + PREFIX_PROMPTS[i % 3] for i in range(4)]  # 12 chunks: 8.4 MiB
                     with LLM(loaded=loaded) as cold:
                         want = [cold.generate([p], greedy(4))[0].token_ids for p in prompts]
                     cfg = PrefixConfig(disks=(PoolPath(mnt, 64 << 20),), chunk_tokens=16, admit_after=1)

@@ -2,8 +2,7 @@
 bench faults``, docs/reliability.md): every fault kind across prefix reuse and tiered decode
 on SmolLM2, kill -9 in the middle of stores and evictions, processes contending for one
 directory, a file system that fills up. Outputs equal the clean run's token for token, or
-the trial surfaced one ``KvdriveError``; never a wrong output, never a file left behind.
-The default run keeps a subset; trials marked ``fault_full`` run with ``-m fault``."""
+the trial surfaced one ``KvdriveError``; never a wrong output, never a file left behind."""
 
 import pytest
 
@@ -37,17 +36,13 @@ def run_trials(loaded, refs, workload, kind, seeds=(0,)) -> faults.Row:
     return row
 
 
-FULL = pytest.mark.fault_full
-
-
-@pytest.mark.parametrize("kind", ["torn", "flip", pytest.param("eio", marks=FULL), pytest.param("short", marks=FULL),
-                                  pytest.param("latency", marks=FULL), pytest.param("vanish", marks=FULL)])
+@pytest.mark.parametrize("kind", ["eio", "short", "torn", "flip", "latency", "vanish"])
 def test_prefix_reuse_under_io_faults_gives_the_cold_outputs(smollm2, refs, kind):
     row = run_trials(smollm2, refs, "prefix", kind)
     assert row.identical == 1 and row.surfaced == 0 and row.fired > 0, row
 
 
-@pytest.mark.parametrize("kind", ["enospc", pytest.param("efbig", marks=FULL)])
+@pytest.mark.parametrize("kind", ["enospc", "efbig"])
 def test_prefix_reuse_on_a_disk_that_cannot_grow_gives_the_cold_outputs(smollm2, refs, kind):
     row = run_trials(smollm2, refs, "prefix", kind)
     assert row.identical == 1 and row.surfaced == 0 and row.fired > 0, row
@@ -58,19 +53,17 @@ def test_a_host_arena_that_cannot_be_allocated_is_one_surfaced_error(smollm2, re
     assert row.surfaced == 1 and "host budget" in row.errors[0], row
 
 
-@FULL
 def test_tenants_on_one_pool_under_faults_give_the_cold_outputs(smollm2, refs):
     row = run_trials(smollm2, refs, "tenants", "mixed")
     assert row.identical == 1 and row.fired > 0, row
 
 
-@pytest.mark.parametrize("workload", ["tiered-wait", pytest.param("tiered-defer", marks=FULL)])
+@pytest.mark.parametrize("workload", ["tiered-wait", "tiered-defer"])
 def test_tiered_decode_under_mixed_faults_never_serves_wrong_kv(smollm2, refs, workload):
     row = run_trials(smollm2, refs, workload, "mixed")
     assert row.identical + row.degraded == 1 and row.fired > 0, row
 
 
-@FULL
 def test_tiered_decode_on_a_disk_that_cannot_grow_is_one_surfaced_error(smollm2, refs):
     row = run_trials(smollm2, refs, "tiered-wait", "enospc")
     assert row.surfaced == 1 and "free space on" in row.errors[0], row
@@ -86,7 +79,6 @@ def test_processes_sharing_a_directory_take_turns(tmp_path):
     assert row.identical == row.trials == 9 and row.wrong == 0, row
 
 
-@FULL
 @pytest.mark.parametrize("workload", ["prefix", "tiered-wait"])
 def test_a_file_system_that_fills_up(smollm2, workload):
     row = crash.full_filesystem(smollm2, workload, "2m" if workload == "prefix" else "1m")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,6 +53,13 @@ class ForwardBatch:
     @property
     def batch_size(self) -> int:
         return len(self.seq_ids)
+
+
+class TierBytes(NamedTuple):
+    """Bytes of one tier: ``used`` by the registered sequences, ``capacity`` allocated or budgeted."""
+
+    used: int
+    capacity: int
 
 
 class KVCache(ABC):
@@ -128,6 +135,11 @@ class KVCache(ABC):
 
     def reset_stats(self) -> None:
         """Start the counters of ``stats`` over."""
+
+    def tier_bytes(self) -> dict[str, TierBytes]:
+        """Bytes used and held per tier (``gpu``: the device's memory, ``host``, ``disk``), read
+        between steps without a device sync. Default: nothing reported."""
+        return {}
 
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens [start, stop) of a committed sequence, each (H_kv, stop - start, D),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec
+from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.config import ModelConfig
 
@@ -82,6 +82,11 @@ class ContiguousKVCache(KVCache):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def tier_bytes(self) -> dict[str, TierBytes]:
+        """The device's KV: committed tokens of every sequence against the whole allocation."""
+        per_token = self.nbytes // (self.max_seqs * self.max_len)
+        return {"gpu": TierBytes(self.seqs.tokens() * per_token, self.nbytes)}
 
     def add(self, seq_id: int, max_tokens: int) -> None:
         self.seqs.add(seq_id, max_tokens)

@@ -20,6 +20,15 @@ class SequenceSlots:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._slot
 
+    @property
+    def num_free(self) -> int:
+        """Sequences that can still be added."""
+        return len(self._free)
+
+    def tokens(self) -> int:
+        """Tokens committed, all sequences together."""
+        return sum(self._len.values())
+
     def add(self, seq_id: int, max_tokens: int) -> int:
         """Register ``seq_id`` with room for ``max_tokens``; returns its slot."""
         if seq_id in self._slot:

@@ -22,8 +22,10 @@ import torch
 from kvdrive.cache.base import KVCache
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.engine import generation
+from kvdrive.engine.core import PREFILL_CHUNK, Engine
+from kvdrive.engine.request import Request
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.errors import KvdriveError
+from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.models.loader import load_model
 
 
@@ -48,7 +50,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
                  seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None,
-                 tenant: str | None = None):
+                 tenant: str | None = None, step_tokens: int | None = None):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
         ``kv_cache``: a ``kvdrive.TieredConfig`` to keep the KV in host memory (and on
         disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device.
@@ -58,9 +60,12 @@ class LLM:
         opens the pool and closes it) or an open ``PrefixPool`` shared with other ``LLM``s
         of the same weights (its owner closes it); repeated prompt prefixes then load their
         KV from the pool instead of being recomputed. ``tenant``: the prefix pool tenant of
-        this LLM's requests (None: the pool's), so tenants sharing a pool never meet."""
-        _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant)
-        self.max_batch = max_batch
+        this LLM's requests (None: the pool's), so tenants sharing a pool never meet.
+        ``step_tokens``: tokens one engine step may run, decode and prefill together, so a long
+        prompt is prefilled in chunks between decode steps of the others (None: every admitted
+        prompt is prefilled whole before the next decode step)."""
+        _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens)
+        self.max_batch, self.step_tokens = max_batch, step_tokens
         self._cache: KVCache | None = None
         self.prefix = None
         self._owns_prefix = False
@@ -168,14 +173,20 @@ class LLM:
                     f"prompt has {len(ids)} tokens but the context is {self.max_model_len}; shorten the prompt"
                     + ("" if self.max_model_len == self.config.max_position_embeddings else " or raise max_model_len")
                 )
-            gen = None
-            if p.seed is not None:
-                gen = torch.Generator(device=self.model.device).manual_seed(p.seed)
-            max_new = min(p.max_tokens, self.max_model_len - len(ids))
-            reqs.append(generation.Request(self._next_seq, ids, p, max_new, gen))
-            self._next_seq += 1
+            reqs.append(self.new_request(ids, p, self.tenant))
             texts.append(text)
         return texts, reqs
+
+    def new_request(self, prompt_ids: list[int], params: SamplingParams, tenant: str | None = None) -> Request:
+        """A request for checked prompt ids (shorter than ``max_model_len``), with the next
+        sequence id; ``max_tokens`` capped by what is left of the context."""
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        max_new = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        req = Request(self._next_seq, list(prompt_ids), params, max_new, gen, tenant=tenant)
+        self._next_seq += 1
+        return req
 
     def _cache_for(self, n: int, max_len: int) -> KVCache:
         """The cache, built once and kept; rebuilt larger when this call needs more sequences
@@ -207,14 +218,49 @@ class LLM:
             check_disk_tier(self.config, self.model.dtype, self.kv_cache, [len(r.prompt_ids) for r in reqs], max_len, n)
         cache = self._cache_for(n, max_len)
         n = min(n, cache.max_seqs)
-        prefix = self.prefix if self.prefix is None or self.tenant is None else _TenantView(self.prefix, self.tenant)
         try:
             yield from generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer,
-                                      prefix=prefix, max_batch=n)
+                                      prefix=self.prefix, max_batch=n, step_tokens=self.step_tokens)
         finally:  # a stream abandoned or a failed step: its sequences leave the cache kept for the next call
             for r in reqs:
                 if r.seq_id in cache.seqs:
                     cache.free(r.seq_id)
+
+    def engine(self, max_seqs: int, step_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Engine:
+        """An online engine over this LLM's cache, sized for ``max_seqs`` sequences of up to
+        ``max_model_len`` tokens (fewer where memory holds fewer: the engine's ``sched.max_batch``
+        says how many). The caller adds requests (``new_request``) and steps it from one thread;
+        one request's error ends that request only. While it runs, this LLM's ``generate`` and
+        ``stream`` must not be called (they share the cache)."""
+        if self._closed:
+            raise KvdriveError("this LLM is closed: make a new one")
+        max_len = self.max_model_len
+        if self.kv_cache is not None:
+            from kvdrive.tiered.admission import check_disk_tier
+
+            check_disk_tier(self.config, self.model.dtype, self.kv_cache, [max_len], max_len, max_seqs)
+        else:
+            max_seqs = min(max_seqs, self._plain_seqs_that_fit(max_len))
+        cache = self._cache_for(max_seqs, max_len)
+        return Engine(self.model, cache, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix,
+                      max_batch=min(max_seqs, cache.max_seqs), step_tokens=step_tokens, prefill_chunk=prefill_chunk,
+                      isolate_errors=True)
+
+    def _plain_seqs_that_fit(self, max_len: int) -> int:
+        """Sequences of ``max_len`` whose KV the device's free memory holds in the plain cache."""
+        from kvdrive.tiered.admission import gpu_room
+        from kvdrive.tiered.host_kv import host_room
+
+        c = self.config
+        per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * self.model.dtype.itemsize
+        room = gpu_room(self.model.device) if self.model.device.type == "cuda" else host_room()
+        if room is None:
+            return 1 << 30
+        if room < per_seq:
+            raise CapacityError(f"one sequence of {max_len} tokens needs {per_seq / 2**30:.2f} GiB of KV, "
+                                f"{room / 2**30:.2f} GiB is free: lower max_model_len, or keep the KV in host "
+                                "memory with the tiered cache (a budget)")
+        return room // per_seq
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         texts, reqs = self._requests(prompts, sampling_params)
@@ -235,19 +281,6 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params=None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], sampling_params)[0]
-
-
-class _TenantView:
-    """A shared prefix pool seen with one tenant: the ``load``/``store`` hooks of ``generation.run``."""
-
-    def __init__(self, pool, tenant: str):
-        self.pool, self.tenant = pool, tenant
-
-    def load(self, model, cache, seq_id, prompt_ids) -> int:
-        return self.pool.load(model, cache, seq_id, prompt_ids, tenant=self.tenant)
-
-    def store(self, cache, seq_id, prompt_ids) -> int:
-        return self.pool.store(cache, seq_id, prompt_ids, tenant=self.tenant)
 
 
 def check_text(text: str, what: str) -> str:
@@ -276,7 +309,7 @@ def _check_messages(messages) -> None:
         check_text(m["content"], f"message {i}'s content")
 
 
-def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant) -> None:
+def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens) -> None:
     """Every ``LLM`` argument, checked before the model loads (a disk directory that cannot be
     written is refused now, not after a minute of loading)."""
     from kvdrive.prefix.pool import PrefixConfig, PrefixPool
@@ -285,7 +318,8 @@ def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_
 
     if model is not None and not isinstance(model, str):
         raise KvdriveError(f"model is a spec string (e.g. 'smollm2', 'random:llama-3.2-1b' or a path), got {model!r}")
-    for name, value, low in (("max_model_len", max_model_len, 1), ("max_batch", max_batch, 1)):
+    for name, value, low in (("max_model_len", max_model_len, 1), ("max_batch", max_batch, 1),
+                             ("step_tokens", step_tokens, 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise KvdriveError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:

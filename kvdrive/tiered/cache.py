@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kvdrive import device as devices
-from kvdrive.cache.base import ForwardBatch, KVCache
+from kvdrive.cache.base import ForwardBatch, KVCache, TierBytes
 from kvdrive.cache.contiguous import layer_specs
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.cache.sparse import layer_summarizer, max_pages_for
@@ -481,6 +481,15 @@ class TieredSparseKVCache(KVCache):
         self.host.close()
 
     # -- reporting ------------------------------------------------------------------
+    def tier_bytes(self) -> dict[str, TierBytes]:
+        """``gpu``: selection caches, summaries and window rings, allocated per sequence slot (used:
+        the registered sequences' share); ``host`` (and ``disk``): the host KV's own account."""
+        gpu = sum(c.nbytes for c in self.caches.values()) + sum(t.nbytes for t in self.tables.values()) \
+            + sum(r.nbytes for r in self.rings.values())
+        ids = self.seqs.seq_ids()
+        groups = sum(-(-self.seqs.length(s) // self.g) for s in ids)
+        return {"gpu": TierBytes(gpu * len(ids) // self.max_seqs, gpu), **self.host.tier_bytes(groups)}
+
     def reset_stats(self) -> None:
         for c in self.caches.values():
             c.reset_counts()

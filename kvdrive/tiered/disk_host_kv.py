@@ -31,6 +31,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from kvdrive.cache.base import TierBytes
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
@@ -344,7 +345,15 @@ class DiskBackedHostKV(HostKV):
                 "lost": c["lost"] + d["lost"], "host_evictions": c["host_evictions"], "deferred": d["deferred"],
                 "deferred_reads": d["deferred_reads"], "host_waits": c["host_waits"],
                 "placed_reads": c["placed_reads"], "disk_bytes": self.pool.bytes_used(),
-                "host_resident_groups": self.index.resident()}
+                "host_resident_groups": self.index.resident(),
+                "bytes_disk_read": (c["disk_reads"] + c["read_ahead"] + c["placed_reads"] + d["deferred_reads"])
+                * self.layout.slot_bytes,
+                "bytes_disk_written": c["disk_writes"] * self.layout.slot_bytes}
+
+    def tier_bytes(self, groups: int) -> dict[str, TierBytes]:
+        """The arena's resident groups, and the disk pool's slots in use, against their sizes."""
+        return {"host": TierBytes(self.index.resident() * self.layout.slot_bytes, self.nbytes),
+                "disk": TierBytes(self.pool.bytes_used(), self.pool.bytes_capacity())}
 
     def close(self) -> None:
         self.drain()

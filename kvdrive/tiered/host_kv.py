@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from kvdrive.cache.base import TierBytes
 from kvdrive.errors import CapacityError
 from kvdrive.storage.gather import copy_rows, words
 from kvdrive.storage.layout import GroupLayout
@@ -120,6 +121,11 @@ class HostKV(ABC):
 
     def stats(self) -> dict:
         return {}
+
+    def tier_bytes(self, groups: int) -> dict[str, TierBytes]:
+        """Bytes held per tier; ``groups``: the groups (of one layer) the registered sequences have
+        opened. Every group in host memory here."""
+        return {"host": TierBytes(groups * self.layout.group_bytes * self.layout.num_layers, self.nbytes)}
 
     def reset_counts(self) -> None:
         pass

@@ -24,6 +24,7 @@ COMMANDS = {
     "info": "kvdrive.commands.info",
     "eval": "kvdrive.commands.eval",
     "probe": "kvdrive.commands.probe",
+    "serve": "kvdrive.commands.serve",
     "bench": "kvdrive.bench",
 }
 

@@ -28,3 +28,8 @@ def native_io_enabled() -> bool:
 def c_compiler() -> str | None:
     """The C compiler for kvdrive's native helpers: ``$CC``, else cc, gcc or clang on PATH."""
     return os.environ.get("CC") or next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def kvdrive_variables() -> dict[str, str]:
+    """Every ``KVDRIVE_*`` variable, as text (``kvdrive serve`` reads its settings from them)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("KVDRIVE_")}

@@ -1,6 +1,7 @@
 """Small factories the tests share: a tiny decoder, prompts, a decode loop, disk configs, the
-prefix pool's test shape, and fresh interpreters that can import these factories."""
+prefix pool's test shape, fresh interpreters that can import these factories, and a live server."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -134,3 +135,46 @@ def run_python(code: str, timeout=120, **kw) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh interpreter from the checkout; its output as text."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout, check=False, env=child_env(), **kw)
+
+
+# -- a live server ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def live_server(state, timeout: float = 180.0):
+    """A real uvicorn server of ``state`` (a ``ServerState``) on 127.0.0.1 at a free port, in a
+    thread; yields its base URL once the model is loaded, stops it after."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from kvdrive.serve.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert server.started, "the server did not start"
+        assert state.wait_loaded(max(0.0, deadline - time.monotonic())), state.load_error
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def vocab_sized_tiny_model(vocab_size: int):
+    """``tiny_model``'s shape with a real tokenizer's vocabulary: fast enough to fuzz a server."""
+    from transformers import AutoConfig
+
+    cfg = from_hf_config(AutoConfig.for_model("llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=1024))
+    torch.manual_seed(0)
+    return DecoderLM(cfg).eval()

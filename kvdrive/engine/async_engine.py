@@ -9,14 +9,16 @@ step while there is work, and hands each request's events to that request's asyn
     async for event in stream: ...        # TokenEvents until the one with a finish_reason
     stream.abort()                        # e.g. the client went away: its KV is freed next step
 
-``snapshot`` is the engine's state as of the last step (refreshed every
-``stats_interval`` seconds while busy and whenever it becomes idle). An ``observer``
+``snapshot`` is the engine's state as of a recent step: refreshed every ``stats_interval``
+seconds while busy, after any step that finishes a request (before its events go out) and
+whenever the engine becomes idle. An ``observer``
 (metrics) is called on the engine thread as requests arrive, make tokens and finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -100,8 +102,10 @@ class AsyncEngine:
     # -- any thread --------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        """Requests submitted and not admitted yet (including those not yet taken by the engine)."""
-        return self.engine.num_waiting + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        """Requests submitted and not admitted, beyond the sequence slots free now: those that will
+        wait (read from another thread, so a close estimate)."""
+        pending = self.engine.num_waiting + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        return max(0, pending - (self.engine.sched.max_batch - self.engine.sched.num_admitted))
 
     def submit(self, req: Request) -> RequestStream:
         """Queue ``req`` (on the event loop that will read its stream)."""
@@ -170,6 +174,8 @@ class AsyncEngine:
                 self._end(seq_id, "error", "the engine failed while running this request (see the server log)")
             return
         now = time.perf_counter()
+        if now - self._published >= self.stats_interval or any(e.finish_reason is not None for e in events):
+            self._publish()  # before the events go out: a client that saw its request end sees it counted
         self.observer.tokens(events, now)
         by_seq: dict[int, list] = {}
         for event in events:
@@ -183,8 +189,6 @@ class AsyncEngine:
                 self.observer.finished(stream.req, now)
                 items.append(_END)
             self._send(stream, items)
-        if now - self._published >= self.stats_interval:
-            self._publish()
 
     def _end(self, seq_id: int, reason: str, error: str | None = None) -> None:
         """End ``seq_id`` now (freeing its KV) and close its stream."""
@@ -196,10 +200,8 @@ class AsyncEngine:
         self._send(stream, [*items, _END])
 
     def _send(self, stream: RequestStream, items: list) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody reads this stream any more
             stream._loop.call_soon_threadsafe(stream._deliver, items)
-        except RuntimeError:  # its event loop is closed: nobody reads this stream any more
-            pass
 
     def _publish(self) -> None:
         self.snapshot = self.engine.snapshot()

@@ -151,7 +151,7 @@ class Engine:
         """Register ``req``'s sequence and load its longest stored prefix from the prefix pool."""
         self.cache.add(req.seq_id, req.total_tokens)
         self.counters.prompt_tokens += len(req.prompt_ids)
-        if self.prefix is not None:
+        if self.prefix is not None and req.use_prefix:
             done = self.prefix.load(self.model, self.cache, req.seq_id, req.prompt_ids, tenant=req.tenant)
             req.prefilled = req.cached_tokens = done
             self.counters.prefix_queries += len(req.prompt_ids)
@@ -175,7 +175,7 @@ class Engine:
     def _first_token(self, req: Request, logits: torch.Tensor) -> TokenEvent:
         """The prompt is in the cache: store its new chunks in the prefix pool, place its KV, and
         sample its first token from the last prompt token's logits."""
-        if self.prefix is not None:
+        if self.prefix is not None and req.use_prefix:
             self.prefix.store(self.cache, req.seq_id, req.prompt_ids, tenant=req.tenant)
         self.cache.place([req.seq_id])  # the tiered cache: initial placement by the prompt's attention
         token = sample(logits, [req.params], [req.generator])[0]

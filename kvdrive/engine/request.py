@@ -25,6 +25,7 @@ class Request:
     max_new: int  # max_tokens, capped by the context length
     generator: torch.Generator | None = None
     tenant: str | None = None  # the prefix pool's tenant of this request (None: the pool's own)
+    use_prefix: bool = True  # load from and store to the prefix pool (if the engine has one)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # one of FINISH_REASONS once finished

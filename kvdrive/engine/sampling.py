@@ -9,12 +9,15 @@ import torch
 
 from kvdrive.errors import KvdriveError
 
+# A temperature below this samples greedily (as vLLM does): dividing logits by it overflows to inf.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens, in the shape vLLM users know.
 
-    ``temperature=0`` is greedy. ``top_k`` 0 or -1 and ``top_p`` 1.0 disable those
+    ``temperature=0`` (or below ``GREEDY_BELOW``) is greedy. ``top_k`` 0 or -1 and ``top_p`` 1.0 disable those
     filters. ``seed`` makes sampling reproducible per request. Generation stops at
     ``max_tokens``, an end-of-sequence token (unless ``ignore_eos``), a token in
     ``stop_token_ids`` or when the text contains a string of ``stop`` (which is cut off).
@@ -55,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(x) -> bool:
@@ -76,6 +79,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # the most likely token always stays (a top_p below float32's smallest step drops none)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 

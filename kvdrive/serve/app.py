@@ -28,19 +28,22 @@ from kvdrive.serve.protocol import (
     ModelList,
 )
 from kvdrive.serve.responses import Shape, json_response, sse_response
-from kvdrive.serve.state import ServerState
+from kvdrive.serve.state import MAX_TENANT, TENANT_PATTERN, ServerState
 
 
-def create_app(state: ServerState) -> FastAPI:
-    """The app over ``state``; its lifespan starts loading the model and releases it at shutdown."""
+def create_app(state: ServerState, own_state: bool = True) -> FastAPI:
+    """The app over ``state``. ``own_state``: the app's lifespan starts loading the model and
+    closes the state at shutdown (False: the caller does, e.g. around many in-process clients)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.start()
+        if own_state:
+            state.start()
         try:
             yield
         finally:
-            state.close()
+            if own_state:
+                state.close()
 
     app = FastAPI(title="kvdrive", summary="OpenAI-compatible server of kvdrive", lifespan=lifespan)
     app.state.kvdrive = state
@@ -62,14 +65,14 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
                                             "owned_by": "kvdrive", "max_model_len": state.llm.max_model_len}]}
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors.RESPONSES)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=errors.STREAMING)
     async def completions(body: CompletionRequest, request: Request, tenant: Tenant):
         state.check_model(body.model)
         prompt, llm = body.single_prompt, state.llm
         ids = await state.tokenize(_user_error, lambda: llm.encode(prompt)) if isinstance(prompt, str) else prompt
         return await _generate(state, request, body, ids, body.max_tokens, tenant, chat=False)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors.RESPONSES)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=errors.STREAMING)
     async def chat(body: ChatCompletionRequest, request: Request, tenant: Tenant):
         state.check_model(body.model)
         llm = state.llm
@@ -84,7 +87,9 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
-            x_tenant: Annotated[str | None, Header()] = None) -> str | None:
+            x_tenant: Annotated[str | None, Header(min_length=1, max_length=MAX_TENANT, pattern=TENANT_PATTERN,
+                                                   description="the prefix pool tenant (within the API key's)")
+                                ] = None) -> str | None:
     """The request's prefix pool tenant (the API key checked first), once the model is ready."""
     state: ServerState = request.app.state.kvdrive
     tenant = state.tenant(authorization, x_tenant)

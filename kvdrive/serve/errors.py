@@ -22,6 +22,11 @@ TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "inval
 
 # the documented answers of every /v1 route, for the OpenAPI schema
 RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
+# the generation routes also stream (``"stream": true``)
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one server-sent event
+STREAMING = {**RESPONSES, 200: {"content": {"text/event-stream": {"schema": _EVENT}},
+                                "description": "the response, or with stream: server-sent events of chunks, the "
+                                               "last one 'data: [DONE]'"}}
 
 
 class APIError(Exception):

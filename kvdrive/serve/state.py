@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from kvdrive.serve.metrics import ServeMetrics
 log = logging.getLogger("kvdrive.serve")
 TENANT_HEADER = "x-tenant"
 MAX_TENANT = 256  # characters of an X-Tenant header
+TENANT_PATTERN = r"^[!-~]([ -~]*[!-~])?$"  # printable ASCII, no space at either end
 
 
 class ServerState:
@@ -107,8 +109,8 @@ class ServerState:
 
     def tenant(self, authorization: str | None, x_tenant: str | None) -> str | None:
         """The prefix pool tenant of a request, after checking its API key (401 if wrong)."""
-        if x_tenant is not None and not (0 < len(x_tenant) <= MAX_TENANT and x_tenant.isprintable()):
-            raise APIError(400, f"the {TENANT_HEADER} header must be 1 to {MAX_TENANT} printable characters",
+        if x_tenant is not None and not (len(x_tenant) <= MAX_TENANT and re.fullmatch(TENANT_PATTERN, x_tenant)):
+            raise APIError(400, f"the {TENANT_HEADER} header must be 1 to {MAX_TENANT} printable ASCII characters",
                            param=TENANT_HEADER)
         if not self._tenants:
             return x_tenant

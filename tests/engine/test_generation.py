@@ -117,3 +117,14 @@ def test_continuous_batching_admits_queued_requests_as_sequences_finish(smollm2)
     narrow = narrow_llm.generate(PROMPTS, params)
     assert [o.token_ids for o in narrow] == [o.token_ids for o in wide]
     assert [len(o.token_ids) for o in narrow] == [12, 5, 9, 7]
+
+
+def test_a_tiny_top_p_or_temperature_samples_the_most_likely_token():
+    """A top_p below float32's resolution dropped every token and sampling failed on NaNs; a
+    temperature near zero overflowed the scaled logits. Found by fuzzing the server."""
+    from kvdrive.engine.sampling import sample
+
+    logits = torch.tensor([[0.5, 3.0, 1.0]])
+    for p in (SamplingParams(top_p=5e-324), SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-9,
+                                                                                                top_p=1e-40)):
+        assert sample(logits, [p], [torch.Generator().manual_seed(0)]) == [1]

@@ -1,0 +1,78 @@
+"""``kvdrive serve``'s settings: file < environment < flags, one name everywhere, each value
+checked where it is read; --print-config shows the resolved settings and their sources."""
+
+import pytest
+
+from kvdrive.cli import main
+from kvdrive.errors import KvdriveError
+from kvdrive.serve.config import SETTINGS, read_file, resolve
+
+
+def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path):
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("port: 7000\nmax_num_seqs: 4\nbudget: 2048\ndisk: [/a, /b]\nhost_gib: 8\napi_key: [k1]\n")
+    cfg = resolve(read_file(str(path)), {"KVDRIVE_PORT": "7001", "KVDRIVE_MAX_NUM_SEQS": "6", "KVDRIVE_DISK": "/c,/d"},
+                  {"port": 7002}, file_name="kvdrive.yaml")
+    assert cfg.server.port == 7002 and cfg.sources["port"] == "flag --port"
+    assert cfg.engine.max_num_seqs == 6 and cfg.sources["max_num_seqs"] == "environment KVDRIVE_MAX_NUM_SEQS"
+    assert cfg.kv.disk == ("/c", "/d") and cfg.server.api_key == ("k1",) and cfg.kv.budget == 2048.0
+    assert cfg.sources["budget"] == "file kvdrive.yaml" and "log_level" not in cfg.sources
+    tiered = cfg.kv.tiered()
+    assert [p.path for p in tiered.disk] == ["/c", "/d"] and tiered.host_bytes == 8 << 30
+    assert cfg.prefix.config() is None and cfg.kv.tiered().sparse.budget == 2048
+
+
+def test_every_setting_has_one_name_in_file_environment_and_flags():
+    for s in SETTINGS:
+        assert s.env == "KVDRIVE_" + s.name.upper() and s.flag == "--" + s.name.replace("_", "-")
+    assert len({s.name for s in SETTINGS}) == len(SETTINGS)
+    assert resolve().value("max_num_batched_tokens") == 2048
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KVDRIVE_PORT": "eighty"}, "KVDRIVE_PORT: 'eighty' is not an integer"),
+    ({"KVDRIVE_PORT": "70000"}, "<= 65535"),
+    ({"KVDRIVE_BUDGET": "-1"}, "KVDRIVE_BUDGET: '-1' is not a finite number > 0"),
+    ({"KVDRIVE_DTYPE": "float64"}, "one of float32"),
+    ({"KVDRIVE_GPU_CACHE_TOKENS": "lots"}, "or auto"),
+    ({"KVDRIVE_DISK": "/a", "KVDRIVE_HOST_GIB": "8"}, "set budget too"),
+])
+def test_a_bad_value_names_where_it_came_from(env, message):
+    with pytest.raises(KvdriveError, match=message):
+        resolve(env=env)
+
+
+def test_the_config_file_refuses_unknown_settings_with_a_suggestion(tmp_path):
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("max_num_seq: 4\n")
+    with pytest.raises(KvdriveError, match="did you mean 'max_num_seqs'"):
+        read_file(str(path))
+    path.write_text("port: [1\n")
+    with pytest.raises(KvdriveError, match="not valid YAML"):
+        read_file(str(path))
+    path.write_text("port: true\n")
+    with pytest.raises(KvdriveError, match="kvdrive.yaml: port: True is not an integer"):
+        resolve(read_file(str(path)), file_name="kvdrive.yaml")
+
+
+def test_print_config_shows_the_resolved_settings_and_hides_keys(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("prefix_host_gib: 2\nmax_model_len: 4096\n")
+    monkeypatch.setenv("KVDRIVE_API_KEY", "secret-1,secret-2")
+    monkeypatch.setenv("KVDRIVE_MAX_MODEL_LEN", "8192")
+    assert main(["serve", "gemma3", "--config", str(path), "--port", "9001", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":")[0]: line for line in out.splitlines() if not line.startswith("#")}
+    assert set(lines) == {s.name for s in SETTINGS}
+    assert '"gemma3"' in lines["model"] and "flag --model" in lines["model"]
+    assert "9001" in lines["port"] and "8192" in lines["max_model_len"] and "KVDRIVE_MAX_MODEL_LEN" in lines["max_model_len"]
+    assert "2.0" in lines["prefix_host_gib"] and "file" in lines["prefix_host_gib"]
+    assert "secret" not in out and '["<set>", "<set>"]' in lines["api_key"]
+
+
+def test_serve_flags_are_checked_at_the_edge(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--max-num-seqs", "0", "--print-config"])
+    assert exit_.value.code == 2 and "'0' is not an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", "a", "--model", "b", "--print-config"]) == 2
+    assert "two models given" in capsys.readouterr().err

@@ -22,6 +22,9 @@ BENCHES = {
                                         "transformers offload, streaming, sparse from host, kvdrive) with each "
                                         "row's roofline bound")),
     "io": ("kvdrive.bench.io", "host<->GPU row copy and disk read bandwidth vs the hardware's raw figures"),
+    "serve": ("kvdrive.bench.serving.run", "an open-loop load (Poisson arrivals, shared prefixes and random prompts) "
+              "against kvdrive serve, prefix pool off and on, and transformers serve: TTFT, inter-token latency, "
+              "tokens/s, prefix hits, errors"),
     "suite": ("kvdrive.bench.suite", "run a named set of the benchmarks above (headline: regenerate the "
               "README's results on a GPU)"),
     "faults": ("kvdrive.bench.reliability.faults", "injected faults, kill -9 and contention across prefix reuse and "

@@ -58,6 +58,7 @@ class EngineSnapshot:
     cache_stats: dict  # ``KVCache.stats()``
     prefix_stats: object | None  # ``PrefixStats`` with a prefix pool
     counters: EngineCounters
+    device_memory: int | None  # bytes torch has allocated on a CUDA device (None elsewhere)
 
 
 class Engine:
@@ -223,4 +224,5 @@ class Engine:
             kv_capacity_tokens=c.max_seqs * c.max_len, tiers=c.tier_bytes(), cache_stats=c.stats(),
             prefix_stats=self.prefix.stats() if self.prefix is not None else None,
             counters=EngineCounters(**{k: (Counter(v) if isinstance(v, Counter) else v)
-                                       for k, v in vars(self.counters).items()}))
+                                       for k, v in vars(self.counters).items()}),
+            device_memory=torch.cuda.memory_allocated(c.device) if c.device.type == "cuda" else None)

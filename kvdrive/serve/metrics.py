@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvdrive.engine.async_engine import RequestObserver
@@ -62,6 +62,7 @@ class ServeMetrics(RequestObserver):
         self.finished_requests = Counter("kvdrive:request_success", "Requests finished, by finish reason",
                                          [*labels, "finished_reason"], registry=self.registry)
         self.registry.register(_SnapshotCollector(labels, snapshot))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux)
         self._arrival: dict[int, float] = {}
         self._last: dict[int, float] = {}
 
@@ -116,6 +117,9 @@ class _SnapshotCollector:
         yield gauge("kvdrive:num_requests_running", "Requests admitted (prefilling or decoding)",
                     snap.running + snap.prefilling)
         yield gauge("kvdrive:num_requests_waiting", "Requests waiting for a sequence slot", snap.waiting)
+        if snap.device_memory is not None:
+            yield gauge("kvdrive:gpu_memory_allocated_bytes", "Bytes torch holds allocated on the GPU (weights, KV, "
+                        "activations)", snap.device_memory)
         yield gauge("kvdrive:kv_cache_usage_perc", "Tokens held in the KV cache / tokens it can hold (0..1)",
                     snap.kv_tokens / snap.kv_capacity_tokens if snap.kv_capacity_tokens else 0.0)
         yield counter("kvdrive:prompt_tokens", "Prompt tokens of admitted requests", c.prompt_tokens)

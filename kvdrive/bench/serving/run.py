@@ -1,0 +1,251 @@
+"""``kvdrive bench serve``: an open-loop load against kvdrive's OpenAI-compatible server, and
+against ``transformers serve`` under the same client and workload where it is given.
+
+For each server and workload (``shared_prefix``, ``random``): Poisson arrivals at ``--rate``,
+every request streamed; time to first token and inter-token latency (p50, p99), output
+tokens/s, the prefix pool's hit rate (cached prompt tokens / prompt tokens, from ``usage``)
+and errors. kvdrive runs each workload twice on the same server, prefix pool off and then
+on (per request, ``kvdrive.prefix_cache``), with the same prompts. Optional: ``--interference``
+(streams decoding while one long prompt is prefilled: their inter-token latency before and
+during it) and ``--single-stream`` (one stream's decode tokens/s through HTTP, and with
+``--generate-baseline`` the same model's ``LLM.generate`` in this process). The servers'
+memory is sampled through every phase. JSON through ``kvdrive.results`` and a plot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+
+from kvdrive.bench.serving import client as http
+from kvdrive.bench.serving import servers, workloads
+from kvdrive.errors import KvdriveError
+from kvdrive.results import write_result
+
+
+def add_arguments(p) -> None:
+    s = p.add_argument_group("servers")
+    s.add_argument("--url", help="a running kvdrive server (default: start `kvdrive serve MODEL` here)")
+    s.add_argument("--model", default="smollm2", help="the model of the kvdrive server started here, and of "
+                   "--generate-baseline (default smollm2)")
+    s.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="an argument for the kvdrive server started here, e.g. --serve-arg=--budget=2048 "
+                        "(repeatable; default: --max-model-len 2048 --prefix-host-gib 1)")
+    s.add_argument("--transformers", metavar="MODEL", help="also start `transformers serve` on MODEL and run the same "
+                   "workloads against it: a Hugging Face directory, or an embedded model or .gguf that kvdrive has "
+                   "loaded once (its converted directory: the same fp32 weights kvdrive serves)")
+    s.add_argument("--transformers-url", help="a running transformers server to measure instead of starting one")
+    s.add_argument("--transformers-arg", action="append", default=[], metavar="ARG",
+                   help="an argument for the transformers server started here (e.g. --transformers-arg=--device=cpu)")
+    s.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server (default 900)")
+    w = p.add_argument_group("workloads")
+    w.add_argument("--workloads", nargs="+", default=["shared_prefix", "random"],
+                   choices=["shared_prefix", "random"], help="default: both")
+    w.add_argument("--docs", type=int, default=4, help="shared_prefix: documents (default 4)")
+    w.add_argument("--questions", type=int, default=4, help="shared_prefix: questions per document (default 4)")
+    w.add_argument("--doc-tokens", type=int, default=1024, help="shared_prefix: tokens per document (default 1024)")
+    w.add_argument("--random-prompts", type=int, default=16, help="random: requests (default 16)")
+    w.add_argument("--prompt-tokens", type=int, default=256, help="random: tokens per prompt (default 256)")
+    w.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    w.add_argument("--rate", type=float, default=1.0, help="requests per second, Poisson (default 1)")
+    w.add_argument("--token-prompts", action="store_true",
+                   help="send token ids instead of text (random-weight models have no tokenizer)")
+    w.add_argument("--seed", type=int, default=0)
+    x = p.add_argument_group("extra measurements (kvdrive)")
+    x.add_argument("--interference", type=int, default=0, metavar="TOKENS",
+                   help="streams decode while a prompt of TOKENS tokens is prefilled: their inter-token latency "
+                        "before and during it (0: skip)")
+    x.add_argument("--streams", type=int, default=8, help="--interference: streams decoding (default 8)")
+    x.add_argument("--single-stream", type=int, default=0, metavar="TOKENS",
+                   help="one stream of TOKENS tokens: decode tokens/s through HTTP (0: skip)")
+    x.add_argument("--generate-baseline", action="store_true",
+                   help="with --single-stream: the same decode with LLM.generate in this process")
+    p.add_argument("-o", "--out", default="bench/results/serve.json", help="JSON result path")
+    p.add_argument("--plot", default=None, help="plot path (default: the JSON path with .png)")
+
+
+def run(args) -> int:
+    if args.rate <= 0 or args.max_tokens < 1 or args.docs < 1 or args.questions < 1:
+        raise KvdriveError("--rate must be > 0; --max-tokens, --docs and --questions >= 1")
+    nonce = secrets.token_hex(4)
+    started: list[servers.Server] = []
+    results, notes = {}, [f"prompts open with the run's nonce {nonce}: nothing stored by an earlier run can hit"]
+    try:
+        targets = [_kvdrive(args, started)]
+        if args.transformers or args.transformers_url:
+            targets.append(_transformers(args, started))
+        for server in targets:
+            results[server.kind] = _measure(server, args, nonce)
+        if args.single_stream and args.generate_baseline:
+            results["generate_baseline"] = _generate_baseline(args)
+    finally:
+        for server in started:
+            server.stop()
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    config["nonce"] = nonce
+    path = write_result(args.out, "serve", config, results, notes)
+    print(f"wrote {path}")
+    _print(results)
+    try:
+        from kvdrive.bench.serving.plot import plot
+
+        print(f"wrote {plot(results, args.plot or str(path.with_suffix('.png')))}")
+    except KvdriveError as err:
+        print(f"no plot: {err}")
+    return 0
+
+
+def _kvdrive(args, started) -> servers.Server:
+    if args.url:
+        return servers.attach("kvdrive", args.url, args.ready_timeout)
+    extra = args.serve_arg or ["--max-model-len", "2048", "--prefix-host-gib", "1"]
+    server = servers.start("kvdrive", [args.model, *extra], args.ready_timeout)
+    started.append(server)
+    return server
+
+
+def _transformers(args, started) -> servers.Server:
+    if args.transformers_url:
+        return servers.attach("transformers", args.transformers_url, args.ready_timeout)
+    model = servers.hf_dir_of(args.transformers)
+    server = servers.start("transformers", [model, *args.transformers_arg], args.ready_timeout)
+    started.append(server)
+    return server
+
+
+def _measure(server: servers.Server, args, nonce: str) -> dict:
+    out = {"url": server.url, "model": server.model}
+    asyncio.run(http.open_loop(server.url, server.model, [workloads.Item("Hello", "", True, 2)], [0.0], {}))  # warm-up
+    pool = server.metrics().get("kvdrive:prefix_pool_capacity_bytes[host]", 0) + \
+        server.metrics().get("kvdrive:prefix_pool_capacity_bytes[disk]", 0)
+    if server.kind == "kvdrive":
+        out["prefix_pool_bytes"] = pool
+    for name in args.workloads:
+        prompts = workloads.Prompts(args.token_prompts, args.seed, nonce)
+        if name == "shared_prefix":
+            items = workloads.shared_prefix(args.docs, args.questions, args.doc_tokens, args.max_tokens, prompts,
+                                            args.seed)
+        else:
+            items = workloads.independent(args.random_prompts, args.prompt_tokens, args.max_tokens, prompts)
+        times = workloads.arrivals(len(items), args.rate, args.seed)
+        modes = ("off", "on") if server.kind == "kvdrive" else ("n/a",)
+        for mode in modes:
+            extra = {"kvdrive": {"prefix_cache": mode == "on"}} if server.kind == "kvdrive" else {}
+            out[f"{name}/prefix_{mode}"] = _phase(server, items, times, extra)
+    if server.kind == "kvdrive" and args.interference:
+        out["interference"] = asyncio.run(_interference(server, args, nonce))
+    if args.single_stream:
+        out["single_stream"] = _single(server, args, nonce)
+    return out
+
+
+def _phase(server: servers.Server, items, times, extra: dict) -> dict:
+    """One open-loop run, with the server's memory sampled every second through it."""
+    async def go():
+        samples, done = [], asyncio.Event()
+
+        async def sample():
+            while not done.is_set():
+                samples.append(await asyncio.to_thread(_memory, server))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), 1.0)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            return await http.open_loop(server.url, server.model, items, times, extra), samples
+        finally:
+            done.set()
+            await sampler
+
+    (records, wall), samples = asyncio.run(go())
+    summary = http.summarize(records, wall)
+    summary["memory"] = _growth(samples)
+    return summary
+
+
+def _memory(server: servers.Server) -> dict:
+    m = server.metrics()
+    return {"t": time.monotonic(), "rss": server.rss() or m.get("process_resident_memory_bytes"),
+            "gpu": m.get("kvdrive:gpu_memory_allocated_bytes")}
+
+
+def _growth(samples: list[dict]) -> dict:
+    """Memory after the first fifth of a phase (warm-up) and at its end."""
+    if not samples:
+        return {}
+    warm = samples[len(samples) // 5]
+    last = samples[-1]
+    return {k: {"after_warmup": warm[k], "end": last[k], "growth": (last[k] - warm[k]) if warm[k] is not None and
+                last[k] is not None else None} for k in ("rss", "gpu")}
+
+
+async def _interference(server: servers.Server, args, nonce: str) -> dict:
+    """``--streams`` streams decoding; once each has made 4 tokens, one prompt of ``--interference``
+    tokens arrives. Their inter-token gaps before it, and those that end while it is prefilled."""
+    prompts = workloads.Prompts(args.token_prompts, args.seed + 1, nonce)
+    # the streams run until the long prompt's first token: as long as the context lets them
+    stream_items = workloads.independent(args.streams, 64, (server.max_model_len or 4096) - 256, prompts)
+    long_item = workloads.Item(prompts.body(args.interference, "long prompt"), "", True, 1)
+    async with http.new_client(3600.0) as c:
+        start = time.perf_counter()
+        live = [http.Record("", True, 0.0) for _ in stream_items]  # filled while the streams run
+        tasks = [asyncio.ensure_future(http.send(c, server.url, server.model, it, {}, start, True, rec))
+                 for it, rec in zip(stream_items, live)]
+        while not all(len(r.chunks) >= 4 or r.error for r in live):
+            await asyncio.sleep(0.05)
+        long_rec = await http.send(c, server.url, server.model, long_item, {}, start)
+        end = long_rec.chunks[0] if long_rec.chunks else time.perf_counter() - start
+        for t in tasks:  # the streams' connections close: the server aborts them
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    before = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if b <= long_rec.sent for g in [b - a]]
+    during = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if long_rec.sent < b <= end for g in [b - a]]
+    p50, p99 = http.percentile(before, 50), http.percentile(during, 99)
+    return {"streams": args.streams, "long_prompt_tokens": long_rec.prompt_tokens, "long_ttft_s": long_rec.ttft,
+            "long_error": long_rec.error, "itl_p50_before_s": p50, "itl_p99_during_s": p99,
+            "itl_p50_during_s": http.percentile(during, 50), "gaps_during": len(during),
+            "p99_during_over_p50_before": p99 / p50 if p50 and p99 else None,
+            "stream_errors": sorted({r.error for r in live if r.error})[:3]}
+
+
+def _single(server: servers.Server, args, nonce: str) -> dict:
+    prompts = workloads.Prompts(args.token_prompts, args.seed + 2, nonce)
+    item = workloads.Item(prompts.body(64, "single"), "", True, args.single_stream)
+    records, _ = asyncio.run(http.open_loop(server.url, server.model, [item], [0.0], {},
+                                            ignore_eos=server.kind == "kvdrive"))
+    r = records[0]
+    span = r.chunks[-1] - r.chunks[0] if len(r.chunks) > 1 else 0
+    return {"tokens": r.output_tokens, "error": r.error, "ttft_s": r.ttft,
+            "decode_tok_per_s": (len(r.chunks) - 1) / span if span > 0 else None}
+
+
+def _generate_baseline(args) -> dict:
+    """The same decode through ``LLM.generate`` in this process: (time of N tokens - time of 1) / (N - 1)."""
+    from kvdrive.engine.llm import LLM
+    from kvdrive.engine.sampling import SamplingParams
+
+    n = args.single_stream
+    with LLM(args.model, max_model_len=2048) as llm:
+        prompt = [1000 + i for i in range(64)]
+        llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+        times = {}
+        for k in (1, n):
+            t0 = time.perf_counter()
+            llm.generate([prompt], SamplingParams(max_tokens=k, temperature=0, ignore_eos=True))
+            times[k] = time.perf_counter() - t0
+    return {"tokens": n, "decode_tok_per_s": (n - 1) / (times[n] - times[1]) if times[n] > times[1] else None}
+
+
+def _print(results: dict) -> None:
+    for kind, res in results.items():
+        for name, s in res.items():
+            if isinstance(s, dict) and "ttft_p50_s" in s:
+                print(f"{kind:12s} {name:24s} ttft p50 {_ms(s['ttft_p50_s'])} p99 {_ms(s['ttft_p99_s'])}  itl p50 "
+                      f"{_ms(s['itl_p50_s'])} p99 {_ms(s['itl_p99_s'])}  {s['output_tok_per_s'] or 0:7.1f} tok/s  "
+                      f"hit {s['prefix_hit_rate'] or 0:.2f}  errors {s['errors']}")
+
+
+def _ms(x) -> str:
+    return f"{x * 1000:8.0f} ms" if x is not None else "       - ms"

@@ -1,0 +1,67 @@
+"""``kvdrive bench serve``: its workloads and statistics, and one small run against a live server
+(a tiny random decoder with SmolLM2's tokenizer) end to end, result file and plot included."""
+
+import json
+
+import pytest
+from factories import live_server, vocab_sized_tiny_model
+
+from kvdrive.bench.serving import client, workloads
+from kvdrive.cli import main
+
+
+def test_percentiles_and_summary():
+    assert client.percentile([], 50) is None
+    assert client.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and client.percentile([5.0], 99) == 5.0
+    recs = [client.Record("doc0", True, 0.0, [1.0, 1.5, 2.5], 100, 3, 0),
+            client.Record("doc0", False, 0.5, [0.9, 1.1], 100, 2, 64),
+            client.Record("", True, 1.0, [], error="HTTP 429: full")]
+    s = client.summarize(recs, 2.0)
+    assert s["requests"] == 3 and s["errors"] == 1 and s["error_examples"] == ["HTTP 429: full"]
+    assert s["output_tokens"] == 5 and s["output_tok_per_s"] == 2.5 and s["prefix_hit_rate"] == 64 / 200
+    assert s["ttft_first_of_group_p50_s"] == 1.0 and s["ttft_later_of_group_p50_s"] == pytest.approx(0.4)
+    assert s["itl_p50_s"] == pytest.approx(0.5)
+
+
+def test_workloads_share_documents_and_arrive_as_poisson():
+    prompts = workloads.Prompts(tokens=True, seed=0, nonce="abcd")
+    items = workloads.shared_prefix(3, 4, 100, 8, prompts, seed=0)
+    assert len(items) == 12 and sum(i.first for i in items) == 3
+    by_doc = {}
+    for i in items:
+        by_doc.setdefault(i.group, []).append(i.prompt)
+    assert all(len({tuple(p[:100]) for p in ps}) == 1 for ps in by_doc.values())  # one document, many questions
+    times = workloads.arrivals(2000, rate=4.0, seed=1)
+    assert times == sorted(times) and times[-1] / len(times) == pytest.approx(0.25, rel=0.1)
+    other = workloads.Prompts(tokens=True, seed=0, nonce="ef01").body(50, "document 0")
+    assert other[:8] != prompts.body(50, "document 0")[:8]  # another run's nonce: another prefix
+    text = workloads.Prompts(tokens=False, seed=0, nonce="abcd").body(200, "document 1")
+    assert text.startswith("[document 1 abcd]") and len(text) > 700
+
+
+def test_a_small_run_against_a_live_server(smollm2, tmp_path):
+    from kvdrive.engine.llm import LLM
+    from kvdrive.models.loader import LoadedModel
+    from kvdrive.prefix.pool import PrefixConfig
+    from kvdrive.serve.config import resolve
+    from kvdrive.serve.state import ServerState
+
+    model = vocab_sized_tiny_model(smollm2.config.vocab_size)
+    loaded = LoadedModel(model, model.config, smollm2.tokenizer, "tiny", True)
+    state = ServerState(resolve(flags={"served_model_name": "tiny"}),
+                        load=lambda: LLM(loaded=loaded, max_model_len=1024,
+                                         prefix_cache=PrefixConfig(host_bytes=16 << 20, chunk_tokens=32)))
+    out = tmp_path / "serve.json"
+    with live_server(state) as url:
+        assert main(["bench", "serve", "--url", url, "--docs", "2", "--questions", "3", "--doc-tokens", "128",
+                     "--random-prompts", "3", "--prompt-tokens", "32", "--max-tokens", "4", "--rate", "20",
+                     "--interference", "300", "--streams", "2", "--single-stream", "8", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    r = doc["results"]["kvdrive"]
+    assert doc["bench"] == "serve" and doc["config"]["nonce"] and out.with_suffix(".png").exists()
+    for phase in ("shared_prefix/prefix_off", "shared_prefix/prefix_on", "random/prefix_off", "random/prefix_on"):
+        assert r[phase]["errors"] == 0 and r[phase]["requests"] in (6, 3) and r[phase]["ttft_p50_s"] > 0
+    assert r["shared_prefix/prefix_off"]["cached_tokens"] == 0 and r["random/prefix_on"]["cached_tokens"] == 0
+    assert r["shared_prefix/prefix_on"]["cached_tokens"] > 0  # later questions found their document stored
+    assert r["interference"]["long_error"] is None and r["interference"]["long_prompt_tokens"] > 200
+    assert r["single_stream"]["tokens"] == 8 and r["single_stream"]["decode_tok_per_s"] > 0

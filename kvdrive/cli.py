@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from kvdrive import __version__
 from kvdrive.errors import KvdriveError
@@ -26,8 +28,16 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line, like every other kvdrive error (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"kvdrive: error: {self.prog.removeprefix('kvdrive').strip() or 'kvdrive'}: {message}"
+                     f" (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvdrive",
         description=(
             "Long-context LLM inference with the KV cache tiered over GPU memory, pinned host "
@@ -48,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM unwinds like Ctrl-C, so ``with``/``finally`` blocks delete the run's disk extents
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args.func(args) or 0)
     except KvdriveError as err:
@@ -56,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvdrive: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover

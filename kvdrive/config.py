@@ -19,12 +19,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
         return name
-    try:
+    if isinstance(name, str) and name in DTYPES:
         return DTYPES[name]
-    except KeyError:
-        raise KvdriveError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
+    raise KvdriveError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16")
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,26 @@ def use_triton(impl: str, t: torch.Tensor) -> bool:
 
 
 def resolve(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` picks CUDA when present, else CPU."""
+    """``None`` or ``"auto"`` picks CUDA when present, else CPU; anything but cpu, cuda, cuda:N
+    (of a visible GPU) is a ``KvdriveError``."""
+    from kvdrive.errors import KvdriveError
+
     if device is None or device == "auto":
         return torch.device("cuda" if has_cuda() else "cpu")
-    dev = torch.device(device)
+    hint = "use cpu, cuda, cuda:N or auto (--device)"
+    if not isinstance(device, (str, torch.device)):
+        raise KvdriveError(f"device {device!r} is not a device name: {hint}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise KvdriveError(f"device {device!r} is not a device kvdrive knows: {hint}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise KvdriveError(f"kvdrive does not run on {dev.type!r} devices: {hint}")
     if dev.type == "cuda" and not has_cuda():
-        from kvdrive.errors import KvdriveError
-
         raise KvdriveError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KvdriveError(f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) are visible: "
+                           f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

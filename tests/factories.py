@@ -1,13 +1,24 @@
-"""Small factories the tests share: a tiny decoder, prompts, a decode loop, disk configs."""
+"""Small factories the tests share: a tiny decoder, prompts, a decode loop, disk configs, the
+prefix pool's test shape, and fresh interpreters that can import these factories."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
 
 import torch
 
+from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 from kvdrive.tiered.config import TieredConfig
 
 CPU, F32 = torch.device("cpu"), torch.float32
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the checkout
 
 
 def tiny_model(model_type="llama", **extra):
@@ -73,3 +84,53 @@ class Done:
 
     def synchronize(self):
         pass
+
+
+# -- the prefix pool's tests: a 3-layer shape without weights, 4-token chunks -------------------
+
+PREFIX_CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8,
+                                   sliding_windows=(None,) * 3, attn_scale=1.0, attn_logit_softcap=None)
+PREFIX_C = 4  # chunk tokens
+PREFIX_CHUNK_BYTES = PREFIX_CFG.num_hidden_layers * 4096  # one 4 KiB slot per layer (2*2*4*8*4 B = 512 B rounded up)
+
+
+def filled_cache(tokens: int, seed=0, seqs=4):
+    """A plain cache of ``PREFIX_CFG`` whose sequence 0 holds ``tokens`` tokens of random KV."""
+    cache = ContiguousKVCache(PREFIX_CFG, seqs, 64, CPU, F32)
+    cache.add(0, 64)
+    g = torch.Generator().manual_seed(seed)
+    b = cache.plan([0], tokens)
+    for layer in range(PREFIX_CFG.num_hidden_layers):
+        cache.append(layer, torch.randn(1, 2, tokens, 8, generator=g), torch.randn(1, 2, tokens, 8, generator=g), b)
+    cache.commit(b)
+    return cache
+
+
+def same_kv(cache, a, b, n):
+    """Whether sequences ``a`` and ``b`` of ``cache`` hold the same KV in their first ``n`` tokens."""
+    return all(torch.equal(x, y) for layer in range(PREFIX_CFG.num_hidden_layers)
+               for x, y in zip(cache.export_kv(a, layer, 0, n), cache.export_kv(b, layer, 0, n)))
+
+
+def prefix_pool(path, budget=1 << 20, extent_chunks=16, dtype=F32, **kw):
+    """A prefix pool of ``PREFIX_CFG`` on one disk directory, chunks admitted at once."""
+    from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+    from kvdrive.storage.pool import PoolPath
+
+    kw.setdefault("admit_after", 1)
+    return PrefixPool(PREFIX_CFG, dtype, PrefixConfig(model="m", disks=(PoolPath(str(path), budget),),
+                                                      chunk_tokens=PREFIX_C,
+                                                      extent_bytes=extent_chunks * PREFIX_CHUNK_BYTES, **kw))
+
+
+# -- fresh interpreters ------------------------------------------------------------------------
+
+def child_env(**extra) -> dict:
+    """The environment of a child interpreter that imports kvdrive from this checkout and these factories."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", **extra}
+
+
+def run_python(code: str, timeout=120, **kw) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a fresh interpreter from the checkout; its output as text."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, check=False, env=child_env(), **kw)

@@ -24,6 +24,10 @@ BENCHES = {
     "io": ("kvdrive.bench.io", "host<->GPU row copy and disk read bandwidth vs the hardware's raw figures"),
     "suite": ("kvdrive.bench.suite", "run a named set of the benchmarks above (headline: regenerate the "
               "README's results on a GPU)"),
+    "faults": ("kvdrive.bench.reliability.faults", "injected faults, kill -9 and contention across prefix reuse and "
+               "tiered decode, outputs compared with clean runs (docs/reliability.md)"),
+    "soak": ("kvdrive.bench.reliability.soak", "thousands of generate calls with the disk tier: RSS, fds, threads "
+             "and disk bytes over time, and what is left on disk after exit"),
 }
 
 

@@ -81,12 +81,11 @@ def serial_buffered_load(pool: PrefixPool, cache, seq, ids) -> tuple[int, int]:
     """Baseline (b): chunk by chunk, layer by layer, buffered preads on one thread, checksum, copy."""
     lay, c = pool.layout, pool.config.chunk_tokens
     hit = pool.lookup(ids.tolist(), max_chunks=(len(ids) - 1) // c)
-    sums = pool.index.get(hit.keys) if pool.index is not None else {}
     buf = torch.empty(lay.slot_bytes, dtype=torch.uint8)
     mv, fds, nbytes = memoryview(buf.numpy()), {}, 0
     dev = cache.device
     try:
-        for key, src in zip(hit.keys, hit.sources):
+        for src in hit.sources:
             batch = cache.plan([seq], c)
             for layer in range(lay.num_layers):
                 if src.tier == "host":
@@ -96,7 +95,7 @@ def serial_buffered_load(pool: PrefixPool, cache, seq, ids) -> tuple[int, int]:
                     if path not in fds:
                         fds[path] = os.open(path, os.O_RDONLY)
                     os.preadv(fds[path], [mv], off)
-                    if xxhash.xxh3_64_intdigest(mv[: lay.group_bytes]) != sums[key].sums[layer]:
+                    if xxhash.xxh3_64_intdigest(mv[: lay.group_bytes]) != src.sums[layer]:  # its row's
                         raise RuntimeError("checksum mismatch in the baseline read")
                     row = buf[: lay.group_bytes]
                 kv = row.view(lay.dtype).view(lay.slot_shape).to(dev)  # (2, H_kv, C, D)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from kvdrive.cache.slots import SequenceSlots
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -68,7 +70,9 @@ class KVCache(ABC):
 
     layer_specs: tuple[LayerSpec, ...]
     max_seqs: int  # sequences held at once: the engine's default batch
+    max_len: int  # tokens one sequence may hold
     device: torch.device  # where attention runs and imported KV goes
+    seqs: SequenceSlots  # the registered sequences (``seq_id in cache.seqs``) and their lengths
 
     # CUDA-graph decode: ``plan(seq_ids, 1, start=...)`` plans against a device tensor of
     # lengths with fixed shapes, and nothing a decode step does needs the host.
@@ -125,11 +129,12 @@ class KVCache(ABC):
     def reset_stats(self) -> None:
         """Start the counters of ``stats`` over."""
 
-    def close(self) -> None:
-        """Release what the cache holds outside the process's memory (I/O threads, files)."""
-
     def export_kv(self, seq_id: int, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of tokens [start, stop) of a committed sequence, each (H_kv, stop - start, D),
         post-RoPE, as new tensors (for the prefix pool). Importing goes through the normal
         path: ``plan(seq, T)``, ``append`` per layer, ``commit``."""
         raise NotImplementedError(f"{type(self).__name__} cannot export KV")
+
+    def close(self) -> None:
+        """Release what a cache holds outside Python objects (files, I/O threads); the cache is
+        unusable after. Default: nothing to release."""

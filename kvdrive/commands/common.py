@@ -42,3 +42,30 @@ def parse_count_or_auto(text: str, what: str = "count", example: int = 2) -> int
 def parse_cache_tokens(text: str) -> int | str:
     """``--gpu-cache-tokens`` / ``--cache-tokens``: ``auto`` or a token count."""
     return parse_count_or_auto(text, "token count", 8192)
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False,
+           example: str | None = None):
+    """An argparse ``type`` for a finite number of ``kind`` (int or float) in [``low``, ``high``]
+    (``above``: strictly above ``low``); the error names a value that works."""
+    import argparse
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        ok = value is not None and math.isfinite(value) and (low is None or (value > low if above else value >= low)) \
+            and (high is None or value <= high)
+        if not ok:
+            show = (lambda x: f"{x:d}") if kind is int else (lambda x: f"{x:g}")
+            bounds = " and ".join(b for b in ((f"> {show(low)}" if above else f">= {show(low)}") if low is not None
+                                              else "", f"<= {show(high)}" if high is not None else "") if b)
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}{' ' + bounds if bounds else ''}"
+                                             f"{f'; e.g. {example}' if example else ''}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

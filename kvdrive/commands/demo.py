@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from kvdrive.commands.common import add_model_options, human_bytes
+from kvdrive.commands.common import add_model_options, human_bytes, number
 
 DEMO_PROMPT = "In three short sentences, explain why long documents make LLM inference memory-hungry."
 
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     )
     add_model_options(p)
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the question to ask (default: a sample)")
-    p.add_argument("-n", "--max-tokens", type=int, default=96, help="most tokens to generate (default 96)")
+    p.add_argument("-n", "--max-tokens", type=number(int, 1, example="64"), default=96, help="most tokens to generate (default 96)")
     p.set_defaults(func=run)
 
 

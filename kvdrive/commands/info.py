@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvdrive.commands.common import MODEL_HELP, human_bytes
+from kvdrive.commands.common import MODEL_HELP, human_bytes, number
 
 
 def add_parser(sub) -> None:
@@ -14,16 +14,16 @@ def add_parser(sub) -> None:
         description="Show a model's architecture and what its KV cache costs, without loading weights.",
     )
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    p.add_argument("-c", "--context", type=int, help="context length for the KV size (default: the model's)")
-    p.add_argument("-b", "--batch", type=int, default=1, help="sequences for the KV size (default 1)")
+    p.add_argument("-c", "--context", type=number(int, 1, example="32768"), help="context length for the KV size (default: the model's)")
+    p.add_argument("-b", "--batch", type=number(int, 1, example="4"), default=1, help="sequences for the KV size (default 1)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="KV dtype (default bfloat16)")
     w = p.add_argument_group("placement", "With --gpu-gib: where this batch's KV can live on such a GPU (arithmetic "
                              "only; weights at 2 bytes per parameter for bf16/fp16)")
-    w.add_argument("--gpu-gib", type=float, help="GPU memory to plan for, GiB (e.g. 80 for an H100, 24 for an L4)")
-    w.add_argument("--host-gib", type=float, help="host memory for pinned KV, GiB (default: what this machine has "
+    w.add_argument("--gpu-gib", type=number(float, 0, above=True, example="80"), help="GPU memory to plan for, GiB (e.g. 80 for an H100, 24 for an L4)")
+    w.add_argument("--host-gib", type=number(float, 0, above=True, example="128"), help="host memory for pinned KV, GiB (default: what this machine has "
                    "available now)")
-    w.add_argument("--budget", type=int, default=2048, help="tiered cache: tokens attended per step (default 2048)")
+    w.add_argument("--budget", type=number(int, 1, example="2048"), default=2048, help="tiered cache: tokens attended per step (default 2048)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

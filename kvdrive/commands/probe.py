@@ -10,16 +10,17 @@ tier is bound by latency, not bandwidth. The result goes to ``PATH/.kvdrive-prob
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
 
+from kvdrive.commands.common import number
 from kvdrive.errors import KvdriveError
 from kvdrive.storage.disk import DiskDevice
 from kvdrive.storage.host import HostTier
-from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.layout import ALIGN, GroupLayout
+from kvdrive.storage.pool import check_dir
 from kvdrive.storage.probe import PROBE_FILE, DeviceProbe, probe_direct, save
 
 DEFAULT_PROBE_BYTES = 256 << 20
@@ -66,16 +67,25 @@ def add_parser(sub) -> None:
                        description="Measure O_DIRECT support and read/write GB/s of each PATH at the group "
                                    f"size; stores PATH/{PROBE_FILE}, which the KV pool uses to weight stripes.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="directories on the devices to pool")
-    p.add_argument("--slot-kib", type=int, default=DEFAULT_SLOT_BYTES >> 10, help="group size in KiB (default 64)")
-    p.add_argument("--mib", type=int, default=DEFAULT_PROBE_BYTES >> 20, help="MiB written and read (default 256)")
-    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="I/O queue depth (default 32)")
+    p.add_argument("--slot-kib", type=number(int, ALIGN >> 10, 1 << 20, example="64"),
+                   default=DEFAULT_SLOT_BYTES >> 10, help="group size in KiB, a multiple of 4 (default 64)")
+    p.add_argument("--mib", type=number(int, 1, example="256"), default=DEFAULT_PROBE_BYTES >> 20,
+                   help="MiB written and read (default 256)")
+    p.add_argument("--depth", type=number(int, 1, 1024, example="32"), default=DEFAULT_DEPTH,
+                   help="I/O queue depth (default 32)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if (args.slot_kib << 10) % ALIGN:
+        raise KvdriveError(f"--slot-kib must be a multiple of {ALIGN >> 10} (O_DIRECT alignment), got {args.slot_kib}; "
+                           f"e.g. --slot-kib {max(ALIGN, (args.slot_kib << 10) // ALIGN * ALIGN) >> 10}")
+    if args.mib << 20 < args.slot_kib << 10:
+        raise KvdriveError(f"--mib {args.mib} is less than one slot of --slot-kib {args.slot_kib}: nothing to time; "
+                           f"e.g. --mib 256")
     for path in args.paths:
-        if not os.path.isdir(path):
-            raise KvdriveError(f"{path!r} is not a directory")
+        check_dir(path, "probe PATH")  # every path, before any is measured
+    for path in args.paths:
         d = probe_direct(path)
         if not d.ok:
             print(f"{path}: O_DIRECT REFUSED ({d.reason}); buffered I/O with page-cache dropping will be used")

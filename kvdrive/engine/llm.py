@@ -1,9 +1,15 @@
 """``LLM``: the Python API, in the shape vLLM users know.
 
     from kvdrive import LLM, SamplingParams
-    llm = LLM()                                   # embedded SmolLM2-135M-Instruct
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
-    for piece in llm.stream("Tell me a story"): print(piece, end="")
+    with LLM() as llm:                            # embedded SmolLM2-135M-Instruct
+        outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+        for piece in llm.stream("Tell me a story"): print(piece, end="")
+
+An ``LLM`` owns one KV cache, built at the first request and kept (rebuilt larger only
+when a request needs more sequences or tokens than it holds), and the prefix pool it
+opened; ``close()`` (or leaving the ``with`` block) releases both: the tiered cache's
+disk extents are deleted, the prefix pool's files closed and unlocked. Every argument is
+checked before the model loads; a mistake is a ``KvdriveError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvdrive.cache.base import KVCache
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.engine import generation
 from kvdrive.engine.sampling import SamplingParams
@@ -40,16 +47,24 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None):
+                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None,
+                 tenant: str | None = None):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
-        ``kv_cache``: a ``kvdrive.tiered.cache.TieredConfig`` to keep the KV in host memory (and on
+        ``kv_cache``: a ``kvdrive.TieredConfig`` to keep the KV in host memory (and on
         disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device.
         ``max_batch``: most sequences decoding at once (default: every request; with
         ``kv_cache``, no more than host memory holds); the rest queue and are admitted as
-        sequences finish."""
-        if max_batch is not None and max_batch < 1:
-            raise KvdriveError(f"max_batch must be >= 1, got {max_batch}")
+        sequences finish. ``prefix_cache``: a ``kvdrive.PrefixConfig`` (this LLM
+        opens the pool and closes it) or an open ``PrefixPool`` shared with other ``LLM``s
+        of the same weights (its owner closes it); repeated prompt prefixes then load their
+        KV from the pool instead of being recomputed. ``tenant``: the prefix pool tenant of
+        this LLM's requests (None: the pool's), so tenants sharing a pool never meet."""
+        _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant)
         self.max_batch = max_batch
+        self._cache: KVCache | None = None
+        self.prefix = None
+        self._owns_prefix = False
+        self._closed = False
         self.loaded = loaded if loaded is not None else load_model(model, device=device, dtype=dtype, seed=seed)
         self.model, self.config, self.tokenizer = self.loaded.model, self.loaded.config, self.loaded.tokenizer
         limit = self.config.max_position_embeddings
@@ -57,38 +72,87 @@ class LLM:
             raise KvdriveError(f"max_model_len must be in 1..{limit} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self._next_seq = 0
-        # ``prefix_cache``: a ``kvdrive.prefix.pool.PrefixConfig``; repeated prompt prefixes then load
-        # their KV from the pool (host memory + disks) instead of being recomputed.
         self.kv_cache = kv_cache
-        self.prefix = None
+        self.tenant = tenant
         if prefix_cache is not None:
-            from kvdrive.prefix.pool import PrefixPool
+            self._open_prefix(prefix_cache)
 
-            self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache)
+    def _open_prefix(self, prefix_cache) -> None:
+        from kvdrive.models.identity import weights_digest
+        from kvdrive.prefix.pool import PrefixPool
+
+        digest = weights_digest(self.model)
+        if isinstance(prefix_cache, PrefixPool):
+            if prefix_cache.weights != digest:
+                raise KvdriveError("this prefix pool keys its chunks by other weights than this model's: share a pool "
+                                   "only between LLMs of the same weights, or give this one its own PrefixConfig")
+            self.prefix = prefix_cache
+        else:
+            self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache, weights=digest)
+            self._owns_prefix = True
+
+    @property
+    def cache(self) -> KVCache | None:
+        """The KV cache of this LLM's requests (built at the first one; None before and after close)."""
+        return self._cache
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the KV cache (the tiered cache's disk extents are deleted) and the prefix pool
+        this LLM opened (its files are kept for the next run). Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        cache, self._cache = self._cache, None
+        try:
+            if cache is not None:
+                cache.close()
+        finally:
+            if self._owns_prefix and self.prefix is not None:
+                self.prefix.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- prompts ---------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            ids = prompt.get("prompt_token_ids")
+            if not _is_token_list(ids):
+                raise KvdriveError("a prompt dict needs 'prompt_token_ids': a list of token ids (ints)")
+            text = prompt.get("prompt")
+            return (text if isinstance(text, str) else None), list(ids)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise KvdriveError(f"{self.loaded.source} has no tokenizer: pass token ids instead of text")
-            return prompt, self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return prompt, self.tokenizer(check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
+        if _is_token_list(prompt):
             return None, list(prompt)
-        raise KvdriveError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
+        raise KvdriveError(f"a prompt is a string, a list of token ids, or {{'prompt_token_ids': [...]}}; "
+                           f"got {type(prompt).__name__}")
 
     def apply_chat_template(self, messages: list[dict]) -> str:
+        _check_messages(messages)
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise KvdriveError(f"{self.loaded.source} has no chat template; send a plain prompt (--raw)")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # -- generation ------------------------------------------------------------------------
     def _requests(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]):
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        if self._closed:
+            raise KvdriveError("this LLM is closed: make a new one")
+        if isinstance(prompts, (str, dict)) or _is_token_list(prompts, allow_empty=False):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise KvdriveError(f"give at least one prompt (a string, a list of token ids or a dict), "
+                               f"got {prompts!r:.40}")
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+            raise KvdriveError("sampling_params is a SamplingParams or a list of them, one per prompt")
         if len(params) != len(prompts):
             raise KvdriveError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         texts, reqs = [], []
@@ -113,18 +177,44 @@ class LLM:
             texts.append(text)
         return texts, reqs
 
-    def _events(self, reqs) -> Iterator[generation.TokenEvent]:
-        max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
-        n = min(len(reqs), self.max_batch or len(reqs))
+    def _cache_for(self, n: int, max_len: int) -> KVCache:
+        """The cache, built once and kept; rebuilt larger when this call needs more sequences
+        or longer ones than it holds (the old one is closed first)."""
+        old = self._cache
+        if old is not None and old.max_seqs >= n and old.max_len >= max_len:
+            return old
+        if old is not None:
+            n, max_len = max(n, old.max_seqs), max(max_len, old.max_len)
+            self._cache = None
+            old.close()
         if self.kv_cache is not None:
             from kvdrive.tiered.cache import TieredSparseKVCache
 
             n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache,
                                                          self.model.device))
-            cache = TieredSparseKVCache(self.config, n, max_len, self.model.device, self.model.dtype, self.kv_cache)
+            self._cache = TieredSparseKVCache(self.config, n, max_len, self.model.device, self.model.dtype,
+                                              self.kv_cache)
         else:
-            cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)
-        return generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix)
+            self._cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)
+        return self._cache
+
+    def _events(self, reqs) -> Iterator[generation.TokenEvent]:
+        max_len = max(len(r.prompt_ids) + r.max_new for r in reqs)
+        n = min(len(reqs), self.max_batch or len(reqs))
+        if self.kv_cache is not None:
+            from kvdrive.tiered.admission import check_disk_tier
+
+            check_disk_tier(self.config, self.model.dtype, self.kv_cache, [len(r.prompt_ids) for r in reqs], max_len, n)
+        cache = self._cache_for(n, max_len)
+        n = min(n, cache.max_seqs)
+        prefix = self.prefix if self.prefix is None or self.tenant is None else _TenantView(self.prefix, self.tenant)
+        try:
+            yield from generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer,
+                                      prefix=prefix, max_batch=n)
+        finally:  # a stream abandoned or a failed step: its sequences leave the cache kept for the next call
+            for r in reqs:
+                if r.seq_id in cache.seqs:
+                    cache.free(r.seq_id)
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         texts, reqs = self._requests(prompts, sampling_params)
@@ -145,3 +235,71 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params=None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], sampling_params)[0]
+
+
+class _TenantView:
+    """A shared prefix pool seen with one tenant: the ``load``/``store`` hooks of ``generation.run``."""
+
+    def __init__(self, pool, tenant: str):
+        self.pool, self.tenant = pool, tenant
+
+    def load(self, model, cache, seq_id, prompt_ids) -> int:
+        return self.pool.load(model, cache, seq_id, prompt_ids, tenant=self.tenant)
+
+    def store(self, cache, seq_id, prompt_ids) -> int:
+        return self.pool.store(cache, seq_id, prompt_ids, tenant=self.tenant)
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it can be encoded as UTF-8, else a ``KvdriveError`` naming the first bad character
+    (a lone surrogate: text decoded from bytes that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KvdriveError(f"{what} is not valid Unicode text: {err.object[err.start]!r} at character {err.start} "
+                           "is a lone surrogate (bytes that were not UTF-8?); pass UTF-8 text") from None
+    return text
+
+
+def _is_token_list(x, allow_empty: bool = True) -> bool:
+    return (isinstance(x, (list, tuple)) and (allow_empty or len(x) > 0)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in x))
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise KvdriveError("chat needs a non-empty list of messages, e.g. [{'role': 'user', 'content': 'Hi'}]")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise KvdriveError(f"message {i} must be a dict with a 'role' and a 'content' string, "
+                               f"e.g. {{'role': 'user', 'content': 'Hi'}}; got {m!r:.60}")
+        check_text(m["content"], f"message {i}'s content")
+
+
+def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant) -> None:
+    """Every ``LLM`` argument, checked before the model loads (a disk directory that cannot be
+    written is refused now, not after a minute of loading)."""
+    from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+    from kvdrive.storage.pool import check_dir
+    from kvdrive.tiered.config import TieredConfig
+
+    if model is not None and not isinstance(model, str):
+        raise KvdriveError(f"model is a spec string (e.g. 'smollm2', 'random:llama-3.2-1b' or a path), got {model!r}")
+    for name, value, low in (("max_model_len", max_model_len, 1), ("max_batch", max_batch, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise KvdriveError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise KvdriveError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+    if kv_cache is not None and not isinstance(kv_cache, TieredConfig):
+        raise KvdriveError(f"kv_cache is a kvdrive.TieredConfig or None, got {type(kv_cache).__name__}")
+    if prefix_cache is not None and not isinstance(prefix_cache, (PrefixConfig, PrefixPool)):
+        raise KvdriveError(f"prefix_cache is a PrefixConfig, an open PrefixPool or None, got "
+                           f"{type(prefix_cache).__name__}")
+    if tenant is not None and not isinstance(tenant, str):
+        raise KvdriveError(f"tenant is a string, got {tenant!r}")
+    if loaded is not None and not hasattr(loaded, "model"):
+        raise KvdriveError("loaded is a LoadedModel (kvdrive.models.loader.load_model)")
+    for p in kv_cache.disk if kv_cache is not None else ():
+        check_dir(p.path, "kv_cache disk path")
+    for p in prefix_cache.disks if isinstance(prefix_cache, PrefixConfig) else ():
+        check_dir(p.path, "prefix_cache disk path")

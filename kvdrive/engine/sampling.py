@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,22 +32,38 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise KvdriveError(f"stop is a string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0
+                                                                          for t in self.stop_token_ids):
+            raise KvdriveError(f"stop_token_ids is a list of token ids >= 0, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise KvdriveError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise KvdriveError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise KvdriveError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise KvdriveError(f"temperature must be a finite number >= 0 (0 = greedy, e.g. 0.7), "
+                               f"got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise KvdriveError(f"top_p must be a number in (0, 1] (e.g. 0.95), got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise KvdriveError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
-        if any(not s for s in self.stop):
-            raise KvdriveError("stop strings must not be empty")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise KvdriveError(f"seed must be an integer in 0..2**64-1 (e.g. 1), got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise KvdriveError(f"ignore_eos is True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

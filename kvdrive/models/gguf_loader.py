@@ -85,6 +85,23 @@ def check_tokenizer(tok, path: Path) -> None:
                            "transformers (pip install -U 'transformers>=5.23') and run again")
 
 
+def check_file(path: Path) -> None:
+    """Refuse a file that does not start like a GGUF, with one line."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise KvdriveError(f"cannot read {path}: {err.strerror or err}") from None
+    if magic != b"GGUF":
+        raise KvdriveError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def _unreadable(path: Path, err: Exception) -> KvdriveError:
+    """A GGUF that its parsers fail on (cut short, damaged) as a one-line error."""
+    return KvdriveError(f"{path} is not a complete GGUF checkpoint that transformers can read "
+                        f"({type(err).__name__}: {err}); download or copy it again")
+
+
 def convert(path: Path, target: Path, build_model) -> None:
     """Write ``target``/{model.safetensors, config.json, tokenizer files} from the GGUF at ``path``.
 
@@ -93,13 +110,19 @@ def convert(path: Path, target: Path, build_model) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
+    check_file(path)
     folder, name = str(path.parent), path.name
     try:
         hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, OSError) as err:
-        raise KvdriveError(f"{path} is not a GGUF checkpoint transformers can read: {err}") from err
+    except Exception as err:  # a cut or damaged file fails in the parser in many ways (struct, numpy, keys)
+        raise _unreadable(path, err) from None
     names = list(build_model(hf_config).state_dict().keys())
-    tensors = gguf_tensors(path, hf_config, names)
+    try:
+        tensors = gguf_tensors(path, hf_config, names)
+    except KvdriveError:
+        raise
+    except Exception as err:  # tensor data cut short
+        raise _unreadable(path, err) from None
     tmp = target.with_name(target.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / "model.safetensors"))

@@ -137,12 +137,18 @@ def load_config(spec: str | None) -> ModelConfig:
         return from_hf_config(presets.hf_config(spec))
     path = embedded.path_of(spec) if spec in embedded.EMBEDDED else Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from kvdrive.models.gguf_loader import converted_dir
+        from kvdrive.models.gguf_loader import check_file, converted_dir
 
         target = converted_dir(path)
         if (target / "config.json").exists():
             return from_hf_config(AutoConfig.from_pretrained(str(target)))
-        return from_hf_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+        check_file(path)
+        try:
+            hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as err:  # a cut or damaged file fails in the parser in many ways
+            raise KvdriveError(f"{path} is not a complete GGUF checkpoint that transformers can read "
+                               f"({type(err).__name__}: {err}); download or copy it again") from None
+        return from_hf_config(hf)
     if path.is_dir() and (path / "config.json").exists():
         return from_hf_config(AutoConfig.from_pretrained(str(path)))
     raise KvdriveError(f"model {spec!r} not found: give a .gguf file, a Hugging Face directory, or a preset name")

@@ -11,10 +11,15 @@ checked against them.
 Tables: ``meta`` (the slot geometry the pool was created with), ``chunks`` (key ->
 path, slots, checksums, LRU clock), ``seen`` (key -> how often a store met it, for
 admission; pruned to ``seen_capacity`` rows). Used from one thread (the engine's).
+
+SQLite errors are told apart by cause (``index_error``): a damaged file is the only one
+whose fix is to move the index away; a full file system or a read-only directory is
+fixed there, and moving the index away would throw a good cache away.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import NamedTuple
 
@@ -46,22 +51,41 @@ class PrefixIndex:
     def __init__(self, file: str, geometry: str, seen_capacity: int):
         self.file = file
         self.seen_capacity = seen_capacity
+        self._db = None
         try:
             self._db = sqlite3.connect(file)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             with self._db:
                 self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT v FROM meta WHERE k = 'geometry'").fetchone()
+            if row is None:
+                with self._db:
+                    self._db.execute("INSERT INTO meta VALUES ('geometry', ?)", (geometry,))
+            self._clock = self._db.execute("SELECT COALESCE(MAX(last_used), 0) FROM chunks").fetchone()[0]
         except sqlite3.DatabaseError as err:
-            raise KvdriveError(f"prefix index {file} cannot be opened ({err}); move it away to start empty") from err
-        row = self._db.execute("SELECT v FROM meta WHERE k = 'geometry'").fetchone()
-        if row is None:
-            with self._db:
-                self._db.execute("INSERT INTO meta VALUES ('geometry', ?)", (geometry,))
-        elif row[0] != geometry:
-            raise KvdriveError(f"prefix index {file} holds chunks of geometry {row[0]}, not {geometry}; "
-                               "give this model its own index and disk directories")
-        self._clock = self._db.execute("SELECT COALESCE(MAX(last_used), 0) FROM chunks").fetchone()[0]
+            self.close()
+            raise index_error(file, err) from None
+        if row is not None and row[0] != geometry:
+            self.close()
+            raise _other_geometry(file, row[0], geometry)
+
+    @staticmethod
+    def check_geometry(file: str, geometry: str) -> None:
+        """Refuse an existing index of another geometry, reading it only (before the pool
+        touches its extents). An absent or unreadable index is left to the constructor."""
+        if not os.path.exists(file):
+            return
+        try:
+            db = sqlite3.connect(f"file:{file}?immutable=1", uri=True)  # no -wal/-shm files made
+            try:
+                row = db.execute("SELECT v FROM meta WHERE k = 'geometry'").fetchone()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            return
+        if row is not None and row[0] != geometry:
+            raise _other_geometry(file, row[0], geometry)
 
     def tick(self) -> int:
         self._clock += 1
@@ -121,7 +145,44 @@ class PrefixIndex:
         return [counts.get(k, 1) for k in keys]
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def error_kind(err: sqlite3.DatabaseError) -> str:
+    """"full" (the file system), "io" (a failed read or write: a file-size limit, a failing
+    device), "readonly" (the file or its directory), "busy", or "damaged"."""
+    text = str(err).lower()
+    if "full" in text:
+        return "full"
+    if "i/o error" in text:
+        return "io"
+    if "readonly" in text or "read-only" in text or "unable to open" in text or "access permission" in text:
+        return "readonly"
+    if "locked" in text or "busy" in text:
+        return "busy"
+    return "damaged"
+
+
+def index_error(file: str, err: sqlite3.DatabaseError) -> KvdriveError:
+    """The one-line error for ``err`` on the index ``file``, with the fix for its cause."""
+    kind = error_kind(err)
+    where = os.path.dirname(os.path.abspath(file))
+    fix = {"full": f"the file system of {where} is full: free space there (the cached chunks are intact)",
+           "readonly": f"{where} cannot be written: make it writable or give the pool another directory "
+                       "(the cached chunks are intact)",
+           "io": "reading or writing it failed (a file-size limit, a failing device?): fix that; the file "
+                 "itself may be intact",
+           "busy": "another process holds it: give each process its own pool directory",
+           "damaged": "the file is damaged: move it away to start an empty index (the extents' space is reused)"}
+    return KvdriveError(f"prefix index {file}: {err}; {fix[kind]}")
+
+
+def _other_geometry(file: str, have: str, want: str) -> KvdriveError:
+    return KvdriveError(f"prefix index {file} holds chunks of geometry {have}, not {want} (another model shape, "
+                        "dtype, chunk size or extent size); reopen it with those, or give this model its own "
+                        "directory (nothing was changed)")
 
 
 def _blob(values: list[int], dtype) -> bytes:

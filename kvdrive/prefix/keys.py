@@ -64,3 +64,15 @@ def chunk_keys(tokens, namespace: PrefixNamespace, max_chunks: int | None = None
         prev = hashlib.sha256(prev + data[i * step : (i + 1) * step]).digest()[:KEY_BYTES]
         keys.append(prev)
     return keys
+
+
+def bind_sums(key: bytes, sums: list[int]) -> list[int]:
+    """The checksums of a chunk's slots (one xxh3_64 of its data per layer) bound to its key:
+    each XORed with a 64-bit digest of (key, layer). The index stores bound sums, so a slot
+    that holds another chunk's bytes fails the check even when those bytes are intact.
+    Its own inverse: ``bind_sums(key, bind_sums(key, s)) == s``."""
+    return [int(s) ^ _key_mix(key, layer) for layer, s in enumerate(sums)]
+
+
+def _key_mix(key: bytes, layer: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key + layer.to_bytes(4, "little"), digest_size=8).digest(), "little")

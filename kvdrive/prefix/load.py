@@ -11,7 +11,7 @@ on all devices at once (each device's share on its own queue, so every disk is b
 together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
 to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
 chunks are copied straight from the pinned host arena by one gather launch per layer. Every disk slot is checked against
-its xxh3_64; the first chunk that fails at any layer ends the import uncommitted and
+the xxh3_64 in its chunk's own index row; the first chunk that fails at any layer ends the import uncommitted and
 is reported, so the caller can drop it and import the shorter prefix again. An
 uncommitted plan is simply abandoned (plans of the plain and sparse caches do not
 mutate the cache; only ``commit`` does).
@@ -34,11 +34,13 @@ from kvdrive.storage.pool import DiskPool
 
 
 class ChunkSource(NamedTuple):
-    """Where one chunk is read from: the host arena or a disk of the pool, one slot per layer."""
+    """Where one chunk is read from: the host arena or a disk of the pool, one slot per layer,
+    and (disk) the xxh3_64 each slot's data must have, from the chunk's own index row."""
 
     tier: str  # "host" | "disk"
     device: int  # index into the pool's devices (disk); -1 for host
     slots: list[int]
+    sums: list[int] | None = None
 
 
 class ImportResult(NamedTuple):
@@ -96,7 +98,8 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
             by_dev.setdefault(sources[i].device, []).append(row)
         for dev, rows in by_dev.items():
             slots = [sources[disk_idx[r]].slots[layer] for r in rows]
-            parts.append((rows, pool.devices[dev].read(slots, [memoryview(np_rows[r]) for r in rows])))
+            sums = [sources[disk_idx[r]].sums[layer] for r in rows]
+            parts.append((rows, pool.devices[dev].read(slots, [memoryview(np_rows[r]) for r in rows], sums)))
         futures[layer] = BatchFuture(len(disk_idx), parts)
 
     def drain() -> None:

@@ -24,23 +24,35 @@ layer by layer (``load``). Admission: a chunk goes to disk on its
 preallocated under its budget (a physical cap); when full, its least recently used
 chunks are evicted, never those of the prompt being stored. A chunk that fails its
 checksum or its read is dropped and recomputed, never served.
+
+Keys name the weights by a digest of them (``weights``, from
+``kvdrive.models.identity.weights_digest``: ``LLM`` passes it), not by a name. A pool's
+disk directories have one owner (``dir_lock``): a second pool on them is refused; share
+one pool instead (``LLM(prefix_cache=pool, tenant=...)``). A store that cannot complete
+for a reason the pool can live with (a full file system, a file-size limit, a write or
+sync error, an index that cannot be written) is skipped, counted (``store_skipped``) and
+warned about once per cause (``PrefixPoolWarning``); the request never fails for it. A
+damaged index found while serving turns the disk side off, with the same warning.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from kvdrive.errors import KvdriveError
-from kvdrive.prefix.index import PrefixIndex
-from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.prefix.index import PrefixIndex, error_kind, index_error
+from kvdrive.prefix.keys import PrefixNamespace, bind_sums, chunk_keys
 from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
 from kvdrive.prefix.store import ChunkWriter, weighted_pick
+from kvdrive.storage.dir_lock import DirectoryInUse
 from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
@@ -48,16 +60,22 @@ from kvdrive.storage.pool import DiskPool, PoolPath
 
 INDEX_FILE = "kvdrive-prefix.sqlite"
 PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent
+_FAILED = object()  # what ``PrefixPool._index`` returns for a call that did not happen
+
+
+class PrefixPoolWarning(UserWarning):
+    """The prefix pool skipped stores or turned its disk side off, for a reason it can live with."""
 
 
 @dataclass(frozen=True)
 class PrefixConfig:
-    """``model`` names the weights (same name = same weights). ``disks``: the pool's
+    """``model`` names the weights when the pool is built without a weights digest (tools
+    and tests; ``LLM`` keys by the digest and ignores it). ``disks``: the pool's
     paths with their byte budgets. ``host_bytes``: the pinned host arena (0 = none).
     ``admit_after``: stores of a chunk before it is written to disk (1 = at once).
     ``host_weight``: GB/s weight of the host arena in the stripe (None = measured)."""
 
-    model: str
+    model: str = ""
     disks: tuple[PoolPath, ...] = ()
     host_bytes: int = 0
     chunk_tokens: int = 256
@@ -129,28 +147,49 @@ class PrefixStats:
     host_bytes_used: int
     host_capacity: int
     weights: dict = field(default_factory=dict)
+    store_skipped: int = 0  # chunks not stored for a recoverable reason (full disk, write error, ...)
+    disk_off: str = ""  # why the disk side was turned off while serving ("" = on)
 
 
 class PrefixPool:
-    def __init__(self, model_config, dtype: torch.dtype, config: PrefixConfig):
+    def __init__(self, model_config, dtype: torch.dtype, config: PrefixConfig, weights: str | None = None):
+        """``weights``: a digest of the model's weights (``kvdrive.models.identity.weights_digest``),
+        the model's identity in every key; None: ``config.model`` names it."""
         self.config = config
+        self.weights = weights or config.model
+        if not self.weights:
+            raise KvdriveError("prefix pool: name the weights: pass weights=weights_digest(model) "
+                               "(kvdrive.models.identity; LLM does) or PrefixConfig(model=...)")
         self.layout = GroupLayout.from_config(model_config, dtype, config.chunk_tokens)
         self.num_layers = self.layout.num_layers
         self._ns = {}
         self._counters = dict.fromkeys(("lookups", "hits", "hit_tokens", "loaded_bytes", "corrupt", "disk_in",
-                                        "host_in", "evicted_disk", "evicted_host"), 0)
+                                        "host_in", "evicted_disk", "evicted_host", "store_skipped"), 0)
+        self._warned: set[str] = set()
+        self.disk_off = ""
         self.last_load: LoadReport | None = None
         self.host = HostTier(self.layout, config.host_bytes) if config.host_bytes else None
         self._host: OrderedDict[bytes, list[int]] = OrderedDict()  # key -> host slot per layer; LRU first
         self.pool = self.index = None
         if config.disks:
-            self.pool = DiskPool.open(list(config.disks), self.layout, direct=config.direct,
-                                      read_depth=config.read_depth, write_depth=config.write_depth,
-                                      extent_bytes=config.extent_bytes, persist_name=PERSIST_NAME)
-            geometry = f"{self.layout.name}-L{self.num_layers}-slot{self.layout.slot_bytes}-ext{self.pool.devices[0].extent_slots}"
-            self.index = PrefixIndex(config.index_file, geometry, config.seen_capacity)
-            self._paths = {os.path.abspath(d.path): i for i, d in enumerate(self.pool.devices)}
-            self._restore()
+            es = max(1, config.extent_bytes // self.layout.slot_bytes)
+            geometry = f"{self.layout.name}-L{self.num_layers}-slot{self.layout.slot_bytes}-ext{es}"
+            PrefixIndex.check_geometry(config.index_file, geometry)  # before any extent is touched
+            try:
+                self.pool = DiskPool.open(list(config.disks), self.layout, direct=config.direct,
+                                          read_depth=config.read_depth, write_depth=config.write_depth,
+                                          extent_bytes=config.extent_bytes, persist_name=PERSIST_NAME)
+            except DirectoryInUse as err:
+                raise KvdriveError(f"{err}: a prefix pool directory has one owner at a time (two would hand out "
+                                   "the same slots). Give this pool its own directory, or share one pool: pass "
+                                   "the same PrefixPool to every LLM (LLM(prefix_cache=pool, tenant=...))") from None
+            try:
+                self.index = PrefixIndex(config.index_file, geometry, config.seen_capacity)
+                self._paths = {os.path.abspath(d.path): i for i, d in enumerate(self.pool.devices)}
+                self._restore()
+            except BaseException:
+                self.close()
+                raise
         self.host_weight = config.host_weight or (_measure_host_gbps(self.host) if self.host else 0.0)
         self._disk_credit = [0.0] * len(config.disks)
         self._host_credit = [0.0, 0.0]  # host vs all disks
@@ -168,7 +207,8 @@ class PrefixPool:
                 rows.setdefault(dev, []).append(ch)
         for dev, chunks in rows.items():
             d = self.pool.devices[dev]
-            ok = d.restore([s for ch in chunks for s in ch.slots], [c for ch in chunks for c in ch.sums])
+            ok = d.restore([s for ch in chunks for s in ch.slots],
+                           [c for ch in chunks for c in bind_sums(ch.key, ch.sums)])
             for j, ch in enumerate(chunks):
                 good = ok[j * self.num_layers : (j + 1) * self.num_layers]
                 if not all(good):
@@ -179,7 +219,7 @@ class PrefixPool:
     def namespace(self, tenant: str | None = None) -> PrefixNamespace:
         tenant = self.config.tenant if tenant is None else tenant
         if tenant not in self._ns:
-            self._ns[tenant] = PrefixNamespace(self.config.model, str(self.layout.dtype).removeprefix("torch."),
+            self._ns[tenant] = PrefixNamespace(self.weights, str(self.layout.dtype).removeprefix("torch."),
                                                self.layout.name, self.num_layers, self.config.chunk_tokens, tenant)
         return self._ns[tenant]
 
@@ -188,14 +228,15 @@ class PrefixPool:
     def lookup(self, tokens, tenant: str | None = None, max_chunks: int | None = None) -> PrefixHit:
         """Longest prefix of ``tokens`` whose every chunk is stored (host copy preferred)."""
         keys = chunk_keys(tokens, self.namespace(tenant), max_chunks)
-        on_disk = self.index.get(keys) if self.index is not None else {}
+        on_disk = self._index("get", keys, default={})
         sources = []
         for k in keys:
             if k in self._host:
                 sources.append(ChunkSource("host", -1, self._host[k]))
             elif k in on_disk:
                 ch = on_disk[k]
-                sources.append(ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots))
+                sources.append(ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots,
+                                           bind_sums(k, ch.sums)))
             else:
                 break
         n = len(sources)
@@ -228,9 +269,11 @@ class PrefixPool:
             for k in keys:
                 if k in self._host:
                     self._host.move_to_end(k)
-            if self.index is not None:
-                self.index.touch(keys)
+            self._index("touch", keys)
         self._counters["corrupt"] += corrupt
+        if corrupt:
+            self._warn("corrupt", f"{corrupt} stored chunk(s) failed their read or checksum: dropped and recomputed, "
+                                  "never served (stats().corrupt_chunks counts them)")
         n_host = sum(s.tier == "host" for s in sources)
         self.last_load = LoadReport(n * self.config.chunk_tokens, n - n_host, n_host, res.bytes_disk + res.bytes_host,
                                     time.perf_counter() - t0, corrupt)
@@ -242,9 +285,9 @@ class PrefixPool:
         if slots is not None:
             self.host.free(slots)
         if self.index is not None:
-            for ch in self.index.get([key]).values():
-                self.index.remove([key])
-                self.pool.devices[self._paths[os.path.abspath(ch.path)]].free(ch.slots)
+            for ch in self._index("get", [key], default={}).values():
+                if self._index("remove", [key]) is not _FAILED:
+                    self.pool.devices[self._paths[os.path.abspath(ch.path)]].free(ch.slots)
 
     # -- store --------------------------------------------------------------------------
 
@@ -256,19 +299,19 @@ class PrefixPool:
         if not keys:
             return 0
         protect = set(keys)
-        on_disk = self.index.get(keys) if self.index is not None else {}
+        on_disk = self._index("get", keys, default={})
         new = [i for i, k in enumerate(keys) if k not in on_disk]
-        counts = self.index.seen([keys[i] for i in new]) if self.index is not None and new else [0] * len(new)
+        counts = self._index("seen", [keys[i] for i in new], default=[0] * len(new)) if new else []
         host_slots: dict[int, list[int]] = {}
         disk: dict[int, tuple[int, list[int]]] = {}
         for i, count in zip(new, counts):
             admitted = self.pool is not None and count >= self.config.admit_after
-            dev = self._place_disk(protect) if admitted else None
-            if dev is not None:
-                disk[i] = (dev, self.pool.devices[dev].alloc(self.num_layers))
+            placed = self._alloc_disk(protect) if admitted else None
+            if placed is not None:
+                disk[i] = placed
             # The host keeps a bandwidth-proportional share of the disk chunks, and what the disks did not take.
-            host_share = dev is None or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)],
-                                                      [0, 1]) == 0
+            host_share = placed is None or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)],
+                                                         [0, 1]) == 0
             if self.host is not None and keys[i] not in self._host and host_share and self._host_room(protect):
                 host_slots[i] = self.host.alloc(self.num_layers)
         if not disk and not host_slots:
@@ -276,20 +319,89 @@ class PrefixPool:
         ok = self._writer.write(cache, seq_id, self.pool, self.host, host_slots, disk)
         for i, slots in host_slots.items():
             self._host[keys[i]] = slots
-        rows = []
+        rows = self._commit_disk(keys, disk, ok)
+        self._counters["disk_in"] += len(rows)
+        self._counters["host_in"] += len(host_slots)
+        return len(rows) + len(host_slots)
+
+    def _commit_disk(self, keys: list[bytes], disk: dict[int, tuple[int, list[int]]], ok: dict[int, bool]) -> list:
+        """Name the chunks written whole in the index, after ``fdatasync`` (data first, index
+        second); a chunk whose write, sync or row failed gives its slots back and is skipped."""
+        rows, kept = [], []
         for i, (d, slots) in disk.items():
             dev = self.pool.devices[d]
             if ok[i]:
                 rows.append(ChunkWriter.row(keys[i], dev, slots, os.path.abspath(dev.path)))
+                kept.append((d, slots))
             else:
                 dev.free(slots)
-        if rows:
-            for d in {d for d, _ in disk.values()}:
-                self.pool.devices[d].sync()  # data durable before the index names it
-            self.index.insert(rows)
-        self._counters["disk_in"] += len(rows)
-        self._counters["host_in"] += len(host_slots)
-        return len(rows) + len(host_slots)
+                self._skip(f"write:{d}", 1, f"writing a chunk to {dev.path} failed ({dev.last_write_error})")
+        if not rows:
+            return []
+        try:
+            for d in {d for d, _ in kept}:
+                self.pool.devices[d].sync()
+        except OSError as err:
+            failed = f"fdatasync failed ({err.strerror or err})"
+        else:
+            failed = "the index row" if self._index("insert", rows) is _FAILED else None
+        if failed is None:
+            return rows
+        for d, slots in kept:
+            self.pool.devices[d].free(slots)
+        self._skip(f"commit:{failed}", len(rows), f"storing chunks failed: {failed}")
+        return []
+
+    def _alloc_disk(self, protect: set) -> tuple[int, list[int]] | None:
+        """Slots on a disk for one new chunk, or None. A disk whose file system refuses to grow
+        (full, file-size limit) is skipped, counted and warned about; the next one is tried."""
+        for _ in range(len(self.pool.devices) + 1):
+            dev = self._place_disk(protect)
+            if dev is None:
+                return None
+            d = self.pool.devices[dev]
+            try:
+                slots = d.alloc(self.num_layers)
+            except CapacityError:
+                slots = None
+            if d.full_reason:
+                self._skip(f"full:{dev}", 0, f"{d.path} cannot grow ({d.full_reason}): the pool keeps to the "
+                                             "space it has there, evicting its least recently used chunks")
+            if slots is not None:
+                return dev, slots
+        return None
+
+    def _skip(self, cause: str, chunks: int, message: str) -> None:
+        self._counters["store_skipped"] += chunks
+        self._warn(cause, f"prefix pool: {message}; the requests go on (stats().store_skipped counts the chunks)")
+
+    def _warn(self, cause: str, message: str) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            warnings.warn(message, PrefixPoolWarning, stacklevel=3)
+
+    def _index(self, method: str, *args, default=_FAILED):
+        """``PrefixIndex.<method>(*args)``, or ``default`` when there is no index or SQLite fails:
+        a full or read-only file system skips the store, a damaged index turns the disk side off."""
+        if self.index is None:
+            return default
+        try:
+            return getattr(self.index, method)(*args)
+        except sqlite3.DatabaseError as err:
+            kind = error_kind(err)
+            if kind == "damaged":
+                self._turn_disk_off(str(index_error(self.config.index_file, err)))
+            else:
+                self._skip(f"index:{kind}", 0, str(index_error(self.config.index_file, err)))
+            return default
+
+    def _turn_disk_off(self, why: str) -> None:
+        """Serve from host memory (and recompute) from now on; the disk files stay as they are."""
+        self.disk_off = why
+        self._warn("disk_off", f"prefix pool: disk side turned off: {why}")
+        pool, index, self.pool, self.index = self.pool, self.index, None, None
+        pool.close()
+        index.close()
 
     def _place_disk(self, protect: set) -> int | None:
         """A disk for one new chunk by weighted round-robin, evicting LRU chunks there if full."""
@@ -306,10 +418,13 @@ class PrefixPool:
         if d.num_slots < need:
             return False
         while d.num_free < need:
-            victims = [ch for ch in self.index.lru(os.path.abspath(d.path), len(protect) + 1) if ch.key not in protect]
+            lru = self._index("lru", os.path.abspath(d.path), len(protect) + 1, default=[])
+            victims = [ch for ch in lru if ch.key not in protect]
             if not victims:
                 return False
-            self.index.remove([victims[0].key])  # the row goes first: a crash never leaves it naming freed slots
+            # the row goes first: a crash never leaves it naming freed slots
+            if self._index("remove", [victims[0].key]) is _FAILED:
+                return False
             d.free(victims[0].slots)
             self._counters["evicted_disk"] += 1
         return True
@@ -338,13 +453,15 @@ class PrefixPool:
             host_bytes_used=self.host.bytes_used if self.host else 0,
             host_capacity=self.host.bytes_capacity if self.host else 0,
             weights={"host": self.host_weight, **({d.path: w for d, w in zip(pool.devices, pool.weights)} if pool else {})},
+            store_skipped=c["store_skipped"], disk_off=self.disk_off,
         )
 
     def close(self, remove: bool = False) -> None:
         """Close files and the index; ``remove`` also deletes the extents and the index (tests, benchmarks)."""
         if self.pool is not None:
             self.pool.close(remove=remove)
-            self.index.close()
+            if self.index is not None:
+                self.index.close()
             if remove:
                 for suffix in ("", "-wal", "-shm"):
                     if os.path.exists(self.config.index_file + suffix):

@@ -15,6 +15,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.prefix.index import DiskChunk
+from kvdrive.prefix.keys import bind_sums
 from kvdrive.prefix.load import Staging, export_layer
 from kvdrive.storage.disk import BatchFuture, DiskDevice
 from kvdrive.storage.gather import RowCopier
@@ -84,4 +85,5 @@ class ChunkWriter:
 
     @staticmethod
     def row(key: bytes, device: DiskDevice, slots: list[int], path: str) -> DiskChunk:
-        return DiskChunk(key, path, list(slots), device.checksums(slots))
+        """The index row of a chunk just written: its checksums bound to its key (``bind_sums``)."""
+        return DiskChunk(key, path, list(slots), bind_sums(key, device.checksums(slots)))

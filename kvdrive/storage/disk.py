@@ -13,18 +13,35 @@ write-behind never sits in front of a read. Every slot written gets an xxh3_64 o
 group bytes; a read whose data does not match, comes back short or fails is reported
 per slot as a miss reason, never as data.
 
-With ``persist_name`` the extents are named ``kvdrive-<persist_name>-<n>.extent``,
-reopened by the next ``DiskDevice`` of that name and kept by ``close()``; the owner
-of the slot index (the prefix pool) hands back live slots and their checksums with
-``restore``. Extents beyond the budget are deleted on reopen, so the cap stays physical.
+Every extent is ``extent_bytes`` except the last, which may be shorter (a budget that is
+not a multiple of it, or a file system that took only part of an extent: then the device
+stops growing there). A read that fails is read once more, alone (a transient EIO, a
+short read or a flipped bit in flight recover); what fails twice is counted and warned
+about once per device (``ReadFailureWarning``), never served. A failed write is tried once
+more before it is reported.
+
+Ownership (``dir_lock``): a device locks its files for its lifetime. A private device
+(no ``persist_name``) names them after a fresh per-process lock and deletes them on
+``close`` or when it is garbage collected or the interpreter exits; every device deletes,
+at open, the files of private owners that died in its directory (kill -9). With ``persist_name`` the extents are named
+``kvdrive-<persist_name>-<n>.extent`` under the lock ``kvdrive-<persist_name>.lock``
+(a second owner is refused: ``DirectoryInUse``), reopened by the next ``DiskDevice`` of
+that name and kept by ``close()``; the owner of the slot index (the prefix pool) hands
+back live slots and their checksums with ``restore``. Reopening never deletes: extents
+that do not fit the budget or the extent size are refused before anything is touched; a
+missing extent between others is created again, empty.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import resource
 import threading
-import uuid
 import warnings
+import weakref
 from concurrent.futures import Future
 
 import numpy as np
@@ -32,6 +49,8 @@ import xxhash
 
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.storage import native_io
+from kvdrive.storage.dir_lock import DirLock, sweep_stale
+from kvdrive.storage.faults import from_env as faults_from_env
 from kvdrive.storage.io_buffers import FreeList
 from kvdrive.storage.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
 from kvdrive.storage.layout import GroupLayout
@@ -42,6 +61,12 @@ DEFAULT_EXTENT_BYTES = 1 << 30
 MAX_RUN_BYTES = 1 << 20  # longest coalesced preadv/pwritev; beyond this, more requests in flight win
 assert MAX_RUN_BYTES // 4096 <= native_io.MAX_RUN_SLOTS
 DIRECT_MODES = ("auto", "on", "off")
+READ_RETRIES = 1  # a failed slot read is tried this many more times, alone, before it is a miss
+WRITE_RETRIES = 1  # a failed write is tried this many more times before it is reported
+
+
+class ReadFailureWarning(UserWarning):
+    """Slot reads of a disk failed (I/O error, short read or checksum) even after a retry."""
 
 
 class DiskDevice:
@@ -57,20 +82,42 @@ class DiskDevice:
             raise KvdriveError(f"disk path {path!r} is not a directory")
         self.path = path
         self.layout = layout
-        self.faults = faults or NoFaults()
+        self.faults = faults or faults_from_env() or NoFaults()
         self.metrics = metrics or IoMetrics()
         sb = layout.slot_bytes
         self.num_slots = budget_bytes // sb
-        self.extent_slots = max(1, min(extent_bytes // sb, self.num_slots))
-        self.direct = self._choose_direct(direct)
+        # NOTE: not capped by the budget: the slot geometry of a persistent pool stays the same
+        # whatever budget reopens it (a short budget makes the last extent short instead)
+        self.extent_slots = max(1, extent_bytes // sb)
         self.persistent = persist_name is not None
-        self._tag = f"kvdrive-{persist_name}" if self.persistent else f"kvdrive-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fds: list[int] = []
         self._paths: list[str] = []
         self._free = FreeList(0)
         self._exhausted: str | None = None  # why no further extent can be created
         self._sums = np.zeros(self.num_slots, dtype=np.uint64)
         self._valid = np.zeros(self.num_slots, dtype=bool)
+        self._fresh = np.zeros(0, dtype=bool)  # slots of extents created at this open (restore refuses them)
+        self.last_write_error: str | None = None  # strerror of the last failed write or extent creation
+        self.read_failures = 0  # slot reads that failed after their retry
+        self.read_retries = 0  # slot reads tried again (recovered: read_retries - read_failures)
+        self._warned_reads = False
+        sweep_stale(path)
+        if self.persistent:
+            self._lock = DirLock.take(os.path.join(path, f"kvdrive-{persist_name}.lock"))
+            self._tag = f"kvdrive-{persist_name}"
+        else:
+            self._lock = DirLock.private(path)
+            self._tag = self._lock.tag
+        # files of a private device go when it does, closed or not (and at interpreter exit)
+        self._cleanup = weakref.finalize(self, _remove_files, self._fds, self._paths, self._lock,
+                                         not self.persistent)
+        try:
+            self.direct = self._choose_direct(direct)
+            if self.persistent:
+                self._reopen()
+        except BaseException:
+            self._cleanup()
+            raise
         self._reads = IoQueue(read_depth, f"{self._tag}-r", self.metrics, "disk_read")
         self._writes = IoQueue(write_depth, f"{self._tag}-w", self.metrics, "disk_write")
         # Native batches run one at a time, each on read_depth (write_depth) threads: the queue
@@ -78,8 +125,6 @@ class DiskDevice:
         # where a disk can be slower, not faster).
         self._native_reads = IoQueue(1, f"{self._tag}-nr", self.metrics, "disk_read_batch")
         self._native_writes = IoQueue(1, f"{self._tag}-nw", self.metrics, "disk_write_batch")
-        if self.persistent:
-            self._reopen()
 
     def _choose_direct(self, mode: str) -> bool:
         if mode == "off":
@@ -134,21 +179,62 @@ class DiskDevice:
         if n <= 0 or self._exhausted:
             return False
         path = self._extent_path(len(self._paths))
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else os.O_DSYNC)
-        fd = os.open(path, flags, 0o600)
-        try:
-            nbytes = n * self.layout.slot_bytes
-            self.faults.before("fallocate", path, 0, nbytes)
-            os.posix_fallocate(fd, 0, nbytes)
-        except OSError as err:
-            os.close(fd)
-            os.unlink(path)
-            self._exhausted = f"creating a {nbytes} B extent failed: {err.strerror or err}"
+        got = self._create(path, n)
+        if got == 0:
             return False
-        self._fds.append(fd)
-        self._paths.append(path)
-        self._free.grow(n)
+        if got < n:  # a short extent is the last one: the next would not start on an extent boundary
+            self._exhausted = (f"the file system took {got} of {n} slots of the extent {os.path.basename(path)}: "
+                               f"{self.last_write_error}")
+        self._free.grow(got)
         return True
+
+    def _create(self, path: str, n: int) -> int:
+        """Create and preallocate the extent ``path`` of ``n`` slots, or of as many as the file
+        system still takes (ENOSPC, EFBIG); returns the slots it holds (0: none, ``_exhausted``
+        says why) and keeps it open."""
+        sb = self.layout.slot_bytes
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else os.O_DSYNC)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as err:
+            self._refused(f"creating {path} failed: {err.strerror or err}", err)
+            return 0
+        for want in (n, self._room_slots(n)):
+            if want <= 0:
+                continue
+            try:
+                self.faults.before("fallocate", path, 0, want * sb)
+                os.posix_fallocate(fd, 0, want * sb)
+            except OSError as err:
+                self._refused(f"creating a {want * sb} B extent failed: {err.strerror or err}", err)
+                if err.errno not in (errno.ENOSPC, errno.EFBIG):
+                    break
+                continue
+            self._fds.append(fd)
+            self._paths.append(path)
+            return want
+        os.close(fd)
+        os.unlink(path)
+        return 0
+
+    def _room_slots(self, n: int) -> int:
+        """Slots (< ``n``) that a new extent may still take on this file system: the free space
+        and the process's file-size limit, less one slot of margin for metadata."""
+        sb = self.layout.slot_bytes
+        try:
+            st = os.statvfs(self.path)
+            room = st.f_bavail * st.f_frsize
+        except OSError:
+            return 0
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            room = min(room, limit)
+        fit = room // sb - 1
+        return fit if fit < n else 0  # room for all of it: the refusal was not about space
+
+    def _refused(self, why: str, err: OSError) -> None:
+        self._exhausted = why
+        self.last_write_error = err.strerror or str(err)
 
     # -- persistence (persist_name) ---------------------------------------------------
 
@@ -156,29 +242,67 @@ class DiskDevice:
         return os.path.join(self.path, f"{self._tag}-{n}.extent")
 
     def _reopen(self) -> None:
-        """Open this name's extents that fit the budget, delete the rest; their slots start free."""
-        n, size = 0, self.extent_slots * self.layout.slot_bytes
-        while os.path.exists(self._extent_path(n)):
+        """Open this name's extents. Nothing is deleted: extents of another extent size or
+        beyond the budget are refused (``KvdriveError``) before any file is touched; a missing
+        extent between others is created again (its slots are fresh: ``restore`` refuses them);
+        a short last extent is extended to the size the budget gives it where it can be."""
+        sb, es = self.layout.slot_bytes, self.extent_slots
+        pattern = re.compile(rf"^{re.escape(self._tag)}-(\d+)\.extent$")
+        sizes = {int(m[1]): os.path.getsize(os.path.join(self.path, m[0]))
+                 for m in map(pattern.match, os.listdir(self.path)) if m}
+        if not sizes:
+            return
+        last = max(sizes)
+        for n, size in sorted(sizes.items()):
+            if size % sb or size > es * sb or (n < last and size != es * sb):
+                raise KvdriveError(f"{self._extent_path(n)} holds {size} B, not extents of {es * sb} B: this "
+                                   f"directory was made with another extent size (extent_bytes) or slot size; "
+                                   "reopen it with those, or give this pool another directory")
+        need = last * es + sizes[last] // sb
+        if need > self.num_slots:
+            raise KvdriveError(f"{self.path} holds {need * sb / 2**30:.2f} GiB of {self._tag} extents, more than the "
+                               f"disk budget of {self.num_slots * sb / 2**30:.2f} GiB: reopen it with a budget of at "
+                               f"least {need * sb / 2**30:.2f} GiB (nothing was deleted)")
+        flags = os.O_RDWR | (os.O_DIRECT if self.direct else os.O_DSYNC)
+        fresh = []
+        for n in range(last + 1):
             path = self._extent_path(n)
-            if (n + 1) * self.extent_slots > self.num_slots or os.path.getsize(path) != size:
-                break
-            flags = os.O_RDWR | (os.O_DIRECT if self.direct else os.O_DSYNC)
+            if n not in sizes:  # lost: a fresh extent keeps the slot numbers of those after it
+                warnings.warn(f"{path} was missing: created again empty; the chunks it held are gone",
+                              stacklevel=4)
+                if self._create(path, es) < es:
+                    self._exhausted = f"{path} was missing and could not be created again ({self.last_write_error})"
+                    return
+                fresh.append(n)
+                self._free.grow(es)
+                continue
             self._fds.append(os.open(path, flags))
             self._paths.append(path)
-            self._free.grow(self.extent_slots)
-            n += 1
-        while os.path.exists(self._extent_path(n)):  # over budget or of another geometry
-            os.unlink(self._extent_path(n))
-            n += 1
+            slots = sizes[n] // sb
+            want = min(es, self.num_slots - n * es) if n == last else es
+            if slots < want:
+                try:
+                    os.posix_fallocate(self._fds[-1], 0, want * sb)
+                    slots = want
+                except OSError as err:
+                    self._refused(f"extending {path} to {want * sb} B failed: {err.strerror or err}", err)
+            self._free.grow(slots)
+        self._fresh = np.zeros(self._free.capacity, dtype=bool)
+        for n in fresh:
+            self._fresh[n * es : (n + 1) * es] = True
 
     def restore(self, slots: list[int], sums: list[int]) -> list[bool]:
         """Mark ``slots`` (of reopened extents) as holding data with checksums ``sums``.
-        Returns per slot whether it was restored (False: outside the reopened extents or twice)."""
+        Returns per slot whether it was restored: False for a slot outside the reopened
+        extents, in an extent created again at this open, or named twice (the first claim
+        wins; each slot is marked as it is checked)."""
         cap = self._free.capacity
-        ok = [0 <= s < cap and not self._valid[s] for s in slots]
-        for s, good, c in zip(slots, ok, sums):
+        ok = []
+        for s, c in zip(slots, sums):
+            good = 0 <= s < cap and not self._valid[s] and not (s < len(self._fresh) and self._fresh[s])
             if good:
                 self._valid[s], self._sums[s] = True, c
+            ok.append(good)
         live = set(np.flatnonzero(self._valid[:cap]).tolist())
         fresh = FreeList(cap)
         fresh.alloc(cap)
@@ -224,13 +348,16 @@ class DiskDevice:
         e, i = divmod(slot, self.extent_slots)
         return self._fds[e], self._paths[e], i * self.layout.slot_bytes
 
-    def read(self, slots: list[int], bufs: list) -> BatchFuture:
-        """Read each slot into its ``slot_bytes`` buffer. Result: per slot None (ok) or a miss reason."""
+    def read(self, slots: list[int], bufs: list, sums: list[int] | None = None) -> BatchFuture:
+        """Read each slot into its ``slot_bytes`` buffer. Result: per slot None (ok) or a miss reason.
+        ``sums``: the xxh3_64 each slot must match (the caller's own record, e.g. an index row);
+        default: the checksum of the slot's last write here."""
         ok = [i for i, s in enumerate(slots) if self._valid[s]]
         absent = [i for i, s in enumerate(slots) if not self._valid[s]]
-        runs = [([ok[j] for j in idx], s, b)
+        want = [int(self._sums[s]) for s in slots] if sums is None else [int(x) for x in sums]
+        runs = [([ok[j] for j in idx], s, b, [want[ok[j]] for j in idx])
                 for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])]
-        parts = self._shards(self._reads, lambda run: self._read_run(run[1], run[2]), runs)
+        parts = self._shards(self._reads, lambda run: self._read_run(run[1], run[2], run[3]), runs)
         if absent:
             parts.append((absent, _done(["absent"] * len(absent))))
         return BatchFuture(len(slots), parts)
@@ -297,9 +424,19 @@ class DiskDevice:
         out[per == -1] = "short_read"
         out[(per != 0) & (per != -1)] = "io_error"
         out[(per == 0) & bad] = "checksum"
-        good = int(((per == 0) & ~bad).sum())
+        sb = self.layout.slot_bytes
+        for i in np.flatnonzero((per != 0) | bad).tolist():  # read again alone
+            self.read_retries += 1
+            for _ in range(READ_RETRIES):
+                s = int(slots[i])
+                out[i] = self._read_once([s], [native_io.view(int(dsts[i]), sb)], [int(want[i])])[0]
+                if out[i] is None:
+                    break
+        out = out.tolist()
+        self._count_failures(out)
+        good = out.count(None)
         self.metrics.moved("disk->host", gb * good, good)
-        return out.tolist()
+        return out
 
     def _write_native(self, fn, slots: np.ndarray, srcs: np.ndarray, before) -> list[str | None]:
         if before is not None:
@@ -311,6 +448,11 @@ class DiskDevice:
             sums = np.zeros(len(slots), dtype=np.uint64)  # filled by the native threads
         per, _ = self._transfer_native(fn, slots, srcs, write=True, sums=sums)
         ok = per == 0
+        sb = self.layout.slot_bytes
+        for i in np.flatnonzero(~ok).tolist():  # written once more, alone
+            buf = native_io.view(int(srcs[i]), sb)
+            sums[i] = xxhash.xxh3_64_intdigest(buf[:gb])
+            ok[i] = any(self._write_once([int(slots[i])], [buf]) for _ in range(WRITE_RETRIES))
         self._sums[slots[ok]] = sums[ok]
         self._valid[slots[ok]] = True
         self.metrics.moved("host->disk", gb * int(ok.sum()), int(ok.sum()))
@@ -330,7 +472,22 @@ class DiskDevice:
     def _shards(queue: IoQueue, fn, runs) -> list:
         return [([i for run in shard for i in run[0]], fut) for shard, fut in queue.map_shards(fn, runs)]
 
-    def _read_run(self, slots: list[int], bufs: list) -> list[str | None]:
+    def _read_run(self, slots: list[int], bufs: list, want: list[int]) -> list[str | None]:
+        """One preadv of a run, checked against ``want``; each slot that failed is read again alone."""
+        out = self._read_once(slots, bufs, want)
+        for _ in range(READ_RETRIES):
+            bad = [i for i, why in enumerate(out) if why is not None]
+            if not bad:
+                break
+            self.read_retries += len(bad)
+            for i in bad:
+                out[i] = self._read_once([slots[i]], [bufs[i]], [want[i]])[0]
+        self._count_failures(out)
+        gb = self.layout.group_bytes
+        self.metrics.moved("disk->host", gb * out.count(None), out.count(None))
+        return out
+
+    def _read_once(self, slots: list[int], bufs: list, want: list[int]) -> list[str | None]:
         fd, path, off = self._where(slots[0])
         try:
             pread_run(fd, path, bufs, off, self.faults)
@@ -342,41 +499,70 @@ class DiskDevice:
             if not self.direct:
                 os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
         gb = self.layout.group_bytes
-        out = [None if xxhash.xxh3_64_intdigest(b[:gb]) == int(self._sums[s]) else "checksum"
-               for s, b in zip(slots, bufs)]
-        self.metrics.moved("disk->host", gb * out.count(None), out.count(None))
-        return out
+        return [None if xxhash.xxh3_64_intdigest(b[:gb]) == w else "checksum" for b, w in zip(bufs, want)]
+
+    def _count_failures(self, out: list) -> None:
+        """Count the slots that failed for good; the first such failure of a device warns."""
+        failed = [why for why in out if why is not None]
+        if not failed:
+            return
+        self.read_failures += len(failed)  # from I/O threads: a lost count is harmless, a lock per run is not
+        if not self._warned_reads:
+            self._warned_reads = True
+            warnings.warn(f"{self.path}: a slot read failed twice ({failed[0]}); its data is not served (the "
+                          "prefix pool recomputes the chunk, the tiered cache counts the group as lost); "
+                          "read_failures counts them", ReadFailureWarning, stacklevel=2)
 
     def _write_run(self, slots: list[int], bufs: list, before) -> list[str | None]:
+        """One pwritev of a run; a run that failed is written once more (a transient EIO or short write)."""
         if before is not None:
             before()
         gb = self.layout.group_bytes
         sums = [xxhash.xxh3_64_intdigest(b[:gb]) for b in bufs]
-        fd, path, off = self._where(slots[0])
-        try:
-            pwrite_run(fd, path, bufs, off, self.faults)
-        except OSError:
+        for _ in range(1 + WRITE_RETRIES):
+            if self._write_once(slots, bufs):
+                break
+        else:
             self.metrics.write_error(len(slots))
             return ["io_error"] * len(slots)
-        finally:
-            if not self.direct:
-                os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
         self._sums[slots] = sums
         self._valid[slots] = True
         self.metrics.moved("host->disk", gb * len(slots), len(slots))
         return [None] * len(slots)
 
+    def _write_once(self, slots: list[int], bufs: list) -> bool:
+        fd, path, off = self._where(slots[0])
+        try:
+            pwrite_run(fd, path, bufs, off, self.faults)
+        except OSError as err:
+            self.last_write_error = err.strerror or str(err)
+            return False
+        finally:
+            if not self.direct:
+                os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
+        return True
+
     def close(self, remove: bool | None = None) -> None:
-        """Stop the queues and close the extents; they are deleted unless the device is
-        persistent (``remove`` overrides)."""
+        """Stop the queues, close the extents and drop the lock; the extents are deleted unless
+        the device is persistent (``remove`` overrides)."""
+        if not self._cleanup.alive:
+            return
         for queue in (self._reads, self._writes, self._native_reads, self._native_writes):
             queue.shutdown()
-        remove = not self.persistent if remove is None else remove
-        for fd, path in zip(self._fds, self._paths):
-            os.close(fd)
-            if remove:
+        self._cleanup.detach()
+        _remove_files(self._fds, self._paths, self._lock, not self.persistent if remove is None else remove)
+
+
+def _remove_files(fds: list[int], paths: list[str], lock: DirLock, remove: bool) -> None:
+    """Close (and with ``remove`` delete) a device's extents, then release its lock."""
+    for fd, path in zip(fds, paths):
+        os.close(fd)
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        self._fds, self._paths = [], []
+    fds.clear()
+    paths.clear()
+    lock.release(unlink=remove)
 
 
 class _Once:

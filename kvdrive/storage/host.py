@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvdrive.errors import KvdriveError
+from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.storage.faults import from_env as faults_from_env
 from kvdrive.storage.io_buffers import FreeList, aligned_empty
 from kvdrive.storage.layout import GroupLayout
 
@@ -33,7 +34,17 @@ class HostTier:
                 f"host budget {budget_bytes} B is smaller than one slot ({layout.slot_bytes} B); raise it"
             )
         self.layout = layout
-        flat = aligned_empty(num_slots * layout.slot_bytes, torch.device("cpu"), pin=pin)
+        nbytes = num_slots * layout.slot_bytes
+        faults = faults_from_env()
+        try:
+            if faults is not None:
+                faults.before("alloc", "host-arena", 0, nbytes)
+            flat = aligned_empty(nbytes, torch.device("cpu"), pin=pin)
+        except (OSError, MemoryError, RuntimeError) as err:  # torch's CPU allocator raises RuntimeError
+            size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+            raise CapacityError(f"a host arena of {size} could not be allocated "
+                                f"({getattr(err, 'strerror', None) or err}): lower the host budget "
+                                "(--host-gib, host_bytes)") from None
         self._rows = flat.view(num_slots, layout.slot_bytes)  # (S, slot_bytes) uint8
         self._np = self._rows.numpy()  # shares storage; slices are buffers for preadv/pwritev
         self._free = FreeList(num_slots)

@@ -3,7 +3,9 @@
 Every disk transfer goes through ``pread_run``/``pwrite_run``: one ``preadv`` or
 ``pwritev`` of a run of consecutive file slots into a list of slot buffers. Before the
 syscall, the ``IoFaults`` hook is consulted; tests use ``InjectedFaults`` to produce
-EIO, ENOSPC or short transfers exactly where they want them.
+EIO, ENOSPC or short transfers exactly where they want them, and ``storage.faults``
+(``KVDRIVE_FAULTS``) draws faults by seed, silent corruptions included (``on_write``
+alters what reaches the disk, ``on_read`` what came back).
 
 ``IoQueue`` is a thread pool whose size is the queue depth: CPython releases the GIL
 inside ``preadv``/``pwritev``, so N threads keep N requests in flight on the device.
@@ -39,6 +41,14 @@ class IoFaults(ABC):
 
     @abstractmethod
     def before(self, op: str, path: str, offset: int, nbytes: int) -> int: ...
+
+    def on_write(self, path: str, offset: int, bufs: list) -> list:
+        """The buffers a write really puts on disk (default: ``bufs``). A silent corruption
+        returns altered copies; the caller still believes, and checksummed, ``bufs``."""
+        return bufs
+
+    def on_read(self, path: str, offset: int, bufs: list) -> None:
+        """After a read that moved every byte: may alter ``bufs`` in place (corruption in flight)."""
 
 
 class NoFaults(IoFaults):
@@ -91,9 +101,11 @@ def _transfer(syscall, op: str, fd: int, path: str, bufs: list, offset: int, fau
     allowed = faults.before(op, path, offset, nbytes)
     if allowed < nbytes:
         raise ShortTransfer(errno.EIO, f"short {op}: {allowed} of {nbytes} bytes", path)
-    done = syscall(fd, bufs, offset)
+    done = syscall(fd, faults.on_write(path, offset, bufs) if op == "write" else bufs, offset)
     if done != nbytes:
         raise ShortTransfer(errno.EIO, f"short {op}: {done} of {nbytes} bytes at offset {offset}", path)
+    if op == "read":
+        faults.on_read(path, offset, bufs)
 
 
 def pread_run(fd: int, path: str, bufs: list, offset: int, faults: IoFaults) -> None:
@@ -122,6 +134,12 @@ class IoQueue:
         self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix=name)
         self._metrics = metrics
         self._op = op
+        # every worker started now: the executor starts them lazily, so a long-lived queue's thread
+        # count crept up call after call until it reached ``depth``
+        started = threading.Barrier(depth + 1)
+        for _ in range(depth):
+            self._pool.submit(started.wait)
+        started.wait()
 
     def map_shards(self, fn, requests: list) -> list[tuple[list, Future]]:
         """Run ``fn(request) -> list`` for each request; returns (requests of the shard, future of

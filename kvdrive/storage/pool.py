@@ -9,6 +9,8 @@ rotation; only when all are full does ``alloc`` raise ``CapacityError``.
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +40,26 @@ class PoolPath:
             raise KvdriveError(f"{self.path}: disk budget must be >= 0, got {self.budget_bytes}")
         if self.weight is not None and self.weight <= 0:
             raise KvdriveError(f"{self.path}: weight must be positive, got {self.weight}")
+
+
+def check_dir(path: str, what: str = "--disk") -> None:
+    """Refuse, before anything loads, a disk path kvdrive cannot keep files in: missing, not a
+    directory, or not writable (a read-only mount, /proc): one file is created and removed."""
+    if not isinstance(path, str) or not path:
+        raise KvdriveError(f"{what} must be a directory path, got {path!r}")
+    if not os.path.isdir(path):
+        raise KvdriveError(f"{what} {path!r} is not a directory: create it (mkdir -p {path}) or give another")
+    probe_file = os.path.join(path, f".kvdrive-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(probe_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe_file)
+    except OSError as err:
+        raise KvdriveError(f"{what} {path!r} cannot hold kvdrive's files ({err.strerror or err}): give a writable "
+                           "directory on a local disk") from None
 
 
 class DiskPool:
@@ -74,9 +96,13 @@ class DiskPool:
         """Device of each of ``n`` new groups (smooth weighted round-robin over devices with room)."""
         room = [d.num_free for d in self.devices]
         if sum(room) < n:
-            why = "".join(f"; {d.path}: {d.full_reason}" for d in self.devices if d.full_reason)
-            raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on "
-                                f"{len(self.devices)} path(s); raise the disk budget or free sequences{why}")
+            full = [d for d in self.devices if d.full_reason]
+            # a file system that refused to grow is fixed there, not by a larger budget
+            fix = (f"free space on {', '.join(d.path for d in full)} or add another --disk path ("
+                   + "; ".join(f"{d.path}: {d.full_reason}" for d in full) + ")") if full else \
+                "raise the disk budget (--disk-gib) or free sequences"
+            raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on {len(self.devices)} "
+                                f"path(s): {fix}")
         credit = self._credit
         out = []
         for _ in range(n):

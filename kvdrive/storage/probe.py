@@ -48,7 +48,7 @@ class DeviceProbe:
 
 def probe_direct(path: str, faults=None) -> DirectProbe:
     """Try one aligned O_DIRECT write + read in ``path``; the test file is removed."""
-    name = os.path.join(path, f".kvdrive-odirect-{uuid.uuid4().hex[:8]}")
+    name = os.path.join(path, f".kvdrive-odirect-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # pid: swept if it dies
     buf = mmap.mmap(-1, ALIGN)  # page-aligned
     fd = -1
     try:

@@ -8,6 +8,8 @@ that cannot fit is refused before anything is allocated, with the setting to cha
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvdrive.cache.sparse import layer_summarizer, max_pages_for
@@ -125,3 +127,39 @@ def plan(config: ModelConfig, context: int, batch: int, dtype: torch.dtype, tier
     out["tiered_fits"] = fits
     out["tiered_cache_tokens"] = resolve_cache_tokens(config, batch, context, dtype, tiered, None, room) if fits else None
     return out
+
+
+def check_disk_tier(config: ModelConfig, dtype: torch.dtype, tiered: TieredConfig, prompt_lens: list[int],
+                    max_len: int, max_seqs: int) -> None:
+    """Refuse up front a request the disk tier cannot serve, naming the setting and the size
+    that would work: the host arena must hold at once the groups of one whole prompt (prefill
+    attends over them exactly), or of every sequence at ``max_len`` when some layers stay
+    dense, and each decoding sequence's selection and open group; the disk budget must hold
+    one sequence of ``max_len``. No-op without a disk tier."""
+    if not tiered.disk:
+        return
+    g = tiered.sparse.group_tokens
+    layout = GroupLayout.from_config(config, dtype, g)
+    longest = max_len if tiered.sparse.dense_layers else max(prompt_lens)
+    pages = min(-(-max_len // g), max_pages_for(tiered.sparse.selection(), g, max_len))
+    groups = max(-(-longest // g) + max_seqs - 1, max_seqs * (pages + 1))
+    need = groups * layout.slot_bytes * config.num_hidden_layers
+    if tiered.host_bytes < need:
+        raise CapacityError(f"the host arena in front of the disks (--host-gib, TieredConfig.host_bytes) holds "
+                            f"{tiered.host_bytes / 2**30:.3g} GiB; {max_seqs} sequence(s) of up to {max_len} tokens "
+                            f"need {groups} groups a layer in it at once: use --host-gib {_gib_up(need)} "
+                            f"(host_bytes={need}) or more")
+    per_seq = layout.slot_bytes * -(-max_len // g) * config.num_hidden_layers
+    budget = sum(p.budget_bytes for p in tiered.disk)
+    if budget < per_seq:
+        raise CapacityError(f"the disk budget (--disk-gib per --disk, PoolPath.budget_bytes) of {budget / 2**30:.3g} "
+                            f"GiB holds less than one sequence of {max_len} tokens: use --disk-gib "
+                            f"{_gib_up(per_seq / len(tiered.disk))} or more")
+
+
+def _gib_up(nbytes: float) -> str:
+    """``nbytes`` in GiB, rounded up to 2 significant digits (a value that works)."""
+    gib = nbytes / 2**30
+    digits = max(0, 1 - math.floor(math.log10(gib))) if gib > 0 else 0
+    step = 10.0**-digits
+    return f"{math.ceil(gib / step) * step:.{digits}f}"

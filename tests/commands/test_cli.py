@@ -88,8 +88,8 @@ def test_prompt_longer_than_context():
     _one_line_error(rc, err, "context is 16", "shorten the prompt")
 
 
-@pytest.mark.parametrize("flag, value, word", [("--temperature", "-1", "temperature"), ("--top-p", "2", "top_p"),
-                                               ("--top-k", "-5", "top_k"), ("--max-tokens", "0", "max_tokens")])
+@pytest.mark.parametrize("flag, value, word", [("--temperature", "-1", "--temperature"), ("--top-p", "2", "--top-p"),
+                                               ("--top-k", "-5", "--top-k"), ("--max-tokens", "0", "--max-tokens")])
 def test_invalid_sampling_values(flag, value, word):
     rc, _, err = _cli("generate", "hi", flag, value)
     _one_line_error(rc, err, word)

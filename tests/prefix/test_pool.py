@@ -3,21 +3,19 @@
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
+from factories import PREFIX_C as C
+from factories import PREFIX_CFG as CFG
+from factories import PREFIX_CHUNK_BYTES as CHUNK_BYTES
+from factories import filled_cache, same_kv
 
-from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.errors import KvdriveError
 from kvdrive.prefix.keys import PrefixNamespace, chunk_keys
 from kvdrive.prefix.pool import PrefixConfig, PrefixPool
 from kvdrive.storage.pool import PoolPath
 
-CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, sliding_windows=(None,) * 3,
-                            attn_scale=1.0, attn_logit_softcap=None)
-C = 4  # chunk tokens
-CHUNK_BYTES = CFG.num_hidden_layers * 4096  # one 4 KiB slot per layer (2*2*4*8*4 B = 512 B rounded up)
 NS = PrefixNamespace("m", "float32", "kv2-h2-g4-d8-float32", 3, C)
 
 
@@ -26,22 +24,6 @@ def pool_at(path, budget=1 << 20, **kw) -> PrefixPool:
     disks = (PoolPath(str(path), budget),) if path is not None else ()
     return PrefixPool(CFG, torch.float32, PrefixConfig(model="m", disks=disks, chunk_tokens=C,
                                                        extent_bytes=CHUNK_BYTES, **kw))
-
-
-def filled_cache(tokens: int, seed=0, seqs=4):
-    cache = ContiguousKVCache(CFG, seqs, 64, torch.device("cpu"), torch.float32)
-    cache.add(0, 64)
-    g = torch.Generator().manual_seed(seed)
-    b = cache.plan([0], tokens)
-    for layer in range(CFG.num_hidden_layers):
-        cache.append(layer, torch.randn(1, 2, tokens, 8, generator=g), torch.randn(1, 2, tokens, 8, generator=g), b)
-    cache.commit(b)
-    return cache
-
-
-def same_kv(cache, a, b, n):
-    return all(torch.equal(x, y) for layer in range(CFG.num_hidden_layers)
-               for x, y in zip(cache.export_kv(a, layer, 0, n), cache.export_kv(b, layer, 0, n)))
 
 
 def test_keys_are_chained_and_stable_across_processes():

@@ -21,6 +21,10 @@ def make(tmp_path, slots=16, extent_slots=4, **kw):
     return DiskDevice(str(tmp_path), LAYOUT, slots * SB, extent_bytes=extent_slots * SB, **kw)
 
 
+def extents(path) -> list[str]:
+    return [f for f in os.listdir(path) if f.endswith(".extent")]
+
+
 def filled_host(n, seed=0):
     host = HostTier(LAYOUT, n * SB, pin=False)
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +48,7 @@ def test_round_trip_bit_exact_across_extents(tmp_path):
         assert res == [None] * 10
         gb = LAYOUT.group_bytes
         assert torch.equal(back.rows[:, :gb], host.rows[:, :gb])
-        assert len(os.listdir(tmp_path)) == 3  # extent files, not a file per group
+        assert len(extents(tmp_path)) == 3  # extent files, not a file per group
     finally:
         disk.close()
     assert os.listdir(tmp_path) == []
@@ -92,20 +96,22 @@ def test_injected_read_errors_and_short_reads(tmp_path):
         host = filled_host(4)
         slots = disk.alloc(4)
         disk.write(slots, [host.buffer(i) for i in range(4)]).result()
-        faults.fail("read", errno.EIO, offset=slots[0] * SB)
+        faults.fail("read", errno.EIO, offset=slots[0] * SB, times=2)  # the read and its retry
         back = HostTier(LAYOUT, 4 * SB, pin=False)
         # one run per slot so that one fault hits one group only
         res = [disk.read([s], [back.buffer(i)]).result()[0] for i, s in enumerate(slots)]
         assert res == ["io_error", None, None, None]
-        faults.short("read", offset=slots[2] * SB)
+        faults.short("read", offset=slots[2] * SB, times=2)
         assert disk.read([slots[2]], [back.buffer(2)]).result() == ["short_read"]
-        assert disk.read([slots[2]], [back.buffer(2)]).result() == [None]  # transient fault: next read fine
+        faults.short("read", offset=slots[2] * SB)  # transient: the retry reads it
+        assert disk.read([slots[2]], [back.buffer(2)]).result() == [None]
+        assert disk.read_failures == 2
     finally:
         disk.close()
 
 
 def test_write_error_is_reported_not_raised(tmp_path):
-    faults = InjectedFaults().fail("write", errno.ENOSPC)
+    faults = InjectedFaults().fail("write", errno.ENOSPC, times=2)  # the write and its retry
     disk = make(tmp_path, faults=faults)
     try:
         host = filled_host(2)
@@ -119,12 +125,12 @@ def test_write_error_is_reported_not_raised(tmp_path):
 
 
 def test_full_file_system_is_a_capacity_error(tmp_path):
-    faults = InjectedFaults().fail("fallocate", errno.ENOSPC)
+    faults = InjectedFaults().fail("fallocate", errno.ENOSPC, times=2)  # the extent, then what fits of it
     disk = make(tmp_path, faults=faults)
     try:
         with pytest.raises(CapacityError, match="No space|ENOSPC"):
             disk.alloc(1)
-        assert os.listdir(tmp_path) == []  # the failed extent was removed
+        assert extents(tmp_path) == []  # the failed extent was removed
     finally:
         disk.close()
 
@@ -135,6 +141,7 @@ def test_rlimit_fsize_is_a_capacity_error(tmp_path):
     try:
         disk.alloc(8)  # first extent fits
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 * SB, hard))
+        disk.alloc(3)  # the second extent takes what the limit leaves (less a slot of margin) and is the last
         with pytest.raises(CapacityError, match="too large|File too large"):
             disk.alloc(1)
     finally:
@@ -171,3 +178,19 @@ def test_direct_probe_on_tmp_and_shm(tmp_path):
         assert disk.direct == shm.ok
         assert any(issubclass(w.category, DirectIOWarning) for w in caught) == (not shm.ok)
         assert shm.ok or "errno" in shm.reason
+
+
+def test_restore_rejects_duplicate_and_out_of_range_slots(tmp_path):
+    layout = GroupLayout(1, 1, 8, torch.float32, 4)
+    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes,
+                   persist_name="t")
+    d.alloc(1)  # one extent of 8 slots
+    d.close()
+    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes,
+                   persist_name="t")
+    try:
+        assert d.restore([0, 1, 1, 8, -1, 2], [10, 11, 12, 13, 14, 15]) == [True, True, False, False, False, True]
+        assert d.checksums([0, 1, 2]) == [10, 11, 15]  # the first claim of slot 1 kept its checksum
+        assert sorted(d.alloc(5)) == [3, 4, 5, 6, 7]  # the restored slots are not handed out again
+    finally:
+        d.close(remove=True)

@@ -33,3 +33,8 @@ def c_compiler() -> str | None:
 def kvdrive_variables() -> dict[str, str]:
     """Every ``KVDRIVE_*`` variable, as text (``kvdrive serve`` reads its settings from them)."""
     return {k: v for k, v in os.environ.items() if k.startswith("KVDRIVE_")}
+
+
+def code_commit() -> str | None:
+    """``$KVDRIVE_COMMIT``: the commit a copied tree's results name (see ``kvdrive.results.git_state``)."""
+    return os.environ.get("KVDRIVE_COMMIT") or None

@@ -59,6 +59,7 @@ class EngineSnapshot:
     prefix_stats: object | None  # ``PrefixStats`` with a prefix pool
     counters: EngineCounters
     device_memory: int | None  # bytes torch has allocated on a CUDA device (None elsewhere)
+    device_reserved: int | None = None  # bytes torch's caching allocator holds on it
 
 
 class Engine:
@@ -225,4 +226,5 @@ class Engine:
             prefix_stats=self.prefix.stats() if self.prefix is not None else None,
             counters=EngineCounters(**{k: (Counter(v) if isinstance(v, Counter) else v)
                                        for k, v in vars(self.counters).items()}),
-            device_memory=torch.cuda.memory_allocated(c.device) if c.device.type == "cuda" else None)
+            device_memory=torch.cuda.memory_allocated(c.device) if c.device.type == "cuda" else None,
+            device_reserved=torch.cuda.memory_reserved(c.device) if c.device.type == "cuda" else None)

@@ -139,7 +139,7 @@ async def _generate(state: ServerState, request: Request, body, ids, max_tokens:
         stream = state.engine.submit(req)
     except QueueFull as err:
         raise APIError(429, str(err), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-    shape = Shape(chat, state.name, body.include_usage)
+    shape = Shape(chat, state.name, body.include_usage, body.return_token_ids or llm.tokenizer is None)
     if body.stream:
         return sse_response(stream, request, shape)
     out = await json_response(stream, request, shape)

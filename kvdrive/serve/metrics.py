@@ -120,6 +120,9 @@ class _SnapshotCollector:
         if snap.device_memory is not None:
             yield gauge("kvdrive:gpu_memory_allocated_bytes", "Bytes torch holds allocated on the GPU (weights, KV, "
                         "activations)", snap.device_memory)
+        if snap.device_reserved is not None:
+            yield gauge("kvdrive:gpu_memory_reserved_bytes", "Bytes torch's caching allocator holds on the GPU",
+                        snap.device_reserved)
         yield gauge("kvdrive:kv_cache_usage_perc", "Tokens held in the KV cache / tokens it can hold (0..1)",
                     snap.kv_tokens / snap.kv_capacity_tokens if snap.kv_capacity_tokens else 0.0)
         yield counter("kvdrive:prompt_tokens", "Prompt tokens of admitted requests", c.prompt_tokens)

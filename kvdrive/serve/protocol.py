@@ -1,8 +1,8 @@
 """The OpenAI API's request and response bodies, as pydantic models (validated strictly: a
 field of the wrong type, an unknown field or a value kvdrive cannot honour is a 400).
 
-Beyond OpenAI's fields a request may carry vLLM's sampling extras (``top_k``,
-``ignore_eos``, ``stop_token_ids``) and kvdrive's own options under ``kvdrive``
+Beyond OpenAI's fields a request may carry vLLM's extras (``top_k``, ``ignore_eos``,
+``stop_token_ids``, ``return_token_ids``) and kvdrive's own options under ``kvdrive``
 (``extra_body={"kvdrive": {"prefix_cache": False}}`` with the openai client).
 """
 
@@ -49,6 +49,9 @@ class _Generation(_Strict):
     top_k: Annotated[int, Field(ge=-1)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    return_token_ids: bool = Field(False, description="each choice also carries its generated token ids (`token_ids`); "
+                                                      "streamed, one chunk per token (always so for a model without "
+                                                      "a tokenizer)")
     kvdrive: KvdriveOptions | None = None
 
     @model_validator(mode="after")

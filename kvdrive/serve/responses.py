@@ -23,8 +23,9 @@ from kvdrive.serve.errors import APIError, error_body
 class Shape:
     """The envelope of one response: completion (``text_completion``) or chat (``chat.completion``)."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool):
-        self.chat, self.model, self.include_usage = chat, model, include_usage
+    def __init__(self, chat: bool, model: str, include_usage: bool, token_ids: bool = False):
+        # token_ids: every choice carries its token ids, and a stream sends one chunk per token
+        self.chat, self.model, self.include_usage, self.token_ids = chat, model, include_usage, token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -36,11 +37,16 @@ class Shape:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
                       "finish_reason": r.finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+        if self.token_ids:
+            choice["token_ids"] = list(r.output_ids)
+        if self.chat:
             return self.envelope("chat.completion", choices=[choice], usage=usage(stream))
-        choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
         return self.envelope("text_completion", choices=[choice], usage=usage(stream))
 
-    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False,
+              token_id: int = -1) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -49,6 +55,8 @@ class Shape:
             out = self.envelope("text_completion",
                                 choices=[{"index": 0, "text": text or "", "finish_reason": finish_reason,
                                           "logprobs": None}])
+        if self.token_ids and not first:
+            out["choices"][0]["token_ids"] = [token_id] if token_id >= 0 else []
         if self.include_usage:
             out["usage"] = None
         return out
@@ -114,8 +122,8 @@ async def _events(stream: RequestStream, request: Request, shape: Shape) -> Asyn
             if event.finish_reason == "error":
                 yield sse(error_body(500, f"the request failed: {stream.req.error}"))
                 break
-            if event.text_delta or event.finish_reason is not None:
-                yield sse(shape.chunk(event.text_delta, event.finish_reason))
+            if event.text_delta or event.finish_reason is not None or (shape.token_ids and event.token_id >= 0):
+                yield sse(shape.chunk(event.text_delta, event.finish_reason, token_id=event.token_id))
         else:
             if stream.req.finish_reason == "abort":
                 return  # the client went away (or the server is shutting down)

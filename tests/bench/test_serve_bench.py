@@ -55,13 +55,39 @@ def test_a_small_run_against_a_live_server(smollm2, tmp_path):
     with live_server(state) as url:
         assert main(["bench", "serve", "--url", url, "--docs", "2", "--questions", "3", "--doc-tokens", "128",
                      "--random-prompts", "3", "--prompt-tokens", "32", "--max-tokens", "4", "--rate", "20",
-                     "--interference", "300", "--streams", "2", "--single-stream", "8", "-o", str(out)]) == 0
+                     "--interference", "300", "--streams", "2", "--single-stream", "8", "--repeat-doc", "128",
+                     "--repeat-docs", "2", "--soak", "3", "--soak-clients", "3", "--soak-prompt-tokens", "32",
+                     "-o", str(out)]) == 0
     doc = json.loads(out.read_text())
     r = doc["results"]["kvdrive"]
     assert doc["bench"] == "serve" and doc["config"]["nonce"] and out.with_suffix(".png").exists()
     for phase in ("shared_prefix/prefix_off", "shared_prefix/prefix_on", "random/prefix_off", "random/prefix_on"):
         assert r[phase]["errors"] == 0 and r[phase]["requests"] in (6, 3) and r[phase]["ttft_p50_s"] > 0
+        assert r[phase]["output_tokens"] == 4 * r[phase]["requests"]  # ignore_eos: exactly max_tokens each
     assert r["shared_prefix/prefix_off"]["cached_tokens"] == 0 and r["random/prefix_on"]["cached_tokens"] == 0
     assert r["shared_prefix/prefix_on"]["cached_tokens"] > 0  # later questions found their document stored
     assert r["interference"]["long_error"] is None and r["interference"]["long_prompt_tokens"] > 200
     assert r["single_stream"]["tokens"] == 8 and r["single_stream"]["decode_tok_per_s"] > 0
+    rd = r["repeat_doc"]
+    assert rd["error_count"] == 0 and len(rd["ttft_cold_s"]) == 2 and len(rd["ttft_repeated_s"]) == 4
+    assert all(share > 0.5 for share in rd["repeated_cached_share"])  # asked again: its document was stored
+    soak = r["soak"]
+    assert soak["errors"] == 0 and soak["requests"] >= 3 and soak["samples"] and soak["memory"]["rss"]["end"] > 0
+
+
+def test_a_model_without_a_tokenizer_streams_token_ids(smollm2, tmp_path):
+    """Random-weight models have no tokenizer: token prompts, and each streamed chunk carries its token id."""
+    from kvdrive.engine.llm import LLM
+    from kvdrive.models.loader import LoadedModel
+    from kvdrive.serve.config import resolve
+    from kvdrive.serve.state import ServerState
+
+    model = vocab_sized_tiny_model(smollm2.config.vocab_size)
+    loaded = LoadedModel(model, model.config, None, "tiny", True)
+    state = ServerState(resolve(flags={"served_model_name": "tiny"}), load=lambda: LLM(loaded=loaded, max_model_len=256))
+    out = tmp_path / "serve.json"
+    with live_server(state) as url:
+        assert main(["bench", "serve", "--url", url, "--token-prompts", "--workloads", "random", "--random-prompts",
+                     "3", "--prompt-tokens", "16", "--max-tokens", "5", "--rate", "20", "-o", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]["kvdrive"]["random/prefix_off"]
+    assert r["errors"] == 0 and r["output_tokens"] == 15 and r["itl_p50_s"] > 0

@@ -167,6 +167,20 @@ def test_one_tenants_prefix_is_not_a_hit_for_another(server):
     assert off.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_return_token_ids_streams_one_chunk_per_token(server, reference):
+    prompt = "The lighthouse keeper wrote in his log"
+    want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    chunks = list(client(server).completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True,
+                                                                              "return_token_ids": True}))
+    ids = [choice.model_extra["token_ids"] for ch in chunks for choice in ch.choices]
+    assert [i for i in ids if i] == [[t] for t in want.token_ids]  # one chunk per token, the finish may add none
+    assert "".join(ch.choices[0].text for ch in chunks) == want.text
+    whole = client(server).completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert whole.choices[0].model_extra["token_ids"] == list(want.token_ids)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 TOO_LONG = "word " * (MAX_LEN + 50)
@@ -190,6 +204,11 @@ BAD = [
     ("empty stop string", {"prompt": "hi", "stop": [""]}, 400, None),
     ("bad chat role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("no messages", {"messages": []}, 400, "messages"),
+    ("chat temperature -1", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ("chat max_tokens over the context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_LEN},
+     400, "max_tokens"),
+    ("kvdrive option of the wrong type", {"prompt": "hi", "kvdrive": {"prefix_cache": "yes"}}, 400, "prefix_cache"),
+    ("unknown kvdrive option", {"prompt": "hi", "kvdrive": {"budget": 5}}, 400, "budget"),
 ]
 
 
@@ -215,6 +234,7 @@ def test_a_wrong_or_missing_api_key_is_a_401(server):
     r = httpx.get(server[0] + "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server[0] + "/health").status_code == 200  # health and metrics need no key
+    assert client(server).completions.create(model="smollm2", prompt="Hello", max_tokens=1).usage.completion_tokens == 1
 
 
 def test_a_full_queue_is_a_429_with_retry_after(server):

@@ -3,8 +3,9 @@
 Every request streams ``/v1/completions`` (``stream_options.include_usage``) over its own
 connection when it is due; the client records when it was sent, when each text chunk
 arrived and the usage the server reported. From those: time to first token (send -> first
-text), inter-token latency (between consecutive chunks of a request; one chunk is one
-token on both servers measured here), output tokens per second over the run's wall time,
+token), inter-token latency (between consecutive chunks of a request; one chunk is one
+token on both servers measured here: kvdrive is asked for ``return_token_ids``, so a model
+without a tokenizer streams too), output tokens per second over the run's wall time,
 the share of prompt tokens the server reported as cached, and the errors.
 """
 
@@ -25,7 +26,7 @@ class Record:
     group: str
     first: bool
     sent: float
-    chunks: list[float] = field(default_factory=list)  # arrival time of each chunk with text
+    chunks: list[float] = field(default_factory=list)  # arrival time of each chunk with a token
     prompt_tokens: int = 0
     completion_tokens: int | None = None  # from usage (None: the server sent none)
     cached_tokens: int = 0
@@ -44,16 +45,27 @@ class Record:
         return self.completion_tokens if self.completion_tokens is not None else len(self.chunks)
 
 
+def exact_length(kind: str, max_tokens: int) -> dict:
+    """The fields that make a server generate exactly ``max_tokens`` tokens, whatever the model
+    samples, and (kvdrive) send each token's id: vLLM's ``ignore_eos`` and ``return_token_ids`` for
+    kvdrive; for transformers serve (which refuses fields it does not know with a 422) its
+    ``generation_config`` JSON with ``min_new_tokens``."""
+    if kind == "kvdrive":
+        return {"ignore_eos": True, "return_token_ids": True}
+    if kind == "transformers":
+        return {"generation_config": json.dumps({"min_new_tokens": max_tokens})}
+    return {}
+
+
 async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extra: dict, start: float,
-               ignore_eos: bool = False, rec: Record | None = None) -> Record:
-    """One streamed completion; never raises (a failure is the record's ``error``). ``rec``: a
-    record to fill as chunks arrive (the caller may read it meanwhile)."""
+               kind: str = "", rec: Record | None = None) -> Record:
+    """One streamed completion of exactly ``item.max_tokens`` tokens from a ``kind`` server (see
+    ``exact_length``); never raises (a failure is the record's ``error``). ``rec``: a record to
+    fill as chunks arrive (the caller may read it meanwhile)."""
     rec = rec or Record(item.group, item.first, 0.0)
     rec.sent = time.perf_counter() - start
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
-    if ignore_eos:
-        body["ignore_eos"] = True  # vLLM's extra (transformers serve refuses it): exactly max_tokens tokens
+            "stream_options": {"include_usage": True}, **exact_length(kind, item.max_tokens), **extra}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -70,7 +82,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
                     rec.error = str(obj["error"].get("message", obj["error"]))[:200]
                     break
                 choices = obj.get("choices") or []
-                if choices and choices[0].get("text"):
+                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
                     rec.chunks.append(time.perf_counter() - start)
                 usage = obj.get("usage")
                 if usage:
@@ -80,7 +92,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         rec.error = f"{type(err).__name__}: {err}"[:200]
     if rec.error is None and not rec.chunks:
-        rec.error = "no text came back"
+        rec.error = "no token came back"
     return rec
 
 
@@ -91,7 +103,7 @@ def new_client(timeout: float) -> httpx.AsyncClient:
 
 
 async def open_loop(url: str, model: str, items: list[Item], times: list[float], extra: dict,
-                    timeout: float = 1800.0, ignore_eos: bool = False) -> tuple[list[Record], float]:
+                    timeout: float = 1800.0, kind: str = "") -> tuple[list[Record], float]:
     """Send ``items[i]`` at ``times[i]`` seconds from now, whatever is still running; returns the
     records (in item order) and the wall time from the first send to the last answer."""
     async with new_client(timeout) as client:
@@ -99,7 +111,7 @@ async def open_loop(url: str, model: str, items: list[Item], times: list[float],
 
         async def at(t: float, item: Item) -> Record:
             await asyncio.sleep(max(0.0, t - (time.perf_counter() - start)))
-            return await send(client, url, model, item, extra, start, ignore_eos)
+            return await send(client, url, model, item, extra, start, kind)
 
         records = await asyncio.gather(*(at(t, it) for t, it in zip(times, items)))
     ends = [r.chunks[-1] for r in records if r.chunks]

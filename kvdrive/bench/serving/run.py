@@ -7,9 +7,12 @@ tokens/s, the prefix pool's hit rate (cached prompt tokens / prompt tokens, from
 and errors. kvdrive runs each workload twice on the same server, prefix pool off and then
 on (per request, ``kvdrive.prefix_cache``), with the same prompts. Optional: ``--interference``
 (streams decoding while one long prompt is prefilled: their inter-token latency before and
-during it) and ``--single-stream`` (one stream's decode tokens/s through HTTP, and with
-``--generate-baseline`` the same model's ``LLM.generate`` in this process). The servers'
-memory is sampled through every phase. JSON through ``kvdrive.results`` and a plot.
+during it), ``--repeat-doc`` (each document's TTFT cold, then asked again with its prefix
+stored), ``--soak`` (a saturating closed-loop load for a while: errors, and the server's
+resident and GPU memory over time) and ``--single-stream`` (one stream's decode tokens/s
+through HTTP, and with ``--generate-baseline`` the same through ``LLM.generate`` with the
+server's settings, in this process once the servers are stopped). The servers' memory is
+sampled through every phase. JSON through ``kvdrive.results`` and a plot.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def add_arguments(p) -> None:
                    help="an argument for the transformers server started here (e.g. --transformers-arg=--device=cpu)")
     s.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server (default 900)")
     w = p.add_argument_group("workloads")
-    w.add_argument("--workloads", nargs="+", default=["shared_prefix", "random"],
-                   choices=["shared_prefix", "random"], help="default: both")
+    w.add_argument("--workloads", nargs="*", default=["shared_prefix", "random"],
+                   choices=["shared_prefix", "random"], help="default: both; none (an empty list) for the extra "
+                   "measurements alone")
     w.add_argument("--docs", type=int, default=4, help="shared_prefix: documents (default 4)")
     w.add_argument("--questions", type=int, default=4, help="shared_prefix: questions per document (default 4)")
     w.add_argument("--doc-tokens", type=int, default=1024, help="shared_prefix: tokens per document (default 1024)")
@@ -58,10 +62,21 @@ def add_arguments(p) -> None:
                    help="streams decode while a prompt of TOKENS tokens is prefilled: their inter-token latency "
                         "before and during it (0: skip)")
     x.add_argument("--streams", type=int, default=8, help="--interference: streams decoding (default 8)")
+    x.add_argument("--repeat-doc", type=int, default=0, metavar="TOKENS",
+                   help="--repeat-docs documents of TOKENS tokens, one at a time: each cold, then twice more with a "
+                        "new question (prefix pool on); TTFT p50 cold and repeated (0: skip)")
+    x.add_argument("--repeat-docs", type=int, default=4, help="--repeat-doc: documents (default 4)")
+    x.add_argument("--soak", type=float, default=0, metavar="SECONDS",
+                   help="a closed-loop load of --soak-clients clients, each sending its next random prompt when the "
+                        "last one ends, for SECONDS: errors, and server memory sampled every 2 s (0: skip)")
+    x.add_argument("--soak-clients", type=int, default=32, help="--soak: clients (default 32; above the server's "
+                   "max_num_seqs keeps it saturated)")
+    x.add_argument("--soak-prompt-tokens", type=int, default=1024, help="--soak: tokens per prompt (default 1024)")
     x.add_argument("--single-stream", type=int, default=0, metavar="TOKENS",
                    help="one stream of TOKENS tokens: decode tokens/s through HTTP (0: skip)")
     x.add_argument("--generate-baseline", action="store_true",
-                   help="with --single-stream: the same decode with LLM.generate in this process")
+                   help="with --single-stream: the same decode with LLM.generate in this process, the model "
+                        "loaded with the kvdrive server's settings (--model, --serve-arg) once the servers stop")
     p.add_argument("-o", "--out", default="bench/results/serve.json", help="JSON result path")
     p.add_argument("--plot", default=None, help="plot path (default: the JSON path with .png)")
 
@@ -78,11 +93,14 @@ def run(args) -> int:
             targets.append(_transformers(args, started))
         for server in targets:
             results[server.kind] = _measure(server, args, nonce)
-        if args.single_stream and args.generate_baseline:
-            results["generate_baseline"] = _generate_baseline(args)
     finally:
         for server in started:
             server.stop()
+    if args.single_stream and args.generate_baseline:  # the servers' memory is free again
+        results["generate_baseline"] = _generate_baseline(args)
+        http_rate = results["kvdrive"].get("single_stream", {}).get("decode_tok_per_s")
+        base = results["generate_baseline"]["decode_tok_per_s"]
+        results["generate_baseline"]["http_over_generate"] = http_rate / base if http_rate and base else None
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["nonce"] = nonce
     path = write_result(args.out, "serve", config, results, notes)
@@ -97,11 +115,13 @@ def run(args) -> int:
     return 0
 
 
+DEFAULT_SERVE_ARGS = ["--max-model-len", "2048", "--prefix-host-gib", "1"]
+
+
 def _kvdrive(args, started) -> servers.Server:
     if args.url:
         return servers.attach("kvdrive", args.url, args.ready_timeout)
-    extra = args.serve_arg or ["--max-model-len", "2048", "--prefix-host-gib", "1"]
-    server = servers.start("kvdrive", [args.model, *extra], args.ready_timeout)
+    server = servers.start("kvdrive", [args.model, *(args.serve_arg or DEFAULT_SERVE_ARGS)], args.ready_timeout)
     started.append(server)
     return server
 
@@ -117,7 +137,10 @@ def _transformers(args, started) -> servers.Server:
 
 def _measure(server: servers.Server, args, nonce: str) -> dict:
     out = {"url": server.url, "model": server.model}
-    asyncio.run(http.open_loop(server.url, server.model, [workloads.Item("Hello", "", True, 2)], [0.0], {}))  # warm-up
+    warm = workloads.Item(workloads.Prompts(args.token_prompts, args.seed + 9, nonce).body(32, "warm-up"), "", True, 2)
+    records, _ = asyncio.run(http.open_loop(server.url, server.model, [warm], [0.0], {}, kind=server.kind))
+    if records[0].error:
+        raise KvdriveError(f"{server.kind} server at {server.url} failed its warm-up request: {records[0].error}")
     pool = server.metrics().get("kvdrive:prefix_pool_capacity_bytes[host]", 0) + \
         server.metrics().get("kvdrive:prefix_pool_capacity_bytes[disk]", 0)
     if server.kind == "kvdrive":
@@ -134,10 +157,14 @@ def _measure(server: servers.Server, args, nonce: str) -> dict:
         for mode in modes:
             extra = {"kvdrive": {"prefix_cache": mode == "on"}} if server.kind == "kvdrive" else {}
             out[f"{name}/prefix_{mode}"] = _phase(server, items, times, extra)
+    if server.kind == "kvdrive" and args.repeat_doc:
+        out["repeat_doc"] = asyncio.run(_repeat_doc(server, args, nonce))
     if server.kind == "kvdrive" and args.interference:
         out["interference"] = asyncio.run(_interference(server, args, nonce))
     if args.single_stream:
         out["single_stream"] = _single(server, args, nonce)
+    if args.soak:
+        out["soak"] = asyncio.run(_soak(server, args, nonce))
     return out
 
 
@@ -154,7 +181,7 @@ def _phase(server: servers.Server, items, times, extra: dict) -> dict:
 
         sampler = asyncio.ensure_future(sample())
         try:
-            return await http.open_loop(server.url, server.model, items, times, extra), samples
+            return await http.open_loop(server.url, server.model, items, times, extra, kind=server.kind), samples
         finally:
             done.set()
             await sampler
@@ -168,17 +195,22 @@ def _phase(server: servers.Server, items, times, extra: dict) -> dict:
 def _memory(server: servers.Server) -> dict:
     m = server.metrics()
     return {"t": time.monotonic(), "rss": server.rss() or m.get("process_resident_memory_bytes"),
-            "gpu": m.get("kvdrive:gpu_memory_allocated_bytes")}
+            "gpu": m.get("kvdrive:gpu_memory_allocated_bytes"), "gpu_reserved": m.get("kvdrive:gpu_memory_reserved_bytes"),
+            "running": m.get("kvdrive:num_requests_running"), "waiting": m.get("kvdrive:num_requests_waiting")}
 
 
-def _growth(samples: list[dict]) -> dict:
-    """Memory after the first fifth of a phase (warm-up) and at its end."""
+def _growth(samples: list[dict], keys=("rss", "gpu")) -> dict:
+    """Memory after the first fifth of a phase (warm-up), its peak after that, and at its end."""
     if not samples:
         return {}
     warm = samples[len(samples) // 5]
     last = samples[-1]
-    return {k: {"after_warmup": warm[k], "end": last[k], "growth": (last[k] - warm[k]) if warm[k] is not None and
-                last[k] is not None else None} for k in ("rss", "gpu")}
+    out = {}
+    for k in keys:
+        later = [s[k] for s in samples[len(samples) // 5 :] if s[k] is not None]
+        out[k] = {"after_warmup": warm[k], "end": last[k], "peak_after_warmup": max(later) if later else None,
+                  "growth": (last[k] - warm[k]) if warm[k] is not None and last[k] is not None else None}
+    return out
 
 
 async def _interference(server: servers.Server, args, nonce: str) -> dict:
@@ -191,43 +223,108 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
     async with http.new_client(3600.0) as c:
         start = time.perf_counter()
         live = [http.Record("", True, 0.0) for _ in stream_items]  # filled while the streams run
-        tasks = [asyncio.ensure_future(http.send(c, server.url, server.model, it, {}, start, True, rec))
+        tasks = [asyncio.ensure_future(http.send(c, server.url, server.model, it, {}, start, server.kind, rec))
                  for it, rec in zip(stream_items, live)]
         while not all(len(r.chunks) >= 4 or r.error for r in live):
             await asyncio.sleep(0.05)
-        long_rec = await http.send(c, server.url, server.model, long_item, {}, start)
+        long_rec = await http.send(c, server.url, server.model, long_item, {}, start, server.kind)
         end = long_rec.chunks[0] if long_rec.chunks else time.perf_counter() - start
         for t in tasks:  # the streams' connections close: the server aborts them
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     before = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if b <= long_rec.sent for g in [b - a]]
     during = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if long_rec.sent < b <= end for g in [b - a]]
-    p50, p99 = http.percentile(before, 50), http.percentile(during, 99)
+    p50, p99, p50_during = http.percentile(before, 50), http.percentile(during, 99), http.percentile(during, 50)
     return {"streams": args.streams, "long_prompt_tokens": long_rec.prompt_tokens, "long_ttft_s": long_rec.ttft,
             "long_error": long_rec.error, "itl_p50_before_s": p50, "itl_p99_during_s": p99,
-            "itl_p50_during_s": http.percentile(during, 50), "gaps_during": len(during),
+            "itl_p50_during_s": p50_during, "gaps_during": len(during),
             "p99_during_over_p50_before": p99 / p50 if p50 and p99 else None,
+            "p99_during_over_p50_during": p99 / p50_during if p50_during and p99 else None,
             "stream_errors": sorted({r.error for r in live if r.error})[:3]}
 
 
 def _single(server: servers.Server, args, nonce: str) -> dict:
     prompts = workloads.Prompts(args.token_prompts, args.seed + 2, nonce)
     item = workloads.Item(prompts.body(64, "single"), "", True, args.single_stream)
-    records, _ = asyncio.run(http.open_loop(server.url, server.model, [item], [0.0], {},
-                                            ignore_eos=server.kind == "kvdrive"))
+    records, _ = asyncio.run(http.open_loop(server.url, server.model, [item], [0.0], {}, kind=server.kind))
     r = records[0]
     span = r.chunks[-1] - r.chunks[0] if len(r.chunks) > 1 else 0
     return {"tokens": r.output_tokens, "error": r.error, "ttft_s": r.ttft,
             "decode_tok_per_s": (len(r.chunks) - 1) / span if span > 0 else None}
 
 
-def _generate_baseline(args) -> dict:
-    """The same decode through ``LLM.generate`` in this process: (time of N tokens - time of 1) / (N - 1)."""
-    from kvdrive.engine.llm import LLM
-    from kvdrive.engine.sampling import SamplingParams
+async def _repeat_doc(server: servers.Server, args, nonce: str) -> dict:
+    """Documents one at a time, prefix pool on: each cold, then twice more with another question.
+    TTFT p50 of the cold requests and of the repeated ones."""
+    prompts = workloads.Prompts(args.token_prompts, args.seed + 3, nonce)
+    cold, warm, cached, errors = [], [], [], []
+    async with http.new_client(3600.0) as c:
+        for d in range(args.repeat_docs):
+            doc = prompts.body(args.repeat_doc, f"repeated document {d}")
+            for q in range(3):
+                item = workloads.Item(doc + prompts.question(q), f"doc{d}", q == 0, 4)
+                r = await http.send(c, server.url, server.model, item, {"kvdrive": {"prefix_cache": True}},
+                                    time.perf_counter(), server.kind)
+                if r.error:
+                    errors.append(r.error)
+                    continue
+                (cold if q == 0 else warm).append(r.ttft)
+                if q:
+                    cached.append(r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0)
+    p_cold, p_warm = http.percentile(cold, 50), http.percentile(warm, 50)
+    return {"doc_tokens": args.repeat_doc, "docs": args.repeat_docs, "ttft_cold_p50_s": p_cold,
+            "ttft_repeated_p50_s": p_warm, "repeated_over_cold": p_warm / p_cold if p_cold and p_warm else None,
+            "ttft_cold_s": cold, "ttft_repeated_s": warm, "repeated_cached_share": cached, "errors": errors[:3],
+            "error_count": len(errors)}
 
+
+async def _soak(server: servers.Server, args, nonce: str) -> dict:
+    """``--soak-clients`` clients in a closed loop for ``--soak`` seconds (each sends its next prompt
+    when its last one ends: the server never idles); memory sampled every 2 s."""
+    prompts = workloads.Prompts(args.token_prompts, args.seed + 4, nonce)
+    records, samples = [], []
+    async with http.new_client(3600.0) as c:
+        start = time.perf_counter()
+        deadline = start + args.soak
+
+        async def client(i: int) -> None:
+            k = 0
+            while time.perf_counter() < deadline:
+                item = workloads.Item(prompts.body(args.soak_prompt_tokens, f"soak {i}.{k}"), "", True, args.max_tokens)
+                records.append(await http.send(c, server.url, server.model, item, {}, start, server.kind))
+                k += 1
+
+        async def sample() -> None:
+            while time.perf_counter() < deadline:
+                m = await asyncio.to_thread(_memory, server)
+                samples.append({"t": m["t"] - start, "rss": m["rss"], "gpu": m["gpu"],
+                                "gpu_reserved": m["gpu_reserved"], "running": m["running"],
+                                "waiting": m["waiting"]})
+                await asyncio.sleep(2.0)
+
+        await asyncio.gather(sample(), *(client(i) for i in range(args.soak_clients)))
+        wall = time.perf_counter() - start
+    summary = http.summarize(records, wall)
+    summary.update(seconds=args.soak, clients=args.soak_clients, prompt_tokens_each=args.soak_prompt_tokens,
+                   memory=_growth(samples, ("rss", "gpu", "gpu_reserved")), samples=samples)
+    return summary
+
+
+def _generate_baseline(args) -> dict:
+    """The same decode through ``LLM.generate`` in this process, the model loaded with the kvdrive
+    server's settings: (time of N tokens - time of 1) / (N - 1)."""
+    import argparse
+
+    from kvdrive.commands import serve as serve_command
+    from kvdrive.engine.sampling import SamplingParams
+    from kvdrive.serve.state import ServerState
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_parser(parser.add_subparsers())
+    config = serve_command.config_from_args(parser.parse_args(["serve", args.model,
+                                                               *(args.serve_arg or DEFAULT_SERVE_ARGS)]))
     n = args.single_stream
-    with LLM(args.model, max_model_len=2048) as llm:
+    with ServerState(config)._load_configured() as llm:
         prompt = [1000 + i for i in range(64)]
         llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # warm-up
         times = {}

@@ -87,12 +87,13 @@ def run(args) -> int:
     nonce = secrets.token_hex(4)
     started: list[servers.Server] = []
     results, notes = {}, [f"prompts open with the run's nonce {nonce}: nothing stored by an earlier run can hit"]
+    # one server at a time: each started here is stopped before the next starts, so neither idles beside the other
+    starts = [_kvdrive] + ([_transformers] if args.transformers or args.transformers_url else [])
     try:
-        targets = [_kvdrive(args, started)]
-        if args.transformers or args.transformers_url:
-            targets.append(_transformers(args, started))
-        for server in targets:
+        for start in starts:
+            server = start(args, started)
             results[server.kind] = _measure(server, args, nonce)
+            server.stop()
     finally:
         for server in started:
             server.stop()

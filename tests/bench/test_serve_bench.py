@@ -63,7 +63,7 @@ def test_a_small_run_against_a_live_server(smollm2, tmp_path):
     assert doc["bench"] == "serve" and doc["config"]["nonce"] and out.with_suffix(".png").exists()
     for phase in ("shared_prefix/prefix_off", "shared_prefix/prefix_on", "random/prefix_off", "random/prefix_on"):
         assert r[phase]["errors"] == 0 and r[phase]["requests"] in (6, 3) and r[phase]["ttft_p50_s"] > 0
-        assert r[phase]["output_tokens"] == 4 * r[phase]["requests"]  # ignore_eos: exactly max_tokens each
+        assert r[phase]["output_tokens"] == 4 * r[phase]["requests"] and r[phase]["short_outputs"] == 0  # ignore_eos
     assert r["shared_prefix/prefix_off"]["cached_tokens"] == 0 and r["random/prefix_on"]["cached_tokens"] == 0
     assert r["shared_prefix/prefix_on"]["cached_tokens"] > 0  # later questions found their document stored
     assert r["interference"]["long_error"] is None and r["interference"]["long_prompt_tokens"] > 200

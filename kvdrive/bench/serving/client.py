@@ -30,7 +30,9 @@ class Record:
     prompt_tokens: int = 0
     completion_tokens: int | None = None  # from usage (None: the server sent none)
     cached_tokens: int = 0
+    finish_reason: str | None = None
     error: str | None = None
+    max_tokens: int = 0  # asked for (0: unknown)
 
     @property
     def ttft(self) -> float | None:
@@ -63,6 +65,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
     ``exact_length``); never raises (a failure is the record's ``error``). ``rec``: a record to
     fill as chunks arrive (the caller may read it meanwhile)."""
     rec = rec or Record(item.group, item.first, 0.0)
+    rec.max_tokens = item.max_tokens
     rec.sent = time.perf_counter() - start
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, **exact_length(kind, item.max_tokens), **extra}
@@ -84,6 +87,8 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
                 choices = obj.get("choices") or []
                 if choices and (choices[0].get("text") or choices[0].get("token_ids")):
                     rec.chunks.append(time.perf_counter() - start)
+                if choices and choices[0].get("finish_reason"):
+                    rec.finish_reason = choices[0]["finish_reason"]
                 usage = obj.get("usage")
                 if usage:
                     rec.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -92,7 +97,8 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         rec.error = f"{type(err).__name__}: {err}"[:200]
     if rec.error is None and not rec.chunks:
-        rec.error = "no token came back"
+        rec.error = (f"no token came back (finish_reason {rec.finish_reason}, usage completion_tokens "
+                     f"{rec.completion_tokens})")
     return rec
 
 
@@ -138,6 +144,8 @@ def summarize(records: list[Record], wall: float) -> dict:
     first, later = [r.ttft for r in ok if r.first], [r.ttft for r in ok if not r.first]
     return {
         "requests": len(records), "errors": len(records) - len(ok),
+        # answered, but with fewer tokens than asked (a server that stopped at EOS despite being told not to)
+        "short_outputs": sum(r.output_tokens < r.max_tokens for r in records if r.max_tokens),
         "error_examples": sorted({r.error for r in records if r.error})[:3],
         "wall_s": wall, "output_tokens": out, "output_tok_per_s": out / wall if wall > 0 else None,
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),

@@ -102,6 +102,11 @@ def run(args) -> int:
         http_rate = results["kvdrive"].get("single_stream", {}).get("decode_tok_per_s")
         base = results["generate_baseline"]["decode_tok_per_s"]
         results["generate_baseline"]["http_over_generate"] = http_rate / base if http_rate and base else None
+    if "transformers" in results:
+        notes.append("every request asks for exactly --max-tokens tokens: kvdrive with ignore_eos, transformers serve "
+                     "(which answers unknown fields such as ignore_eos with HTTP 422) with generation_config "
+                     "{\"min_new_tokens\": N}; short_outputs counts answers with fewer tokens, and a request answered "
+                     "with no token at all is an error (its finish_reason and usage are in error_examples)")
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["nonce"] = nonce
     path = write_result(args.out, "serve", config, results, notes)

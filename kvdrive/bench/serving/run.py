@@ -317,22 +317,25 @@ async def _soak(server: servers.Server, args, nonce: str) -> dict:
 
 
 def _generate_baseline(args) -> dict:
-    """The same decode through ``LLM.generate`` in this process, the model loaded with the kvdrive
-    server's settings: (time of N tokens - time of 1) / (N - 1)."""
+    """The same decode through ``LLM.generate`` in this process, the model and KV cache as the
+    kvdrive server's settings make them: (time of N tokens - time of 1) / (N - 1)."""
     import argparse
 
     from kvdrive.commands import serve as serve_command
+    from kvdrive.engine.llm import LLM
     from kvdrive.engine.sampling import SamplingParams
-    from kvdrive.serve.state import ServerState
 
     parser = argparse.ArgumentParser()
     serve_command.add_parser(parser.add_subparsers())
     config = serve_command.config_from_args(parser.parse_args(["serve", args.model,
                                                                *(args.serve_arg or DEFAULT_SERVE_ARGS)]))
     n = args.single_stream
-    with ServerState(config)._load_configured() as llm:
+    m = config.model  # as the server loads it, less the prefix pool (one 64-token prompt never uses it)
+    with LLM(m.model, device=m.device, dtype=m.dtype, max_model_len=m.max_model_len, seed=m.seed,
+             kv_cache=config.kv.tiered()) as llm:
         prompt = [1000 + i for i in range(64)]
-        llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+        # warm-up, at the full length: the cache is built for it here, not inside a timed call
+        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         times = {}
         for k in (1, n):
             t0 = time.perf_counter()

@@ -163,7 +163,7 @@ class PrefixPool:
         self.remote = None
         if config.remote is not None:
             try:
-                self.remote = RemoteTier(self.layout, config.remote)
+                self.remote = RemoteTier(self.layout, config.remote, warn=self._warn)
             except BaseException:
                 self.close()
                 raise
@@ -246,9 +246,10 @@ class PrefixPool:
                 lost = [s.key for s in sources[res.chunks :] if s.tier == "remote"]
                 self.remote.forget(lost, res.reason)
                 remote_misses += len(lost)
-                kind = "corrupt" if res.reason == "corrupt" else "error" if res.reason in PER_CHUNK else "unavailable"
-                self._warn(f"remote:{kind}", _REMOTE_MISS[kind].format(
-                    why=res.reason, s=self.config.remote.timeout_s, retry=self.config.remote.retry_after_s))
+                if res.reason in PER_CHUNK:  # a store that stopped answering warns by itself
+                    self._warn(f"remote:{res.reason}", f"prefix pool: a chunk from the remote store was not served "
+                               f"({res.reason}: {_REMOTE_WHY.get(res.reason, 'listed, then not read')}): recomputed, "
+                               "never served, and written again (stats().remote.misses counts them)")
             else:
                 corrupt += 1
                 self._drop(keys[res.chunks])
@@ -483,15 +484,8 @@ class PrefixPool:
             self.pool = self.index = None
 
 
-_REMOTE_MISS = {
-    "corrupt": "prefix pool: a chunk from the remote store failed its check (checksum, key or layout): recomputed, "
-               "never served, and written again (stats().remote.misses counts them)",
-    "unavailable": "prefix pool: the remote store did not answer ({why}; deadline {s} s plus the bytes at floor_gbps): "
-                   "serving from the local tiers and recomputing, the store skipped for {retry} s at a time "
-                   "(stats().remote counts the misses)",
-    "error": "prefix pool: the remote store did not serve a chunk it listed ({why}): recomputed "
-             "(stats().remote.misses counts them)",
-}
+_REMOTE_WHY = {"corrupt": "its checksum, key or layout failed the check", "absent": "evicted since it was listed",
+               "size": "a value of another size"}
 
 
 def _measure_host_gbps(host: HostTier) -> float:

@@ -32,6 +32,7 @@ import struct
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,8 @@ class RemoteStats:
     written_bytes: int = 0
     write_skipped: dict = field(default_factory=dict)  # reason -> chunks not written (present, buffer_full, ...)
     marks: int = 0  # sighting markers written
+    wait_s: float = 0.0  # time requests spent waiting for the store, in total
+    wait_max_s: float = 0.0  # the longest a request waited for one call
 
 
 class WriteJob:
@@ -85,10 +88,13 @@ class WriteJob:
 
 class RemoteTier:
     """The shared tier of one prefix pool (see the module doc); its methods never block longer
-    than one store call's deadline. ``store``: a ``RemoteStore`` (default: by backend)."""
+    than one store call's deadline. ``store``: a ``RemoteStore`` (default: by backend).
+    ``warn(cause, message)``: told when the store stops answering (the pool warns once a cause)."""
 
-    def __init__(self, layout: GroupLayout, config: RemoteConfig, store: RemoteStore | None = None):
+    def __init__(self, layout: GroupLayout, config: RemoteConfig, store: RemoteStore | None = None,
+                 warn: Callable[[str, str], None] | None = None):
         self.layout, self.config = layout, config
+        self._warn = warn or (lambda cause, message: None)
         self.num_layers = layout.num_layers
         self.value_bytes = layout.group_bytes + TRAILER_BYTES
         self.row_bytes = align_up(self.value_bytes, ROW_ALIGN)
@@ -98,6 +104,7 @@ class RemoteTier:
         self._reads, self._writes = Worker("kvdrive-remote-read"), Worker("kvdrive-remote-write")
         self._lock = threading.Lock()
         self._counts: Counter = Counter()
+        self._wait_s = self._wait_max_s = 0.0  # time the request path spent waiting for the store
         self._states: OrderedDict[bytes, str] = OrderedDict()  # key -> "present" | "seen" | "bad"; LRU first
         self._sightings: OrderedDict[bytes, int] = OrderedDict()
         ring_rows = config.write_buffer_bytes // self.row_bytes
@@ -122,7 +129,7 @@ class RemoteTier:
                 self.store.register(self._ring_buf.data_ptr(), self._ring_buf.numel())
             except StoreDown as err:
                 self.state = f"down: {err}"
-                self.breaker.failure(str(err))
+                self._fail(str(err))
             else:
                 self.state = "connected"
 
@@ -147,15 +154,33 @@ class RemoteTier:
             self._count(f"skip:{why}" if what == "read" else f"wskip:{why}", n)
         return why is None
 
+    def _fail(self, why: str) -> None:
+        """The store as a whole failed: skip it for ``retry_after_s``, and say so (once)."""
+        self.breaker.failure(why)
+        self._warn("remote:unavailable", f"prefix pool: the remote store (master {self.config.master}) did not answer "
+                                         f"({why}): serving from the local tiers and recomputing, the store skipped for "
+                                         f"{self.config.retry_after_s:g} s at a time (stats().remote counts the misses)")
+
+    def _wait(self, call):
+        """``Worker.wait`` on the read worker, its time added to what requests spent waiting."""
+        t0 = time.monotonic()
+        try:
+            return self._reads.wait(call)
+        finally:
+            dt = time.monotonic() - t0
+            with self._lock:
+                self._wait_s += dt
+                self._wait_max_s = max(self._wait_max_s, dt)
+
     def _budget(self, nbytes: int) -> float:
         return self.config.timeout_s + nbytes / (self.config.floor_gbps * 1e9)
 
     def _call(self, fn, nbytes: int):
         """``fn()`` on the read worker under its deadline; None (and the breaker told) on failure."""
         try:
-            return self._reads.wait(self._reads.submit(fn, self._budget(nbytes)))
+            return self._wait(self._reads.submit(fn, self._budget(nbytes)))
         except (Timeout, StoreDown) as err:
-            self.breaker.failure(str(err))
+            self._fail(str(err))
             self._count("fail:timeout" if isinstance(err, Timeout) else "fail:down")
         except Refused:
             self._count("skip:busy")
@@ -293,7 +318,7 @@ class RemoteTier:
             self.store.mark(names)
             self._count("marks", len(names))
         except StoreDown as err:
-            self.breaker.failure(str(err))
+            self._fail(str(err))
 
     def begin_write(self, keys: list[bytes]) -> WriteJob | None:
         """Room in the write ring for as many of ``keys`` (in order) as fit; None if none does."""
@@ -358,9 +383,9 @@ class RemoteTier:
             if len(done) < len(todo):
                 self._count(f"wskip:{why}", len(todo) - len(done))
             if time.monotonic() - t0 > self._budget(len(todo) * L * self.value_bytes):
-                self.breaker.failure("a write ran past its deadline")
+                self._fail("a write ran past its deadline")
         except StoreDown as err:
-            self.breaker.failure(str(err))
+            self._fail(str(err))
             self._count("wskip:down", len(keys))
         except Exception:  # noqa: BLE001 - a write behind never reaches a request; counted
             self._count("wskip:error", len(keys))
@@ -385,7 +410,8 @@ class RemoteTier:
                            hits=c.get("hits", 0), hit_bytes=c.get("hit_bytes", 0), misses=by("miss:"),
                            failures=by("fail:"), skipped=by("skip:"),
                            written=c.get("written", 0), written_bytes=c.get("written_bytes", 0),
-                           write_skipped=by("wskip:"), marks=c.get("marks", 0))
+                           write_skipped=by("wskip:"), marks=c.get("marks", 0), wait_s=self._wait_s,
+                           wait_max_s=self._wait_max_s)
 
     def close(self) -> None:
         """Send what is queued (up to ``flush_s``), then leave the store; a store that does not
@@ -425,12 +451,12 @@ class RemoteRead:
     def result(self, layer: int) -> list[str | None]:
         n, t = len(self.keys), self.tier
         try:
-            return t._reads.wait(self._calls.pop(layer))
+            return t._wait(self._calls.pop(layer))
         except Timeout as err:
-            t.breaker.failure(str(err))
+            t._fail(str(err))
             why = "timeout"
         except StoreDown as err:
-            t.breaker.failure(str(err))
+            t._fail(str(err))
             why = "down"
         except Refused:
             why = "busy"

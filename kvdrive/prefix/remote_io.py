@@ -114,13 +114,13 @@ class Worker:
         return call.value
 
     def idle(self, timeout: float) -> bool:
-        """Wait until every queued call has run (or ``timeout``, or the worker is stuck); True when idle."""
+        """Wait until no call runs or is queued (or ``timeout``); True when idle."""
         end = time.monotonic() + timeout
         while True:
             self._check_deadline()
             with self._cond:
-                if not self._queue and (self._current is None or self._current is self._stuck):
-                    return self._current is None
+                if not self._queue and self._current is None:
+                    return True
                 left = end - time.monotonic()
                 if left <= 0:
                     return False

@@ -67,7 +67,8 @@ class ChunkWriter:
             data = export_layer(cache, seq_id, layer, chunks, self.layout)  # (N, 2, H_kv, C, D)
             flat = data.reshape(len(chunks), -1).view(torch.uint8)  # (N, group_bytes)
             if len(remote):
-                job.layer(layer)[:, :gb].copy_(flat[remote_at.to(flat.device)], non_blocking=True)
+                src = flat if len(remote) == len(chunks) else flat[remote_at.to(flat.device)]
+                job.layer(layer)[:, :gb].copy_(src, non_blocking=True)
             if host_slots:
                 copier = copier or RowCopier(flat.device)
                 copier.copy(flat.view(torch.int32), host_at, host.rows.view(torch.int32),

@@ -23,7 +23,8 @@ layer by layer (``load``). Admission: a chunk goes to disk on its
 ``admit_after``-th store (default 2: seen twice). Capacity: each disk's extents are
 preallocated under its budget (a physical cap); when full, its least recently used
 chunks are evicted, never those of the prompt being stored. A chunk that fails its
-checksum or its read is dropped and recomputed, never served.
+checksum or its read is dropped and recomputed, never served. With ``PrefixConfig.remote``
+a store shared by every serving node sits behind both (``remote``, docs/scale-out.md).
 
 Keys name the weights by a digest of them (``weights``, from
 ``kvdrive.models.identity.weights_digest``: ``LLM`` passes it), not by a name. A pool's

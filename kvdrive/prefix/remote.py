@@ -133,8 +133,11 @@ class RemoteTier:
             else:
                 self.state = "connected"
 
+        def refused():
+            self.state = "down: the store's worker is busy with a call that does not return"
+
         budget = self.config.setup_retries * 10.0 + self.config.timeout_s
-        self._reads.submit(connect, budget)
+        self._reads.submit(connect, budget, on_cancel=refused)
 
     @property
     def connected(self) -> bool:
@@ -236,8 +239,8 @@ class RemoteTier:
         """A read of ``keys``' layers into a staging ring of ``ring`` layers; None if unusable now."""
         if not self._usable("read"):
             return None
-        rows = len(keys)
-        if not self._read_bufs or self._read_bufs[0].shape[0] < rows or len(self._read_bufs) != ring:
+        rows = 1 << (len(keys) - 1).bit_length()  # powers of two: a longer prompt rarely registers anew
+        if not self._read_bufs or self._read_bufs[0].shape[0] < len(keys) or len(self._read_bufs) != ring:
             old, new = self._read_bufs, [aligned_empty(rows * self.row_bytes, torch.device("cpu"), pin=True)
                                          .view(rows, self.row_bytes) for _ in range(ring)]
 

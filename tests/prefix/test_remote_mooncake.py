@@ -9,11 +9,12 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
 import torch
-from factories import ROOT, TESTS, child_env
+from factories import PREFIX_C, PREFIX_CFG, ROOT, TESTS, child_env, filled_cache
 
 try:
     from mooncake.store import MooncakeDistributedStore
@@ -23,7 +24,8 @@ except ImportError as err:  # the wheel is missing, or libibverbs1 is (the non-C
     warnings.warn(MISSING, stacklevel=1)
     pytest.skip(MISSING, allow_module_level=True)
 
-from kvdrive.prefix.mooncake_local import LocalMooncake  # noqa: E402
+from kvdrive.prefix import PrefixConfig, PrefixPool, RemoteConfig  # noqa: E402
+from kvdrive.prefix.mooncake_local import LocalMooncake, free_port  # noqa: E402
 
 ENGINE = str(TESTS / "prefix" / "remote_engine.py")
 CHUNK = 16
@@ -108,6 +110,29 @@ def engines(cluster, tmp_path_factory):
             e.close()
     # the engines last talked to a master that is gone: they still leave at once and cleanly
     assert [e.proc.returncode for e in (a, b)] == [0, 0]
+
+
+def test_a_pool_opens_and_serves_while_no_master_answers(cluster):
+    """Setup against a dead master blocks the client for seconds: it runs behind, the pool opens
+    within connect_wait_s, and lookups miss at once until the store is there."""
+    dead = RemoteConfig(master=f"127.0.0.1:{free_port()}", metadata=cluster.metadata, connect_wait_s=0.5,
+                        admit_after=1)
+    t0 = time.monotonic()
+    pool = PrefixPool(PREFIX_CFG, torch.float32, PrefixConfig(model="m", chunk_tokens=PREFIX_C, remote=dead))
+    try:
+        assert time.monotonic() - t0 < 3.0 and pool.remote.state != "connected"
+        cache = filled_cache(17)
+        cache.add(1, 64)
+        t0 = time.monotonic()
+        assert pool.load(None, cache, 1, list(range(17))) == 0
+        pool.store(cache, 0, list(range(17)))
+        assert time.monotonic() - t0 < 1.0
+        stats = pool.stats().remote
+        assert stats.skipped == {"not_connected": 1} and stats.write_skipped == {"not_connected": 4}
+    finally:
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 3.0
 
 
 def share(a: Engine, ids: list[int], tenant: str = "") -> None:

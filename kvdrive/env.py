@@ -28,3 +28,8 @@ def native_io_enabled() -> bool:
 def c_compiler() -> str | None:
     """The C compiler for kvdrive's native helpers: ``$CC``, else cc, gcc or clang on PATH."""
     return os.environ.get("CC") or next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def code_commit() -> str | None:
+    """``$KVDRIVE_COMMIT``: the commit a copied tree's results name (see ``kvdrive.results.git_state``)."""
+    return os.environ.get("KVDRIVE_COMMIT") or None

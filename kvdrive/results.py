@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from kvdrive.env import code_commit
+
 REPO = Path(__file__).resolve().parents[1]  # the checkout this package runs from, if it is one
 
 
@@ -35,7 +37,12 @@ def _run(*cmd: str) -> str | None:
 
 def git_state(repo: Path = REPO) -> dict:
     """``{"commit", "dirty"}`` of the checkout at ``repo``; both None outside a git checkout.
-    ``dirty``: tracked files differ from the commit (untracked files do not count)."""
+    ``dirty``: tracked files differ from the commit (untracked files do not count). A copy of a
+    tree run elsewhere (a GPU machine) names its code with ``KVDRIVE_COMMIT`` instead: a ``.git``
+    that came with the copy need not be the source's."""
+    stated = code_commit()
+    if stated:
+        return {"commit": stated, "dirty": None}
     if not (repo / ".git").exists():
         return {"commit": None, "dirty": None}
     commit = _run("git", "-C", str(repo), "rev-parse", "HEAD")

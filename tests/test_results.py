@@ -37,3 +37,10 @@ def test_git_state_of_a_tree(tmp_path):
     assert results.git_state(tmp_path)["dirty"] is False
     (tmp_path / "f").write_text("2")
     assert results.git_state(tmp_path) == {"commit": clean["commit"], "dirty": True}
+
+
+def test_a_copied_tree_names_its_code_by_the_stated_commit(tmp_path, monkeypatch):
+    """A tree copied to another machine may carry a stale .git: KVDRIVE_COMMIT wins over it."""
+    monkeypatch.setenv("KVDRIVE_COMMIT", "0123abc")
+    assert results.git_state(tmp_path) == {"commit": "0123abc", "dirty": None}
+    assert results.environment()["commit"] == "0123abc"

@@ -10,7 +10,7 @@ from kvdrive.engine.sampling import SamplingParams, filter_logits
 def llm(smollm2):
     from kvdrive.engine.llm import LLM
 
-    return LLM(loaded=smollm2)  # reuse the session's loaded model
+    return LLM(loaded=smollm2)  # reuse the model loaded once for all tests
 
 
 PROMPTS = [

@@ -209,8 +209,8 @@ def run(args) -> int:
             results["disk"] = _summary([_load_ttft(disk, model, cache, ids, ref, recompute_s, [path])
                                         for _ in range(args.reps)])
             disk.close(remove=True)
-            remote = PrefixPool(cfg, model.dtype, PrefixConfig(model=args.model, chunk_tokens=args.chunk_tokens,
-                                                               remote=_remote(args)))
+            remote = PrefixPool(cfg, model.dtype, PrefixConfig(  # it only loads: a write ring of a few objects
+                model=args.model, chunk_tokens=args.chunk_tokens, remote=_remote(args, 4 * (layout.group_bytes + 128))))
             results["remote"] = _summary([_load_ttft(remote, model, cache, ids, ref, recompute_s)
                                           for _ in range(args.reps + 1)][1:])  # the first registers its ring
             results["remote"]["stats"] = remote.stats().remote.__dict__

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import xxhash
 
+from kvdrive.errors import KvdriveError
 from kvdrive.prefix.config import RemoteConfig
 from kvdrive.prefix.keys import bind_sum
 from kvdrive.prefix.remote_io import Breaker, Refused, Timeout, Worker
@@ -98,6 +99,9 @@ class RemoteTier:
         self.num_layers = layout.num_layers
         self.value_bytes = layout.group_bytes + TRAILER_BYTES
         self.row_bytes = align_up(self.value_bytes, ROW_ALIGN)
+        if config.write_buffer_bytes < self.row_bytes:
+            raise KvdriveError(f"prefix.remote.write_buffer_bytes ({config.write_buffer_bytes}) must hold at least one "
+                               f"object of this model's chunks ({self.row_bytes} bytes: one layer of one chunk)")
         self._layout_digest = int.from_bytes(hashlib.blake2b(layout.name.encode(), digest_size=8).digest(), "little")
         self.store = store if store is not None else open_store(config)
         self.breaker = Breaker(config.retry_after_s)

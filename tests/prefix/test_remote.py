@@ -4,6 +4,7 @@ test_remote_mooncake.py runs the same tier against a real Mooncake master in oth
 
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -175,6 +176,13 @@ def test_a_full_write_buffer_skips_the_rest_and_the_request_goes_on(store):
     assert big.stats().remote.write_skipped == {"buffer_full": 4}
     big.remote.cancel(job)
     big.close()
+
+
+def test_a_write_buffer_smaller_than_one_object_is_refused_by_name(store):
+    """An 8B-shape chunk of 256 tokens is 1 MiB a layer in bfloat16: a 1 MiB ring holds no object."""
+    cfg = types.SimpleNamespace(**{**vars(PREFIX_CFG), "num_key_value_heads": 8, "head_dim": 128})
+    with pytest.raises(KvdriveError, match="write_buffer_bytes .1048576. must hold at least one object"):
+        PrefixPool(cfg, torch.bfloat16, PrefixConfig(model="m", chunk_tokens=256, remote=remote()))
 
 
 def test_config_is_checked_by_field():

@@ -22,8 +22,8 @@ OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 RPC_FAIL = -900  # the master is unreachable
 
-INSTALL_HINT = ("pip install 'kvdrive[remote]' (mooncake-transfer-engine-non-cuda; mooncake-transfer-engine on "
-                "CUDA machines, never both) and apt-get install libibverbs1")
+INSTALL_HINT = ("pip install 'kvdrive[remote]' (mooncake-transfer-engine-non-cuda, also on CUDA machines) and the "
+                "libraries it links: apt-get install libibverbs1 libnuma1 libcurl4")
 
 
 class StoreDown(Exception):
@@ -83,7 +83,7 @@ class MooncakeStore(RemoteStore):
         try:
             from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as err:
-            why = "libibverbs.so.1 is missing" if "libibverbs" in str(err) else str(err)
+            why = str(err)  # names a missing library (libibverbs.so.1, ...) where that is the cause
             raise KvdriveError(f"prefix.remote: the Mooncake client cannot be imported ({why}); {INSTALL_HINT}") from None
         self._cls = MooncakeDistributedStore
         self._replicate = ReplicateConfig()

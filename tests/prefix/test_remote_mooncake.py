@@ -18,9 +18,9 @@ from factories import PREFIX_C, PREFIX_CFG, ROOT, TESTS, child_env, filled_cache
 
 try:
     from mooncake.store import MooncakeDistributedStore
-except ImportError as err:  # the wheel is missing, or libibverbs1 is (the non-CUDA wheel links it)
+except ImportError as err:  # the wheel is missing, or a library it links (libibverbs1, libnuma1, libcurl4)
     MISSING = (f"MOONCAKE CANNOT BE IMPORTED ({err}): the remote tier's tests against a real store DID NOT RUN; "
-               "pip install -e '.[remote]' and apt-get install libibverbs1 (.ci/run does both)")
+               "pip install -e '.[remote]' and apt-get install libibverbs1 libnuma1 libcurl4 (.ci/run does both)")
     warnings.warn(MISSING, stacklevel=1)
     pytest.skip(MISSING, allow_module_level=True)
 

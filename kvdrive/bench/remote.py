@@ -35,7 +35,7 @@ from kvdrive import device as devices
 from kvdrive.bench.ttft import _drop_page_cache, _fresh, _prefill
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.prefix.config import PrefixConfig, RemoteConfig
-from kvdrive.prefix.mooncake_local import LocalMooncake, binary, free_port
+from kvdrive.prefix.mooncake_local import LocalMooncake, binary, free_port, loopback_env
 from kvdrive.prefix.pool import PrefixPool
 from kvdrive.results import write_result
 from kvdrive.storage.layout import GroupLayout
@@ -109,15 +109,16 @@ def transfer_engine_bench(mc: LocalMooncake, block: int, seconds: int, threads: 
     buf = max(256 << 20, 2 * threads * batch * block)
     common = ["--protocol=tcp", f"--metadata_server={mc.metadata}", f"--buffer_size={buf}", "--report_precision=3"]
     out = {"block_bytes": block, "threads": threads, "batch": batch, "seconds": seconds, "buffer_bytes": buf}
+    env = loopback_env()
     tgt = subprocess.Popen([exe, "--mode=target", f"--local_server_name={target}", *common],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         time.sleep(2.0)  # the target registers its segment with the metadata server
         for op in ("read", "write"):
             res = subprocess.run([exe, "--mode=initiator", f"--local_server_name=127.0.0.1:{free_port()}",
                                   f"--segment_id={target}", f"--block_size={block}", f"--batch_size={batch}",
                                   f"--threads={threads}", f"--duration={seconds}", f"--operation={op}", *common],
-                                 capture_output=True, text=True, timeout=seconds + 60, check=False)
+                                 capture_output=True, text=True, timeout=seconds + 60, check=False, env=env)
             m = TE_RESULT.search(res.stderr + res.stdout)
             out[f"{op}_gbps"] = float(m.group(1)) if m else None
             if not m:

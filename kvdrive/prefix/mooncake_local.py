@@ -46,6 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_env() -> dict:
+    """This environment with the transfer engine's RPC bound to 127.0.0.1: by default it binds
+    to the first non-loopback interface, and fails ("not valid LAN address found") where none is up."""
+    return {**os.environ, "MC_TCP_BIND_ADDRESS": os.environ.get("MC_TCP_BIND_ADDRESS", "127.0.0.1")}
+
+
 def _get(url: str, timeout: float = 0.5) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -84,7 +90,7 @@ class LocalMooncake:
             out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - the child keeps it
         try:
             proc = subprocess.Popen([binary(name), *args], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, env=loopback_env())
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

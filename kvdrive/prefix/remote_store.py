@@ -99,8 +99,11 @@ class MooncakeStore(RemoteStore):
             raise StoreDown(f"the master {cfg.master} does not accept connections ({err.strerror or err})") from None
         # NOTE: read by the client at setup; its default (20 attempts, ~90 s against a dead master) outlasts any deadline
         os.environ["MC_STORE_CLIENT_SETUP_RETRIES"] = str(cfg.setup_retries)
-        client = self._cls()
         host = cfg.local_hostname or route_address(cfg.master_host)
+        # NOTE: read at setup; the transfer engine's RPC binds here, not to the first non-loopback interface
+        # (which a machine on loopback alone lacks, and which need not be the one that reaches the master)
+        os.environ.setdefault("MC_TCP_BIND_ADDRESS", host)
+        client = self._cls()
         rc = client.setup(host, cfg.metadata, cfg.segment_bytes, cfg.buffer_bytes, cfg.protocol, cfg.rdma_devices,
                           cfg.master)
         if rc != 0:

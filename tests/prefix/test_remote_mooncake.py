@@ -168,13 +168,14 @@ def test_tenant_a_chunks_are_not_hits_for_tenant_b(cluster, engines):
     assert same["out"] == cold and same["load"]["chunks_from_remote"] == 6
 
 
-def test_a_corrupted_remote_value_is_detected_recomputed_and_replaced(cluster, engines):
+def test_a_corrupted_remote_value_is_detected_recomputed_and_replaced(cluster, engines, monkeypatch):
     a, b = engines
     a.connect(cluster), b.connect(cluster)
     ids = prompt(3)
     cold = a.ask(op="gen", ids=ids, cold=True)["out"]
     share(a, ids)
     name = a.ask(op="names", ids=ids)["names"][2][7]  # chunk 2, layer 7
+    monkeypatch.setenv("MC_TCP_BIND_ADDRESS", "127.0.0.1")  # as kvdrive's client does: loopback-only machines
     client = MooncakeDistributedStore()
     assert client.setup("127.0.0.1", cluster.metadata, 0, 16 << 20, "tcp", "", cluster.master) == 0
     try:

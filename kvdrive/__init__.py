@@ -1,6 +1,6 @@
 """kvdrive: long-context LLM inference with the KV cache tiered over GPU, host DRAM and SSD.
 
-    from kvdrive import LLM, SamplingParams, TieredConfig, SparseConfig, PoolPath, PrefixConfig
+    from kvdrive import LLM, SamplingParams, TieredConfig, SparseConfig, PoolPath, PrefixConfig, RemoteConfig
 
 Import is cheap and does no device work; heavy modules load on first use.
 """
@@ -15,7 +15,8 @@ _EXPORTS = {
     "SamplingParams": "kvdrive.engine.sampling",
     "SparseConfig": "kvdrive.cache.sparse",
     "TieredConfig": "kvdrive.tiered.config",
-    "PrefixConfig": "kvdrive.prefix.pool",
+    "PrefixConfig": "kvdrive.prefix.config",
+    "RemoteConfig": "kvdrive.prefix.config",
     "PoolPath": "kvdrive.storage.pool",
 }
 

@@ -1,12 +1,15 @@
 """Small factories the tests share: a tiny decoder, prompts, a decode loop, disk configs, the
-prefix pool's test shape, fresh interpreters that can import these factories, and a live server."""
+prefix pool's test shape, fresh interpreters that can import these factories, a live server and an in-memory remote store."""
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import types
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
+from kvdrive.prefix.remote_store import RemoteStore, StoreDown
 from kvdrive.tiered.config import TieredConfig
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -178,3 +182,62 @@ def vocab_sized_tiny_model(vocab_size: int):
                                               max_position_embeddings=1024))
     torch.manual_seed(0)
     return DecoderLM(cfg).eval()
+# -- the remote tier's tests: a store in this process's memory ----------------------------------
+
+class MemoryStore(RemoteStore):
+    """A ``RemoteStore`` in a dict, shared by the pools given it: ``objects`` (name -> bytes) can
+    be edited to corrupt a value; while ``hang`` is set every call blocks until ``release``;
+    ``down`` makes every call raise ``StoreDown``; ``calls`` counts calls by method."""
+
+    def __init__(self):
+        self.objects: dict[str, bytes] = {}
+        self.hang, self.release = threading.Event(), threading.Event()
+        self.down = False
+        self.calls: Counter = Counter()
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        if self.hang.is_set():
+            self.release.wait(30)
+        if self.down:
+            raise StoreDown("the test store is down")
+
+    def connect(self):
+        self._enter("connect")
+
+    def register(self, ptr, nbytes):
+        self._enter("register")
+
+    def unregister(self, ptr):
+        pass
+
+    def exists(self, names):
+        self._enter("exists")
+        return [n in self.objects for n in names]
+
+    def get_into(self, names, ptrs, size):
+        self._enter("get_into")
+        out = []
+        for n, p in zip(names, ptrs):
+            v = self.objects.get(n)
+            if v is None or len(v) != size:
+                out.append("absent" if v is None else "size")
+            else:
+                ctypes.memmove(p, v, size)
+                out.append(None)
+        return out
+
+    def put_from(self, names, ptrs, size, replace):
+        self._enter("put_from")
+        for n, p in zip(names, ptrs):
+            if replace or n not in self.objects:
+                self.objects[n] = ctypes.string_at(p, size)
+        return [None] * len(names)
+
+    def mark(self, names):
+        self._enter("mark")
+        for n in names:
+            self.objects.setdefault(n, b"1")
+
+    def close(self):
+        self.calls["close"] += 1

@@ -71,7 +71,12 @@ def bind_sums(key: bytes, sums: list[int]) -> list[int]:
     each XORed with a 64-bit digest of (key, layer). The index stores bound sums, so a slot
     that holds another chunk's bytes fails the check even when those bytes are intact.
     Its own inverse: ``bind_sums(key, bind_sums(key, s)) == s``."""
-    return [int(s) ^ _key_mix(key, layer) for layer, s in enumerate(sums)]
+    return [bind_sum(key, layer, s) for layer, s in enumerate(sums)]
+
+
+def bind_sum(key: bytes, layer: int, s: int) -> int:
+    """One layer's checksum bound to its chunk's key (``bind_sums`` of one element)."""
+    return int(s) ^ _key_mix(key, layer)
 
 
 def _key_mix(key: bytes, layer: int) -> int:

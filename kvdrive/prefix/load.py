@@ -10,7 +10,9 @@ path, one ``plan([seq], n*C)``, one ``append`` per layer, one ``commit``. Reads 
 on all devices at once (each device's share on its own queue, so every disk is busy
 together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
 to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
-chunks are copied straight from the pinned host arena by one gather launch per layer. Every disk slot is checked against
+chunks are copied straight from the pinned host arena by one gather launch per layer. Chunks of the remote tier
+are read like the disks', layer by layer ahead of the import, by a ``RemoteRead`` (remote.py) that checks each
+value on its worker thread and gives up at its deadline. Every disk slot is checked against
 the xxh3_64 in its chunk's own index row; the first chunk that fails at any layer ends the import uncommitted and
 is reported, so the caller can drop it and import the shorter prefix again. An
 uncommitted plan is simply abandoned (plans of the plain and sparse caches do not
@@ -35,12 +37,14 @@ from kvdrive.storage.pool import DiskPool
 
 class ChunkSource(NamedTuple):
     """Where one chunk is read from: the host arena or a disk of the pool, one slot per layer,
-    and (disk) the xxh3_64 each slot's data must have, from the chunk's own index row."""
+    and (disk) the xxh3_64 each slot's data must have, from the chunk's own index row; or the
+    remote tier, by key."""
 
-    tier: str  # "host" | "disk"
-    device: int  # index into the pool's devices (disk); -1 for host
+    tier: str  # "host" | "disk" | "remote"
+    device: int  # index into the pool's devices (disk); -1 for host and remote
     slots: list[int]
     sums: list[int] | None = None
+    key: bytes | None = None  # remote: the chunk's key
 
 
 class ImportResult(NamedTuple):
@@ -50,6 +54,7 @@ class ImportResult(NamedTuple):
     bytes_disk: int
     bytes_host: int
     seconds: float
+    bytes_remote: int = 0
 
 
 class Staging:
@@ -77,17 +82,21 @@ class Staging:
 
 
 def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupLayout, pool: DiskPool | None,
-                  host: HostTier | None, staging: Staging, device: torch.device) -> ImportResult:
+                  host: HostTier | None, staging: Staging, device: torch.device, remote=None) -> ImportResult:
+    """``remote``: the ``RemoteRead`` of the sources of tier "remote", in their order."""
     t0 = time.perf_counter()
     n, c, gb = len(sources), layout.group_tokens, layout.group_bytes
     disk_idx = [i for i, s in enumerate(sources) if s.tier == "disk"]
     host_idx = [i for i, s in enumerate(sources) if s.tier == "host"]
+    remote_idx = [i for i, s in enumerate(sources) if s.tier == "remote"]
     staging.reserve(len(disk_idx))
     batch = cache.plan([seq_id], n * c)
     done = devices.new_event(device)
     futures: dict[int, BatchFuture] = {}
 
     def issue(layer: int) -> None:
+        if remote_idx:
+            remote.issue(layer)
         if not disk_idx:
             futures[layer] = BatchFuture(0, [])
             return
@@ -105,6 +114,8 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
     def drain() -> None:
         for f in futures.values():
             f.result()
+        if remote_idx:
+            remote.drain()
 
     ahead = staging.ring
     for layer in range(min(ahead - 1, layout.num_layers)):  # the ring slot of the layer in import stays busy
@@ -113,26 +124,32 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
                              dtype=torch.int64).reshape(len(host_idx), layout.num_layers)
     copier = RowCopier(device)
     disk_at = torch.tensor(disk_idx, dtype=torch.int64, device=device)
+    remote_at = torch.tensor(remote_idx, dtype=torch.int64, device=device)
     for layer in range(layout.num_layers):
         if layer + ahead - 1 < layout.num_layers:
             issue(layer + ahead - 1)
-        results = futures.pop(layer).result()
-        bad = [disk_idx[r] for r, why in enumerate(results) if why is not None]
+        why_of = dict(zip(disk_idx, futures.pop(layer).result()))
+        if remote_idx:
+            why_of.update(zip(remote_idx, remote.result(layer)))
+        bad = [i for i, why in why_of.items() if why is not None]
         if bad:
             drain()
             first = min(bad)
-            why = results[disk_idx.index(first)]
-            return ImportResult(first, True, why, 0, 0, time.perf_counter() - t0)
+            return ImportResult(first, True, why_of[first], 0, 0, time.perf_counter() - t0)
         rows = staging.buf(layer)[: len(disk_idx), :gb] if disk_idx else None
-        if not host_idx:
+        if not host_idx and not remote_idx:
             flat = rows.to(device, non_blocking=True)  # (n, group_bytes) uint8
         else:
             flat = torch.empty(n, gb, dtype=torch.uint8, device=device)
-            # Pinned arena -> GPU in one launch (Triton over unified addressing), no CPU gather.
-            copier.copy(host.rows.view(torch.int32), host_rows[:, layer].tolist(), flat.view(torch.int32), host_idx,
-                        layout.group_words)
+            if host_idx:
+                # Pinned arena -> GPU in one launch (Triton over unified addressing), no CPU gather.
+                copier.copy(host.rows.view(torch.int32), host_rows[:, layer].tolist(), flat.view(torch.int32),
+                            host_idx, layout.group_words)
             if disk_idx:
                 flat[disk_at] = rows.to(device, non_blocking=True)
+            if remote_idx:
+                # whole rows (value + trailer): one contiguous copy from pinned memory, cut on the device
+                flat[remote_at] = remote.rows(layer).to(device, non_blocking=True)[:, :gb]
         kv = layout.as_groups(flat)  # (n, 2, H_kv, C, D)
         k = kv[:, 0].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)  # (1, H_kv, P, D)
         v = kv[:, 1].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)
@@ -141,7 +158,8 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
         done.synchronize()  # the staging buffer of this layer is free again
     cache.commit(batch)
     nbytes = layout.num_layers * gb
-    return ImportResult(n, False, None, nbytes * len(disk_idx), nbytes * len(host_idx), time.perf_counter() - t0)
+    return ImportResult(n, False, None, nbytes * len(disk_idx), nbytes * len(host_idx), time.perf_counter() - t0,
+                        nbytes * len(remote_idx))
 
 
 def export_layer(cache, seq_id: int, layer: int, chunks: list[int], layout: GroupLayout) -> torch.Tensor:

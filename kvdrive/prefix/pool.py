@@ -23,7 +23,8 @@ layer by layer (``load``). Admission: a chunk goes to disk on its
 ``admit_after``-th store (default 2: seen twice). Capacity: each disk's extents are
 preallocated under its budget (a physical cap); when full, its least recently used
 chunks are evicted, never those of the prompt being stored. A chunk that fails its
-checksum or its read is dropped and recomputed, never served.
+checksum or its read is dropped and recomputed, never served. With ``PrefixConfig.remote``
+a store shared by every serving node sits behind both (``remote``, docs/scale-out.md).
 
 Keys name the weights by a digest of them (``weights``, from
 ``kvdrive.models.identity.weights_digest``: ``LLM`` passes it), not by a name. A pool's
@@ -48,61 +49,23 @@ from typing import NamedTuple
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.prefix.config import INDEX_FILE, PrefixConfig, RemoteConfig  # noqa: F401 (re-exported)
 from kvdrive.prefix.index import PrefixIndex, error_kind, index_error
 from kvdrive.prefix.keys import PrefixNamespace, bind_sums, chunk_keys
 from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
+from kvdrive.prefix.remote import PER_CHUNK, RemoteStats, RemoteTier
 from kvdrive.prefix.store import ChunkWriter, weighted_pick
 from kvdrive.storage.dir_lock import DirectoryInUse
-from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
-from kvdrive.storage.pool import DiskPool, PoolPath
+from kvdrive.storage.pool import DiskPool
 
-INDEX_FILE = "kvdrive-prefix.sqlite"
 PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent
 _FAILED = object()  # what ``PrefixPool._index`` returns for a call that did not happen
 
 
 class PrefixPoolWarning(UserWarning):
     """The prefix pool skipped stores or turned its disk side off, for a reason it can live with."""
-
-
-@dataclass(frozen=True)
-class PrefixConfig:
-    """``model`` names the weights when the pool is built without a weights digest (tools
-    and tests; ``LLM`` keys by the digest and ignores it). ``disks``: the pool's
-    paths with their byte budgets. ``host_bytes``: the pinned host arena (0 = none).
-    ``admit_after``: stores of a chunk before it is written to disk (1 = at once).
-    ``host_weight``: GB/s weight of the host arena in the stripe (None = measured)."""
-
-    model: str = ""
-    disks: tuple[PoolPath, ...] = ()
-    host_bytes: int = 0
-    chunk_tokens: int = 256
-    admit_after: int = 2
-    tenant: str = ""
-    index_path: str | None = None  # default: <first disk>/kvdrive-prefix.sqlite
-    host_weight: float | None = None
-    layers_ahead: int = 4  # staging ring: layers read ahead of the one being imported
-    read_depth: int = 32
-    write_depth: int = 8
-    direct: str = "auto"
-    extent_bytes: int = DEFAULT_EXTENT_BYTES
-    seen_capacity: int = 1 << 20  # admission counters kept
-
-    def __post_init__(self):
-        if not self.disks and self.host_bytes <= 0:
-            raise KvdriveError("prefix pool needs disk paths or host_bytes > 0")
-        if self.chunk_tokens < 1 or self.admit_after < 1 or self.layers_ahead < 1:
-            raise KvdriveError("prefix pool: chunk_tokens, admit_after and layers_ahead must be >= 1")
-        if self.host_bytes < 0 or (self.host_weight is not None and self.host_weight <= 0):
-            raise KvdriveError("prefix pool: host_bytes must be >= 0 and host_weight > 0")
-
-    @property
-    def index_file(self) -> str | None:
-        if self.index_path is not None:
-            return self.index_path
-        return os.path.join(self.disks[0].path, INDEX_FILE) if self.disks else None
 
 
 class PrefixHit(NamedTuple):
@@ -122,6 +85,8 @@ class LoadReport:
     bytes_read: int
     seconds: float
     corrupt: int  # chunks dropped (checksum / I/O) during this load
+    chunks_from_remote: int = 0
+    remote_misses: int = 0  # chunks the remote store had but did not serve (timeout, checksum, ...)
 
     @property
     def gbps(self) -> float:
@@ -149,6 +114,7 @@ class PrefixStats:
     weights: dict = field(default_factory=dict)
     store_skipped: int = 0  # chunks not stored for a recoverable reason (full disk, write error, ...)
     disk_off: str = ""  # why the disk side was turned off while serving ("" = on)
+    remote: RemoteStats | None = None  # the remote tier's counters (None: no remote tier)
 
 
 class PrefixPool:
@@ -195,6 +161,13 @@ class PrefixPool:
         self._host_credit = [0.0, 0.0]  # host vs all disks
         self._writer = ChunkWriter(self.layout, config.layers_ahead)
         self.staging = Staging(self.layout, config.layers_ahead)
+        self.remote = None
+        if config.remote is not None:
+            try:
+                self.remote = RemoteTier(self.layout, config.remote, warn=self._warn)
+            except BaseException:
+                self.close()
+                raise
 
     def _restore(self) -> None:
         """Hand each disk the slots and checksums its index rows name; drop rows that do not fit."""
@@ -229,6 +202,9 @@ class PrefixPool:
         """Longest prefix of ``tokens`` whose every chunk is stored (host copy preferred)."""
         keys = chunk_keys(tokens, self.namespace(tenant), max_chunks)
         on_disk = self._index("get", keys, default={})
+        remote = {}
+        if self.remote is not None:  # one call for every chunk the local tiers lack
+            remote = self.remote.present([k for k in keys if k not in self._host and k not in on_disk])
         sources = []
         for k in keys:
             if k in self._host:
@@ -237,6 +213,8 @@ class PrefixPool:
                 ch = on_disk[k]
                 sources.append(ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots,
                                            bind_sums(k, ch.sums)))
+            elif remote.get(k) == "present":
+                sources.append(ChunkSource("remote", -1, [], None, k))
             else:
                 break
         n = len(sources)
@@ -252,20 +230,39 @@ class PrefixPool:
             raise KvdriveError(f"prefix load needs an empty sequence; {seq_id} has {cache.length(seq_id)} tokens")
         device = cache.device
         hit = self.lookup(prompt_ids, tenant, max_chunks=(len(prompt_ids) - 1) // self.config.chunk_tokens)
-        sources, keys, corrupt = hit.sources, hit.keys, 0
+        sources, keys, corrupt, remote_misses = hit.sources, hit.keys, 0, 0
         res = ImportResult(0, False, None, 0, 0, 0.0)
         while sources:
-            res = import_chunks(cache, seq_id, sources, self.layout, self.pool, self.host, self.staging, device)
+            remote_keys = [s.key for s in sources if s.tier == "remote"]
+            reading = self.remote.open_read(remote_keys, self.staging.ring) if remote_keys else None
+            if remote_keys and reading is None:  # the store is unusable now: the local part only
+                first = next(i for i, s in enumerate(sources) if s.tier == "remote")
+                res = ImportResult(first, True, "busy", 0, 0, 0.0)
+            else:
+                res = import_chunks(cache, seq_id, sources, self.layout, self.pool, self.host, self.staging, device,
+                                    reading)
             if not res.failed:
                 break
-            corrupt += 1
-            self._drop(keys[res.chunks])
+            if sources[res.chunks].tier == "remote":
+                lost = [s.key for s in sources[res.chunks :] if s.tier == "remote"]
+                self.remote.forget(lost, res.reason)
+                remote_misses += len(lost)
+                if res.reason in PER_CHUNK:  # a store that stopped answering warns by itself
+                    self._warn(f"remote:{res.reason}", f"prefix pool: a chunk from the remote store was not served "
+                               f"({res.reason}: {_REMOTE_WHY.get(res.reason, 'listed, then not read')}): recomputed, "
+                               "never served, and written again (stats().remote.misses counts them)")
+            else:
+                corrupt += 1
+                self._drop(keys[res.chunks])
             sources, keys = sources[: res.chunks], keys[: res.chunks]
         n = len(sources)
+        n_remote = sum(s.tier == "remote" for s in sources)
+        if n_remote:
+            self.remote.loaded(n_remote)
         if n:
             self._counters["hits"] += 1
             self._counters["hit_tokens"] += n * self.config.chunk_tokens
-            self._counters["loaded_bytes"] += res.bytes_disk + res.bytes_host
+            self._counters["loaded_bytes"] += res.bytes_disk + res.bytes_host + res.bytes_remote
             for k in keys:
                 if k in self._host:
                     self._host.move_to_end(k)
@@ -275,8 +272,9 @@ class PrefixPool:
             self._warn("corrupt", f"{corrupt} stored chunk(s) failed their read or checksum: dropped and recomputed, "
                                   "never served (stats().corrupt_chunks counts them)")
         n_host = sum(s.tier == "host" for s in sources)
-        self.last_load = LoadReport(n * self.config.chunk_tokens, n - n_host, n_host, res.bytes_disk + res.bytes_host,
-                                    time.perf_counter() - t0, corrupt)
+        self.last_load = LoadReport(n * self.config.chunk_tokens, n - n_host - n_remote, n_host,
+                                    res.bytes_disk + res.bytes_host + res.bytes_remote, time.perf_counter() - t0,
+                                    corrupt, n_remote, remote_misses)
         return n * self.config.chunk_tokens
 
     def _drop(self, key: bytes) -> None:
@@ -298,6 +296,11 @@ class PrefixPool:
         keys = chunk_keys(prompt_ids, self.namespace(tenant), cache.length(seq_id) // c)
         if not keys:
             return 0
+        remote, job = [], None
+        if self.remote is not None:  # written behind, whatever the local tiers keep
+            admitted = self.remote.admit(keys)
+            job = self.remote.begin_write([keys[i] for i in admitted])
+            remote = admitted[: len(job.keys)] if job is not None else []
         protect = set(keys)
         on_disk = self._index("get", keys, default={})
         new = [i for i, k in enumerate(keys) if k not in on_disk]
@@ -314,9 +317,16 @@ class PrefixPool:
                                                          [0, 1]) == 0
             if self.host is not None and keys[i] not in self._host and host_share and self._host_room(protect):
                 host_slots[i] = self.host.alloc(self.num_layers)
-        if not disk and not host_slots:
+        if not disk and not host_slots and not remote:
             return 0
-        ok = self._writer.write(cache, seq_id, self.pool, self.host, host_slots, disk)
+        try:
+            ok = self._writer.write(cache, seq_id, self.pool, self.host, host_slots, disk, remote, job)
+        except BaseException:
+            if job is not None:
+                self.remote.cancel(job)
+            raise
+        if job is not None:
+            self.remote.submit(job)
         for i, slots in host_slots.items():
             self._host[keys[i]] = slots
         rows = self._commit_disk(keys, disk, ok)
@@ -454,10 +464,16 @@ class PrefixPool:
             host_capacity=self.host.bytes_capacity if self.host else 0,
             weights={"host": self.host_weight, **({d.path: w for d, w in zip(pool.devices, pool.weights)} if pool else {})},
             store_skipped=c["store_skipped"], disk_off=self.disk_off,
+            remote=self.remote.stats() if self.remote is not None else None,
         )
 
     def close(self, remove: bool = False) -> None:
-        """Close files and the index; ``remove`` also deletes the extents and the index (tests, benchmarks)."""
+        """Close files, the index and the remote tier (chunks on their way there are sent first,
+        for up to ``RemoteConfig.flush_s``); ``remove`` also deletes the extents and the index
+        (tests, benchmarks). The shared store keeps its chunks."""
+        if getattr(self, "remote", None) is not None:
+            self.remote.close()
+            self.remote = None
         if self.pool is not None:
             self.pool.close(remove=remove)
             if self.index is not None:
@@ -467,6 +483,10 @@ class PrefixPool:
                     if os.path.exists(self.config.index_file + suffix):
                         os.unlink(self.config.index_file + suffix)
             self.pool = self.index = None
+
+
+_REMOTE_WHY = {"corrupt": "its checksum, key or layout failed the check", "absent": "evicted since it was listed",
+               "size": "a value of another size"}
 
 
 def _measure_host_gbps(host: HostTier) -> float:

@@ -5,8 +5,10 @@
 ones into a ring of ``ring`` staging buffers, and issues each disk's share of the layer
 on that disk's write queue. A staging buffer is reused only after the writes that read
 it completed, so layer ``l+1`` is exported while layers ``l, l-1, ...`` are written.
-It returns when every write has completed (the caller then ``fdatasync``s and commits
-the index rows: data first, index second).
+Chunks bound for the remote tier are copied, layer by layer, into the rows of a
+``WriteJob`` (registered memory the remote tier sends behind). It returns when every
+write has completed (the caller then ``fdatasync``s and commits the index rows: data
+first, index second) and the remote rows are filled.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class ChunkWriter:
         self.staging = Staging(layout, ring)
 
     def write(self, cache, seq_id: int, pool: DiskPool | None, host: HostTier | None,
-              host_slots: dict[int, list[int]], disk: dict[int, tuple[int, list[int]]]) -> dict[int, bool]:
+              host_slots: dict[int, list[int]], disk: dict[int, tuple[int, list[int]]],
+              remote: list[int] = (), job=None) -> dict[int, bool]:
         """Store chunk ``i`` into ``host_slots[i]`` (one host slot per layer) and/or
-        ``disk[i] = (device, slots)``. Returns per disk chunk whether all its writes succeeded."""
-        chunks = sorted(set(host_slots) | set(disk))
+        ``disk[i] = (device, slots)``, and chunk ``remote[j]`` into row j of each layer of
+        ``job`` (a remote ``WriteJob``). Returns per disk chunk whether all its writes succeeded."""
+        chunks = sorted(set(host_slots) | set(disk) | set(remote))
         pos = {c: j for j, c in enumerate(chunks)}
         gb = self.layout.group_bytes
+        remote_at = torch.tensor([pos[i] for i in remote], dtype=torch.int64)
         disk_order = sorted(disk)
         self.staging.reserve(len(disk_order))
         host_at = [pos[i] for i in host_slots]
@@ -61,6 +66,9 @@ class ChunkWriter:
         for layer in range(self.layout.num_layers):
             data = export_layer(cache, seq_id, layer, chunks, self.layout)  # (N, 2, H_kv, C, D)
             flat = data.reshape(len(chunks), -1).view(torch.uint8)  # (N, group_bytes)
+            if len(remote):
+                src = flat if len(remote) == len(chunks) else flat[remote_at.to(flat.device)]
+                job.layer(layer)[:, :gb].copy_(src, non_blocking=True)
             if host_slots:
                 copier = copier or RowCopier(flat.device)
                 copier.copy(flat.view(torch.int32), host_at, host.rows.view(torch.int32),
@@ -79,8 +87,8 @@ class ChunkWriter:
             pending[layer] = BatchFuture(len(disk_order), parts)
         for layer, fut in pending.items():
             results[layer] = fut.result()
-        if copier is not None:
-            devices.synchronize(copier.device)  # host copies landed before the chunks become visible
+        if copier is not None or len(remote):
+            devices.synchronize(cache.device)  # host and remote copies landed before the chunks become visible
         return {i: all(results[layer][row] is None for layer in results) for row, i in enumerate(disk_order)}
 
     @staticmethod

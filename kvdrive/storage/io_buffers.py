@@ -1,10 +1,14 @@
 """Slabs of fixed-size slots: page-aligned memory and an O(1) free list.
 
 Every tier that holds groups in memory (GPU slot pool, pinned host arena) and every
-extent file on disk is an array of equal slots handed out by a ``FreeList``.
+extent file on disk is an array of equal slots handed out by a ``FreeList``; a buffer
+filled and drained first in, first out (the remote tier's writes) hands out runs by ``Ring``.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import deque
 
 import torch
 
@@ -84,3 +88,52 @@ class FreeList:
 
     def is_used(self, slot: int) -> bool:
         return bool(self._used[slot])
+
+
+class Ring:
+    """Contiguous runs of ``rows`` rows handed out in order and freed in any order.
+
+    The space between the oldest live run and the newest is never reused before the
+    oldest is freed (first in, first out, like the write worker's queue); O(1) per call
+    amortized. Thread-safe."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self._head = 0
+        self._live: deque[list] = deque()  # [start, n, freed], oldest first
+        self._lock = threading.Lock()
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """Free (start, length) runs."""
+        if not self._live:
+            return [(0, self.rows)]
+        tail = self._live[0][0]
+        if self._head > tail:
+            return [(self._head, self.rows - self._head), (0, tail)]
+        return [(self._head, tail - self._head)] if self._head < tail else []
+
+    def largest(self) -> int:
+        with self._lock:
+            return max((n for _, n in self._spans()), default=0)
+
+    def alloc(self, n: int) -> int | None:
+        with self._lock:
+            start = next((s for s, length in self._spans() if length >= n), None)
+            if start is not None and n > 0:
+                self._live.append([start, n, False])
+                self._head = start + n
+            return start
+
+    def free(self, start: int) -> None:
+        with self._lock:
+            run = next(r for r in self._live if r[0] == start and not r[2])
+            run[2] = True
+            while self._live and self._live[0][2]:
+                self._live.popleft()
+            if not self._live:
+                self._head = 0
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(n for _, n, freed in self._live if not freed)

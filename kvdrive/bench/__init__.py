@@ -18,6 +18,8 @@ BENCHES = {
     "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
     "ttft": ("kvdrive.bench.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
              "load vs kvdrive's pooled load"),
+    "prefill": ("kvdrive.bench.prefill", "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
+                "transformers' forward (sdpa) on the same weights"),
     "decode": ("kvdrive.bench.decode", ("decode tokens/s of every KV placement side by side (all-GPU, "
                                         "transformers offload, streaming, sparse from host, kvdrive) with each "
                                         "row's roofline bound")),

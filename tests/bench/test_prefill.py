@@ -1,9 +1,12 @@
 import argparse
 import json
 
+import pytest
+
 from kvdrive.bench import prefill
 
 
+@pytest.mark.slow
 def test_bench_prefill_runs_tiny_on_cpu(tmp_path):
     p = argparse.ArgumentParser()
     prefill.add_arguments(p)

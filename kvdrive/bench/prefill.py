@@ -168,7 +168,8 @@ def attention_kernels(model, chunk: int) -> list[str] | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         chunk_attention(q, k, v, chunk, spec)
         torch.cuda.synchronize(dev)
-    return sorted({e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA})
+    cuda = torch.autograd.DeviceType.CUDA
+    return sorted({e.key for e in prof.key_averages() if getattr(e, "device_type", cuda) == cuda})
 
 
 def _release(dev) -> None:
@@ -213,6 +214,8 @@ def run(args) -> int:
             else:
                 run_kvdrive(system, model, warm, args.chunk, 1)
             _release(dev)
+    kernels = attention_kernels(model, args.chunk)
+    print("attention kernels of a prefill chunk:", kernels, flush=True)
     results = []
     for length in sorted(args.lengths):
         ids = base[:length]
@@ -223,7 +226,10 @@ def run(args) -> int:
                 row = run_transformers(hf, model, ids, args.repeats) if hf is not None else \
                     {"skipped": "transformers runs only on random:PRESET weights here"}
             else:
-                row = run_kvdrive(system, model, ids, args.chunk, args.repeats)
+                try:
+                    row = run_kvdrive(system, model, ids, args.chunk, args.repeats)
+                except torch.cuda.OutOfMemoryError as e:  # keep the other rows
+                    row = {"skipped": f"out of GPU memory: {str(e).splitlines()[0]}"}
             if "prefill_s" in row:
                 row["tokens_per_s"] = length / row["prefill_s"]
                 row["tflops"] = flops["total"] / row["prefill_s"] / 1e12
@@ -232,17 +238,16 @@ def run(args) -> int:
             print(length, system, {k: v for k, v in row.items() if k != "times_s"}, flush=True)
         ours = [entry[s]["first_token"] for s in args.systems if "first_token" in entry[s]]
         entry["first_tokens_agree"] = len(set(ours)) <= 1
-        if "plain" in entry and "tiered" in entry:
+        if "prefill_s" in entry.get("plain", {}) and "prefill_s" in entry.get("tiered", {}):
             entry["tiered_over_plain"] = entry["tiered"]["prefill_s"] / entry["plain"]["prefill_s"]
         results.append(entry)
-    print_table(results, args.systems)
     config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "lengths": args.lengths,
               "chunk": args.chunk, "systems": args.systems, "repeats": args.repeats,
               "plain": "ContiguousKVCache, chunked prefill",
               "tiered": "TieredSparseKVCache, default TieredConfig (host-only tier), chunked prefill",
               "transformers": "one forward over the whole prompt, DynamicCache, sdpa, logits of the last position",
               "transformers_attn_implementation": hf.config._attn_implementation if hf is not None else None,
-              "attention_kernels": attention_kernels(model, args.chunk)}
+              "attention_kernels": kernels}
     notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
              "prefill_s: the prompt's forward passes, synchronized before and after; median of repeats",
              "TFLOP/s = (linear + causal attention FLOPs) / prefill_s; see prefill_flops and docs/bench.md",
@@ -250,5 +255,6 @@ def run(args) -> int:
              "bytes_host_to_gpu counts the prefill's gathers (0 when the prompt's KV stayed on the GPU)",
              "transformers is skipped, with the reason, where its estimated peak exceeds the free GPU memory"]
     path = write_result(args.out, "prefill", config, results, notes)
+    print_table(results, args.systems)
     print(f"wrote {path}")
     return 0

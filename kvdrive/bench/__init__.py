@@ -20,6 +20,8 @@ BENCHES = {
              "load vs kvdrive's pooled load"),
     "remote": ("kvdrive.bench.remote", "time to first token of a prefix from the remote tier (Mooncake Store, "
                "written by another process) vs the local disk vs recompute, beside transfer_engine_bench"),
+    "prefill": ("kvdrive.bench.prefill", "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
+                "transformers' forward (sdpa) on the same weights"),
     "decode": ("kvdrive.bench.decode", ("decode tokens/s of every KV placement side by side (all-GPU, "
                                         "transformers offload, streaming, sparse from host, kvdrive) with each "
                                         "row's roofline bound")),

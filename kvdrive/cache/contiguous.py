@@ -2,14 +2,18 @@
 
 Memory: ``max_seqs x max_len`` tokens for every layer, allocated once at
 construction (no allocation per step). Attention is exact (torch SDPA) over the
-cached prefix with a causal, optionally sliding-window, mask. This is the
-reference every other cache is measured against.
+cached prefix, causal and optionally within a sliding window. A forward whose sequences
+share one start (a prefill chunk, eager decode) attends through ``chunk_attention``
+with no materialised mask (SDPA's flash kernel on CUDA); a ragged batch and a
+CUDA-graph decode step attend under an explicit mask. This is the reference every
+other cache is measured against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots
@@ -36,20 +40,52 @@ def attention_mask(start: torch.Tensor, num_new: int, kv_len: int, window: int |
     return visible[:, None]
 
 
-def sdpa(q, k, v, mask, scale: float, softcap: float | None, is_causal: bool = False) -> torch.Tensor:
-    """Exact attention; q (B, H_q, T, D), k/v (B, H_kv, L, D). GQA by head grouping."""
+def sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """Exact attention; q (B, H_q, T, D), k/v (B, H_kv, L, D), mask broadcast to (B, 1, T, L) or
+    None (every key visible). GQA by head grouping; softcap in fp32 with the logits materialised."""
     if softcap is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     logits = torch.tanh(logits / softcap) * softcap
-    if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
-    logits = logits.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     return torch.matmul(logits.softmax(-1), v.float()).to(q.dtype)
+
+
+def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> torch.Tensor:
+    """Exact attention of T new tokens at positions ``start .. start+T-1`` of every sequence (one
+    shared start) with no (T x L) mask built where a kernel can do without.
+
+    q (B, H_q, T, D); k/v (B, H_kv, L, D) hold the keys at positions ``k_start ..`` up to at
+    least ``start + T - 1`` (later ones are ignored); ``k_start`` must not pass the first key the
+    chunk sees (0 for a global layer). Returns (B, H_q, T, D).
+
+    * global layers, and windows that cut no key the chunk sees: causal attention aligned to the
+      lower right (``causal_lower_right``), which SDPA runs in its flash kernel on CUDA for
+      fp16/bf16 (GQA native, no K/V copy); elsewhere torch materialises the mask itself;
+    * a window that cuts keys (T > 1, chunk past the window): a mask over only the keys the
+      window spans, (T x (W + T - 1)), whatever the prefix length;
+    * softcap: the exact fp32 path of ``sdpa`` (SDPA has no score hook).
+    """
+    t = q.shape[2]
+    end = start + t
+    lo = k_start if spec.window is None else max(k_start, start - spec.window + 1)  # first key seen
+    k, v = k[:, :, lo - k_start : end - k_start], v[:, :, lo - k_start : end - k_start]  # (B, H_kv, S, D)
+    span = end - lo
+    if t == 1:  # one query sees every key of its span
+        return sdpa(q, k, v, None, spec.scale, spec.softcap)
+    if spec.window is not None and end - spec.window > lo:  # the last queries no longer see the first keys
+        q_pos = torch.arange(start, end, device=q.device)[:, None]  # (T, 1)
+        k_pos = torch.arange(lo, end, device=q.device)[None, :]  # (1, S)
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - spec.window)
+        return grouped_sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
+    if spec.softcap is not None:
+        mask = torch.ones(t, span, dtype=torch.bool, device=q.device).tril(span - t)
+        return sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, span), scale=spec.scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def grouped_sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
@@ -61,7 +97,7 @@ def grouped_sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Te
     if rep == 1 or softcap is not None:
         return sdpa(q, k, v, mask, scale, softcap)
     qg = q.reshape(b, hkv, rep * t, d)  # rows ordered (rep, T)
-    mg = mask[:, :, None].expand(b, 1, rep, t, mask.shape[-1]).reshape(b, 1, rep * t, mask.shape[-1])
+    mg = mask[:, :, None].expand(mask.shape[0], 1, rep, t, mask.shape[-1]).reshape(-1, 1, rep * t, mask.shape[-1])
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
     return out.reshape(b, hq, t, d)
 
@@ -112,8 +148,6 @@ class ContiguousKVCache(KVCache):
             slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else self._slot_tensor(slots),
             start=start_t,
             kv_len=self.max_len if static else max(starts) + num_new,
-            # One prompt from position 0 is plain causal attention: SDPA's fastest kernel, no mask.
-            causal=not static and len(seq_ids) == 1 and starts[0] == 0,
             uniform_start=not static and len(set(starts)) == 1,
         )
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
@@ -144,11 +178,8 @@ class ContiguousKVCache(KVCache):
         spec = self.layer_specs[layer]
         k = self.k[layer][m.slot_index, :, : m.kv_len]  # (B, H_kv, L, D)
         v = self.v[layer][m.slot_index, :, : m.kv_len]
-        full_view = spec.window is None or m.kv_len <= spec.window
-        if m.causal and (spec.window is None or batch.num_new <= spec.window):
-            return sdpa(q, k, v, None, spec.scale, spec.softcap, is_causal=True)
-        if m.uniform_start and batch.num_new == 1 and full_view:
-            return sdpa(q, k, v, None, spec.scale, spec.softcap)  # every cached key is visible
+        if m.uniform_start:  # one shared start: causal without a mask (flash on CUDA)
+            return chunk_attention(q, k, v, batch.start[0], spec)
         if spec.window not in m.masks:
             m.masks[spec.window] = attention_mask(m.start, batch.num_new, m.kv_len, spec.window)
         return grouped_sdpa(q, k, v, m.masks[spec.window], spec.scale, spec.softcap)
@@ -166,11 +197,11 @@ class _Meta:
     """Private plan state; ``masks`` fills lazily per window on first use (inside a CUDA
     graph capture when the plan is static)."""
 
-    __slots__ = ("slot_index", "start", "kv_len", "masks", "causal", "uniform_start")
+    __slots__ = ("slot_index", "start", "kv_len", "masks", "uniform_start")
 
-    def __init__(self, slot_index, start, kv_len, causal, uniform_start):
+    def __init__(self, slot_index, start, kv_len, uniform_start):
         self.slot_index, self.start, self.kv_len, self.masks = slot_index, start, kv_len, {}
-        self.causal, self.uniform_start = causal, uniform_start
+        self.uniform_start = uniform_start
 
 
 def _as_index(slot_index, device) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kvdrive.cache.base import ForwardBatch, KVCache
-from kvdrive.cache.contiguous import grouped_sdpa, layer_specs
+from kvdrive.cache.contiguous import chunk_attention, grouped_sdpa, layer_specs
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.config import ModelConfig
 from kvdrive.errors import KvdriveError
@@ -165,22 +165,27 @@ class SparseKVCache(KVCache):
         return self._sparse(layer, q, batch, spec)
 
     def _dense(self, layer, q, batch, spec) -> torch.Tensor:
-        """Exact attention over the gathered pages that the window (or the whole context) spans."""
+        """Exact attention over the gathered pages that the window (or the whole context) spans:
+        with no mask when the batch shares one start (``chunk_attention``), else under one."""
         m, g = batch.meta, self.g
         key = spec.window
+        uniform = len(set(batch.start)) == 1
         if key not in m["dense"]:
             first = [0 if spec.window is None else max(0, s - spec.window + 1) // g for s in batch.start]
             n_pages = max(-(-n // g) - f for n, f in zip(m["lens"], first))
             first_t = torch.tensor(first, device=self.device)
             idx = first_t[:, None] + torch.arange(n_pages, device=self.device)  # (B, P)
             idx = idx.clamp(max=self.max_groups - 1) + m["slots"][:, None] * self.max_groups
-            m["dense"][key] = (idx, span_mask(first_t, n_pages, g, batch.positions, spec.window))
-        idx, mask = m["dense"][key]
+            mask = None if uniform else span_mask(first_t, n_pages, g, batch.positions, spec.window)
+            m["dense"][key] = (idx, first[0] * g, mask)
+        idx, k_start, mask = m["dense"][key]
         b, p = idx.shape
         kv = self.pool[layer][idx]  # (B, P, 2, H_kv, G, D)
         h, d = kv.shape[3], kv.shape[5]
         k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, h, p * self.g, d)
         v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, h, p * self.g, d)
+        if uniform:
+            return chunk_attention(q, k, v, batch.start[0], spec, k_start=k_start)
         return grouped_sdpa(q, k, v, mask, spec.scale, spec.softcap)
 
     def _refresh(self, layer: int, batch: ForwardBatch) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.cache.base import ForwardBatch, KVCache
-from kvdrive.cache.contiguous import attention_mask, grouped_sdpa, layer_specs, sdpa
+from kvdrive.cache.contiguous import attention_mask, chunk_attention, grouped_sdpa, layer_specs
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.config import ModelConfig
 from kvdrive.errors import KvdriveError
@@ -108,8 +108,8 @@ class HostStreamingKVCache(KVCache):
         m, b, spec = batch.meta, layer % 2, self.layer_specs[layer]
         k = self.buf_k[b][m["slots"], :, : m["kv_len"]]
         v = self.buf_v[b][m["slots"], :, : m["kv_len"]]
-        if m["uniform"] and batch.num_new == 1 and (spec.window is None or m["kv_len"] <= spec.window):
-            out = sdpa(q, k, v, None, spec.scale, spec.softcap)
+        if m["uniform"]:  # one shared start: causal without a mask
+            out = chunk_attention(q, k, v, batch.start[0], spec)
         else:
             if spec.window not in m["masks"]:
                 m["masks"][spec.window] = attention_mask(m["start"], batch.num_new, m["kv_len"], spec.window)

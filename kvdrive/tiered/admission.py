@@ -53,7 +53,8 @@ def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype
     """``cache_tokens`` as a number. ``"auto"`` on CUDA: after each sequence's minimum (one
     selection's pages, slot tables, summaries), ``AUTO_GPU_SHARE`` of the free GPU memory goes
     to cache pages, evenly per sequence and sparse layer, up to the whole context (more could
-    never hit); off CUDA, ``AUTO_CPU_TOKENS``. ``room``: GPU bytes free for the cache, instead
+    never hit), after the room one prompt of ``max_len`` takes on the GPU while it is prefilled
+    (``stage_prefill``); off CUDA, ``AUTO_CPU_TOKENS``. ``room``: GPU bytes free for the cache, instead
     of asking the device (planning for another GPU: ``kvdrive info --gpu-gib``)."""
     from kvdrive.tiered.config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
 
@@ -62,6 +63,8 @@ def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype
     room = gpu_room(device) if room is None else room
     if room is None:
         return AUTO_CPU_TOKENS
+    if tiered.stage_prefill:  # one prompt of max_len prefills with its KV on the GPU
+        room = max(0, room - prefill_stage_bytes(config, max_len, dtype))
     g = tiered.sparse.group_tokens
     n = -(-max_len // g)
     layers = sum(1 for l in config.global_layers if l not in tiered.sparse.dense_layers)
@@ -70,6 +73,11 @@ def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype
     extra = max(0, spare) // max(1, max_seqs * layers * (group_bytes + 13))  # pages + owner/stamp/fresh
     minimum = min(n, max_pages_for(tiered.sparse.selection(), g, max_len))
     return min(n, minimum + extra) * g
+
+
+def prefill_stage_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    """GPU bytes of one prompt's KV, every layer, while it is prefilled (``TieredPrefill``'s stage)."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize * tokens
 
 
 def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,

@@ -16,8 +16,10 @@ eviction key and are copied from host by one masked kernel driven by GPU indices
 host sync), then attends over the cache's pages. With ``prefetch``, the model calls
 ``hint(l + 1, q_pred)`` while layer l computes: layer l+1's groups are predicted from
 layer l's hidden state and fetched on a side stream; layer l+1 waits on that event and
-then fetches only what the prediction missed. Prefill and dense layers attend exactly
-over KV gathered from host for that layer alone (one layer's KV on the GPU at a time);
+then fetches only what the prediction missed. A prompt's prefill keeps its KV of every
+layer on the GPU until it is done, where there is room (``TieredPrefill``), and each chunk
+attends to it with no mask and no host traffic; without room, and for the decode of dense
+layers, attention is exact over KV gathered from host for that layer alone;
 sliding-window layers decode from a GPU ring of their last ``window`` tokens
 (``WindowRing``), written as tokens arrive.
 """
@@ -79,7 +81,8 @@ class TieredSparseKVCache(KVCache):
         self.tables = {l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n,
                                        device, dtype) for l in self.sparse_layers}
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}  # groups in each table, per slot
-        self.prefill = TieredPrefill(self.host, layout, self.layer_specs, self._summarize_whole, device)
+        self.prefill = TieredPrefill(self.host, layout, self.layer_specs, self._summarize_whole, device,
+                                     tiered.stage_prefill)
         # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
         self.rings = {l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
                       for l, spec in enumerate(self.layer_specs) if spec.window is not None}
@@ -154,10 +157,11 @@ class TieredSparseKVCache(KVCache):
         it into the host arena, as most recently used), so decoding starts warm. Counted as
         prefill traffic (``bytes_warm_start``), not as decode hits or misses. No-op unless
         ``warm_start``, for ``eviction='none'`` (nothing survives a step) and ``lowrank_seq``."""
-        if not self.tiered.warm_start or self.tiered.eviction == "none":
-            return
         seq_ids = tuple(seq_ids)
         slot_list = [self.seqs.slot(s) for s in seq_ids]
+        self.prefill.release(slot_list)  # the prompts are prefilled: their GPU stage goes
+        if not self.tiered.warm_start or self.tiered.eviction == "none":
+            return
         lens = [self.seqs.length(s) for s in seq_ids]
         if not self.prefill.has_queries(slot_list):
             return  # not prefilled through this cache's attention (e.g. KV imported)
@@ -201,6 +205,7 @@ class TieredSparseKVCache(KVCache):
         slot = self.seqs.add(seq_id, max_tokens)
         self.host.clear(slot)
         self.prefill.forget([slot])
+        self.prefill.reserve(slot, max_tokens)
         rows = torch.tensor([slot], device=self.device)
         for layer, table in self.tables.items():
             table.reset(slot)
@@ -208,7 +213,7 @@ class TieredSparseKVCache(KVCache):
             self.caches[layer].clear(rows)
 
     def free(self, seq_id: int) -> None:
-        self.seqs.free(seq_id)
+        self.prefill.release([self.seqs.free(seq_id)])
 
     def length(self, seq_id: int) -> int:
         return self.seqs.length(seq_id)
@@ -228,6 +233,10 @@ class TieredSparseKVCache(KVCache):
             slots = torch.tensor(slot_list, device=self.device)
             start = torch.tensor(starts, device=self.device)
             self._host_side(seq_ids, starts, num_new, new_step)
+            if num_new > 1:
+                self.prefill.begin(slot_list, starts)  # a prompt from position 0 keeps its KV on the GPU
+            else:
+                self.prefill.release(slot_list)  # decoding: the prompt is done
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         if num_new == 1 and new_step:
             self.step_t += 1

@@ -64,6 +64,10 @@ class TieredConfig:
     # it can be a CUDA graph; the step's attention misses those groups). NOTE: on a disk with
     # millisecond reads "wait" is bound by one read round trip per layer (docs/tiered.md).
     disk_misses: str = "wait"
+    # A prompt's KV of every layer stays on the GPU while it is prefilled (where the GPU has room
+    # for it then), so a chunk attends to its prefix without gathering it from host; False: each
+    # chunk gathers its whole prefix from host, ~T^2 / (2 x chunk) tokens of KV per prompt (ablation).
+    stage_prefill: bool = True
 
     def __post_init__(self):
         if self.disk and self.host_bytes <= 0:

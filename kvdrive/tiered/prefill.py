@@ -3,14 +3,21 @@
 * ``write``: a prefill chunk's whole groups go to the host tier as rows (one DMA per
   sequence for a host-only tier) and are summarized from their GPU copy at once; only the
   partial groups at the chunk's ends are written token by token;
-* ``attend``: exact attention over a layer's KV gathered from host for the span the query
-  sees, one layer's KV on the GPU at a time (prefill, and the decode of dense layers);
+* the stage: while a prompt is prefilled from position 0, every layer's KV of it also stays
+  on the GPU (``begin`` decides, where the GPU has room; released by ``release`` once the
+  prompt is done), so each chunk attends to its prefix with no host traffic;
+* ``attend``: exact attention for a prefill chunk, over the stage where the prompt has one
+  (``chunk_attention``: no mask), else over the layer's KV gathered from host for the span
+  the query sees, one layer's KV on the GPU at a time (also the decode of dense layers);
 * ``remember`` / ``queries``: each prompt's last query per sparse layer, kept for the
   initial placement (``TieredSparseKVCache.place``).
 
-Owns the prompts' last queries and the count of bytes its gathers moved. The host tier, the
-layer specs and the group geometry are the cache's, passed in; summaries go through the
-cache's ``summarize(layer, slot, first, groups)`` (the cache owns the summary tables).
+Without the stage, chunk c of a prompt gathers c chunks of every layer from host: a prompt of
+T tokens in chunks of C moves ~T^2 / (2C) tokens' KV host -> GPU, ``dense_bytes`` counts it.
+
+Owns the prompts' last queries, the stages and the count of bytes its gathers moved. The host
+tier, the layer specs and the group geometry are the cache's, passed in; summaries go through
+the cache's ``summarize(layer, slot, first, groups)`` (the cache owns the summary tables).
 """
 
 from __future__ import annotations
@@ -18,19 +25,93 @@ from __future__ import annotations
 import torch
 
 from kvdrive.cache.base import ForwardBatch, LayerSpec
-from kvdrive.cache.contiguous import grouped_sdpa
+from kvdrive.cache.contiguous import chunk_attention, grouped_sdpa
 from kvdrive.cache.sparse import span_mask
 from kvdrive.storage.layout import GroupLayout
-from kvdrive.tiered import tier_ops
+from kvdrive.tiered import admission, tier_ops
+
+
+class _Stage:
+    """One prompt's KV on the GPU while it is prefilled: ``k[l]``, ``v[l]`` (H_kv, capacity, D),
+    positions ``[0, filled[l])`` of layer l written."""
+
+    __slots__ = ("k", "v", "filled")
+
+    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, device, dtype):
+        shape = (heads, capacity, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.filled = [0] * layers
 
 
 class TieredPrefill:
-    def __init__(self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device):
+    """``stage``: keep a prompt's KV on the GPU while it is prefilled (False: every chunk gathers
+    its prefix from host, the ablation)."""
+
+    def __init__(self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device,
+                 stage: bool = True):
         self.host, self.layer_specs, self.summarize, self.device = host, layer_specs, summarize, device
         self.g, self.group_shape, self.group_bytes = layout.group_tokens, layout.slot_shape, layout.group_bytes
         self.dtype = layout.dtype
         self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> the prompt's last query (H_q, D)
         self.dense_bytes = 0  # host -> GPU bytes gathered by ``attend``
+        self.stage = stage
+        self._stages: dict[int, _Stage] = {}  # slot -> its prompt's KV on the GPU, while prefilled
+        self._reserved: dict[int, int] = {}  # slot -> tokens the sequence may hold (``add``'s max_tokens)
+
+    # -- the stages -----------------------------------------------------------------------
+    def stage_bytes(self, tokens: int) -> int:
+        """GPU bytes of one prompt's stage of ``tokens`` tokens, every layer."""
+        return len(self.layer_specs) * self.group_bytes // self.g * tokens
+
+    def reserve(self, slot: int, max_tokens: int) -> None:
+        """A new sequence in ``slot`` that may hold ``max_tokens`` (its stage's capacity)."""
+        self.release([slot])
+        self._reserved[slot] = max_tokens
+
+    def begin(self, slot_list, starts) -> None:
+        """A prefill chunk is planned: a prompt starting at position 0 gets a stage if the GPU has
+        room for its reserved tokens (now, after headroom); otherwise it attends from host."""
+        if not self.stage:
+            return
+        for slot, start in zip(slot_list, starts):
+            if start == 0:
+                self._stages.pop(slot, None)
+                cap, room = self._reserved.get(slot, 0), self._room()
+                if cap and (room is None or self.stage_bytes(cap) <= room):
+                    h, d = self.group_shape[1], self.group_shape[3]
+                    self._stages[slot] = _Stage(len(self.layer_specs), h, cap, d, self.device, self.dtype)
+
+    def _room(self) -> int | None:
+        """GPU bytes a stage may take now, after headroom (None: no limit, off CUDA); memory the
+        allocator holds unused counts as free."""
+        room = admission.gpu_room(self.device)
+        if room is None:
+            return None
+        return room + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def release(self, slot_list) -> None:
+        """The prompts of ``slot_list`` are done (or gone): free their stages."""
+        for s in slot_list:
+            self._stages.pop(s, None)
+
+    def staged(self, slot: int) -> bool:
+        """Whether the prompt in ``slot`` is being prefilled with its KV on the GPU."""
+        return slot in self._stages
+
+    def _put_stage(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens [start, start + T) of ``layer``, k/v (H_kv, T, D), into the slot's stage; a stage
+        that would get a gap or overflow is dropped (the host tier holds everything anyway)."""
+        st = self._stages.get(slot)
+        if st is None:
+            return
+        end = start + k.shape[1]
+        if st.filled[layer] != start or end > st.k[layer].shape[1]:
+            del self._stages[slot]
+            return
+        st.k[layer][:, start:end] = k
+        st.v[layer][:, start:end] = v
+        st.filled[layer] = end
 
     # -- the prompts' last queries ------------------------------------------------------
     def remember(self, layer: int, q: torch.Tensor, slot_list) -> None:
@@ -57,6 +138,7 @@ class TieredPrefill:
         g, t = self.g, batch.num_new
         typed, offs = self.host.typed(layer), batch.meta["offs"]
         for b, (slot, start) in enumerate(zip(batch.meta["slot_list"], batch.start)):
+            self._put_stage(layer, slot, start, k[b], v[b])
             first = -(-start // g)  # first group that starts inside the chunk
             n = (start + t) // g - first  # groups the chunk covers whole
             if n <= 0:
@@ -75,9 +157,15 @@ class TieredPrefill:
 
     # -- exact attention ----------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, spec: LayerSpec) -> torch.Tensor:
-        """Exact attention of q (B, H_q, T, D) over this layer's KV, gathered from host for the
-        span the query sees (the chunk's own tokens straight from the GPU)."""
+        """Exact attention of q (B, H_q, T, D) over this layer's KV: from the prompts' stages when
+        every sequence of the batch has one, else gathered from host for the span the query sees
+        (the chunk's own tokens straight from the GPU)."""
         m, g = batch.meta, self.g
+        stages = [self._stages.get(s) for s in m["slot_list"]]
+        if batch.num_new > 1 and all(st is not None and st.filled[layer] == n for st, n in zip(stages, m["lens"])):
+            out = [chunk_attention(q[i : i + 1], st.k[layer][None], st.v[layer][None], start, spec)
+                   for i, (st, start) in enumerate(zip(stages, batch.start))]  # (1, H_q, T, D) each
+            return out[0] if len(out) == 1 else torch.cat(out)
         first = [0 if spec.window is None else max(0, s - spec.window + 1) // g for s in batch.start]
         n_pages = max(-(-n // g) - f for n, f in zip(m["lens"], first))
         b = batch.batch_size

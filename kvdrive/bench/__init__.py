@@ -16,9 +16,9 @@ BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
     "select": ("kvdrive.bench.select", "time to score and select groups vs the attention time it saves"),
     "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
-    "ttft": ("kvdrive.bench.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
+    "ttft": ("kvdrive.bench.reuse.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
              "load vs kvdrive's pooled load"),
-    "remote": ("kvdrive.bench.remote", "time to first token of a prefix from the remote tier (Mooncake Store, "
+    "remote": ("kvdrive.bench.reuse.remote", "time to first token of a prefix from the remote tier (Mooncake Store, "
                "written by another process) vs the local disk vs recompute, beside transfer_engine_bench"),
     "prefill": ("kvdrive.bench.prefill", "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
                 "transformers' forward (sdpa) on the same weights"),

@@ -1,7 +1,7 @@
 import argparse
 import json
 
-from kvdrive.bench import ttft
+from kvdrive.bench.reuse import ttft
 
 
 def test_bench_ttft_runs_tiny_on_cpu(tmp_path):

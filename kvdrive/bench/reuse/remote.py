@@ -32,7 +32,7 @@ import time
 import torch
 
 from kvdrive import device as devices
-from kvdrive.bench.ttft import _drop_page_cache, _fresh, _prefill
+from kvdrive.bench.reuse.ttft import _drop_page_cache, _fresh, _prefill
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.prefix.config import PrefixConfig, RemoteConfig
 from kvdrive.prefix.mooncake_local import LocalMooncake, binary, free_port, loopback_env

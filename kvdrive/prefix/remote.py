@@ -28,6 +28,7 @@ at most one call's deadline for the store, and bad KV is never served.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import threading
 import time
@@ -46,6 +47,8 @@ from kvdrive.prefix.remote_io import Breaker, Refused, Timeout, Worker
 from kvdrive.prefix.remote_store import RemoteStore, StoreDown, open_store
 from kvdrive.storage.io_buffers import Ring, aligned_empty
 from kvdrive.storage.layout import GroupLayout, align_up
+
+log = logging.getLogger(__name__)
 
 TRAILER = struct.Struct("<8s16sIIIIQQ")  # magic, key, layer, layers, payload bytes, format, layout digest, bound xxh3
 TRAILER_BYTES = 64
@@ -394,8 +397,9 @@ class RemoteTier:
         except StoreDown as err:
             self._fail(str(err))
             self._count("wskip:down", len(keys))
-        except Exception:  # noqa: BLE001 - a write behind never reaches a request; counted
-            self._count("wskip:error", len(keys))
+        except Exception as err:  # noqa: BLE001 - a write behind never reaches a request; counted and logged
+            log.warning("a write to the remote store failed: %r", err, exc_info=True)
+            self._count(f"wskip:error {type(err).__name__}", len(keys))
         finally:
             self._ring.free(job.start)
 

@@ -37,7 +37,7 @@ class RemoteStore(ABC):
     only from its worker threads, under its own deadlines. A call that finds the whole store
     unreachable raises ``StoreDown``; per-object outcomes are returned, one per name:
     ``None`` for success, else a miss reason (``"absent"``, ``"size"``, ``"full"``,
-    ``"error"``). ``get_into``/``put_from`` move exactly ``size`` bytes per object between
+    ``"error"``; a write names an unknown code: ``"error -800"``). ``get_into``/``put_from`` move exactly ``size`` bytes per object between
     the store and memory at ``ptrs``, which must lie in buffers passed to ``register``; a
     buffer stays in use by the store until the call that names it returns."""
 
@@ -133,7 +133,8 @@ class MooncakeStore(RemoteStore):
         put = self._client.batch_upsert_from if replace else self._client.batch_put_from
         codes = put(names, ptrs, [size] * len(names), self._replicate)
         _raise_if_down(codes)
-        return [None if c in (0, OBJECT_ALREADY_EXISTS) else "full" if c == NO_AVAILABLE_HANDLE else "error"
+        # an unknown code is named in the reason: the write-behind counts are the only trace of it
+        return [None if c in (0, OBJECT_ALREADY_EXISTS) else "full" if c == NO_AVAILABLE_HANDLE else f"error {c}"
                 for c in codes]
 
     def mark(self, names: list[str]) -> None:

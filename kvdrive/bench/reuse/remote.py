@@ -188,6 +188,8 @@ def run(args) -> int:
             print(w.stderr[-3000:], file=sys.stderr)
             return 1
         results["writer"] = json.loads(w.stdout.strip().splitlines()[-1])
+        if any(k != "present" for k in results["writer"].get("write_skipped", {})):
+            results["writer"]["log_tail"] = w.stderr[-4000:]  # why the writes failed
         print("writer", results["writer"], flush=True)
         ids = _prompt(cfg, args.context, dev)
         cache = ContiguousKVCache(cfg, 2, args.context, dev, model.dtype)

@@ -377,11 +377,15 @@ class RemoteTier:
                     self._seal(rows[layer, j], keys[j], layer)
             base, stride = job.rows.data_ptr(), self.row_bytes
             ptr = lambda layer, j: base + (layer * len(keys) + j) * stride  # noqa: E731
-            rest = [(layer, j) for layer in range(L - 1) for j in todo]
-            res = self.store.put_from([self.name(keys[j], layer) for layer, j in rest], [ptr(layer, j) for layer, j in rest],
-                                      self.value_bytes, any(replace)) if rest else []
-            failed = {j for (layer, j), why in zip(rest, res) if why is not None}
-            whole = [j for j in todo if j not in failed]
+            # one store call per layer: a call's bytes stay bounded by one layer of the job (a 32K prompt's every layer
+            # is 4 GiB), and a chunk that failed a layer is not sent further
+            res: list = []
+            whole = list(todo)
+            for layer in range(L - 1):
+                got = self.store.put_from([self.name(keys[j], layer) for j in whole], [ptr(layer, j) for j in whole],
+                                          self.value_bytes, any(replace)) if whole else []
+                res += got
+                whole = [j for j, why in zip(whole, got) if why is None]
             last = self.store.put_from([self.name(keys[j], L - 1) for j in whole], [ptr(L - 1, j) for j in whole],
                                        self.value_bytes, any(replace)) if whole else []
             done = [j for j, why in zip(whole, last) if why is None]

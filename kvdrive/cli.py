@@ -33,8 +33,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with errors on one line, like every other kvdrive error (subcommands inherit it)."""
 
     def error(self, message: str):
-        self.exit(2, f"kvdrive: error: {self.prog.removeprefix('kvdrive').strip() or 'kvdrive'}: {message}"
-                     f" (see {self.prog} --help)\n")
+        self.exit(
+            2,
+            f"kvdrive: error: {self.prog.removeprefix('kvdrive').strip() or 'kvdrive'}: {message}"
+            f" (see {self.prog} --help)\n",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     # SIGTERM unwinds like Ctrl-C, so ``with``/``finally`` blocks delete the run's disk extents
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    previous = (
+        signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         return int(args.func(args) or 0)
     except KvdriveError as err:

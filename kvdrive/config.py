@@ -14,8 +14,14 @@ import torch
 
 from kvdrive.errors import KvdriveError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -39,9 +45,7 @@ class RopeSpec:
 
     def __post_init__(self):
         if self.rope_type not in ("default", "linear", "llama3"):
-            raise KvdriveError(
-                f"rope type {self.rope_type!r} is not supported; supported: default, linear, llama3"
-            )
+            raise KvdriveError(f"rope type {self.rope_type!r} is not supported; supported: default, linear, llama3")
 
 
 @dataclass(frozen=True)

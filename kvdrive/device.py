@@ -55,8 +55,10 @@ def resolve(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not has_cuda():
         raise KvdriveError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise KvdriveError(f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) are visible: "
-                           f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise KvdriveError(
+            f"device {device!r} asked for, but {torch.cuda.device_count()} CUDA GPU(s) are visible: "
+            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
     return dev
 
 

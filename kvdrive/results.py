@@ -56,8 +56,12 @@ def gpu_state() -> dict:
         return {"gpu": None, "gpu_memory_gib": None, "gpu_driver": None, "cuda": None}
     prop = torch.cuda.get_device_properties(0)
     driver = _run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
-    return {"gpu": prop.name, "gpu_memory_gib": round(prop.total_memory / 2**30, 1),
-            "gpu_driver": driver.splitlines()[0] if driver else None, "cuda": torch.version.cuda}
+    return {
+        "gpu": prop.name,
+        "gpu_memory_gib": round(prop.total_memory / 2**30, 1),
+        "gpu_driver": driver.splitlines()[0] if driver else None,
+        "cuda": torch.version.cuda,
+    }
 
 
 def environment() -> dict:
@@ -83,15 +87,29 @@ def command_line() -> str:
     return "kvdrive " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
 
 
-def write_result(path: str | Path, name: str, config: dict, results, notes: list[str] | None = None, *,
-                 environment_of: dict | None = None, sources: list[dict] | None = None) -> Path:
+def write_result(
+    path: str | Path,
+    name: str,
+    config: dict,
+    results,
+    notes: list[str] | None = None,
+    *,
+    environment_of: dict | None = None,
+    sources: list[dict] | None = None,
+) -> Path:
     """Write the result to ``path``. ``environment_of``: the environment to record instead of
     this process's (a merge records its first source's); ``sources``: per merged input file its
     ``{"path", "command", "environment"}``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"bench": name, "command": command_line(), "environment": environment_of or environment(),
-           "config": config, "results": results, "notes": notes or []}
+    doc = {
+        "bench": name,
+        "command": command_line(),
+        "environment": environment_of or environment(),
+        "config": config,
+        "results": results,
+        "notes": notes or [],
+    }
     if sources is not None:
         doc["sources"] = sources
     path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -52,8 +52,9 @@ def run_interpreted(test_file: str, func: str, *args) -> None:
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root, check=False
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

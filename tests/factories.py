@@ -30,9 +30,19 @@ def tiny_model(model_type="llama", **extra):
     """A random 3-layer decoder: 4 query heads, 2 KV heads, head_dim 16, vocabulary 300."""
     from transformers import AutoConfig
 
-    cfg = from_hf_config(AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=1024, **extra))
+    cfg = from_hf_config(
+        AutoConfig.for_model(
+            model_type,
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            **extra,
+        )
+    )
     torch.manual_seed(0)
     return DecoderLM(cfg).eval()
 
@@ -77,8 +87,13 @@ def disk_config(tmp_path, sparse: SparseConfig, host_groups_per_layer: int, **kw
     from kvdrive.storage.pool import PoolPath
 
     layers = 3
-    return TieredConfig(sparse, disk=(PoolPath(str(tmp_path), 64 << 20),),
-                        host_bytes=layers * host_groups_per_layer * 4096, direct="off", **kw)
+    return TieredConfig(
+        sparse,
+        disk=(PoolPath(str(tmp_path), 64 << 20),),
+        host_bytes=layers * host_groups_per_layer * 4096,
+        direct="off",
+        **kw,
+    )
 
 
 class Done:
@@ -93,8 +108,14 @@ class Done:
 
 # -- the prefix pool's tests: a 3-layer shape without weights, 4-token chunks -------------------
 
-PREFIX_CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8,
-                                   sliding_windows=(None,) * 3, attn_scale=1.0, attn_logit_softcap=None)
+PREFIX_CFG = types.SimpleNamespace(
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_windows=(None,) * 3,
+    attn_scale=1.0,
+    attn_logit_softcap=None,
+)
 PREFIX_C = 4  # chunk tokens
 PREFIX_CHUNK_BYTES = PREFIX_CFG.num_hidden_layers * 4096  # one 4 KiB slot per layer (2*2*4*8*4 B = 512 B rounded up)
 
@@ -113,8 +134,11 @@ def filled_cache(tokens: int, seed=0, seqs=4):
 
 def same_kv(cache, a, b, n):
     """Whether sequences ``a`` and ``b`` of ``cache`` hold the same KV in their first ``n`` tokens."""
-    return all(torch.equal(x, y) for layer in range(PREFIX_CFG.num_hidden_layers)
-               for x, y in zip(cache.export_kv(a, layer, 0, n), cache.export_kv(b, layer, 0, n)))
+    return all(
+        torch.equal(x, y)
+        for layer in range(PREFIX_CFG.num_hidden_layers)
+        for x, y in zip(cache.export_kv(a, layer, 0, n), cache.export_kv(b, layer, 0, n))
+    )
 
 
 def prefix_pool(path, budget=1 << 20, extent_chunks=16, dtype=F32, **kw):
@@ -123,12 +147,21 @@ def prefix_pool(path, budget=1 << 20, extent_chunks=16, dtype=F32, **kw):
     from kvdrive.storage.pool import PoolPath
 
     kw.setdefault("admit_after", 1)
-    return PrefixPool(PREFIX_CFG, dtype, PrefixConfig(model="m", disks=(PoolPath(str(path), budget),),
-                                                      chunk_tokens=PREFIX_C,
-                                                      extent_bytes=extent_chunks * PREFIX_CHUNK_BYTES, **kw))
+    return PrefixPool(
+        PREFIX_CFG,
+        dtype,
+        PrefixConfig(
+            model="m",
+            disks=(PoolPath(str(path), budget),),
+            chunk_tokens=PREFIX_C,
+            extent_bytes=extent_chunks * PREFIX_CHUNK_BYTES,
+            **kw,
+        ),
+    )
 
 
 # -- fresh interpreters ------------------------------------------------------------------------
+
 
 def child_env(**extra) -> dict:
     """The environment of a child interpreter that imports kvdrive from this checkout and these factories."""
@@ -137,11 +170,20 @@ def child_env(**extra) -> dict:
 
 def run_python(code: str, timeout=120, **kw) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in a fresh interpreter from the checkout; its output as text."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, check=False, env=child_env(), **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+        env=child_env(),
+        **kw,
+    )
 
 
 # -- a live server ---------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def live_server(state, timeout: float = 180.0):
@@ -177,12 +219,24 @@ def vocab_sized_tiny_model(vocab_size: int):
     """``tiny_model``'s shape with a real tokenizer's vocabulary: fast enough to fuzz a server."""
     from transformers import AutoConfig
 
-    cfg = from_hf_config(AutoConfig.for_model("llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=1024))
+    cfg = from_hf_config(
+        AutoConfig.for_model(
+            "llama",
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
+    )
     torch.manual_seed(0)
     return DecoderLM(cfg).eval()
+
+
 # -- the remote tier's tests: a store in this process's memory ----------------------------------
+
 
 class MemoryStore(RemoteStore):
     """A ``RemoteStore`` in a dict, shared by the pools given it: ``objects`` (name -> bytes) can

@@ -24,52 +24,149 @@ def _kernels():
     from kvdrive.tiered import selection_cache_triton as cache_kernels
     from kvdrive.tiered import tier_ops_triton as tier_kernels
 
-    yield one.select_shared_kernel, {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32",
-                                     **BUDGET, **FORCED}, {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128}
-    yield split.split_stats_kernel, {**SCORES, "stats_ptr": "*fp32", "hist_ptr": "*i32", **BUDGET, **FORCED}, \
-        {"H": 8, "CHUNK": 1024}
-    yield split.split_mass_kernel, {**SCORES, "stats_ptr": "*fp32", "key_ptr": "*fp32", "ordered_ptr": "*i64",
-                                    "hist_ptr": "*i32", **BUDGET, **FORCED}, {"H": 8, "CHUNK": 1024, "C_BLOCK": 8}
+    yield (
+        one.select_shared_kernel,
+        {**SCORES, "groups_ptr": "*i32", "count_ptr": "*i32", "key_ptr": "*fp32", **BUDGET, **FORCED},
+        {"H": 8, "BLOCK_N": 8192, "BLOCK_P": 128},
+    )
+    yield (
+        split.split_stats_kernel,
+        {**SCORES, "stats_ptr": "*fp32", "hist_ptr": "*i32", **BUDGET, **FORCED},
+        {"H": 8, "CHUNK": 1024},
+    )
+    yield (
+        split.split_mass_kernel,
+        {
+            **SCORES,
+            "stats_ptr": "*fp32",
+            "key_ptr": "*fp32",
+            "ordered_ptr": "*i64",
+            "hist_ptr": "*i32",
+            **BUDGET,
+            **FORCED,
+        },
+        {"H": 8, "CHUNK": 1024, "C_BLOCK": 8},
+    )
     for p in (1, 2, 3):
         yield split.split_hist_kernel, {**SPLIT, **BUDGET, "floor": "i32"}, {"PASS": p, "CHUNK": 1024}
     yield split.split_count_kernel, {**SPLIT, "counts_ptr": "*i32", **BUDGET, "floor": "i32"}, {"CHUNK": 1024}
-    yield split.split_write_kernel, {**SPLIT, "counts_ptr": "*i32", "groups_ptr": "*i32", "count_ptr": "*i32",
-                                     **BUDGET, "floor": "i32"}, {"CHUNK": 1024, "C_BLOCK": 8, "BLOCK_P": 128}
+    yield (
+        split.split_write_kernel,
+        {**SPLIT, "counts_ptr": "*i32", "groups_ptr": "*i32", "count_ptr": "*i32", **BUDGET, "floor": "i32"},
+        {"CHUNK": 1024, "C_BLOCK": 8, "BLOCK_P": 128},
+    )
     for offset, block in ((0.0, 4096), (1.0, 1024)):
-        yield norm_kernel.rmsnorm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32",
-                                           "eps": "fp32"}, {"OFFSET": offset, "BLOCK": block}
-    yield rope_kernel.rope_kernel, {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16",
-                                    **dict.fromkeys(("H", "T", "sx_b", "sx_h", "sx_t", "so_b", "so_h", "so_t", "sc_b",
-                                                     "sc_t"), "i32")}, {"D": 128, "BLOCK_T": 16}
+        yield (
+            norm_kernel.rmsnorm_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "eps": "fp32"},
+            {"OFFSET": offset, "BLOCK": block},
+        )
+    yield (
+        rope_kernel.rope_kernel,
+        {
+            "x_ptr": "*bf16",
+            "cos_ptr": "*bf16",
+            "sin_ptr": "*bf16",
+            "out_ptr": "*bf16",
+            **dict.fromkeys(("H", "T", "sx_b", "sx_h", "sx_t", "so_b", "so_h", "so_t", "sc_b", "sc_t"), "i32"),
+        },
+        {"D": 128, "BLOCK_T": 16},
+    )
     for minmax, mean in ((True, False), (False, True)):
-        yield score_kernel.group_score_kernel, {"q_ptr": "*bf16", "s_ptr": "*bf16", "count_ptr": "*i64",
-                                                "out_ptr": "*fp32", "N": "i32", "scale": "fp32",
-                                                **dict.fromkeys(("sq_b", "sq_h", "ss_b", "ss_n", "ss_h", "so_b",
-                                                                 "so_h"), "i32")}, \
-            {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64}
+        yield (
+            score_kernel.group_score_kernel,
+            {
+                "q_ptr": "*bf16",
+                "s_ptr": "*bf16",
+                "count_ptr": "*i64",
+                "out_ptr": "*fp32",
+                "N": "i32",
+                "scale": "fp32",
+                **dict.fromkeys(("sq_b", "sq_h", "ss_b", "ss_n", "ss_h", "so_b", "so_h"), "i32"),
+            },
+            {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64},
+        )
     i32 = ("groups_stride", "scores_stride", "n_scores", "table_stride", "slot_stride", "scratch_stride", "P", "CAP")
     for counts, affine in ((True, True), (False, False)):
-        yield cache_kernels.ensure_kernel, {
-            "rows_ptr": "*i64", "groups_ptr": "*i32" if counts else "*i64", "listed_ptr": "*i32" if counts else "*i1",
-            "src_ptr": "*i64", "src_n": "i64", "src_out_ptr": "*i64", "scores_ptr": "*fp32", "table_ptr": "*i32",
-            "owner_ptr": "*i64", "stamp_ptr": "*fp32", "fresh_ptr": "*u8", "counters_ptr": "*i64", "step_ptr": "*fp32",
-            "scratch_ptr": "*i64", "pages_ptr": "*i32", "dst_ptr": "*i64", "TRASH": "i64", **dict.fromkeys(i32, "i32")}, \
-            {"LOOKAHEAD": True, "PREFETCH": not counts, "COUNTS": counts, "AFFINE": affine, "BLOCK_P": 256,
-             "BLOCK_C": 512}
+        yield (
+            cache_kernels.ensure_kernel,
+            {
+                "rows_ptr": "*i64",
+                "groups_ptr": "*i32" if counts else "*i64",
+                "listed_ptr": "*i32" if counts else "*i1",
+                "src_ptr": "*i64",
+                "src_n": "i64",
+                "src_out_ptr": "*i64",
+                "scores_ptr": "*fp32",
+                "table_ptr": "*i32",
+                "owner_ptr": "*i64",
+                "stamp_ptr": "*fp32",
+                "fresh_ptr": "*u8",
+                "counters_ptr": "*i64",
+                "step_ptr": "*fp32",
+                "scratch_ptr": "*i64",
+                "pages_ptr": "*i32",
+                "dst_ptr": "*i64",
+                "TRASH": "i64",
+                **dict.fromkeys(i32, "i32"),
+            },
+            {
+                "LOOKAHEAD": True,
+                "PREFETCH": not counts,
+                "COUNTS": counts,
+                "AFFINE": affine,
+                "BLOCK_P": 256,
+                "BLOCK_C": 512,
+            },
+        )
     for has_cache in (True, False):
-        yield tier_kernels.append_token_kernel, {
-            "k_ptr": "*bf16", "v_ptr": "*bf16", "off_ptr": "*i64", "host_ptr": "*bf16", "host_row_ptr": "*i64",
-            "cache_ptr": "*bf16", "table_ptr": "*i32", "slot_ptr": "*i64", "group_ptr": "*i64", "TRASH": "i64",
-            **dict.fromkeys(("sk_b", "sk_h", "sv_b", "sv_h", "host_stride", "cache_stride", "table_stride", "CAP",
-                             "H", "G"), "i32")}, {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128}
-    yield gather_triton.copy_rows_kernel, {"src_ptr": "*i32", "src_idx_ptr": "*i64", "dst_ptr": "*i32",
-                                           "dst_idx_ptr": "*i64", "src_stride": "i64", "dst_stride": "i64",
-                                           "words": "i32"}, {"BLOCK": 2048}
+        yield (
+            tier_kernels.append_token_kernel,
+            {
+                "k_ptr": "*bf16",
+                "v_ptr": "*bf16",
+                "off_ptr": "*i64",
+                "host_ptr": "*bf16",
+                "host_row_ptr": "*i64",
+                "cache_ptr": "*bf16",
+                "table_ptr": "*i32",
+                "slot_ptr": "*i64",
+                "group_ptr": "*i64",
+                "TRASH": "i64",
+                **dict.fromkeys(
+                    ("sk_b", "sk_h", "sv_b", "sv_h", "host_stride", "cache_stride", "table_stride", "CAP", "H", "G"),
+                    "i32",
+                ),
+            },
+            {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128},
+        )
+    yield (
+        gather_triton.copy_rows_kernel,
+        {
+            "src_ptr": "*i32",
+            "src_idx_ptr": "*i64",
+            "dst_ptr": "*i32",
+            "dst_idx_ptr": "*i64",
+            "src_stride": "i64",
+            "dst_stride": "i64",
+            "words": "i32",
+        },
+        {"BLOCK": 2048},
+    )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
-    yield tier_kernels.write_tokens_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "dst_ptr": "*bf16", "row_stride": "i64",
-                                             "row_ptr": "*i64", "off_ptr": "*i64",
-                                             **dict.fromkeys(("T", "H", "G", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h",
-                                                              "sv_t"), "i32")}, {"D": 128, "BLOCK_D": 128}
+    yield (
+        tier_kernels.write_tokens_kernel,
+        {
+            "k_ptr": "*bf16",
+            "v_ptr": "*bf16",
+            "dst_ptr": "*bf16",
+            "row_stride": "i64",
+            "row_ptr": "*i64",
+            "off_ptr": "*i64",
+            **dict.fromkeys(("T", "H", "G", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t"), "i32"),
+        },
+        {"D": 128, "BLOCK_D": 128},
+    )
 
 
 def test_kernels_compile_for_hopper():

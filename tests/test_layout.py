@@ -47,7 +47,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -74,11 +74,17 @@ def test_eval_does_not_import_bench():
     """The benchmarks read the evaluation's text corpus (``bench decode --text``); the evaluation
     needs nothing of the benchmarks (results are written by ``kvdrive.results``)."""
     graph = import_graph()
-    crossing = {(m, d) for m, deps in graph.items() if m.startswith("kvdrive.eval") for d in deps
-                if d.startswith("kvdrive.bench")}
+    crossing = {
+        (m, d)
+        for m, deps in graph.items()
+        if m.startswith("kvdrive.eval")
+        for d in deps
+        if d.startswith("kvdrive.bench")
+    }
     assert not crossing, crossing
-    from_bench = {d for m, deps in graph.items() if m.startswith("kvdrive.bench") for d in deps
-                  if d.startswith("kvdrive.eval")}
+    from_bench = {
+        d for m, deps in graph.items() if m.startswith("kvdrive.bench") for d in deps if d.startswith("kvdrive.eval")
+    }
     assert from_bench <= {"kvdrive.eval.corpus"}, from_bench
 
 
@@ -90,6 +96,11 @@ def test_no_package_holds_more_than_15_modules():
 
 def test_every_package_declares_its_surface():
     for init in ROOT.rglob("__init__.py"):
-        names = {t.id for node in ast.parse(init.read_text()).body if isinstance(node, ast.Assign)
-                 for t in node.targets if isinstance(t, ast.Name)}
+        names = {
+            t.id
+            for node in ast.parse(init.read_text()).body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
         assert "__all__" in names, f"{init.relative_to(ROOT.parent)} has no __all__"

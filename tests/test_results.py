@@ -15,8 +15,9 @@ def test_result_records_commit_dirty_and_gpu(tmp_path, monkeypatch):
     for key in ("commit", "dirty", "gpu", "gpu_driver", "cuda"):
         assert key in env
     if (results.REPO / ".git").exists():
-        head = subprocess.run(["git", "-C", str(results.REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(results.REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         assert env["commit"] == head and isinstance(env["dirty"], bool)
     if not results.torch.cuda.is_available():
         assert env["gpu"] is None and env["gpu_driver"] is None and env["cuda"] is None

@@ -43,8 +43,9 @@ def read_only_dir(tmp_path):
     """A read-only file system (a tmpfs mounted ro; needs root), else skip."""
     mnt = tmp_path / "ro"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True,
-                      check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True, check=False
+    ).returncode:
         pytest.skip("mounting a read-only tmpfs needs root")
     yield str(mnt)
     subprocess.run(["umount", str(mnt)], check=False)
@@ -89,14 +90,24 @@ def test_generate_flags_are_checked_before_the_model_loads(capsys, flags, words)
 
 
 def test_disk_on_a_read_only_file_system(capsys, read_only_dir):
-    one_line_error(capsys, ["generate", "-m", "/no/such/model.gguf", "--budget", "64", "--disk", read_only_dir,
-                            "--host-gib", "1", "hi"], read_only_dir, "Read-only file system")
+    one_line_error(
+        capsys,
+        ["generate", "-m", "/no/such/model.gguf", "--budget", "64", "--disk", read_only_dir, "--host-gib", "1", "hi"],
+        read_only_dir,
+        "Read-only file system",
+    )
     one_line_error(capsys, ["probe", read_only_dir], read_only_dir, "Read-only file system")
 
 
 def test_prompts_that_are_not_utf8(capsys, monkeypatch, tmp_path):
-    one_line_error(capsys, ["generate"], "standard input is not UTF-8", "0xff at offset 4", stdin=b"abc \xff\xfe def",
-                   monkeypatch=monkeypatch)
+    one_line_error(
+        capsys,
+        ["generate"],
+        "standard input is not UTF-8",
+        "0xff at offset 4",
+        stdin=b"abc \xff\xfe def",
+        monkeypatch=monkeypatch,
+    )
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9".encode("latin1"))
     one_line_error(capsys, ["generate", "-f", str(bad)], "latin1.txt is not UTF-8", "iconv")
@@ -108,9 +119,15 @@ def test_a_truncated_gguf(capsys, truncated_gguf):
     one_line_error(capsys, ["info", truncated_gguf], "cut.gguf", "not a complete GGUF")
 
 
-@pytest.mark.parametrize("flags, words", [(["--mib", "0"], ["--mib"]), (["--depth", "0"], ["--depth"]),
-                                          (["--slot-kib", "6"], ["--slot-kib", "multiple of 4"]),
-                                          (["--slot-kib", "0"], ["--slot-kib"])])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--mib", "0"], ["--mib"]),
+        (["--depth", "0"], ["--depth"]),
+        (["--slot-kib", "6"], ["--slot-kib", "multiple of 4"]),
+        (["--slot-kib", "0"], ["--slot-kib"]),
+    ],
+)
 def test_probe_flags(capsys, tmp_path, flags, words):
     one_line_error(capsys, ["probe", str(tmp_path), *flags], *words)
     assert os.listdir(tmp_path) == []  # nothing measured over nothing
@@ -121,9 +138,15 @@ def test_probe_paths_are_checked_before_any_is_measured(capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv, word", [(["info", "--batch", "0"], "--batch"), (["info", "--context", "-1"],
-                                        "--context"), (["info", "--gpu-gib", "nan"], "--gpu-gib"),
-                                        (["demo", "-n", "0"], "--max-tokens")])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["info", "--batch", "0"], "--batch"),
+        (["info", "--context", "-1"], "--context"),
+        (["info", "--gpu-gib", "nan"], "--gpu-gib"),
+        (["demo", "-n", "0"], "--max-tokens"),
+    ],
+)
 def test_info_and_demo_flags(capsys, argv, word):
     one_line_error(capsys, argv, word)
 
@@ -148,33 +171,57 @@ def llm(smollm2):
         yield m
 
 
-@pytest.mark.parametrize("prompts, word", [([], "at least one prompt"), (None, "at least one prompt"),
-                                           ([[]], "empty prompt"), (["\ud800 hi"], "lone surrogate"),
-                                           ([{"prompt": "x"}], "prompt_token_ids"), ([3.5], "a prompt is"),
-                                           ([[1, 2, 10**9]], "token ids must be in")])
+@pytest.mark.parametrize(
+    "prompts, word",
+    [
+        ([], "at least one prompt"),
+        (None, "at least one prompt"),
+        ([[]], "empty prompt"),
+        (["\ud800 hi"], "lone surrogate"),
+        ([{"prompt": "x"}], "prompt_token_ids"),
+        ([3.5], "a prompt is"),
+        ([[1, 2, 10**9]], "token ids must be in"),
+    ],
+)
 def test_generate_refuses_bad_prompts(llm, prompts, word):
     with pytest.raises(KvdriveError, match=re.escape(word)):
         llm.generate(prompts)
 
 
-@pytest.mark.parametrize("messages, word", [([], "non-empty list"), (None, "non-empty list"),
-                                            ([{"role": "user"}], "'content' string"),
-                                            ([{"role": "user", "content": 5}], "'content' string"),
-                                            (["hi"], "message 0"),
-                                            ([{"role": "user", "content": "\udcff"}], "lone surrogate")])
+@pytest.mark.parametrize(
+    "messages, word",
+    [
+        ([], "non-empty list"),
+        (None, "non-empty list"),
+        ([{"role": "user"}], "'content' string"),
+        ([{"role": "user", "content": 5}], "'content' string"),
+        (["hi"], "message 0"),
+        ([{"role": "user", "content": "\udcff"}], "lone surrogate"),
+    ],
+)
 def test_chat_refuses_bad_messages(llm, messages, word):
     with pytest.raises(KvdriveError, match=re.escape(word)):
         llm.chat(messages)
 
 
-@pytest.mark.parametrize("kwargs, word", [({"seed": "abc"}, "seed"), ({"seed": 2**70}, "seed"),
-                                          ({"seed": -1}, "seed"), ({"temperature": "0.5"}, "temperature"),
-                                          ({"temperature": math.inf}, "temperature"),
-                                          ({"top_p": math.nan}, "top_p"), ({"max_tokens": True}, "max_tokens"),
-                                          ({"max_tokens": 2.0}, "max_tokens"), ({"top_k": 1.5}, "top_k"),
-                                          ({"stop": [""]}, "stop"), ({"stop": [3]}, "stop"),
-                                          ({"stop_token_ids": [-1]}, "stop_token_ids"),
-                                          ({"ignore_eos": "yes"}, "ignore_eos")])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"seed": "abc"}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": [3]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+    ],
+)
 def test_sampling_params_are_checked_when_made(kwargs, word):
     with pytest.raises(KvdriveError, match=word):
         SamplingParams(**kwargs)
@@ -187,11 +234,21 @@ def test_generate_refuses_bad_sampling_params_lists(llm):
         llm.generate(["a"], {"temperature": 0})
 
 
-@pytest.mark.parametrize("kwargs, word", [({"device": "tpu"}, "'tpu'"), ({"device": 3}, "device"),
-                                          ({"dtype": "int8"}, "dtype"), ({"max_batch": 0}, "max_batch"),
-                                          ({"max_model_len": "9"}, "max_model_len"), ({"model": 5}, "model"),
-                                          ({"seed": "abc"}, "seed"), ({"kv_cache": "host"}, "kv_cache"),
-                                          ({"prefix_cache": {}}, "prefix_cache"), ({"tenant": 1}, "tenant")])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"device": "tpu"}, "'tpu'"),
+        ({"device": 3}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_model_len": "9"}, "max_model_len"),
+        ({"model": 5}, "model"),
+        ({"seed": "abc"}, "seed"),
+        ({"kv_cache": "host"}, "kv_cache"),
+        ({"prefix_cache": {}}, "prefix_cache"),
+        ({"tenant": 1}, "tenant"),
+    ],
+)
 def test_llm_arguments_are_checked_before_the_model_loads(kwargs, word):
     kwargs.setdefault("model", "/no/such/model.gguf")  # reaching the loader would be another error
     with pytest.raises(KvdriveError, match=re.escape(word)):
@@ -218,6 +275,12 @@ def test_the_api_host_arena_refusal_names_host_bytes(smollm2, tmp_path):
 
 def test_cli_errors_come_from_a_fresh_process_too():
     """The same one line and exit 2 from ``python -m kvdrive`` (argparse's own errors included)."""
-    out = subprocess.run([sys.executable, "-m", "kvdrive", "generate", "hi", "--seed", str(2**70)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvdrive", "generate", "hi", "--seed", str(2**70)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--seed" in out.stderr

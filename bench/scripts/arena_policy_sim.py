@@ -62,16 +62,21 @@ def record(model, rows: list[list[int]], prompt: int, chunk: int, group: int) ->
     def take(self, slot_list, layers, groups, flags, event):
         event.synchronize()
         g, f = groups.numpy(), flags.numpy()
-        steps.append([[set(g[i, j][f[i, j] & 1 > 0].tolist()) for j in range(len(slot_list))]
-                      for i in range(len(layers))])
+        steps.append(
+            [[set(g[i, j][f[i, j] & 1 > 0].tolist()) for j in range(len(slot_list))] for i in range(len(layers))]
+        )
         return orig(self, slot_list, layers, groups, flags, event)
 
     tmp = Path(tempfile.mkdtemp(prefix="kvdrive-sim-"))
     DiskBackedHostKV.take_selections = take
     try:
-        cfg = TieredConfig(sparse=SparseConfig(budget=512, sink_tokens=16, window_tokens=64, group_tokens=group),
-                           cache_tokens=1024, disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
-                           host_bytes=2 * kv_bytes, disk_misses="defer")
+        cfg = TieredConfig(
+            sparse=SparseConfig(budget=512, sink_tokens=16, window_tokens=64, group_tokens=group),
+            cache_tokens=1024,
+            disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
+            host_bytes=2 * kv_bytes,
+            disk_misses="defer",
+        )
         run(model, cfg, rows, prompt, chunk, importance, place=False)  # defer_agreement's teacher-forced decode
     finally:
         DiskBackedHostKV.take_selections = orig
@@ -105,8 +110,11 @@ class LruArena:
         for g in absent:
             if g in fetched:
                 continue
-            span = [x for x in range(g - self.around, g + self.around + 1)
-                    if x == g or (0 <= x < written and (seq, x) not in self)]
+            span = [
+                x
+                for x in range(g - self.around, g + self.around + 1)
+                if x == g or (0 <= x < written and (seq, x) not in self)
+            ]
             requests += 1
             read += len(span)
             fetched.update(span)
@@ -195,10 +203,14 @@ def replay(steps, batch: int, prompt: int, group: int, make_arena, keys=None) ->
                 misses, requests, read = misses + m, requests + r, read + n
                 first += m if t < FIRST else 0
     n = len(steps)
-    return {"misses_per_step": misses / n, "requests_per_step": requests / n, "groups_read_per_step": read / n,
-            f"misses_per_step_first_{FIRST}": first / min(n, FIRST),
-            f"misses_per_step_after_{FIRST}": (misses - first) / max(n - FIRST, 1),
-            **({"placement_reads": placed} if keys is not None else {})}
+    return {
+        "misses_per_step": misses / n,
+        "requests_per_step": requests / n,
+        "groups_read_per_step": read / n,
+        f"misses_per_step_first_{FIRST}": first / min(n, FIRST),
+        f"misses_per_step_after_{FIRST}": (misses - first) / max(n - FIRST, 1),
+        **({"placement_reads": placed} if keys is not None else {}),
+    }
 
 
 def main(argv=None) -> int:
@@ -220,24 +232,43 @@ def main(argv=None) -> int:
     steps, keys = record(lm.model, rows, args.prompt, 1024, group)
     total = args.batch * (span // group)
     selected = float(np.mean([sum(len(x) for la in st for x in la) for st in steps]))
-    out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "model": lm.source, "text": args.text, "prompt_tokens": args.prompt, "steps": len(steps),
-           "batch": args.batch, "layers": len(steps[0]), "groups_per_layer": total,
-           "selected_per_step": selected, "sparse": {"budget": 512, "sink": 16, "window": 64, "group_tokens": group},
-           "assumptions": "reads land before the next step; the arena policy sees every selected group; "
-                          "the GPU cache in front is not modelled (its hits are stamped in the arena too)",
-           "rows": []}
+    out = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "model": lm.source,
+        "text": args.text,
+        "prompt_tokens": args.prompt,
+        "steps": len(steps),
+        "batch": args.batch,
+        "layers": len(steps[0]),
+        "groups_per_layer": total,
+        "selected_per_step": selected,
+        "sparse": {"budget": 512, "sink": 16, "window": 64, "group_tokens": group},
+        "assumptions": "reads land before the next step; the arena policy sees every selected group; "
+        "the GPU cache in front is not modelled (its hits are stamped in the arena too)",
+        "rows": [],
+    }
     for share in args.shares:
         cap = int(share * total)
         for k in args.around:
-            row = {"arena_share": share, "policy": "lru" if k == 0 else f"lru+around{k}",
-                   **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap, k=k: LruArena(cap, k))}
+            row = {
+                "arena_share": share,
+                "policy": "lru" if k == 0 else f"lru+around{k}",
+                **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap, k=k: LruArena(cap, k)),
+            }
             add_row(out, row)
-        row = {"arena_share": share, "policy": "lru, placed by importance",
-               **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: LruArena(cap, 0), keys)}
+        row = {
+            "arena_share": share,
+            "policy": "lru, placed by importance",
+            **replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: LruArena(cap, 0), keys),
+        }
         add_row(out, row)
-        belady = replay(steps, args.batch, args.prompt, group, lambda la, cap=cap: BeladyArena(
-            cap, uses_of(steps, la, args.batch, args.prompt, group), len(steps) + 1))
+        belady = replay(
+            steps,
+            args.batch,
+            args.prompt,
+            group,
+            lambda la, cap=cap: BeladyArena(cap, uses_of(steps, la, args.batch, args.prompt, group), len(steps) + 1),
+        )
         row = {"arena_share": share, "policy": "belady", **belady}
         add_row(out, row)
     write_out(out, args.out, t0)

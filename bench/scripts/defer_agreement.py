@@ -28,8 +28,9 @@ from kvdrive.storage.pool import PoolPath
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 
-def run(model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int,
-        after_prefill=None, place: bool = True) -> tuple[torch.Tensor, dict]:
+def run(
+    model, cfg: TieredConfig, rows: list[list[int]], prompt: int, chunk: int, after_prefill=None, place: bool = True
+) -> tuple[torch.Tensor, dict]:
     """Argmax (B, steps) and cache stats for teacher-forced decoding of ``rows`` after ``prompt``
     tokens. Each prompt is placed once prefilled (``place``), as the engine does;
     ``after_prefill(cache)`` is called once every prompt is in."""
@@ -85,8 +86,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=4096, help="prompt tokens per sequence (default 4096)")
     p.add_argument("--steps", type=int, default=96, help="teacher-forced decode steps (default 96)")
     p.add_argument("--batch", type=int, default=2, help="sequences, each its own window of the text (default 2)")
-    p.add_argument("--arenas", type=float, nargs="+", default=[0.6, 0.4],
-                   help="host arena sizes as shares of the whole KV (default 0.6 0.4)")
+    p.add_argument(
+        "--arenas",
+        type=float,
+        nargs="+",
+        default=[0.6, 0.4],
+        help="host arena sizes as shares of the whole KV (default 0.6 0.4)",
+    )
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk (default 1024)")
     p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
@@ -100,27 +106,46 @@ def main(argv=None) -> int:
     kv_bytes = model.config.kv_bytes_per_token(model.dtype) * (span + 8) * args.batch
     t0 = time.perf_counter()
     ref, _ = run(model, TieredConfig(**base), rows, args.prompt, args.chunk)
-    out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "model": lm.source, "dtype": str(model.dtype), "device": str(model.device), "text": args.text,
-           "prompt_tokens": args.prompt, "steps": args.steps, "batch": args.batch,
-           "sparse": {"budget": 512, "sink": 16, "window": 64, "group_tokens": 16, "cache_tokens": 1024},
-           "kv_bytes": kv_bytes, "reference": "tiered cache with all KV in host memory (exact sparse path)",
-           "rows": []}
+    out = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "model": lm.source,
+        "dtype": str(model.dtype),
+        "device": str(model.device),
+        "text": args.text,
+        "prompt_tokens": args.prompt,
+        "steps": args.steps,
+        "batch": args.batch,
+        "sparse": {"budget": 512, "sink": 16, "window": 64, "group_tokens": 16, "cache_tokens": 1024},
+        "kv_bytes": kv_bytes,
+        "reference": "tiered cache with all KV in host memory (exact sparse path)",
+        "rows": [],
+    }
     configs = [("wait", args.arenas[0])] + [("defer", a) for a in args.arenas]
     for mode, share in configs:
         tmp = Path(tempfile.mkdtemp(prefix="kvdrive-defer-"))
         try:
-            cfg = TieredConfig(**base, disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
-                               host_bytes=int(share * kv_bytes), direct="auto", disk_misses=mode)
+            cfg = TieredConfig(
+                **base,
+                disk=(PoolPath(str(tmp), 4 * kv_bytes + (64 << 20)),),
+                host_bytes=int(share * kv_bytes),
+                direct="auto",
+                disk_misses=mode,
+            )
             got, st = run(model, cfg, rows, args.prompt, args.chunk)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         agree = (got == ref).float().mean().item()
-        row = {"disk_misses": mode, "arena_share": share, "top1_agreement": agree,
-               "groups_selected": st["groups_selected"], "deferred": st.get("deferred", 0),
-               "deferred_share": st.get("deferred", 0) / max(st["groups_selected"], 1),
-               "disk_reads": st.get("disk_reads", 0), "deferred_reads": st.get("deferred_reads", 0),
-               "lost": st.get("lost", 0)}
+        row = {
+            "disk_misses": mode,
+            "arena_share": share,
+            "top1_agreement": agree,
+            "groups_selected": st["groups_selected"],
+            "deferred": st.get("deferred", 0),
+            "deferred_share": st.get("deferred", 0) / max(st["groups_selected"], 1),
+            "disk_reads": st.get("disk_reads", 0),
+            "deferred_reads": st.get("deferred_reads", 0),
+            "lost": st.get("lost", 0),
+        }
         add_row(out, row)
     write_out(out, args.out, t0)
     return 0

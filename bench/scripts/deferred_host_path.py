@@ -42,7 +42,9 @@ def selections(kv: DiskBackedHostKV, rng, layers: int, seqs: int, left: int):
         for b in range(seqs):
             r, d = np.flatnonzero(resident[b]), np.flatnonzero(~resident[b])
             k = min(len(d), rng.poisson(left / (layers * seqs)))
-            groups[la, b] = np.concatenate([rng.choice(r, SELECTED - k, replace=False), rng.choice(d, k, replace=False)])
+            groups[la, b] = np.concatenate(
+                [rng.choice(r, SELECTED - k, replace=False), rng.choice(d, k, replace=False)]
+            )
             flags[la, b, SELECTED - k :] = 2
     return torch.from_numpy(groups), torch.from_numpy(flags)
 
@@ -57,8 +59,9 @@ def run(args, native: bool) -> dict:
     n = args.tokens // layout.group_tokens
     total = layout.num_layers * args.seqs * n * layout.slot_bytes
     work = tempfile.mkdtemp(prefix="kvdrive-hostpath-", dir=args.dir)
-    kv = DiskBackedHostKV(layout, args.seqs, n, torch.device("cpu"), int(total * args.arena),
-                          (PoolPath(work, int(total * 1.2)),))
+    kv = DiskBackedHostKV(
+        layout, args.seqs, n, torch.device("cpu"), int(total * args.arena), (PoolPath(work, int(total * 1.2)),)
+    )
     try:
         seqs = list(range(args.seqs))
         for st in range(0, args.tokens, 1024):  # fill: every group written behind to disk
@@ -86,11 +89,16 @@ def run(args, native: bool) -> dict:
         native_io._state.clear()
         native_io._state.update(saved)
     ms = np.asarray(host_s) * 1e3
-    return {"read_path": "native" if native else "python_threads", "host_ms_per_step_median": float(np.median(ms)),
-            "host_ms_per_step_mean": float(ms.mean()), "host_ms_per_step_p90": float(np.percentile(ms, 90)),
-            "deferred_per_step": c["deferred"] / args.steps, "deferred_reads_per_step": c["deferred_reads"] / args.steps,
-            "reads_landed_per_s": c["deferred_reads"] / wall, "host_us_per_deferred_read":
-            float(ms.mean() * 1e3 / max(c["deferred"] / args.steps, 1))}
+    return {
+        "read_path": "native" if native else "python_threads",
+        "host_ms_per_step_median": float(np.median(ms)),
+        "host_ms_per_step_mean": float(ms.mean()),
+        "host_ms_per_step_p90": float(np.percentile(ms, 90)),
+        "deferred_per_step": c["deferred"] / args.steps,
+        "deferred_reads_per_step": c["deferred_reads"] / args.steps,
+        "reads_landed_per_s": c["deferred_reads"] / wall,
+        "host_us_per_deferred_read": float(ms.mean() * 1e3 / max(c["deferred"] / args.steps, 1)),
+    }
 
 
 def main(argv=None) -> int:
@@ -110,10 +118,13 @@ def main(argv=None) -> int:
     for native in (True, False):
         rows.append(run(args, native))
         print(rows[-1], flush=True)
-    out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.node()},
-           "config": vars(args), "rows": rows,
-           "ratio_host_ms_python_over_native": rows[1]["host_ms_per_step_median"] / rows[0]["host_ms_per_step_median"]}
+    out = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "environment": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.node()},
+        "config": vars(args),
+        "rows": rows,
+        "ratio_host_ms_python_over_native": rows[1]["host_ms_per_step_median"] / rows[0]["host_ms_per_step_median"],
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("wrote", args.out)
     return 0

@@ -57,8 +57,9 @@ def main() -> int:
         runner.prefill([list(item.prompt_ids)])
         prompt = len(item.prompt_ids)
         for s in ["full", *args.summaries]:
-            runner.cache.reconfigure(replace(base, budget=FULL_BUDGET) if s == "full" else
-                                     replace(base, summary=s, budget=args.budget))
+            runner.cache.reconfigure(
+                replace(base, budget=FULL_BUDGET) if s == "full" else replace(base, summary=s, budget=args.budget)
+            )
             runner.cache.truncate(0, prompt)
             greedy = []
             for t, tok in enumerate(answer[:-1]):  # teacher-forced: the input of step t is answer[t]
@@ -78,13 +79,20 @@ def main() -> int:
         print(f"{layer:5d} " + " ".join(f"{recall[s][i]:9.2f}" for s in args.summaries))
     print("mean  " + " ".join(f"{sum(recall[s]) / len(layers):9.2f}" for s in args.summaries))
     print("answers right (teacher-forced digits):", right)
-    config = {**vars(args), "model": lm.source, "text_source": text.source, "group_tokens": base.group_tokens,
-              "sink_tokens": base.sink_tokens, "window_tokens": base.window_tokens}
-    results = {"layers": layers, "recall": recall, "digit_steps": steps, "answers_right": right,
-               "items": len(items)}
-    notes = ["recall: share of the steps that must emit a digit of the key at which the layer's selection holds "
-             "a group with the key's digits; context and question prefilled exactly, the answer teacher-forced",
-             "answers_right: items whose every teacher-forced step predicted the next answer token"]
+    config = {
+        **vars(args),
+        "model": lm.source,
+        "text_source": text.source,
+        "group_tokens": base.group_tokens,
+        "sink_tokens": base.sink_tokens,
+        "window_tokens": base.window_tokens,
+    }
+    results = {"layers": layers, "recall": recall, "digit_steps": steps, "answers_right": right, "items": len(items)}
+    notes = [
+        "recall: share of the steps that must emit a digit of the key at which the layer's selection holds "
+        "a group with the key's digits; context and question prefilled exactly, the answer teacher-forced",
+        "answers_right: items whose every teacher-forced step predicted the next answer token",
+    ]
     write_result(args.out, "needle-recall", config, results, notes)
     return 0
 

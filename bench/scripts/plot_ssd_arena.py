@@ -55,8 +55,13 @@ def main(argv=None) -> int:
         x, y = r["host_mem_used_gib"], r["tokens_per_s"]
         left = r.get("per_step", {}).get("deferred_rate", 0.0)
         ax.plot(x, y, "o", color="tab:orange")
-        ax.annotate(f"{r['arena_gib']:g} GiB arena\n{y / ref:.2f}x, {left:.2%} left out", (x, y),
-                    textcoords="offset points", xytext=(6, -24), fontsize=8)
+        ax.annotate(
+            f"{r['arena_gib']:g} GiB arena\n{y / ref:.2f}x, {left:.2%} left out",
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, -24),
+            fontsize=8,
+        )
     ax.plot([], [], "o", color="tab:orange", label="kvdrive_ssd (defer): all KV on disk, arena in front")
     ax.set_xlabel("host memory used (GiB)")
     ax.set_ylabel("decode tokens/s")

@@ -25,7 +25,9 @@ def main() -> None:
     rows = []
     for b, n in ((2, 8192), (4, 8192), (8, 2048)):
         gen = torch.Generator(device="cuda").manual_seed(b * n)
-        summ = torch.randn(b, n + 64, 8, 256, generator=gen, device="cuda").to(torch.bfloat16)[:, :n]  # padded table view
+        summ = torch.randn(b, n + 64, 8, 256, generator=gen, device="cuda").to(torch.bfloat16)[
+            :, :n
+        ]  # padded table view
         q = torch.randn(b, 32, 128, generator=gen, device="cuda").to(torch.bfloat16)
         counts = torch.full((b,), n - 3, device="cuda")
         want = s.score(q, summ, None, 0.088, counts=counts, impl="torch")
@@ -40,15 +42,30 @@ def main() -> None:
 
                 got = call()
                 fin = torch.isfinite(want)
-                ok = bool(torch.equal(torch.isinf(got), torch.isinf(want)) and
-                          torch.allclose(got[fin], want[fin], rtol=2e-2, atol=2e-2))
+                ok = bool(
+                    torch.equal(torch.isinf(got), torch.isinf(want))
+                    and torch.allclose(got[fin], want[fin], rtol=2e-2, atol=2e-2)
+                )
                 us = time_us(call)
-                row = {"b": b, "n": n, "impl": "triton", "block_n": block_n, "warps": warps, "us": us,
-                       "summary_gbps": round(mb * 1e3 / us, 1), "matches_torch": ok}
+                row = {
+                    "b": b,
+                    "n": n,
+                    "impl": "triton",
+                    "block_n": block_n,
+                    "warps": warps,
+                    "us": us,
+                    "summary_gbps": round(mb * 1e3 / us, 1),
+                    "matches_torch": ok,
+                }
                 rows.append(row)
                 print(row, flush=True)
-    save("scorebench.json", "score_kernel_timing.py", "group score per call (scores of every group of every KV "
-         "head), CUDA graph, idle GPU; minmax bf16 summaries (B, N, 8, 256), 32 query heads", rows)
+    save(
+        "scorebench.json",
+        "score_kernel_timing.py",
+        "group score per call (scores of every group of every KV "
+        "head), CUDA graph, idle GPU; minmax bf16 summaries (B, N, 8, 256), 32 query heads",
+        rows,
+    )
 
 
 if __name__ == "__main__":

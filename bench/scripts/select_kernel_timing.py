@@ -46,6 +46,7 @@ def main() -> None:
         num_groups = torch.randint(n - 64, n + 1, (b,), generator=gen, device="cuda")
         want = select_groups(scores, num_groups, CFG, 16, max_pages=128, impl="torch")
         for chunk in (0, 1024):
+
             def call(scores=scores, num_groups=num_groups, chunk=chunk):
                 return _select_kernel(scores, num_groups, CFG, 16, 128, chunk=chunk)
 
@@ -54,14 +55,23 @@ def main() -> None:
             row = {"b": b, "n": n, "chunk": chunk, "us": time_us(call), "matches_torch": ok}
             print(row, flush=True)
             rows.append(row)
-    save("selbench.json", "select_kernel_timing.py", "selection launcher time per call, CUDA graph, 8 KV heads, "
-         "budget 2048 tokens, G=16; chunk 0 = one program per sequence", rows)
+    save(
+        "selbench.json",
+        "select_kernel_timing.py",
+        "selection launcher time per call, CUDA graph, 8 KV heads, "
+        "budget 2048 tokens, G=16; chunk 0 = one program per sequence",
+        rows,
+    )
 
 
 def save(name: str, script: str, what: str, rows: list[dict]) -> None:
     """A timing script's rows as ``$OUT/name`` (or ``./name``), with its command and the GPU."""
-    doc = {"command": f"python3 bench/scripts/{script}", "device": torch.cuda.get_device_name(), "what": what,
-           "rows": rows}
+    doc = {
+        "command": f"python3 bench/scripts/{script}",
+        "device": torch.cuda.get_device_name(),
+        "what": what,
+        "rows": rows,
+    }
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(doc, f, indent=1)
 

@@ -16,25 +16,49 @@ BENCHES = {
     "model": ("kvdrive.bench.model", "decode tokens/s of the plain GPU cache vs transformers generate"),
     "select": ("kvdrive.bench.select", "time to score and select groups vs the attention time it saves"),
     "attention": ("kvdrive.bench.attention", "sparse paged attention (Triton vs torch) vs full attention"),
-    "ttft": ("kvdrive.bench.reuse.ttft", "time to first token of a repeated long prompt: recompute vs serial buffered "
-             "load vs kvdrive's pooled load"),
-    "remote": ("kvdrive.bench.reuse.remote", "time to first token of a prefix from the remote tier (Mooncake Store, "
-               "written by another process) vs the local disk vs recompute, beside transfer_engine_bench"),
-    "prefill": ("kvdrive.bench.prefill", "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
-                "transformers' forward (sdpa) on the same weights"),
-    "decode": ("kvdrive.bench.decode", ("decode tokens/s of every KV placement side by side (all-GPU, "
-                                        "transformers offload, streaming, sparse from host, kvdrive) with each "
-                                        "row's roofline bound")),
+    "ttft": (
+        "kvdrive.bench.reuse.ttft",
+        "time to first token of a repeated long prompt: recompute vs serial buffered load vs kvdrive's pooled load",
+    ),
+    "remote": (
+        "kvdrive.bench.reuse.remote",
+        "time to first token of a prefix from the remote tier (Mooncake Store, "
+        "written by another process) vs the local disk vs recompute, beside transfer_engine_bench",
+    ),
+    "prefill": (
+        "kvdrive.bench.prefill",
+        "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
+        "transformers' forward (sdpa) on the same weights",
+    ),
+    "decode": (
+        "kvdrive.bench.decode",
+        (
+            "decode tokens/s of every KV placement side by side (all-GPU, "
+            "transformers offload, streaming, sparse from host, kvdrive) with each "
+            "row's roofline bound"
+        ),
+    ),
     "io": ("kvdrive.bench.io", "host<->GPU row copy and disk read bandwidth vs the hardware's raw figures"),
-    "serve": ("kvdrive.bench.serving.run", "an open-loop load (Poisson arrivals, shared prefixes and random prompts) "
-              "against kvdrive serve, prefix pool off and on, and transformers serve: TTFT, inter-token latency, "
-              "tokens/s, prefix hits, errors"),
-    "suite": ("kvdrive.bench.suite", "run a named set of the benchmarks above (headline: regenerate the "
-              "README's results on a GPU)"),
-    "faults": ("kvdrive.bench.reliability.faults", "injected faults, kill -9 and contention across prefix reuse and "
-               "tiered decode, outputs compared with clean runs (docs/reliability.md)"),
-    "soak": ("kvdrive.bench.reliability.soak", "thousands of generate calls with the disk tier: RSS, fds, threads "
-             "and disk bytes over time, and what is left on disk after exit"),
+    "serve": (
+        "kvdrive.bench.serving.run",
+        "an open-loop load (Poisson arrivals, shared prefixes and random prompts) "
+        "against kvdrive serve, prefix pool off and on, and transformers serve: TTFT, inter-token latency, "
+        "tokens/s, prefix hits, errors",
+    ),
+    "suite": (
+        "kvdrive.bench.suite",
+        "run a named set of the benchmarks above (headline: regenerate the README's results on a GPU)",
+    ),
+    "faults": (
+        "kvdrive.bench.reliability.faults",
+        "injected faults, kill -9 and contention across prefix reuse and "
+        "tiered decode, outputs compared with clean runs (docs/reliability.md)",
+    ),
+    "soak": (
+        "kvdrive.bench.reliability.soak",
+        "thousands of generate calls with the disk tier: RSS, fds, threads "
+        "and disk bytes over time, and what is left on disk after exit",
+    ),
 }
 
 

@@ -31,12 +31,21 @@ LLAMA = dict(h_q=32, h_kv=8, d=128)
 
 def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="device (default: CUDA if present)")
-    p.add_argument("--cases", nargs="+", default=["1x131072", "16x32768", "16x131072"],
-                   help="BATCHxCONTEXT cases (default 1x131072 16x32768 16x131072)")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        default=["1x131072", "16x32768", "16x131072"],
+        help="BATCHxCONTEXT cases (default 1x131072 16x32768 16x131072)",
+    )
     p.add_argument("--group-tokens", type=int, default=16, help="G (default 16)")
     p.add_argument("--budget", type=int, default=2048, help="sparse budget in tokens (default 2048)")
-    p.add_argument("--block-tokens", type=int, nargs="+", default=[32, 64, 128],
-                   help="Triton tokens per inner iteration to try (default 32 64 128)")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128],
+        help="Triton tokens per inner iteration to try (default 32 64 128)",
+    )
     p.add_argument("--repeats", type=int, default=20, help="timed repeats, median kept (default 20)")
     p.add_argument("-o", "--out", default="bench/results/attention.json", help="JSON result path")
 
@@ -131,23 +140,32 @@ def run_case(batch, context, args, device, dtype, peak) -> dict:
     if use_triton:
         for bt in args.block_tokens:
             res[f"full_triton_ms_bt{bt}"] = time_ms(
-                lambda bt=bt: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=bt), device,
-                args.repeats)
+                lambda bt=bt: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=bt),
+                device,
+                args.repeats,
+            )
             res[f"sparse_triton_ms_bt{bt}"] = time_ms(
-                lambda bt=bt: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=bt), device,
-                args.repeats)
+                lambda bt=bt: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=bt),
+                device,
+                args.repeats,
+            )
         best = min(args.block_tokens, key=lambda bt: res[f"full_triton_ms_bt{bt}"])
         res["sparse_triton_graph_ms"] = time_graph_ms(
-            lambda: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=best), device,
-            args.repeats)
+            lambda: sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=best),
+            device,
+            args.repeats,
+        )
         res["full_triton_graph_ms"] = time_graph_ms(
-            lambda: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=best), device,
-            args.repeats)
+            lambda: sparse_attention_triton(q, pool, full_pt, full_np, last, scale, block_tokens=best),
+            device,
+            args.repeats,
+        )
         res["full_triton_ms"], res["best_block_tokens_full"] = res[f"full_triton_ms_bt{best}"], best
         res["sparse_triton_ms"] = min(res[f"sparse_triton_ms_bt{bt}"] for bt in args.block_tokens)
         out_t, lse_t = sparse_attention_triton(q, pool, sp_pt, sp_np, sp_last, scale, block_tokens=best)
-    res["sparse_ref_ms"] = time_ms(lambda: sparse_attention_ref(q, pool, sp_pt, sp_np, sp_last, scale), device,
-                                   args.repeats)
+    res["sparse_ref_ms"] = time_ms(
+        lambda: sparse_attention_ref(q, pool, sp_pt, sp_np, sp_last, scale), device, args.repeats
+    )
     out_r, lse_r = sparse_attention_ref(q, pool, sp_pt, sp_np, sp_last, scale)
     if use_triton:
         res["sparse_out_rel_err"] = rel_err(out_t, out_r)
@@ -186,8 +204,15 @@ def run(args) -> int:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    config = {"cases": args.cases, "group_tokens": args.group_tokens, "budget": args.budget, **LLAMA,
-              "dtype": str(dtype), "block_tokens": args.block_tokens, "copy_gbps_read_plus_write": peak}
+    config = {
+        "cases": args.cases,
+        "group_tokens": args.group_tokens,
+        "budget": args.budget,
+        **LLAMA,
+        "dtype": str(dtype),
+        "block_tokens": args.block_tokens,
+        "copy_gbps_read_plus_write": peak,
+    }
     path = write_result(args.out, "attention", config, results, notes)
     print(f"wrote {path}")
     return 0

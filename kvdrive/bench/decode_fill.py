@@ -8,8 +8,16 @@ import torch
 from kvdrive.cache.base import KVCache
 
 
-def fill_random(cache: KVCache, seq_ids, length: int, config, device: torch.device, dtype: torch.dtype,
-                chunk: int = 8192, seed: int = 0) -> None:
+def fill_random(
+    cache: KVCache,
+    seq_ids,
+    length: int,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk: int = 8192,
+    seed: int = 0,
+) -> None:
     """Give every sequence in ``seq_ids`` (already added) ``length`` tokens of seeded N(0, 1)
     K and V through the cache's normal path, ``chunk`` tokens per plan/append/commit; no
     model, no attention."""

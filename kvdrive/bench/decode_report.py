@@ -37,8 +37,12 @@ def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
         pairs = [("kvdrive_host", s) for s in systems if s not in ("kvdrive_host", "kvdrive_ssd", "kvswap_ssd")]
         for ours, other in [*pairs, ("kvdrive_ssd", "kvdrive_host"), ("kvdrive_ssd", "kvswap_ssd")]:
             if ours in systems and other in systems:
-                ratio = {"context": int(ctx), "system": ours, "vs": other,
-                         "ratio": systems[ours]["tokens_per_s"] / systems[other]["tokens_per_s"]}
+                ratio = {
+                    "context": int(ctx),
+                    "system": ours,
+                    "vs": other,
+                    "ratio": systems[ours]["tokens_per_s"] / systems[other]["tokens_per_s"],
+                }
                 if (ours, other) in TARGETS:
                     ratio["target"] = TARGETS[ours, other]
                 ratios.append(ratio)
@@ -47,42 +51,76 @@ def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
 
 def run_notes(random_weights: bool, warmup: int, rebalance_after: int, feed: str = "greedy") -> list[str]:
     """What a reader of the JSON must know to read the numbers."""
-    settle = f" (+{rebalance_after + 1} for the tiered caches, past their capacity rebalance)" if rebalance_after else ""
+    settle = (
+        f" (+{rebalance_after + 1} for the tiered caches, past their capacity rebalance)" if rebalance_after else ""
+    )
     return [
         "random weights of the real architecture" if random_weights else "real weights",
-        ("context = tokens per sequence when decoding ends (the size each cache is built for; powers of two keep "
-         "torch's pinned allocator from rounding up); the fill stops at 'filled', decoding adds the rest"),
-        ("contexts filled with seeded N(0,1) post-RoPE K/V through each cache's plan/append/commit (no prefill); "
-         "hf_offload prefills random token ids. Sparse selection over random KV and random weights has no real "
-         "locality: hit rates and selection overlap between steps are not those of real text"),
-        (f"decode timed over steps_timed steps after {warmup} warm-up steps{settle}, perf_counter around "
-         "a synchronized region; tokens/s = batch * steps / seconds; each step's input: "
-         + ("the argmax of the last step's logits" if feed == "greedy" else
-            "a seeded random token (the same sequence for every system), not the argmax")),
+        (
+            "context = tokens per sequence when decoding ends (the size each cache is built for; powers of two keep "
+            "torch's pinned allocator from rounding up); the fill stops at 'filled', decoding adds the rest"
+        ),
+        (
+            "contexts filled with seeded N(0,1) post-RoPE K/V through each cache's plan/append/commit (no prefill); "
+            "hf_offload prefills random token ids. Sparse selection over random KV and random weights has no real "
+            "locality: hit rates and selection overlap between steps are not those of real text"
+        ),
+        (
+            f"decode timed over steps_timed steps after {warmup} warm-up steps{settle}, perf_counter around "
+            "a synchronized region; tokens/s = batch * steps / seconds; each step's input: "
+            + (
+                "the argmax of the last step's logits"
+                if feed == "greedy"
+                else "a seeded random token (the same sequence for every system), not the argmax"
+            )
+        ),
         "hf_offload: (time of prefill + N+1 tokens - time of prefill + 1 token) / N, one repeat",
         roofline.FORMULA,
-        ("PCIe bytes per step: streaming and hf_offload = the whole KV of the batch; sparse_host/kvdrive_host = "
-         "measured bytes_host_to_gpu / steps; full_gpu and sparse_gpu = 0. GPU bytes read: the whole KV for full "
-         "attention; for sparse systems the budget's tokens per global layer plus the minmax summaries of every group"),
-        ("ratios: each system's best tokens/s over batches per context; targets: "
-         + ", ".join(f"{a} / {b} >= {t}" for (a, b), t in TARGETS.items())),
-        ("kvdrive_ssd, kvswap_ssd: the roofline's disk term is (disk reads + read-ahead + reads behind per step) x "
-         "slot bytes / bandwidths.disk_read_gbps (random slot reads, queue depth 32, first --disk path); it assumes "
-         "the reads overlap everything, while a layer that waits for its reads also pays the disk's latency"),
+        (
+            "PCIe bytes per step: streaming and hf_offload = the whole KV of the batch; sparse_host/kvdrive_host = "
+            "measured bytes_host_to_gpu / steps; full_gpu and sparse_gpu = 0. GPU bytes read: the whole KV for full "
+            "attention; for sparse systems the budget's tokens per global layer plus the minmax summaries of every group"
+        ),
+        (
+            "ratios: each system's best tokens/s over batches per context; targets: "
+            + ", ".join(f"{a} / {b} >= {t}" for (a, b), t in TARGETS.items())
+        ),
+        (
+            "kvdrive_ssd, kvswap_ssd: the roofline's disk term is (disk reads + read-ahead + reads behind per step) x "
+            "slot bytes / bandwidths.disk_read_gbps (random slot reads, queue depth 32, first --disk path); it assumes "
+            "the reads overlap everything, while a layer that waits for its reads also pays the disk's latency"
+        ),
     ]
 
 
-def save(out: str | Path, config: dict, bandwidths: dict, rows: list[dict], notes: list[str],
-         environment_of: dict | None = None, sources: list[dict] | None = None) -> Path:
+def save(
+    out: str | Path,
+    config: dict,
+    bandwidths: dict,
+    rows: list[dict],
+    notes: list[str],
+    environment_of: dict | None = None,
+    sources: list[dict] | None = None,
+) -> Path:
     """Write the result with each system's best batch, the ratios and a note per row not measured
     (``environment_of``, ``sources``: see ``kvdrive.results.write_result``)."""
     best, ratios = best_and_ratios(rows)
-    missing = [f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
-               for r in rows if r["status"] != "ok"]
+    missing = [
+        f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
+        for r in rows
+        if r["status"] != "ok"
+    ]
     results = {"bandwidths": bandwidths, "rows": rows, "best": best, "ratios": ratios}
     out = Path(out)
-    tmp = write_result(out.with_name(out.name + ".part"), "decode", config, results, [*notes, *missing],
-                       environment_of=environment_of, sources=sources)
+    tmp = write_result(
+        out.with_name(out.name + ".part"),
+        "decode",
+        config,
+        results,
+        [*notes, *missing],
+        environment_of=environment_of,
+        sources=sources,
+    )
     return tmp.replace(out)  # atomic: a run killed mid-write keeps the previous rows
 
 
@@ -104,14 +142,24 @@ def merge(paths: list[str], out: str | Path) -> Path:
         merged_from.update(d["config"].get("merged_from", {}))
         merged_from.update({f"{p} ({c})": "" for c in d.get("source_commands", [])})
         merged_from[str(p)] = d["command"]
-    config = {**first["config"], "merged_from": merged_from,
-              "bandwidths_per_run": [d["results"]["bandwidths"] for d in docs]}
+    config = {
+        **first["config"],
+        "merged_from": merged_from,
+        "bandwidths_per_run": [d["results"]["bandwidths"] for d in docs],
+    }
     notes = [n for n in first["notes"] if not n.startswith(NOT_MEASURED)]
     sources = []
     for p, d in zip(paths, docs):
         sources += d.get("sources") or [{"path": str(p), "command": d["command"], "environment": d["environment"]}]
-    return save(out, config, first["results"]["bandwidths"], list(rows.values()), notes,
-                environment_of=sources[0]["environment"], sources=sources)
+    return save(
+        out,
+        config,
+        first["results"]["bandwidths"],
+        list(rows.values()),
+        notes,
+        environment_of=sources[0]["environment"],
+        sources=sources,
+    )
 
 
 def _ctx(tokens: int) -> str:
@@ -134,8 +182,11 @@ def plot(json_path: str | Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(contexts), figsize=(PANEL[0] * len(contexts), PANEL[1]), squeeze=False)
     for ax, ctx in zip(axes[0], contexts):
         for s in systems:
-            pts = sorted((r["batch"], r["tokens_per_s"], r["roofline"].get("tokens_per_s"))
-                         for r in rows if r["context"] == ctx and r["system"] == s)
+            pts = sorted(
+                (r["batch"], r["tokens_per_s"], r["roofline"].get("tokens_per_s"))
+                for r in rows
+                if r["context"] == ctx and r["system"] == s
+            )
             if not pts:
                 continue
             xs = [p[0] for p in pts]

@@ -175,12 +175,19 @@ def _tiered(eviction: str | None):
     def build(s: Shape, device, o: Options) -> KVCache:
         from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
-        cfg = TieredConfig(sparse=o.sparse, cache_tokens=o.cache_tokens, eviction=eviction or o.eviction,
-                           prefetch=o.prefetch, overlap=o.overlap, rebalance_after=o.rebalance_after,
-                           prefetch_min_precision=o.prefetch_min_precision,
-                           micro_batches=1 if eviction else o.micro_batches,  # the baseline has no pipeline
-                           fetch_programs=0 if eviction else o.fetch_programs, fetch_lane=o.fetch_lane,
-                           control_stream=o.control_stream and not eviction)
+        cfg = TieredConfig(
+            sparse=o.sparse,
+            cache_tokens=o.cache_tokens,
+            eviction=eviction or o.eviction,
+            prefetch=o.prefetch,
+            overlap=o.overlap,
+            rebalance_after=o.rebalance_after,
+            prefetch_min_precision=o.prefetch_min_precision,
+            micro_batches=1 if eviction else o.micro_batches,  # the baseline has no pipeline
+            fetch_programs=0 if eviction else o.fetch_programs,
+            fetch_lane=o.fetch_lane,
+            control_stream=o.control_stream and not eviction,
+        )
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
     return build
@@ -200,13 +207,22 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
     for d in o.disk:
         (Path(d) / DISK_SUBDIR).mkdir(parents=True, exist_ok=True)
         paths.append(PoolPath(str(Path(d) / DISK_SUBDIR), budget))
-    cfg = TieredConfig(sparse=o.sparse, cache_tokens=0 if previous_step_only else o.cache_tokens,
-                       eviction="lru" if previous_step_only else o.eviction, prefetch=o.prefetch, overlap=o.overlap,
-                       rebalance_after=0 if previous_step_only else o.rebalance_after, disk=tuple(paths),
-                       host_bytes=int(o.ssd_host_gib * GIB), prefetch_min_precision=o.prefetch_min_precision,
-                       micro_batches=1 if previous_step_only else o.micro_batches,
-                       fetch_programs=0 if previous_step_only else o.fetch_programs, fetch_lane=o.fetch_lane,
-                       control_stream=o.control_stream and not previous_step_only, disk_misses=o.disk_misses)
+    cfg = TieredConfig(
+        sparse=o.sparse,
+        cache_tokens=0 if previous_step_only else o.cache_tokens,
+        eviction="lru" if previous_step_only else o.eviction,
+        prefetch=o.prefetch,
+        overlap=o.overlap,
+        rebalance_after=0 if previous_step_only else o.rebalance_after,
+        disk=tuple(paths),
+        host_bytes=int(o.ssd_host_gib * GIB),
+        prefetch_min_precision=o.prefetch_min_precision,
+        micro_batches=1 if previous_step_only else o.micro_batches,
+        fetch_programs=0 if previous_step_only else o.fetch_programs,
+        fetch_lane=o.fetch_lane,
+        control_stream=o.control_stream and not previous_step_only,
+        disk_misses=o.disk_misses,
+    )
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
 
@@ -246,31 +262,103 @@ def _hf_host_bytes(s: Shape, o: Options) -> int:
     return 2 * _all_kv_max(s, o)  # each step writes a layer's grown KV back before the old copy is freed
 
 
-SYSTEMS: dict[str, System] = {s.name: s for s in (
-    System("full_gpu", "all KV on the GPU (ContiguousKVCache, exact attention, CUDA graph)", False,
-           _contiguous, _all_kv_max, _none, _full_read, "none"),
-    System("hf_offload", "transformers generate, cache_implementation='offloaded' (whole KV to host after each "
-           "layer, prefetched back one layer ahead), same weights", True,
-           None, _hf_gpu_bytes, _hf_host_bytes, _full_read, "all_kv"),
-    System("streaming", "FlexGen-style: all KV in pinned host memory, every layer's whole KV streamed to the GPU "
-           "one layer ahead (HostStreamingKVCache)", True,
-           _streaming, _layer_buffers, _host_kv, _full_read, "all_kv"),
-    System("sparse_gpu", "Quest-style reference: sparse retrieval with every group on the GPU (SparseKVCache)", False,
-           _sparse_gpu, _sparse_gpu_bytes, _none, _sparse_read, "none"),
-    System("sparse_host", "ShadowKV/InfiniGen-style: KV in host memory, selected groups fetched every step, "
-           "next layer prefetched, no cross-step GPU cache (TieredSparseKVCache, eviction='none')", False,
-           _tiered("none"), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _settle),
-    System("kvdrive_host", "kvdrive: KV in host memory, GPU selection cache with lookahead eviction, next-layer "
-           "prefetch (TieredSparseKVCache)", False,
-           _tiered(None), _tiered_gpu_bytes, _host_groups, _sparse_read, "measured", _settle),
-    System("kvdrive_ssd", "kvdrive over host + SSD: as kvdrive_host, every group on the disk pool (--disk) behind "
-           "a fixed pinned host arena (--ssd-host-gib)", False,
-           _tiered_ssd, _tiered_gpu_bytes, _ssd_host, _sparse_read, "measured", _settle, _disk_kv),
-    System("kvswap_ssd", "KVSwap-style: as kvdrive_ssd, but the GPU keeps only the previous step's selection "
-           "(cache of one selection, LRU, no rebalance)", False,
-           lambda s, d, o: _tiered_ssd(s, d, o, previous_step_only=True), _tiered_gpu_bytes, _ssd_host,
-           _sparse_read, "measured", lambda o: 0, _disk_kv),
-)}
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System(
+            "full_gpu",
+            "all KV on the GPU (ContiguousKVCache, exact attention, CUDA graph)",
+            False,
+            _contiguous,
+            _all_kv_max,
+            _none,
+            _full_read,
+            "none",
+        ),
+        System(
+            "hf_offload",
+            "transformers generate, cache_implementation='offloaded' (whole KV to host after each "
+            "layer, prefetched back one layer ahead), same weights",
+            True,
+            None,
+            _hf_gpu_bytes,
+            _hf_host_bytes,
+            _full_read,
+            "all_kv",
+        ),
+        System(
+            "streaming",
+            "FlexGen-style: all KV in pinned host memory, every layer's whole KV streamed to the GPU "
+            "one layer ahead (HostStreamingKVCache)",
+            True,
+            _streaming,
+            _layer_buffers,
+            _host_kv,
+            _full_read,
+            "all_kv",
+        ),
+        System(
+            "sparse_gpu",
+            "Quest-style reference: sparse retrieval with every group on the GPU (SparseKVCache)",
+            False,
+            _sparse_gpu,
+            _sparse_gpu_bytes,
+            _none,
+            _sparse_read,
+            "none",
+        ),
+        System(
+            "sparse_host",
+            "ShadowKV/InfiniGen-style: KV in host memory, selected groups fetched every step, "
+            "next layer prefetched, no cross-step GPU cache (TieredSparseKVCache, eviction='none')",
+            False,
+            _tiered("none"),
+            _tiered_gpu_bytes,
+            _host_groups,
+            _sparse_read,
+            "measured",
+            _settle,
+        ),
+        System(
+            "kvdrive_host",
+            "kvdrive: KV in host memory, GPU selection cache with lookahead eviction, next-layer "
+            "prefetch (TieredSparseKVCache)",
+            False,
+            _tiered(None),
+            _tiered_gpu_bytes,
+            _host_groups,
+            _sparse_read,
+            "measured",
+            _settle,
+        ),
+        System(
+            "kvdrive_ssd",
+            "kvdrive over host + SSD: as kvdrive_host, every group on the disk pool (--disk) behind "
+            "a fixed pinned host arena (--ssd-host-gib)",
+            False,
+            _tiered_ssd,
+            _tiered_gpu_bytes,
+            _ssd_host,
+            _sparse_read,
+            "measured",
+            _settle,
+            _disk_kv,
+        ),
+        System(
+            "kvswap_ssd",
+            "KVSwap-style: as kvdrive_ssd, but the GPU keeps only the previous step's selection "
+            "(cache of one selection, LRU, no rebalance)",
+            False,
+            lambda s, d, o: _tiered_ssd(s, d, o, previous_step_only=True),
+            _tiered_gpu_bytes,
+            _ssd_host,
+            _sparse_read,
+            "measured",
+            lambda o: 0,
+            _disk_kv,
+        ),
+    )
+}
 
 
 def mem_available() -> int:
@@ -306,20 +394,26 @@ def skip_reason(system: System, shape: Shape, opts: Options, args, dev, loaded) 
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
         if gpu + args.gpu_headroom_gib * GIB > free:
-            return (f"needs ~{gpu / GIB:.1f} GiB of GPU memory beyond the weights, {free / GIB:.1f} GiB free "
-                    f"(headroom {args.gpu_headroom_gib:g} GiB)")
+            return (
+                f"needs ~{gpu / GIB:.1f} GiB of GPU memory beyond the weights, {free / GIB:.1f} GiB free "
+                f"(headroom {args.gpu_headroom_gib:g} GiB)"
+            )
     else:
         host += gpu
     disk = system.disk_bytes(shape, opts)
     if disk:
         room = min(_disk_free(d) for d in opts.disk)
         if disk / len(opts.disk) > min(room - 2 * GIB, opts.disk_gib * GIB):
-            return (f"needs ~{disk / GIB:.1f} GiB on disk over {len(opts.disk)} path(s), each has "
-                    f"{min(room / GIB, opts.disk_gib):.1f} GiB (free space, --disk-gib)")
+            return (
+                f"needs ~{disk / GIB:.1f} GiB on disk over {len(opts.disk)} path(s), each has "
+                f"{min(room / GIB, opts.disk_gib):.1f} GiB (free space, --disk-gib)"
+            )
     avail = mem_available()
     if avail and host + args.host_headroom_gib * GIB > avail:
-        return (f"needs ~{host / GIB:.1f} GiB of host memory, {avail / GIB:.1f} GiB available "
-                f"(headroom {args.host_headroom_gib:g} GiB)")
+        return (
+            f"needs ~{host / GIB:.1f} GiB of host memory, {avail / GIB:.1f} GiB available "
+            f"(headroom {args.host_headroom_gib:g} GiB)"
+        )
     return None
 
 
@@ -332,9 +426,20 @@ def hf_decode(loaded, prompts: torch.Tensor, new_tokens: int) -> dict:
 
     def gen(p, n):
         with torch.inference_mode():
-            return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="offloaded",
-                               attention_mask=torch.ones_like(p), pad_token_id=0)
+            return hf.generate(
+                p,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                cache_implementation="offloaded",
+                attention_mask=torch.ones_like(p),
+                pad_token_id=0,
+            )
 
     rate = decode_rate(gen, prompts, new_tokens, 1, prompts.device)
-    return {"tokens_per_s": rate["decode_tokens_per_s"], "step_ms": rate["decode_step_ms"],
-            "prefill_plus_first_token_s": rate["prefill_plus_first_token_s"], "steps_timed": new_tokens}
+    return {
+        "tokens_per_s": rate["decode_tokens_per_s"],
+        "step_ms": rate["decode_step_ms"],
+        "prefill_plus_first_token_s": rate["prefill_plus_first_token_s"],
+        "steps_timed": new_tokens,
+    }

@@ -36,8 +36,12 @@ TRITON_BLOCKS = (1024, 2048, 4096, 8192)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--dir", action="append", default=None,
-                   help="directory on the disk to test (repeat for more devices; default /tmp)")
+    p.add_argument(
+        "--dir",
+        action="append",
+        default=None,
+        help="directory on the disk to test (repeat for more devices; default /tmp)",
+    )
     p.add_argument("--disk-gib", type=float, default=4.0, help="GiB of groups written per disk test (default 4)")
     p.add_argument("--host-gib", type=float, default=2.0, help="GiB of pinned host arena for (a) (default 2)")
     p.add_argument("--group-tokens", type=int, default=16, help="G (default 16: 64 KiB for Llama-3.1-8B)")
@@ -80,9 +84,13 @@ def bench_host_gpu(args, layout: GroupLayout, notes: list[str]) -> dict:
     nbytes = n * layout.group_bytes
     flat = host.rows.view(-1)[:nbytes]
     big = torch.empty(nbytes, dtype=torch.uint8, device=cuda)
-    out = {"pinned": host.pinned, "groups": n, "bytes": nbytes,
-           "memcpy_h2d_gbps": _gbps(nbytes, _median_s(lambda: big.copy_(flat, non_blocking=True), args.repeats, cuda)),
-           "memcpy_d2h_gbps": _gbps(nbytes, _median_s(lambda: flat.copy_(big, non_blocking=True), args.repeats, cuda))}
+    out = {
+        "pinned": host.pinned,
+        "groups": n,
+        "bytes": nbytes,
+        "memcpy_h2d_gbps": _gbps(nbytes, _median_s(lambda: big.copy_(flat, non_blocking=True), args.repeats, cuda)),
+        "memcpy_d2h_gbps": _gbps(nbytes, _median_s(lambda: flat.copy_(big, non_blocking=True), args.repeats, cuda)),
+    }
     src_w = host.rows.view(torch.int32)  # (S, slot_words)
     dst_w = torch.empty(n, layout.group_words, dtype=torch.int32, device=cuda)
     rng = np.random.default_rng(0)
@@ -94,10 +102,12 @@ def bench_host_gpu(args, layout: GroupLayout, notes: list[str]) -> dict:
     else:
         notes.append("triton not installed: only the staging gather was measured")
     for name, c in methods.items():
-        out[f"gather_h2d_{name}_gbps"] = _gbps(nbytes, _median_s(
-            lambda c=c: c.copy(src_w, pick, dst_w, rows, layout.group_words), args.repeats, cuda))
-        out[f"scatter_d2h_{name}_gbps"] = _gbps(nbytes, _median_s(
-            lambda c=c: c.copy(dst_w, rows, src_w, pick, layout.group_words), args.repeats, cuda))
+        out[f"gather_h2d_{name}_gbps"] = _gbps(
+            nbytes, _median_s(lambda c=c: c.copy(src_w, pick, dst_w, rows, layout.group_words), args.repeats, cuda)
+        )
+        out[f"scatter_d2h_{name}_gbps"] = _gbps(
+            nbytes, _median_s(lambda c=c: c.copy(dst_w, rows, src_w, pick, layout.group_words), args.repeats, cuda)
+        )
     best = max((k for k in out if k.startswith("gather_h2d_")), key=out.get)
     out["gather_best"] = best
     out["gather_vs_memcpy"] = round(out[best] / out["memcpy_h2d_gbps"], 3)
@@ -140,16 +150,26 @@ def _raw_disk(path: str, nbytes: int, group_bytes: int, depths: list[int], batch
             gbufs = [memoryview(mmap.mmap(-1, group_bytes)) for _ in range(depth)]
             with ThreadPoolExecutor(depth) as ex:
                 t0 = time.perf_counter()
-                list(ex.map(lambda j, gbufs=gbufs, depth=depth: os.preadv(fd, [gbufs[j % depth]], int(offs[j])),
-                            range(len(offs))))
+                list(
+                    ex.map(
+                        lambda j, gbufs=gbufs, depth=depth: os.preadv(fd, [gbufs[j % depth]], int(offs[j])),
+                        range(len(offs)),
+                    )
+                )
                 random[str(depth)] = _gbps(len(offs) * group_bytes, time.perf_counter() - t0)
     finally:
         os.close(fd)
         os.unlink(name)
     total = nblocks * RAW_BLOCK
-    return {"seq_write_gbps": _gbps(total, w), "seq_read_gbps": _gbps(total, r),
-            "random_group_read_gbps": max(random.values()), "random_group_read_gbps_by_depth": random,
-            "seq_block_bytes": RAW_BLOCK, "seq_depth": RAW_DEPTH, "bytes": total}
+    return {
+        "seq_write_gbps": _gbps(total, w),
+        "seq_read_gbps": _gbps(total, r),
+        "random_group_read_gbps": max(random.values()),
+        "random_group_read_gbps_by_depth": random,
+        "seq_block_bytes": RAW_BLOCK,
+        "seq_depth": RAW_DEPTH,
+        "bytes": total,
+    }
 
 
 def bench_disk(args, layout: GroupLayout, paths: list[str], device: torch.device) -> dict:
@@ -188,9 +208,11 @@ def bench_disk(args, layout: GroupLayout, paths: list[str], device: torch.device
             batch_s = time.perf_counter() - t0
             moved = len(reads) * batch * layout.group_bytes
             latency = pool.devices[0].metrics.snapshot().latency.get("disk_read")
-            out["depths"][str(depth)] = {"pool_read_gbps": _gbps(moved, pool_s),
-                                         "pool_read_to_gbps": _gbps(moved, batch_s),
-                                         "read_latency_ms": latency.__dict__ if latency else None}
+            out["depths"][str(depth)] = {
+                "pool_read_gbps": _gbps(moved, pool_s),
+                "pool_read_to_gbps": _gbps(moved, batch_s),
+                "read_latency_ms": latency.__dict__ if latency else None,
+            }
         finally:
             pool.close()
     best = max(out["depths"], key=lambda d: out["depths"][d]["pool_read_gbps"])
@@ -204,18 +226,25 @@ def run(args) -> int:
     paths = args.dir or ["/tmp"]
     device = dev.resolve("auto")
     layout = _llama_layout(args.group_tokens)
-    notes = [f"layout {layout.name}: {layout.group_bytes} B groups (Llama-3.1-8B shape)",
-             "io_uring not measured: no PyPI binding runs cleanly here (liburing 2026.3.30 dies with "
-             "SIGILL at ring creation on the dev machine); disk I/O is preadv/pwritev on a thread pool"]
+    notes = [
+        f"layout {layout.name}: {layout.group_bytes} B groups (Llama-3.1-8B shape)",
+        "io_uring not measured: no PyPI binding runs cleanly here (liburing 2026.3.30 dies with "
+        "SIGILL at ring creation on the dev machine); disk I/O is preadv/pwritev on a thread pool",
+    ]
     results = {"a_host_gpu": bench_host_gpu(args, layout, notes)}
     raw = _raw_disk(paths[0], int(args.disk_gib * GIB), layout.group_bytes, args.depths, args.batch)
     one = bench_disk(args, layout, paths[:1], device)
     best = one["depths"][str(one["best_depth"])]["pool_read_gbps"]
-    results["b_disk"] = {"raw": raw, "kvdrive": one, "pool_read_vs_raw_seq": round(best / raw["seq_read_gbps"], 3),
-                         "pool_read_vs_raw_random": round(best / raw["random_group_read_gbps"], 3),
-                         "pool_read_vs_raw_random_same_depth": {
-                             d: round(v["pool_read_gbps"] / raw["random_group_read_gbps_by_depth"][d], 3)
-                             for d, v in one["depths"].items()}}
+    results["b_disk"] = {
+        "raw": raw,
+        "kvdrive": one,
+        "pool_read_vs_raw_seq": round(best / raw["seq_read_gbps"], 3),
+        "pool_read_vs_raw_random": round(best / raw["random_group_read_gbps"], 3),
+        "pool_read_vs_raw_random_same_depth": {
+            d: round(v["pool_read_gbps"] / raw["random_group_read_gbps_by_depth"][d], 3)
+            for d, v in one["depths"].items()
+        },
+    }
     two = [os.path.join(p, f"kvdrive-pool-{i}") for i, p in enumerate((paths * 2)[:2])]
     for p in two:
         os.makedirs(p, exist_ok=True)
@@ -235,11 +264,17 @@ def run(args) -> int:
 def _summary(r: dict, path) -> None:
     a = r["a_host_gpu"]
     if "skipped" not in a:
-        print(f"(a) memcpy h2d {a['memcpy_h2d_gbps']} GB/s; best gather {a['gather_best']} "
-              f"{a[a['gather_best']]} GB/s = {a['gather_vs_memcpy']:.0%} of memcpy (target 80%); "
-              f"tiered fetch {a['fetch_rows_gbps']} GB/s")
+        print(
+            f"(a) memcpy h2d {a['memcpy_h2d_gbps']} GB/s; best gather {a['gather_best']} "
+            f"{a[a['gather_best']]} GB/s = {a['gather_vs_memcpy']:.0%} of memcpy (target 80%); "
+            f"tiered fetch {a['fetch_rows_gbps']} GB/s"
+        )
     b = r["b_disk"]
-    print(f"(b) raw seq read {b['raw']['seq_read_gbps']} GB/s, raw random {b['raw']['random_group_read_gbps_by_depth']} "
-          f"GB/s by depth; kvdrive pool read {b['kvdrive']['depths']} ")
-    print(f"    = {b['pool_read_vs_raw_seq']:.0%} of raw seq (target 85%), {b['pool_read_vs_raw_random']:.0%} of raw random")
+    print(
+        f"(b) raw seq read {b['raw']['seq_read_gbps']} GB/s, raw random {b['raw']['random_group_read_gbps_by_depth']} "
+        f"GB/s by depth; kvdrive pool read {b['kvdrive']['depths']} "
+    )
+    print(
+        f"    = {b['pool_read_vs_raw_seq']:.0%} of raw seq (target 85%), {b['pool_read_vs_raw_random']:.0%} of raw random"
+    )
     print(f"(c) two paths: {r['c_pool_two_paths']['pool_read_vs_raw_seq']:.0%} of raw seq; JSON: {path}")

@@ -49,7 +49,12 @@ def kernel_table(trace: Path, steps: int, top: int = 40) -> dict:
             acc[1] += e.get("dur", 0) / 1e3  # us -> ms
     total = sum(v[1] for v in by_name.values())
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-    return {"steps": steps, "events": "gpu" if cats == gpu else "cpu_op (inclusive: nested ops count twice)",
-            "ms_per_step": total / steps, "calls_per_step": sum(v[0] for v in by_name.values()) / steps,
-            "kernels": [{"name": n[:160], "calls_per_step": c / steps, "ms_per_step": ms / steps}
-                        for n, (c, ms) in rows[:top]]}
+    return {
+        "steps": steps,
+        "events": "gpu" if cats == gpu else "cpu_op (inclusive: nested ops count twice)",
+        "ms_per_step": total / steps,
+        "calls_per_step": sum(v[0] for v in by_name.values()) / steps,
+        "kernels": [
+            {"name": n[:160], "calls_per_step": c / steps, "ms_per_step": ms / steps} for n, (c, ms) in rows[:top]
+        ],
+    }

@@ -18,8 +18,12 @@ from kvdrive.results import write_result
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", default="random:llama-3.1-8b",
-                   help="model spec (default random:llama-3.1-8b: random weights of the real shape)")
+    p.add_argument(
+        "-m",
+        "--model",
+        default="random:llama-3.1-8b",
+        help="model spec (default random:llama-3.1-8b: random weights of the real shape)",
+    )
     p.add_argument("--device", default="auto", help="device (default: CUDA if present)")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("-c", "--context", type=int, default=4096, help="prompt tokens per sequence (default 4096)")
@@ -79,8 +83,11 @@ def decode_rate(gen, prompts, new_tokens, repeats, dev) -> dict:
     t1 = _median_time(lambda: gen(prompts, 1), repeats, dev)
     tn = _median_time(lambda: gen(prompts, new_tokens + 1), repeats, dev)
     step = (tn - t1) / new_tokens
-    return {"prefill_plus_first_token_s": t1, "decode_step_ms": step * 1e3,
-            "decode_tokens_per_s": prompts.shape[0] / step}
+    return {
+        "prefill_plus_first_token_s": t1,
+        "decode_step_ms": step * 1e3,
+        "decode_tokens_per_s": prompts.shape[0] / step,
+    }
 
 
 def run(args) -> int:
@@ -101,16 +108,30 @@ def run(args) -> int:
             ours["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         row["kvdrive"] = ours
         if dev.type == "cuda":
-            row["kvdrive_eager"] = decode_rate(lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
-                                                prompts, args.new_tokens, args.repeats, dev)
+            row["kvdrive_eager"] = decode_rate(
+                lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
+                prompts,
+                args.new_tokens,
+                args.repeats,
+                dev,
+            )
             graphed, eager = _kvdrive_generate(model, prompts, 8), _kvdrive_generate(model, prompts, 8, False)
-            row["graph_vs_eager_tokens_agree"] = sum(
-                x == y for g, e in zip(graphed, eager) for x, y in zip(g, e)) / (8 * b)
+            row["graph_vs_eager_tokens_agree"] = sum(x == y for g, e in zip(graphed, eager) for x, y in zip(g, e)) / (
+                8 * b
+            )
         if hf is not None:
+
             def hf_gen(p, n):
                 with torch.inference_mode():
-                    return hf.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                       attention_mask=torch.ones_like(p), pad_token_id=0)
+                    return hf.generate(
+                        p,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        attention_mask=torch.ones_like(p),
+                        pad_token_id=0,
+                    )
+
             theirs = decode_rate(hf_gen, prompts, args.new_tokens, args.repeats, dev)
             row["transformers"] = theirs
             row["speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
@@ -121,11 +142,21 @@ def run(args) -> int:
         results.append(row)
         print(row, flush=True)
         torch.cuda.empty_cache() if dev.type == "cuda" else None
-    config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "context": args.context,
-              "batches": args.batches, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "kv_cache": "ContiguousKVCache (all KV on the GPU); kvdrive = CUDA-graph decode, kvdrive_eager = without", "transformers_cache": "DynamicCache, sdpa"}
-    notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
-             "decode step = (time of prefill + N+1 tokens - time of prefill + 1 token) / N, median of repeats"]
+    config = {
+        "model": loaded.source,
+        "dtype": str(model.dtype),
+        "device": str(dev),
+        "context": args.context,
+        "batches": args.batches,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "kv_cache": "ContiguousKVCache (all KV on the GPU); kvdrive = CUDA-graph decode, kvdrive_eager = without",
+        "transformers_cache": "DynamicCache, sdpa",
+    }
+    notes = [
+        "random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+        "decode step = (time of prefill + N+1 tokens - time of prefill + 1 token) / N, median of repeats",
+    ]
     path = write_result(args.out, "model", config, results, notes)
     print(f"wrote {path}")
     return 0

@@ -110,8 +110,11 @@ def run_kvdrive(system: str, model, ids: torch.Tensor, chunk: int, repeats: int)
             row["staged"] = cache.prefill.staged(cache.seqs.slot(0))  # prefilled with its KV on the GPU
             row["place_s"], _ = _timed(lambda: cache.place([0]), dev)
             s = cache.stats()
-            row.update(bytes_host_to_gpu=s["bytes_host_to_gpu"] - s["bytes_warm_start"],
-                       bytes_gpu_to_host=s["bytes_gpu_to_host"], bytes_warm_start=s["bytes_warm_start"])
+            row.update(
+                bytes_host_to_gpu=s["bytes_host_to_gpu"] - s["bytes_warm_start"],
+                bytes_gpu_to_host=s["bytes_gpu_to_host"],
+                bytes_warm_start=s["bytes_warm_start"],
+            )
     row.update(prefill_s=sorted(times)[len(times) // 2], times_s=times, peak_gpu_gib=_peak_gib(dev))
     cache.close()
     return row
@@ -132,8 +135,10 @@ def run_transformers(hf, model, ids: torch.Tensor, repeats: int) -> dict:
         need = hf_peak_estimate(model.config, length, model.dtype)
         free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
         if need > free:
-            return {"skipped": f"estimated {need / 2**30:.1f} GiB for the cache and activations, "
-                               f"{free / 2**30:.1f} GiB free"}
+            return {
+                "skipped": f"estimated {need / 2**30:.1f} GiB for the cache and activations, "
+                f"{free / 2**30:.1f} GiB free"
+            }
 
     def forward():
         with torch.inference_mode():
@@ -148,8 +153,12 @@ def run_transformers(hf, model, ids: torch.Tensor, repeats: int) -> dict:
             times.append(t)
     except torch.cuda.OutOfMemoryError as e:  # the estimate was short: say so, keep the other rows
         return {"skipped": f"out of GPU memory: {str(e).splitlines()[0]}"}
-    return {"prefill_s": sorted(times)[len(times) // 2], "times_s": times, "first_token": token,
-            "peak_gpu_gib": _peak_gib(dev)}
+    return {
+        "prefill_s": sorted(times)[len(times) // 2],
+        "times_s": times,
+        "first_token": token,
+        "peak_gpu_gib": _peak_gib(dev),
+    }
 
 
 def attention_kernels(model, chunk: int) -> list[str] | None:
@@ -178,7 +187,9 @@ def _release(dev) -> None:
 
 
 def print_table(results: list[dict], systems) -> None:
-    print(f"{'tokens':>8} {'system':>13} {'seconds':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'vs plain':>8} {'peak GiB':>8}")
+    print(
+        f"{'tokens':>8} {'system':>13} {'seconds':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'vs plain':>8} {'peak GiB':>8}"
+    )
     for r in results:
         plain = r.get("plain", {}).get("prefill_s")
         for name in systems:
@@ -188,8 +199,10 @@ def print_table(results: list[dict], systems) -> None:
                 continue
             ratio = f"{row['prefill_s'] / plain:.2f}" if plain else "-"
             peak = f"{row['peak_gpu_gib']:.1f}" if row.get("peak_gpu_gib") is not None else "-"
-            print(f"{r['length']:>8} {name:>13} {row['prefill_s']:>9.3f} {row['tokens_per_s']:>10.0f} "
-                  f"{row['tflops']:>8.1f} {ratio:>8} {peak:>8}")
+            print(
+                f"{r['length']:>8} {name:>13} {row['prefill_s']:>9.3f} {row['tokens_per_s']:>10.0f} "
+                f"{row['tflops']:>8.1f} {ratio:>8} {peak:>8}"
+            )
 
 
 def run(args) -> int:
@@ -223,8 +236,11 @@ def run(args) -> int:
         entry = {"length": length, "flops": flops}
         for system in args.systems:
             if system == "transformers":
-                row = run_transformers(hf, model, ids, args.repeats) if hf is not None else \
-                    {"skipped": "transformers runs only on random:PRESET weights here"}
+                row = (
+                    run_transformers(hf, model, ids, args.repeats)
+                    if hf is not None
+                    else {"skipped": "transformers runs only on random:PRESET weights here"}
+                )
             else:
                 try:
                     row = run_kvdrive(system, model, ids, args.chunk, args.repeats)
@@ -241,19 +257,28 @@ def run(args) -> int:
         if "prefill_s" in entry.get("plain", {}) and "prefill_s" in entry.get("tiered", {}):
             entry["tiered_over_plain"] = entry["tiered"]["prefill_s"] / entry["plain"]["prefill_s"]
         results.append(entry)
-    config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "lengths": args.lengths,
-              "chunk": args.chunk, "systems": args.systems, "repeats": args.repeats,
-              "plain": "ContiguousKVCache, chunked prefill",
-              "tiered": "TieredSparseKVCache, default TieredConfig (host-only tier), chunked prefill",
-              "transformers": "one forward over the whole prompt, DynamicCache, sdpa, logits of the last position",
-              "transformers_attn_implementation": hf.config._attn_implementation if hf is not None else None,
-              "attention_kernels": kernels}
-    notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
-             "prefill_s: the prompt's forward passes, synchronized before and after; median of repeats",
-             "TFLOP/s = (linear + causal attention FLOPs) / prefill_s; see prefill_flops and docs/bench.md",
-             "tiered: place_s (initial placement after the prompt) is reported apart, not in prefill_s; "
-             "bytes_host_to_gpu counts the prefill's gathers (0 when the prompt's KV stayed on the GPU)",
-             "transformers is skipped, with the reason, where its estimated peak exceeds the free GPU memory"]
+    config = {
+        "model": loaded.source,
+        "dtype": str(model.dtype),
+        "device": str(dev),
+        "lengths": args.lengths,
+        "chunk": args.chunk,
+        "systems": args.systems,
+        "repeats": args.repeats,
+        "plain": "ContiguousKVCache, chunked prefill",
+        "tiered": "TieredSparseKVCache, default TieredConfig (host-only tier), chunked prefill",
+        "transformers": "one forward over the whole prompt, DynamicCache, sdpa, logits of the last position",
+        "transformers_attn_implementation": hf.config._attn_implementation if hf is not None else None,
+        "attention_kernels": kernels,
+    }
+    notes = [
+        "random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+        "prefill_s: the prompt's forward passes, synchronized before and after; median of repeats",
+        "TFLOP/s = (linear + causal attention FLOPs) / prefill_s; see prefill_flops and docs/bench.md",
+        "tiered: place_s (initial placement after the prompt) is reported apart, not in prefill_s; "
+        "bytes_host_to_gpu counts the prefill's gathers (0 when the prompt's KV stayed on the GPU)",
+        "transformers is skipped, with the reason, where its estimated peak exceeds the free GPU memory",
+    ]
     path = write_result(args.out, "prefill", config, results, notes)
     print_table(results, args.systems)
     print(f"wrote {path}")

@@ -24,12 +24,14 @@ import torch
 
 from kvdrive.bench.common import time_ms
 
-FORMULA = ("bound step = max((weight bytes + KV/summary bytes read on the GPU) / HBM bw, "
-           "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
-           "fraction_of_bound = measured tokens/s / bound tokens/s. HBM bw = device-to-device copy "
-           "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats. Disk-backed "
-           "rows: the bound is also at least (disk reads + read-ahead + reads behind per step) x slot bytes / disk bw, disk bw = "
-           "random slot reads at the KV slot size, queue depth 32, on the first --disk path")
+FORMULA = (
+    "bound step = max((weight bytes + KV/summary bytes read on the GPU) / HBM bw, "
+    "bytes host->GPU per step / H2D bw); bound tokens/s = batch / bound step; "
+    "fraction_of_bound = measured tokens/s / bound tokens/s. HBM bw = device-to-device copy "
+    "(bytes read + written) / s; H2D bw = one pinned host->GPU copy, median of repeats. Disk-backed "
+    "rows: the bound is also at least (disk reads + read-ahead + reads behind per step) x slot bytes / disk bw, disk bw = "
+    "random slot reads at the KV slot size, queue depth 32, on the first --disk path"
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,11 @@ class Bandwidths:
     disk_latency_ms: float | None = None  # one such read alone (not in the bound: the row's notes use it)
 
     def as_dict(self) -> dict:
-        out = {"hbm_gbps": round(self.hbm / 1e9, 2), "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
-               "probe_mib": self.probe_bytes >> 20}
+        out = {
+            "hbm_gbps": round(self.hbm / 1e9, 2),
+            "h2d_gbps": None if self.h2d is None else round(self.h2d / 1e9, 2),
+            "probe_mib": self.probe_bytes >> 20,
+        }
         if self.disk is not None:
             out["disk_read_gbps"] = round(self.disk / 1e9, 3)
         if self.disk_latency_ms is not None:
@@ -80,9 +85,11 @@ def bound(batch: int, step: StepBytes, bw: Bandwidths) -> Bound | None:
     come from disk and that bandwidth was not measured (a CPU run has no H2D)."""
     if (step.pcie and bw.h2d is None) or (step.disk and bw.disk is None):
         return None
-    parts = {"compute": (step.weights + step.gpu_kv) / bw.hbm,
-             "transfer": step.pcie / bw.h2d if step.pcie else 0.0,
-             "disk": step.disk / bw.disk if step.disk else 0.0}
+    parts = {
+        "compute": (step.weights + step.gpu_kv) / bw.hbm,
+        "transfer": step.pcie / bw.h2d if step.pcie else 0.0,
+        "disk": step.disk / bw.disk if step.disk else 0.0,
+    }
     limit = max(parts, key=parts.get)
     s = parts[limit]
     return Bound(parts["compute"] * 1e3, parts["transfer"] * 1e3, s * 1e3, batch / s, limit, parts["disk"] * 1e3)

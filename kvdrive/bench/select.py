@@ -64,8 +64,9 @@ def _summarizer(name, args, pool, device):
 
 def _fit_ms(args, pool, device) -> float:
     """Per-sequence fit (lowrank_seq) on one sequence's keys, as done once after prefill."""
-    s = make_summarizer("lowrank_seq", args.kv_heads, args.head_dim, args.group_tokens, rank=args.rank,
-                        max_seqs=1, device=device)
+    s = make_summarizer(
+        "lowrank_seq", args.kv_heads, args.head_dim, args.group_tokens, rank=args.rank, max_seqs=1, device=device
+    )
     n = -(-args.context // args.group_tokens)
     keys = pool[:n, 0].transpose(1, 2).reshape(-1, args.kv_heads, args.head_dim)  # (T, H_kv, D)
     return time_ms(lambda: s.fit(0, keys), device, repeats=3, warmup=1)
@@ -105,16 +106,23 @@ def run(args) -> int:
         summ = s.summarize(pool[:, 0], rows.repeat_interleave(n)).view(b, n, *s.summary_shape)  # (B, N, ...)
         srows = rows if name == "lowrank_seq" else None
         score = lambda s=s, summ=summ, srows=srows: s.score(q, summ, valid, scale, rows=srows)  # noqa: E731
-        entry = {"summary": name, "bytes_per_group": s.bytes_per_group(dtype),
-                 "bytes_per_token": s.bytes_per_group(dtype) / g,
-                 "batch_summary_mb": round(summ.numel() * summ.element_size() / 1e6, 1),
-                 "score_ms": time_ms(score, device, args.repeats),
-                 "score_graph_ms": time_graph_ms(score, device, args.repeats)}
+        entry = {
+            "summary": name,
+            "bytes_per_group": s.bytes_per_group(dtype),
+            "bytes_per_token": s.bytes_per_group(dtype) / g,
+            "batch_summary_mb": round(summ.numel() * summ.element_size() / 1e6, 1),
+            "score_ms": time_ms(score, device, args.repeats),
+            "score_graph_ms": time_graph_ms(score, device, args.repeats),
+        }
         scores = score()
         for budget in args.budget:
             for mode in ("shared", "per_head"):
-                cfg = SelectionConfig(Budget(tokens=budget), n_sink=-(-args.sink_tokens // g),
-                                      n_window=-(-args.window_tokens // g), mode=mode)
+                cfg = SelectionConfig(
+                    Budget(tokens=budget),
+                    n_sink=-(-args.sink_tokens // g),
+                    n_window=-(-args.window_tokens // g),
+                    mode=mode,
+                )
                 p_max = min(n, max(-(-budget // g), cfg.n_sink + cfg.n_window))
 
                 def select(scores=scores, cfg=cfg, p_max=p_max):
@@ -123,25 +131,46 @@ def run(args) -> int:
 
                 sel, pt = select()
                 sparse = lambda pt=pt, sel=sel: sparse_attention(q, pool, pt, sel.num_pages, last, scale, impl=impl)  # noqa: E731
-                r = {"select_ms": time_ms(select, device, args.repeats),
-                     "sparse_attention_ms": time_ms(sparse, device, args.repeats),
-                     "select_graph_ms": time_graph_ms(select, device, args.repeats),
-                     "sparse_attention_graph_ms": time_graph_ms(sparse, device, args.repeats)}
+                r = {
+                    "select_ms": time_ms(select, device, args.repeats),
+                    "sparse_attention_ms": time_ms(sparse, device, args.repeats),
+                    "select_graph_ms": time_graph_ms(select, device, args.repeats),
+                    "sparse_attention_graph_ms": time_graph_ms(sparse, device, args.repeats),
+                }
                 for sfx, full_key in (("", "full_ms"), ("_graph", "full_graph_ms")):
                     if r[f"select{sfx}_ms"] is None or entry[f"score{sfx}_ms"] is None or not attn.get(full_key):
                         continue
                     total = entry[f"score{sfx}_ms"] + r[f"select{sfx}_ms"]
                     saved = attn[full_key] - r[f"sparse_attention{sfx}_ms"]
-                    r.update({f"score_plus_select{sfx}_ms": total, f"saved{sfx}_ms": saved,
-                              f"select_over_saved{sfx}": round(total / saved, 4) if saved > 0 else None,
-                              f"sparse_step{sfx}_ms": total + r[f"sparse_attention{sfx}_ms"]})
+                    r.update(
+                        {
+                            f"score_plus_select{sfx}_ms": total,
+                            f"saved{sfx}_ms": saved,
+                            f"select_over_saved{sfx}": round(total / saved, 4) if saved > 0 else None,
+                            f"sparse_step{sfx}_ms": total + r[f"sparse_attention{sfx}_ms"],
+                        }
+                    )
                 entry[f"b{budget}_{mode}"] = r
         results.append(entry)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
         summ = scores = None
     fit = _fit_ms(args, pool, device) if "lowrank_seq" in args.summaries else None
-    config = {k: getattr(args, k) for k in ("batch", "context", "group_tokens", "heads", "kv_heads", "head_dim",
-                                            "budget", "rank", "sink_tokens", "window_tokens", "repeats")}
+    config = {
+        k: getattr(args, k)
+        for k in (
+            "batch",
+            "context",
+            "group_tokens",
+            "heads",
+            "kv_heads",
+            "head_dim",
+            "budget",
+            "rank",
+            "sink_tokens",
+            "window_tokens",
+            "repeats",
+        )
+    }
     config.update(dtype=str(dtype), groups_per_sequence=n, copy_gbps_read_plus_write=copy_gbps(device))
     doc = {"attention": attn, "lowrank_seq_fit_ms_per_sequence": fit, "per_summary": results}
     print({"attention": attn, "lowrank_seq_fit_ms": fit})

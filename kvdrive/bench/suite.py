@@ -25,22 +25,29 @@ SUITES = {
         "attention": "bench attention -o {out}/attention.json",
         "select": "bench select -o {out}/select.json",
         "ttft": "bench ttft --paths {disk}/ttft-pool/p0 {disk}/ttft-pool/p1 --host-gib 16 -o {out}/ttft.json",
-        "decode-32k": ("bench decode --contexts 32768 --batches 16 --systems full_gpu sparse_host kvdrive_host "
-                       "-n 12 --row-seconds 5 --breakdown-steps 0 --no-plot -o {out}/decode-32k.json"),
-        "decode-128k": ("bench decode --contexts 131072 --batches 1 2 4 --systems sparse_host kvdrive_host "
-                        "-n 8 --row-seconds 3 --breakdown-steps 0 --no-plot -o {out}/decode-128k.json"),
-        "decode-ssd-prose": ("bench decode -m smollm2 --text persuasion-excerpt --contexts 8192 --batches 64 "
-                             "--budget 512 --sink 16 --window 64 --cache-tokens 1024 -n 64 --row-seconds 4 "
-                             "--breakdown-steps 0 --no-plot --disk-misses defer --systems kvdrive_host kvdrive_ssd "
-                             "--ssd-host-gib 7.2 --disk {disk}/decode-disk -o {out}/decode-ssd-prose.json"),
+        "decode-32k": (
+            "bench decode --contexts 32768 --batches 16 --systems full_gpu sparse_host kvdrive_host "
+            "-n 12 --row-seconds 5 --breakdown-steps 0 --no-plot -o {out}/decode-32k.json"
+        ),
+        "decode-128k": (
+            "bench decode --contexts 131072 --batches 1 2 4 --systems sparse_host kvdrive_host "
+            "-n 8 --row-seconds 3 --breakdown-steps 0 --no-plot -o {out}/decode-128k.json"
+        ),
+        "decode-ssd-prose": (
+            "bench decode -m smollm2 --text persuasion-excerpt --contexts 8192 --batches 64 "
+            "--budget 512 --sink 16 --window 64 --cache-tokens 1024 -n 64 --row-seconds 4 "
+            "--breakdown-steps 0 --no-plot --disk-misses defer --systems kvdrive_host kvdrive_ssd "
+            "--ssd-host-gib 7.2 --disk {disk}/decode-disk -o {out}/decode-ssd-prose.json"
+        ),
     },
 }
 
 
 def add_arguments(p) -> None:
     p.add_argument("suite", choices=list(SUITES), help="which result set (headline: the README's results)")
-    p.add_argument("--out-dir", default="bench/results/headline", help="where the JSON results go "
-                   "(default bench/results/headline)")
+    p.add_argument(
+        "--out-dir", default="bench/results/headline", help="where the JSON results go (default bench/results/headline)"
+    )
     p.add_argument("--disk", default="bench/disk", help="directory on the disk to measure (default bench/disk)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these entries of the suite")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -52,8 +59,11 @@ def commands(suite: str, out_dir: str, disk: str, only: list[str] | None = None)
     unknown = sorted(set(only or ()) - set(entries))
     if unknown:
         raise KvdriveError(f"{suite} has no entries {unknown}; it has {list(entries)}")
-    return {name: shlex.split(cmd.format(out=shlex.quote(out_dir), disk=shlex.quote(disk)))
-            for name, cmd in entries.items() if not only or name in only}
+    return {
+        name: shlex.split(cmd.format(out=shlex.quote(out_dir), disk=shlex.quote(disk)))
+        for name, cmd in entries.items()
+        if not only or name in only
+    }
 
 
 def run(args) -> int:

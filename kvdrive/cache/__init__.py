@@ -17,5 +17,13 @@ from kvdrive.cache.slots import SequenceSlots
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.cache.streaming import HostStreamingKVCache
 
-__all__ = ["ContiguousKVCache", "ForwardBatch", "HostStreamingKVCache", "KVCache", "LayerSpec", "SequenceSlots",
-           "SparseConfig", "SparseKVCache"]
+__all__ = [
+    "ContiguousKVCache",
+    "ForwardBatch",
+    "HostStreamingKVCache",
+    "KVCache",
+    "LayerSpec",
+    "SequenceSlots",
+    "SparseConfig",
+    "SparseKVCache",
+]

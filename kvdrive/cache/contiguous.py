@@ -22,8 +22,7 @@ from kvdrive.config import ModelConfig
 
 def layer_specs(config: ModelConfig) -> tuple[LayerSpec, ...]:
     return tuple(
-        LayerSpec(window=w, scale=config.attn_scale, softcap=config.attn_logit_softcap)
-        for w in config.sliding_windows
+        LayerSpec(window=w, scale=config.attn_scale, softcap=config.attn_logit_softcap) for w in config.sliding_windows
     )
 
 
@@ -84,8 +83,9 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
     if spec.softcap is not None:
         mask = torch.ones(t, span, dtype=torch.bool, device=q.device).tril(span - t)
         return sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, span), scale=spec.scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(t, span), scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 def grouped_sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:

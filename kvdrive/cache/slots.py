@@ -34,7 +34,9 @@ class SequenceSlots:
         if seq_id in self._slot:
             raise KvdriveError(f"sequence {seq_id} is already in the {self.what}")
         if max_tokens > self.max_len:
-            raise CapacityError(f"sequence needs {max_tokens} tokens, the {self.what} holds {self.max_len} per sequence")
+            raise CapacityError(
+                f"sequence needs {max_tokens} tokens, the {self.what} holds {self.max_len} per sequence"
+            )
         if not self._free:
             raise CapacityError(f"all {self.max_seqs} sequence slots of the {self.what} are in use")
         slot = self._free.pop()

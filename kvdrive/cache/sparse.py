@@ -59,27 +59,39 @@ class SparseConfig:
         if self.summary not in SUMMARIZERS:
             raise KvdriveError(f"unknown summary {self.summary!r}; choose one of {', '.join(SUMMARIZERS)}")
         if self.summary == "lowrank_offline" and not self.bases:
-            raise KvdriveError("lowrank_offline needs fitted bases: pass bases=kvdrive.eval.calibrate.fit_bases(...) "
-                               "(kvdrive eval fits them itself)")
+            raise KvdriveError(
+                "lowrank_offline needs fitted bases: pass bases=kvdrive.eval.calibrate.fit_bases(...) "
+                "(kvdrive eval fits them itself)"
+            )
 
     def selection(self) -> SelectionConfig:
         budget = Budget(fraction=self.budget) if self.budget < 1 else Budget(tokens=int(self.budget))
         g = self.group_tokens
-        return SelectionConfig(budget=budget, n_sink=-(-self.sink_tokens // g), n_window=-(-self.window_tokens // g),
-                               mode=self.mode)
+        return SelectionConfig(
+            budget=budget, n_sink=-(-self.sink_tokens // g), n_window=-(-self.window_tokens // g), mode=self.mode
+        )
 
 
 class SparseKVCache(KVCache):
-    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype, sparse: SparseConfig = SparseConfig()):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_seqs: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        sparse: SparseConfig = SparseConfig(),
+    ):
         self.layer_specs = layer_specs(config)
         self.config = config
         self.g = g = sparse.group_tokens
         self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
         self.max_groups = -(-max_len // g)
         h, d = config.num_key_value_heads, config.head_dim
-        self.pool = [torch.zeros(max_seqs * self.max_groups, 2, h, g, d, device=device, dtype=dtype)
-                     for _ in range(config.num_hidden_layers)]  # (S*N, 2, H_kv, G, D) per layer
+        self.pool = [
+            torch.zeros(max_seqs * self.max_groups, 2, h, g, d, device=device, dtype=dtype)
+            for _ in range(config.num_hidden_layers)
+        ]  # (S*N, 2, H_kv, G, D) per layer
         self.seqs = SequenceSlots(max_seqs, max_len, "sparse cache")
         self.reconfigure(sparse)
 
@@ -134,8 +146,7 @@ class SparseKVCache(KVCache):
         start = torch.tensor(starts, device=self.device)
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         lens = [s + num_new for s in starts]
-        meta = {"slots": slots, "slot_list": slot_list, "lens": lens,
-                "len_t": start + num_new, "dense": {}}
+        meta = {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": start + num_new, "dense": {}}
         return ForwardBatch(seq_ids, starts, num_new, positions, meta)
 
     def commit(self, batch: ForwardBatch) -> None:
@@ -216,8 +227,9 @@ class SparseKVCache(KVCache):
         num_groups = (m["len_t"] + g - 1) // g  # (B,) incl. the partly filled group
         qd = q[:, :, 0]  # (B, H_q, D)
         rows = slots if table.summarizer.name == "lowrank_seq" else None
-        scores = table.summarizer.score(qd, table.data[slots, :n_max], None, spec.scale, rows=rows,
-                                        counts=table.counts[slots])
+        scores = table.summarizer.score(
+            qd, table.data[slots, :n_max], None, spec.scale, rows=rows, counts=table.counts[slots]
+        )
         max_pages = min(n_max, max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel = select_groups(scores, num_groups, self.sel_cfg, g, max_pages=max_pages)
         self.last_selection[layer] = sel
@@ -245,8 +257,9 @@ def max_pages_for(sel: SelectionConfig, group_tokens: int, context: int) -> int:
     return max(-(-int(budget) // group_tokens) + 1, sel.n_sink + sel.n_window)
 
 
-def span_mask(first: torch.Tensor, n_pages: int, group_tokens: int, positions: torch.Tensor,
-              window: int | None) -> torch.Tensor:
+def span_mask(
+    first: torch.Tensor, n_pages: int, group_tokens: int, positions: torch.Tensor, window: int | None
+) -> torch.Tensor:
     """(B, 1, T, P*G) bool: which keys of a gathered span of ``n_pages`` groups starting at group
     ``first`` (B,) the queries at ``positions`` (B, T) see (causal, within ``window``)."""
     kpos = first[:, None] * group_tokens + torch.arange(n_pages * group_tokens, device=first.device)  # (B, P*G)

@@ -24,8 +24,15 @@ class HostStreamingKVCache(KVCache):
     """Contract as ``KVCache``. ``overlap=False`` copies each layer on the compute stream
     right before its attention (ablation)."""
 
-    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype, overlap: bool = True):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_seqs: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        overlap: bool = True,
+    ):
         if device.type != "cuda":
             raise KvdriveError("host streaming needs a CUDA device (on CPU every tier is host memory)")
         self.layer_specs = layer_specs(config)
@@ -58,8 +65,13 @@ class HostStreamingKVCache(KVCache):
         if slots != list(range(slots[0], slots[0] + len(slots))):
             raise KvdriveError("host streaming cache needs the batch in slot order (a contiguous slot range)")
         start = torch.tensor(starts, device=self.device)
-        meta = {"slots": slice(slots[0], slots[0] + len(slots)), "kv_len": max(starts) + num_new, "start": start,
-                "masks": {}, "uniform": len(set(starts)) == 1}
+        meta = {
+            "slots": slice(slots[0], slots[0] + len(slots)),
+            "kv_len": max(starts) + num_new,
+            "start": start,
+            "masks": {},
+            "uniform": len(set(starts)) == 1,
+        }
         batch = ForwardBatch(seq_ids, starts, num_new, start[:, None] + torch.arange(num_new, device=self.device), meta)
         if self.overlap:
             # Host rows written back by the last step's D2H copies must land before we read them.

@@ -16,8 +16,12 @@ def add_model_options(p, model_positional: bool = False) -> None:
     else:
         p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
 
 
 def human_bytes(n: float) -> str:
@@ -44,8 +48,9 @@ def parse_cache_tokens(text: str) -> int | str:
     return parse_count_or_auto(text, "token count", 8192)
 
 
-def number(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False,
-           example: str | None = None):
+def number(
+    kind: type, low: float | None = None, high: float | None = None, *, above: bool = False, example: str | None = None
+):
     """An argparse ``type`` for a finite number of ``kind`` (int or float) in [``low``, ``high``]
     (``above``: strictly above ``low``); the error names a value that works."""
     import argparse
@@ -56,15 +61,26 @@ def number(kind: type, low: float | None = None, high: float | None = None, *, a
             value = kind(text)
         except ValueError:
             value = None
-        ok = value is not None and math.isfinite(value) and (low is None or (value > low if above else value >= low)) \
+        ok = (
+            value is not None
+            and math.isfinite(value)
+            and (low is None or (value > low if above else value >= low))
             and (high is None or value <= high)
+        )
         if not ok:
             show = (lambda x: f"{x:d}") if kind is int else (lambda x: f"{x:g}")
-            bounds = " and ".join(b for b in ((f"> {show(low)}" if above else f">= {show(low)}") if low is not None
-                                              else "", f"<= {show(high)}" if high is not None else "") if b)
+            bounds = " and ".join(
+                b
+                for b in (
+                    (f"> {show(low)}" if above else f">= {show(low)}") if low is not None else "",
+                    f"<= {show(high)}" if high is not None else "",
+                )
+                if b
+            )
             what = "an integer" if kind is int else "a finite number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}{' ' + bounds if bounds else ''}"
-                                             f"{f'; e.g. {example}' if example else ''}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {what}{' ' + bounds if bounds else ''}{f'; e.g. {example}' if example else ''}"
+            )
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     )
     add_model_options(p)
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the question to ask (default: a sample)")
-    p.add_argument("-n", "--max-tokens", type=number(int, 1, example="64"), default=96, help="most tokens to generate (default 96)")
+    p.add_argument(
+        "-n", "--max-tokens", type=number(int, 1, example="64"), default=96, help="most tokens to generate (default 96)"
+    )
     p.set_defaults(func=run)
 
 
@@ -34,9 +36,12 @@ def run(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    print(f"model: {llm.loaded.source}, {llm.config.architecture}, {llm.config.num_parameters() / 1e6:.0f} M "
-          f"parameters, on {llm.model.device} in {str(llm.model.dtype).removeprefix('torch.')} "
-          f"(loaded in {load_s:.1f} s)", file=sys.stderr)
+    print(
+        f"model: {llm.loaded.source}, {llm.config.architecture}, {llm.config.num_parameters() / 1e6:.0f} M "
+        f"parameters, on {llm.model.device} in {str(llm.model.dtype).removeprefix('torch.')} "
+        f"(loaded in {load_s:.1f} s)",
+        file=sys.stderr,
+    )
     has_chat = llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if has_chat else args.prompt
     print(f"> {args.prompt}\n", file=sys.stderr)
@@ -50,7 +55,9 @@ def run(args) -> int:
         sys.stdout.flush()
     end = time.perf_counter()
     kv = llm.config.kv_bytes_at(n_prompt + n_out, llm.model.dtype)
-    print(f"\n\nprompt {n_prompt} tokens, output {n_out} tokens; time to first token {first - t0:.2f} s, "
-          f"decode {max(n_out - 1, 1) / max(end - first, 1e-9):.1f} tok/s; KV cache {human_bytes(kv)}",
-          file=sys.stderr)
+    print(
+        f"\n\nprompt {n_prompt} tokens, output {n_out} tokens; time to first token {first - t0:.2f} s, "
+        f"decode {max(n_out - 1, 1) / max(end - first, 1e-9):.1f} tok/s; KV cache {human_bytes(kv)}",
+        file=sys.stderr,
+    )
     return 0

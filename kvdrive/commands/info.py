@@ -14,16 +14,39 @@ def add_parser(sub) -> None:
         description="Show a model's architecture and what its KV cache costs, without loading weights.",
     )
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    p.add_argument("-c", "--context", type=number(int, 1, example="32768"), help="context length for the KV size (default: the model's)")
-    p.add_argument("-b", "--batch", type=number(int, 1, example="4"), default=1, help="sequences for the KV size (default 1)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="KV dtype (default bfloat16)")
-    w = p.add_argument_group("placement", "With --gpu-gib: where this batch's KV can live on such a GPU (arithmetic "
-                             "only; weights at 2 bytes per parameter for bf16/fp16)")
-    w.add_argument("--gpu-gib", type=number(float, 0, above=True, example="80"), help="GPU memory to plan for, GiB (e.g. 80 for an H100, 24 for an L4)")
-    w.add_argument("--host-gib", type=number(float, 0, above=True, example="128"), help="host memory for pinned KV, GiB (default: what this machine has "
-                   "available now)")
-    w.add_argument("--budget", type=number(int, 1, example="2048"), default=2048, help="tiered cache: tokens attended per step (default 2048)")
+    p.add_argument(
+        "-c",
+        "--context",
+        type=number(int, 1, example="32768"),
+        help="context length for the KV size (default: the model's)",
+    )
+    p.add_argument(
+        "-b", "--batch", type=number(int, 1, example="4"), default=1, help="sequences for the KV size (default 1)"
+    )
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="KV dtype (default bfloat16)"
+    )
+    w = p.add_argument_group(
+        "placement",
+        "With --gpu-gib: where this batch's KV can live on such a GPU (arithmetic "
+        "only; weights at 2 bytes per parameter for bf16/fp16)",
+    )
+    w.add_argument(
+        "--gpu-gib",
+        type=number(float, 0, above=True, example="80"),
+        help="GPU memory to plan for, GiB (e.g. 80 for an H100, 24 for an L4)",
+    )
+    w.add_argument(
+        "--host-gib",
+        type=number(float, 0, above=True, example="128"),
+        help="host memory for pinned KV, GiB (default: what this machine has available now)",
+    )
+    w.add_argument(
+        "--budget",
+        type=number(int, 1, example="2048"),
+        default=2048,
+        help="tiered cache: tokens attended per step (default 2048)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -67,15 +90,27 @@ def run(args) -> int:
     rows = [
         ("architecture", cfg.architecture),
         ("parameters", f"{info['parameters'] / 1e6:.1f} M"),
-        ("layers", f"{cfg.num_hidden_layers} ({len(cfg.global_layers)} global"
-                   + (f", {cfg.num_hidden_layers - len(cfg.global_layers)} sliding window {windows})" if windows else ")")),
+        (
+            "layers",
+            f"{cfg.num_hidden_layers} ({len(cfg.global_layers)} global"
+            + (f", {cfg.num_hidden_layers - len(cfg.global_layers)} sliding window {windows})" if windows else ")"),
+        ),
         ("heads", f"{cfg.num_attention_heads} query, {cfg.num_key_value_heads} KV, head_dim {cfg.head_dim}"),
         ("context", f"{cfg.max_position_embeddings} tokens"),
-        (f"KV per token ({args.dtype})", f"{human_bytes(info['kv_bytes_per_token'])} "
-                                         f"({human_bytes(info['kv_bytes_per_token_per_layer'])} per layer)"),
-        (f"KV at {context} tokens x {args.batch}", human_bytes(info["kv_bytes_at_context"])
-         + ("" if not windows else f" (a cache that keeps every layer in full: "
-                                   f"{human_bytes(info['kv_bytes_at_context_full_cache'])})")),
+        (
+            f"KV per token ({args.dtype})",
+            f"{human_bytes(info['kv_bytes_per_token'])} "
+            f"({human_bytes(info['kv_bytes_per_token_per_layer'])} per layer)",
+        ),
+        (
+            f"KV at {context} tokens x {args.batch}",
+            human_bytes(info["kv_bytes_at_context"])
+            + (
+                ""
+                if not windows
+                else f" (a cache that keeps every layer in full: {human_bytes(info['kv_bytes_at_context_full_cache'])})"
+            ),
+        ),
     ]
     if "placement" in info:
         rows += _placement_rows(info["placement"], args)
@@ -103,8 +138,15 @@ def _placement(cfg, context: int, args, dtype) -> dict:
 
 def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
     gib = 2**30
-    rows = [(f"on a {pl['gpu_gib']:g} GiB GPU", (f"weights {human_bytes(pl['weights_bytes'])}, "
-                                                  f"{human_bytes(pl['gpu_room_bytes'])} left for KV (2 GiB headroom)"))]
+    rows = [
+        (
+            f"on a {pl['gpu_gib']:g} GiB GPU",
+            (
+                f"weights {human_bytes(pl['weights_bytes'])}, "
+                f"{human_bytes(pl['gpu_room_bytes'])} left for KV (2 GiB headroom)"
+            ),
+        )
+    ]
     if pl["all_kv_on_gpu"]:
         rows.append(("all KV on the GPU", f"fits ({human_bytes(pl['kv_bytes'])}): no --budget needed"))
         return rows
@@ -112,12 +154,25 @@ def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
     most = min(pl["tiered_seqs_gpu"], pl["tiered_seqs_host"])
     host = f"{pl['host_bytes'] / gib:.0f} GiB host"
     if pl["tiered_fits"]:
-        rows.append((f"--budget {pl['budget']}", (
-            f"fits: {human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host per sequence; GPU cache (auto) "
-            f"{pl['tiered_cache_tokens']} tokens per sequence and layer; up to {most} sequences "
-            f"({pl['tiered_seqs_gpu']} by GPU, {pl['tiered_seqs_host']} by {host})")))
+        rows.append(
+            (
+                f"--budget {pl['budget']}",
+                (
+                    f"fits: {human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host per sequence; GPU cache (auto) "
+                    f"{pl['tiered_cache_tokens']} tokens per sequence and layer; up to {most} sequences "
+                    f"({pl['tiered_seqs_gpu']} by GPU, {pl['tiered_seqs_host']} by {host})"
+                ),
+            )
+        )
     else:
         fix = "add --disk DIR --host-gib N" if pl["tiered_seqs_host"] < args.batch else "lower the batch or context"
-        rows.append((f"--budget {pl['budget']}", (f"batch {args.batch} does not fit: {pl['tiered_seqs_gpu']} "
-                                                  f"sequences by GPU, {pl['tiered_seqs_host']} by {host}; {fix}")))
+        rows.append(
+            (
+                f"--budget {pl['budget']}",
+                (
+                    f"batch {args.batch} does not fit: {pl['tiered_seqs_gpu']} "
+                    f"sequences by GPU, {pl['tiered_seqs_host']} by {host}; {fix}"
+                ),
+            )
+        )
     return rows

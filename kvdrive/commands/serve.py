@@ -82,8 +82,9 @@ def run(args) -> int:
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
-        raise KvdriveError(f"kvdrive serve needs the serve extra ({err.name} is missing): "
-                           "pip install 'kvdrive[serve]'") from None
+        raise KvdriveError(
+            f"kvdrive serve needs the serve extra ({err.name} is missing): pip install 'kvdrive[serve]'"
+        ) from None
     from kvdrive.serve.server import serve
 
     serve(config)

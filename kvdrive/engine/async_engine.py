@@ -83,8 +83,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int | None = None, observer: RequestObserver | None = None,
-                 stats_interval: float = 1.0):
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting: int | None = None,
+        observer: RequestObserver | None = None,
+        stats_interval: float = 1.0,
+    ):
         """``max_waiting``: requests that may wait for admission before ``submit`` raises
         ``QueueFull`` (None: no limit)."""
         self.engine, self.max_waiting = engine, max_waiting

@@ -63,10 +63,21 @@ class EngineSnapshot:
 
 
 class Engine:
-    def __init__(self, model, cache: KVCache, eos_ids: tuple[int, ...], tokenizer, *, prefix=None,
-                 max_batch: int | None = None, step_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 cuda_graphs: bool = True, on_prefill: Callable[[int], None] | None = None,
-                 isolate_errors: bool = False):
+    def __init__(
+        self,
+        model,
+        cache: KVCache,
+        eos_ids: tuple[int, ...],
+        tokenizer,
+        *,
+        prefix=None,
+        max_batch: int | None = None,
+        step_tokens: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        cuda_graphs: bool = True,
+        on_prefill: Callable[[int], None] | None = None,
+        isolate_errors: bool = False,
+    ):
         """``prefix``: a ``PrefixPool`` (``load``/``store`` with a ``tenant``), or None.
         ``max_batch``: sequences admitted at once (default and cap: the cache's ``max_seqs``).
         ``step_tokens``: tokens a step may run, decode and prefill together (None: no budget,
@@ -90,8 +101,10 @@ class Engine:
         if req.finish_reason is not None or req.prefilled or req.output_ids:
             raise KvdriveError(f"request {req.seq_id} has already run: make a new one")
         if req.total_tokens > self.cache.max_len:
-            raise CapacityError(f"request {req.seq_id} needs {req.total_tokens} tokens (prompt + max_tokens), the "
-                                f"cache holds {self.cache.max_len} per sequence: lower max_tokens or shorten the prompt")
+            raise CapacityError(
+                f"request {req.seq_id} needs {req.total_tokens} tokens (prompt + max_tokens), the "
+                f"cache holds {self.cache.max_len} per sequence: lower max_tokens or shorten the prompt"
+            )
         self.sched.add(req)
 
     def abort(self, seq_id: int, reason: str = "abort", error: str | None = None) -> Request | None:
@@ -220,11 +233,17 @@ class Engine:
         """Queues, cache occupancy and counters now (the cache's ``stats`` may sync the device)."""
         c = self.cache
         return EngineSnapshot(
-            running=len(self.sched.running), waiting=len(self.sched.waiting),
-            prefilling=int(self.sched.prefilling is not None), kv_tokens=c.seqs.tokens(),
-            kv_capacity_tokens=c.max_seqs * c.max_len, tiers=c.tier_bytes(), cache_stats=c.stats(),
+            running=len(self.sched.running),
+            waiting=len(self.sched.waiting),
+            prefilling=int(self.sched.prefilling is not None),
+            kv_tokens=c.seqs.tokens(),
+            kv_capacity_tokens=c.max_seqs * c.max_len,
+            tiers=c.tier_bytes(),
+            cache_stats=c.stats(),
             prefix_stats=self.prefix.stats() if self.prefix is not None else None,
-            counters=EngineCounters(**{k: (Counter(v) if isinstance(v, Counter) else v)
-                                       for k, v in vars(self.counters).items()}),
+            counters=EngineCounters(
+                **{k: (Counter(v) if isinstance(v, Counter) else v) for k, v in vars(self.counters).items()}
+            ),
             device_memory=torch.cuda.memory_allocated(c.device) if c.device.type == "cuda" else None,
-            device_reserved=torch.cuda.memory_reserved(c.device) if c.device.type == "cuda" else None)
+            device_reserved=torch.cuda.memory_reserved(c.device) if c.device.type == "cuda" else None,
+        )

@@ -17,7 +17,9 @@ from kvdrive.engine.micro_batch import MicroBatchedDecode
 
 
 class GraphedDecodeStep:
-    def __init__(self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor, micro_batches: int | None = None):
+    def __init__(
+        self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor, micro_batches: int | None = None
+    ):
         """``micro_batches``: parts of the batch run on their own streams inside the graph
         (see ``kvdrive.engine.micro_batch``), for caches that support it; None: the cache's setting."""
         self.model, self.cache, self.seq_ids = model, cache, tuple(seq_ids)

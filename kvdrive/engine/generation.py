@@ -19,9 +19,18 @@ from kvdrive.progress import progress
 __all__ = ["PREFILL_CHUNK", "Detokenizer", "Request", "TokenEvent", "run"]
 
 
-def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...], tokenizer,
-        prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, prefix=None,
-        max_batch: int | None = None, step_tokens: int | None = None) -> Iterator[TokenEvent]:
+def run(
+    model,
+    cache: KVCache,
+    requests: list[Request],
+    eos_ids: tuple[int, ...],
+    tokenizer,
+    prefill_chunk: int = PREFILL_CHUNK,
+    cuda_graphs: bool = True,
+    prefix=None,
+    max_batch: int | None = None,
+    step_tokens: int | None = None,
+) -> Iterator[TokenEvent]:
     """Generate for ``requests``; yields one ``TokenEvent`` per token.
 
     ``max_batch``: sequences decoding at once (default: the cache's ``max_seqs``).
@@ -31,8 +40,18 @@ def run(model, cache: KVCache, requests: list[Request], eos_ids: tuple[int, ...]
     it (``LLM`` does)."""
     total_prompt = sum(len(r.prompt_ids) for r in requests)
     with progress(total=total_prompt, desc="prefill", unit="tok", enabled=total_prompt > 4096) as bar:
-        engine = Engine(model, cache, eos_ids, tokenizer, prefix=prefix, max_batch=max_batch, step_tokens=step_tokens,
-                        prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, on_prefill=bar.update)
+        engine = Engine(
+            model,
+            cache,
+            eos_ids,
+            tokenizer,
+            prefix=prefix,
+            max_batch=max_batch,
+            step_tokens=step_tokens,
+            prefill_chunk=prefill_chunk,
+            cuda_graphs=cuda_graphs,
+            on_prefill=bar.update,
+        )
         for req in requests:
             engine.add_request(req)
         while engine.has_unfinished():

@@ -48,9 +48,20 @@ class LLM:
     caps prompt + output tokens (default: the model's context length).
     """
 
-    def __init__(self, model: str | None = None, device=None, dtype=None, max_model_len: int | None = None,
-                 seed: int = 0, prefix_cache=None, loaded=None, kv_cache=None, max_batch: int | None = None,
-                 tenant: str | None = None, step_tokens: int | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        device=None,
+        dtype=None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        prefix_cache=None,
+        loaded=None,
+        kv_cache=None,
+        max_batch: int | None = None,
+        tenant: str | None = None,
+        step_tokens: int | None = None,
+    ):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
         ``kv_cache``: a ``kvdrive.TieredConfig`` to keep the KV in host memory (and on
         disk) and attend sparsely with a GPU selection cache; None keeps all KV on the device.
@@ -89,8 +100,10 @@ class LLM:
         digest = weights_digest(self.model)
         if isinstance(prefix_cache, PrefixPool):
             if prefix_cache.weights != digest:
-                raise KvdriveError("this prefix pool keys its chunks by other weights than this model's: share a pool "
-                                   "only between LLMs of the same weights, or give this one its own PrefixConfig")
+                raise KvdriveError(
+                    "this prefix pool keys its chunks by other weights than this model's: share a pool "
+                    "only between LLMs of the same weights, or give this one its own PrefixConfig"
+                )
             self.prefix = prefix_cache
         else:
             self.prefix = PrefixPool(self.config, self.model.dtype, prefix_cache, weights=digest)
@@ -136,8 +149,9 @@ class LLM:
             return prompt, self.tokenizer(check_text(prompt, "the prompt"), add_special_tokens=True)["input_ids"]
         if _is_token_list(prompt):
             return None, list(prompt)
-        raise KvdriveError(f"a prompt is a string, a list of token ids, or {{'prompt_token_ids': [...]}}; "
-                           f"got {type(prompt).__name__}")
+        raise KvdriveError(
+            f"a prompt is a string, a list of token ids, or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}"
+        )
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         _check_messages(messages)
@@ -152,8 +166,9 @@ class LLM:
         if isinstance(prompts, (str, dict)) or _is_token_list(prompts, allow_empty=False):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise KvdriveError(f"give at least one prompt (a string, a list of token ids or a dict), "
-                               f"got {prompts!r:.40}")
+            raise KvdriveError(
+                f"give at least one prompt (a string, a list of token ids or a dict), got {prompts!r:.40}"
+            )
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
@@ -201,10 +216,15 @@ class LLM:
         if self.kv_cache is not None:
             from kvdrive.tiered.cache import TieredSparseKVCache
 
-            n = min(n, TieredSparseKVCache.seqs_that_fit(self.config, max_len, self.model.dtype, self.kv_cache,
-                                                         self.model.device))
-            self._cache = TieredSparseKVCache(self.config, n, max_len, self.model.device, self.model.dtype,
-                                              self.kv_cache)
+            n = min(
+                n,
+                TieredSparseKVCache.seqs_that_fit(
+                    self.config, max_len, self.model.dtype, self.kv_cache, self.model.device
+                ),
+            )
+            self._cache = TieredSparseKVCache(
+                self.config, n, max_len, self.model.device, self.model.dtype, self.kv_cache
+            )
         else:
             self._cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)
         return self._cache
@@ -219,8 +239,16 @@ class LLM:
         cache = self._cache_for(n, max_len)
         n = min(n, cache.max_seqs)
         try:
-            yield from generation.run(self.model, cache, reqs, self.config.eos_token_ids, self.tokenizer,
-                                      prefix=self.prefix, max_batch=n, step_tokens=self.step_tokens)
+            yield from generation.run(
+                self.model,
+                cache,
+                reqs,
+                self.config.eos_token_ids,
+                self.tokenizer,
+                prefix=self.prefix,
+                max_batch=n,
+                step_tokens=self.step_tokens,
+            )
         finally:  # a stream abandoned or a failed step: its sequences leave the cache kept for the next call
             for r in reqs:
                 if r.seq_id in cache.seqs:
@@ -242,9 +270,17 @@ class LLM:
         else:
             max_seqs = min(max_seqs, self._plain_seqs_that_fit(max_len))
         cache = self._cache_for(max_seqs, max_len)
-        return Engine(self.model, cache, self.config.eos_token_ids, self.tokenizer, prefix=self.prefix,
-                      max_batch=min(max_seqs, cache.max_seqs), step_tokens=step_tokens, prefill_chunk=prefill_chunk,
-                      isolate_errors=True)
+        return Engine(
+            self.model,
+            cache,
+            self.config.eos_token_ids,
+            self.tokenizer,
+            prefix=self.prefix,
+            max_batch=min(max_seqs, cache.max_seqs),
+            step_tokens=step_tokens,
+            prefill_chunk=prefill_chunk,
+            isolate_errors=True,
+        )
 
     def _plain_seqs_that_fit(self, max_len: int) -> int:
         """Sequences of ``max_len`` whose KV the device's free memory holds in the plain cache."""
@@ -257,9 +293,11 @@ class LLM:
         if room is None:
             return 1 << 30
         if room < per_seq:
-            raise CapacityError(f"one sequence of {max_len} tokens needs {per_seq / 2**30:.2f} GiB of KV, "
-                                f"{room / 2**30:.2f} GiB is free: lower max_model_len, or keep the KV in host "
-                                "memory with the tiered cache (a budget)")
+            raise CapacityError(
+                f"one sequence of {max_len} tokens needs {per_seq / 2**30:.2f} GiB of KV, "
+                f"{room / 2**30:.2f} GiB is free: lower max_model_len, or keep the KV in host "
+                "memory with the tiered cache (a budget)"
+            )
         return room // per_seq
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
@@ -289,14 +327,19 @@ def check_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise KvdriveError(f"{what} is not valid Unicode text: {err.object[err.start]!r} at character {err.start} "
-                           "is a lone surrogate (bytes that were not UTF-8?); pass UTF-8 text") from None
+        raise KvdriveError(
+            f"{what} is not valid Unicode text: {err.object[err.start]!r} at character {err.start} "
+            "is a lone surrogate (bytes that were not UTF-8?); pass UTF-8 text"
+        ) from None
     return text
 
 
 def _is_token_list(x, allow_empty: bool = True) -> bool:
-    return (isinstance(x, (list, tuple)) and (allow_empty or len(x) > 0)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in x))
+    return (
+        isinstance(x, (list, tuple))
+        and (allow_empty or len(x) > 0)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    )
 
 
 def _check_messages(messages) -> None:
@@ -304,8 +347,10 @@ def _check_messages(messages) -> None:
         raise KvdriveError("chat needs a non-empty list of messages, e.g. [{'role': 'user', 'content': 'Hi'}]")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise KvdriveError(f"message {i} must be a dict with a 'role' and a 'content' string, "
-                               f"e.g. {{'role': 'user', 'content': 'Hi'}}; got {m!r:.60}")
+            raise KvdriveError(
+                f"message {i} must be a dict with a 'role' and a 'content' string, "
+                f"e.g. {{'role': 'user', 'content': 'Hi'}}; got {m!r:.60}"
+            )
         check_text(m["content"], f"message {i}'s content")
 
 
@@ -318,8 +363,11 @@ def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_
 
     if model is not None and not isinstance(model, str):
         raise KvdriveError(f"model is a spec string (e.g. 'smollm2', 'random:llama-3.2-1b' or a path), got {model!r}")
-    for name, value, low in (("max_model_len", max_model_len, 1), ("max_batch", max_batch, 1),
-                             ("step_tokens", step_tokens, 1)):
+    for name, value, low in (
+        ("max_model_len", max_model_len, 1),
+        ("max_batch", max_batch, 1),
+        ("step_tokens", step_tokens, 1),
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise KvdriveError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
@@ -327,8 +375,9 @@ def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_
     if kv_cache is not None and not isinstance(kv_cache, TieredConfig):
         raise KvdriveError(f"kv_cache is a kvdrive.TieredConfig or None, got {type(kv_cache).__name__}")
     if prefix_cache is not None and not isinstance(prefix_cache, (PrefixConfig, PrefixPool)):
-        raise KvdriveError(f"prefix_cache is a PrefixConfig, an open PrefixPool or None, got "
-                           f"{type(prefix_cache).__name__}")
+        raise KvdriveError(
+            f"prefix_cache is a PrefixConfig, an open PrefixPool or None, got {type(prefix_cache).__name__}"
+        )
     if tenant is not None and not isinstance(tenant, str):
         raise KvdriveError(f"tenant is a string, got {tenant!r}")
     if loaded is not None and not hasattr(loaded, "model"):

@@ -51,10 +51,13 @@ class MicroBatchedDecode:
         parts = cache.micro_batches if parts is None else parts
         self.parts = max(1, parts) if cache.supports_micro_batches else 1
         dev = model.device
-        self.streams = [devices.new_stream(dev, high_priority=True) for _ in range(self.parts)] if self.parts > 1 else []
+        self.streams = (
+            [devices.new_stream(dev, high_priority=True) for _ in range(self.parts)] if self.parts > 1 else []
+        )
 
-    def forward(self, seq_ids, token_ids: torch.Tensor, start: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, list[ForwardBatch]]:
+    def forward(
+        self, seq_ids, token_ids: torch.Tensor, start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[ForwardBatch]]:
         """token_ids (B, 1) -> (logits (B, V), the batches to commit). ``start``: the static (B,)
         lengths of a graphed step (see ``KVCache.plan``)."""
         seq_ids = tuple(seq_ids)
@@ -62,8 +65,10 @@ class MicroBatchedDecode:
         if len(slices) == 1:
             batch = self.cache.plan(seq_ids, 1, start=start) if start is not None else self.cache.plan(seq_ids, 1)
             return self.model(token_ids, self.cache, batch), [batch]
-        batches = [self.cache.plan(seq_ids[s], 1, start=None if start is None else start[s], new_step=i == 0)
-                   for i, s in enumerate(slices)]
+        batches = [
+            self.cache.plan(seq_ids[s], 1, start=None if start is None else start[s], new_step=i == 0)
+            for i, s in enumerate(slices)
+        ]
         main = devices.current_stream(self.model.device)
         capturing = self.model.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         for stream in self.streams[: len(slices)]:

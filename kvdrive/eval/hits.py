@@ -85,7 +85,7 @@ def grid(spec: HitsSpec) -> list[CachePoint]:
     points = []
     for disk in tiers:
         for ev in spec.evictions:
-            for x in (spec.cache_x[:1] if ev == "none" else spec.cache_x):
+            for x in spec.cache_x[:1] if ev == "none" else spec.cache_x:
                 points.extend(CachePoint(ev, x, p, disk) for p in spec.prefetch)
     return points
 
@@ -127,9 +127,11 @@ class SelectionTrace:
             cur = selection_mask(sel, self.n_max).any(1).cpu()  # (B, N): shared selection, any head
             if layer in self._prev:
                 last = overlap(cur, self._prev[layer])
-                for name, r in (("overlap", last),
-                                ("chosen_overlap", overlap(cur, self._prev[layer], ignore)),
-                                ("seen", overlap(cur, self._union[layer]))):
+                for name, r in (
+                    ("overlap", last),
+                    ("chosen_overlap", overlap(cur, self._prev[layer], ignore)),
+                    ("seen", overlap(cur, self._union[layer])),
+                ):
                     self._sums[name][layer] = self._sums[name].get(layer, 0.0) + float(r.sum())
                 step.append(float(last.mean()))
                 self._union[layer] |= cur
@@ -159,8 +161,17 @@ def import_prefix(src, dst, seq_id: int, length: int, num_layers: int) -> None:
 
 
 @torch.inference_mode()
-def measure_point(lm, src, length: int, tokens: torch.Tensor, sparse: SparseConfig, point: CachePoint,
-                  cache_tokens: int, spec: HitsSpec, disk_dir: Path | None = None) -> dict:
+def measure_point(
+    lm,
+    src,
+    length: int,
+    tokens: torch.Tensor,
+    sparse: SparseConfig,
+    point: CachePoint,
+    cache_tokens: int,
+    spec: HitsSpec,
+    disk_dir: Path | None = None,
+) -> dict:
     """Decode ``tokens`` (B, M) after the first ``length`` tokens of ``src``'s sequences 0..B-1
     through a fresh tiered cache; the cold first step and the warm rest reported apart."""
     b, m = tokens.shape
@@ -170,10 +181,19 @@ def measure_point(lm, src, length: int, tokens: torch.Tensor, sparse: SparseConf
 
         kv_bytes = lm.config.kv_bytes_per_token(lm.model.dtype) * (length + m) * b
         disk_dir.mkdir(parents=True, exist_ok=True)
-        extra = {"disk": (PoolPath(str(disk_dir), 2 * kv_bytes + (64 << 20), weight=1.0),),
-                 "host_bytes": int(kv_bytes * spec.host_fraction), "direct": "off"}
-    cfg = TieredConfig(sparse, cache_tokens=cache_tokens, eviction=point.eviction, prefetch=point.prefetch,
-                       rebalance_after=spec.rebalance_after, **extra)
+        extra = {
+            "disk": (PoolPath(str(disk_dir), 2 * kv_bytes + (64 << 20), weight=1.0),),
+            "host_bytes": int(kv_bytes * spec.host_fraction),
+            "direct": "off",
+        }
+    cfg = TieredConfig(
+        sparse,
+        cache_tokens=cache_tokens,
+        eviction=point.eviction,
+        prefetch=point.prefetch,
+        rebalance_after=spec.rebalance_after,
+        **extra,
+    )
     cache = TieredSparseKVCache(lm.config, b, length + m + 8, lm.model.device, lm.model.dtype, cfg)
     try:
         for i in range(b):
@@ -190,8 +210,11 @@ def measure_point(lm, src, length: int, tokens: torch.Tensor, sparse: SparseConf
                 cold = cache.stats()
                 cache.reset_stats()
         warm = cache.stats()
-        return {"cold": _rates(cold, b), "warm": _rates(warm, b),
-                "capacity_groups": sorted(set(warm["capacity_per_layer"].values()))}
+        return {
+            "cold": _rates(cold, b),
+            "warm": _rates(warm, b),
+            "capacity_groups": sorted(set(warm["capacity_per_layer"].values())),
+        }
     finally:
         cache.close()
 
@@ -207,8 +230,17 @@ def _rates(s: dict, batch: int) -> dict:
         "sync_fetch_rate": s["sync_fetched"] / sel if sel else None,
         "prefetch_precision": s["prefetched_hits"] / fetched if fetched else None,
         "host_to_gpu_bytes_per_token": s["bytes_host_to_gpu"] / s["steps"] / batch if s["steps"] else None,
-        "counts": {k: s[k] for k in ("groups_selected", "gpu_hits", "prefetched_hits", "sync_fetched", "prefetched",
-                                     "bytes_host_to_gpu")},
+        "counts": {
+            k: s[k]
+            for k in (
+                "groups_selected",
+                "gpu_hits",
+                "prefetched_hits",
+                "sync_fetched",
+                "prefetched",
+                "bytes_host_to_gpu",
+            )
+        },
     }
     for k in ("disk_reads", "read_ahead", "disk_writes", "lost", "host_evictions"):
         if k in s:
@@ -244,20 +276,36 @@ def measure(spec: HitsSpec, out: str | Path, plot: str | Path | None = None) -> 
                 n_groups = torch.tensor([-(-length // spec.group_tokens)])
                 budget_groups = max(int(sel.budget.groups(n_groups, spec.group_tokens)[0]), sel.n_sink + sel.n_window)
                 budget_tokens = budget_groups * spec.group_tokens
-                row = {"budget_tokens": budget_tokens, "locality": trace.result(),
-                       "sparse_decode_seconds": time.perf_counter() - t0, "points": {}}
+                row = {
+                    "budget_tokens": budget_tokens,
+                    "locality": trace.result(),
+                    "sparse_decode_seconds": time.perf_counter() - t0,
+                    "points": {},
+                }
                 entry["settings"][setting.label] = row
                 for point in points:
                     t0 = time.perf_counter()
                     cache_tokens = round(point.cache_x * budget_tokens)
-                    res = measure_point(lm, runner.cache, length, tokens, runner.sparse, point, cache_tokens, spec,
-                                        Path(spec.disk) / f"hits-{length}" if point.disk else None)
-                    res.update(cache_x=point.cache_x, cache_tokens=cache_tokens,
-                               seconds=time.perf_counter() - t0)
+                    res = measure_point(
+                        lm,
+                        runner.cache,
+                        length,
+                        tokens,
+                        runner.sparse,
+                        point,
+                        cache_tokens,
+                        spec,
+                        Path(spec.disk) / f"hits-{length}" if point.disk else None,
+                    )
+                    res.update(cache_x=point.cache_x, cache_tokens=cache_tokens, seconds=time.perf_counter() - t0)
                     row["points"][point.label] = res
                     w = res["warm"]
-                    print(f"hits {length} {setting.label} {point.label}: hit rate {w['hit_rate']:.3f} "
-                          f"({res['seconds']:.1f} s)", file=sys.stderr, flush=True)
+                    print(
+                        f"hits {length} {setting.label} {point.label}: hit rate {w['hit_rate']:.3f} "
+                        f"({res['seconds']:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     _write(spec, lm, text, out, results)  # partial results survive an interrupted run
         print(f"length {length}: done", flush=True)
     path = _write(spec, lm, text, out, results)
@@ -269,8 +317,14 @@ def measure(spec: HitsSpec, out: str | Path, plot: str | Path | None = None) -> 
 def _write(spec, lm, text, out, results) -> Path:
     from kvdrive.results import write_result
 
-    config = {**asdict(spec), "model": lm.source, "text_source": text.source, "text_licence": text.licence,
-              "model_dtype": str(lm.model.dtype), "device": str(lm.model.device)}
+    config = {
+        **asdict(spec),
+        "model": lm.source,
+        "text_source": text.source,
+        "text_licence": text.licence,
+        "model_dtype": str(lm.model.dtype),
+        "device": str(lm.model.device),
+    }
     notes = [
         "per length: the samples are prefilled once; each grid point imports that KV into a fresh tiered cache "
         "and teacher-forces the same continuation (batch = samples)",
@@ -305,8 +359,11 @@ def plot_hits(result_json: str | Path, png: str | Path) -> Path:
         xs = sorted({p["cache_x"] for p in row["points"].values()})
         for ev in EVICTIONS:
             for pre, style in ((True, "-"), (False, "--")):
-                pts = [p for name, p in row["points"].items() if name.startswith(ev + "/") and not name.endswith("/disk")
-                       and ("/prefetch" in name) == pre]
+                pts = [
+                    p
+                    for name, p in row["points"].items()
+                    if name.startswith(ev + "/") and not name.endswith("/disk") and ("/prefetch" in name) == pre
+                ]
                 if not pts:
                     continue
                 if ev == "none":
@@ -315,8 +372,9 @@ def plot_hits(result_json: str | Path, png: str | Path) -> Path:
                 else:
                     pts.sort(key=lambda p: p["cache_x"])
                     px, ys = [p["cache_x"] for p in pts], [p["warm"]["hit_rate"] for p in pts]
-                ax.plot(px, ys, style, marker="o", color=colours[ev],
-                        label=f"{ev}, {'prefetch' if pre else 'no prefetch'}")
+                ax.plot(
+                    px, ys, style, marker="o", color=colours[ev], label=f"{ev}, {'prefetch' if pre else 'no prefetch'}"
+                )
         seen = row["locality"]["seen"]["mean"]
         if seen is not None:
             ax.axhline(seen, color="grey", lw=1, label="seen before (unbounded cache)")

@@ -88,12 +88,19 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """Fields and derived values, for JSON."""
-        return {**asdict(self), "ppl_ref": self.ppl_ref, "ppl_test": self.ppl_test, "ppl_delta": self.ppl_delta,
-                "bpb_ref": self.bpb_ref, "bpb_test": self.bpb_test}
+        return {
+            **asdict(self),
+            "ppl_ref": self.ppl_ref,
+            "ppl_test": self.ppl_test,
+            "ppl_delta": self.ppl_delta,
+            "bpb_ref": self.bpb_ref,
+            "bpb_test": self.bpb_test,
+        }
 
 
-def compare_logits(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor,
-                   n_bytes: int | None = None) -> Comparison:
+def compare_logits(
+    ref_logits: torch.Tensor, test_logits: torch.Tensor, targets: torch.Tensor, n_bytes: int | None = None
+) -> Comparison:
     """Compare (..., V) logits of the same positions; ``targets`` (...) are the next tokens."""
     if targets.shape != ref_logits.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(ref_logits.shape)}")
@@ -101,10 +108,14 @@ def compare_logits(ref_logits: torch.Tensor, test_logits: torch.Tensor, targets:
         raise ValueError("no positions to compare")
     kl = kl_per_token(ref_logits, test_logits)
     return Comparison(
-        tokens=targets.numel(), kl=float(kl.mean()), kl_max=float(kl.max()),
+        tokens=targets.numel(),
+        kl=float(kl.mean()),
+        kl_max=float(kl.max()),
         top1_agreement=float(top1_agree(ref_logits, test_logits).float().mean()),
         nll_ref=float(nll_per_token(ref_logits, targets).mean()),
-        nll_test=float(nll_per_token(test_logits, targets).mean()), n_bytes=n_bytes)
+        nll_test=float(nll_per_token(test_logits, targets).mean()),
+        n_bytes=n_bytes,
+    )
 
 
 def pool(parts: Sequence[Comparison]) -> Comparison:
@@ -118,5 +129,6 @@ def pool(parts: Sequence[Comparison]) -> Comparison:
         return sum(getattr(p, field) * p.tokens for p in parts) / n
 
     n_bytes = None if any(p.n_bytes is None for p in parts) else sum(p.n_bytes for p in parts)
-    return Comparison(n, mean("kl"), max(p.kl_max for p in parts), mean("top1_agreement"), mean("nll_ref"),
-                      mean("nll_test"), n_bytes)
+    return Comparison(
+        n, mean("kl"), max(p.kl_max for p in parts), mean("top1_agreement"), mean("nll_ref"), mean("nll_test"), n_bytes
+    )

@@ -59,8 +59,12 @@ def panels_from_result(doc: dict) -> list[Panel]:
     panels = []
     for entry in doc["results"]:
         labels = [lab for lab in entry.get("text", {}) if lab != FULL]
-        labels += [lab for fam in (entry.get("retrieval") or {}).values() for lab in fam["settings"]
-                   if lab != FULL and lab not in labels]
+        labels += [
+            lab
+            for fam in (entry.get("retrieval") or {}).values()
+            for lab in fam["settings"]
+            if lab != FULL and lab not in labels
+        ]
         parsed = {lab: _parse_label(lab) for lab in labels}
         several_modes = len({mode for _, _, mode in parsed.values()}) > 1
         points: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -72,8 +76,10 @@ def panels_from_result(doc: dict) -> list[Panel]:
             acc = _task_accuracy(entry, lab)
             if acc is not None:
                 points.setdefault((name, "tasks"), []).append((budget, acc))
-        curves = tuple(Curve(name, metric, tuple(b for b, _ in sorted(pts)), tuple(v for _, v in sorted(pts)))
-                       for (name, metric), pts in sorted(points.items()))
+        curves = tuple(
+            Curve(name, metric, tuple(b for b, _ in sorted(pts)), tuple(v for _, v in sorted(pts)))
+            for (name, metric), pts in sorted(points.items())
+        )
         panels.append(Panel(f"{entry['length']} tokens", curves, _task_accuracy(entry, FULL)))
     return panels
 
@@ -85,13 +91,21 @@ def plot_panels(panels: list[Panel], png: str | Path, title: str = "") -> Path:
         raise KvdriveError("nothing to plot: the result has no entries")
     summaries = sorted({c.summary for p in panels for c in p.curves})
     colour = {s: f"C{i}" for i, s in enumerate(summaries)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1]),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1]), squeeze=False, sharey=True
+    )
     for ax, panel in zip(axes[0], panels):
         for c in panel.curves:
             tasks = c.metric == "tasks"
-            ax.plot([b * PERCENT for b in c.budgets], c.values, "-" if tasks else "--", marker="s" if tasks else "o",
-                    ms=3, color=colour[c.summary], label=f"{c.summary} {c.metric}")
+            ax.plot(
+                [b * PERCENT for b in c.budgets],
+                c.values,
+                "-" if tasks else "--",
+                marker="s" if tasks else "o",
+                ms=3,
+                color=colour[c.summary],
+                label=f"{c.summary} {c.metric}",
+            )
         if panel.full_accuracy is not None:
             ax.axhline(panel.full_accuracy, color="grey", lw=1.2, label="full attention tasks")
         ax.set_xscale("log", base=2)

@@ -81,8 +81,10 @@ class Builder:
     def build(self, family: str, length: int, n: int, seed: int = 0) -> list[Item]:
         if family not in FAMILIES:
             raise KvdriveError(f"unknown retrieval family {family!r}; choose from {', '.join(FAMILIES)}")
-        return [getattr(self, f"_{family}")(length, i, d, random.Random(f"kvdrive-retrieval/{seed}/{family}/{length}/{i}"))
-                for i, d in enumerate(depths(n))]
+        return [
+            getattr(self, f"_{family}")(length, i, d, random.Random(f"kvdrive-retrieval/{seed}/{family}/{length}/{i}"))
+            for i, d in enumerate(depths(n))
+        ]
 
     def _assemble(self, family, index, length, depth, instruction, facts, question, answer, rng) -> Item:
         """``facts``: (relative depth, sentence), the asked one first."""
@@ -90,8 +92,9 @@ class Builder:
         pieces = [self.enc(" " + sentence) for _, sentence in facts]
         n = length - len(head) - len(q) - sum(map(len, pieces))
         if n < MIN_HAYSTACK:
-            raise KvdriveError(f"{length} tokens is too short for a {family} item: raise the length by "
-                               f"{MIN_HAYSTACK - n} or more")
+            raise KvdriveError(
+                f"{length} tokens is too short for a {family} item: raise the length by {MIN_HAYSTACK - n} or more"
+            )
         hay = self.hay.sample(n, rng)
         bounds = self.hay.boundaries(hay)
         at = [min(bounds, key=lambda b, d=d: (abs(b - d * n), b)) for d, _ in facts]
@@ -111,11 +114,17 @@ class Builder:
     def _passkey(self, length, index, depth, rng) -> Item:
         key = str(rng.randrange(10_000, 100_000))
         return self._assemble(
-            "passkey", index, length, depth,
+            "passkey",
+            index,
+            length,
+            depth,
             "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the pass key.\n\n",
             [(depth, f"The pass key is {key}. Remember it.")],
-            "\n\nWhat is the pass key? The pass key is", key, rng)
+            "\n\nWhat is the pass key? The pass key is",
+            key,
+            rng,
+        )
 
     def _words(self, rng, k: int) -> list[str]:
         """``k`` distinct one-token words of the text (so every question has one length)."""
@@ -127,11 +136,17 @@ class Builder:
         where = [depth] + [rng.uniform(*DEPTH_RANGE) for _ in keys[1:]]
         asked = f"special magic number for {keys[0]} mentioned in the provided text"
         return self._assemble(
-            "multikey", index, length, depth,
+            "multikey",
+            index,
+            length,
+            depth,
             "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
             "I will quiz you about the numbers afterwards.\n\n",
             [(d, f"One of the special magic numbers for {k} is: {v}.") for d, k, v in zip(where, keys, values)],
-            f"\n\nWhat is the {asked}? The {asked} is", values[0], rng)
+            f"\n\nWhat is the {asked}? The {asked} is",
+            values[0],
+            rng,
+        )
 
     def _names(self, rng, k: int) -> list[str]:
         """``k`` distinct 5-capital variable names of the tokenizer's most common token count, so
@@ -158,10 +173,17 @@ class Builder:
         facts += [(spots[0], f"VAR {decoy[0]} = {other}.")]
         facts += [(d, f"VAR {b} = VAR {a}.") for d, a, b in zip(spots[1:], decoy, decoy[1:])]
         return self._assemble(
-            "vartrack", index, length, depth,
-            "Memorize and track the chain of variable assignments hidden in the following text.\n\n", facts,
+            "vartrack",
+            index,
+            length,
+            depth,
+            "Memorize and track the chain of variable assignments hidden in the following text.\n\n",
+            facts,
             f"\n\nWhat is the value of VAR {chain[-1]}? Follow the chain of assignments. "
-            f"The value of VAR {chain[-1]} is", value, rng)
+            f"The value of VAR {chain[-1]} is",
+            value,
+            rng,
+        )
 
 
 # -- statistics --------------------------------------------------------------------------------

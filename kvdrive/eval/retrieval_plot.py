@@ -26,7 +26,9 @@ def _parse(label: str) -> tuple[str, float]:
 
 def plot_retrieval(result_path: str | Path, png: str | Path) -> Path:
     doc = json.loads(Path(result_path).read_text())
-    panels = [(e["length"], fam, body["settings"]) for e in doc["results"] for fam, body in (e.get("retrieval") or {}).items()]
+    panels = [
+        (e["length"], fam, body["settings"]) for e in doc["results"] for fam, body in (e.get("retrieval") or {}).items()
+    ]
     plt = pyplot()
     fig, axes = plt.subplots(2, len(panels), figsize=(PANEL[0] * len(panels), PANEL[1] * 2), squeeze=False)
     summaries = sorted({_parse(lab)[0] for _, _, s in panels for lab in s if lab != "full"})

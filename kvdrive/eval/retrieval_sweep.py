@@ -72,12 +72,20 @@ class Greedy:
         return logits
 
 
-def run_family(runner: Runner, tokenizer, items: list[retrieval.Item], settings: list[Setting], modes, batch: int,
-               global_layers: list[int]) -> dict:
+def run_family(
+    runner: Runner,
+    tokenizer,
+    items: list[retrieval.Item],
+    settings: list[Setting],
+    modes,
+    batch: int,
+    global_layers: list[int],
+) -> dict:
     """Outcomes of every (setting, mode) on ``items``: {label: {mode: {"right": [bool], "attended": float}}}."""
     out = {s.label: {m: {"right": [], "attended": []} for m in modes} for s in settings}
-    for start in progress(range(0, len(items), batch), desc=f"{items[0].family} {len(items[0].prompt_ids)}",
-                          unit="batch"):
+    for start in progress(
+        range(0, len(items), batch), desc=f"{items[0].family} {len(items[0].prompt_ids)}", unit="batch"
+    ):
         t0 = time.perf_counter()
         rows = items[start : start + batch]
         n_ctx = len(rows[0].context_ids)
@@ -105,8 +113,11 @@ def run_family(runner: Runner, tokenizer, items: list[retrieval.Item], settings:
                 for r, row_ids in zip(rows, ids.tolist()):
                     out[setting.label][mode]["right"].append(retrieval.score(r, tokenizer.decode(row_ids)))
                 out[setting.label][mode]["attended"] += greedy.attended
-        print(f"{rows[0].family} {n_prompt}: {len(rows)} items in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
-              flush=True)
+        print(
+            f"{rows[0].family} {n_prompt}: {len(rows)} items in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -120,23 +131,37 @@ def summarize(items: list[retrieval.Item], outcomes: dict) -> dict:
         for mode, o in by_mode.items():
             right = o["right"]
             k, n = sum(right), len(right)
-            row = {"correct": k, "items": n, "accuracy": k / n, "interval": list(retrieval.wilson(k, n)),
-                   "attended": sum(o["attended"]) / max(len(o["attended"]), 1)}
+            row = {
+                "correct": k,
+                "items": n,
+                "accuracy": k / n,
+                "interval": list(retrieval.wilson(k, n)),
+                "attended": sum(o["attended"]) / max(len(o["attended"]), 1),
+            }
             if label != "full":
                 row["vs_full"] = retrieval.paired_difference(full[mode]["right"], right)
-            row["by_depth"] = {f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}":
-                               sum(r for r, bb in zip(right, bins) if bb == b) / bins.count(b)
-                               for b in range(DEPTH_BINS) if bins.count(b)}
+            row["by_depth"] = {
+                f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}": sum(r for r, bb in zip(right, bins) if bb == b)
+                / bins.count(b)
+                for b in range(DEPTH_BINS)
+                if bins.count(b)
+            }
             result[label][mode] = row
     return result
 
 
 RETRIEVAL_NOTES = [
     "retrieval: right = the first run of digits in the greedy continuation equals the answer",
-    ("prefilled: context and question attended exactly, the answer decoded under the setting; "
-     "sparse-question: the question decoded under the setting too"),
-    ("interval: 95% Wilson; vs_full: paired difference to full attention on the same items (lost = full right and "
-     "this setting wrong), 95% interval by Newcombe's method for paired proportions"),
-    ("attended: share of the context attended per decode step, averaged over global layers (dense ones count 1) "
-     "and rows"),
+    (
+        "prefilled: context and question attended exactly, the answer decoded under the setting; "
+        "sparse-question: the question decoded under the setting too"
+    ),
+    (
+        "interval: 95% Wilson; vs_full: paired difference to full attention on the same items (lost = full right and "
+        "this setting wrong), 95% interval by Newcombe's method for paired proportions"
+    ),
+    (
+        "attended: share of the context attended per decode step, averaged over global layers (dense ones count 1) "
+        "and rows"
+    ),
 ]

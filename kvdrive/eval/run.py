@@ -88,8 +88,14 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
 
         calib, ids = ids[:CALIB_TOKENS], ids[CALIB_TOKENS:]
         bases = fit_bases(lm, [calib[i : i + CALIB_ROW] for i in range(0, len(calib), CALIB_ROW)], spec.rank)
-    base = SparseConfig(group_tokens=spec.group_tokens, sink_tokens=spec.sink, window_tokens=spec.window,
-                        rank=spec.rank, bases=bases, dense_layers=spec.dense_layers)
+    base = SparseConfig(
+        group_tokens=spec.group_tokens,
+        sink_tokens=spec.sink,
+        window_tokens=spec.window,
+        rank=spec.rank,
+        bases=bases,
+        dense_layers=spec.dense_layers,
+    )
     settings = spec.settings()
     results = []
     builder = retrieval.Builder(lm.tokenizer, text.text) if spec.families else None
@@ -131,14 +137,22 @@ def retrieval_png(plot: str | Path) -> Path:
 def _write(spec, lm, text, bases, out, results) -> Path:
     from kvdrive.results import write_result
 
-    config = {**asdict(spec), "model": lm.source, "calibration": f"first {CALIB_TOKENS} tokens of the text"
-              if bases else None, "text_source": text.source, "text_licence": text.licence,
-              "model_dtype": str(lm.model.dtype), "device": str(lm.model.device)}
-    notes = ["reference = full attention (the sparse cache with a budget covering the context, proven equal in tests)",
-             "KL is KL(full || sparse) per teacher-forced token; top1 = argmax agreement",
-             "recall (with --recall): per sparse layer L, the share of the groups the true query selected "
-             "(sinks and window excluded) that a query predicted from layer L-1's input hidden state through "
-             "layer L's input norm, Wq and RoPE also selects, same summaries and budget; mean over steps and "
-             "sequences of the text sweep",
-             *RETRIEVAL_NOTES]
+    config = {
+        **asdict(spec),
+        "model": lm.source,
+        "calibration": f"first {CALIB_TOKENS} tokens of the text" if bases else None,
+        "text_source": text.source,
+        "text_licence": text.licence,
+        "model_dtype": str(lm.model.dtype),
+        "device": str(lm.model.device),
+    }
+    notes = [
+        "reference = full attention (the sparse cache with a budget covering the context, proven equal in tests)",
+        "KL is KL(full || sparse) per teacher-forced token; top1 = argmax agreement",
+        "recall (with --recall): per sparse layer L, the share of the groups the true query selected "
+        "(sinks and window excluded) that a query predicted from layer L-1's input hidden state through "
+        "layer L's input norm, Wq and RoPE also selects, same summaries and budget; mean over steps and "
+        "sequences of the text sweep",
+        *RETRIEVAL_NOTES,
+    ]
     return write_result(out, "eval", config, results, notes)

@@ -12,8 +12,9 @@ from kvdrive.eval.metrics import compare_logits
 from kvdrive.progress import progress
 
 
-def text_sweep(runner: Runner, rows: list[list[int]], context: int, settings: list[Setting],
-               recall: bool = False) -> dict:
+def text_sweep(
+    runner: Runner, rows: list[list[int]], context: int, settings: list[Setting], recall: bool = False
+) -> dict:
     """rows: B token lists of context + steps + 1 tokens. Prefill ``context`` tokens, then
     teacher-force the next ``steps``; compare each setting's next-token distributions with
     full attention's (the first setting). ``recall``: also measure next-layer prediction

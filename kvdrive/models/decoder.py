@@ -65,8 +65,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         if self.fused:
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                 self.n_kv * self.head_dim], dim=-1)
+            q, k, v = qkv.split(
+                [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
+            )
             q = self._rope_q(q, cos, sin)
         else:
             q, k, v = self.project_q(x, cos, sin), self.k_proj(x), self.v_proj(x)  # q: (B, H_q, T, D)
@@ -184,8 +185,9 @@ class DecoderLM(nn.Module):
             if layer + 1 in hinted:
                 nxt = layers[layer + 1]
                 cos1, sin1 = tables[self.config.rope[layer + 1]]
-                cache.hint(layer + 1, predict_query(x[:, -1], nxt.input_layernorm, nxt.self_attn.project_q,
-                                                    cos1, sin1), batch)
+                cache.hint(
+                    layer + 1, predict_query(x[:, -1], nxt.input_layernorm, nxt.self_attn.project_q, cos1, sin1), batch
+                )
             x = block(x, cos, sin, cache, batch)
             yield None
         if not all_logits:

@@ -80,9 +80,11 @@ def check_tokenizer(tok, path: Path) -> None:
     if n >= 0.6 * len(SAMPLE):
         import transformers
 
-        raise KvdriveError(f"transformers {transformers.__version__} converted the tokenizer of {path.name} into "
-                           f"{n} tokens for {len(SAMPLE)} characters of English (a broken conversion): upgrade "
-                           "transformers (pip install -U 'transformers>=5.23') and run again")
+        raise KvdriveError(
+            f"transformers {transformers.__version__} converted the tokenizer of {path.name} into "
+            f"{n} tokens for {len(SAMPLE)} characters of English (a broken conversion): upgrade "
+            "transformers (pip install -U 'transformers>=5.23') and run again"
+        )
 
 
 def check_file(path: Path) -> None:
@@ -98,8 +100,10 @@ def check_file(path: Path) -> None:
 
 def _unreadable(path: Path, err: Exception) -> KvdriveError:
     """A GGUF that its parsers fail on (cut short, damaged) as a one-line error."""
-    return KvdriveError(f"{path} is not a complete GGUF checkpoint that transformers can read "
-                        f"({type(err).__name__}: {err}); download or copy it again")
+    return KvdriveError(
+        f"{path} is not a complete GGUF checkpoint that transformers can read "
+        f"({type(err).__name__}: {err}); download or copy it again"
+    )
 
 
 def convert(path: Path, target: Path, build_model) -> None:

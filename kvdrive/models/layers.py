@@ -42,8 +42,16 @@ def _rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: f
     rows = xc.numel() // n if n else 0
     if rows:
         block = triton.next_power_of_2(n)
-        rmsnorm_kernel[(rows,)](xc, weight.contiguous(), out, n, eps, OFFSET=float(offset), BLOCK=block,
-                                num_warps=max(1, min(16, block // 256)))
+        rmsnorm_kernel[(rows,)](
+            xc,
+            weight.contiguous(),
+            out,
+            n,
+            eps,
+            OFFSET=float(offset),
+            BLOCK=block,
+            num_warps=max(1, min(16, block // 256)),
+        )
     return out
 
 

@@ -146,8 +146,10 @@ def load_config(spec: str | None) -> ModelConfig:
         try:
             hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as err:  # a cut or damaged file fails in the parser in many ways
-            raise KvdriveError(f"{path} is not a complete GGUF checkpoint that transformers can read "
-                               f"({type(err).__name__}: {err}); download or copy it again") from None
+            raise KvdriveError(
+                f"{path} is not a complete GGUF checkpoint that transformers can read "
+                f"({type(err).__name__}: {err}); download or copy it again"
+            ) from None
         return from_hf_config(hf)
     if path.is_dir() and (path / "config.json").exists():
         return from_hf_config(AutoConfig.from_pretrained(str(path)))

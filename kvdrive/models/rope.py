@@ -45,7 +45,13 @@ def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "au
     """x (B, H, T, D) rotated by position; cos, sin (B, 1, T, D). ``impl``: 'auto' runs the
     Triton kernel on CUDA (one launch instead of five), 'triton' forces it, 'torch' the reference."""
     d = x.shape[-1]
-    if use_triton(impl, x) and x.dim() == 4 and x.stride(-1) == 1 and d & (d - 1) == 0 and cos.dtype == sin.dtype == x.dtype:
+    if (
+        use_triton(impl, x)
+        and x.dim() == 4
+        and x.stride(-1) == 1
+        and d & (d - 1) == 0
+        and cos.dtype == sin.dtype == x.dtype
+    ):
         return _apply_triton(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
@@ -58,7 +64,22 @@ def _apply_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     out = torch.empty_like(x)  # the input's layout, as torch's elementwise ops give
     if out.numel():
         block_t = 16  # rows of one program (decode: one, masked)
-        rope_kernel[(b * h, -(-t // block_t))](x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2),
-                                               out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
-                                               cos.stride(2), D=d, BLOCK_T=block_t)
+        rope_kernel[(b * h, -(-t // block_t))](
+            x,
+            cos,
+            sin,
+            out,
+            h,
+            t,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            cos.stride(0),
+            cos.stride(2),
+            D=d,
+            BLOCK_T=block_t,
+        )
     return out

@@ -14,8 +14,24 @@ import triton.language as tl
 
 
 @triton.jit
-def rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, sx_b, sx_h, sx_t, so_b, so_h, so_t, sc_b, sc_t,
-                D: tl.constexpr, BLOCK_T: tl.constexpr):
+def rope_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    H,
+    T,
+    sx_b,
+    sx_h,
+    sx_t,
+    so_b,
+    so_h,
+    so_t,
+    sc_b,
+    sc_t,
+    D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // H, bh % H
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -66,11 +66,15 @@ class RemoteConfig:
     def __post_init__(self):
         host, _, port = self.master.rpartition(":") if isinstance(self.master, str) else ("", "", "")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise KvdriveError(f"prefix.remote.master must be host:port of the Mooncake master, e.g. "
-                               f"'127.0.0.1:50051'; got {self.master!r}")
+            raise KvdriveError(
+                f"prefix.remote.master must be host:port of the Mooncake master, e.g. "
+                f"'127.0.0.1:50051'; got {self.master!r}"
+            )
         if self.metadata != "P2PHANDSHAKE" and not self.metadata.startswith(("http://", "etcd://", "redis://")):
-            raise KvdriveError(f"prefix.remote.metadata is a metadata server URL (e.g. 'http://127.0.0.1:8080/metadata') "
-                               f"or 'P2PHANDSHAKE'; got {self.metadata!r}")
+            raise KvdriveError(
+                f"prefix.remote.metadata is a metadata server URL (e.g. 'http://127.0.0.1:8080/metadata') "
+                f"or 'P2PHANDSHAKE'; got {self.metadata!r}"
+            )
         if self.backend not in BACKENDS:
             raise KvdriveError(f"prefix.remote.backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.protocol not in PROTOCOLS:
@@ -99,8 +103,9 @@ class RemoteConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(table) - names)
         if unknown:
-            raise KvdriveError(f"prefix.remote: unknown setting(s) {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(names))}")
+            raise KvdriveError(
+                f"prefix.remote: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
         if "master" not in table:
             raise KvdriveError("prefix.remote needs master = 'host:port' (the Mooncake master's RPC address)")
         return cls(**table)

@@ -105,9 +105,10 @@ class PrefixIndex:
     def insert(self, chunks: list[DiskChunk]) -> None:
         t = self.tick()
         with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                                 [(c.key, c.path, _blob(c.slots, np.int64), _blob(c.sums, np.uint64), t)
-                                  for c in chunks])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                [(c.key, c.path, _blob(c.slots, np.int64), _blob(c.sums, np.uint64), t) for c in chunks],
+            )
 
     def remove(self, keys: list[bytes]) -> None:
         with self._db:
@@ -120,8 +121,9 @@ class PrefixIndex:
 
     def lru(self, path: str, limit: int) -> list[DiskChunk]:
         """Up to ``limit`` chunks on ``path``, least recently used first."""
-        rows = self._db.execute("SELECT key, path, slots, sums FROM chunks WHERE path = ? ORDER BY last_used "
-                                "LIMIT ?", (path, limit))
+        rows = self._db.execute(
+            "SELECT key, path, slots, sums FROM chunks WHERE path = ? ORDER BY last_used LIMIT ?", (path, limit)
+        )
         return [_chunk(r) for r in rows]
 
     def count(self) -> int:
@@ -131,12 +133,17 @@ class PrefixIndex:
         """Count one more sighting of each key; returns the new counts."""
         t = self.tick()
         with self._db:
-            self._db.executemany("INSERT INTO seen VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
-                                 "count = count + 1, last_seen = excluded.last_seen", [(k, t) for k in keys])
+            self._db.executemany(
+                "INSERT INTO seen VALUES (?, 1, ?) ON CONFLICT(key) DO UPDATE SET "
+                "count = count + 1, last_seen = excluded.last_seen",
+                [(k, t) for k in keys],
+            )
             n = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
             if n > self.seen_capacity:
-                self._db.execute("DELETE FROM seen WHERE key IN (SELECT key FROM seen ORDER BY last_seen LIMIT ?)",
-                                 (n - self.seen_capacity,))
+                self._db.execute(
+                    "DELETE FROM seen WHERE key IN (SELECT key FROM seen ORDER BY last_seen LIMIT ?)",
+                    (n - self.seen_capacity,),
+                )
         counts: dict[bytes, int] = {}
         for i in range(0, len(keys), _SQL_VARS):
             part = keys[i : i + _SQL_VARS]
@@ -151,7 +158,7 @@ class PrefixIndex:
 
 
 def error_kind(err: sqlite3.DatabaseError) -> str:
-    """"full" (the file system), "io" (a failed read or write: a file-size limit, a failing
+    """ "full" (the file system), "io" (a failed read or write: a file-size limit, a failing
     device), "readonly" (the file or its directory), "busy", or "damaged"."""
     text = str(err).lower()
     if "full" in text:
@@ -169,20 +176,24 @@ def index_error(file: str, err: sqlite3.DatabaseError) -> KvdriveError:
     """The one-line error for ``err`` on the index ``file``, with the fix for its cause."""
     kind = error_kind(err)
     where = os.path.dirname(os.path.abspath(file))
-    fix = {"full": f"the file system of {where} is full: free space there (the cached chunks are intact)",
-           "readonly": f"{where} cannot be written: make it writable or give the pool another directory "
-                       "(the cached chunks are intact)",
-           "io": "reading or writing it failed (a file-size limit, a failing device?): fix that; the file "
-                 "itself may be intact",
-           "busy": "another process holds it: give each process its own pool directory",
-           "damaged": "the file is damaged: move it away to start an empty index (the extents' space is reused)"}
+    fix = {
+        "full": f"the file system of {where} is full: free space there (the cached chunks are intact)",
+        "readonly": f"{where} cannot be written: make it writable or give the pool another directory "
+        "(the cached chunks are intact)",
+        "io": "reading or writing it failed (a file-size limit, a failing device?): fix that; the file "
+        "itself may be intact",
+        "busy": "another process holds it: give each process its own pool directory",
+        "damaged": "the file is damaged: move it away to start an empty index (the extents' space is reused)",
+    }
     return KvdriveError(f"prefix index {file}: {err}; {fix[kind]}")
 
 
 def _other_geometry(file: str, have: str, want: str) -> KvdriveError:
-    return KvdriveError(f"prefix index {file} holds chunks of geometry {have}, not {want} (another model shape, "
-                        "dtype, chunk size or extent size); reopen it with those, or give this model its own "
-                        "directory (nothing was changed)")
+    return KvdriveError(
+        f"prefix index {file} holds chunks of geometry {have}, not {want} (another model shape, "
+        "dtype, chunk size or extent size); reopen it with those, or give this model its own "
+        "directory (nothing was changed)"
+    )
 
 
 def _blob(values: list[int], dtype) -> bytes:

@@ -81,8 +81,17 @@ class Staging:
         return self.ring * self.rows_per_buf * self.layout.slot_bytes
 
 
-def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupLayout, pool: DiskPool | None,
-                  host: HostTier | None, staging: Staging, device: torch.device, remote=None) -> ImportResult:
+def import_chunks(
+    cache,
+    seq_id: int,
+    sources: list[ChunkSource],
+    layout: GroupLayout,
+    pool: DiskPool | None,
+    host: HostTier | None,
+    staging: Staging,
+    device: torch.device,
+    remote=None,
+) -> ImportResult:
     """``remote``: the ``RemoteRead`` of the sources of tier "remote", in their order."""
     t0 = time.perf_counter()
     n, c, gb = len(sources), layout.group_tokens, layout.group_bytes
@@ -120,8 +129,9 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
     ahead = staging.ring
     for layer in range(min(ahead - 1, layout.num_layers)):  # the ring slot of the layer in import stays busy
         issue(layer)
-    host_rows = torch.tensor([[s.slots[l] for l in range(layout.num_layers)] for s in (sources[i] for i in host_idx)],
-                             dtype=torch.int64).reshape(len(host_idx), layout.num_layers)
+    host_rows = torch.tensor(
+        [[s.slots[l] for l in range(layout.num_layers)] for s in (sources[i] for i in host_idx)], dtype=torch.int64
+    ).reshape(len(host_idx), layout.num_layers)
     copier = RowCopier(device)
     disk_at = torch.tensor(disk_idx, dtype=torch.int64, device=device)
     remote_at = torch.tensor(remote_idx, dtype=torch.int64, device=device)
@@ -143,8 +153,13 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
             flat = torch.empty(n, gb, dtype=torch.uint8, device=device)
             if host_idx:
                 # Pinned arena -> GPU in one launch (Triton over unified addressing), no CPU gather.
-                copier.copy(host.rows.view(torch.int32), host_rows[:, layer].tolist(), flat.view(torch.int32),
-                            host_idx, layout.group_words)
+                copier.copy(
+                    host.rows.view(torch.int32),
+                    host_rows[:, layer].tolist(),
+                    flat.view(torch.int32),
+                    host_idx,
+                    layout.group_words,
+                )
             if disk_idx:
                 flat[disk_at] = rows.to(device, non_blocking=True)
             if remote_idx:
@@ -158,8 +173,15 @@ def import_chunks(cache, seq_id: int, sources: list[ChunkSource], layout: GroupL
         done.synchronize()  # the staging buffer of this layer is free again
     cache.commit(batch)
     nbytes = layout.num_layers * gb
-    return ImportResult(n, False, None, nbytes * len(disk_idx), nbytes * len(host_idx), time.perf_counter() - t0,
-                        nbytes * len(remote_idx))
+    return ImportResult(
+        n,
+        False,
+        None,
+        nbytes * len(disk_idx),
+        nbytes * len(host_idx),
+        time.perf_counter() - t0,
+        nbytes * len(remote_idx),
+    )
 
 
 def export_layer(cache, seq_id: int, layer: int, chunks: list[int], layout: GroupLayout) -> torch.Tensor:

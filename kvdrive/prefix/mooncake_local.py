@@ -89,8 +89,14 @@ class LocalMooncake:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{name}.log"), "ab")  # noqa: SIM115 - the child keeps it
         try:
-            proc = subprocess.Popen([binary(name), *args], stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=loopback_env())
+            proc = subprocess.Popen(
+                [binary(name), *args],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=loopback_env(),
+            )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -101,21 +107,41 @@ class LocalMooncake:
         try:
             self.start_master(timeout)
             if self.segment_bytes:
-                self._spawn("mooncake_client", [
-                    "--host=127.0.0.1", f"--port={free_port()}", f"--global_segment_size={self.segment_bytes}",
-                    f"--master_server_address={self.master}", f"--metadata_server={self.metadata}", "--protocol=tcp"])
-                self._wait(lambda: (self.metric("master_total_capacity_bytes") or 0) >= self.segment_bytes,
-                           timeout, "the pool holder (mooncake_client) to mount its segment")
+                self._spawn(
+                    "mooncake_client",
+                    [
+                        "--host=127.0.0.1",
+                        f"--port={free_port()}",
+                        f"--global_segment_size={self.segment_bytes}",
+                        f"--master_server_address={self.master}",
+                        f"--metadata_server={self.metadata}",
+                        "--protocol=tcp",
+                    ],
+                )
+                self._wait(
+                    lambda: (self.metric("master_total_capacity_bytes") or 0) >= self.segment_bytes,
+                    timeout,
+                    "the pool holder (mooncake_client) to mount its segment",
+                )
         except BaseException:
             self.stop()
             raise
         return self
 
     def start_master(self, timeout: float = 30.0) -> None:
-        self._spawn("mooncake_master", [
-            "--rpc_address=127.0.0.1", f"--rpc_port={self.rpc_port}", "--enable_http_metadata_server=true",
-            "--http_metadata_server_host=127.0.0.1", f"--http_metadata_server_port={self.meta_port}",
-            "--metrics_host=127.0.0.1", f"--metrics_port={self.metrics_port}", *self.master_args])
+        self._spawn(
+            "mooncake_master",
+            [
+                "--rpc_address=127.0.0.1",
+                f"--rpc_port={self.rpc_port}",
+                "--enable_http_metadata_server=true",
+                "--http_metadata_server_host=127.0.0.1",
+                f"--http_metadata_server_port={self.meta_port}",
+                "--metrics_host=127.0.0.1",
+                f"--metrics_port={self.metrics_port}",
+                *self.master_args,
+            ],
+        )
         self._wait(lambda: _get(f"http://127.0.0.1:{self.metrics_port}/health") is not None, timeout, "mooncake_master")
 
     def _wait(self, ready, timeout: float, what: str) -> None:

@@ -124,13 +124,28 @@ class PrefixPool:
         self.config = config
         self.weights = weights or config.model
         if not self.weights:
-            raise KvdriveError("prefix pool: name the weights: pass weights=weights_digest(model) "
-                               "(kvdrive.models.identity; LLM does) or PrefixConfig(model=...)")
+            raise KvdriveError(
+                "prefix pool: name the weights: pass weights=weights_digest(model) "
+                "(kvdrive.models.identity; LLM does) or PrefixConfig(model=...)"
+            )
         self.layout = GroupLayout.from_config(model_config, dtype, config.chunk_tokens)
         self.num_layers = self.layout.num_layers
         self._ns = {}
-        self._counters = dict.fromkeys(("lookups", "hits", "hit_tokens", "loaded_bytes", "corrupt", "disk_in",
-                                        "host_in", "evicted_disk", "evicted_host", "store_skipped"), 0)
+        self._counters = dict.fromkeys(
+            (
+                "lookups",
+                "hits",
+                "hit_tokens",
+                "loaded_bytes",
+                "corrupt",
+                "disk_in",
+                "host_in",
+                "evicted_disk",
+                "evicted_host",
+                "store_skipped",
+            ),
+            0,
+        )
         self._warned: set[str] = set()
         self.disk_off = ""
         self.last_load: LoadReport | None = None
@@ -142,13 +157,21 @@ class PrefixPool:
             geometry = f"{self.layout.name}-L{self.num_layers}-slot{self.layout.slot_bytes}-ext{es}"
             PrefixIndex.check_geometry(config.index_file, geometry)  # before any extent is touched
             try:
-                self.pool = DiskPool.open(list(config.disks), self.layout, direct=config.direct,
-                                          read_depth=config.read_depth, write_depth=config.write_depth,
-                                          extent_bytes=config.extent_bytes, persist_name=PERSIST_NAME)
+                self.pool = DiskPool.open(
+                    list(config.disks),
+                    self.layout,
+                    direct=config.direct,
+                    read_depth=config.read_depth,
+                    write_depth=config.write_depth,
+                    extent_bytes=config.extent_bytes,
+                    persist_name=PERSIST_NAME,
+                )
             except DirectoryInUse as err:
-                raise KvdriveError(f"{err}: a prefix pool directory has one owner at a time (two would hand out "
-                                   "the same slots). Give this pool its own directory, or share one pool: pass "
-                                   "the same PrefixPool to every LLM (LLM(prefix_cache=pool, tenant=...))") from None
+                raise KvdriveError(
+                    f"{err}: a prefix pool directory has one owner at a time (two would hand out "
+                    "the same slots). Give this pool its own directory, or share one pool: pass "
+                    "the same PrefixPool to every LLM (LLM(prefix_cache=pool, tenant=...))"
+                ) from None
             try:
                 self.index = PrefixIndex(config.index_file, geometry, config.seen_capacity)
                 self._paths = {os.path.abspath(d.path): i for i, d in enumerate(self.pool.devices)}
@@ -180,8 +203,9 @@ class PrefixPool:
                 rows.setdefault(dev, []).append(ch)
         for dev, chunks in rows.items():
             d = self.pool.devices[dev]
-            ok = d.restore([s for ch in chunks for s in ch.slots],
-                           [c for ch in chunks for c in bind_sums(ch.key, ch.sums)])
+            ok = d.restore(
+                [s for ch in chunks for s in ch.slots], [c for ch in chunks for c in bind_sums(ch.key, ch.sums)]
+            )
             for j, ch in enumerate(chunks):
                 good = ok[j * self.num_layers : (j + 1) * self.num_layers]
                 if not all(good):
@@ -192,8 +216,14 @@ class PrefixPool:
     def namespace(self, tenant: str | None = None) -> PrefixNamespace:
         tenant = self.config.tenant if tenant is None else tenant
         if tenant not in self._ns:
-            self._ns[tenant] = PrefixNamespace(self.weights, str(self.layout.dtype).removeprefix("torch."),
-                                               self.layout.name, self.num_layers, self.config.chunk_tokens, tenant)
+            self._ns[tenant] = PrefixNamespace(
+                self.weights,
+                str(self.layout.dtype).removeprefix("torch."),
+                self.layout.name,
+                self.num_layers,
+                self.config.chunk_tokens,
+                tenant,
+            )
         return self._ns[tenant]
 
     # -- lookup / load ------------------------------------------------------------------
@@ -211,8 +241,9 @@ class PrefixPool:
                 sources.append(ChunkSource("host", -1, self._host[k]))
             elif k in on_disk:
                 ch = on_disk[k]
-                sources.append(ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots,
-                                           bind_sums(k, ch.sums)))
+                sources.append(
+                    ChunkSource("disk", self._paths[os.path.abspath(ch.path)], ch.slots, bind_sums(k, ch.sums))
+                )
             elif remote.get(k) == "present":
                 sources.append(ChunkSource("remote", -1, [], None, k))
             else:
@@ -239,8 +270,9 @@ class PrefixPool:
                 first = next(i for i, s in enumerate(sources) if s.tier == "remote")
                 res = ImportResult(first, True, "busy", 0, 0, 0.0)
             else:
-                res = import_chunks(cache, seq_id, sources, self.layout, self.pool, self.host, self.staging, device,
-                                    reading)
+                res = import_chunks(
+                    cache, seq_id, sources, self.layout, self.pool, self.host, self.staging, device, reading
+                )
             if not res.failed:
                 break
             if sources[res.chunks].tier == "remote":
@@ -248,9 +280,12 @@ class PrefixPool:
                 self.remote.forget(lost, res.reason)
                 remote_misses += len(lost)
                 if res.reason in PER_CHUNK:  # a store that stopped answering warns by itself
-                    self._warn(f"remote:{res.reason}", f"prefix pool: a chunk from the remote store was not served "
-                               f"({res.reason}: {_REMOTE_WHY.get(res.reason, 'listed, then not read')}): recomputed, "
-                               "never served, and written again (stats().remote.misses counts them)")
+                    self._warn(
+                        f"remote:{res.reason}",
+                        f"prefix pool: a chunk from the remote store was not served "
+                        f"({res.reason}: {_REMOTE_WHY.get(res.reason, 'listed, then not read')}): recomputed, "
+                        "never served, and written again (stats().remote.misses counts them)",
+                    )
             else:
                 corrupt += 1
                 self._drop(keys[res.chunks])
@@ -269,12 +304,22 @@ class PrefixPool:
             self._index("touch", keys)
         self._counters["corrupt"] += corrupt
         if corrupt:
-            self._warn("corrupt", f"{corrupt} stored chunk(s) failed their read or checksum: dropped and recomputed, "
-                                  "never served (stats().corrupt_chunks counts them)")
+            self._warn(
+                "corrupt",
+                f"{corrupt} stored chunk(s) failed their read or checksum: dropped and recomputed, "
+                "never served (stats().corrupt_chunks counts them)",
+            )
         n_host = sum(s.tier == "host" for s in sources)
-        self.last_load = LoadReport(n * self.config.chunk_tokens, n - n_host - n_remote, n_host,
-                                    res.bytes_disk + res.bytes_host + res.bytes_remote, time.perf_counter() - t0,
-                                    corrupt, n_remote, remote_misses)
+        self.last_load = LoadReport(
+            n * self.config.chunk_tokens,
+            n - n_host - n_remote,
+            n_host,
+            res.bytes_disk + res.bytes_host + res.bytes_remote,
+            time.perf_counter() - t0,
+            corrupt,
+            n_remote,
+            remote_misses,
+        )
         return n * self.config.chunk_tokens
 
     def _drop(self, key: bytes) -> None:
@@ -313,8 +358,10 @@ class PrefixPool:
             if placed is not None:
                 disk[i] = placed
             # The host keeps a bandwidth-proportional share of the disk chunks, and what the disks did not take.
-            host_share = placed is None or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)],
-                                                         [0, 1]) == 0
+            host_share = (
+                placed is None
+                or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)], [0, 1]) == 0
+            )
             if self.host is not None and keys[i] not in self._host and host_share and self._host_room(protect):
                 host_slots[i] = self.host.alloc(self.num_layers)
         if not disk and not host_slots and not remote:
@@ -375,8 +422,12 @@ class PrefixPool:
             except CapacityError:
                 slots = None
             if d.full_reason:
-                self._skip(f"full:{dev}", 0, f"{d.path} cannot grow ({d.full_reason}): the pool keeps to the "
-                                             "space it has there, evicting its least recently used chunks")
+                self._skip(
+                    f"full:{dev}",
+                    0,
+                    f"{d.path} cannot grow ({d.full_reason}): the pool keeps to the "
+                    "space it has there, evicting its least recently used chunks",
+                )
             if slots is not None:
                 return dev, slots
         return None
@@ -454,16 +505,28 @@ class PrefixPool:
         c = self._counters
         pool = self.pool
         return PrefixStats(
-            lookups=c["lookups"], hits=c["hits"], hit_tokens=c["hit_tokens"], loaded_bytes=c["loaded_bytes"],
-            corrupt_chunks=c["corrupt"], stored_chunks_disk=c["disk_in"], stored_chunks_host=c["host_in"],
-            evicted_disk=c["evicted_disk"], evicted_host=c["evicted_host"],
-            index_chunks=self.index.count() if self.index is not None else 0, host_chunks=len(self._host),
-            disk_bytes_used=pool.bytes_used() if pool else 0, disk_physical_bytes=pool.physical_bytes() if pool else 0,
+            lookups=c["lookups"],
+            hits=c["hits"],
+            hit_tokens=c["hit_tokens"],
+            loaded_bytes=c["loaded_bytes"],
+            corrupt_chunks=c["corrupt"],
+            stored_chunks_disk=c["disk_in"],
+            stored_chunks_host=c["host_in"],
+            evicted_disk=c["evicted_disk"],
+            evicted_host=c["evicted_host"],
+            index_chunks=self.index.count() if self.index is not None else 0,
+            host_chunks=len(self._host),
+            disk_bytes_used=pool.bytes_used() if pool else 0,
+            disk_physical_bytes=pool.physical_bytes() if pool else 0,
             disk_capacity=pool.bytes_capacity() if pool else 0,
             host_bytes_used=self.host.bytes_used if self.host else 0,
             host_capacity=self.host.bytes_capacity if self.host else 0,
-            weights={"host": self.host_weight, **({d.path: w for d, w in zip(pool.devices, pool.weights)} if pool else {})},
-            store_skipped=c["store_skipped"], disk_off=self.disk_off,
+            weights={
+                "host": self.host_weight,
+                **({d.path: w for d, w in zip(pool.devices, pool.weights)} if pool else {}),
+            },
+            store_skipped=c["store_skipped"],
+            disk_off=self.disk_off,
             remote=self.remote.stats() if self.remote is not None else None,
         )
 
@@ -485,8 +548,11 @@ class PrefixPool:
             self.pool = self.index = None
 
 
-_REMOTE_WHY = {"corrupt": "its checksum, key or layout failed the check", "absent": "evicted since it was listed",
-               "size": "a value of another size"}
+_REMOTE_WHY = {
+    "corrupt": "its checksum, key or layout failed the check",
+    "absent": "evicted since it was listed",
+    "size": "a value of another size",
+}
 
 
 def _measure_host_gbps(host: HostTier) -> float:

@@ -95,16 +95,23 @@ class RemoteTier:
     than one store call's deadline. ``store``: a ``RemoteStore`` (default: by backend).
     ``warn(cause, message)``: told when the store stops answering (the pool warns once a cause)."""
 
-    def __init__(self, layout: GroupLayout, config: RemoteConfig, store: RemoteStore | None = None,
-                 warn: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        layout: GroupLayout,
+        config: RemoteConfig,
+        store: RemoteStore | None = None,
+        warn: Callable[[str, str], None] | None = None,
+    ):
         self.layout, self.config = layout, config
         self._warn = warn or (lambda cause, message: None)
         self.num_layers = layout.num_layers
         self.value_bytes = layout.group_bytes + TRAILER_BYTES
         self.row_bytes = align_up(self.value_bytes, ROW_ALIGN)
         if config.write_buffer_bytes < self.row_bytes:
-            raise KvdriveError(f"prefix.remote.write_buffer_bytes ({config.write_buffer_bytes}) must hold at least one "
-                               f"object of this model's chunks ({self.row_bytes} bytes: one layer of one chunk)")
+            raise KvdriveError(
+                f"prefix.remote.write_buffer_bytes ({config.write_buffer_bytes}) must hold at least one "
+                f"object of this model's chunks ({self.row_bytes} bytes: one layer of one chunk)"
+            )
         self._layout_digest = int.from_bytes(hashlib.blake2b(layout.name.encode(), digest_size=8).digest(), "little")
         self.store = store if store is not None else open_store(config)
         self.breaker = Breaker(config.retry_after_s)
@@ -167,9 +174,12 @@ class RemoteTier:
     def _fail(self, why: str) -> None:
         """The store as a whole failed: skip it for ``retry_after_s``, and say so (once)."""
         self.breaker.failure(why)
-        self._warn("remote:unavailable", f"prefix pool: the remote store (master {self.config.master}) did not answer "
-                                         f"({why}): serving from the local tiers and recomputing, the store skipped for "
-                                         f"{self.config.retry_after_s:g} s at a time (stats().remote counts the misses)")
+        self._warn(
+            "remote:unavailable",
+            f"prefix pool: the remote store (master {self.config.master}) did not answer "
+            f"({why}): serving from the local tiers and recomputing, the store skipped for "
+            f"{self.config.retry_after_s:g} s at a time (stats().remote counts the misses)",
+        )
 
     def _wait(self, call):
         """``Worker.wait`` on the read worker, its time added to what requests spent waiting."""
@@ -248,8 +258,13 @@ class RemoteTier:
             return None
         rows = 1 << (len(keys) - 1).bit_length()  # powers of two: a longer prompt rarely registers anew
         if not self._read_bufs or self._read_bufs[0].shape[0] < len(keys) or len(self._read_bufs) != ring:
-            old, new = self._read_bufs, [aligned_empty(rows * self.row_bytes, torch.device("cpu"), pin=True)
-                                         .view(rows, self.row_bytes) for _ in range(ring)]
+            old, new = (
+                self._read_bufs,
+                [
+                    aligned_empty(rows * self.row_bytes, torch.device("cpu"), pin=True).view(rows, self.row_bytes)
+                    for _ in range(ring)
+                ],
+            )
 
             def swap():
                 for b in old:
@@ -268,15 +283,17 @@ class RemoteTier:
         """On the read worker: layer ``layer`` of ``keys`` into ``buf``'s rows, each checked."""
         rows = buf.numpy()
         base = buf.data_ptr()
-        out = self.store.get_into([self.name(k, layer) for k in keys],
-                                  [base + j * self.row_bytes for j in range(len(keys))], self.value_bytes)
+        out = self.store.get_into(
+            [self.name(k, layer) for k in keys], [base + j * self.row_bytes for j in range(len(keys))], self.value_bytes
+        )
         return [why if why is not None else self._check(rows[j], k, layer) for j, (k, why) in enumerate(zip(keys, out))]
 
     def _seal(self, row: np.ndarray, key: bytes, layer: int) -> None:
         gb = self.layout.group_bytes
         digest = bind_sum(key, layer, xxhash.xxh3_64_intdigest(row[:gb]))
-        row[gb : gb + TRAILER.size] = np.frombuffer(TRAILER.pack(
-            MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest, digest), dtype=np.uint8)
+        row[gb : gb + TRAILER.size] = np.frombuffer(
+            TRAILER.pack(MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest, digest), dtype=np.uint8
+        )
 
     def _check(self, row: np.ndarray, key: bytes, layer: int) -> str | None:
         gb = self.layout.group_bytes
@@ -346,7 +363,9 @@ class RemoteTier:
     def submit(self, job: WriteJob) -> None:
         """Send ``job`` behind (its rows are filled and synchronized)."""
         nbytes = len(job.keys) * self.num_layers * self.value_bytes
-        self._writes.submit(lambda: self._write(job), self._budget(nbytes), on_cancel=lambda: self.cancel(job, "cancelled"))
+        self._writes.submit(
+            lambda: self._write(job), self._budget(nbytes), on_cancel=lambda: self.cancel(job, "cancelled")
+        )
 
     def cancel(self, job: WriteJob, why: str = "error") -> None:
         """Give back the rows of a job that will not be submitted."""
@@ -382,12 +401,28 @@ class RemoteTier:
             res: list = []
             whole = list(todo)
             for layer in range(L - 1):
-                got = self.store.put_from([self.name(keys[j], layer) for j in whole], [ptr(layer, j) for j in whole],
-                                          self.value_bytes, any(replace)) if whole else []
+                got = (
+                    self.store.put_from(
+                        [self.name(keys[j], layer) for j in whole],
+                        [ptr(layer, j) for j in whole],
+                        self.value_bytes,
+                        any(replace),
+                    )
+                    if whole
+                    else []
+                )
                 res += got
                 whole = [j for j, why in zip(whole, got) if why is None]
-            last = self.store.put_from([self.name(keys[j], L - 1) for j in whole], [ptr(L - 1, j) for j in whole],
-                                       self.value_bytes, any(replace)) if whole else []
+            last = (
+                self.store.put_from(
+                    [self.name(keys[j], L - 1) for j in whole],
+                    [ptr(L - 1, j) for j in whole],
+                    self.value_bytes,
+                    any(replace),
+                )
+                if whole
+                else []
+            )
             done = [j for j, why in zip(whole, last) if why is None]
             for j in done:
                 self._set_state(keys[j], "present")
@@ -420,13 +455,24 @@ class RemoteTier:
         def by(prefix: str) -> dict:
             return {k.removeprefix(prefix): v for k, v in sorted(c.items()) if k.startswith(prefix)}
 
-        return RemoteStats(state=self.state, breaker=self.breaker.state, breaker_opens=self.breaker.opens,
-                           lookups=c.get("lookups", 0), chunks_present=c.get("chunks_present", 0),
-                           hits=c.get("hits", 0), hit_bytes=c.get("hit_bytes", 0), misses=by("miss:"),
-                           failures=by("fail:"), skipped=by("skip:"),
-                           written=c.get("written", 0), written_bytes=c.get("written_bytes", 0),
-                           write_skipped=by("wskip:"), marks=c.get("marks", 0), wait_s=self._wait_s,
-                           wait_max_s=self._wait_max_s)
+        return RemoteStats(
+            state=self.state,
+            breaker=self.breaker.state,
+            breaker_opens=self.breaker.opens,
+            lookups=c.get("lookups", 0),
+            chunks_present=c.get("chunks_present", 0),
+            hits=c.get("hits", 0),
+            hit_bytes=c.get("hit_bytes", 0),
+            misses=by("miss:"),
+            failures=by("fail:"),
+            skipped=by("skip:"),
+            written=c.get("written", 0),
+            written_bytes=c.get("written_bytes", 0),
+            write_skipped=by("wskip:"),
+            marks=c.get("marks", 0),
+            wait_s=self._wait_s,
+            wait_max_s=self._wait_max_s,
+        )
 
     def close(self) -> None:
         """Send what is queued (up to ``flush_s``), then leave the store; a store that does not
@@ -460,8 +506,9 @@ class RemoteRead:
 
     def issue(self, layer: int) -> None:
         t, buf = self.tier, self.bufs[layer % len(self.bufs)]
-        self._calls[layer] = t._reads.submit(lambda: t._read_layer(self.keys, layer, buf),
-                                             t._budget(len(self.keys) * t.value_bytes))
+        self._calls[layer] = t._reads.submit(
+            lambda: t._read_layer(self.keys, layer, buf), t._budget(len(self.keys) * t.value_bytes)
+        )
 
     def result(self, layer: int) -> list[str | None]:
         n, t = len(self.keys), self.tier

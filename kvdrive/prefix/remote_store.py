@@ -22,8 +22,10 @@ OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 RPC_FAIL = -900  # the master is unreachable
 
-INSTALL_HINT = ("pip install 'kvdrive[remote]' (mooncake-transfer-engine-non-cuda, also on CUDA machines) and the "
-                "libraries it links: apt-get install libibverbs1 libnuma1 libcurl4")
+INSTALL_HINT = (
+    "pip install 'kvdrive[remote]' (mooncake-transfer-engine-non-cuda, also on CUDA machines) and the "
+    "libraries it links: apt-get install libibverbs1 libnuma1 libcurl4"
+)
 
 
 class StoreDown(Exception):
@@ -84,7 +86,9 @@ class MooncakeStore(RemoteStore):
             from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as err:
             why = str(err)  # names a missing library (libibverbs.so.1, ...) where that is the cause
-            raise KvdriveError(f"prefix.remote: the Mooncake client cannot be imported ({why}); {INSTALL_HINT}") from None
+            raise KvdriveError(
+                f"prefix.remote: the Mooncake client cannot be imported ({why}); {INSTALL_HINT}"
+            ) from None
         self._cls = MooncakeDistributedStore
         self._replicate = ReplicateConfig()
         self._replicate.replica_num = self.config.replicas
@@ -104,8 +108,9 @@ class MooncakeStore(RemoteStore):
         # (which a machine on loopback alone lacks, and which need not be the one that reaches the master)
         os.environ.setdefault("MC_TCP_BIND_ADDRESS", host)
         client = self._cls()
-        rc = client.setup(host, cfg.metadata, cfg.segment_bytes, cfg.buffer_bytes, cfg.protocol, cfg.rdma_devices,
-                          cfg.master)
+        rc = client.setup(
+            host, cfg.metadata, cfg.segment_bytes, cfg.buffer_bytes, cfg.protocol, cfg.rdma_devices, cfg.master
+        )
         if rc != 0:
             raise StoreDown(f"setup against master {cfg.master} returned {rc}")
         self._client = client
@@ -126,16 +131,19 @@ class MooncakeStore(RemoteStore):
     def get_into(self, names: list[str], ptrs: list[int], size: int) -> list[str | None]:
         codes = self._client.batch_get_into(names, ptrs, [size] * len(names))
         _raise_if_down(codes)
-        return [None if c == size else "absent" if c == OBJECT_NOT_FOUND else "size" if c >= 0 else "error"
-                for c in codes]
+        return [
+            None if c == size else "absent" if c == OBJECT_NOT_FOUND else "size" if c >= 0 else "error" for c in codes
+        ]
 
     def put_from(self, names: list[str], ptrs: list[int], size: int, replace: bool) -> list[str | None]:
         put = self._client.batch_upsert_from if replace else self._client.batch_put_from
         codes = put(names, ptrs, [size] * len(names), self._replicate)
         _raise_if_down(codes)
         # an unknown code is named in the reason: the write-behind counts are the only trace of it
-        return [None if c in (0, OBJECT_ALREADY_EXISTS) else "full" if c == NO_AVAILABLE_HANDLE else f"error {c}"
-                for c in codes]
+        return [
+            None if c in (0, OBJECT_ALREADY_EXISTS) else "full" if c == NO_AVAILABLE_HANDLE else f"error {c}"
+            for c in codes
+        ]
 
     def mark(self, names: list[str]) -> None:
         rc = self._client.put_batch(names, [b"1"] * len(names), self._replicate)

@@ -42,9 +42,17 @@ class ChunkWriter:
         self.layout = layout
         self.staging = Staging(layout, ring)
 
-    def write(self, cache, seq_id: int, pool: DiskPool | None, host: HostTier | None,
-              host_slots: dict[int, list[int]], disk: dict[int, tuple[int, list[int]]],
-              remote: list[int] = (), job=None) -> dict[int, bool]:
+    def write(
+        self,
+        cache,
+        seq_id: int,
+        pool: DiskPool | None,
+        host: HostTier | None,
+        host_slots: dict[int, list[int]],
+        disk: dict[int, tuple[int, list[int]]],
+        remote: list[int] = (),
+        job=None,
+    ) -> dict[int, bool]:
         """Store chunk ``i`` into ``host_slots[i]`` (one host slot per layer) and/or
         ``disk[i] = (device, slots)``, and chunk ``remote[j]`` into row j of each layer of
         ``job`` (a remote ``WriteJob``). Returns per disk chunk whether all its writes succeeded."""
@@ -71,8 +79,13 @@ class ChunkWriter:
                 job.layer(layer)[:, :gb].copy_(src, non_blocking=True)
             if host_slots:
                 copier = copier or RowCopier(flat.device)
-                copier.copy(flat.view(torch.int32), host_at, host.rows.view(torch.int32),
-                            [s[layer] for s in host_slots.values()], self.layout.group_words)
+                copier.copy(
+                    flat.view(torch.int32),
+                    host_at,
+                    host.rows.view(torch.int32),
+                    [s[layer] for s in host_slots.values()],
+                    self.layout.group_words,
+                )
             if not disk_order:
                 continue
             if layer - ring in pending:

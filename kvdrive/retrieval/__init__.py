@@ -26,7 +26,22 @@ from kvdrive.retrieval.sparse_attention import IMPLS, resolve_impl, sparse_atten
 from kvdrive.retrieval.summaries import SUMMARIZERS, GroupSummarizer, SummaryTable, make_summarizer
 
 __all__ = [
-    "IMPLS", "SUMMARIZERS", "Budget", "GroupSummarizer", "PagedKV", "Selection", "SelectionConfig", "SummaryTable",
-    "all_pages", "make_summarizer", "merge_attention", "merge_attention_many", "paginate", "resolve_impl",
-    "select_groups", "selection_mask", "sparse_attention", "to_slots",
+    "IMPLS",
+    "SUMMARIZERS",
+    "Budget",
+    "GroupSummarizer",
+    "PagedKV",
+    "Selection",
+    "SelectionConfig",
+    "SummaryTable",
+    "all_pages",
+    "make_summarizer",
+    "merge_attention",
+    "merge_attention_many",
+    "paginate",
+    "resolve_impl",
+    "select_groups",
+    "selection_mask",
+    "sparse_attention",
+    "to_slots",
 ]

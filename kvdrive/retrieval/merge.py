@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """o (..., D) in any float dtype, lse (...) float32 -> (o in o_a's dtype, lse float32)."""
     return merge_attention_many(torch.stack((o_a, o_b.to(o_a.dtype))), torch.stack((lse_a, lse_b)))
 

@@ -18,8 +18,9 @@ class PagedKV(NamedTuple):
     last_page_len: torch.Tensor  # (B,) int32: tokens in the last group, 1..G
 
 
-def paginate(keys: list[torch.Tensor], values: list[torch.Tensor], group_tokens: int,
-             shuffle: torch.Generator | None = None) -> PagedKV:
+def paginate(
+    keys: list[torch.Tensor], values: list[torch.Tensor], group_tokens: int, shuffle: torch.Generator | None = None
+) -> PagedKV:
     """Per-sequence keys/values (H_kv, T_b, D) -> one pool; slots shuffled if a generator is given
     (so tests do not pass by reading a contiguous range by accident)."""
     g = group_tokens
@@ -32,7 +33,7 @@ def paginate(keys: list[torch.Tensor], values: list[torch.Tensor], group_tokens:
     start = 0
     for b, (k, v) in enumerate(zip(keys, values)):
         t, n = k.shape[1], counts[b]
-        slots = order[start:start + n]
+        slots = order[start : start + n]
         table[b, :n] = slots
         pad = n * g - t
         kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(h, n, g, d).transpose(0, 1)  # (n, H_kv, G, D)

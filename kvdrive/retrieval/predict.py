@@ -20,8 +20,13 @@ import torch
 from kvdrive.retrieval.select import Selection, selection_mask
 
 
-def predict_query(hidden: torch.Tensor, input_norm: Callable[[torch.Tensor], torch.Tensor],
-                  project_q: Callable[..., torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def predict_query(
+    hidden: torch.Tensor,
+    input_norm: Callable[[torch.Tensor], torch.Tensor],
+    project_q: Callable[..., torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
     """hidden (B, hidden) -> predicted post-RoPE query (B, H_q, D) of the next layer.
 
     ``input_norm`` is layer l+1's input RMSNorm; ``project_q(x (B, 1, hidden), cos, sin)``

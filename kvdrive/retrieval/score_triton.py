@@ -14,10 +14,26 @@ import triton.language as tl
 
 
 @triton.jit
-def group_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
-                       sq_b, sq_h, ss_b, ss_n, ss_h, so_b, so_h,
-                       R: tl.constexpr, D: tl.constexpr, MINMAX: tl.constexpr, MEAN: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def group_score_kernel(
+    q_ptr,
+    s_ptr,
+    count_ptr,
+    out_ptr,
+    N,
+    scale,
+    sq_b,
+    sq_h,
+    ss_b,
+    ss_n,
+    ss_h,
+    so_b,
+    so_h,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    MINMAX: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,10 +68,27 @@ def group_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
 
 
 @triton.jit
-def token_score_kernel(q_ptr, s_ptr, count_ptr, out_ptr, N, scale,
-                       sq_b, sq_h, ss_b, ss_n, ss_h, so_b, so_h,
-                       R: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                       MEAN: tl.constexpr, BLOCK_N: tl.constexpr):
+def token_score_kernel(
+    q_ptr,
+    s_ptr,
+    count_ptr,
+    out_ptr,
+    N,
+    scale,
+    sq_b,
+    sq_h,
+    ss_b,
+    ss_n,
+    ss_h,
+    so_b,
+    so_h,
+    R: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    D: tl.constexpr,
+    G: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """``tokenmax`` scores: per group, the max over its G tokens of q . (lo + code * (hi - lo) / 3)
     (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h.
     The dequantized keys of BLOCK_N groups meet the R queries in one tensor-core dot (fp16 in,

@@ -81,8 +81,14 @@ def combine_heads(scores: torch.Tensor, how: str) -> torch.Tensor:
     return probs.sum(dim=1, keepdim=True)
 
 
-def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: SelectionConfig, group_tokens: int,
-                  max_pages: int | None = None, impl: str = "auto") -> Selection:
+def select_groups(
+    scores: torch.Tensor,
+    num_groups: torch.Tensor,
+    cfg: SelectionConfig,
+    group_tokens: int,
+    max_pages: int | None = None,
+    impl: str = "auto",
+) -> Selection:
     """scores (B, H_kv, N_max) float (-inf or anything at padding), num_groups (B,) -> Selection.
 
     Deterministic: ties go to the lower group index, on CPU and GPU alike. Every group is taken
@@ -118,14 +124,22 @@ def select_groups(scores: torch.Tensor, num_groups: torch.Tensor, cfg: Selection
     return Selection(groups.expand(b, h, max_pages), count.to(torch.int32))
 
 
-def select_groups_keyed(scores: torch.Tensor, num_groups: torch.Tensor, cfg: SelectionConfig, group_tokens: int,
-                        max_pages: int, impl: str = "auto") -> tuple[Selection, torch.Tensor]:
+def select_groups_keyed(
+    scores: torch.Tensor,
+    num_groups: torch.Tensor,
+    cfg: SelectionConfig,
+    group_tokens: int,
+    max_pages: int,
+    impl: str = "auto",
+) -> tuple[Selection, torch.Tensor]:
     """``select_groups`` and the heads' combined scores (B, N) of the unmasked ``scores`` (the
     tiered cache's lookahead eviction key): one kernel where ``kernel_applies``."""
     if _kernel_applies(scores, cfg, impl):
         return _select_kernel(scores, num_groups, cfg, group_tokens, max_pages)
-    return (select_groups(scores, num_groups, cfg, group_tokens, max_pages=max_pages, impl="torch"),
-            combine_heads(scores, cfg.shared_reduce)[:, 0])
+    return (
+        select_groups(scores, num_groups, cfg, group_tokens, max_pages=max_pages, impl="torch"),
+        combine_heads(scores, cfg.shared_reduce)[:, 0],
+    )
 
 
 def _kernel_applies(scores: torch.Tensor, cfg: SelectionConfig, impl: str) -> bool:
@@ -133,12 +147,18 @@ def _kernel_applies(scores: torch.Tensor, cfg: SelectionConfig, impl: str) -> bo
     (``impl='auto'``; ``'triton'`` forces it, e.g. under TRITON_INTERPRET=1); the two agree
     (tests/retrieval/test_select.py)."""
     use = impl == "triton" or (impl == "auto" and scores.is_cuda)
-    return (use and cfg.mode == "shared" and cfg.shared_reduce == "softmax_sum" and cfg.budget.tokens is not None
-            and scores.shape[-1] <= SELECT_KERNEL_MAX_GROUPS)
+    return (
+        use
+        and cfg.mode == "shared"
+        and cfg.shared_reduce == "softmax_sum"
+        and cfg.budget.tokens is not None
+        and scores.shape[-1] <= SELECT_KERNEL_MAX_GROUPS
+    )
 
 
-def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, max_pages: int,
-                   chunk: int | None = None):
+def _select_kernel(
+    scores, num_groups, cfg: SelectionConfig, group_tokens: int, max_pages: int, chunk: int | None = None
+):
     """``chunk``: groups per program of the split kernels, 0 for one program per sequence;
     None: split rows longer than ``SPLIT_MIN_GROUPS`` into ``SPLIT_CHUNK``s, else one program."""
     import triton
@@ -162,8 +182,21 @@ def _select_kernel(scores, num_groups, cfg: SelectionConfig, group_tokens: int, 
             from kvdrive.retrieval.select_triton import select_shared_kernel
 
             block_n = max(16, triton.next_power_of_2(n))
-            select_shared_kernel[(b,)](s, s.stride(0), s.stride(1), ng, groups, count, key, *args, *sel, H=h,
-                                       BLOCK_N=block_n, BLOCK_P=block_p, num_warps=_select_warps(block_n))
+            select_shared_kernel[(b,)](
+                s,
+                s.stride(0),
+                s.stride(1),
+                ng,
+                groups,
+                count,
+                key,
+                *args,
+                *sel,
+                H=h,
+                BLOCK_N=block_n,
+                BLOCK_P=block_p,
+                num_warps=_select_warps(block_n),
+            )
     return Selection(groups[:, None, :].expand(b, h, p), count), key
 
 
@@ -183,15 +216,29 @@ def _select_split(s, ng, groups, count, key, args, sel, chunk: int, block_p: int
     hist = torch.empty(b, 4, k.NUM_BINS, dtype=torch.int32, device=dev)  # zeroed by split_stats_kernel
     counts = torch.empty(b, c, 2, dtype=torch.int32, device=dev)
     grid, w = (b, c), max(1, min(8, chunk // 256))
-    k.split_stats_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, hist, *args, *sel, H=h, CHUNK=chunk,
-                               num_warps=w)
-    k.split_mass_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, key, ordered, hist, *args, *sel, H=h,
-                              CHUNK=chunk, C_BLOCK=c_block, num_warps=w)
+    k.split_stats_kernel[grid](s, s.stride(0), s.stride(1), ng, stats, hist, *args, *sel, H=h, CHUNK=chunk, num_warps=w)
+    k.split_mass_kernel[grid](
+        s,
+        s.stride(0),
+        s.stride(1),
+        ng,
+        stats,
+        key,
+        ordered,
+        hist,
+        *args,
+        *sel,
+        H=h,
+        CHUNK=chunk,
+        C_BLOCK=c_block,
+        num_warps=w,
+    )
     for pass_ in (1, 2, 3):
         k.split_hist_kernel[grid](ng, ordered, hist, *tail, PASS=pass_, CHUNK=chunk, num_warps=w)
     k.split_count_kernel[grid](ng, ordered, hist, counts, *tail, CHUNK=chunk, num_warps=w)
-    k.split_write_kernel[grid](ng, ordered, hist, counts, groups, count, *tail, CHUNK=chunk, C_BLOCK=c_block,
-                               BLOCK_P=block_p, num_warps=w)
+    k.split_write_kernel[grid](
+        ng, ordered, hist, counts, groups, count, *tail, CHUNK=chunk, C_BLOCK=c_block, BLOCK_P=block_p, num_warps=w
+    )
 
 
 def _select_warps(block_n: int) -> int:

@@ -42,8 +42,22 @@ def _add2(a1, b1, a2, b2):
 
 
 @triton.jit
-def split_stats_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, stats_ptr, hist_ptr, N, P, budget_groups,
-                       n_sink, n_window, floor, H: tl.constexpr, CHUNK: tl.constexpr):
+def split_stats_kernel(
+    scores_ptr,
+    s_stride_b,
+    s_stride_h,
+    num_groups_ptr,
+    stats_ptr,
+    hist_ptr,
+    N,
+    P,
+    budget_groups,
+    n_sink,
+    n_window,
+    floor,
+    H: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(1)
     if c == 0:  # the sequence's four histograms start at zero (no memset launch before the next kernels)
@@ -74,9 +88,25 @@ def _combined(stats_ptr, b, h, n_chunks, which: tl.constexpr, H: tl.constexpr, C
 
 
 @triton.jit
-def split_mass_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, stats_ptr, key_ptr, ordered_ptr, hist_ptr,
-                      N, P, budget_groups, n_sink, n_window, floor,
-                      H: tl.constexpr, CHUNK: tl.constexpr, C_BLOCK: tl.constexpr):
+def split_mass_kernel(
+    scores_ptr,
+    s_stride_b,
+    s_stride_h,
+    num_groups_ptr,
+    stats_ptr,
+    key_ptr,
+    ordered_ptr,
+    hist_ptr,
+    N,
+    P,
+    budget_groups,
+    n_sink,
+    n_window,
+    floor,
+    H: tl.constexpr,
+    CHUNK: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+):
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     n_chunks = tl.num_programs(1)
     idx, inside, valid, forced, _ = _masks(num_groups_ptr, b, c, N, P, budget_groups, n_sink, n_window, floor, CHUNK)
@@ -113,8 +143,9 @@ def _threshold(hist_ptr, b, count, PASSES: tl.constexpr):
 
 
 @triton.jit
-def _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASSES: tl.constexpr,
-           CHUNK: tl.constexpr):
+def _chunk(
+    num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASSES: tl.constexpr, CHUNK: tl.constexpr
+):
     """This program's chunk: (sequence, group indices, their order keys, -1 beyond the row), and
     the threshold's top ``PASSES`` bytes with the groups still to take at it (``_threshold``)."""
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -126,10 +157,12 @@ def _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PA
 
 
 @triton.jit
-def split_hist_kernel(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor,
-                      PASS: tl.constexpr, CHUNK: tl.constexpr):
-    b, _, idx, ordered, _, thr, _ = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASS,
-                                           CHUNK)
+def split_hist_kernel(
+    num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASS: tl.constexpr, CHUNK: tl.constexpr
+):
+    b, _, idx, ordered, _, thr, _ = _chunk(
+        num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, PASS, CHUNK
+    )
     high = 32 - 8 * PASS  # the bytes decided so far are the bits above ``high``
     same = (idx < N) & ((ordered >> high) == (thr >> high))
     digit = ((ordered >> (high - 8)) & (BINS - 1)).to(tl.int32)
@@ -137,8 +170,9 @@ def split_hist_kernel(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups
 
 
 @triton.jit
-def split_count_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, N, P, budget_groups, floor,
-                       CHUNK: tl.constexpr):
+def split_count_kernel(
+    num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, N, P, budget_groups, floor, CHUNK: tl.constexpr
+):
     b, c, _, ordered, _, thr, _ = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, 4, CHUNK)
     out = counts_ptr + (b * tl.num_programs(1) + c) * 2
     tl.store(out, tl.sum((ordered > thr).to(tl.int32), 0))
@@ -146,11 +180,24 @@ def split_count_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, N, P, 
 
 
 @triton.jit
-def split_write_kernel(num_groups_ptr, ordered_ptr, hist_ptr, counts_ptr, groups_ptr, count_ptr,
-                       N, P, budget_groups, floor, CHUNK: tl.constexpr, C_BLOCK: tl.constexpr,
-                       BLOCK_P: tl.constexpr):
-    b, c, idx, ordered, count, thr, need = _chunk(num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor,
-                                                  4, CHUNK)  # need: the groups at the threshold to take
+def split_write_kernel(
+    num_groups_ptr,
+    ordered_ptr,
+    hist_ptr,
+    counts_ptr,
+    groups_ptr,
+    count_ptr,
+    N,
+    P,
+    budget_groups,
+    floor,
+    CHUNK: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    b, c, idx, ordered, count, thr, need = _chunk(
+        num_groups_ptr, ordered_ptr, hist_ptr, N, P, budget_groups, floor, 4, CHUNK
+    )  # need: the groups at the threshold to take
     cs = tl.arange(0, C_BLOCK)
     before = cs < c
     at = counts_ptr + (b * tl.num_programs(1) + cs) * 2

@@ -72,12 +72,28 @@ def _masks(num_groups_ptr, b, c, N, P, budget_groups, n_sink, n_window, floor, B
 
 
 @triton.jit
-def select_shared_kernel(scores_ptr, s_stride_b, s_stride_h, num_groups_ptr, groups_ptr, count_ptr, key_ptr,
-                         N, P, budget_groups, n_sink, n_window, floor,
-                         H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+def select_shared_kernel(
+    scores_ptr,
+    s_stride_b,
+    s_stride_h,
+    num_groups_ptr,
+    groups_ptr,
+    count_ptr,
+    key_ptr,
+    N,
+    P,
+    budget_groups,
+    n_sink,
+    n_window,
+    floor,
+    H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
-    idx, inside, valid, forced, count = _masks(num_groups_ptr, b, 0, N, P, budget_groups, n_sink, n_window, floor,
-                                               BLOCK_N)
+    idx, inside, valid, forced, count = _masks(
+        num_groups_ptr, b, 0, N, P, budget_groups, n_sink, n_window, floor, BLOCK_N
+    )
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
     key = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in tl.static_range(H):

@@ -39,9 +39,18 @@ def plan_splits(batch: int, kv_heads: int, max_pages: int, pages_per_iter: int, 
     return -(-max(max_pages, 1) // per_split), per_split
 
 
-def sparse_attention_triton(q, kv_pool, page_table, num_pages, last_page_len, scale: float,
-                            softcap: float | None = None, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                            num_splits: int | None = None, num_warps: int = 4):
+def sparse_attention_triton(
+    q,
+    kv_pool,
+    page_table,
+    num_pages,
+    last_page_len,
+    scale: float,
+    softcap: float | None = None,
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+):
     """Launch the split and merge kernels. Same contract as ``sparse_attention_ref``."""
 
     from kvdrive.retrieval.sparse_attention_triton import sparse_decode_merge_kernel, sparse_decode_split_kernel
@@ -68,23 +77,59 @@ def sparse_attention_triton(q, kv_pool, page_table, num_pages, last_page_len, sc
     lse = torch.empty(b, h_q, dtype=torch.float32, device=q.device)
     block_d = _next_pow2(d)
     sparse_decode_split_kernel[(b, h_kv, num_splits)](
-        q, kv_pool, page_table, num_pages, last_page_len, part_o, part_lse,
-        q.stride(0), q.stride(1),
-        kv_pool.stride(0), kv_pool.stride(1), kv_pool.stride(2), kv_pool.stride(3),
-        page_table.stride(0), page_table.stride(1),
-        num_pages.stride(0), num_pages.stride(1),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        float(scale), float(softcap or 1.0), per_split,
-        REP=rep, G=g, D=d, BLOCK_H=max(16, _next_pow2(rep)), BLOCK_D=block_d, PAGES=pages,
-        HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32, INTERPRET=q.device.type == "cpu",
+        q,
+        kv_pool,
+        page_table,
+        num_pages,
+        last_page_len,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        kv_pool.stride(0),
+        kv_pool.stride(1),
+        kv_pool.stride(2),
+        kv_pool.stride(3),
+        page_table.stride(0),
+        page_table.stride(1),
+        num_pages.stride(0),
+        num_pages.stride(1),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        float(scale),
+        float(softcap or 1.0),
+        per_split,
+        REP=rep,
+        G=g,
+        D=d,
+        BLOCK_H=max(16, _next_pow2(rep)),
+        BLOCK_D=block_d,
+        PAGES=pages,
+        HAS_SOFTCAP=softcap is not None,
+        IEEE=q.dtype == torch.float32,
+        INTERPRET=q.device.type == "cpu",
         num_warps=num_warps,
     )
     sparse_decode_merge_kernel[(b, h_q)](
-        part_o, part_lse, out, lse, num_splits,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        D=d, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(num_splits)),
+        part_o,
+        part_lse,
+        out,
+        lse,
+        num_splits,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        D=d,
+        BLOCK_D=block_d,
+        BLOCK_S=max(2, _next_pow2(num_splits)),
     )
     return out, lse
 
@@ -97,8 +142,9 @@ def resolve_impl(name: str, device: torch.device) -> str:
     return name
 
 
-def sparse_attention(q, kv_pool, page_table, num_pages, last_page_len, scale: float,
-                     softcap: float | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_attention(
+    q, kv_pool, page_table, num_pages, last_page_len, scale: float, softcap: float | None = None, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the listed pages -> (out (B, H_q, D) q.dtype, lse (B, H_q) float32)."""
     if resolve_impl(impl, q.device) == "triton":
         return sparse_attention_triton(q, kv_pool, page_table, num_pages, last_page_len, scale, softcap)

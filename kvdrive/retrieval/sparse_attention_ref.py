@@ -23,22 +23,26 @@ import torch
 def check_inputs(q, kv_pool, page_table, num_pages, last_page_len) -> torch.Tensor:
     """Shape/dtype checks shared by all implementations; returns num_pages as (B, H_kv)."""
     if q.dim() != 3 or kv_pool.dim() != 5 or kv_pool.shape[1] != 2:
-        raise ValueError(f"q must be (B, H_q, D) and kv_pool (S, 2, H_kv, G, D); got {tuple(q.shape)}, "
-                         f"{tuple(kv_pool.shape)}")
+        raise ValueError(
+            f"q must be (B, H_q, D) and kv_pool (S, 2, H_kv, G, D); got {tuple(q.shape)}, {tuple(kv_pool.shape)}"
+        )
     b, h_q, d = q.shape
     _, _, h_kv, _, d_pool = kv_pool.shape
     if d != d_pool or h_q % h_kv:
         raise ValueError(f"q (B, {h_q}, {d}) does not fit a pool of {h_kv} KV heads of dim {d_pool}")
     if page_table.dtype != torch.int32 or page_table.dim() != 3 or tuple(page_table.shape[:2]) != (b, h_kv):
-        raise ValueError(f"page_table must be int32 (B={b}, H_kv={h_kv}, P), got {page_table.dtype} "
-                         f"{tuple(page_table.shape)}")
+        raise ValueError(
+            f"page_table must be int32 (B={b}, H_kv={h_kv}, P), got {page_table.dtype} {tuple(page_table.shape)}"
+        )
     if num_pages.dtype != torch.int32 or last_page_len.dtype != torch.int32:
         raise ValueError("num_pages and last_page_len must be int32")
     if num_pages.dim() == 1:
         num_pages = num_pages[:, None].expand(b, h_kv)
     if tuple(num_pages.shape) != (b, h_kv) or tuple(last_page_len.shape) != (b,):
-        raise ValueError(f"num_pages must be (B,) or (B, H_kv), last_page_len (B,); got "
-                         f"{tuple(num_pages.shape)}, {tuple(last_page_len.shape)}")
+        raise ValueError(
+            f"num_pages must be (B,) or (B, H_kv), last_page_len (B,); got "
+            f"{tuple(num_pages.shape)}, {tuple(last_page_len.shape)}"
+        )
     if q.dtype != kv_pool.dtype:
         raise ValueError(f"q is {q.dtype} but the pool is {kv_pool.dtype}")
     return num_pages
@@ -54,9 +58,15 @@ def token_mask(num_pages: torch.Tensor, last_page_len: torch.Tensor, p: int, g: 
     return ok.flatten(2)
 
 
-def sparse_attention_ref(q: torch.Tensor, kv_pool: torch.Tensor, page_table: torch.Tensor, num_pages: torch.Tensor,
-                         last_page_len: torch.Tensor, scale: float,
-                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_attention_ref(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    last_page_len: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather the listed pages, mask, exact float32 softmax. See the module contract."""
     num_pages = check_inputs(q, kv_pool, page_table, num_pages, last_page_len)
     b, h_q, d = q.shape

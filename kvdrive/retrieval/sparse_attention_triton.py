@@ -17,10 +17,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_pages(q, m_i, l_i, acc, p0, end, n_pages, last_len, row, head_pool,
-                  stride_ps, stride_pkv, stride_pg, scale, softcap,
-                  G: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, PAGES: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+def _attend_pages(
+    q,
+    m_i,
+    l_i,
+    acc,
+    p0,
+    end,
+    n_pages,
+    last_len,
+    row,
+    head_pool,
+    stride_ps,
+    stride_pkv,
+    stride_pg,
+    scale,
+    softcap,
+    G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
+    PAGES: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """One online-softmax step over pages [p0, p0 + PAGES) of the listed range (< end)."""
     offs_n = tl.arange(0, PAGES * G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -61,16 +81,40 @@ def _attend_pages(q, m_i, l_i, acc, p0, end, n_pages, last_len, row, head_pool,
 
 @triton.jit
 def sparse_decode_split_kernel(
-    q_ptr, pool_ptr, pt_ptr, np_ptr, last_ptr, po_ptr, plse_ptr,
-    stride_qb, stride_qh,
-    stride_ps, stride_pkv, stride_ph, stride_pg,  # pool (slot, K|V, head, token); head_dim stride 1
-    stride_tb, stride_th,  # page table (b, head); page stride 1
-    stride_nb, stride_nh,  # num_pages (b, head); head stride 0 for a (B,) count
-    stride_ob, stride_oh, stride_os,  # partial out (B, H_q, S, D) float32
-    stride_lb, stride_lh,  # partial lse (B, H_q, S) float32, split stride 1
-    scale, softcap, pages_per_split,
-    REP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGES: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    q_ptr,
+    pool_ptr,
+    pt_ptr,
+    np_ptr,
+    last_ptr,
+    po_ptr,
+    plse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ps,
+    stride_pkv,
+    stride_ph,
+    stride_pg,  # pool (slot, K|V, head, token); head_dim stride 1
+    stride_tb,
+    stride_th,  # page table (b, head); page stride 1
+    stride_nb,
+    stride_nh,  # num_pages (b, head); head stride 0 for a (B,) count
+    stride_ob,
+    stride_oh,
+    stride_os,  # partial out (B, H_q, S, D) float32
+    stride_lb,
+    stride_lh,  # partial lse (B, H_q, S) float32, split stride 1
+    scale,
+    softcap,
+    pages_per_split,
+    REP: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGES: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     b = tl.program_id(0)
     j = tl.program_id(1)
@@ -85,8 +129,11 @@ def sparse_decode_split_kernel(
     h_ok = offs_h < REP
     d_ok = offs_d < D
     heads = j * REP + offs_h  # query heads of KV head j
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_D)
     if INTERPRET:
         q = q.to(tl.float32)
 
@@ -100,29 +147,86 @@ def sparse_decode_split_kernel(
         # the for loop, which the compiler can software-pipeline.
         p0 = start
         while p0 < end:
-            m_i, l_i, acc = _attend_pages(q, m_i, l_i, acc, p0, end, n_pages, last_len, row, head_pool,
-                                          stride_ps, stride_pkv, stride_pg, scale, softcap,
-                                          G, BLOCK_D, D, PAGES, HAS_SOFTCAP, IEEE, INTERPRET)
+            m_i, l_i, acc = _attend_pages(
+                q,
+                m_i,
+                l_i,
+                acc,
+                p0,
+                end,
+                n_pages,
+                last_len,
+                row,
+                head_pool,
+                stride_ps,
+                stride_pkv,
+                stride_pg,
+                scale,
+                softcap,
+                G,
+                BLOCK_D,
+                D,
+                PAGES,
+                HAS_SOFTCAP,
+                IEEE,
+                INTERPRET,
+            )
             p0 += PAGES
     else:
         for p0 in range(start, end, PAGES):
-            m_i, l_i, acc = _attend_pages(q, m_i, l_i, acc, p0, end, n_pages, last_len, row, head_pool,
-                                          stride_ps, stride_pkv, stride_pg, scale, softcap,
-                                          G, BLOCK_D, D, PAGES, HAS_SOFTCAP, IEEE, INTERPRET)
+            m_i, l_i, acc = _attend_pages(
+                q,
+                m_i,
+                l_i,
+                acc,
+                p0,
+                end,
+                n_pages,
+                last_len,
+                row,
+                head_pool,
+                stride_ps,
+                stride_pkv,
+                stride_pg,
+                scale,
+                softcap,
+                G,
+                BLOCK_D,
+                D,
+                PAGES,
+                HAS_SOFTCAP,
+                IEEE,
+                INTERPRET,
+            )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(po_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :], out,
-             mask=h_ok[:, None] & d_ok[None, :])
+    tl.store(
+        po_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+        out,
+        mask=h_ok[:, None] & d_ok[None, :],
+    )
     tl.store(plse_ptr + b * stride_lb + heads * stride_lh + s, lse2, mask=h_ok)
 
 
 @triton.jit
 def sparse_decode_merge_kernel(
-    po_ptr, plse_ptr, o_ptr, lse_ptr, num_splits,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    stride_fb, stride_fh, stride_gb,  # final out (B, H_q, D), final lse (B, H_q)
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    po_ptr,
+    plse_ptr,
+    o_ptr,
+    lse_ptr,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_fb,
+    stride_fh,
+    stride_gb,  # final out (B, H_q, D), final lse (B, H_q)
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -134,10 +238,12 @@ def sparse_decode_merge_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse2 - m_safe)  # (BLOCK_S,)
     total = tl.sum(w, 0)
-    parts = tl.load(po_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                    mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_S, BLOCK_D)
+    parts = tl.load(
+        po_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )  # (BLOCK_S, BLOCK_D)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    lse = tl.where(total > 0, (m_safe + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(total > 0, (m_safe + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(o_ptr + b * stride_fb + h * stride_fh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
     tl.store(lse_ptr + b * stride_gb + h, lse)

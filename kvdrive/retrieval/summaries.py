@@ -90,9 +90,17 @@ class GroupSummarizer(ABC):
         """Per-sequence state (a fitted basis) on top of the per-group cost."""
         return 0
 
-    def score(self, q: torch.Tensor, summaries: torch.Tensor, valid: torch.Tensor | None, scale: float,
-              head_reduce: str = "max", rows: torch.Tensor | None = None, counts: torch.Tensor | None = None,
-              impl: str = "auto") -> torch.Tensor:
+    def score(
+        self,
+        q: torch.Tensor,
+        summaries: torch.Tensor,
+        valid: torch.Tensor | None,
+        scale: float,
+        head_reduce: str = "max",
+        rows: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        impl: str = "auto",
+    ) -> torch.Tensor:
         """q (B, H_q, D), summaries (B, N, *shape), valid (B, N) bool -> (B, H_kv, N) float32.
 
         ``counts`` (B,) int: groups summarized per row, in place of ``valid`` (columns at or past
@@ -114,8 +122,9 @@ class GroupSummarizer(ABC):
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
             if self.name == "tokenmax":
-                return _token_score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce,
-                                           self.group_tokens)
+                return _token_score_triton(
+                    q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.group_tokens
+                )
             return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
             valid = leading(counts, summaries.shape[1])
@@ -131,8 +140,9 @@ class GroupSummarizer(ABC):
 SCORE_BLOCK_N, SCORE_WARPS = 64, 8  # per program: groups, warps (the fastest measured: docs/attention.md)
 
 
-def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None,
-                  num_warps: int | None = None) -> torch.Tensor:
+def _score_triton(
+    q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None, num_warps: int | None = None
+) -> torch.Tensor:
     from kvdrive.retrieval.score_triton import group_score_kernel
 
     b, n = summaries.shape[:2]
@@ -140,10 +150,26 @@ def _score_triton(q, summaries, counts, scale, kv_heads, head_reduce, name, bloc
     block_n, num_warps = block_n or SCORE_BLOCK_N, num_warps or SCORE_WARPS
     if out.numel():
         group_score_kernel[(b, kv_heads, -(-n // block_n))](
-            q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
-            summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
-            R=q.shape[1] // kv_heads, D=q.shape[2], MINMAX=name == "minmax", MEAN=head_reduce == "mean",
-            BLOCK_N=block_n, num_warps=num_warps)
+            q,
+            summaries,
+            counts.contiguous(),
+            out,
+            n,
+            float(scale),
+            q.stride(0),
+            q.stride(1),
+            summaries.stride(0),
+            summaries.stride(1),
+            summaries.stride(2),
+            out.stride(0),
+            out.stride(1),
+            R=q.shape[1] // kv_heads,
+            D=q.shape[2],
+            MINMAX=name == "minmax",
+            MEAN=head_reduce == "mean",
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
     return out
 
 
@@ -159,10 +185,27 @@ def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, grou
     block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
     if out.numel():
         token_score_kernel[(b, kv_heads, -(-n // block_n))](
-            q, summaries, counts.contiguous(), out, n, float(scale), q.stride(0), q.stride(1),
-            summaries.stride(0), summaries.stride(1), summaries.stride(2), out.stride(0), out.stride(1),
-            R=q.shape[1] // kv_heads, BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()), D=q.shape[2],
-            G=group_tokens, MEAN=head_reduce == "mean", BLOCK_N=block_n, num_warps=4)
+            q,
+            summaries,
+            counts.contiguous(),
+            out,
+            n,
+            float(scale),
+            q.stride(0),
+            q.stride(1),
+            summaries.stride(0),
+            summaries.stride(1),
+            summaries.stride(2),
+            out.stride(0),
+            out.stride(1),
+            R=q.shape[1] // kv_heads,
+            BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()),
+            D=q.shape[2],
+            G=group_tokens,
+            MEAN=head_reduce == "mean",
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
     return out
 
 
@@ -236,8 +279,9 @@ class LowRankSummarizer(GroupSummarizer):
     def __init__(self, num_kv_heads, head_dim, group_tokens, basis: torch.Tensor):
         super().__init__(num_kv_heads, head_dim, group_tokens)
         if basis.dim() != 2 or basis.shape[0] != num_kv_heads * head_dim:
-            raise KvdriveError(f"low-rank basis must be (H_kv*D={num_kv_heads * head_dim}, r), "
-                               f"got {tuple(basis.shape)}")
+            raise KvdriveError(
+                f"low-rank basis must be (H_kv*D={num_kv_heads * head_dim}, r), got {tuple(basis.shape)}"
+            )
         self.basis = basis  # (H_kv*D, r)
         self.rank = basis.shape[1]
 
@@ -253,8 +297,12 @@ class LowRankSummarizer(GroupSummarizer):
         if self.per_row and isinstance(rows, torch.Tensor) and n > _GATHER_CHUNK:
             # NOTE: per-group bases are gathered; chunks bound that copy (a whole prompt's
             # groups at the first decode step) to _GATHER_CHUNK bases.
-            return torch.cat([self.summarize(keys[i:i + _GATHER_CHUNK], rows[i:i + _GATHER_CHUNK])
-                              for i in range(0, n, _GATHER_CHUNK)])
+            return torch.cat(
+                [
+                    self.summarize(keys[i : i + _GATHER_CHUNK], rows[i : i + _GATHER_CHUNK])
+                    for i in range(0, n, _GATHER_CHUNK)
+                ]
+            )
         flat = keys.permute(0, 2, 1, 3).reshape(n, g, h * d)  # (N, G, H_kv*D)
         a = self._bases(rows).to(keys.dtype)  # (N or 1, H_kv*D, r)
         return torch.matmul(flat, a)  # (N, G, r)
@@ -280,8 +328,16 @@ class SeqLowRankSummarizer(LowRankSummarizer):
     per_row = True
     fits_prompt = True
 
-    def __init__(self, num_kv_heads, head_dim, group_tokens, rank: int, max_seqs: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        num_kv_heads,
+        head_dim,
+        group_tokens,
+        rank: int,
+        max_seqs: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         if not 0 < rank <= num_kv_heads * head_dim:
             raise KvdriveError(f"lowrank_seq: rank must be in 1..{num_kv_heads * head_dim}, got {rank}")
         bases = torch.zeros(max_seqs, num_kv_heads * head_dim, rank, device=device, dtype=dtype)
@@ -366,8 +422,17 @@ class OracleSummarizer(GroupSummarizer):
         raise NotImplementedError("the oracle scores through score()")
 
 
-SUMMARIZERS = {c.name: c for c in (MinMaxSummarizer, MeanSummarizer, LowRankSummarizer, SeqLowRankSummarizer,
-                                   TokenMaxSummarizer, OracleSummarizer)}
+SUMMARIZERS = {
+    c.name: c
+    for c in (
+        MinMaxSummarizer,
+        MeanSummarizer,
+        LowRankSummarizer,
+        SeqLowRankSummarizer,
+        TokenMaxSummarizer,
+        OracleSummarizer,
+    )
+}
 
 
 def make_summarizer(name: str, num_kv_heads: int, head_dim: int, group_tokens: int, **kwargs) -> GroupSummarizer:
@@ -387,8 +452,9 @@ class SummaryTable:
 
     def __init__(self, summarizer: GroupSummarizer, max_seqs: int, max_groups: int, device, dtype: torch.dtype):
         self.summarizer = summarizer
-        self.data = torch.zeros(max_seqs, max_groups, *summarizer.summary_shape, device=device,
-                                dtype=summarizer.storage_dtype(dtype))
+        self.data = torch.zeros(
+            max_seqs, max_groups, *summarizer.summary_shape, device=device, dtype=summarizer.storage_dtype(dtype)
+        )
         self.counts = torch.zeros(max_seqs, dtype=torch.int64, device=device)
 
     @property

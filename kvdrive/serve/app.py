@@ -62,8 +62,18 @@ def create_app(state: ServerState, own_state: bool = True) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList, responses=errors.RESPONSES)
     async def models(tenant: Tenant):
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
-                                            "owned_by": "kvdrive", "max_model_len": state.llm.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "kvdrive",
+                    "max_model_len": state.llm.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=errors.STREAMING)
     async def completions(body: CompletionRequest, request: Request, tenant: Tenant):
@@ -86,10 +96,19 @@ def create_app(state: ServerState, own_state: bool = True) -> FastAPI:
     return app
 
 
-def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
-            x_tenant: Annotated[str | None, Header(min_length=1, max_length=MAX_TENANT, pattern=TENANT_PATTERN,
-                                                   description="the prefix pool tenant (within the API key's)")
-                                ] = None) -> str | None:
+def _tenant(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_tenant: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=MAX_TENANT,
+            pattern=TENANT_PATTERN,
+            description="the prefix pool tenant (within the API key's)",
+        ),
+    ] = None,
+) -> str | None:
     """The request's prefix pool tenant (the API key checked first), once the model is ready."""
     state: ServerState = request.app.state.kvdrive
     tenant = state.tenant(authorization, x_tenant)
@@ -108,8 +127,9 @@ def _user_error(fn):
         raise APIError(400, str(err)) from None
 
 
-async def _generate(state: ServerState, request: Request, body, ids, max_tokens: int | None, tenant: str | None,
-                    chat: bool):
+async def _generate(
+    state: ServerState, request: Request, body, ids, max_tokens: int | None, tenant: str | None, chat: bool
+):
     llm = state.llm
     if isinstance(ids, tuple):  # llm.encode -> (text, ids)
         ids = ids[1]
@@ -123,14 +143,24 @@ async def _generate(state: ServerState, request: Request, body, ids, max_tokens:
     asked = len(ids) + (max_tokens or 1)
     if asked > limit:
         detail = f"{len(ids)} in the prompt" + (f", {max_tokens} in the completion" if max_tokens else "")
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested {asked} "
-                            f"tokens ({detail}). Please reduce the length of the prompt or the completion.",
-                       param=param if max_tokens is None or len(ids) >= limit else "max_tokens",
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested {asked} "
+            f"tokens ({detail}). Please reduce the length of the prompt or the completion.",
+            param=param if max_tokens is None or len(ids) >= limit else "max_tokens",
+            code="context_length_exceeded",
+        )
     try:
-        params = SamplingParams(max_tokens=max_tokens or limit - len(ids), temperature=body.temperature,
-                                top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stops,
-                                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+        params = SamplingParams(
+            max_tokens=max_tokens or limit - len(ids),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stops,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+        )
     except KvdriveError as err:
         raise APIError(400, str(err)) from None
     req = llm.new_request(ids, params, tenant)

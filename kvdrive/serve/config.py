@@ -47,50 +47,148 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     # model
-    Setting("model", "model", "str", None, "model to serve: smollm2 (default), gemma3, a .gguf file, a Hugging Face "
-            "directory or random:PRESET (as kvdrive generate -m)", example="smollm2"),
-    Setting("served_model_name", "model", "str", None, "the name clients send as `model` (default: the model spec)",
-            example="smollm2"),
+    Setting(
+        "model",
+        "model",
+        "str",
+        None,
+        "model to serve: smollm2 (default), gemma3, a .gguf file, a Hugging Face "
+        "directory or random:PRESET (as kvdrive generate -m)",
+        example="smollm2",
+    ),
+    Setting(
+        "served_model_name",
+        "model",
+        "str",
+        None,
+        "the name clients send as `model` (default: the model spec)",
+        example="smollm2",
+    ),
     Setting("device", "model", "str", "auto", "cpu, cuda, cuda:N or auto (CUDA when present)", example="cuda"),
-    Setting("dtype", "model", "choice", None, "weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
-            choices=DTYPES),
-    Setting("max_model_len", "model", "int", None, "prompt + output tokens of one request (default: the model's "
-            "context); each sequence's KV is sized for it", low=1, example="8192"),
+    Setting(
+        "dtype",
+        "model",
+        "choice",
+        None,
+        "weights and KV dtype (default: bfloat16 on CUDA, float32 on CPU)",
+        choices=DTYPES,
+    ),
+    Setting(
+        "max_model_len",
+        "model",
+        "int",
+        None,
+        "prompt + output tokens of one request (default: the model's context); each sequence's KV is sized for it",
+        low=1,
+        example="8192",
+    ),
     Setting("seed", "model", "int", 0, "seed of random:PRESET weights", low=0, example="0"),
     # engine
-    Setting("max_num_seqs", "engine", "int", 16, "sequences decoding at once (fewer if memory holds fewer); more "
-            "requests wait", low=1, example="16"),
-    Setting("max_num_batched_tokens", "engine", "int", 2048, "tokens one engine step runs, decode and prefill "
-            "together: a long prompt is prefilled in chunks of what is left between decode steps", low=1,
-            example="2048"),
-    Setting("max_waiting", "engine", "int", 256, "requests that may wait for a sequence slot; more are answered 429 "
-            "with Retry-After", low=0, example="256"),
+    Setting(
+        "max_num_seqs",
+        "engine",
+        "int",
+        16,
+        "sequences decoding at once (fewer if memory holds fewer); more requests wait",
+        low=1,
+        example="16",
+    ),
+    Setting(
+        "max_num_batched_tokens",
+        "engine",
+        "int",
+        2048,
+        "tokens one engine step runs, decode and prefill "
+        "together: a long prompt is prefilled in chunks of what is left between decode steps",
+        low=1,
+        example="2048",
+    ),
+    Setting(
+        "max_waiting",
+        "engine",
+        "int",
+        256,
+        "requests that may wait for a sequence slot; more are answered 429 with Retry-After",
+        low=0,
+        example="256",
+    ),
     # kv: the tiered cache
-    Setting("budget", "kv", "float", None, "turns on the tiered cache: tokens attended per decode step, or a fraction "
-            "of the context if < 1 (default: all KV on the device, exact attention)", low=0, example="2048"),
-    Setting("gpu_cache_tokens", "kv", "count_or_auto", "auto", "GPU selection cache per sequence and layer, in "
-            "tokens, or auto (80% of the free GPU memory)", example="8192"),
-    Setting("disk", "kv", "list", (), "keep the KV on these directories too (striped); needs host_gib",
-            example="/mnt/nvme/kv"),
+    Setting(
+        "budget",
+        "kv",
+        "float",
+        None,
+        "turns on the tiered cache: tokens attended per decode step, or a fraction "
+        "of the context if < 1 (default: all KV on the device, exact attention)",
+        low=0,
+        example="2048",
+    ),
+    Setting(
+        "gpu_cache_tokens",
+        "kv",
+        "count_or_auto",
+        "auto",
+        "GPU selection cache per sequence and layer, in tokens, or auto (80% of the free GPU memory)",
+        example="8192",
+    ),
+    Setting(
+        "disk",
+        "kv",
+        "list",
+        (),
+        "keep the KV on these directories too (striped); needs host_gib",
+        example="/mnt/nvme/kv",
+    ),
     Setting("disk_gib", "kv", "float", 64.0, "disk budget per disk directory, GiB", low=0, example="64"),
     Setting("host_gib", "kv", "float", None, "pinned host arena in front of the disks, GiB", low=0, example="8"),
-    Setting("disk_misses", "kv", "choice", "wait", "selected groups only on disk: wait (exact) or defer (attend "
-            "without them this step)", choices=DISK_MISSES),
+    Setting(
+        "disk_misses",
+        "kv",
+        "choice",
+        "wait",
+        "selected groups only on disk: wait (exact) or defer (attend without them this step)",
+        choices=DISK_MISSES,
+    ),
     # prefix pool
-    Setting("prefix_disk", "prefix", "list", (), "prefix pool directories: repeated prompt prefixes load their KV "
-            "from here instead of being recomputed", example="/mnt/nvme/prefix"),
+    Setting(
+        "prefix_disk",
+        "prefix",
+        "list",
+        (),
+        "prefix pool directories: repeated prompt prefixes load their KV from here instead of being recomputed",
+        example="/mnt/nvme/prefix",
+    ),
     Setting("prefix_disk_gib", "prefix", "float", 64.0, "prefix pool budget per directory, GiB", low=0, example="64"),
-    Setting("prefix_host_gib", "prefix", "float", 0.0, "prefix pool's pinned host arena, GiB (with no directory: a "
-            "host-only pool)", low=0, example="4"),
+    Setting(
+        "prefix_host_gib",
+        "prefix",
+        "float",
+        0.0,
+        "prefix pool's pinned host arena, GiB (with no directory: a host-only pool)",
+        low=0,
+        example="4",
+    ),
     Setting("prefix_chunk_tokens", "prefix", "int", 256, "tokens per stored prefix chunk", low=1, example="256"),
-    Setting("prefix_admit_after", "prefix", "int", 2, "stores of a chunk before it is written to disk (1: at once)",
-            low=1, example="2"),
+    Setting(
+        "prefix_admit_after",
+        "prefix",
+        "int",
+        2,
+        "stores of a chunk before it is written to disk (1: at once)",
+        low=1,
+        example="2",
+    ),
     # server
-    Setting("host", "server", "str", "127.0.0.1", "address to listen on (0.0.0.0: every interface)",
-            example="0.0.0.0"),
+    Setting("host", "server", "str", "127.0.0.1", "address to listen on (0.0.0.0: every interface)", example="0.0.0.0"),
     Setting("port", "server", "int", 8000, "port to listen on (0: any free port)", low=0, high=65535, example="8000"),
-    Setting("api_key", "server", "list", (), "accepted API keys (Authorization: Bearer KEY); none: no key needed. "
-            "Each key is its own prefix pool tenant", example="sk-local"),
+    Setting(
+        "api_key",
+        "server",
+        "list",
+        (),
+        "accepted API keys (Authorization: Bearer KEY); none: no key needed. Each key is its own prefix pool tenant",
+        example="sk-local",
+    ),
     Setting("log_level", "server", "choice", "info", "server log level", choices=LOG_LEVELS),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -144,9 +242,13 @@ class KVSettings:
         from kvdrive.tiered.config import TieredConfig
 
         disk = tuple(PoolPath(d, int(self.disk_gib * 2**30)) for d in self.disk)
-        return TieredConfig(SparseConfig(budget=self.budget, sink_tokens=64, window_tokens=256),
-                            cache_tokens=self.gpu_cache_tokens, disk=disk,
-                            host_bytes=int((self.host_gib or 0) * 2**30), disk_misses=self.disk_misses)
+        return TieredConfig(
+            SparseConfig(budget=self.budget, sink_tokens=64, window_tokens=256),
+            cache_tokens=self.gpu_cache_tokens,
+            disk=disk,
+            host_bytes=int((self.host_gib or 0) * 2**30),
+            disk_misses=self.disk_misses,
+        )
 
 
 @dataclass(frozen=True)
@@ -168,9 +270,12 @@ class PrefixSettings:
         from kvdrive.prefix.pool import PrefixConfig
         from kvdrive.storage.pool import PoolPath
 
-        return PrefixConfig(disks=tuple(PoolPath(d, int(self.prefix_disk_gib * 2**30)) for d in self.prefix_disk),
-                            host_bytes=int(self.prefix_host_gib * 2**30), chunk_tokens=self.prefix_chunk_tokens,
-                            admit_after=self.prefix_admit_after)
+        return PrefixConfig(
+            disks=tuple(PoolPath(d, int(self.prefix_disk_gib * 2**30)) for d in self.prefix_disk),
+            host_bytes=int(self.prefix_host_gib * 2**30),
+            chunk_tokens=self.prefix_chunk_tokens,
+            admit_after=self.prefix_admit_after,
+        )
 
 
 @dataclass(frozen=True)
@@ -181,8 +286,13 @@ class ServerSettings:
     log_level: str
 
 
-SECTIONS = {"model": ModelSettings, "engine": EngineSettings, "kv": KVSettings, "prefix": PrefixSettings,
-            "server": ServerSettings}
+SECTIONS = {
+    "model": ModelSettings,
+    "engine": EngineSettings,
+    "kv": KVSettings,
+    "prefix": PrefixSettings,
+    "server": ServerSettings,
+}
 
 
 @dataclass(frozen=True)
@@ -220,9 +330,11 @@ def _plain(value):
 
 # -- reading values ----------------------------------------------------------------------------
 
+
 def parse(setting: Setting, raw: Any, source: str):
     """``raw`` (text from the environment or a flag, or a YAML value) as ``setting``'s type;
     a ``KvdriveError`` naming ``source`` and a value that works otherwise."""
+
     def bad(what: str):
         example = f" (e.g. {setting.example})" if setting.example else ""
         return KvdriveError(f"{source}: {raw!r} is not {what}{example}")
@@ -245,8 +357,11 @@ def parse(setting: Setting, raw: Any, source: str):
         return "auto"
     kind = float if k == "float" else int
     value = _number(raw, kind)
-    if value is None or (setting.low is not None and (value <= setting.low if k == "float" else value < setting.low)) \
-            or (setting.high is not None and value > setting.high):
+    if (
+        value is None
+        or (setting.low is not None and (value <= setting.low if k == "float" else value < setting.low))
+        or (setting.high is not None and value > setting.high)
+    ):
         span = (f" > {setting.low:g}" if k == "float" else f" >= {setting.low:g}") if setting.low is not None else ""
         span += f" and <= {setting.high:g}" if setting.high is not None else ""
         what = "a finite number" if kind is float else "an integer"
@@ -287,13 +402,19 @@ def read_file(path: str) -> dict[str, Any]:
     for key in data:
         if key not in BY_NAME:
             near = difflib.get_close_matches(str(key), BY_NAME, 1)
-            raise KvdriveError(f"the config file {path}: unknown setting {key!r}"
-                               + (f"; did you mean {near[0]!r}?" if near else "; kvdrive serve --help lists them"))
+            raise KvdriveError(
+                f"the config file {path}: unknown setting {key!r}"
+                + (f"; did you mean {near[0]!r}?" if near else "; kvdrive serve --help lists them")
+            )
     return data
 
 
-def resolve(file: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-            flags: dict[str, Any] | None = None, file_name: str = "config file") -> ServeConfig:
+def resolve(
+    file: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    flags: dict[str, Any] | None = None,
+    file_name: str = "config file",
+) -> ServeConfig:
     """Settings from the defaults, then ``file`` (YAML values), ``env`` (``KVDRIVE_<NAME>`` ->
     text) and ``flags`` (name -> value already parsed), each overriding the one before."""
     values = {s.name: s.default for s in SETTINGS}

@@ -16,34 +16,53 @@ from kvdrive.serve.protocol import ErrorResponse
 log = logging.getLogger("kvdrive.serve")
 
 # status -> the error type OpenAI gives it
-TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-         500: "server_error", 503: "server_error"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 # the documented answers of every /v1 route, for the OpenAPI schema
 RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
 # the generation routes also stream (``"stream": true``)
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}  # one server-sent event
-STREAMING = {**RESPONSES, 200: {"content": {"text/event-stream": {"schema": _EVENT}},
-                                "description": "the response, or with stream: server-sent events of chunks, the "
-                                               "last one 'data: [DONE]'"}}
+STREAMING = {
+    **RESPONSES,
+    200: {
+        "content": {"text/event-stream": {"schema": _EVENT}},
+        "description": "the response, or with stream: server-sent events of chunks, the last one 'data: [DONE]'",
+    },
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    }
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status,
-                        headers=err.headers)
+    return JSONResponse(
+        error_body(err.status, err.message, err.param, err.code), status_code=err.status, headers=err.headers
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -23,12 +23,74 @@ from kvdrive.engine.async_engine import RequestObserver
 from kvdrive.engine.core import EngineSnapshot
 
 # vLLM's buckets
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-               80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-               960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 # cache stats key -> (counter name, help): monotonic totals the caches keep
 CACHE_COUNTERS = {
@@ -37,10 +99,14 @@ CACHE_COUNTERS = {
     "bytes_disk_read": ("kvdrive:kv_bytes_disk_read", "KV bytes read from the disk tier"),
     "bytes_disk_written": ("kvdrive:kv_bytes_disk_written", "KV bytes written to the disk tier"),
     "groups_selected": ("kvdrive:gpu_selection_cache_queries", "KV groups selected by decode steps"),
-    "deferred": ("kvdrive:selections_deferred", "selected groups left out of a step because they were only on disk "
-                                                "(disk_misses=defer); read for later steps"),
-    "lost": ("kvdrive:kv_reads_failed", "disk reads that failed or failed their checksum: the group became a miss, "
-                                        "never served"),
+    "deferred": (
+        "kvdrive:selections_deferred",
+        "selected groups left out of a step because they were only on disk (disk_misses=defer); read for later steps",
+    ),
+    "lost": (
+        "kvdrive:kv_reads_failed",
+        "disk reads that failed or failed their checksum: the group became a miss, never served",
+    ),
 }
 
 
@@ -55,12 +121,15 @@ class ServeMetrics(RequestObserver):
         def hist(name, doc, buckets):
             return Histogram(name, doc, list(labels), buckets=buckets, registry=self.registry).labels(**labels)
 
-        self.ttft = hist("kvdrive:time_to_first_token_seconds", "Time from arrival to the first token",
-                         TTFT_BUCKETS)
+        self.ttft = hist("kvdrive:time_to_first_token_seconds", "Time from arrival to the first token", TTFT_BUCKETS)
         self.itl = hist("kvdrive:inter_token_latency_seconds", "Time between two tokens of a request", ITL_BUCKETS)
         self.e2e = hist("kvdrive:e2e_request_latency_seconds", "Time from arrival to the last token", E2E_BUCKETS)
-        self.finished_requests = Counter("kvdrive:request_success", "Requests finished, by finish reason",
-                                         [*labels, "finished_reason"], registry=self.registry)
+        self.finished_requests = Counter(
+            "kvdrive:request_success",
+            "Requests finished, by finish reason",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
         self.registry.register(_SnapshotCollector(labels, snapshot))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux)
         self._arrival: dict[int, float] = {}
@@ -114,24 +183,35 @@ class _SnapshotCollector:
             return c
 
         c = snap.counters
-        yield gauge("kvdrive:num_requests_running", "Requests admitted (prefilling or decoding)",
-                    snap.running + snap.prefilling)
+        yield gauge(
+            "kvdrive:num_requests_running", "Requests admitted (prefilling or decoding)", snap.running + snap.prefilling
+        )
         yield gauge("kvdrive:num_requests_waiting", "Requests waiting for a sequence slot", snap.waiting)
         if snap.device_memory is not None:
-            yield gauge("kvdrive:gpu_memory_allocated_bytes", "Bytes torch holds allocated on the GPU (weights, KV, "
-                        "activations)", snap.device_memory)
+            yield gauge(
+                "kvdrive:gpu_memory_allocated_bytes",
+                "Bytes torch holds allocated on the GPU (weights, KV, activations)",
+                snap.device_memory,
+            )
         if snap.device_reserved is not None:
-            yield gauge("kvdrive:gpu_memory_reserved_bytes", "Bytes torch's caching allocator holds on the GPU",
-                        snap.device_reserved)
-        yield gauge("kvdrive:kv_cache_usage_perc", "Tokens held in the KV cache / tokens it can hold (0..1)",
-                    snap.kv_tokens / snap.kv_capacity_tokens if snap.kv_capacity_tokens else 0.0)
+            yield gauge(
+                "kvdrive:gpu_memory_reserved_bytes",
+                "Bytes torch's caching allocator holds on the GPU",
+                snap.device_reserved,
+            )
+        yield gauge(
+            "kvdrive:kv_cache_usage_perc",
+            "Tokens held in the KV cache / tokens it can hold (0..1)",
+            snap.kv_tokens / snap.kv_capacity_tokens if snap.kv_capacity_tokens else 0.0,
+        )
         yield counter("kvdrive:prompt_tokens", "Prompt tokens of admitted requests", c.prompt_tokens)
         yield counter("kvdrive:generation_tokens", "Tokens generated", c.generation_tokens)
         yield counter("kvdrive:prefix_cache_queries", "Prompt tokens looked up in the prefix pool", c.prefix_queries)
         yield counter("kvdrive:prefix_cache_hits", "Prompt tokens loaded from the prefix pool", c.prefix_hits)
         used = GaugeMetricFamily("kvdrive:kv_cache_used_bytes", "KV bytes held per tier", labels=names + ["tier"])
-        cap = GaugeMetricFamily("kvdrive:kv_cache_capacity_bytes", "KV bytes allocated or budgeted per tier",
-                                labels=names + ["tier"])
+        cap = GaugeMetricFamily(
+            "kvdrive:kv_cache_capacity_bytes", "KV bytes allocated or budgeted per tier", labels=names + ["tier"]
+        )
         for tier, b in snap.tiers.items():
             used.add_metric(values + [tier], b.used)
             cap.add_metric(values + [tier], b.capacity)
@@ -142,23 +222,37 @@ class _SnapshotCollector:
             yield counter(name, doc, stats.get(key) or 0)
         hits = (stats.get("gpu_hits") or 0) + (stats.get("prefetched_hits") or 0)
         yield counter("kvdrive:gpu_selection_cache_hits", "Selected groups found in the GPU selection cache", hits)
-        yield gauge("kvdrive:gpu_selection_cache_hit_rate", "Selected groups found in the GPU selection cache / "
-                    "groups selected, since start", stats.get("hit_rate") or 0.0)
+        yield gauge(
+            "kvdrive:gpu_selection_cache_hit_rate",
+            "Selected groups found in the GPU selection cache / groups selected, since start",
+            stats.get("hit_rate") or 0.0,
+        )
         p = snap.prefix_stats
         if p is not None:
-            pused = GaugeMetricFamily("kvdrive:prefix_pool_used_bytes", "Prefix pool bytes in use per tier",
-                                      labels=names + ["tier"])
-            pcap = GaugeMetricFamily("kvdrive:prefix_pool_capacity_bytes", "Prefix pool bytes per tier",
-                                     labels=names + ["tier"])
-            for tier, u, k in (("host", p.host_bytes_used, p.host_capacity),
-                               ("disk", p.disk_bytes_used, p.disk_capacity)):
+            pused = GaugeMetricFamily(
+                "kvdrive:prefix_pool_used_bytes", "Prefix pool bytes in use per tier", labels=names + ["tier"]
+            )
+            pcap = GaugeMetricFamily(
+                "kvdrive:prefix_pool_capacity_bytes", "Prefix pool bytes per tier", labels=names + ["tier"]
+            )
+            for tier, u, k in (
+                ("host", p.host_bytes_used, p.host_capacity),
+                ("disk", p.disk_bytes_used, p.disk_capacity),
+            ):
                 pused.add_metric(values + [tier], u)
                 pcap.add_metric(values + [tier], k)
             yield pused
             yield pcap
-            yield counter("kvdrive:prefix_pool_bytes_loaded", "Prefix pool bytes loaded into the KV cache",
-                          p.loaded_bytes)
-            yield counter("kvdrive:prefix_pool_chunks_corrupt", "Stored chunks that failed their read or checksum: "
-                          "dropped and recomputed, never served", p.corrupt_chunks)
-            yield counter("kvdrive:prefix_pool_store_skipped", "Chunks not stored for a reason the pool lives with "
-                          "(full disk, write error)", p.store_skipped)
+            yield counter(
+                "kvdrive:prefix_pool_bytes_loaded", "Prefix pool bytes loaded into the KV cache", p.loaded_bytes
+            )
+            yield counter(
+                "kvdrive:prefix_pool_chunks_corrupt",
+                "Stored chunks that failed their read or checksum: dropped and recomputed, never served",
+                p.corrupt_chunks,
+            )
+            yield counter(
+                "kvdrive:prefix_pool_store_skipped",
+                "Chunks not stored for a reason the pool lives with (full disk, write error)",
+                p.store_skipped,
+            )

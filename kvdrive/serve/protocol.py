@@ -26,8 +26,11 @@ class StreamOptions(_Strict):
 class KvdriveOptions(_Strict):
     """kvdrive's per-request options."""
 
-    prefix_cache: bool = Field(True, description="load this prompt's stored prefix from the prefix pool and store "
-                                                  "its new chunks there (false: neither)")
+    prefix_cache: bool = Field(
+        True,
+        description="load this prompt's stored prefix from the prefix pool and store "
+        "its new chunks there (false: neither)",
+    )
 
 
 class _Generation(_Strict):
@@ -49,15 +52,22 @@ class _Generation(_Strict):
     top_k: Annotated[int, Field(ge=-1)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    return_token_ids: bool = Field(False, description="each choice also carries its generated token ids (`token_ids`); "
-                                                      "streamed, one chunk per token (always so for a model without "
-                                                      "a tokenizer)")
+    return_token_ids: bool = Field(
+        False,
+        description="each choice also carries its generated token ids (`token_ids`); "
+        "streamed, one chunk per token (always so for a model without "
+        "a tokenizer)",
+    )
     kvdrive: KvdriveOptions | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
-                       "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias)}
+        unsupported = {
+            "n": self.n != 1,
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+        }
         for name, used in unsupported.items():
             if used:
                 raise ValueError(f"{name} is not supported by kvdrive (leave it out)")
@@ -143,6 +153,7 @@ class ChatCompletionRequest(_Generation):
 
 
 # -- responses (the OpenAPI schema; handlers build the same shapes as dicts) ----------------------
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int

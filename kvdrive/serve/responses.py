@@ -35,8 +35,12 @@ class Shape:
     def body(self, stream: RequestStream) -> dict:
         r = stream.req
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
-                      "finish_reason": r.finish_reason, "logprobs": None}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": r.finish_reason,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
         if self.token_ids:
@@ -45,16 +49,16 @@ class Shape:
             return self.envelope("chat.completion", choices=[choice], usage=usage(stream))
         return self.envelope("text_completion", choices=[choice], usage=usage(stream))
 
-    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False,
-              token_id: int = -1) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None, first: bool = False, token_id: int = -1) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             out = self.envelope("chat.completion.chunk", choices=[choice])
         else:
-            out = self.envelope("text_completion",
-                                choices=[{"index": 0, "text": text or "", "finish_reason": finish_reason,
-                                          "logprobs": None}])
+            out = self.envelope(
+                "text_completion",
+                choices=[{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}],
+            )
         if self.token_ids and not first:
             out["choices"][0]["token_ids"] = [token_id] if token_id >= 0 else []
         if self.include_usage:
@@ -69,8 +73,12 @@ class Shape:
 def usage(stream: RequestStream) -> dict:
     r = stream.req
     prompt, completion = len(r.prompt_ids), len(r.output_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+    }
 
 
 async def until_disconnected(request: Request) -> None:
@@ -81,6 +89,7 @@ async def until_disconnected(request: Request) -> None:
 
 async def json_response(stream: RequestStream, request: Request, shape: Shape) -> JSONResponse | None:
     """Read ``stream`` to its end and answer one body; a client that leaves first aborts it."""
+
     async def drain():
         async for _ in stream:
             pass
@@ -102,8 +111,9 @@ async def json_response(stream: RequestStream, request: Request, shape: Shape) -
 
 
 def sse_response(stream: RequestStream, request: Request, shape: Shape) -> StreamingResponse:
-    return StreamingResponse(_events(stream, request, shape), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _events(stream, request, shape), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _events(stream: RequestStream, request: Request, shape: Shape) -> AsyncIterator[str]:

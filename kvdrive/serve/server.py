@@ -26,8 +26,13 @@ def serve(config: ServeConfig, load=None) -> None:
             server.should_exit = True
 
     state = ServerState(config, load=load, on_load_failed=stop)
-    uv = uvicorn.Config(create_app(state), host=config.server.host, port=config.server.port,
-                        log_level=config.server.log_level, timeout_graceful_shutdown=5)
+    uv = uvicorn.Config(
+        create_app(state),
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(uv)
     server.run()
     if state.load_error is not None:

@@ -31,8 +31,12 @@ TENANT_PATTERN = r"^[!-~]([ -~]*[!-~])?$"  # printable ASCII, no space at either
 
 
 class ServerState:
-    def __init__(self, config: ServeConfig, load: Callable | None = None,
-                 on_load_failed: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        config: ServeConfig,
+        load: Callable | None = None,
+        on_load_failed: Callable[[BaseException], None] | None = None,
+    ):
         """``load()``: returns the ``LLM`` to serve (default: the one ``config`` describes);
         ``on_load_failed(err)``: called on the loading thread when it fails (the CLI stops the server)."""
         self.config = config
@@ -59,8 +63,15 @@ class ServerState:
         from kvdrive.engine.llm import LLM
 
         m = self.config.model
-        return LLM(m.model, device=m.device, dtype=m.dtype, max_model_len=m.max_model_len, seed=m.seed,
-                   prefix_cache=self.config.prefix.config(), kv_cache=self.config.kv.tiered())
+        return LLM(
+            m.model,
+            device=m.device,
+            dtype=m.dtype,
+            max_model_len=m.max_model_len,
+            seed=m.seed,
+            prefix_cache=self.config.prefix.config(),
+            kv_cache=self.config.kv.tiered(),
+        )
 
     def _load_and_start(self) -> None:
         try:
@@ -68,13 +79,22 @@ class ServerState:
             e = self.config.engine
             engine = llm.engine(e.max_num_seqs, step_tokens=e.max_num_batched_tokens)
             if engine.sched.max_batch < e.max_num_seqs:
-                log.warning("memory holds %d sequences of %d tokens, not max_num_seqs=%d: the rest wait",
-                            engine.sched.max_batch, llm.max_model_len, e.max_num_seqs)
+                log.warning(
+                    "memory holds %d sequences of %d tokens, not max_num_seqs=%d: the rest wait",
+                    engine.sched.max_batch,
+                    llm.max_model_len,
+                    e.max_num_seqs,
+                )
             self.engine = AsyncEngine(engine, max_waiting=e.max_waiting, observer=self.metrics)
             self.llm = llm
-            log.info("serving %s (%s) as %r: %d sequences of up to %d tokens", llm.loaded.source,
-                     "tiered cache" if llm.kv_cache is not None else "all KV on the device", self.name,
-                     engine.sched.max_batch, llm.max_model_len)
+            log.info(
+                "serving %s (%s) as %r: %d sequences of up to %d tokens",
+                llm.loaded.source,
+                "tiered cache" if llm.kv_cache is not None else "all KV on the device",
+                self.name,
+                engine.sched.max_batch,
+                llm.max_model_len,
+            )
         except BaseException as err:  # noqa: BLE001 - reported through /health and the CLI's exit
             self.load_error = f"{type(err).__name__}: {err}"
             log.error("the model failed to load: %s", self.load_error)
@@ -110,22 +130,35 @@ class ServerState:
     def tenant(self, authorization: str | None, x_tenant: str | None) -> str | None:
         """The prefix pool tenant of a request, after checking its API key (401 if wrong)."""
         if x_tenant is not None and not (len(x_tenant) <= MAX_TENANT and re.fullmatch(TENANT_PATTERN, x_tenant)):
-            raise APIError(400, f"the {TENANT_HEADER} header must be 1 to {MAX_TENANT} printable ASCII characters",
-                           param=TENANT_HEADER)
+            raise APIError(
+                400,
+                f"the {TENANT_HEADER} header must be 1 to {MAX_TENANT} printable ASCII characters",
+                param=TENANT_HEADER,
+            )
         if not self._tenants:
             return x_tenant
         scheme, _, key = (authorization or "").partition(" ")
-        tenant = next((t for k, t in self._tenants.items() if hmac.compare_digest(k.encode(), key.strip().encode())),
-                      None) if scheme.lower() == "bearer" else None
+        tenant = (
+            next((t for k, t in self._tenants.items() if hmac.compare_digest(k.encode(), key.strip().encode())), None)
+            if scheme.lower() == "bearer"
+            else None
+        )
         if tenant is None:
-            raise APIError(401, "Incorrect API key provided: send Authorization: Bearer KEY with a key the server "
-                                "accepts", code="invalid_api_key")
+            raise APIError(
+                401,
+                "Incorrect API key provided: send Authorization: Bearer KEY with a key the server accepts",
+                code="invalid_api_key",
+            )
         return tenant if x_tenant is None else f"{tenant}/{x_tenant}"
 
     def check_model(self, model: str) -> None:
         if model != self.name:
-            raise APIError(404, f"The model {model!r} does not exist: this server serves {self.name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist: this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     async def tokenize(self, fn, *args):
         """``fn(*args)`` on the tokenizer's worker thread (one at a time, off the event loop)."""

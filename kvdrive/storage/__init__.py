@@ -18,5 +18,18 @@ from kvdrive.storage.layout import GroupKey, GroupLayout
 from kvdrive.storage.metrics import IoMetrics
 from kvdrive.storage.pool import DiskAddr, DiskPool, PoolPath
 
-__all__ = ["BatchFuture", "DiskAddr", "DiskDevice", "DiskPool", "GroupKey", "GroupLayout", "HostTier", "IoMetrics",
-           "PoolPath", "RowCopier", "copy_rows", "copy_rows_reference", "words"]
+__all__ = [
+    "BatchFuture",
+    "DiskAddr",
+    "DiskDevice",
+    "DiskPool",
+    "GroupKey",
+    "GroupLayout",
+    "HostTier",
+    "IoMetrics",
+    "PoolPath",
+    "RowCopier",
+    "copy_rows",
+    "copy_rows_reference",
+    "words",
+]

@@ -72,10 +72,20 @@ class ReadFailureWarning(UserWarning):
 class DiskDevice:
     """Slots on one path. ``alloc``/``free`` run on the engine thread; I/O on worker threads."""
 
-    def __init__(self, path: str, layout: GroupLayout, budget_bytes: int, *, direct: str = "auto",
-                 read_depth: int = 32, write_depth: int = 4, extent_bytes: int = DEFAULT_EXTENT_BYTES,
-                 faults: IoFaults | None = None, metrics: IoMetrics | None = None,
-                 persist_name: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        layout: GroupLayout,
+        budget_bytes: int,
+        *,
+        direct: str = "auto",
+        read_depth: int = 32,
+        write_depth: int = 4,
+        extent_bytes: int = DEFAULT_EXTENT_BYTES,
+        faults: IoFaults | None = None,
+        metrics: IoMetrics | None = None,
+        persist_name: str | None = None,
+    ):
         if direct not in DIRECT_MODES:
             raise KvdriveError(f"direct must be one of {DIRECT_MODES}, got {direct!r}")
         if not os.path.isdir(path):
@@ -109,8 +119,7 @@ class DiskDevice:
             self._lock = DirLock.private(path)
             self._tag = self._lock.tag
         # files of a private device go when it does, closed or not (and at interpreter exit)
-        self._cleanup = weakref.finalize(self, _remove_files, self._fds, self._paths, self._lock,
-                                         not self.persistent)
+        self._cleanup = weakref.finalize(self, _remove_files, self._fds, self._paths, self._lock, not self.persistent)
         try:
             self.direct = self._choose_direct(direct)
             if self.persistent:
@@ -134,8 +143,12 @@ class DiskDevice:
             return True
         if mode == "on":
             raise KvdriveError(f"{self.path}: O_DIRECT refused ({probe.reason}); use another path or direct='auto'")
-        warnings.warn(f"{self.path}: O_DIRECT refused ({probe.reason}); using buffered I/O with page-cache "
-                      f"dropping (posix_fadvise DONTNEED), which is slower", DirectIOWarning, stacklevel=3)
+        warnings.warn(
+            f"{self.path}: O_DIRECT refused ({probe.reason}); using buffered I/O with page-cache "
+            f"dropping (posix_fadvise DONTNEED), which is slower",
+            DirectIOWarning,
+            stacklevel=3,
+        )
         return False
 
     # -- capacity -----------------------------------------------------------------------
@@ -183,8 +196,10 @@ class DiskDevice:
         if got == 0:
             return False
         if got < n:  # a short extent is the last one: the next would not start on an extent boundary
-            self._exhausted = (f"the file system took {got} of {n} slots of the extent {os.path.basename(path)}: "
-                               f"{self.last_write_error}")
+            self._exhausted = (
+                f"the file system took {got} of {n} slots of the extent {os.path.basename(path)}: "
+                f"{self.last_write_error}"
+            )
         self._free.grow(got)
         return True
 
@@ -248,28 +263,34 @@ class DiskDevice:
         a short last extent is extended to the size the budget gives it where it can be."""
         sb, es = self.layout.slot_bytes, self.extent_slots
         pattern = re.compile(rf"^{re.escape(self._tag)}-(\d+)\.extent$")
-        sizes = {int(m[1]): os.path.getsize(os.path.join(self.path, m[0]))
-                 for m in map(pattern.match, os.listdir(self.path)) if m}
+        sizes = {
+            int(m[1]): os.path.getsize(os.path.join(self.path, m[0]))
+            for m in map(pattern.match, os.listdir(self.path))
+            if m
+        }
         if not sizes:
             return
         last = max(sizes)
         for n, size in sorted(sizes.items()):
             if size % sb or size > es * sb or (n < last and size != es * sb):
-                raise KvdriveError(f"{self._extent_path(n)} holds {size} B, not extents of {es * sb} B: this "
-                                   f"directory was made with another extent size (extent_bytes) or slot size; "
-                                   "reopen it with those, or give this pool another directory")
+                raise KvdriveError(
+                    f"{self._extent_path(n)} holds {size} B, not extents of {es * sb} B: this "
+                    f"directory was made with another extent size (extent_bytes) or slot size; "
+                    "reopen it with those, or give this pool another directory"
+                )
         need = last * es + sizes[last] // sb
         if need > self.num_slots:
-            raise KvdriveError(f"{self.path} holds {need * sb / 2**30:.2f} GiB of {self._tag} extents, more than the "
-                               f"disk budget of {self.num_slots * sb / 2**30:.2f} GiB: reopen it with a budget of at "
-                               f"least {need * sb / 2**30:.2f} GiB (nothing was deleted)")
+            raise KvdriveError(
+                f"{self.path} holds {need * sb / 2**30:.2f} GiB of {self._tag} extents, more than the "
+                f"disk budget of {self.num_slots * sb / 2**30:.2f} GiB: reopen it with a budget of at "
+                f"least {need * sb / 2**30:.2f} GiB (nothing was deleted)"
+            )
         flags = os.O_RDWR | (os.O_DIRECT if self.direct else os.O_DSYNC)
         fresh = []
         for n in range(last + 1):
             path = self._extent_path(n)
             if n not in sizes:  # lost: a fresh extent keeps the slot numbers of those after it
-                warnings.warn(f"{path} was missing: created again empty; the chunks it held are gone",
-                              stacklevel=4)
+                warnings.warn(f"{path} was missing: created again empty; the chunks it held are gone", stacklevel=4)
                 if self._create(path, es) < es:
                     self._exhausted = f"{path} was missing and could not be created again ({self.last_write_error})"
                     return
@@ -355,8 +376,10 @@ class DiskDevice:
         ok = [i for i, s in enumerate(slots) if self._valid[s]]
         absent = [i for i, s in enumerate(slots) if not self._valid[s]]
         want = [int(self._sums[s]) for s in slots] if sums is None else [int(x) for x in sums]
-        runs = [([ok[j] for j in idx], s, b, [want[ok[j]] for j in idx])
-                for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])]
+        runs = [
+            ([ok[j] for j in idx], s, b, [want[ok[j]] for j in idx])
+            for idx, s, b in self._runs([slots[i] for i in ok], [bufs[i] for i in ok])
+        ]
         parts = self._shards(self._reads, lambda run: self._read_run(run[1], run[2], run[3]), runs)
         if absent:
             parts.append((absent, _done(["absent"] * len(absent))))
@@ -376,8 +399,14 @@ class DiskDevice:
         idx = np.flatnonzero(ok)[np.argsort(slots[ok], kind="stable")]  # by slot: neighbours coalesce
         parts = []
         if len(idx):
-            parts.append((idx.tolist(), self._native_reads.map_shards(lambda req: self._read_native(fn, *req),
-                                                                       [(slots[idx], dsts[idx])])[0][1]))
+            parts.append(
+                (
+                    idx.tolist(),
+                    self._native_reads.map_shards(lambda req: self._read_native(fn, *req), [(slots[idx], dsts[idx])])[
+                        0
+                    ][1],
+                )
+            )
         if not ok.all():
             absent = np.flatnonzero(~ok).tolist()
             parts.append((absent, _done(["absent"] * len(absent))))
@@ -392,7 +421,9 @@ class DiskDevice:
             sb = self.layout.slot_bytes
             return self.write(slots.tolist(), [native_io.view(x, sb) for x in srcs.tolist()], before)
         idx = np.argsort(slots, kind="stable")
-        fut = self._native_writes.map_shards(lambda req: self._write_native(fn, *req), [(slots[idx], srcs[idx], before)])
+        fut = self._native_writes.map_shards(
+            lambda req: self._write_native(fn, *req), [(slots[idx], srcs[idx], before)]
+        )
         return BatchFuture(len(slots), [(idx.tolist(), fut[0][1])])
 
     def _native(self):
@@ -408,8 +439,18 @@ class DiskDevice:
         fds = np.asarray(self._fds, dtype=np.int32)[head // es]
         queue = self._writes if write else self._reads
         status, secs, checked = native_io.transfer_batch(
-            fn, fds, (head % es) * sb, first, bases, np.full(len(slots), sb), threads=queue.depth,
-            dontneed=not self.direct, write=write, hash_len=self.layout.group_bytes, sums=sums)
+            fn,
+            fds,
+            (head % es) * sb,
+            first,
+            bases,
+            np.full(len(slots), sb),
+            threads=queue.depth,
+            dontneed=not self.direct,
+            write=write,
+            hash_len=self.layout.group_bytes,
+            sums=sums,
+        )
         self.metrics.latencies("disk_write" if write else "disk_read", secs)
         return np.repeat(status, np.diff(first)), checked
 
@@ -418,8 +459,10 @@ class DiskDevice:
         per, bad = self._transfer_native(fn, slots, dsts, write=False, sums=want)
         gb = self.layout.group_bytes
         if bad is None:  # no native hash: check here, holding the GIL per slot
-            bad = np.array([xxhash.xxh3_64_intdigest(native_io.at(d, gb)) != w
-                            for d, w in zip(dsts.tolist(), want.tolist())], dtype=bool)
+            bad = np.array(
+                [xxhash.xxh3_64_intdigest(native_io.at(d, gb)) != w for d, w in zip(dsts.tolist(), want.tolist())],
+                dtype=bool,
+            )
         out = np.full(len(slots), None, dtype=object)
         out[per == -1] = "short_read"
         out[(per != 0) & (per != -1)] = "io_error"
@@ -465,8 +508,9 @@ class DiskDevice:
         if before is not None:
             before = _Once(before)
         runs = list(self._runs(slots, bufs))
-        return BatchFuture(len(slots), self._shards(self._writes, lambda run: self._write_run(run[1], run[2], before),
-                                                    runs))
+        return BatchFuture(
+            len(slots), self._shards(self._writes, lambda run: self._write_run(run[1], run[2], before), runs)
+        )
 
     @staticmethod
     def _shards(queue: IoQueue, fn, runs) -> list:
@@ -509,9 +553,13 @@ class DiskDevice:
         self.read_failures += len(failed)  # from I/O threads: a lost count is harmless, a lock per run is not
         if not self._warned_reads:
             self._warned_reads = True
-            warnings.warn(f"{self.path}: a slot read failed twice ({failed[0]}); its data is not served (the "
-                          "prefix pool recomputes the chunk, the tiered cache counts the group as lost); "
-                          "read_failures counts them", ReadFailureWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.path}: a slot read failed twice ({failed[0]}); its data is not served (the "
+                "prefix pool recomputes the chunk, the tiered cache counts the group as lost); "
+                "read_failures counts them",
+                ReadFailureWarning,
+                stacklevel=2,
+            )
 
     def _write_run(self, slots: list[int], bufs: list, before) -> list[str | None]:
         """One pwritev of a run; a run that failed is written once more (a transient EIO or short write)."""

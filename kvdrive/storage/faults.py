@@ -92,13 +92,18 @@ class FaultPlan:
                 else:
                     raise ValueError
             except ValueError:
-                raise KvdriveError(f"{ENV}: cannot read {item!r}; e.g. {ENV}='seed=1,eio=0.01,flip=0.01,"
-                                   f"latency=0.01:20,vanish=500' (kinds: {', '.join(RATES)}, vanish)") from None
+                raise KvdriveError(
+                    f"{ENV}: cannot read {item!r}; e.g. {ENV}='seed=1,eio=0.01,flip=0.01,"
+                    f"latency=0.01:20,vanish=500' (kinds: {', '.join(RATES)}, vanish)"
+                ) from None
         return cls(**kw)
 
     def __str__(self) -> str:
-        on = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-              if f.name != "latency_ms" and getattr(self, f.name)]
+        on = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name != "latency_ms" and getattr(self, f.name)
+        ]
         return ",".join(on) or "none"
 
 
@@ -144,8 +149,14 @@ class SeededFaults(IoFaults):
                     raise OSError(errno.ENOMEM, "injected ENOMEM", path)
                 return nbytes
             sleep = self._fires("latency", op, path, offset)
-            error = next((code for kind, code in (("enospc", errno.ENOSPC), ("efbig", errno.EFBIG))
-                          if op != "read" and self._fires(kind, op, path, offset)), None)
+            error = next(
+                (
+                    code
+                    for kind, code in (("enospc", errno.ENOSPC), ("efbig", errno.EFBIG))
+                    if op != "read" and self._fires(kind, op, path, offset)
+                ),
+                None,
+            )
             if error is None and op != "fallocate" and self._fires("eio", op, path, offset):
                 error = errno.EIO
             short = error is None and op != "fallocate" and self._fires("short", op, path, offset)
@@ -200,8 +211,12 @@ def from_env() -> SeededFaults | None:
     faults = SeededFaults(FaultPlan.parse(text))
     if text not in _warned:
         _warned.add(text)
-        warnings.warn(f"{ENV}={text}: injecting faults ({faults.plan}) into disk and host-arena I/O: this is a "
-                      "fault-injection run", FaultInjectionWarning, stacklevel=3)
+        warnings.warn(
+            f"{ENV}={text}: injecting faults ({faults.plan}) into disk and host-arena I/O: this is a "
+            "fault-injection run",
+            FaultInjectionWarning,
+            stacklevel=3,
+        )
     return faults
 
 

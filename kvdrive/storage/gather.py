@@ -35,16 +35,25 @@ def words(rows: torch.Tensor) -> torch.Tensor:
     return rows.view(rows.shape[0], -1).view(torch.int32)
 
 
-def copy_rows_reference(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
-                        n_words: int) -> None:
+def copy_rows_reference(
+    src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int
+) -> None:
     """The torch twin of ``copy_rows``: plain indexing, across devices if need be (synchronous)."""
     keep = dst_idx >= 0
     rows = src[src_idx[keep].to(src.device), :n_words]  # (n, words)
     dst[dst_idx[keep].to(dst.device), :n_words] = rows.to(dst.device)
 
 
-def copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int,
-              impl: str = "auto", programs: int = 0, block: int = DEFAULT_BLOCK) -> None:
+def copy_rows(
+    src: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst: torch.Tensor,
+    dst_idx: torch.Tensor,
+    n_words: int,
+    impl: str = "auto",
+    programs: int = 0,
+    block: int = DEFAULT_BLOCK,
+) -> None:
     """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
     src_idx, dst_idx (M,) int64 where the kernel runs (the destination's device, or CPU under
     TRITON_INTERPRET); ``dst_idx[r] < 0`` skips row r. ``impl="auto"``: the kernel when one side
@@ -67,14 +76,16 @@ def copy_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_i
     if programs > 0:
         n_tiles = grid[0] * grid[1]
         programs = min(programs, n_tiles)
-        copy_rows_persistent_kernel[(programs,)](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words,
-                                                 n_tiles, grid[1], programs, BLOCK=block)
+        copy_rows_persistent_kernel[(programs,)](
+            src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, n_tiles, grid[1], programs, BLOCK=block
+        )
         return
     copy_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=block)
 
 
-def check_rows(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor,
-               n_words: int) -> None:
+def check_rows(
+    src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor, n_words: int
+) -> None:
     """What the kernel assumes of its operands (``copy_rows`` itself does not check: it runs
     on the decode step's path)."""
     if dst_idx.numel() != src_idx.numel():
@@ -122,8 +133,15 @@ class RowCopier:
             copy_rows_reference(src, sidx, dst, didx, words)
         elif self.method == "triton":
             check_rows(src, sidx, dst, didx, words)
-            copy_rows(src, sidx.to(self.device, non_blocking=True), dst, didx.to(self.device, non_blocking=True),
-                      words, impl="triton", block=self.block)
+            copy_rows(
+                src,
+                sidx.to(self.device, non_blocking=True),
+                dst,
+                didx.to(self.device, non_blocking=True),
+                words,
+                impl="triton",
+                block=self.block,
+            )
         elif src.device.type == "cpu":
             self._staged_h2d(src, sidx, dst, didx.to(self.device, non_blocking=True), words)
         elif dst.device.type == "cpu":

@@ -13,8 +13,7 @@ import triton.language as tl
 
 
 @triton.jit
-def copy_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
-                     BLOCK: tl.constexpr):
+def copy_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words, BLOCK: tl.constexpr):
     """Rows with ``dst_idx[r] >= 0``; others are skipped (their loads are masked off). One program
     per (row, block of words)."""
     row = tl.program_id(0)
@@ -28,8 +27,19 @@ def copy_rows_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst
 
 
 @triton.jit
-def copy_rows_persistent_kernel(src_ptr, src_idx_ptr, src_stride, dst_ptr, dst_idx_ptr, dst_stride, words,
-                                n_tiles, tiles_per_row, programs, BLOCK: tl.constexpr):
+def copy_rows_persistent_kernel(
+    src_ptr,
+    src_idx_ptr,
+    src_stride,
+    dst_ptr,
+    dst_idx_ptr,
+    dst_stride,
+    words,
+    n_tiles,
+    tiles_per_row,
+    programs,
+    BLOCK: tl.constexpr,
+):
     """``copy_rows_kernel`` on ``programs`` programs, each looping over (row, block) tiles: the
     copy holds only that many SMs, the others stay free for compute running beside it
     (another micro-batch's layers). A while loop: the CPU interpreter cannot range() over

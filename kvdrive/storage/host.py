@@ -42,9 +42,11 @@ class HostTier:
             flat = aligned_empty(nbytes, torch.device("cpu"), pin=pin)
         except (OSError, MemoryError, RuntimeError) as err:  # torch's CPU allocator raises RuntimeError
             size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-            raise CapacityError(f"a host arena of {size} could not be allocated "
-                                f"({getattr(err, 'strerror', None) or err}): lower the host budget "
-                                "(--host-gib, host_bytes)") from None
+            raise CapacityError(
+                f"a host arena of {size} could not be allocated "
+                f"({getattr(err, 'strerror', None) or err}): lower the host budget "
+                "(--host-gib, host_bytes)"
+            ) from None
         self._rows = flat.view(num_slots, layout.slot_bytes)  # (S, slot_bytes) uint8
         self._np = self._rows.numpy()  # shares storage; slices are buffers for preadv/pwritev
         self._free = FreeList(num_slots)

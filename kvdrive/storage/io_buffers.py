@@ -67,7 +67,7 @@ class FreeList:
         if n > len(self._stack):
             raise CapacityError(f"{what}: {n} needed, {len(self._stack)} free of {self.capacity}")
         cut = len(self._stack) - n
-        out = self._stack[:cut - 1 if cut else None : -1]  # top of stack first: ascending on a fresh list
+        out = self._stack[: cut - 1 if cut else None : -1]  # top of stack first: ascending on a fresh list
         del self._stack[cut:]
         for s in out:
             self._used[s] = 1

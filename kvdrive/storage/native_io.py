@@ -78,9 +78,13 @@ def _load():
             raise OSError("no C compiler on PATH (cc, gcc, clang) and $CC is unset")
         fn = ctypes.CDLL(str(_build(compiler))).kvd_pio_batch
     except OSError as err:
-        warnings.warn(f"kvdrive's batched disk reader is unavailable ({err}); disk reads use Python threads, "
-                      f"which costs the engine thread time per read. Install a C compiler (e.g. apt install gcc) "
-                      f"or set CC; KVDRIVE_NATIVE_IO=0 silences this", NativeIOWarning, stacklevel=3)
+        warnings.warn(
+            f"kvdrive's batched disk reader is unavailable ({err}); disk reads use Python threads, "
+            f"which costs the engine thread time per read. Install a C compiler (e.g. apt install gcc) "
+            f"or set CC; KVDRIVE_NATIVE_IO=0 silences this",
+            NativeIOWarning,
+            stacklevel=3,
+        )
         return None
     p, i32 = ctypes.c_void_p, ctypes.c_int32
     fn.argtypes = [ctypes.c_int64, p, p, p, p, p, i32, i32, i32, p, ctypes.c_int64, p, p, p, p]
@@ -103,9 +107,19 @@ def xxh3_address() -> int | None:
         return _state["xxh3"]
 
 
-def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, bases: np.ndarray,
-                   lens: np.ndarray, threads: int, dontneed: bool, write: bool = False, hash_len: int = 0,
-                   sums: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def transfer_batch(
+    fn,
+    fds: np.ndarray,
+    offsets: np.ndarray,
+    first: np.ndarray,
+    bases: np.ndarray,
+    lens: np.ndarray,
+    threads: int,
+    dontneed: bool,
+    write: bool = False,
+    hash_len: int = 0,
+    sums: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Read run r (``fds[r]`` from ``offsets[r]``) into buffers ``first[r]:first[r+1]`` of
     (``bases``, ``lens``), or write them there (``write``); returns per run (status: 0 ok,
     -1 short, else errno; latency in s) and, with ``hash_len`` where ``xxh3_address`` has
@@ -113,8 +127,9 @@ def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, 
     first ``hash_len`` bytes in ``sums`` (filled in place); else None. The caller keeps every
     buffer alive and, for O_DIRECT, aligned."""
     n = len(fds)
-    fds, offsets, first = (np.ascontiguousarray(a, dtype=t) for a, t in
-                           ((fds, np.int32), (offsets, np.int64), (first, np.int64)))
+    fds, offsets, first = (
+        np.ascontiguousarray(a, dtype=t) for a, t in ((fds, np.int32), (offsets, np.int64), (first, np.int64))
+    )
     bases, lens = np.ascontiguousarray(bases, dtype=np.uint64), np.ascontiguousarray(lens, dtype=np.int64)
     if len(first) != n + 1 or first[-1] != len(bases) or len(lens) != len(bases):
         raise ValueError("transfer_batch: first must hold n_runs + 1 offsets into bases/lens")
@@ -124,13 +139,28 @@ def transfer_batch(fn, fds: np.ndarray, offsets: np.ndarray, first: np.ndarray, 
     nanos = np.zeros(n, dtype=np.int64)
     hash_fn = xxh3_address() if hash_len else None
     bad = np.zeros(len(bases), dtype=np.uint8)
-    if hash_fn is not None and (sums is None or sums.dtype != np.uint64 or len(sums) != len(bases)
-                                or not sums.flags.c_contiguous):
+    if hash_fn is not None and (
+        sums is None or sums.dtype != np.uint64 or len(sums) != len(bases) or not sums.flags.c_contiguous
+    ):
         raise ValueError("transfer_batch: sums must be a contiguous uint64 array, one per buffer")
     if n:
-        fn(n, fds.ctypes.data, offsets.ctypes.data, first.ctypes.data, bases.ctypes.data, lens.ctypes.data,
-           threads, int(dontneed), int(write), hash_fn, hash_len if hash_fn else 0,
-           sums.ctypes.data if hash_fn else None, bad.ctypes.data, status.ctypes.data, nanos.ctypes.data)
+        fn(
+            n,
+            fds.ctypes.data,
+            offsets.ctypes.data,
+            first.ctypes.data,
+            bases.ctypes.data,
+            lens.ctypes.data,
+            threads,
+            int(dontneed),
+            int(write),
+            hash_fn,
+            hash_len if hash_fn else 0,
+            sums.ctypes.data if hash_fn else None,
+            bad.ctypes.data,
+            status.ctypes.data,
+            nanos.ctypes.data,
+        )
     return status, nanos * 1e-9, (None if hash_fn is None else (sums if write else bad.astype(bool)))
 
 

@@ -58,8 +58,10 @@ def check_dir(path: str, what: str = "--disk") -> None:
             os.close(fd)
             os.unlink(probe_file)
     except OSError as err:
-        raise KvdriveError(f"{what} {path!r} cannot hold kvdrive's files ({err.strerror or err}): give a writable "
-                           "directory on a local disk") from None
+        raise KvdriveError(
+            f"{what} {path!r} cannot hold kvdrive's files ({err.strerror or err}): give a writable "
+            "directory on a local disk"
+        ) from None
 
 
 class DiskPool:
@@ -98,11 +100,18 @@ class DiskPool:
         if sum(room) < n:
             full = [d for d in self.devices if d.full_reason]
             # a file system that refused to grow is fixed there, not by a larger budget
-            fix = (f"free space on {', '.join(d.path for d in full)} or add another --disk path ("
-                   + "; ".join(f"{d.path}: {d.full_reason}" for d in full) + ")") if full else \
-                "raise the disk budget (--disk-gib) or free sequences"
-            raise CapacityError(f"disk pool: {n} group slots needed, {sum(room)} free on {len(self.devices)} "
-                                f"path(s): {fix}")
+            fix = (
+                (
+                    f"free space on {', '.join(d.path for d in full)} or add another --disk path ("
+                    + "; ".join(f"{d.path}: {d.full_reason}" for d in full)
+                    + ")"
+                )
+                if full
+                else "raise the disk budget (--disk-gib) or free sequences"
+            )
+            raise CapacityError(
+                f"disk pool: {n} group slots needed, {sum(room)} free on {len(self.devices)} path(s): {fix}"
+            )
         credit = self._credit
         out = []
         for _ in range(n):
@@ -144,8 +153,10 @@ class DiskPool:
 
     def read(self, addrs: list[DiskAddr], bufs: list) -> BatchFuture:
         """Issue every device's share at once; result per addr: None or a miss reason."""
-        return BatchFuture(len(addrs), [(idx, self.devices[dev].read(slots, b))
-                                       for dev, (idx, slots, b) in self._by_device(addrs, bufs).items()])
+        return BatchFuture(
+            len(addrs),
+            [(idx, self.devices[dev].read(slots, b)) for dev, (idx, slots, b) in self._by_device(addrs, bufs).items()],
+        )
 
     def read_to(self, devs: np.ndarray, slots: np.ndarray, dsts: np.ndarray) -> BatchFuture:
         """``read`` of slot ``slots[i]`` of device ``devs[i]`` into host memory at ``dsts[i]``
@@ -154,7 +165,9 @@ class DiskPool:
 
     def write_from(self, devs: np.ndarray, slots: np.ndarray, srcs: np.ndarray, before=None) -> BatchFuture:
         """``write`` to slot ``slots[i]`` of device ``devs[i]`` from host memory at ``srcs[i]``."""
-        return self._per_device(devs, lambda d, idx: d.write_from(np.asarray(slots)[idx], np.asarray(srcs)[idx], before))
+        return self._per_device(
+            devs, lambda d, idx: d.write_from(np.asarray(slots)[idx], np.asarray(srcs)[idx], before)
+        )
 
     def _per_device(self, devs: np.ndarray, submit) -> BatchFuture:
         devs = np.asarray(devs, dtype=np.int64)
@@ -165,8 +178,13 @@ class DiskPool:
         return BatchFuture(len(devs), parts)
 
     def write(self, addrs: list[DiskAddr], bufs: list, before=None) -> BatchFuture:
-        return BatchFuture(len(addrs), [(idx, self.devices[dev].write(slots, b, before))
-                                       for dev, (idx, slots, b) in self._by_device(addrs, bufs).items()])
+        return BatchFuture(
+            len(addrs),
+            [
+                (idx, self.devices[dev].write(slots, b, before))
+                for dev, (idx, slots, b) in self._by_device(addrs, bufs).items()
+            ],
+        )
 
     @staticmethod
     def _by_device(addrs, bufs) -> dict[int, tuple[list[int], list[int], list]]:

@@ -23,5 +23,12 @@ from kvdrive.tiered.host_kv import FullHostKV, HostKV
 from kvdrive.tiered.selection_cache import SelectionCache
 from kvdrive.tiered.step_profile import StepProfile
 
-__all__ = ["DiskBackedHostKV", "FullHostKV", "HostKV", "SelectionCache", "StepProfile", "TieredConfig",
-           "TieredSparseKVCache"]
+__all__ = [
+    "DiskBackedHostKV",
+    "FullHostKV",
+    "HostKV",
+    "SelectionCache",
+    "StepProfile",
+    "TieredConfig",
+    "TieredSparseKVCache",
+]

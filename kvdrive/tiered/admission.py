@@ -33,10 +33,12 @@ def check_gpu_room(nbytes: int, device: torch.device, max_seqs: int) -> None:
     """Refuse up front a cache whose GPU part does not fit, with the fix."""
     room = gpu_room(device)
     if room is not None and nbytes > room:
-        raise CapacityError(f"the tiered cache's GPU selection caches and summaries for {max_seqs} sequences need "
-                            f"{nbytes / 2**30:.1f} GiB of GPU memory, {room / 2**30:.1f} GiB is free: lower "
-                            "cache_tokens (kvdrive generate --gpu-cache-tokens), the batch (max_batch) or the maximum "
-                            "length")
+        raise CapacityError(
+            f"the tiered cache's GPU selection caches and summaries for {max_seqs} sequences need "
+            f"{nbytes / 2**30:.1f} GiB of GPU memory, {room / 2**30:.1f} GiB is free: lower "
+            "cache_tokens (kvdrive generate --gpu-cache-tokens), the batch (max_batch) or the maximum "
+            "length"
+        )
 
 
 def even_capacity(tiered: TieredConfig, max_pages: int) -> int:
@@ -48,8 +50,15 @@ def even_capacity(tiered: TieredConfig, max_pages: int) -> int:
     return max(max_pages, tiered.cache_tokens // tiered.sparse.group_tokens)
 
 
-def resolve_cache_tokens(config: ModelConfig, max_seqs: int, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
-                         device: torch.device | None, room: int | None = None) -> int:
+def resolve_cache_tokens(
+    config: ModelConfig,
+    max_seqs: int,
+    max_len: int,
+    dtype: torch.dtype,
+    tiered: TieredConfig,
+    device: torch.device | None,
+    room: int | None = None,
+) -> int:
     """``cache_tokens`` as a number. ``"auto"`` on CUDA: after each sequence's minimum (one
     selection's pages, slot tables, summaries), ``AUTO_GPU_SHARE`` of the free GPU memory goes
     to cache pages, evenly per sequence and sparse layer, up to the whole context (more could
@@ -80,8 +89,9 @@ def prefill_stage_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) ->
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize * tokens
 
 
-def seqs_that_fit(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig,
-                  device: torch.device | None = None) -> int:
+def seqs_that_fit(
+    config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig, device: torch.device | None = None
+) -> int:
     """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
     free GPU memory can hold (admission); at least 1 (a single one that does not fit is
     refused with the fix when the cache is built)."""
@@ -111,13 +121,25 @@ def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tie
         if layer in tiered.sparse.dense_layers:
             continue
         summ = layer_summarizer(tiered.sparse, layer, h, d, 1, "cpu")
-        total += (cap * group_bytes + (n + 1) * 4 + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
-                  + n * summ.bytes_per_group(dtype) + summ.bytes_per_sequence(torch.float32))
+        total += (
+            cap * group_bytes
+            + (n + 1) * 4
+            + (cap + 1) * 13  # pages, slot table, owner/stamp/fresh
+            + n * summ.bytes_per_group(dtype)
+            + summ.bytes_per_sequence(torch.float32)
+        )
     return total
 
 
-def plan(config: ModelConfig, context: int, batch: int, dtype: torch.dtype, tiered: TieredConfig, gpu_bytes: int,
-         host_bytes: int) -> dict:
+def plan(
+    config: ModelConfig,
+    context: int,
+    batch: int,
+    dtype: torch.dtype,
+    tiered: TieredConfig,
+    gpu_bytes: int,
+    host_bytes: int,
+) -> dict:
     """Where ``batch`` sequences of ``context`` tokens can live on a GPU of ``gpu_bytes`` and a
     host of ``host_bytes`` (``kvdrive info --gpu-gib``): weights (2 bytes per parameter at
     bf16/fp16), whether all KV fits on the GPU, and for the tiered cache the sequences the
@@ -128,17 +150,27 @@ def plan(config: ModelConfig, context: int, batch: int, dtype: torch.dtype, tier
     g = tiered.sparse.group_tokens
     host_per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-context // g) * config.num_hidden_layers
     minimum = gpu_bytes_per_seq(config, context, dtype, tiered)
-    out = {"weights_bytes": weights, "kv_bytes": kv, "gpu_room_bytes": room, "all_kv_on_gpu": kv <= room,
-           "tiered_gpu_min_bytes_per_seq": minimum, "tiered_host_bytes_per_seq": host_per_seq,
-           "tiered_seqs_gpu": room // max(1, minimum), "tiered_seqs_host": host_bytes // host_per_seq}
+    out = {
+        "weights_bytes": weights,
+        "kv_bytes": kv,
+        "gpu_room_bytes": room,
+        "all_kv_on_gpu": kv <= room,
+        "tiered_gpu_min_bytes_per_seq": minimum,
+        "tiered_host_bytes_per_seq": host_per_seq,
+        "tiered_seqs_gpu": room // max(1, minimum),
+        "tiered_seqs_host": host_bytes // host_per_seq,
+    }
     fits = batch <= min(out["tiered_seqs_gpu"], out["tiered_seqs_host"])
     out["tiered_fits"] = fits
-    out["tiered_cache_tokens"] = resolve_cache_tokens(config, batch, context, dtype, tiered, None, room) if fits else None
+    out["tiered_cache_tokens"] = (
+        resolve_cache_tokens(config, batch, context, dtype, tiered, None, room) if fits else None
+    )
     return out
 
 
-def check_disk_tier(config: ModelConfig, dtype: torch.dtype, tiered: TieredConfig, prompt_lens: list[int],
-                    max_len: int, max_seqs: int) -> None:
+def check_disk_tier(
+    config: ModelConfig, dtype: torch.dtype, tiered: TieredConfig, prompt_lens: list[int], max_len: int, max_seqs: int
+) -> None:
     """Refuse up front a request the disk tier cannot serve, naming the setting and the size
     that would work: the host arena must hold at once the groups of one whole prompt (prefill
     attends over them exactly), or of every sequence at ``max_len`` when some layers stay
@@ -153,16 +185,20 @@ def check_disk_tier(config: ModelConfig, dtype: torch.dtype, tiered: TieredConfi
     groups = max(-(-longest // g) + max_seqs - 1, max_seqs * (pages + 1))
     need = groups * layout.slot_bytes * config.num_hidden_layers
     if tiered.host_bytes < need:
-        raise CapacityError(f"the host arena in front of the disks (--host-gib, TieredConfig.host_bytes) holds "
-                            f"{tiered.host_bytes / 2**30:.3g} GiB; {max_seqs} sequence(s) of up to {max_len} tokens "
-                            f"need {groups} groups a layer in it at once: use --host-gib {_gib_up(need)} "
-                            f"(host_bytes={need}) or more")
+        raise CapacityError(
+            f"the host arena in front of the disks (--host-gib, TieredConfig.host_bytes) holds "
+            f"{tiered.host_bytes / 2**30:.3g} GiB; {max_seqs} sequence(s) of up to {max_len} tokens "
+            f"need {groups} groups a layer in it at once: use --host-gib {_gib_up(need)} "
+            f"(host_bytes={need}) or more"
+        )
     per_seq = layout.slot_bytes * -(-max_len // g) * config.num_hidden_layers
     budget = sum(p.budget_bytes for p in tiered.disk)
     if budget < per_seq:
-        raise CapacityError(f"the disk budget (--disk-gib per --disk, PoolPath.budget_bytes) of {budget / 2**30:.3g} "
-                            f"GiB holds less than one sequence of {max_len} tokens: use --disk-gib "
-                            f"{_gib_up(per_seq / len(tiered.disk))} or more")
+        raise CapacityError(
+            f"the disk budget (--disk-gib per --disk, PoolPath.budget_bytes) of {budget / 2**30:.3g} "
+            f"GiB holds less than one sequence of {max_len} tokens: use --disk-gib "
+            f"{_gib_up(per_seq / len(tiered.disk))} or more"
+        )
 
 
 def _gib_up(nbytes: float) -> str:

@@ -192,8 +192,9 @@ class ArenaIndex:
         """The durable absent groups of ``layer`` worth reading back: by priority, the free slots'
         worth (beyond ``reserve``), then as many as outrank the groups LRU would evict for them."""
         prio = self.prio[layer]
-        cand = np.flatnonzero((self.by_flat[layer] < 0) & (self.disk_at[layer, :, 1] >= 0)
-                              & ~self.reading[layer] & (prio > -np.inf))
+        cand = np.flatnonzero(
+            (self.by_flat[layer] < 0) & (self.disk_at[layer, :, 1] >= 0) & ~self.reading[layer] & (prio > -np.inf)
+        )
         if not len(cand):
             return cand
         cand = cand[np.argsort(-prio[cand], kind="stable")]

@@ -59,11 +59,20 @@ __all__ = ["StepProfile", "TieredConfig", "TieredSparseKVCache"]
 
 class TieredSparseKVCache(KVCache):
     supports_profile = True
-    def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype, tiered: TieredConfig = TieredConfig()):
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_seqs: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        tiered: TieredConfig = TieredConfig(),
+    ):
         if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
-            tiered = replace(tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype,
-                                                                               tiered, device))
+            tiered = replace(
+                tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype, tiered, device)
+            )
         tiered = resolve_parts(tiered, device)  # micro_batches and fetch_programs: "auto" -> numbers
         self.config, self.tiered, self.layer_specs = config, tiered, layer_specs(config)
         self.sparse, self.sel_cfg = tiered.sparse, tiered.sparse.selection()
@@ -72,24 +81,37 @@ class TieredSparseKVCache(KVCache):
         self.n = -(-max_len // g)
         layout = GroupLayout.from_config(config, dtype, g)
         self.group_shape, self.group_bytes = layout.slot_shape, layout.group_bytes  # (2, H_kv, G, D)
-        admission.check_gpu_room(max_seqs * admission.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs)
-        self.host = DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk,
-                                     tiered.direct) if tiered.disk else FullHostKV(layout, max_seqs, self.n, device)
+        admission.check_gpu_room(
+            max_seqs * admission.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs
+        )
+        self.host = (
+            DiskBackedHostKV(layout, max_seqs, self.n, device, tiered.host_bytes, tiered.disk, tiered.direct)
+            if tiered.disk
+            else FullHostKV(layout, max_seqs, self.n, device)
+        )
         self.seqs = SequenceSlots(max_seqs, max_len, "tiered cache")
         self.sparse_layers = [l for l in config.global_layers if l not in tiered.sparse.dense_layers]
         h, d = config.num_key_value_heads, config.head_dim
-        self.tables = {l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n,
-                                       device, dtype) for l in self.sparse_layers}
+        self.tables = {
+            l: SummaryTable(layer_summarizer(tiered.sparse, l, h, d, max_seqs, device), max_seqs, self.n, device, dtype)
+            for l in self.sparse_layers
+        }
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}  # groups in each table, per slot
-        self.prefill = TieredPrefill(self.host, layout, self.layer_specs, self._summarize_whole, device,
-                                     tiered.stage_prefill)
+        self.prefill = TieredPrefill(
+            self.host, layout, self.layer_specs, self._summarize_whole, device, tiered.stage_prefill
+        )
         # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
-        self.rings = {l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
-                      for l, spec in enumerate(self.layer_specs) if spec.window is not None}
+        self.rings = {
+            l: WindowRing(max_seqs, h, min(spec.window, max_len), d, device, dtype)
+            for l, spec in enumerate(self.layer_specs)
+            if spec.window is not None
+        }
         self.max_pages = min(self.n, max_pages_for(self.sel_cfg, g, max_len))
         # Micro-batches fetch on one lane, in issue order: they take turns on PCIe (see engine.micro_batch).
         self.fetch_lane = devices.new_stream(device) if tiered.micro_batches > 1 and tiered.fetch_lane else None
-        self.caches = self._make_caches({l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers})
+        self.caches = self._make_caches(
+            {l: admission.even_capacity(tiered, self.max_pages) for l in self.sparse_layers}
+        )
         self._sides: dict = {}  # compute stream -> its prefetch stream (one per micro-batch stream)
         self._controls: dict = {}  # compute stream -> its control stream (``TieredConfig.control_stream``)
         self.steps = 0
@@ -97,8 +119,9 @@ class TieredSparseKVCache(KVCache):
         self._moved = {"token_writes": 0, "warm_host_to_gpu": 0, "placed_disk_reads": 0}
         # Graphs: every layer sparse, and no host work per layer: a host-only tier, or disk misses deferred.
         self.defer = bool(tiered.disk) and tiered.disk_misses == "defer"
-        self.supports_cuda_graphs = (device.type == "cuda" and (not tiered.disk or self.defer)
-                                     and len(self.caches) == config.num_hidden_layers)
+        self.supports_cuda_graphs = (
+            device.type == "cuda" and (not tiered.disk or self.defer) and len(self.caches) == config.num_hidden_layers
+        )
         self.graph_epoch = 0
         # Per-step state is per sequence and counters add atomically: batch parts may run concurrently.
         self.supports_micro_batches, self.micro_batches = True, tiered.micro_batches
@@ -113,8 +136,10 @@ class TieredSparseKVCache(KVCache):
 
     # -- construction ---------------------------------------------------------------
     def _make_caches(self, capacity: dict[int, int]) -> dict[int, SelectionCache]:
-        caches = {l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype,
-                                    self.tiered.eviction) for l, c in capacity.items()}
+        caches = {
+            l: SelectionCache(c, self.max_seqs, self.n, self.group_shape, self.device, self.dtype, self.tiered.eviction)
+            for l, c in capacity.items()
+        }
         for c in caches.values():
             c.fetch_programs, c.fetch_lane = self.tiered.fetch_programs, self.fetch_lane
         return caches
@@ -187,8 +212,9 @@ class TieredSparseKVCache(KVCache):
         table = self.tables[layer]
         counts = table.counts[slots]
         n = int(counts.max())
-        scores = table.summarizer.score(q, table.data[slots, :n], None, self.layer_specs[layer].scale,
-                                        counts=counts)  # (B, H_kv, N)
+        scores = table.summarizer.score(
+            q, table.data[slots, :n], None, self.layer_specs[layer].scale, counts=counts
+        )  # (B, H_kv, N)
         key = combine_heads(scores, self.sel_cfg.shared_reduce)[:, 0]
         return key.float().cpu().numpy(), counts.cpu().numpy()
 
@@ -254,10 +280,20 @@ class TieredSparseKVCache(KVCache):
         """What a forward's layers share: sequence slots, lengths after it (device and host)."""
         num_groups = (len_t + self.g - 1) // self.g  # (B,) incl. the partly filled group
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
-        return {"slots": slots, "slot_list": slot_list, "lens": lens, "len_t": len_t, "num_groups": num_groups,
-                "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32), "static": static,
-                "prefetch": {}, "ahead": {}, "masks": {}, "selections": [],
-                "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None}
+        return {
+            "slots": slots,
+            "slot_list": slot_list,
+            "lens": lens,
+            "len_t": len_t,
+            "num_groups": num_groups,
+            "last_len": (len_t - (num_groups - 1) * self.g).to(torch.int32),
+            "static": static,
+            "prefetch": {},
+            "ahead": {},
+            "masks": {},
+            "selections": [],
+            "slot_range": slice(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None,
+        }
 
     def prepare_replay(self, seq_ids) -> None:
         """Host-side work of a graphed decode step, before the replay: open groups on the host
@@ -286,7 +322,9 @@ class TieredSparseKVCache(KVCache):
         return self._slot_tensors[key]
 
     def commit(self, batch: ForwardBatch) -> None:
-        self._moved["token_writes"] += batch.batch_size * batch.num_new * self.group_bytes // self.g * len(self.layer_specs)
+        self._moved["token_writes"] += (
+            batch.batch_size * batch.num_new * self.group_bytes // self.g * len(self.layer_specs)
+        )
         if batch.meta["selections"]:  # deferred disk misses: the step's selections go to the host
             self._send_selections(batch)
         written = devices.new_event(self.device)
@@ -314,10 +352,14 @@ class TieredSparseKVCache(KVCache):
             self.prefill.write(layer, k, v, batch, self.host.rows(layer, m["slots"], batch.positions // self.g))
         else:  # the host copy, and the GPU cache's copy of the open group where it holds one
             group = m["group"]
-            host_rows = m["host_rows"] if m["host_rows"] is not None else \
-                self.host.rows(layer, m["slots"], group[:, None])[:, 0]
-            tier_ops.append_token(self.host.typed(layer), host_rows, m["offs"][:, 0], k, v,
-                                  self.caches.get(layer), m["slots"], group)
+            host_rows = (
+                m["host_rows"]
+                if m["host_rows"] is not None
+                else self.host.rows(layer, m["slots"], group[:, None])[:, 0]
+            )
+            tier_ops.append_token(
+                self.host.typed(layer), host_rows, m["offs"][:, 0], k, v, self.caches.get(layer), m["slots"], group
+            )
         if layer in self.rings:
             self.rings[layer].write(m["slots"], batch.positions, k, v)
         if batch.num_new > 1:
@@ -386,8 +428,9 @@ class TieredSparseKVCache(KVCache):
                 pages, num_pages = self._select_and_fetch(layer, qd, batch, spec.scale, prefetch=False, mark=mark)
             compute.wait_stream(control)
         pages = pages[:, None, :].expand(-1, self.group_shape[1], -1)  # (B, H_kv, P): one selection per layer
-        out, _ = sparse_attention(qd, self.caches[layer].pool, pages, num_pages, batch.meta["last_len"],
-                                  spec.scale, spec.softcap)
+        out, _ = sparse_attention(
+            qd, self.caches[layer].pool, pages, num_pages, batch.meta["last_len"], spec.scale, spec.softcap
+        )
         mark("attention")
         return out[:, :, None, :]
 
@@ -401,21 +444,24 @@ class TieredSparseKVCache(KVCache):
         num_groups = m["num_groups"]
         sl = m["slot_range"] if m["slot_range"] is not None else slots  # a range: views, no gather
         rows = slots if table.summarizer.name == "lowrank_seq" else None
-        scores = table.summarizer.score(qd, table.data[sl, :n_max], None, scale, rows=rows,
-                                        counts=table.counts[sl])  # (B, H_kv, N)
+        scores = table.summarizer.score(
+            qd, table.data[sl, :n_max], None, scale, rows=rows, counts=table.counts[sl]
+        )  # (B, H_kv, N)
         max_pages = min(n_max, self.max_pages if m["static"] else max_pages_for(self.sel_cfg, g, max(m["lens"])))
         sel, key = select_groups_keyed(scores, num_groups, self.sel_cfg, g, max_pages)  # key: lookahead's (B, N)
         num_pages = sel.num_pages
         cache = self.caches[layer]
         mark("select")
         if self.host.affine_rows:  # the selection as it is: first head's groups, counts, host rows s*n + g
-            pages = cache.ensure(slots, sel.groups[:, 0], num_pages, key, self.host.words(layer), self.host.n,
-                                 self.step_t, prefetch)
+            pages = cache.ensure(
+                slots, sel.groups[:, 0], num_pages, key, self.host.words(layer), self.host.n, self.step_t, prefetch
+            )
             mark("sync_fetch")
             return pages, num_pages
         if self.defer and not prefetch:  # serve what the GPU cache and host hold; the rest later
-            groups, num_pages, src, flags = tier_ops.defer_split(sel.groups[:, 0], num_pages, slots,
-                                                                  self.host.slot_gpu[layer], cache.table)
+            groups, num_pages, src, flags = tier_ops.defer_split(
+                sel.groups[:, 0], num_pages, slots, self.host.slot_gpu[layer], cache.table
+            )
             m["selections"].append((layer, sel.groups[:, 0], flags))
             pages = cache.ensure(slots, groups, num_pages, key, self.host.words(layer), src, self.step_t, prefetch)
             mark("sync_fetch")
@@ -426,8 +472,11 @@ class TieredSparseKVCache(KVCache):
         if prefetch:  # the prefetch skips disk-only groups
             if not self.defer:  # read them ahead (deferred misses: no, that would need a host sync)
                 ahead = listed & (src < 0) & (cache.table[slots[:, None], groups] < 0)
-                m["ahead"][layer] = (devices.to_host_async(groups), devices.to_host_async(ahead),
-                                    devices.new_event(self.device))
+                m["ahead"][layer] = (
+                    devices.to_host_async(groups),
+                    devices.to_host_async(ahead),
+                    devices.new_event(self.device),
+                )
                 m["ahead"][layer][2].record()
         else:  # one host sync: read what the GPU cache and host lack
             self._read_ahead(m, layer)  # not picked up by the layer before: submit it now
@@ -473,8 +522,12 @@ class TieredSparseKVCache(KVCache):
         for slot, n in zip(slot_list, starts):
             full = n // self.g
             if done[slot] == 0 and full and summ.fits_prompt:  # lowrank_seq: fit on the prompt's keys
-                keys = torch.cat([self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]
-                                  for i in range(0, full, REFRESH_CHUNK)])
+                keys = torch.cat(
+                    [
+                        self.host.gather(layer, slot, list(range(i, min(i + REFRESH_CHUNK, full))))[:, 0]
+                        for i in range(0, full, REFRESH_CHUNK)
+                    ]
+                )
                 summ.fit(slot, keys.transpose(1, 2).reshape(-1, keys.shape[1], keys.shape[-1]))
             if full > done[slot]:
                 pair_slots += [slot] * (full - done[slot])
@@ -482,8 +535,11 @@ class TieredSparseKVCache(KVCache):
                 done[slot] = full
         for i in range(0, len(pair_groups), REFRESH_CHUNK):
             s, g = pair_slots[i : i + REFRESH_CHUNK], pair_groups[i : i + REFRESH_CHUNK]
-            table.write(torch.tensor(s, device=self.device), torch.tensor(g, device=self.device),
-                        self.host.gather_pairs(layer, s, g)[:, 0])
+            table.write(
+                torch.tensor(s, device=self.device),
+                torch.tensor(g, device=self.device),
+                self.host.gather_pairs(layer, s, g)[:, 0],
+            )
 
     def close(self) -> None:
         """Finish disk writes and close the disk pool's files (no-op for a host-only tier)."""
@@ -493,8 +549,11 @@ class TieredSparseKVCache(KVCache):
     def tier_bytes(self) -> dict[str, TierBytes]:
         """``gpu``: selection caches, summaries and window rings, allocated per sequence slot (used:
         the registered sequences' share); ``host`` (and ``disk``): the host KV's own account."""
-        gpu = sum(c.nbytes for c in self.caches.values()) + sum(t.nbytes for t in self.tables.values()) \
+        gpu = (
+            sum(c.nbytes for c in self.caches.values())
+            + sum(t.nbytes for t in self.tables.values())
             + sum(r.nbytes for r in self.rings.values())
+        )
         ids = self.seqs.seq_ids()
         groups = sum(-(-self.seqs.length(s) // self.g) for s in ids)
         return {"gpu": TierBytes(gpu * len(ids) // self.max_seqs, gpu), **self.host.tier_bytes(groups)}
@@ -521,7 +580,8 @@ class TieredSparseKVCache(KVCache):
             "sync_fetched": tot["misses"],
             "prefetched": tot["prefetched"],
             "hit_rate": tot["hits"] / selected if selected else None,
-            "bytes_host_to_gpu": fetched * self.group_bytes + self.prefill.dense_bytes
+            "bytes_host_to_gpu": fetched * self.group_bytes
+            + self.prefill.dense_bytes
             + self._moved["warm_host_to_gpu"],
             "bytes_warm_start": self._moved["warm_host_to_gpu"],
             "bytes_placed_from_disk": self._moved["placed_disk_reads"],
@@ -538,8 +598,9 @@ class TieredSparseKVCache(KVCache):
             "control_stream": self.tiered.control_stream and self.tiered.micro_batches > 1,
             "capacity_per_layer": {l: c.capacity for l, c in self.caches.items()},
             "prefetch_layers": sorted(self.hint_layers),
-            "prefetch_precision_per_layer": {l: c["prefetched_hits"] / c["prefetched"]
-                                             for l, c in per_layer.items() if c["prefetched"]},
+            "prefetch_precision_per_layer": {
+                l: c["prefetched_hits"] / c["prefetched"] for l, c in per_layer.items() if c["prefetched"]
+            },
             "misses_per_layer": {l: c["misses"] for l, c in per_layer.items()},
         }
 

@@ -77,8 +77,9 @@ class TieredConfig:
         if self.sparse.mode != "shared":
             raise KvdriveError("the tiered cache selects whole groups shared by a layer's heads: use mode='shared'")
         if self.micro_batches != "auto" and (not isinstance(self.micro_batches, int) or self.micro_batches < 1):
-            raise KvdriveError(f"micro_batches must be a part count >= 1 (1: no micro-batching) or 'auto', "
-                               f"got {self.micro_batches!r}")
+            raise KvdriveError(
+                f"micro_batches must be a part count >= 1 (1: no micro-batching) or 'auto', got {self.micro_batches!r}"
+            )
         if self.cache_tokens != "auto" and (not isinstance(self.cache_tokens, int) or self.cache_tokens < 0):
             raise KvdriveError(f"cache_tokens must be a token count >= 0 or 'auto', got {self.cache_tokens!r}")
         if self.fetch_programs != "auto" and (not isinstance(self.fetch_programs, int) or self.fetch_programs < 0):
@@ -88,7 +89,9 @@ class TieredConfig:
         if self.rebalance_after < 0:
             raise KvdriveError("rebalance_after must be >= 0")
         if not 0 <= self.prefetch_min_precision <= 1:
-            raise KvdriveError(f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}")
+            raise KvdriveError(
+                f"prefetch_min_precision is a share of fetched groups, 0..1, got {self.prefetch_min_precision}"
+            )
 
 
 def resolve_parts(tiered: TieredConfig, device) -> TieredConfig:
@@ -103,6 +106,7 @@ def resolve_parts(tiered: TieredConfig, device) -> TieredConfig:
     parts = (2 if cuda else 1) if tiered.micro_batches == "auto" else tiered.micro_batches
     programs = tiered.fetch_programs
     if programs == "auto":
-        programs = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 4) \
-            if cuda and parts > 1 else 0
+        programs = (
+            max(1, torch.cuda.get_device_properties(device).multi_processor_count // 4) if cuda and parts > 1 else 0
+        )
     return replace(tiered, micro_batches=parts, fetch_programs=programs)

@@ -43,8 +43,9 @@ class DeferredReads:
         all layers of a step at once, in one read batch (per-layer batches cost the engine thread
         an executor hand-off per layer, and their Python time competes for the GIL with the step)."""
         index = self.index
-        while self._selections and (self._selections[0][4].query()
-                                    or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT):
+        while self._selections and (
+            self._selections[0][4].query() or len(self._selections) > self.MAX_SELECTIONS_IN_FLIGHT
+        ):
             slot_list, layers, groups, flags, event = self._selections.popleft()
             event.synchronize()
             flags = flags.numpy().reshape(-1)

@@ -56,20 +56,31 @@ class _Done:
 
 def _flushing(method):
     """Run ``method``, then apply the ``slot_gpu`` changes it queued (``_flush``)."""
+
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         finally:
             self._flush()
+
     return run
 
 
 class DiskBackedHostKV(HostKV):
     may_miss = True
 
-    def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device,
-                 host_bytes: int, disk: tuple[PoolPath, ...], direct: str = "auto", faults=None):
+    def __init__(
+        self,
+        layout: GroupLayout,
+        max_seqs: int,
+        max_groups: int,
+        device: torch.device,
+        host_bytes: int,
+        disk: tuple[PoolPath, ...],
+        direct: str = "auto",
+        faults=None,
+    ):
         super().__init__(layout, max_seqs, max_groups, device)
         if not disk:
             raise KvdriveError("a disk-backed host tier needs at least one disk path (PoolPath)")
@@ -84,8 +95,15 @@ class DiskBackedHostKV(HostKV):
         self.pool = DiskPool.open(list(disk), layout, direct=direct, faults=faults)
         self._writes: deque = deque()  # (layers, flats, (n, 2) disk addrs, future) per step, oldest first
         self._last_step = _Done()  # event after the last forward's reads and writes of the arenas
-        self.counts = {"disk_reads": 0, "read_ahead": 0, "disk_writes": 0, "lost": 0, "host_evictions": 0,
-                       "host_waits": 0, "placed_reads": 0}
+        self.counts = {
+            "disk_reads": 0,
+            "read_ahead": 0,
+            "disk_writes": 0,
+            "lost": 0,
+            "host_evictions": 0,
+            "host_waits": 0,
+            "placed_reads": 0,
+        }
         self._ahead: dict[int, tuple] = {}  # layer -> (flats, slots, future): reads in flight
         # arena slots per layer that reads behind and placement leave free: the groups the next
         # steps open, so ``begin`` never waits for the GPU to free slots
@@ -112,8 +130,10 @@ class DiskBackedHostKV(HostKV):
         ``reserve`` free (the groups the next steps open: ``begin`` must never wait for the GPU)."""
         index = self.index
         if n > index.num_slots:
-            raise CapacityError(f"layer {layer}: {n} groups must be in host memory at once, the arena has "
-                                f"{index.num_slots} slots: raise the host budget")
+            raise CapacityError(
+                f"layer {layer}: {n} groups must be in host memory at once, the arena has "
+                f"{index.num_slots} slots: raise the host budget"
+            )
         if index.num_free(layer) >= n + reserve:  # the common case: no event queries, no scans
             return index.take(layer, n)
         while True:
@@ -136,8 +156,10 @@ class DiskBackedHostKV(HostKV):
             elif self._writes:
                 self._reap(wait_one=True)
             else:
-                raise CapacityError(f"layer {layer}: host arena of {index.num_slots} groups is full and no group can "
-                                    f"leave (the rest are in use now or not yet on disk): raise the host budget")
+                raise CapacityError(
+                    f"layer {layer}: host arena of {index.num_slots} groups is full and no group can "
+                    f"leave (the rest are in use now or not yet on disk): raise the host budget"
+                )
 
     def _flush(self) -> None:
         """Apply the index's queued map changes to ``slot_gpu`` in one pinned upload and one
@@ -322,8 +344,10 @@ class DiskBackedHostKV(HostKV):
             failed = self.resolve(layer, list(slots), g, np.ones_like(g, dtype=bool))
             if failed.any():
                 bad = sorted({int(x) for x in np.asarray(slots)[failed[:, 0]]})
-                raise KvdriveError(f"layer {layer}: {int(failed.sum())} KV groups of sequence slots {bad} could not be "
-                                   "read back (I/O error or checksum); those sequences must be prefilled again")
+                raise KvdriveError(
+                    f"layer {layer}: {int(failed.sum())} KV groups of sequence slots {bad} could not be "
+                    "read back (I/O error or checksum); those sequences must be prefilled again"
+                )
         return super().gather_pairs(layer, slots, groups)
 
     def clear(self, slot):
@@ -341,19 +365,29 @@ class DiskBackedHostKV(HostKV):
 
     def stats(self) -> dict:
         c, d = self.counts, self.deferred.counts
-        return {"disk_reads": c["disk_reads"], "read_ahead": c["read_ahead"], "disk_writes": c["disk_writes"],
-                "lost": c["lost"] + d["lost"], "host_evictions": c["host_evictions"], "deferred": d["deferred"],
-                "deferred_reads": d["deferred_reads"], "host_waits": c["host_waits"],
-                "placed_reads": c["placed_reads"], "disk_bytes": self.pool.bytes_used(),
-                "host_resident_groups": self.index.resident(),
-                "bytes_disk_read": (c["disk_reads"] + c["read_ahead"] + c["placed_reads"] + d["deferred_reads"])
-                * self.layout.slot_bytes,
-                "bytes_disk_written": c["disk_writes"] * self.layout.slot_bytes}
+        return {
+            "disk_reads": c["disk_reads"],
+            "read_ahead": c["read_ahead"],
+            "disk_writes": c["disk_writes"],
+            "lost": c["lost"] + d["lost"],
+            "host_evictions": c["host_evictions"],
+            "deferred": d["deferred"],
+            "deferred_reads": d["deferred_reads"],
+            "host_waits": c["host_waits"],
+            "placed_reads": c["placed_reads"],
+            "disk_bytes": self.pool.bytes_used(),
+            "host_resident_groups": self.index.resident(),
+            "bytes_disk_read": (c["disk_reads"] + c["read_ahead"] + c["placed_reads"] + d["deferred_reads"])
+            * self.layout.slot_bytes,
+            "bytes_disk_written": c["disk_writes"] * self.layout.slot_bytes,
+        }
 
     def tier_bytes(self, groups: int) -> dict[str, TierBytes]:
         """The arena's resident groups, and the disk pool's slots in use, against their sizes."""
-        return {"host": TierBytes(self.index.resident() * self.layout.slot_bytes, self.nbytes),
-                "disk": TierBytes(self.pool.bytes_used(), self.pool.bytes_capacity())}
+        return {
+            "host": TierBytes(self.index.resident() * self.layout.slot_bytes, self.nbytes),
+            "disk": TierBytes(self.pool.bytes_used(), self.pool.bytes_capacity()),
+        }
 
     def close(self) -> None:
         self.drain()

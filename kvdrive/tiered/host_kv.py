@@ -9,6 +9,7 @@ fetch kernel needs no host work. Two implementations:
   sequence slot (row = slot * N + group). Nothing can miss.
 * ``DiskBackedHostKV`` (``disk_host_kv.py``): a pinned arena per layer in front of the disk pool.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -41,9 +42,11 @@ def check_host_room(nbytes: int, what: str) -> None:
     if room is None:
         return  # not Linux: nothing to check against
     if nbytes > room:
-        raise CapacityError(f"{what} needs {nbytes / 2**30:.1f} GiB of pinned host memory, "
-                            f"{room / 2**30:.1f} GiB is available: lower the batch or the "
-                            "maximum length, or keep the KV on disk (--disk DIR with a smaller --host-gib)")
+        raise CapacityError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB of pinned host memory, "
+            f"{room / 2**30:.1f} GiB is available: lower the batch or the "
+            "maximum length, or keep the KV on disk (--disk DIR with a smaller --host-gib)"
+        )
 
 
 class HostKV(ABC):
@@ -79,8 +82,9 @@ class HostKV(ABC):
         groups read to do so. Everything is in host memory here: nothing to do."""
         return 0
 
-    def resolve(self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray,
-                keep: np.ndarray | None = None) -> np.ndarray:
+    def resolve(
+        self, layer: int, slot_list: list[int], groups: np.ndarray, need: np.ndarray, keep: np.ndarray | None = None
+    ) -> np.ndarray:
         """Bring ``groups`` (B, P) where ``need`` into host rows; returns the (B, P) mask that failed.
         ``keep`` (B, P): every group this step selects, GPU-cache hits too (default ``need``); a
         host tier that evicts uses it to keep them."""
@@ -99,10 +103,18 @@ class HostKV(ABC):
     def put(self, layer: int, slot: int, first: int, groups: torch.Tensor) -> None:
         """Whole groups ``first ..`` of one sequence from the device (n, 2, H_kv, G, D) into their
         host rows (a prefill: row-sized copies, not one 2 x D-element write per token)."""
-        rows = self.rows(layer, torch.tensor([slot], device=self.device),
-                         torch.arange(first, first + groups.shape[0], device=self.device)[None])[0]
-        copy_rows(self.layout.as_words(groups), torch.arange(groups.shape[0], device=groups.device),
-                            self.words(layer), rows, self.group_words)
+        rows = self.rows(
+            layer,
+            torch.tensor([slot], device=self.device),
+            torch.arange(first, first + groups.shape[0], device=self.device)[None],
+        )[0]
+        copy_rows(
+            self.layout.as_words(groups),
+            torch.arange(groups.shape[0], device=groups.device),
+            self.words(layer),
+            rows,
+            self.group_words,
+        )
 
     def gather(self, layer: int, slot: int, groups: list[int]) -> torch.Tensor:
         """Groups of one sequence, copied to the device: (n, 2, H_kv, G, D)."""
@@ -115,8 +127,9 @@ class HostKV(ABC):
         if groups:
             g = torch.tensor(groups, device=self.device)
             src = self.rows(layer, torch.tensor(slots, device=self.device), g[:, None])[:, 0]
-            copy_rows(self.words(layer), src, words(out), torch.arange(len(groups), device=self.device),
-                                self.group_words)
+            copy_rows(
+                self.words(layer), src, words(out), torch.arange(len(groups), device=self.device), self.group_words
+            )
         return out
 
     def stats(self) -> dict:
@@ -140,10 +153,14 @@ class FullHostKV(HostKV):
     def __init__(self, layout: GroupLayout, max_seqs: int, max_groups: int, device: torch.device):
         super().__init__(layout, max_seqs, max_groups, device)
         pin = device.type == "cuda"
-        check_host_room(layout.num_layers * max_seqs * max_groups * layout.group_bytes,
-                        f"the KV of {max_seqs} sequences x {max_groups * layout.group_tokens} tokens")
-        self.pools = [torch.zeros(max_seqs * max_groups, *layout.slot_shape, dtype=layout.dtype, pin_memory=pin)
-                      for _ in range(layout.num_layers)]  # (S*N, 2, H_kv, G, D) per layer
+        check_host_room(
+            layout.num_layers * max_seqs * max_groups * layout.group_bytes,
+            f"the KV of {max_seqs} sequences x {max_groups * layout.group_tokens} tokens",
+        )
+        self.pools = [
+            torch.zeros(max_seqs * max_groups, *layout.slot_shape, dtype=layout.dtype, pin_memory=pin)
+            for _ in range(layout.num_layers)
+        ]  # (S*N, 2, H_kv, G, D) per layer
 
     @property
     def nbytes(self) -> int:

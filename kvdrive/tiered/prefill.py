@@ -48,8 +48,9 @@ class TieredPrefill:
     """``stage``: keep a prompt's KV on the GPU while it is prefilled (False: every chunk gathers
     its prefix from host, the ablation)."""
 
-    def __init__(self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device,
-                 stage: bool = True):
+    def __init__(
+        self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device, stage: bool = True
+    ):
         self.host, self.layer_specs, self.summarize, self.device = host, layer_specs, summarize, device
         self.g, self.group_shape, self.group_bytes = layout.group_tokens, layout.slot_shape, layout.group_bytes
         self.dtype = layout.dtype
@@ -147,8 +148,9 @@ class TieredPrefill:
             lo, hi = first * g - start, (first + n) * g - start  # token span of the whole groups
             for a, z in ((0, lo), (hi, t)):
                 if z > a:
-                    tier_ops.write_tokens(typed, rows[b : b + 1, a:z], offs[b : b + 1, a:z], k[b : b + 1, :, a:z],
-                                          v[b : b + 1, :, a:z])
+                    tier_ops.write_tokens(
+                        typed, rows[b : b + 1, a:z], offs[b : b + 1, a:z], k[b : b + 1, :, a:z], v[b : b + 1, :, a:z]
+                    )
             h, d = k.shape[1], k.shape[3]
             kv = torch.stack((k[b, :, lo:hi], v[b, :, lo:hi]))  # (2, H, n*G, D)
             groups = kv.view(2, h, n, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
@@ -163,8 +165,10 @@ class TieredPrefill:
         m, g = batch.meta, self.g
         stages = [self._stages.get(s) for s in m["slot_list"]]
         if batch.num_new > 1 and all(st is not None and st.filled[layer] == n for st, n in zip(stages, m["lens"])):
-            out = [chunk_attention(q[i : i + 1], st.k[layer][None], st.v[layer][None], start, spec)
-                   for i, (st, start) in enumerate(zip(stages, batch.start))]  # (1, H_q, T, D) each
+            out = [
+                chunk_attention(q[i : i + 1], st.k[layer][None], st.v[layer][None], start, spec)
+                for i, (st, start) in enumerate(zip(stages, batch.start))
+            ]  # (1, H_q, T, D) each
             return out[0] if len(out) == 1 else torch.cat(out)
         first = [0 if spec.window is None else max(0, s - spec.window + 1) // g for s in batch.start]
         n_pages = max(-(-n // g) - f for n, f in zip(m["lens"], first))

@@ -32,8 +32,17 @@ _IDX_COUNTERS = ("hits", "prefetched_hits", "misses", "prefetched")
 
 
 class SelectionCache:
-    def __init__(self, capacity: int, max_seqs: int, max_groups: int, group_shape: tuple, device, dtype,
-                 eviction: str = "lookahead", impl: str = "auto"):
+    def __init__(
+        self,
+        capacity: int,
+        max_seqs: int,
+        max_groups: int,
+        group_shape: tuple,
+        device,
+        dtype,
+        eviction: str = "lookahead",
+        impl: str = "auto",
+    ):
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
         if impl not in IMPLS:
@@ -56,8 +65,9 @@ class SelectionCache:
         self.fetch_programs = 0  # copy_rows' programs (0: one per tile); the tiered cache sets it
         self.fetch_lane = None  # a stream every fetch runs on, in issue order (micro-batches take turns); None: current
         self._block_c = triton_block(capacity)  # the kernel's slot block (a power of two)
-        self._scratch = torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) \
-            if self.impl == "triton" else None  # per sequence slot: micro-batches never share a row
+        self._scratch = (
+            torch.zeros(max_seqs, self._block_c, dtype=torch.int64, device=device) if self.impl == "triton" else None
+        )  # per sequence slot: micro-batches never share a row
 
     @property
     def nbytes(self) -> int:
@@ -85,9 +95,17 @@ class SelectionCache:
         slot = self.table[rows[:, None], groups].long()  # (B, T)
         return torch.where(slot >= 0, rows[:, None] * self.capacity + slot, self.trash)
 
-    def ensure(self, rows: torch.Tensor, groups: torch.Tensor, listed: torch.Tensor, scores: torch.Tensor | None,
-               source: torch.Tensor, source_rows: torch.Tensor | int, step: torch.Tensor,
-               prefetch: bool = False) -> torch.Tensor:
+    def ensure(
+        self,
+        rows: torch.Tensor,
+        groups: torch.Tensor,
+        listed: torch.Tensor,
+        scores: torch.Tensor | None,
+        source: torch.Tensor,
+        source_rows: torch.Tensor | int,
+        step: torch.Tensor,
+        prefetch: bool = False,
+    ) -> torch.Tensor:
         """Make the listed groups resident; returns their pool rows (B, P) int32 (trash where unlisted).
 
         rows (B,) int64 sequence slots; groups (B, P) integers (distinct where listed; a strided
@@ -171,14 +189,40 @@ class SelectionCache:
         if groups.stride(1) != 1:
             groups = groups.contiguous()
         if b:
-            ensure_kernel[(b,)](rows.contiguous(), groups, groups.stride(0), listed.contiguous(),
-                                src_in, source_rows if affine else 0, src_rows,
-                                sc, sc.stride(0), sc.shape[1], self.table, self.table.stride(0), self.owner, self.stamp,
-                                self.fresh.view(torch.uint8), self.owner.stride(0), self.counters, step,
-                                self._scratch, self._scratch.stride(0), pages, dst, p, self.capacity, self.trash,
-                                LOOKAHEAD=lookahead, PREFETCH=prefetch, COUNTS=listed.dim() == 1, AFFINE=affine,
-                                BLOCK_P=triton_block(p), BLOCK_C=self._block_c,
-                                num_warps=4 if self._block_c <= 1024 else 8)
+            ensure_kernel[(b,)](
+                rows.contiguous(),
+                groups,
+                groups.stride(0),
+                listed.contiguous(),
+                src_in,
+                source_rows if affine else 0,
+                src_rows,
+                sc,
+                sc.stride(0),
+                sc.shape[1],
+                self.table,
+                self.table.stride(0),
+                self.owner,
+                self.stamp,
+                self.fresh.view(torch.uint8),
+                self.owner.stride(0),
+                self.counters,
+                step,
+                self._scratch,
+                self._scratch.stride(0),
+                pages,
+                dst,
+                p,
+                self.capacity,
+                self.trash,
+                LOOKAHEAD=lookahead,
+                PREFETCH=prefetch,
+                COUNTS=listed.dim() == 1,
+                AFFINE=affine,
+                BLOCK_P=triton_block(p),
+                BLOCK_C=self._block_c,
+                num_warps=4 if self._block_c <= 1024 else 8,
+            )
         self._fetch(source, src_rows, dst)
         return pages
 

@@ -17,13 +17,39 @@ import triton.language as tl
 
 
 @triton.jit
-def ensure_kernel(rows_ptr, groups_ptr, groups_stride, listed_ptr, src_ptr, src_n, src_out_ptr,
-                  scores_ptr, scores_stride, n_scores,
-                  table_ptr, table_stride, owner_ptr, stamp_ptr, fresh_ptr, slot_stride,
-                  counters_ptr, step_ptr, scratch_ptr, scratch_stride, pages_ptr, dst_ptr,
-                  P, CAP, TRASH,
-                  LOOKAHEAD: tl.constexpr, PREFETCH: tl.constexpr, COUNTS: tl.constexpr, AFFINE: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def ensure_kernel(
+    rows_ptr,
+    groups_ptr,
+    groups_stride,
+    listed_ptr,
+    src_ptr,
+    src_n,
+    src_out_ptr,
+    scores_ptr,
+    scores_stride,
+    n_scores,
+    table_ptr,
+    table_stride,
+    owner_ptr,
+    stamp_ptr,
+    fresh_ptr,
+    slot_stride,
+    counters_ptr,
+    step_ptr,
+    scratch_ptr,
+    scratch_stride,
+    pages_ptr,
+    dst_ptr,
+    P,
+    CAP,
+    TRASH,
+    LOOKAHEAD: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    COUNTS: tl.constexpr,
+    AFFINE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + b).to(tl.int64)
     p = tl.arange(0, BLOCK_P)

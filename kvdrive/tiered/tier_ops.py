@@ -29,8 +29,9 @@ def _impl(impl: str, *tensors) -> str:
     return "triton" if devices == {"cuda", "cpu"} else "torch"
 
 
-def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 impl: str = "auto") -> None:
+def write_tokens(
+    pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto"
+) -> None:
     """pool (R, 2, H, G, D), rows may be padded (a strided view); rows, offs (B, T) int64 on k's device; k, v (B, H, T, D).
 
     ``auto`` also runs the kernel for a GPU pool written from CUDA: one launch, where torch's two
@@ -51,13 +52,34 @@ def write_tokens(pool: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor, k: 
     g = pool.shape[3]
     k = k if k.stride(-1) == 1 else k.contiguous()  # the projections' strided views need no copy
     v = v if v.stride(-1) == 1 else v.contiguous()
-    write_tokens_kernel[(b * t, h)](k, v, pool, pool.stride(0), rows.contiguous(), offs.contiguous(), t, h, g,
-                                    *k.stride()[:3], *v.stride()[:3], D=d, BLOCK_D=triton.next_power_of_2(d))
+    write_tokens_kernel[(b * t, h)](
+        k,
+        v,
+        pool,
+        pool.stride(0),
+        rows.contiguous(),
+        offs.contiguous(),
+        t,
+        h,
+        g,
+        *k.stride()[:3],
+        *v.stride()[:3],
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
 
 
-def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 cache=None, slots: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                 impl: str = "auto") -> None:
+def append_token(
+    host: torch.Tensor,
+    host_rows: torch.Tensor,
+    offs: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache=None,
+    slots: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
     """One decode token per sequence: k, v (B, H, 1, D) at offset ``offs`` (B,) of host pool row
     ``host_rows`` (B,); with ``cache`` (a ``SelectionCache``), also into its copy of group
     ``groups`` (B,) of sequence slot ``slots`` (B,) where cached (its trash row otherwise).
@@ -67,8 +89,11 @@ def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor
     serial chain before the next fetch.
     """
     if impl == "auto":
-        impl = "triton" if k.is_cuda and (cache is None or cache.pool[0].is_contiguous()) and triton_available() \
+        impl = (
+            "triton"
+            if k.is_cuda and (cache is None or cache.pool[0].is_contiguous()) and triton_available()
             else "torch"
+        )
     if impl == "torch":
         write_tokens(host, host_rows[:, None], offs[:, None], k, v)
         if cache is not None:
@@ -84,15 +109,41 @@ def append_token(host: torch.Tensor, host_rows: torch.Tensor, offs: torch.Tensor
     g = host.shape[3]
     c = cache.pool if cache is not None else host  # unread without a cache
     table = cache.table if cache is not None else host_rows
-    append_token_kernel[(b, h)](k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), offs.contiguous(), host,
-                                host.stride(0), host_rows.contiguous(), c, c.stride(0), table, table.stride(0),
-                                slots if slots is not None else host_rows, groups if groups is not None else host_rows,
-                                cache.capacity if cache is not None else 0, cache.trash if cache is not None else 0,
-                                h, g, HAS_CACHE=cache is not None, D=d, BLOCK_D=triton.next_power_of_2(d))
+    append_token_kernel[(b, h)](
+        k,
+        v,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        offs.contiguous(),
+        host,
+        host.stride(0),
+        host_rows.contiguous(),
+        c,
+        c.stride(0),
+        table,
+        table.stride(0),
+        slots if slots is not None else host_rows,
+        groups if groups is not None else host_rows,
+        cache.capacity if cache is not None else 0,
+        cache.trash if cache is not None else 0,
+        h,
+        g,
+        HAS_CACHE=cache is not None,
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
 
 
-def defer_split(groups: torch.Tensor, num_pages: torch.Tensor, slots: torch.Tensor, host_map: torch.Tensor,
-                cache_table: torch.Tensor, impl: str = "auto"):
+def defer_split(
+    groups: torch.Tensor,
+    num_pages: torch.Tensor,
+    slots: torch.Tensor,
+    host_map: torch.Tensor,
+    cache_table: torch.Tensor,
+    impl: str = "auto",
+):
     """A selection of a deferred-miss step (``disk_misses="defer"``) split on the device:
     groups (B, P) integers (a strided view will do), the first ``num_pages`` (B,) of each row
     listed; slots (B,) int64 sequence slots; host_map (S, N) int64 the layer's arena row of
@@ -127,7 +178,21 @@ def defer_split(groups: torch.Tensor, num_pages: torch.Tensor, slots: torch.Tens
     src = torch.empty(b, p, dtype=torch.int64, device=groups.device)
     flags = torch.empty(b, p, dtype=torch.uint8, device=groups.device)
     kept_pages = torch.empty(b, dtype=torch.int32, device=groups.device)
-    defer_split_kernel[(b,)](groups, groups.stride(0), groups.stride(1), num_pages, slots, host_map, host_map.stride(0),
-                             cache_table, cache_table.stride(0), kept, kept_pages, src, flags, p,
-                             BLOCK_P=triton.next_power_of_2(p))
+    defer_split_kernel[(b,)](
+        groups,
+        groups.stride(0),
+        groups.stride(1),
+        num_pages,
+        slots,
+        host_map,
+        host_map.stride(0),
+        cache_table,
+        cache_table.stride(0),
+        kept,
+        kept_pages,
+        src,
+        flags,
+        p,
+        BLOCK_P=triton.next_power_of_2(p),
+    )
     return kept, kept_pages, src, flags

@@ -10,8 +10,25 @@ import triton.language as tl
 
 
 @triton.jit
-def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, H, G, sk_b, sk_h, sk_t, sv_b, sv_h,
-                        sv_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def write_tokens_kernel(
+    k_ptr,
+    v_ptr,
+    dst_ptr,
+    row_stride,
+    row_ptr,
+    off_ptr,
+    T,
+    H,
+    G,
+    sk_b,
+    sk_h,
+    sk_t,
+    sv_b,
+    sv_h,
+    sv_t,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Token (b, t) of k/v (B, H, T, D) (any strides, unit in D) -> group row ``row[b, t]``,
     offset ``off[b, t]`` of a pool (R, 2, H, G, D) whose rows are ``row_stride`` elements
     apart. One program per (token, head)."""
@@ -31,9 +48,31 @@ def write_tokens_kernel(k_ptr, v_ptr, dst_ptr, row_stride, row_ptr, off_ptr, T, 
 
 
 @triton.jit
-def append_token_kernel(k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, off_ptr, host_ptr, host_stride, host_row_ptr,
-                        cache_ptr, cache_stride, table_ptr, table_stride, slot_ptr, group_ptr, CAP, TRASH, H, G,
-                        HAS_CACHE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def append_token_kernel(
+    k_ptr,
+    v_ptr,
+    sk_b,
+    sk_h,
+    sv_b,
+    sv_h,
+    off_ptr,
+    host_ptr,
+    host_stride,
+    host_row_ptr,
+    cache_ptr,
+    cache_stride,
+    table_ptr,
+    table_stride,
+    slot_ptr,
+    group_ptr,
+    CAP,
+    TRASH,
+    H,
+    G,
+    HAS_CACHE: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """A decode token's k/v (B, H, 1, D) of sequence b into its host row ``host_row[b]`` and, with
     ``HAS_CACHE``, into the GPU cache's copy of its open group (pool row ``slot * CAP + table[slot,
     group]``, the trash row when the group is not cached), at offset ``off[b]``. One program per
@@ -58,8 +97,23 @@ def append_token_kernel(k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, off_ptr, host_ptr,
 
 
 @triton.jit
-def defer_split_kernel(groups_ptr, g_sb, g_sp, num_pages_ptr, slots_ptr, map_ptr, map_stride, table_ptr, table_stride,
-                       kept_ptr, kept_pages_ptr, src_ptr, flags_ptr, P, BLOCK_P: tl.constexpr):
+def defer_split_kernel(
+    groups_ptr,
+    g_sb,
+    g_sp,
+    num_pages_ptr,
+    slots_ptr,
+    map_ptr,
+    map_stride,
+    table_ptr,
+    table_stride,
+    kept_ptr,
+    kept_pages_ptr,
+    src_ptr,
+    flags_ptr,
+    P,
+    BLOCK_P: tl.constexpr,
+):
     """One sequence's selection of a deferred-miss step (``tier_ops.defer_split``): flags of
     each listed group, and the groups the GPU cache or the arena holds compacted to the
     front in their order, with their arena rows. One program per sequence."""

@@ -38,8 +38,9 @@ class WindowRing:
         self.k[rows, :, pos % self.window] = k.transpose(1, 2).to(self.k.dtype)  # (B, w, H_kv, D)
         self.v[rows, :, pos % self.window] = v.transpose(1, 2).to(self.v.dtype)
 
-    def attend(self, q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, scale: float,
-               softcap: float | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, scale: float, softcap: float | None
+    ) -> torch.Tensor:
         """One decode query per sequence: q (B, H_q, 1, D) at ``positions`` (B, 1) -> (B, H_q, 1, D)."""
         valid = torch.arange(self.window, device=q.device)[None, :] <= positions  # (B, W)
         return grouped_sdpa(q, self.k[slots], self.v[slots], valid[:, None, None, :], scale, softcap)

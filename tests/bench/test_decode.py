@@ -11,10 +11,39 @@ from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.loader import load_config
 
-TINY = ["-m", "random:smollm2-135m", "--device", "cpu", "--contexts", "64", "--batches", "1", "2", "-n", "1",
-        "--warmup", "1", "--rebalance-after", "0", "--budget", "32", "--sink", "16", "--window", "16",
-        "--group-tokens", "16", "--fill-chunk", "32", "--bw-mib", "8", "--hf-new-tokens", "2",
-        "--breakdown-steps", "1"]
+TINY = [
+    "-m",
+    "random:smollm2-135m",
+    "--device",
+    "cpu",
+    "--contexts",
+    "64",
+    "--batches",
+    "1",
+    "2",
+    "-n",
+    "1",
+    "--warmup",
+    "1",
+    "--rebalance-after",
+    "0",
+    "--budget",
+    "32",
+    "--sink",
+    "16",
+    "--window",
+    "16",
+    "--group-tokens",
+    "16",
+    "--fill-chunk",
+    "32",
+    "--bw-mib",
+    "8",
+    "--hf-new-tokens",
+    "2",
+    "--breakdown-steps",
+    "1",
+]
 
 
 def _args(*extra):
@@ -72,10 +101,13 @@ def test_pinned_estimate_rounds_each_allocation_up_to_a_power_of_two():
     assert _pinned(4 * 1025, 4) == 4 * 2048
 
 
-@pytest.mark.parametrize("make", [
-    lambda cfg: ContiguousKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32),
-    lambda cfg: SparseKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32, SparseConfig(budget=32)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda cfg: ContiguousKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32),
+        lambda cfg: SparseKVCache(cfg, 2, 80, torch.device("cpu"), torch.float32, SparseConfig(budget=32)),
+    ],
+)
 def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
     cfg = load_config("random:smollm2-135m")
     caches = []
@@ -93,8 +125,18 @@ def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
 
 def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "decode.json"
-    args = _args("--systems", "full_gpu", "kvdrive_host", "streaming", "hf_offload", "--batches", "2",
-                 "--control-stream", "-o", str(out))
+    args = _args(
+        "--systems",
+        "full_gpu",
+        "kvdrive_host",
+        "streaming",
+        "hf_offload",
+        "--batches",
+        "2",
+        "--control-stream",
+        "-o",
+        str(out),
+    )
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
     assert doc["config"]["kvdrive_host"]["control_stream"] is True  # recorded; on a CPU (one part) it changes nothing
@@ -155,8 +197,20 @@ def test_decode_tokens_random_ignore_the_logits_and_repeat_per_row():
 
 def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
     out, disk = tmp_path / "decode.json", tmp_path / "disk"
-    args = _args("--systems", "kvdrive_ssd", "kvswap_ssd", "--batches", "1", "--disk", str(disk), "--ssd-host-gib", "0.01",
-                 "--no-plot", "-o", str(out))
+    args = _args(
+        "--systems",
+        "kvdrive_ssd",
+        "kvswap_ssd",
+        "--batches",
+        "1",
+        "--disk",
+        str(disk),
+        "--ssd-host-gib",
+        "0.01",
+        "--no-plot",
+        "-o",
+        str(out),
+    )
     assert decode.run(args) == 0
     doc = json.loads(out.read_text())
     for row in doc["results"]["rows"]:
@@ -177,8 +231,19 @@ def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
     out = tmp_path / "decode.json"
     # 10 TB of host headroom: nothing fits, nothing runs, the run still writes its JSON; a context of
     # 2 tokens leaves no room for the 4 decode steps
-    args = _args("--contexts", "2", "64", "--systems", "full_gpu", "sparse_gpu", "--host-headroom-gib", "1e4",
-                 "--no-plot", "-o", str(out))
+    args = _args(
+        "--contexts",
+        "2",
+        "64",
+        "--systems",
+        "full_gpu",
+        "sparse_gpu",
+        "--host-headroom-gib",
+        "1e4",
+        "--no-plot",
+        "-o",
+        str(out),
+    )
     assert decode.run(args) == 0
     rows = json.loads(out.read_text())["results"]["rows"]
     assert len(rows) == 8 and all(r["status"] == "skipped" for r in rows)
@@ -187,9 +252,17 @@ def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
 
 
 def test_ratios_compare_each_system_at_its_best_batch():
-    rows = [{"system": s, "context": 1024, "batch": b, "status": "ok", "tokens_per_s": t}
-            for s, b, t in [("kvdrive_host", 1, 10.0), ("kvdrive_host", 4, 35.0), ("sparse_host", 1, 8.0),
-                            ("sparse_host", 4, 20.0), ("streaming", 2, 5.0), ("kvdrive_ssd", 2, 28.0)]]
+    rows = [
+        {"system": s, "context": 1024, "batch": b, "status": "ok", "tokens_per_s": t}
+        for s, b, t in [
+            ("kvdrive_host", 1, 10.0),
+            ("kvdrive_host", 4, 35.0),
+            ("sparse_host", 1, 8.0),
+            ("sparse_host", 4, 20.0),
+            ("streaming", 2, 5.0),
+            ("kvdrive_ssd", 2, 28.0),
+        ]
+    ]
     rows.append({"system": "streaming", "context": 1024, "batch": 4, "status": "skipped", "reason": "host memory"})
     best, ratios = decode_report.best_and_ratios(rows)
     assert best["1024"]["kvdrive_host"] == {"tokens_per_s": 35.0, "batch": 4}
@@ -197,15 +270,18 @@ def test_ratios_compare_each_system_at_its_best_batch():
     assert set(r) == {("kvdrive_host", "sparse_host"), ("kvdrive_host", "streaming"), ("kvdrive_ssd", "kvdrive_host")}
     assert r["kvdrive_host", "sparse_host"]["ratio"] == pytest.approx(35 / 20)
     assert r["kvdrive_host", "sparse_host"]["target"] == 1.74
-    assert r["kvdrive_host", "streaming"]["ratio"] == pytest.approx(7.0) and "target" not in r["kvdrive_host", "streaming"]
+    assert (
+        r["kvdrive_host", "streaming"]["ratio"] == pytest.approx(7.0) and "target" not in r["kvdrive_host", "streaming"]
+    )
     assert r["kvdrive_ssd", "kvdrive_host"]["ratio"] == pytest.approx(28 / 35)
     assert r["kvdrive_ssd", "kvdrive_host"]["target"] == 0.70
 
 
 def test_every_system_estimates_memory_and_traffic():
     cfg = load_config("random:llama-3.1-8b")
-    opts = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="minmax"), 4096, "lookahead",
-                   True, True)
+    opts = Options(
+        SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="minmax"), 4096, "lookahead", True, True
+    )
     shape = Shape(cfg, torch.bfloat16, 4, 131072, 40)
     gib = 1 << 30
     assert shape.all_kv == 4 * 16 * gib  # 128 KiB per token
@@ -215,8 +291,9 @@ def test_every_system_estimates_memory_and_traffic():
     assert sparse.gpu_bytes(shape, opts) < 8 * gib
     # attention reads 2048 tokens of KV per global layer plus the summaries (1/16 of the keys and values)
     assert sparse.gpu_kv_read(shape, opts) == 4 * 2048 * 128 * 1024 + shape.all_kv // 16
-    token = Options(SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="tokenmax"), 4096,
-                    "lookahead", True, True)
+    token = Options(
+        SparseConfig(budget=2048, sink_tokens=64, window_tokens=256, summary="tokenmax"), 4096, "lookahead", True, True
+    )
     assert sparse.gpu_kv_read(shape, token) == 4 * 2048 * 128 * 1024 + shape.all_kv // 8  # D/2 bytes a token and head
     assert SYSTEMS["streaming"].pcie == "all_kv" and full.pcie == "none" and sparse.pcie == "measured"
 
@@ -228,8 +305,13 @@ def _row(system, batch, tps, status="ok"):
 
 def test_merge_combines_split_runs_later_rows_win(tmp_path):
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "all.json"
-    decode_report.save(a, {"model": "m"}, {"hbm_gbps": 1.0}, [_row("sparse_host", 1, 10.0),
-                                                               _row("kvdrive_host", 1, 0.0, "skipped")], ["n1"])
+    decode_report.save(
+        a,
+        {"model": "m"},
+        {"hbm_gbps": 1.0},
+        [_row("sparse_host", 1, 10.0), _row("kvdrive_host", 1, 0.0, "skipped")],
+        ["n1"],
+    )
     decode_report.save(b, {"model": "m"}, {"hbm_gbps": 2.0}, [_row("kvdrive_host", 1, 20.0)], ["n2"])
     doc = json.loads(decode_report.merge([str(a), str(b)], out).read_text())
     rows = {r["system"]: r for r in doc["results"]["rows"]}

@@ -37,6 +37,7 @@ def test_prefill_flops_count_causal_pairs_and_windows():
     pairs_global = 4 * w * (4 * w + 1) // 2
     n_local = sum(x is not None for x in gemma.sliding_windows)
     per_pair = 4 * gemma.num_attention_heads * gemma.head_dim
-    assert long["attention"] == per_pair * ((len(gemma.sliding_windows) - n_local) * pairs_global
-                                            + n_local * (w * (w + 1) // 2 + 3 * w * w))
+    assert long["attention"] == per_pair * (
+        (len(gemma.sliding_windows) - n_local) * pairs_global + n_local * (w * (w + 1) // 2 + 3 * w * w)
+    )
     assert short["attention"] == per_pair * len(gemma.sliding_windows) * w * (w + 1) // 2

@@ -13,9 +13,11 @@ from kvdrive.cli import main
 def test_percentiles_and_summary():
     assert client.percentile([], 50) is None
     assert client.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and client.percentile([5.0], 99) == 5.0
-    recs = [client.Record("doc0", True, 0.0, [1.0, 1.5, 2.5], 100, 3, 0),
-            client.Record("doc0", False, 0.5, [0.9, 1.1], 100, 2, 64),
-            client.Record("", True, 1.0, [], error="HTTP 429: full")]
+    recs = [
+        client.Record("doc0", True, 0.0, [1.0, 1.5, 2.5], 100, 3, 0),
+        client.Record("doc0", False, 0.5, [0.9, 1.1], 100, 2, 64),
+        client.Record("", True, 1.0, [], error="HTTP 429: full"),
+    ]
     s = client.summarize(recs, 2.0)
     assert s["requests"] == 3 and s["errors"] == 1 and s["error_examples"] == ["HTTP 429: full"]
     assert s["output_tokens"] == 5 and s["output_tok_per_s"] == 2.5 and s["prefix_hit_rate"] == 64 / 200
@@ -48,16 +50,57 @@ def test_a_small_run_against_a_live_server(smollm2, tmp_path):
 
     model = vocab_sized_tiny_model(smollm2.config.vocab_size)
     loaded = LoadedModel(model, model.config, smollm2.tokenizer, "tiny", True)
-    state = ServerState(resolve(flags={"served_model_name": "tiny"}),
-                        load=lambda: LLM(loaded=loaded, max_model_len=1024,
-                                         prefix_cache=PrefixConfig(host_bytes=16 << 20, chunk_tokens=32)))
+    state = ServerState(
+        resolve(flags={"served_model_name": "tiny"}),
+        load=lambda: LLM(
+            loaded=loaded, max_model_len=1024, prefix_cache=PrefixConfig(host_bytes=16 << 20, chunk_tokens=32)
+        ),
+    )
     out = tmp_path / "serve.json"
     with live_server(state) as url:
-        assert main(["bench", "serve", "--url", url, "--docs", "2", "--questions", "3", "--doc-tokens", "128",
-                     "--random-prompts", "3", "--prompt-tokens", "32", "--max-tokens", "4", "--rate", "20",
-                     "--interference", "300", "--streams", "2", "--single-stream", "8", "--repeat-doc", "128",
-                     "--repeat-docs", "2", "--soak", "3", "--soak-clients", "3", "--soak-prompt-tokens", "32",
-                     "-o", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "serve",
+                    "--url",
+                    url,
+                    "--docs",
+                    "2",
+                    "--questions",
+                    "3",
+                    "--doc-tokens",
+                    "128",
+                    "--random-prompts",
+                    "3",
+                    "--prompt-tokens",
+                    "32",
+                    "--max-tokens",
+                    "4",
+                    "--rate",
+                    "20",
+                    "--interference",
+                    "300",
+                    "--streams",
+                    "2",
+                    "--single-stream",
+                    "8",
+                    "--repeat-doc",
+                    "128",
+                    "--repeat-docs",
+                    "2",
+                    "--soak",
+                    "3",
+                    "--soak-clients",
+                    "3",
+                    "--soak-prompt-tokens",
+                    "32",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     doc = json.loads(out.read_text())
     r = doc["results"]["kvdrive"]
     assert doc["bench"] == "serve" and doc["config"]["nonce"] and out.with_suffix(".png").exists()
@@ -84,10 +127,34 @@ def test_a_model_without_a_tokenizer_streams_token_ids(smollm2, tmp_path):
 
     model = vocab_sized_tiny_model(smollm2.config.vocab_size)
     loaded = LoadedModel(model, model.config, None, "tiny", True)
-    state = ServerState(resolve(flags={"served_model_name": "tiny"}), load=lambda: LLM(loaded=loaded, max_model_len=256))
+    state = ServerState(
+        resolve(flags={"served_model_name": "tiny"}), load=lambda: LLM(loaded=loaded, max_model_len=256)
+    )
     out = tmp_path / "serve.json"
     with live_server(state) as url:
-        assert main(["bench", "serve", "--url", url, "--token-prompts", "--workloads", "random", "--random-prompts",
-                     "3", "--prompt-tokens", "16", "--max-tokens", "5", "--rate", "20", "-o", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "serve",
+                    "--url",
+                    url,
+                    "--token-prompts",
+                    "--workloads",
+                    "random",
+                    "--random-prompts",
+                    "3",
+                    "--prompt-tokens",
+                    "16",
+                    "--max-tokens",
+                    "5",
+                    "--rate",
+                    "20",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     r = json.loads(out.read_text())["results"]["kvdrive"]["random/prefix_off"]
     assert r["errors"] == 0 and r["output_tokens"] == 15 and r["itl_p50_s"] > 0

@@ -18,8 +18,11 @@ def test_every_headline_command_parses_with_the_real_options():
 def test_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert main(["bench", "suite", "headline", "--dry-run", "--only", "io", "model", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"[model] kvdrive bench model -m random:llama-3.1-8b -c 4096 -b 1 16 -n 64 --repeats 3 "
-                   f"-o {tmp_path}/model.json", f"[io] kvdrive bench io --dir bench/disk -o {tmp_path}/io.json"]
+    assert out == [
+        f"[model] kvdrive bench model -m random:llama-3.1-8b -c 4096 -b 1 16 -n 64 --repeats 3 "
+        f"-o {tmp_path}/model.json",
+        f"[io] kvdrive bench io --dir bench/disk -o {tmp_path}/io.json",
+    ]
     assert list(tmp_path.iterdir()) == []
 
 

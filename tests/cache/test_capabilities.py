@@ -30,8 +30,12 @@ def test_plain_cache_has_every_capability_off():
 def test_nothing_probes_a_cache():
     root = Path(kvdrive.__file__).parent
     probe = re.compile(r"\b(getattr|hasattr)\((self\.)?cache\b")
-    hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
+    hits = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if probe.search(line)
+    ]
     assert hits == []
     declared = {"place", "hint", "prepare_replay", "stats", "reset_stats", "close", "export_kv"}
     assert declared <= set(vars(KVCache))

@@ -48,7 +48,11 @@ def test_a_span_that_starts_past_zero_is_aligned_by_k_start(window):
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
 
 
-GEMMA = {"head_dim": 16, "sliding_window": 24, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+GEMMA = {
+    "head_dim": 16,
+    "sliding_window": 24,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+}
 
 
 def _tiny(model_type="llama", **extra):
@@ -69,12 +73,15 @@ def _chunked_logits(model, ids, chunks):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("llama", {}),
-    ("mistral", {"sliding_window": 20}),
-    ("gemma3_text", GEMMA),
-    ("gemma3_text", {**GEMMA, "attn_logit_softcapping": 20.0}),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("llama", {}),
+        ("mistral", {"sliding_window": 20}),
+        ("gemma3_text", GEMMA),
+        ("gemma3_text", {**GEMMA, "attn_logit_softcapping": 20.0}),
+    ],
+)
 def test_chunked_prefill_equals_the_masked_path(monkeypatch, model_type, extra):
     model = _tiny(model_type, **extra)
     ids = torch.randint(0, 300, (1, 96), generator=torch.Generator().manual_seed(3))

@@ -10,9 +10,19 @@ from kvdrive.models.registry import from_hf_config
 def _tiny(model_type="llama", **extra):
     from transformers import AutoConfig
 
-    cfg = from_hf_config(AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=512, **extra))
+    cfg = from_hf_config(
+        AutoConfig.for_model(
+            model_type,
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **extra,
+        )
+    )
     torch.manual_seed(0)
     return DecoderLM(cfg).eval()
 

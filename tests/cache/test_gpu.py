@@ -16,9 +16,18 @@ pytestmark = pytest.mark.gpu
 def _model(dtype=torch.float32):
     from transformers import AutoConfig
 
-    cfg = from_hf_config(AutoConfig.for_model("llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                              max_position_embeddings=4096))
+    cfg = from_hf_config(
+        AutoConfig.for_model(
+            "llama",
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+        )
+    )
     torch.manual_seed(0)
     return DecoderLM(cfg).to("cuda", dtype).eval()
 
@@ -52,8 +61,9 @@ def test_sparse_triton_full_budget_equals_gpu_cache():
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (900, 517, 64)]
     dev = torch.device("cuda")
     ref = _run(model, ContiguousKVCache(model.config, 3, 1200, dev, torch.bfloat16), prompts, 12).float()
-    got = _run(model, SparseKVCache(model.config, 3, 1200, dev, torch.bfloat16, SparseConfig(budget=100_000)),
-               prompts, 12).float()
+    got = _run(
+        model, SparseKVCache(model.config, 3, 1200, dev, torch.bfloat16, SparseConfig(budget=100_000)), prompts, 12
+    ).float()
     rel = (got - ref).norm() / ref.norm()
     assert rel < 2e-2  # bf16 operands, different summation order
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
@@ -66,9 +76,15 @@ def test_cuda_graph_decode_matches_eager():
     model = _model()
     outs = []
     for graphs in (True, False):
-        reqs = [generation.Request(i, torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(i)).tolist(),
-                                   SamplingParams(max_tokens=n // 20, temperature=0, ignore_eos=True), n // 20)
-                for i, n in enumerate((400, 260, 600))]
+        reqs = [
+            generation.Request(
+                i,
+                torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(i)).tolist(),
+                SamplingParams(max_tokens=n // 20, temperature=0, ignore_eos=True),
+                n // 20,
+            )
+            for i, n in enumerate((400, 260, 600))
+        ]
         cache = ContiguousKVCache(model.config, 3, 700, torch.device("cuda"), torch.float32)
         list(generation.run(model, cache, reqs, (), None, cuda_graphs=graphs))
         outs.append([r.output_ids for r in reqs])

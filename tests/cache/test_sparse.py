@@ -25,13 +25,19 @@ def test_full_budget_equals_full_attention(summary, mode):
 
 def test_sliding_layers_stay_exact_under_a_small_budget():
     """Gemma-style: sliding layers are dense over their window; only global layers are sparse."""
-    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
-                  layer_types=["sliding_attention", "sliding_attention", "sliding_attention"])
+    model = _tiny(
+        "gemma3_text",
+        head_dim=16,
+        sliding_window=24,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention"],
+    )
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (90, 61)]
     dev, dt = torch.device("cpu"), torch.float32
     ref = _decode(model, ContiguousKVCache(model.config, 2, 400, dev, dt), prompts, 12)
-    got = _decode(model, SparseKVCache(model.config, 2, 400, dev, dt, SparseConfig(group_tokens=8, budget=16)),
-                  prompts, 12)
+    got = _decode(
+        model, SparseKVCache(model.config, 2, 400, dev, dt, SparseConfig(group_tokens=8, budget=16)), prompts, 12
+    )
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -54,6 +60,7 @@ def test_sparse_differs_from_full_when_budget_is_small():
     prompts = [torch.randint(0, 300, (300,)).tolist()]
     dev, dt = torch.device("cpu"), torch.float32
     ref = _decode(model, ContiguousKVCache(model.config, 1, 400, dev, dt), prompts, 4)
-    got = _decode(model, SparseKVCache(model.config, 1, 400, dev, dt, SparseConfig(group_tokens=8, budget=48)),
-                  prompts, 4)
+    got = _decode(
+        model, SparseKVCache(model.config, 1, 400, dev, dt, SparseConfig(group_tokens=8, budget=48)), prompts, 4
+    )
     assert (got - ref).abs().max() > 1e-3

@@ -15,13 +15,32 @@ def extents(path) -> list[str]:
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "kvdrive", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, "KVDRIVE_NO_PROGRESS": "1"}, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvdrive", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KVDRIVE_NO_PROGRESS": "1"},
+        **kw,
+    )
 
 
 def test_cli_runs_with_disk_leave_nothing_behind_even_when_interrupted(tmp_path):
-    args = ["generate", "--raw", "--device", "cpu", "--budget", "64", "--disk", str(tmp_path), "--host-gib", "0.05",
-            "--disk-gib", "0.25"]
+    args = [
+        "generate",
+        "--raw",
+        "--device",
+        "cpu",
+        "--budget",
+        "64",
+        "--disk",
+        str(tmp_path),
+        "--host-gib",
+        "0.05",
+        "--disk-gib",
+        "0.25",
+    ]
     done = _cli(*args, "-n", "3", PROMPT)
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err

@@ -10,8 +10,14 @@ from kvdrive.cli import main
 
 
 def _cli(*args, stdin=None):
-    proc = subprocess.run([sys.executable, "-m", "kvdrive", *args], capture_output=True, text=True, input=stdin,
-                          timeout=300, env={"KVDRIVE_NO_PROGRESS": "1", **__import__("os").environ})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvdrive", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env={"KVDRIVE_NO_PROGRESS": "1", **__import__("os").environ},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -41,8 +47,23 @@ def test_info_plans_where_the_kv_can_live_on_a_given_gpu(capsys):
     pl = json.loads(capsys.readouterr().out)["placement"]
     assert not pl["all_kv_on_gpu"] and pl["tiered_fits"] and pl["tiered_seqs_host"] == 8
     assert 4096 < pl["tiered_cache_tokens"] <= 131072 and pl["tiered_cache_tokens"] % 16 == 0
-    assert main(["info", "random:llama-3.1-8b", "--context", "32768", "--batch", "16", "--gpu-gib", "24",
-                 "--host-gib", "32"]) == 0
+    assert (
+        main(
+            [
+                "info",
+                "random:llama-3.1-8b",
+                "--context",
+                "32768",
+                "--batch",
+                "16",
+                "--gpu-gib",
+                "24",
+                "--host-gib",
+                "32",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "does not fit" in out and "--disk" in out
     assert main(["info", "random:llama-3.1-8b", "--context", "4096", "--batch", "4", "--gpu-gib", "80"]) == 0
@@ -83,13 +104,27 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 
 def test_prompt_longer_than_context():
-    rc, _, err = _cli("generate", "--raw", "--max-model-len", "16", "--device", "cpu",
-                      "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen x y")
+    rc, _, err = _cli(
+        "generate",
+        "--raw",
+        "--max-model-len",
+        "16",
+        "--device",
+        "cpu",
+        "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen x y",
+    )
     _one_line_error(rc, err, "context is 16", "shorten the prompt")
 
 
-@pytest.mark.parametrize("flag, value, word", [("--temperature", "-1", "--temperature"), ("--top-p", "2", "--top-p"),
-                                               ("--top-k", "-5", "--top-k"), ("--max-tokens", "0", "--max-tokens")])
+@pytest.mark.parametrize(
+    "flag, value, word",
+    [
+        ("--temperature", "-1", "--temperature"),
+        ("--top-p", "2", "--top-p"),
+        ("--top-k", "-5", "--top-k"),
+        ("--max-tokens", "0", "--max-tokens"),
+    ],
+)
 def test_invalid_sampling_values(flag, value, word):
     rc, _, err = _cli("generate", "hi", flag, value)
     _one_line_error(rc, err, word)
@@ -105,8 +140,20 @@ def test_empty_prompt_and_missing_file():
 def test_help_explains_every_option():
     rc, out, _ = _cli("generate", "--help")
     assert rc == 0
-    for opt in ("--max-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--stop", "--raw", "--model",
-                "--device", "--dtype", "--file", "--max-model-len"):
+    for opt in (
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--stop",
+        "--raw",
+        "--model",
+        "--device",
+        "--dtype",
+        "--file",
+        "--max-model-len",
+    ):
         assert opt in out
 
 

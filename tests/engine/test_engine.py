@@ -109,8 +109,9 @@ def test_a_request_the_cache_could_never_hold_is_refused_when_added(model):
 def test_abort_frees_the_kv_at_once_wherever_the_request_is(model):
     cache = plain(model, seqs=2)
     engine = Engine(model, cache, (), None, step_tokens=40, prefill_chunk=32, max_batch=2)
-    running, prefilling, waiting = requests(random_prompts((20, 300, 10), seed=6),
-                                            SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    running, prefilling, waiting = requests(
+        random_prompts((20, 300, 10), seed=6), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    )
     for r in (running, prefilling, waiting):
         engine.add_request(r)
     engine.step()
@@ -126,8 +127,7 @@ def test_abort_frees_the_kv_at_once_wherever_the_request_is(model):
 
 
 def tiered_host(model):
-    return TieredSparseKVCache(model.config, 3, 700, CPU, F32, TieredConfig(SPARSE, cache_tokens=64,
-                                                                             rebalance_after=5))
+    return TieredSparseKVCache(model.config, 3, 700, CPU, F32, TieredConfig(SPARSE, cache_tokens=64, rebalance_after=5))
 
 
 @pytest.mark.parametrize("kind", ["plain", "tiered_host", "tiered_disk"])

@@ -44,8 +44,9 @@ def test_seeded_sampling_is_reproducible(llm):
     p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
     a = llm.generate([PROMPTS[1]], p)[0].token_ids
     b = llm.generate([PROMPTS[1]], p)[0].token_ids
-    c = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7,
-                                                  ignore_eos=True))[0].token_ids
+    c = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True))[
+        0
+    ].token_ids
     assert a == b and a != c
 
 
@@ -60,8 +61,9 @@ def test_stop_string_and_stop_token(llm):
 
 
 def test_chat_template_answers(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(max_tokens=20, temperature=0))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=20, temperature=0)
+    )
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
@@ -76,10 +78,17 @@ def test_top_k_and_top_p_filters():
     assert kept.tolist() == [True, False, False, False, False]
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(stop=("",)), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
 def test_invalid_sampling_params(kwargs, word):
     from kvdrive.errors import KvdriveError
 
@@ -125,6 +134,9 @@ def test_a_tiny_top_p_or_temperature_samples_the_most_likely_token():
     from kvdrive.engine.sampling import sample
 
     logits = torch.tensor([[0.5, 3.0, 1.0]])
-    for p in (SamplingParams(top_p=5e-324), SamplingParams(temperature=5e-324), SamplingParams(temperature=1e-9,
-                                                                                                top_p=1e-40)):
+    for p in (
+        SamplingParams(top_p=5e-324),
+        SamplingParams(temperature=5e-324),
+        SamplingParams(temperature=1e-9, top_p=1e-40),
+    ):
         assert sample(logits, [p], [torch.Generator().manual_seed(0)]) == [1]

@@ -20,8 +20,13 @@ PROMPT = "The keeper climbed the stairs of the lighthouse every evening to light
 
 
 def disk_tier(path) -> TieredConfig:
-    return TieredConfig(SparseConfig(budget=64, sink_tokens=16, window_tokens=32), cache_tokens=96,
-                        disk=(PoolPath(str(path), 64 << 20),), host_bytes=30 * 64 * 24576, direct="off")
+    return TieredConfig(
+        SparseConfig(budget=64, sink_tokens=16, window_tokens=32),
+        cache_tokens=96,
+        disk=(PoolPath(str(path), 64 << 20),),
+        host_bytes=30 * 64 * 24576,
+        direct="off",
+    )
 
 
 def open_fds() -> int:
@@ -94,8 +99,7 @@ def test_llms_sharing_a_pool_with_tenants_give_the_cold_outputs(smollm2, tmp_pat
 def test_prefix_keys_name_the_weights_not_a_label(tmp_path):
     """``PrefixConfig.model`` was a free string: KV stored for one set of weights loaded into
     another under the same name."""
-    cfg = PrefixConfig(model="same-name", disks=(PoolPath(str(tmp_path), 32 << 20),), chunk_tokens=16,
-                       admit_after=1)
+    cfg = PrefixConfig(model="same-name", disks=(PoolPath(str(tmp_path), 32 << 20),), chunk_tokens=16, admit_after=1)
     ids = list(range(100, 140))
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     with LLM("random:smollm2-135m", device="cpu", seed=0, prefix_cache=cfg) as llm:
@@ -105,8 +109,12 @@ def test_prefix_keys_name_the_weights_not_a_label(tmp_path):
     with LLM("random:smollm2-135m", device="cpu", seed=1, prefix_cache=cfg) as other:
         assert other.prefix.weights != digest and other.prefix.lookup(ids).chunks == 0
         with pytest.raises(KvdriveError, match="other weights"):
-            LLM(loaded=other.loaded, prefix_cache=PrefixPool(other.config, other.model.dtype, PrefixConfig(
-                host_bytes=1 << 20, chunk_tokens=16), weights=digest))
+            LLM(
+                loaded=other.loaded,
+                prefix_cache=PrefixPool(
+                    other.config, other.model.dtype, PrefixConfig(host_bytes=1 << 20, chunk_tokens=16), weights=digest
+                ),
+            )
     with LLM("random:smollm2-135m", device="cpu", seed=0, prefix_cache=cfg) as same:
         assert same.prefix.weights == digest and same.prefix.lookup(ids).chunks == 2
 

@@ -5,8 +5,10 @@ from kvdrive.engine.llm import LLM
 from kvdrive.engine.sampling import SamplingParams
 from kvdrive.tiered.cache import TieredConfig
 
-PROMPT = ("The history of the lighthouse keeper's family, told over three generations, begins on a cold "
-          "morning when the supply boat failed to arrive. ") * 12
+PROMPT = (
+    "The history of the lighthouse keeper's family, told over three generations, begins on a cold "
+    "morning when the supply boat failed to arrive. "
+) * 12
 
 
 def test_budget_covering_the_context_gives_the_same_greedy_tokens(smollm2):
@@ -39,8 +41,13 @@ def test_small_budget_over_disk_reads_back_and_matches_host_only(smollm2, tmp_pa
     host_only = LLM(loaded=smollm2, kv_cache=TieredConfig(sparse, cache_tokens=192)).generate(prompts, params)
     slot = 2 * 3 * 16 * 64 * 4  # a group of one layer: K|V x 3 KV heads x 16 tokens x 64 dims, fp32
     groups = sum(len(o.prompt_token_ids) // 16 + 1 for o in host_only)  # per layer, both prompts
-    cfg = TieredConfig(sparse, cache_tokens=192, disk=(PoolPath(str(tmp_path), 256 << 20),),
-                       host_bytes=30 * (3 * groups // 4) * slot, direct="off")
+    cfg = TieredConfig(
+        sparse,
+        cache_tokens=192,
+        disk=(PoolPath(str(tmp_path), 256 << 20),),
+        host_bytes=30 * (3 * groups // 4) * slot,
+        direct="off",
+    )
     over_disk = LLM(loaded=smollm2, kv_cache=cfg).generate(prompts, params)
     st = built[-1].stats()
     assert built[-1].host.may_miss and st["disk_writes"] > 0 and st["lost"] == 0
@@ -56,9 +63,15 @@ def test_deferred_disk_misses_with_room_for_everything_give_the_same_greedy_toke
 
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     plain = LLM(loaded=smollm2).generate([PROMPT], params)[0]
-    cfg = TieredConfig(SparseConfig(budget=1 << 20), cache_tokens=256, rebalance_after=4,
-                       disk=(PoolPath(str(tmp_path), 256 << 20),), host_bytes=30 * 64 * 24576, direct="off",
-                       disk_misses="defer")
+    cfg = TieredConfig(
+        SparseConfig(budget=1 << 20),
+        cache_tokens=256,
+        rebalance_after=4,
+        disk=(PoolPath(str(tmp_path), 256 << 20),),
+        host_bytes=30 * 64 * 24576,
+        direct="off",
+        disk_misses="defer",
+    )
     llm = LLM(loaded=smollm2, kv_cache=cfg)
     tiered = llm.generate([PROMPT], params)[0]
     assert tiered.token_ids == plain.token_ids

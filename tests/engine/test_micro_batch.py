@@ -45,20 +45,34 @@ def test_micro_batched_decode_matches_one_batch(parts):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("eviction,parts,programs,control", [("lookahead", 1, 0, False), ("none", 1, 0, False),
-                                                              ("lookahead", 2, 0, False), ("lookahead", 2, 4, False),
-                                                              ("lookahead", 2, 4, True)])
+@pytest.mark.parametrize(
+    "eviction,parts,programs,control",
+    [
+        ("lookahead", 1, 0, False),
+        ("none", 1, 0, False),
+        ("lookahead", 2, 0, False),
+        ("lookahead", 2, 4, False),
+        ("lookahead", 2, 4, True),
+    ],
+)
 def test_gpu_graphed_tiered_decode_matches_eager(eviction, parts, programs, control):
     """The captured step (prefetch stream forked and joined inside the graph, host-side work in
     prepare_replay, a recapture after the capacity rebalance) computes what eager decode does;
     also with each part's selection on its highest-priority control stream."""
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
-    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
-                       eviction=eviction, rebalance_after=5, micro_batches=parts, fetch_programs=programs,
-                       control_stream=control)
-    eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf, replace(cfg, control_stream=False)),
-                    prompts, 16)
+    cfg = TieredConfig(
+        SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16),
+        cache_tokens=96,
+        eviction=eviction,
+        rebalance_after=5,
+        micro_batches=parts,
+        fetch_programs=programs,
+        control_stream=control,
+    )
+    eager = _decode(
+        model, TieredSparseKVCache(model.config, 3, 400, dev, bf, replace(cfg, control_stream=False)), prompts, 16
+    )
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs and cache.stats()["control_stream"] == (control and parts > 1)
     _decode(model, cache, prompts, 0)
@@ -74,8 +88,12 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     from kvdrive.tiered.config import resolve_parts
 
     model, prompts = _tiny(), _prompts()
-    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96,
-                       micro_batches=2, fetch_lane=lane)
+    cfg = TieredConfig(
+        SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16),
+        cache_tokens=96,
+        micro_batches=2,
+        fetch_lane=lane,
+    )
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     assert (cache.fetch_lane is not None) == lane
     assert all(c.fetch_lane is cache.fetch_lane for c in cache.caches.values())
@@ -86,6 +104,7 @@ def test_micro_batches_interleave_layers_and_share_one_fetch_lane(lane):
     def attend(layer, q, batch):
         order.append((layer, batch.seq_ids))
         return real_attend(layer, q, batch)
+
     cache.attend = attend
     logits, batches = MicroBatchedDecode(model, cache).forward([0, 1, 2], torch.full((3, 1), 7))
     parts = [b.seq_ids for b in batches]
@@ -112,6 +131,12 @@ def test_micro_batches_and_fetch_programs_are_counts_or_auto():
     auto = resolve_parts(TieredConfig(), CPU)
     assert (auto.micro_batches, auto.fetch_programs) == (1, 0)
     assert resolve_parts(TieredConfig(micro_batches=3), CPU).micro_batches == 3
-    cache = TieredSparseKVCache(_tiny().config, 2, 64, CPU, F32, TieredConfig(SparseConfig(group_tokens=8, budget=32,
-                                sink_tokens=8, window_tokens=8), cache_tokens=32))
+    cache = TieredSparseKVCache(
+        _tiny().config,
+        2,
+        64,
+        CPU,
+        F32,
+        TieredConfig(SparseConfig(group_tokens=8, budget=32, sink_tokens=8, window_tokens=8), cache_tokens=32),
+    )
     assert cache.micro_batches == 1 and cache.fetch_lane is None

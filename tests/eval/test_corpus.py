@@ -49,7 +49,9 @@ def test_unknown_source_lists_the_choices():
 
 def test_unfetched_source_names_the_fetch_command(empty_cache):
     assert not corpus.is_cached("austen")
-    with pytest.raises(KvdriveError, match=r"python -m kvdrive.eval.corpus austen.*apt-get download r-cran-janeaustenr"):
+    with pytest.raises(
+        KvdriveError, match=r"python -m kvdrive.eval.corpus austen.*apt-get download r-cran-janeaustenr"
+    ):
         load_text("austen")
 
 
@@ -99,8 +101,14 @@ def test_boundaries_follow_sentence_ends():
     ids = tok.encode('He spoke. "Yes!" she said?\n"No')
     bounds = TokenHaystack(tok, "x").boundaries(ids)
     assert bounds[0] == 0 and bounds[-1] == len(ids)
-    assert bounds == [0, len("He spoke."), len('He spoke. "Yes!"'), len('He spoke. "Yes!" she said?'),
-                      len('He spoke. "Yes!" she said?\n'), len(ids)]  # never after an opening quote
+    assert bounds == [
+        0,
+        len("He spoke."),
+        len('He spoke. "Yes!"'),
+        len('He spoke. "Yes!" she said?'),
+        len('He spoke. "Yes!" she said?\n'),
+        len(ids),
+    ]  # never after an opening quote
 
 
 @pytest.mark.slow
@@ -109,8 +117,14 @@ def test_fetch_austen_from_debian(empty_cache):
     c = load_text("austen")
     assert path == corpus.text_cache("austen") and corpus.is_cached("austen")
     assert c.chars > 3_500_000
-    for title in ("Persuasion", "PRIDE AND PREJUDICE", "SENSE AND SENSIBILITY", "EMMA", "MANSFIELD PARK",
-                  "NORTHANGER ABBEY"):
+    for title in (
+        "Persuasion",
+        "PRIDE AND PREJUDICE",
+        "SENSE AND SENSIBILITY",
+        "EMMA",
+        "MANSFIELD PARK",
+        "NORTHANGER ABBEY",
+    ):
         assert title in c.text
     # The shipped excerpt is verbatim from this package.
     assert load_text("persuasion-excerpt").text.rstrip() in c.text

@@ -18,10 +18,16 @@ def result_doc(modes=("shared",)):
     for length in (2048, 4096):
         text = {"full": {"ppl": 30.0}}
         text.update({lab: {"top1_agreement": 0.5 + 4 * float(lab.split("@")[1].split("/")[0])} for lab in labels})
-        retrieval = {fam: {"items": 5, "settings": {
-            "full": {"prefilled": {"accuracy": acc}},
-            **{lab: {"prefilled": {"accuracy": acc / 2}} for lab in labels}}}
-            for fam, acc in (("passkey", 1.0), ("multikey", 0.6))}
+        retrieval = {
+            fam: {
+                "items": 5,
+                "settings": {
+                    "full": {"prefilled": {"accuracy": acc}},
+                    **{lab: {"prefilled": {"accuracy": acc / 2}} for lab in labels},
+                },
+            }
+            for fam, acc in (("passkey", 1.0), ("multikey", 0.6))
+        }
         entries.append({"length": length, "text": text, "retrieval": retrieval})
     return {"config": {"model": "SmolLM2-135M"}, "results": entries}
 

@@ -12,7 +12,7 @@ from kvdrive.eval.sweep import text_sweep
 def rows(smollm2):
     text = corpus.load_text("persuasion-excerpt")
     ids = smollm2.tokenizer(text.text, add_special_tokens=False)["input_ids"]
-    return [ids[:600 + 9], ids[7000 : 7000 + 609]]
+    return [ids[: 600 + 9], ids[7000 : 7000 + 609]]
 
 
 def test_recall_is_one_when_the_budget_covers_the_context(smollm2, rows):

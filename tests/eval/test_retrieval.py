@@ -84,8 +84,15 @@ def test_sweep_with_a_covering_budget_equals_full_attention(smollm2, builder):
     items = builder.build("passkey", 640, 3, seed=2)
     runner = Runner(smollm2, 3, 672, SparseConfig())
     settings = [Setting(None, 1.0), Setting("tokenmax", 0.999), Setting("mean", 0.05)]
-    out = run_family(runner, smollm2.tokenizer, items, settings, ("prefilled", "sparse-question"), 3,
-                     list(smollm2.config.global_layers))
+    out = run_family(
+        runner,
+        smollm2.tokenizer,
+        items,
+        settings,
+        ("prefilled", "sparse-question"),
+        3,
+        list(smollm2.config.global_layers),
+    )
     full = out["full"]["prefilled"]["right"]
     assert sum(full) >= 2  # SmolLM2 finds a pass key in 640 tokens
     for mode in ("prefilled", "sparse-question"):

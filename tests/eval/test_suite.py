@@ -16,7 +16,7 @@ def text():
 
 def test_full_budget_sweep_agrees_with_full_attention(smollm2, text):
     ids = smollm2.tokenizer(text.text, add_special_tokens=False)["input_ids"]
-    rows = [ids[:300 + 13], ids[5000 : 5000 + 313]]
+    rows = [ids[: 300 + 13], ids[5000 : 5000 + 313]]
     runner = Runner(smollm2, 2, 330, SparseConfig())
     res = text_sweep(runner, rows, 300, [Setting(None, 1.0), Setting("mean", 0.999), Setting("minmax", 0.05)])
     assert res["full"]["kl"] == 0 and res["full"]["tokens"] == 24

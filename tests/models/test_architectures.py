@@ -9,18 +9,42 @@ from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.models.decoder import DecoderLM
 from kvdrive.models.registry import from_hf_config
 
-SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=4096)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 VARIANTS = {
-    "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 256})),
+    "llama3-rope": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            }
+        ),
+    ),
     "qwen2-bias": ("qwen2", dict()),
     "qwen3-qknorm": ("qwen3", dict(head_dim=32)),
     "mistral-window": ("mistral", dict(sliding_window=48)),
-    "gemma3": ("gemma3_text", dict(head_dim=32, sliding_window=32, query_pre_attn_scalar=24,
-                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3": (
+        "gemma3_text",
+        dict(
+            head_dim=32,
+            sliding_window=32,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
 }
 
 
@@ -86,8 +110,12 @@ def check_rmsnorm_kernel(device: str) -> None:
     from kvdrive.models.layers import RMSNorm
 
     gen = torch.Generator().manual_seed(0)
-    for shape, offset, dtype in (((3, 2, 4096), 0.0, torch.bfloat16), ((2, 4, 1, 128), 0.0, torch.float32),
-                                 ((2, 1, 640), 1.0, torch.bfloat16), ((5, 100), 1.0, torch.float32)):
+    for shape, offset, dtype in (
+        ((3, 2, 4096), 0.0, torch.bfloat16),
+        ((2, 4, 1, 128), 0.0, torch.float32),
+        ((2, 1, 640), 1.0, torch.bfloat16),
+        ((5, 100), 1.0, torch.float32),
+    ):
         norm = RMSNorm(shape[-1], 1e-6, offset)
         with torch.no_grad():
             norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.1 + (0 if offset else 1))
@@ -113,8 +141,11 @@ def check_silu_mul_kernel(device: str) -> None:
     from kvdrive.models.layers import act_mul
 
     gen = torch.Generator().manual_seed(2)
-    for shape, dtype in (((2, 1, 2 * 4096), torch.bfloat16), ((1, 9, 2 * 300), torch.float32),
-                         ((3, 2 * 2500), torch.bfloat16)):
+    for shape, dtype in (
+        ((2, 1, 2 * 4096), torch.bfloat16),
+        ((1, 9, 2 * 300), torch.float32),
+        ((3, 2 * 2500), torch.bfloat16),
+    ):
         gu = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
         want, got = act_mul(gu, "silu", impl="torch"), act_mul(gu, "silu", impl="triton")
         assert got.shape == want.shape == (*shape[:-1], shape[-1] // 2) and got.dtype == dtype
@@ -137,8 +168,12 @@ def check_rope_kernel(device: str) -> None:
     from kvdrive.models import rope
 
     gen = torch.Generator().manual_seed(1)
-    for b, h, t, d, dtype in ((2, 4, 1, 64, torch.float32), (1, 3, 37, 128, torch.float32),
-                              (2, 8, 1, 128, torch.bfloat16), (2, 2, 20, 64, torch.bfloat16)):
+    for b, h, t, d, dtype in (
+        (2, 4, 1, 64, torch.float32),
+        (1, 3, 37, 128, torch.float32),
+        (2, 8, 1, 128, torch.bfloat16),
+        (2, 2, 20, 64, torch.bfloat16),
+    ):
         x = torch.randn(b, t, h, d, generator=gen).to(device, dtype).transpose(1, 2)  # (B, H, T, D), strided
         positions = torch.randint(0, 5000, (b, t), generator=gen).to(device)
         cos, sin = rope.cos_sin(rope.inv_freq(RopeSpec(theta=10000.0), d, x.device), positions, dtype)

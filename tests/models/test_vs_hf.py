@@ -62,8 +62,14 @@ def _check(loaded, hf, n_tokens: int, chunk: int):
     # fp32 end to end through ~20-30 layers: differences come only from summation order.
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-3)
     with torch.no_grad():
-        hf_out = hf.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                             attention_mask=torch.ones_like(ids), pad_token_id=0)[0, n_tokens:].tolist()
+        hf_out = hf.generate(
+            ids,
+            max_new_tokens=64,
+            min_new_tokens=64,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=0,
+        )[0, n_tokens:].tolist()
     assert _greedy(loaded, ids, 64) == hf_out
 
 

@@ -44,8 +44,12 @@ def main() -> None:
         s = time.perf_counter() - t0
         if use_cold:
             return {"out": out, "s": s}
-        return {"out": out, "s": s, "load": pool.last_load and dataclasses.asdict(pool.last_load),
-                "remote_wait_s": pool.remote.stats().wait_s - waited}
+        return {
+            "out": out,
+            "s": s,
+            "load": pool.last_load and dataclasses.asdict(pool.last_load),
+            "remote_wait_s": pool.remote.stats().wait_s - waited,
+        }
 
     reply(ready=True)
     for line in sys.stdin:
@@ -56,8 +60,12 @@ def main() -> None:
                 pool.close()
             llms = {}
             remote = RemoteConfig(master=cmd["master"], metadata=cmd["metadata"], **opts.get("remote", {}))
-            pool = PrefixPool(loaded.config, loaded.model.dtype, PrefixConfig(
-                chunk_tokens=opts["chunk_tokens"], host_bytes=opts.get("host_bytes", 0), remote=remote), weights=digest)
+            pool = PrefixPool(
+                loaded.config,
+                loaded.model.dtype,
+                PrefixConfig(chunk_tokens=opts["chunk_tokens"], host_bytes=opts.get("host_bytes", 0), remote=remote),
+                weights=digest,
+            )
             reply(state=pool.remote.state)
         elif op == "gen":
             reply(**generate(cmd["ids"], cmd.get("tenant", ""), cmd.get("cold", False)))

@@ -30,9 +30,18 @@ def prefill(model, cache, seq, ids, start=0, step=None):
 
 
 def make_pool(tmp_path, model, **kw):
-    return PrefixPool(model.config, model.dtype, PrefixConfig(
-        model="smollm2", disks=(PoolPath(str(tmp_path), 64 << 20),), chunk_tokens=CHUNK, admit_after=1,
-        extent_bytes=8 << 20, **kw))
+    return PrefixPool(
+        model.config,
+        model.dtype,
+        PrefixConfig(
+            model="smollm2",
+            disks=(PoolPath(str(tmp_path), 64 << 20),),
+            chunk_tokens=CHUNK,
+            admit_after=1,
+            extent_bytes=8 << 20,
+            **kw,
+        ),
+    )
 
 
 def test_prefix_hit_gives_the_logits_of_recompute(tmp_path, smollm2):

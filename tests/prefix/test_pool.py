@@ -22,8 +22,9 @@ NS = PrefixNamespace("m", "float32", "kv2-h2-g4-d8-float32", 3, C)
 def pool_at(path, budget=1 << 20, **kw) -> PrefixPool:
     kw.setdefault("admit_after", 1)
     disks = (PoolPath(str(path), budget),) if path is not None else ()
-    return PrefixPool(CFG, torch.float32, PrefixConfig(model="m", disks=disks, chunk_tokens=C,
-                                                       extent_bytes=CHUNK_BYTES, **kw))
+    return PrefixPool(
+        CFG, torch.float32, PrefixConfig(model="m", disks=disks, chunk_tokens=C, extent_bytes=CHUNK_BYTES, **kw)
+    )
 
 
 def test_keys_are_chained_and_stable_across_processes():
@@ -35,10 +36,17 @@ def test_keys_are_chained_and_stable_across_processes():
     assert changed[:2] == keys[:2] and all(x != y for x, y in zip(changed[2:], keys[2:]))
     assert chunk_keys(ids, PrefixNamespace("m", "float32", NS.layout, 3, C, tenant="t"))[0] != keys[0]
     assert chunk_keys(ids, PrefixNamespace("m", "bfloat16", NS.layout, 3, C))[0] != keys[0]
-    code = ("from kvdrive.prefix.keys import *; ns = PrefixNamespace('m','float32','kv2-h2-g4-d8-float32',3,4); "
-            "print(chunk_keys(list(range(100, 118)), ns)[-1].hex())")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": os.getcwd()})
+    code = (
+        "from kvdrive.prefix.keys import *; ns = PrefixNamespace('m','float32','kv2-h2-g4-d8-float32',3,4); "
+        "print(chunk_keys(list(range(100, 118)), ns)[-1].hex())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": os.getcwd()},
+    )
     assert other.stdout.strip() == keys[-1].hex()
 
 
@@ -90,8 +98,13 @@ def test_restart_recovers_the_index_and_reuses_the_extents(tmp_path):
 def test_restart_with_another_geometry_is_refused(tmp_path):
     pool_at(tmp_path).close()
     with pytest.raises(KvdriveError, match="geometry"):
-        PrefixPool(CFG, torch.float16, PrefixConfig(model="m", disks=(PoolPath(str(tmp_path), 1 << 20),),
-                                                     chunk_tokens=C, extent_bytes=CHUNK_BYTES))
+        PrefixPool(
+            CFG,
+            torch.float16,
+            PrefixConfig(
+                model="m", disks=(PoolPath(str(tmp_path), 1 << 20),), chunk_tokens=C, extent_bytes=CHUNK_BYTES
+            ),
+        )
 
 
 def corrupt(pool, key, layer):
@@ -180,9 +193,17 @@ def test_host_and_disk_share_chunks_by_weight_and_load_together(tmp_path):
 def test_two_disk_paths_stripe_by_weight(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    pool = PrefixPool(CFG, torch.float32, PrefixConfig(
-        model="m", disks=(PoolPath(str(a), 1 << 20, weight=3.0), PoolPath(str(b), 1 << 20, weight=1.0)),
-        chunk_tokens=C, admit_after=1, extent_bytes=CHUNK_BYTES))
+    pool = PrefixPool(
+        CFG,
+        torch.float32,
+        PrefixConfig(
+            model="m",
+            disks=(PoolPath(str(a), 1 << 20, weight=3.0), PoolPath(str(b), 1 << 20, weight=1.0)),
+            chunk_tokens=C,
+            admit_after=1,
+            extent_bytes=CHUNK_BYTES,
+        ),
+    )
     try:
         cache, ids = filled_cache(33), list(range(33))
         pool.store(cache, 0, ids)

@@ -24,9 +24,11 @@ from kvdrive.storage.io_engine import InjectedFaults
 
 def files_digest(path) -> dict[str, str]:
     """Name -> SHA-256 of every kvdrive data file under ``path`` (locks left out)."""
-    return {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in sorted(os.listdir(path))
-            if not f.endswith(".lock")}
-
+    return {
+        f: hashlib.sha256((path / f).read_bytes()).hexdigest()
+        for f in sorted(os.listdir(path))
+        if not f.endswith(".lock")
+    }
 
 
 # -- one owner per directory ----------------------------------------------------------------
@@ -56,15 +58,25 @@ def test_pools_of_one_directory_never_serve_each_others_kv(tmp_path):
 
 
 def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, torch
         from factories import prefix_pool as open_pool
         pool = open_pool({str(tmp_path)!r})
         print("ready", flush=True)
         sys.stdin.read()
         pool.close()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env=child_env())
+    """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(KvdriveError, match=f"in use by process {holder.pid}"):
@@ -288,11 +300,16 @@ def test_a_damaged_index_is_a_one_line_error_that_says_to_move_it(tmp_path):
         open_pool(tmp_path)
 
 
-@pytest.mark.parametrize("message, kind", [("database or disk is full", "full"),
-                                           ("attempt to write a readonly database", "readonly"),
-                                           ("unable to open database file", "readonly"),
-                                           ("database disk image is malformed", "damaged"),
-                                           ("file is not a database", "damaged")])
+@pytest.mark.parametrize(
+    "message, kind",
+    [
+        ("database or disk is full", "full"),
+        ("attempt to write a readonly database", "readonly"),
+        ("unable to open database file", "readonly"),
+        ("database disk image is malformed", "damaged"),
+        ("file is not a database", "damaged"),
+    ],
+)
 def test_index_errors_advise_moving_the_index_only_when_it_is_damaged(message, kind):
     err = sqlite3.OperationalError(message) if kind != "damaged" else sqlite3.DatabaseError(message)
     assert error_kind(err) == kind

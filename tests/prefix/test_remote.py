@@ -36,7 +36,9 @@ def node(tmp_path=None, tenant="", **kw) -> PrefixPool:
     """A serving node's pool: remote only, or a disk (under ``tmp_path``) in front of the store."""
     if tmp_path is not None:
         return prefix_pool(tmp_path, remote=remote(**kw), tenant=tenant)
-    return PrefixPool(PREFIX_CFG, F32, PrefixConfig(model="m", chunk_tokens=PREFIX_C, tenant=tenant, remote=remote(**kw)))
+    return PrefixPool(
+        PREFIX_CFG, F32, PrefixConfig(model="m", chunk_tokens=PREFIX_C, tenant=tenant, remote=remote(**kw))
+    )
 
 
 def load(pool, cache, seq):

@@ -19,8 +19,10 @@ from factories import PREFIX_C, PREFIX_CFG, ROOT, TESTS, child_env, filled_cache
 try:
     from mooncake.store import MooncakeDistributedStore
 except ImportError as err:  # the wheel is missing, or a library it links (libibverbs1, libnuma1, libcurl4)
-    MISSING = (f"MOONCAKE CANNOT BE IMPORTED ({err}): the remote tier's tests against a real store DID NOT RUN; "
-               "pip install -e '.[remote]' and apt-get install libibverbs1 libnuma1 libcurl4 (.ci/run does both)")
+    MISSING = (
+        f"MOONCAKE CANNOT BE IMPORTED ({err}): the remote tier's tests against a real store DID NOT RUN; "
+        "pip install -e '.[remote]' and apt-get install libibverbs1 libnuma1 libcurl4 (.ci/run does both)"
+    )
     warnings.warn(MISSING, stacklevel=1)
     pytest.skip(MISSING, allow_module_level=True)
 
@@ -44,9 +46,16 @@ class Engine:
     def __init__(self, name: str, log_dir):
         opts = {"chunk_tokens": CHUNK, "host_bytes": 64 << 20, "remote": REMOTE, "max_tokens": 4}
         self.log = open(os.path.join(log_dir, f"{name}.log"), "w")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen([sys.executable, ENGINE, json.dumps(opts)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=child_env(),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, ENGINE, json.dumps(opts)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=ROOT,
+            env=child_env(),
+            start_new_session=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.master = None
@@ -115,8 +124,7 @@ def engines(cluster, tmp_path_factory):
 def test_a_pool_opens_and_serves_while_no_master_answers(cluster):
     """Setup against a dead master blocks the client for seconds: it runs behind, the pool opens
     within connect_wait_s, and lookups miss at once until the store is there."""
-    dead = RemoteConfig(master=f"127.0.0.1:{free_port()}", metadata=cluster.metadata, connect_wait_s=0.5,
-                        admit_after=1)
+    dead = RemoteConfig(master=f"127.0.0.1:{free_port()}", metadata=cluster.metadata, connect_wait_s=0.5, admit_after=1)
     t0 = time.monotonic()
     pool = PrefixPool(PREFIX_CFG, torch.float32, PrefixConfig(model="m", chunk_tokens=PREFIX_C, remote=dead))
     try:

@@ -127,7 +127,7 @@ class _Layer(nn.Module):
     def project_q(self, x, cos, sin):
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.h_q, self.d).transpose(1, 2)  # (B, H_q, T, D)
-        half = torch.cat((-q[..., self.d // 2:], q[..., : self.d // 2]), -1)
+        half = torch.cat((-q[..., self.d // 2 :], q[..., : self.d // 2]), -1)
         return q * cos + half * sin
 
 
@@ -165,7 +165,7 @@ def test_score_select_attend_finds_a_planted_needle(name, mode):
     v = torch.randn(h_kv, t, d, generator=gen)
     q = torch.randn(1, h_q, d, generator=gen)
     needle = 17
-    k[:, needle * g:(needle + 1) * g] = q[0].view(h_kv, 2, d).mean(1)[:, None] * 4.0
+    k[:, needle * g : (needle + 1) * g] = q[0].view(h_kv, 2, d).mean(1)[:, None] * 4.0
     paged = paginate([k], [v], g, shuffle=gen)
     full_groups = t // g
     keys = paged.kv_pool[paged.slot_table[0, :full_groups], 0]  # (N, H_kv, G, D)
@@ -182,8 +182,9 @@ def test_score_select_attend_finds_a_planted_needle(name, mode):
     assert (sel.groups[0, :, : sel.num_pages[0]] == needle).any(dim=-1).all()
     from kvdrive.retrieval import to_slots
 
-    out, _ = sparse_attention_ref(q, paged.kv_pool, to_slots(sel.groups, paged.slot_table), sel.num_pages,
-                                  paged.last_page_len, d**-0.5)
+    out, _ = sparse_attention_ref(
+        q, paged.kv_pool, to_slots(sel.groups, paged.slot_table), sel.num_pages, paged.last_page_len, d**-0.5
+    )
     pt, npg = all_pages(paged, h_kv)
     ref, _ = sparse_attention_ref(q, paged.kv_pool, pt, npg, paged.last_page_len, d**-0.5)
     assert float((out - ref).norm() / ref.norm()) < 0.05
@@ -263,8 +264,9 @@ def test_selection_kernel_matches_the_torch_path_on_gpu():
     for n in (2048, 8192):
         scores = torch.randn(16, 8, n, generator=gen, device="cuda")
         num_groups = torch.randint(n // 2, n + 1, (16,), generator=gen, device="cuda")
-        scores = scores.masked_fill(torch.arange(n, device="cuda")[None, None, :] >= num_groups[:, None, None],
-                                    float("-inf"))
+        scores = scores.masked_fill(
+            torch.arange(n, device="cuda")[None, None, :] >= num_groups[:, None, None], float("-inf")
+        )
         c = cfg(tokens=2048, n_sink=4, n_window=16, mode="shared")
         want = select_groups(scores, num_groups, c, 16, max_pages=128, impl="torch")
         for chunk in (None, 0, 1024):  # the default; one program per sequence; the split kernels

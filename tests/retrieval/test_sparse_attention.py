@@ -77,16 +77,19 @@ def test_subset_of_pages_equals_attention_over_those_tokens():
     out, lse = sparse_attention_ref(q, paged.kv_pool, pt, npg, last, 0.3)
     for j, c in enumerate(chosen):
         toks = torch.cat([torch.arange(4 * g, 4 * g + 4) for g in c[: npg[0, j]]])
-        ref_out, ref_lse = full_attention(q[:, 4 * j:4 * j + 4], [ks[0][j:j + 1, toks]], [vs[0][j:j + 1, toks]], 0.3)
-        torch.testing.assert_close(out[:, 4 * j:4 * j + 4], ref_out, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse[:, 4 * j:4 * j + 4], ref_lse, rtol=1e-5, atol=1e-5)
+        ref_out, ref_lse = full_attention(
+            q[:, 4 * j : 4 * j + 4], [ks[0][j : j + 1, toks]], [vs[0][j : j + 1, toks]], 0.3
+        )
+        torch.testing.assert_close(out[:, 4 * j : 4 * j + 4], ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[:, 4 * j : 4 * j + 4], ref_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_selection_gives_zero_and_minus_inf():
     q, _, _, paged = make_case([8])
     pt = torch.zeros(1, 2, 1, dtype=torch.int32)
-    out, lse = sparse_attention_ref(q, paged.kv_pool, pt, torch.zeros(1, dtype=torch.int32),
-                                    torch.ones(1, dtype=torch.int32), 1.0)
+    out, lse = sparse_attention_ref(
+        q, paged.kv_pool, pt, torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0
+    )
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
 
 
@@ -95,8 +98,9 @@ def test_merge_of_two_halves_equals_whole():
     pt, npg = all_pages(paged, 2)  # (2, 2, 10)
     whole = sparse_attention_ref(q, paged.kv_pool, pt, npg, paged.last_page_len, 0.25)
     full = torch.full((2,), 4, dtype=torch.int32)
-    first = sparse_attention_ref(q, paged.kv_pool, pt[:, :, :3].contiguous(), torch.full((2,), 3, dtype=torch.int32),
-                                 full, 0.25)
+    first = sparse_attention_ref(
+        q, paged.kv_pool, pt[:, :, :3].contiguous(), torch.full((2,), 3, dtype=torch.int32), full, 0.25
+    )
     rest = sparse_attention_ref(q, paged.kv_pool, pt[:, :, 3:].contiguous(), npg - 3, paged.last_page_len, 0.25)
     out, lse = merge_attention(first[0], first[1], rest[0], rest[1])
     torch.testing.assert_close(out, whole[0], rtol=1e-5, atol=1e-5)
@@ -148,8 +152,15 @@ def check_triton_against_reference(device, cases):
 
 
 SMALL_CASES = [
-    dict(lens=[5, 16, 37], h_q=8, h_kv=2, d=32, g=4, dtype=torch.float32,
-         variants=[{}, {"num_splits": 1, "block_tokens": 8}, {"num_splits": 3, "block_tokens": 4}]),
+    dict(
+        lens=[5, 16, 37],
+        h_q=8,
+        h_kv=2,
+        d=32,
+        g=4,
+        dtype=torch.float32,
+        variants=[{}, {"num_splits": 1, "block_tokens": 8}, {"num_splits": 3, "block_tokens": 4}],
+    ),
     dict(lens=[9, 24], h_q=4, h_kv=4, d=24, g=8, dtype=torch.float32, softcap=2.0, per_head=True),
     dict(lens=[33], h_q=6, h_kv=2, d=16, g=16, dtype=torch.bfloat16),
 ]
@@ -173,8 +184,15 @@ def test_triton_kernel_matches_reference_under_interpreter():
 
 GPU_CASES = [
     # Llama-3.1-8B attention shape, odd lengths, a long sequence beside short ones
-    dict(lens=[1, 17, 300, 4099], h_q=32, h_kv=8, d=128, g=16, dtype=torch.bfloat16,
-         variants=[{}, {"block_tokens": 32}, {"block_tokens": 128}, {"num_splits": 1}]),
+    dict(
+        lens=[1, 17, 300, 4099],
+        h_q=32,
+        h_kv=8,
+        d=128,
+        g=16,
+        dtype=torch.bfloat16,
+        variants=[{}, {"block_tokens": 32}, {"block_tokens": 128}, {"num_splits": 1}],
+    ),
     dict(lens=[1000, 2048, 33], h_q=32, h_kv=8, d=128, g=16, dtype=torch.float16, per_head=True),
     dict(lens=[517, 64], h_q=32, h_kv=8, d=128, g=16, dtype=torch.float32),
     dict(lens=[777, 5], h_q=8, h_kv=4, d=256, g=4, dtype=torch.bfloat16, softcap=50.0),  # Gemma-like

@@ -65,8 +65,9 @@ def test_low_rank_keys_are_recovered_by_a_basis_of_that_rank():
     gram.add(keys[0])
     assert gram.captured(3) > 0.9999
     s = make_summarizer("lowrank_offline", H_KV, D, G, basis=gram.basis(3))
-    torch.testing.assert_close(s.score(q, s.summarize(keys[0])[None], None, 1.0), exact_group_max(q, keys, 1.0),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        s.score(q, s.summarize(keys[0])[None], None, 1.0), exact_group_max(q, keys, 1.0), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_per_sequence_bases_are_used_per_row():
@@ -165,10 +166,12 @@ def test_fused_score_kernel_matches_the_torch_path(device):
 
 def check_fused_score(device: str) -> None:
     gen = torch.Generator().manual_seed(3)
-    for name, h_kv, r, d, n, dtype, reduce in (("minmax", 2, 4, 16, 70, torch.float32, "max"),
-                                               ("mean", 2, 2, 16, 130, torch.float32, "mean"),
-                                               ("minmax", 8, 4, 128, 300, torch.bfloat16, "max"),
-                                               ("minmax", 4, 1, 64, 65, torch.bfloat16, "mean")):
+    for name, h_kv, r, d, n, dtype, reduce in (
+        ("minmax", 2, 4, 16, 70, torch.float32, "max"),
+        ("mean", 2, 2, 16, 130, torch.float32, "mean"),
+        ("minmax", 8, 4, 128, 300, torch.bfloat16, "max"),
+        ("minmax", 4, 1, 64, 65, torch.bfloat16, "mean"),
+    ):
         s = make_summarizer(name, h_kv, d, G)
         b = 3
         keys = torch.randn(b * n, h_kv, G, d, generator=gen)
@@ -181,7 +184,7 @@ def check_fused_score(device: str) -> None:
         got = s.score(q, summ, None, 0.3, head_reduce=reduce, counts=counts, impl="triton")
         assert got.shape == want.shape == (b, h_kv, n) and got.dtype == torch.float32
         assert torch.equal(torch.isinf(got), torch.isinf(want))
-        assert torch.isinf(got[1, :, n - 7:]).all() and torch.isinf(got[2, :, 1:]).all()
+        assert torch.isinf(got[1, :, n - 7 :]).all() and torch.isinf(got[2, :, 1:]).all()
         finite = torch.isfinite(want)
         # float32: the same sum in another order; bf16: one dtype rounding of the dot product, as the GEMM
         tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -57,8 +57,9 @@ def test_table_stores_bytes():
     keys = torch.randn(3, 2, 4, 16)
     table.write(1, torch.tensor([0, 1, 2]), keys)
     assert table.data.dtype == torch.uint8 and table.counts.tolist() == [0, 3]
-    torch.testing.assert_close(token_summary.decode(table.data[1, :3], 4, 16),
-                               token_summary.decode(token_summary.encode(keys), 4, 16))
+    torch.testing.assert_close(
+        token_summary.decode(table.data[1, :3], 4, 16), token_summary.decode(token_summary.encode(keys), 4, 16)
+    )
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -69,8 +70,13 @@ def test_token_score_kernel_matches_the_torch_path(device):
 
 def check_token_score(device: str) -> None:
     gen = torch.Generator().manual_seed(4)
-    for h_kv, r, d, g, n, reduce in ((2, 4, 16, 16, 37, "max"), (1, 4, 64, 16, 20, "mean"), (3, 3, 64, 8, 9, "max"),
-                                     (1, 4, 256, 16, 5, "max"), (8, 4, 128, 16, 40, "max")):
+    for h_kv, r, d, g, n, reduce in (
+        (2, 4, 16, 16, 37, "max"),
+        (1, 4, 64, 16, 20, "mean"),
+        (3, 3, 64, 8, 9, "max"),
+        (1, 4, 256, 16, 5, "max"),
+        (8, 4, 128, 16, 40, "max"),
+    ):
         s = make_summarizer("tokenmax", h_kv, d, g)
         b = 3
         keys = torch.randn(b * n, h_kv, g, d, generator=gen)

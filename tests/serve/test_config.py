@@ -11,8 +11,12 @@ from kvdrive.serve.config import SETTINGS, read_file, resolve
 def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path):
     path = tmp_path / "kvdrive.yaml"
     path.write_text("port: 7000\nmax_num_seqs: 4\nbudget: 2048\ndisk: [/a, /b]\nhost_gib: 8\napi_key: [k1]\n")
-    cfg = resolve(read_file(str(path)), {"KVDRIVE_PORT": "7001", "KVDRIVE_MAX_NUM_SEQS": "6", "KVDRIVE_DISK": "/c,/d"},
-                  {"port": 7002}, file_name="kvdrive.yaml")
+    cfg = resolve(
+        read_file(str(path)),
+        {"KVDRIVE_PORT": "7001", "KVDRIVE_MAX_NUM_SEQS": "6", "KVDRIVE_DISK": "/c,/d"},
+        {"port": 7002},
+        file_name="kvdrive.yaml",
+    )
     assert cfg.server.port == 7002 and cfg.sources["port"] == "flag --port"
     assert cfg.engine.max_num_seqs == 6 and cfg.sources["max_num_seqs"] == "environment KVDRIVE_MAX_NUM_SEQS"
     assert cfg.kv.disk == ("/c", "/d") and cfg.server.api_key == ("k1",) and cfg.kv.budget == 2048.0
@@ -29,14 +33,17 @@ def test_every_setting_has_one_name_in_file_environment_and_flags():
     assert resolve().value("max_num_batched_tokens") == 2048
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"KVDRIVE_PORT": "eighty"}, "KVDRIVE_PORT: 'eighty' is not an integer"),
-    ({"KVDRIVE_PORT": "70000"}, "<= 65535"),
-    ({"KVDRIVE_BUDGET": "-1"}, "KVDRIVE_BUDGET: '-1' is not a finite number > 0"),
-    ({"KVDRIVE_DTYPE": "float64"}, "one of float32"),
-    ({"KVDRIVE_GPU_CACHE_TOKENS": "lots"}, "or auto"),
-    ({"KVDRIVE_DISK": "/a", "KVDRIVE_HOST_GIB": "8"}, "set budget too"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"KVDRIVE_PORT": "eighty"}, "KVDRIVE_PORT: 'eighty' is not an integer"),
+        ({"KVDRIVE_PORT": "70000"}, "<= 65535"),
+        ({"KVDRIVE_BUDGET": "-1"}, "KVDRIVE_BUDGET: '-1' is not a finite number > 0"),
+        ({"KVDRIVE_DTYPE": "float64"}, "one of float32"),
+        ({"KVDRIVE_GPU_CACHE_TOKENS": "lots"}, "or auto"),
+        ({"KVDRIVE_DISK": "/a", "KVDRIVE_HOST_GIB": "8"}, "set budget too"),
+    ],
+)
 def test_a_bad_value_names_where_it_came_from(env, message):
     with pytest.raises(KvdriveError, match=message):
         resolve(env=env)
@@ -65,7 +72,11 @@ def test_print_config_shows_the_resolved_settings_and_hides_keys(tmp_path, capsy
     lines = {line.split(":")[0]: line for line in out.splitlines() if not line.startswith("#")}
     assert set(lines) == {s.name for s in SETTINGS}
     assert '"gemma3"' in lines["model"] and "flag --model" in lines["model"]
-    assert "9001" in lines["port"] and "8192" in lines["max_model_len"] and "KVDRIVE_MAX_MODEL_LEN" in lines["max_model_len"]
+    assert (
+        "9001" in lines["port"]
+        and "8192" in lines["max_model_len"]
+        and "KVDRIVE_MAX_MODEL_LEN" in lines["max_model_len"]
+    )
     assert "2.0" in lines["prefix_host_gib"] and "file" in lines["prefix_host_gib"]
     assert "secret" not in out and '["<set>", "<set>"]' in lines["api_key"]
 

@@ -23,14 +23,18 @@ NAME = "tiny"
 
 def tiny_llm(smollm2, max_model_len=96):
     model = vocab_sized_tiny_model(smollm2.config.vocab_size)
-    return LLM(loaded=LoadedModel(model, model.config, smollm2.tokenizer, "tiny (random weights)", True),
-               max_model_len=max_model_len)
+    return LLM(
+        loaded=LoadedModel(model, model.config, smollm2.tokenizer, "tiny (random weights)", True),
+        max_model_len=max_model_len,
+    )
 
 
 # The app exists at import (schemathesis reads its schema then); its model loads in the fixture.
 _SHARED: dict = {}
-STATE = ServerState(resolve(flags={"served_model_name": NAME, "max_num_seqs": 4, "max_waiting": 64}),
-                    load=lambda: tiny_llm(_SHARED["smollm2"]))
+STATE = ServerState(
+    resolve(flags={"served_model_name": NAME, "max_num_seqs": 4, "max_waiting": 64}),
+    load=lambda: tiny_llm(_SHARED["smollm2"]),
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(STATE, own_state=False))
 
 

@@ -40,8 +40,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def server(smollm2, one_thread):
-    cfg = resolve(flags={"max_model_len": MAX_LEN, "max_num_seqs": MAX_SEQS, "max_waiting": MAX_WAITING,
-                         "api_key": (KEY_A, KEY_B), "max_num_batched_tokens": 256})
+    cfg = resolve(
+        flags={
+            "max_model_len": MAX_LEN,
+            "max_num_seqs": MAX_SEQS,
+            "max_waiting": MAX_WAITING,
+            "api_key": (KEY_A, KEY_B),
+            "max_num_batched_tokens": 256,
+        }
+    )
     prefix = PrefixConfig(host_bytes=96 << 20, chunk_tokens=CHUNK)
     state = ServerState(cfg, load=lambda: LLM(loaded=smollm2, max_model_len=MAX_LEN, prefix_cache=prefix))
     with live_server(state) as url:
@@ -83,6 +90,7 @@ def wait_for(check, timeout=60.0):
 
 # -- outputs ---------------------------------------------------------------------------------
 
+
 def test_completion_and_chat_stream_and_not_equal_llm_generate(server, reference):
     c = client(server)
     prompt = "The history of the printing press begins"
@@ -98,8 +106,16 @@ def test_completion_and_chat_stream_and_not_equal_llm_generate(server, reference
     out = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.content == want.text and "Paris" in want.text
     assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens == len(want.token_ids)
-    chunks = list(c.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
@@ -110,8 +126,16 @@ def test_sixteen_concurrent_streams_each_equal_their_run_alone(server, reference
     c = client(server)
 
     def stream(prompt):
-        chunks = list(c.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}))
+        chunks = list(
+            c.completions.create(
+                model="smollm2",
+                prompt=prompt,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         return "".join(ch.choices[0].text for ch in chunks if ch.choices), chunks[-1].usage.completion_tokens
 
     before = metrics(server)["kvdrive:generation_tokens_total"]
@@ -126,15 +150,23 @@ def test_sixteen_concurrent_streams_each_equal_their_run_alone(server, reference
 
 def test_a_client_that_disconnects_mid_stream_frees_its_kv(server):
     before = metrics(server)
-    stream = client(server).completions.create(model="smollm2", prompt="Tell me a long story about a lighthouse.",
-                                               max_tokens=400, temperature=0, stream=True,
-                                               extra_body={"ignore_eos": True})
+    stream = client(server).completions.create(
+        model="smollm2",
+        prompt="Tell me a long story about a lighthouse.",
+        max_tokens=400,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     got = [next(stream) for _ in range(3)]
     assert len(got) == 3
     wait_for(lambda: metrics(server)["kvdrive:kv_cache_used_bytes[gpu]"] > 0)
     stream.close()  # the connection goes, mid-stream
-    wait_for(lambda: (m := metrics(server))["kvdrive:num_requests_running"] == 0
-             and m["kvdrive:kv_cache_used_bytes[gpu]"] == 0)
+    wait_for(
+        lambda: (
+            (m := metrics(server))["kvdrive:num_requests_running"] == 0 and m["kvdrive:kv_cache_used_bytes[gpu]"] == 0
+        )
+    )
     after = metrics(server)
     assert after["kvdrive:generation_tokens_total"] - before["kvdrive:generation_tokens_total"] < 400
 
@@ -157,27 +189,42 @@ def test_one_tenants_prefix_is_not_a_hit_for_another(server):
 
     def cached(key, tenant=None):
         c = client(server, key, default_headers={"X-Tenant": tenant} if tenant else None)
-        return c.completions.create(model="smollm2", prompt=prompt, max_tokens=1).usage.prompt_tokens_details.cached_tokens
+        return c.completions.create(
+            model="smollm2", prompt=prompt, max_tokens=1
+        ).usage.prompt_tokens_details.cached_tokens
 
     assert cached(KEY_A) == 0 and cached(KEY_A) > 0  # key A stored it, and hits it
     assert cached(KEY_B) == 0 and cached(KEY_B) > 0  # another key: its own tenant
     assert cached(KEY_A, "team-1") == 0  # a key's X-Tenant divides its tenant further
-    off = client(server).completions.create(model="smollm2", prompt=prompt, max_tokens=1,
-                                            extra_body={"kvdrive": {"prefix_cache": False}})
+    off = client(server).completions.create(
+        model="smollm2", prompt=prompt, max_tokens=1, extra_body={"kvdrive": {"prefix_cache": False}}
+    )
     assert off.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_return_token_ids_streams_one_chunk_per_token(server, reference):
     prompt = "The lighthouse keeper wrote in his log"
     want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
-    chunks = list(client(server).completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
-                                                     stream=True, extra_body={"ignore_eos": True,
-                                                                              "return_token_ids": True}))
+    chunks = list(
+        client(server).completions.create(
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+    )
     ids = [choice.model_extra["token_ids"] for ch in chunks for choice in ch.choices]
     assert [i for i in ids if i] == [[t] for t in want.token_ids]  # one chunk per token, the finish may add none
     assert "".join(ch.choices[0].text for ch in chunks) == want.text
-    whole = client(server).completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
-                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client(server).completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
     assert whole.choices[0].model_extra["token_ids"] == list(want.token_ids)
 
 
@@ -205,8 +252,12 @@ BAD = [
     ("bad chat role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("no messages", {"messages": []}, 400, "messages"),
     ("chat temperature -1", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
-    ("chat max_tokens over the context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_LEN},
-     400, "max_tokens"),
+    (
+        "chat max_tokens over the context",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_LEN},
+        400,
+        "max_tokens",
+    ),
     ("kvdrive option of the wrong type", {"prompt": "hi", "kvdrive": {"prefix_cache": "yes"}}, 400, "prefix_cache"),
     ("unknown kvdrive option", {"prompt": "hi", "kvdrive": {"budget": 5}}, 400, "budget"),
 ]
@@ -216,8 +267,12 @@ BAD = [
 def test_bad_input_is_an_openai_shaped_4xx_and_the_server_keeps_serving(server, what, body, status, param):
     route = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
     content = body if isinstance(body, bytes) else json.dumps({"model": "smollm2", "max_tokens": 2, **body})
-    r = httpx.post(server[0] + route, content=content, headers={"Authorization": f"Bearer {KEY_A}",
-                                                                "Content-Type": "application/json"}, timeout=60)
+    r = httpx.post(
+        server[0] + route,
+        content=content,
+        headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
@@ -242,10 +297,17 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
     done = threading.Event()
 
     def hold(i):
-        body = {"model": "smollm2", "prompt": f"Count to a thousand, slowly, number {i}:", "max_tokens": 400,
-                "temperature": 0, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", server[0] + "/v1/completions", json=body, timeout=120,
-                          headers={"Authorization": f"Bearer {KEY_A}"}) as r:
+        body = {
+            "model": "smollm2",
+            "prompt": f"Count to a thousand, slowly, number {i}:",
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream(
+            "POST", server[0] + "/v1/completions", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY_A}"}
+        ) as r:
             assert r.status_code == 200
             for _ in r.iter_lines():
                 if done.is_set():
@@ -255,8 +317,13 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
     try:
         for i in range(MAX_SEQS + MAX_WAITING):
             pool.submit(hold, i)
-        wait_for(lambda: metrics(server)["kvdrive:num_requests_running"] == MAX_SEQS
-                 and server[1].engine.num_waiting == MAX_WAITING, timeout=90)
+        wait_for(
+            lambda: (
+                metrics(server)["kvdrive:num_requests_running"] == MAX_SEQS
+                and server[1].engine.num_waiting == MAX_WAITING
+            ),
+            timeout=90,
+        )
         with pytest.raises(openai.RateLimitError) as err:
             client(server).completions.create(model="smollm2", prompt="one more", max_tokens=1)
         assert err.value.response.headers["retry-after"] == "1"
@@ -264,26 +331,47 @@ def test_a_full_queue_is_a_429_with_retry_after(server):
     finally:
         done.set()
         pool.shutdown(wait=True)
-    wait_for(lambda: (m := metrics(server))["kvdrive:num_requests_running"] == 0
-             and m["kvdrive:num_requests_waiting"] == 0 and m["kvdrive:kv_cache_used_bytes[gpu]"] == 0)
+    wait_for(
+        lambda: (
+            (m := metrics(server))["kvdrive:num_requests_running"] == 0
+            and m["kvdrive:num_requests_waiting"] == 0
+            and m["kvdrive:kv_cache_used_bytes[gpu]"] == 0
+        )
+    )
     assert client(server).completions.create(model="smollm2", prompt="Hello", max_tokens=1).usage.completion_tokens == 1
 
 
 # -- metrics -----------------------------------------------------------------------------------
 
+
 def test_metrics_parse_and_their_counters_move(server):
     before = metrics(server)
-    client(server).completions.create(model="smollm2", prompt="Metrics test: one two three", max_tokens=3,
-                                      extra_body={"ignore_eos": True})
-    wait_for(lambda: metrics(server)["kvdrive:generation_tokens_total"] >= before["kvdrive:generation_tokens_total"] + 3)
+    client(server).completions.create(
+        model="smollm2", prompt="Metrics test: one two three", max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    wait_for(
+        lambda: metrics(server)["kvdrive:generation_tokens_total"] >= before["kvdrive:generation_tokens_total"] + 3
+    )
     after = metrics(server)
-    for name in ("kvdrive:prompt_tokens_total", "kvdrive:time_to_first_token_seconds_count",
-                 "kvdrive:inter_token_latency_seconds_count", "kvdrive:e2e_request_latency_seconds_count"):
+    for name in (
+        "kvdrive:prompt_tokens_total",
+        "kvdrive:time_to_first_token_seconds_count",
+        "kvdrive:inter_token_latency_seconds_count",
+        "kvdrive:e2e_request_latency_seconds_count",
+    ):
         assert after[name] > before.get(name, 0), name
     assert after["kvdrive:kv_cache_capacity_bytes[gpu]"] > 0 and after["kvdrive:prefix_pool_capacity_bytes[host]"] > 0
-    for name in ("kvdrive:num_requests_running", "kvdrive:num_requests_waiting", "kvdrive:kv_cache_usage_perc",
-                 "kvdrive:prefix_cache_queries_total", "kvdrive:prefix_cache_hits_total",
-                 "kvdrive:kv_bytes_host_to_gpu_total", "kvdrive:kv_bytes_disk_read_total",
-                 "kvdrive:gpu_selection_cache_hit_rate", "kvdrive:selections_deferred_total",
-                 "kvdrive:kv_reads_failed_total", "kvdrive:prefix_pool_chunks_corrupt_total"):
+    for name in (
+        "kvdrive:num_requests_running",
+        "kvdrive:num_requests_waiting",
+        "kvdrive:kv_cache_usage_perc",
+        "kvdrive:prefix_cache_queries_total",
+        "kvdrive:prefix_cache_hits_total",
+        "kvdrive:kv_bytes_host_to_gpu_total",
+        "kvdrive:kv_bytes_disk_read_total",
+        "kvdrive:gpu_selection_cache_hit_rate",
+        "kvdrive:selections_deferred_total",
+        "kvdrive:kv_reads_failed_total",
+        "kvdrive:prefix_pool_chunks_corrupt_total",
+    ):
         assert name in after, name

@@ -38,13 +38,24 @@ def test_extents_of_a_killed_process_are_deleted_at_the_next_open(tmp_path):
             os.kill(os.getpid(), signal.SIGKILL)
         sys.stdin.read()
     """
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(code), "kill"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120, check=False)
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), "kill"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert killed.returncode == -9
     dead = set(os.listdir(tmp_path))
     assert len([f for f in dead if f.endswith(".extent")]) == 2
-    alive = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), "wait"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    alive = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), "wait"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert alive.stdout.readline().strip() == "ready"
         live = set(os.listdir(tmp_path))
@@ -79,10 +90,16 @@ def test_a_read_only_directory_is_refused_before_the_model_loads(tmp_path):
 
 
 def test_temporary_files_of_dead_processes_are_swept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    names = [f".kvdrive-{dead}-0123abcd.lock.tmp", f".kvdrive-odirect-{dead}-0123abcd",
-             f".kvdrive-write-check-{dead}-0123abcd", f".kvdrive-odirect-{os.getpid()}-0123abcd", "notes.txt"]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    names = [
+        f".kvdrive-{dead}-0123abcd.lock.tmp",
+        f".kvdrive-odirect-{dead}-0123abcd",
+        f".kvdrive-write-check-{dead}-0123abcd",
+        f".kvdrive-odirect-{os.getpid()}-0123abcd",
+        "notes.txt",
+    ]
     for n in names:
         (tmp_path / n).write_bytes(b"x" * 4096)
     assert sorted(sweep_stale(str(tmp_path))) == sorted(names[:3])

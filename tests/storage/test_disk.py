@@ -62,8 +62,10 @@ def test_budget_is_physical_and_extents_grow_lazily(tmp_path):
         assert disk.physical_bytes() == 8 * SB  # two extents, fully allocated by fallocate
         disk.alloc(5)
         assert disk.physical_bytes() == 10 * SB  # the last extent is cut to the budget
-        assert all(os.stat(os.path.join(tmp_path, f)).st_blocks * 512 >= os.stat(os.path.join(tmp_path, f)).st_size
-                   for f in os.listdir(tmp_path))
+        assert all(
+            os.stat(os.path.join(tmp_path, f)).st_blocks * 512 >= os.stat(os.path.join(tmp_path, f)).st_size
+            for f in os.listdir(tmp_path)
+        )
         with pytest.raises(CapacityError):
             disk.alloc(1)
     finally:
@@ -182,12 +184,10 @@ def test_direct_probe_on_tmp_and_shm(tmp_path):
 
 def test_restore_rejects_duplicate_and_out_of_range_slots(tmp_path):
     layout = GroupLayout(1, 1, 8, torch.float32, 4)
-    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes,
-                   persist_name="t")
+    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes, persist_name="t")
     d.alloc(1)  # one extent of 8 slots
     d.close()
-    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes,
-                   persist_name="t")
+    d = DiskDevice(str(tmp_path), layout, 8 * layout.slot_bytes, extent_bytes=8 * layout.slot_bytes, persist_name="t")
     try:
         assert d.restore([0, 1, 1, 8, -1, 2], [10, 11, 12, 13, 14, 15]) == [True, True, False, False, False, True]
         assert d.checksums([0, 1, 2]) == [10, 11, 15]  # the first claim of slot 1 kept its checksum

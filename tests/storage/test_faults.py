@@ -19,14 +19,16 @@ SB = LAYOUT.slot_bytes
 
 
 def device(tmp_path, plan: FaultPlan, slots=8) -> DiskDevice:
-    return DiskDevice(str(tmp_path), LAYOUT, slots * SB, extent_bytes=slots * SB, direct="off",
-                      faults=SeededFaults(plan))
+    return DiskDevice(
+        str(tmp_path), LAYOUT, slots * SB, extent_bytes=slots * SB, direct="off", faults=SeededFaults(plan)
+    )
 
 
 def round_trip(disk: DiskDevice, n=4, seed=0):
     host = HostTier(LAYOUT, n * SB, pin=False)
-    host.rows.copy_(torch.randint(0, 256, host.rows.shape, generator=torch.Generator().manual_seed(seed),
-                                  dtype=torch.uint8))
+    host.rows.copy_(
+        torch.randint(0, 256, host.rows.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    )
     slots = disk.alloc(n)
     wrote = disk.write(slots, [host.buffer(i) for i in range(n)]).result()
     back = HostTier(LAYOUT, n * SB, pin=False)
@@ -45,12 +47,15 @@ def test_parse_and_refuse():
             FaultPlan.parse(bad)
 
 
-@pytest.mark.parametrize("plan, wrote, read", [
-    (FaultPlan(eio=1), "io_error", "absent"),  # nothing written, nothing to read
-    (FaultPlan(short=1), "io_error", "absent"),
-    (FaultPlan(torn=1), None, "checksum"),  # silent: half the run is zeros on disk (or in the buffer read)
-    (FaultPlan(flip=1), None, "checksum"),  # silent: a byte of the run flipped on disk, every read flipped too
-])
+@pytest.mark.parametrize(
+    "plan, wrote, read",
+    [
+        (FaultPlan(eio=1), "io_error", "absent"),  # nothing written, nothing to read
+        (FaultPlan(short=1), "io_error", "absent"),
+        (FaultPlan(torn=1), None, "checksum"),  # silent: half the run is zeros on disk (or in the buffer read)
+        (FaultPlan(flip=1), None, "checksum"),  # silent: a byte of the run flipped on disk, every read flipped too
+    ],
+)
 def test_each_kind_is_a_miss_never_data(tmp_path, plan, wrote, read):
     disk = device(tmp_path, plan)
     try:
@@ -75,8 +80,9 @@ def test_transient_read_faults_are_recovered_by_the_retry(tmp_path):
         for _ in range(10):
             results += disk.read(slots, [back.buffer(i) for i in range(8)]).result()
             gb = LAYOUT.group_bytes
-            assert all(r is not None or torch.equal(back.rows[i, :gb], host.rows[i, :gb])
-                       for i, r in enumerate(results[-8:]))
+            assert all(
+                r is not None or torch.equal(back.rows[i, :gb], host.rows[i, :gb]) for i, r in enumerate(results[-8:])
+            )
         assert results.count(None) > len(results) // 2 and sum(disk.faults.fired.values()) > 10
     finally:
         disk.close()

@@ -63,8 +63,9 @@ def test_transfer_batch_runs_land_in_their_buffers(tmp_path, fn):
     try:
         # run 0: file slots 5, 6 into rows 1, 0 (one preadv, two iovecs); run 1: slot 2 into row 7
         bases = np.uint64(dst.ctypes.data) + np.array([1, 0, 7], dtype=np.uint64) * np.uint64(SB)
-        status, secs, _ = native_io.transfer_batch(fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3,
-                                              threads=4, dontneed=True)
+        status, secs, _ = native_io.transfer_batch(
+            fn, [fd, fd], [5 * SB, 2 * SB], [0, 2, 3], bases, [SB] * 3, threads=4, dontneed=True
+        )
     finally:
         os.close(fd)
     assert status.tolist() == [0, 0] and (secs >= 0).all()
@@ -80,8 +81,9 @@ def test_transfer_batch_reports_short_reads_and_errors(tmp_path, fn):
     fd = os.open(path, os.O_RDONLY)
     try:
         bases = np.uint64(dst.ctypes.data) + np.array([0, 1], dtype=np.uint64) * np.uint64(SB)
-        status, _, _ = native_io.transfer_batch(fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB],
-                                           threads=2, dontneed=False)
+        status, _, _ = native_io.transfer_batch(
+            fn, [fd, 10_000], [SB, 0], [0, 1, 2], bases, [SB, SB], threads=2, dontneed=False
+        )
     finally:
         os.close(fd)
     assert status.tolist() == [-1, errno.EBADF]  # past the end: short; a closed fd: its errno
@@ -129,8 +131,9 @@ def test_write_from_round_trips_and_checksums(tmp_path, path):
     disk = DiskDevice(str(tmp_path), LAYOUT, 16 * SB, extent_bytes=4 * SB)
     try:
         src = HostTier(LAYOUT, 9 * SB, pin=False)
-        src.rows.copy_(torch.randint(0, 256, src.rows.shape, generator=torch.Generator().manual_seed(2),
-                                     dtype=torch.uint8))
+        src.rows.copy_(
+            torch.randint(0, 256, src.rows.shape, generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+        )
         slots = np.asarray(disk.alloc(9))[::-1].copy()  # written out of order, across extents
         rows = [4, 0, 8, 2, 6, 1, 3, 7, 5]
         calls = []

@@ -20,23 +20,41 @@ from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 def test_full_budget_equals_full_attention(eviction, prefetch):
     model, prompts = _tiny(), _prompts()
     ref = _decode(model, ContiguousKVCache(model.config, 3, 400, CPU, F32), prompts, 10)
-    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=10_000), cache_tokens=64, eviction=eviction,
-                       prefetch=prefetch, rebalance_after=5)
+    cfg = TieredConfig(
+        SparseConfig(group_tokens=8, budget=10_000),
+        cache_tokens=64,
+        eviction=eviction,
+        prefetch=prefetch,
+        rebalance_after=5,
+    )
     got = _decode(model, TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg), prompts, 10)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("summary,eviction,cache_tokens", [("minmax", "lookahead", 96), ("lowrank_seq", "lookahead", 400),
-                                                           ("minmax", "lru", 96), ("lowrank_seq", "none", 0),
-                                                           ("tokenmax", "lookahead", 96)])
+@pytest.mark.parametrize(
+    "summary,eviction,cache_tokens",
+    [
+        ("minmax", "lookahead", 96),
+        ("lowrank_seq", "lookahead", 400),
+        ("minmax", "lru", 96),
+        ("lowrank_seq", "none", 0),
+        ("tokenmax", "lookahead", 96),
+    ],
+)
 def test_small_budget_matches_the_gpu_resident_sparse_cache(summary, eviction, cache_tokens):
     """Same summaries, same selection, attention over cached copies: same logits as SparseKVCache.
     A cache smaller than the context forces evictions and refetches on every step."""
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary=summary, rank=8)
     ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 24)
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                TieredConfig(sparse, cache_tokens=cache_tokens, eviction=eviction, rebalance_after=6))
+    cache = TieredSparseKVCache(
+        model.config,
+        3,
+        400,
+        CPU,
+        F32,
+        TieredConfig(sparse, cache_tokens=cache_tokens, eviction=eviction, rebalance_after=6),
+    )
     got = _decode(model, cache, prompts, 24)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     stats = cache.stats()
@@ -49,8 +67,13 @@ def test_small_budget_matches_the_gpu_resident_sparse_cache(summary, eviction, c
 
 
 def test_sliding_layers_and_prefill_are_exact():
-    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
-                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = _tiny(
+        "gemma3_text",
+        head_dim=16,
+        sliding_window=24,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
     prompts = _prompts((90, 61))
     sparse = SparseConfig(group_tokens=8, budget=32, sink_tokens=8, window_tokens=16)
     ref = _decode(model, SparseKVCache(model.config, 2, 400, CPU, F32, sparse), prompts, 12)
@@ -68,8 +91,9 @@ def test_sliding_layers_and_prefill_are_exact():
 
 def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
     model = _tiny()
-    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16),
-                       cache_tokens=96, rebalance_after=0)
+    cfg = TieredConfig(
+        SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16), cache_tokens=96, rebalance_after=0
+    )
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     _decode(model, cache, _prompts(), 10)
     before = sum(c.capacity for c in cache.caches.values())
@@ -79,8 +103,9 @@ def test_rebalance_follows_misses_and_keeps_one_selection_per_layer():
     most, least = max(misses, key=misses.get), min(misses, key=misses.get)
     if misses[most] > misses[least]:
         assert cap[most] >= cap[least]
-    big = TieredSparseKVCache(model.config, 3, 400, CPU, F32, TieredConfig(cfg.sparse, cache_tokens=380,
-                                                                            rebalance_after=0))
+    big = TieredSparseKVCache(
+        model.config, 3, 400, CPU, F32, TieredConfig(cfg.sparse, cache_tokens=380, rebalance_after=0)
+    )
     _decode(model, big, _prompts(), 4)
     assert max(big.rebalance().values()) <= big.n  # never more pages than a sequence has groups
 
@@ -93,8 +118,14 @@ def test_prefetch_stops_on_layers_whose_prediction_misses(threshold):
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
     ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 14)
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                TieredConfig(sparse, cache_tokens=96, rebalance_after=6, prefetch_min_precision=threshold))
+    cache = TieredSparseKVCache(
+        model.config,
+        3,
+        400,
+        CPU,
+        F32,
+        TieredConfig(sparse, cache_tokens=96, rebalance_after=6, prefetch_min_precision=threshold),
+    )
     assert cache.hint_layers == frozenset(cache.sparse_layers) - {0}  # nothing runs before layer 0
     gen, counts = torch.Generator().manual_seed(3), {}
     real_hint, real_adapt = cache.hint, cache.adapt_prefetch
@@ -105,14 +136,18 @@ def test_prefetch_stops_on_layers_whose_prediction_misses(threshold):
     def adapt():
         counts.update({l: cache.caches[l].counts() for l in cache.sparse_layers})
         return real_adapt()
+
     cache.hint, cache.adapt_prefetch = hint, adapt
     got = _decode(model, cache, prompts, 14)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert counts, "the rebalance step adapts the prefetch"
     precision = {l: c["prefetched_hits"] / max(c["prefetched"], 1) for l, c in counts.items()}
     assert precision[2] < 0.9 <= precision[1], precision
-    expect = {l for l, c in counts.items()
-              if l > 0 and (c["prefetched"] == 0 or c["prefetched_hits"] >= threshold * c["prefetched"])}
+    expect = {
+        l
+        for l, c in counts.items()
+        if l > 0 and (c["prefetched"] == 0 or c["prefetched_hits"] >= threshold * c["prefetched"])
+    }
     assert cache.hint_layers == expect
     assert (2 in expect) == (threshold == 0.0)
 
@@ -124,8 +159,9 @@ def test_disk_backed_host_matches_the_gpu_resident_cache(tmp_path, eviction):
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="tokenmax")
     ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, sparse), prompts, 12)
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                _disk_cfg(tmp_path, sparse, 40, cache_tokens=96, eviction=eviction))
+    cache = TieredSparseKVCache(
+        model.config, 3, 400, CPU, F32, _disk_cfg(tmp_path, sparse, 40, cache_tokens=96, eviction=eviction)
+    )
     got = _decode(model, cache, prompts, 12)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     st = cache.stats()
@@ -152,7 +188,7 @@ def _prefill_chunked(model, cache, prompts, chunk=37):
     for i, p in enumerate(prompts):
         if done[i] < len(p):
             b = cache.plan([i], len(p) - done[i])
-            model(torch.tensor([p[done[i]:]]), cache, b)
+            model(torch.tensor([p[done[i] :]]), cache, b)
             cache.commit(b)
 
 
@@ -274,10 +310,20 @@ def test_a_batch_larger_than_host_memory_is_refused_before_allocating():
 def test_gpu_bytes_per_sequence_matches_what_the_cache_allocates(sliding):
     """The admission estimate is what the GPU part of the cache really takes, per sequence
     (sliding-window layers: their rings of recent tokens)."""
-    model = _tiny("gemma3_text", head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
-                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]) if sliding else _tiny()
-    cfg = TieredConfig(SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="mean"),
-                       cache_tokens=96)
+    model = (
+        _tiny(
+            "gemma3_text",
+            head_dim=16,
+            sliding_window=24,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+        if sliding
+        else _tiny()
+    )
+    cfg = TieredConfig(
+        SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="mean"), cache_tokens=96
+    )
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     real = sum(c.nbytes + c.fresh.numel() for c in cache.caches.values()) + sum(t.nbytes for t in cache.tables.values())
     real += sum(r.nbytes for r in cache.rings.values())
@@ -352,12 +398,19 @@ def test_prefetch_precision_counts_only_prefetches_since_the_reset():
     large as the context such slots live long, and precision read above 1)."""
     model, prompts = _tiny(), _prompts()
     sparse = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                TieredConfig(sparse, cache_tokens=400, rebalance_after=0, prefetch_min_precision=0))
+    cache = TieredSparseKVCache(
+        model.config,
+        3,
+        400,
+        CPU,
+        F32,
+        TieredConfig(sparse, cache_tokens=400, rebalance_after=0, prefetch_min_precision=0),
+    )
     gen, real_hint = torch.Generator().manual_seed(5), cache.hint
 
     def hint(layer, q_pred, batch):  # a noisy prediction: prefetched groups are selected only later, if ever
         real_hint(layer, q_pred + torch.randn(q_pred.shape, generator=gen) * 3, batch)
+
     cache.hint = hint
     _decode(model, cache, prompts, 8)
     cache.reset_stats()
@@ -394,7 +447,9 @@ def test_arena_keeps_what_the_gpu_cache_hits(tmp_path, stamp_hits):
     kv.begin([0], (n * 4,), 1)  # the first decode step
     kv.resolve(0, [0], np.array([[hot]]), np.array([[True]]))
     kv.end([0], (n * 4,), 1, kv._last_step)
-    for step, g in enumerate(range(4, n), start=1):  # each step: the hot group hits the GPU cache, one new group misses it
+    for step, g in enumerate(
+        range(4, n), start=1
+    ):  # each step: the hot group hits the GPU cache, one new group misses it
         kv.begin([0], (n * 4 + step,), 1)  # a decode step (its token's open group takes a slot too)
         groups, need = np.array([[hot, g]]), np.array([[False, True]])
         kv.resolve(0, [0], groups, need, np.ones_like(need) if stamp_hits else None)

@@ -28,14 +28,16 @@ def _no_sync_resolve(cache):
         s = np.asarray(slot_list)[:, None].repeat(groups.shape[1], 1)
         assert (host.index.slot_of[layer, s, groups][need.astype(bool)] >= 0).all(), "a step waited for the disk"
         return real(layer, slot_list, groups, need, keep)
+
     host.resolve = resolve
 
 
 def test_an_arena_that_holds_everything_is_exact(tmp_path):
     model, prompts = _tiny(), _prompts()
     ref = _decode(model, SparseKVCache(model.config, 3, 400, CPU, F32, SPARSE), prompts, 12)
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                _disk_cfg(tmp_path, SPARSE, 200, cache_tokens=48, disk_misses="defer"))
+    cache = TieredSparseKVCache(
+        model.config, 3, 400, CPU, F32, _disk_cfg(tmp_path, SPARSE, 200, cache_tokens=48, disk_misses="defer")
+    )
     _decode(model, cache, prompts, 0)
     _no_sync_resolve(cache)
     got = []
@@ -56,8 +58,9 @@ def test_groups_left_out_are_read_behind_and_served_later(tmp_path):
     (tmp_path / "w").mkdir()
     (tmp_path / "d").mkdir()
     exact = TieredSparseKVCache(model.config, 3, 400, CPU, F32, _disk_cfg(tmp_path / "w", SPARSE, 40, cache_tokens=48))
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                _disk_cfg(tmp_path / "d", SPARSE, 40, cache_tokens=48, disk_misses="defer"))
+    cache = TieredSparseKVCache(
+        model.config, 3, 400, CPU, F32, _disk_cfg(tmp_path / "d", SPARSE, 40, cache_tokens=48, disk_misses="defer")
+    )
     assert cache.defer and not exact.defer
     _decode(model, exact, prompts, 0)
     _decode(model, cache, prompts, 0)
@@ -98,8 +101,9 @@ def test_failed_deferred_reads_are_lost_not_served(tmp_path):
     from kvdrive.storage.io_engine import InjectedFaults
 
     model, prompts = _tiny(), _prompts()
-    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32,
-                                _disk_cfg(tmp_path, SPARSE, 40, cache_tokens=48, disk_misses="defer"))
+    cache = TieredSparseKVCache(
+        model.config, 3, 400, CPU, F32, _disk_cfg(tmp_path, SPARSE, 40, cache_tokens=48, disk_misses="defer")
+    )
     _decode(model, cache, prompts, 2)
     cache.host.drain()  # the reads behind the healthy steps landed
     cache.reset_stats()
@@ -164,13 +168,19 @@ def test_gpu_graphed_deferred_disk_decode(tmp_path, arena_groups):
 
     model = _tiny().to("cuda", torch.bfloat16)
     prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
-    cfg = _disk_cfg(tmp_path, SPARSE, arena_groups, cache_tokens=48, disk_misses="defer", micro_batches=2,
-                    rebalance_after=5)
+    cfg = _disk_cfg(
+        tmp_path, SPARSE, arena_groups, cache_tokens=48, disk_misses="defer", micro_batches=2, rebalance_after=5
+    )
     cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, cfg)
     assert cache.supports_cuda_graphs
-    eager = _decode(model, TieredSparseKVCache(model.config, 3, 400, dev, bf,
-                                               TieredConfig(SPARSE, cache_tokens=48, micro_batches=2,
-                                                            rebalance_after=5)), prompts, 16)
+    eager = _decode(
+        model,
+        TieredSparseKVCache(
+            model.config, 3, 400, dev, bf, TieredConfig(SPARSE, cache_tokens=48, micro_batches=2, rebalance_after=5)
+        ),
+        prompts,
+        16,
+    )
     _decode(model, cache, prompts, 0)
     written = cache.stats()["disk_writes"]
     out = graphed_decode(model, cache, 3, 16)

@@ -11,8 +11,12 @@ from kvdrive.cache.sparse import SparseConfig
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 SPARSE = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
-GEMMA = {"head_dim": 16, "sliding_window": 24, "query_pre_attn_scalar": 16,
-         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+GEMMA = {
+    "head_dim": 16,
+    "sliding_window": 24,
+    "query_pre_attn_scalar": 16,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+}
 
 
 def _prefill(model, cache, prompt, chunk, seq=0):
@@ -40,8 +44,9 @@ def gathered_bytes(cache, length: int, chunk: int) -> int:
 
 
 def _cache(model, stage=True):
-    return TieredSparseKVCache(model.config, 2, 400, CPU, F32, TieredConfig(SPARSE, cache_tokens=96,
-                                                                            stage_prefill=stage))
+    return TieredSparseKVCache(
+        model.config, 2, 400, CPU, F32, TieredConfig(SPARSE, cache_tokens=96, stage_prefill=stage)
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
@@ -55,7 +60,9 @@ def test_staged_prefill_equals_the_host_gather_and_moves_nothing_to_the_gpu(kind
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert gathered.stats()["bytes_host_to_gpu"] == gathered_bytes(gathered, len(prompt), chunk) > 0
     assert staged.stats()["bytes_host_to_gpu"] == 0
-    assert staged.stats()["bytes_gpu_to_host"] == gathered.stats()["bytes_gpu_to_host"]  # every token still lands on host
+    assert (
+        staged.stats()["bytes_gpu_to_host"] == gathered.stats()["bytes_gpu_to_host"]
+    )  # every token still lands on host
     for cache in (gathered, staged):  # the first decode step sees the same KV either way
         cache.place([0])
         b = cache.plan([0], 1)

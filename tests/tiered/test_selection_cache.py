@@ -23,8 +23,15 @@ def test_selection_cache_invariants_under_random_selections():
     for step in range(30):
         groups = torch.stack([torch.randperm(n, generator=gen)[:8] for _ in rows])  # (B, 8) distinct
         listed = torch.rand(2, 8, generator=gen) < 0.8
-        pages = c.ensure(rows, groups, listed, torch.randn(2, n, generator=gen), words(source),
-                         rows[:, None] * n + groups, torch.tensor(float(step)))
+        pages = c.ensure(
+            rows,
+            groups,
+            listed,
+            torch.randn(2, n, generator=gen),
+            words(source),
+            rows[:, None] * n + groups,
+            torch.tensor(float(step)),
+        )
         # every listed group is resident and its page holds the source group
         for b in range(2):
             for j in range(8):
@@ -103,8 +110,10 @@ def check_defer_split(device: str) -> None:
     num_pages = torch.tensor([12, 7, 0], dtype=torch.int32)
     slots = torch.tensor([4, 0, 2])
     host_map, table, groups, num_pages, slots = (t.to(device) for t in (host_map, table, groups, num_pages, slots))
-    out = {impl: [t.cpu() for t in tier_ops.defer_split(groups, num_pages, slots, host_map, table, impl=impl)]
-           for impl in ("torch", "triton")}
+    out = {
+        impl: [t.cpu() for t in tier_ops.defer_split(groups, num_pages, slots, host_map, table, impl=impl)]
+        for impl in ("torch", "triton")
+    }
     groups, num_pages, slots, host_map, table = (t.cpu() for t in (groups, num_pages, slots, host_map, table))
     for b in range(3):
         g = groups[b, : num_pages[b]].long()
@@ -145,8 +154,7 @@ def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact:
             if compact:
                 groups = torch.stack((groups, groups.flip(1)), dim=1).to(torch.int32)[:, 0]  # (B, P) strided
                 listed, src = counts, n
-        out.append(c.ensure(rows, groups, listed, scores, words(source), src,
-                            torch.tensor(float(step)), prefetch))
+        out.append(c.ensure(rows, groups, listed, scores, words(source), src, torch.tensor(float(step)), prefetch))
         if step == 12:
             c.clear(rows[:1])
     return c, out
@@ -191,8 +199,10 @@ def test_ensure_kernel_matches_the_torch_body_on_gpu(eviction):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     n, s, p, cap = 2049, 8, 128, 300
-    caches = [SelectionCache(cap, s, n - 1, (2, 8, 16, 128), dev, torch.bfloat16, eviction, impl=i)
-              for i in ("torch", "triton")]
+    caches = [
+        SelectionCache(cap, s, n - 1, (2, 8, 16, 128), dev, torch.bfloat16, eviction, impl=i)
+        for i in ("torch", "triton")
+    ]
     source = torch.randn(s * n, 2, 8, 16, 128, dtype=torch.bfloat16).pin_memory()
     for step in range(24):
         rows = torch.randperm(s, device=dev, generator=gen)[:6]
@@ -200,8 +210,12 @@ def test_ensure_kernel_matches_the_torch_body_on_gpu(eviction):
         listed = torch.arange(p, device=dev)[None, :] < torch.randint(p // 2, p + 1, (6, 1), device=dev, generator=gen)
         scores = torch.rand(6, n - 1, device=dev, generator=gen)
         src = rows[:, None] * n + groups
-        pages = [c.ensure(rows, groups, listed, scores, words(source), src,
-                          torch.tensor(float(step), device=dev), step % 4 == 3) for c in caches]
+        pages = [
+            c.ensure(
+                rows, groups, listed, scores, words(source), src, torch.tensor(float(step), device=dev), step % 4 == 3
+            )
+            for c in caches
+        ]
         assert torch.equal(pages[0], pages[1]), step
     want, got = caches
     assert torch.equal(want.table[:, :-1], got.table[:, :-1]) and torch.equal(want.counters, got.counters)

@@ -33,8 +33,14 @@ from kvdrive.bench.reliability.workloads import (
 )
 from kvdrive.errors import KvdriveError
 
-CFG = types.SimpleNamespace(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, sliding_windows=(None,) * 3,
-                            attn_scale=1.0, attn_logit_softcap=None)
+CFG = types.SimpleNamespace(
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=8,
+    sliding_windows=(None,) * 3,
+    attn_scale=1.0,
+    attn_logit_softcap=None,
+)
 C = 4  # chunk tokens
 CHUNK_BYTES = 3 * 4096  # one 4 KiB slot per layer
 BUDGET = 6 * CHUNK_BYTES
@@ -49,8 +55,10 @@ def prompt(i: int) -> list[int]:
 
 def kv_of(ids: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The KV a model would give ``ids`` at ``layer``: (1, H_kv, T, D) each, from token and position."""
-    t = torch.tensor(ids, dtype=torch.float32)[None, None, :, None] * 0.37 \
+    t = (
+        torch.tensor(ids, dtype=torch.float32)[None, None, :, None] * 0.37
         + torch.arange(len(ids), dtype=torch.float32)[None, None, :, None] * 0.011
+    )
     h = torch.arange(CFG.num_key_value_heads, dtype=torch.float32)[None, :, None, None]
     d = torch.arange(CFG.head_dim, dtype=torch.float32)[None, None, None, :]
     return torch.sin(t * (layer + 1) + h + 0.1 * d), torch.cos(t * (layer + 1) - h + 0.2 * d)
@@ -60,8 +68,17 @@ def open_pool(path: str):
     from kvdrive.prefix.pool import PrefixConfig, PrefixPool
     from kvdrive.storage.pool import PoolPath
 
-    return PrefixPool(CFG, torch.float32, PrefixConfig(model="crash-test", disks=(PoolPath(path, BUDGET),),
-                                                       chunk_tokens=C, admit_after=1, extent_bytes=2 * CHUNK_BYTES))
+    return PrefixPool(
+        CFG,
+        torch.float32,
+        PrefixConfig(
+            model="crash-test",
+            disks=(PoolPath(path, BUDGET),),
+            chunk_tokens=C,
+            admit_after=1,
+            extent_bytes=2 * CHUNK_BYTES,
+        ),
+    )
 
 
 def _cache(ids: list[int] | None):
@@ -124,8 +141,9 @@ def _index_rows(path: str) -> int:
 
 
 def _child(code: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def kill_trials(n: int, root: str, seed: int = 0) -> Row:
@@ -160,8 +178,11 @@ def kill_trials(n: int, root: str, seed: int = 0) -> Row:
                 pool.store(_cache(ids), 0, ids)  # and it goes on storing
             finally:
                 pool.close()
-        row.leaked_bytes += sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-                                if _PRIVATE.match(f) or not f.startswith(POOL_FILES))
+        row.leaked_bytes += sum(
+            os.path.getsize(os.path.join(path, f))
+            for f in os.listdir(path)
+            if _PRIVATE.match(f) or not f.startswith(POOL_FILES)
+        )
         row.trials += 1
         row.fired += 1
         row.identical += wrong == 0
@@ -201,8 +222,10 @@ def process_trials(n: int, root: str, rounds: int = 5) -> Row:
     row = Row("prefix pool: processes on one directory", f"{n} processes")
     path = os.path.join(root, "shared")
     os.makedirs(path, exist_ok=True)
-    children = [_child(f"from kvdrive.bench.reliability.crash import contend; contend({path!r}, {k}, {rounds})")
-                for k in range(n)]
+    children = [
+        _child(f"from kvdrive.bench.reliability.crash import contend; contend({path!r}, {k}, {rounds})")
+        for k in range(n)
+    ]
     for child in children:
         out, err = child.communicate(timeout=600)
         if child.returncode:
@@ -224,8 +247,9 @@ def full_filesystem(loaded, workload: str, size: str = "2m") -> Row | None:
     from kvdrive.storage.pool import PoolPath
 
     with tempfile.TemporaryDirectory() as mnt:
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], capture_output=True,
-                          check=False).returncode:
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], capture_output=True, check=False
+        ).returncode:
             return None
         row = Row(workload, f"full file system ({size} tmpfs)")
         try:
@@ -253,8 +277,9 @@ def full_filesystem(loaded, workload: str, size: str = "2m") -> Row | None:
                         row.wrong = 1 - row.identical
                     except KvdriveError as err:
                         row.surfaced, row.errors = 1, (str(err)[:120],)
-            row.leaked_bytes = sum(os.path.getsize(os.path.join(mnt, f)) for f in os.listdir(mnt)
-                                   if not f.startswith(POOL_FILES))
+            row.leaked_bytes = sum(
+                os.path.getsize(os.path.join(mnt, f)) for f in os.listdir(mnt) if not f.startswith(POOL_FILES)
+            )
         finally:
             subprocess.run(["umount", mnt], check=False)
         return row

@@ -74,8 +74,9 @@ def _prefix_outputs(loaded, path: str, tenants: bool):
     from kvdrive.storage.pool import PoolPath
 
     # a host arena (the nomem faults hit it) that takes a small share: loads read the disk
-    cfg = PrefixConfig(disks=(PoolPath(path, 16 << 20),), host_bytes=1 << 20, host_weight=0.05, chunk_tokens=16,
-                       admit_after=1)
+    cfg = PrefixConfig(
+        disks=(PoolPath(path, 16 << 20),), host_bytes=1 << 20, host_weight=0.05, chunk_tokens=16, admit_after=1
+    )
     if not tenants:
         with LLM(loaded=loaded, prefix_cache=cfg) as llm:
             outs = [llm.generate([p], greedy(4))[0].token_ids for p in PREFIX_PROMPTS for _ in range(2)]
@@ -113,8 +114,9 @@ def trial(loaded, workload: str, fault: str, seed: int, reference: list, row: Ro
             row.surfaced += 1
             row.errors = tuple(sorted({*row.errors, str(err)[:120]}))
             outs = None
-        row.leaked_bytes += sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
-                                if not f.startswith(POOL_FILES))
+        row.leaked_bytes += sum(
+            os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if not f.startswith(POOL_FILES)
+        )
     row.trials += 1
     row.fired += sum(fault_layer.fired().values()) - before
     if outs is None:
@@ -130,8 +132,9 @@ def trial(loaded, workload: str, fault: str, seed: int, reference: list, row: Ro
         row.wrong += 1
 
 
-def campaign(loaded, trials: int, tiered_trials: int, workloads=WORKLOADS, kinds=tuple(FAULTS),
-             progress=print) -> list[Row]:
+def campaign(
+    loaded, trials: int, tiered_trials: int, workloads=WORKLOADS, kinds=tuple(FAULTS), progress=print
+) -> list[Row]:
     rows = []
     for workload in workloads:
         ref = reference(loaded, workload)
@@ -146,11 +149,34 @@ def campaign(loaded, trials: int, tiered_trials: int, workloads=WORKLOADS, kinds
 
 def table(rows: list[dict]) -> str:
     """The rows as the markdown table of docs/reliability.md."""
-    head = ["workload", "fault", "trials", "faults fired", "outputs identical", "reads recovered",
-            "chunks recomputed", "stores skipped", "surfaced errors", "degraded (reported)", "wrong outputs",
-            "bytes leaked"]
-    keys = ["workload", "fault", "trials", "fired", "identical", "recovered_reads", "recomputed_chunks",
-            "skipped_stores", "surfaced", "degraded", "wrong", "leaked_bytes"]
+    head = [
+        "workload",
+        "fault",
+        "trials",
+        "faults fired",
+        "outputs identical",
+        "reads recovered",
+        "chunks recomputed",
+        "stores skipped",
+        "surfaced errors",
+        "degraded (reported)",
+        "wrong outputs",
+        "bytes leaked",
+    ]
+    keys = [
+        "workload",
+        "fault",
+        "trials",
+        "fired",
+        "identical",
+        "recovered_reads",
+        "recomputed_chunks",
+        "skipped_stores",
+        "surfaced",
+        "degraded",
+        "wrong",
+        "leaked_bytes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -186,8 +212,18 @@ def run(args) -> int:
             print(rows[-1])
     print(table(rows))
     bad = [r for r in rows if r["wrong"] or r["leaked_bytes"]]
-    path = write_result(args.out, "faults", {"trials": args.trials, "tiered_trials": args.tiered_trials,
-                                             "kills": args.kills, "processes": args.processes, "faults": FAULTS,
-                                             "model": "smollm2 (SmolLM2-135M-Instruct, CPU, float32, greedy)"}, rows)
+    path = write_result(
+        args.out,
+        "faults",
+        {
+            "trials": args.trials,
+            "tiered_trials": args.tiered_trials,
+            "kills": args.kills,
+            "processes": args.processes,
+            "faults": FAULTS,
+            "model": "smollm2 (SmolLM2-135M-Instruct, CPU, float32, greedy)",
+        },
+        rows,
+    )
     print(f"{len(rows)} rows, {sum(r['trials'] for r in rows)} trials, wrong or leaking rows: {len(bad)} -> {path}")
     return 1 if bad else 0

@@ -28,8 +28,13 @@ def probe_process(path: str) -> dict:
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     disk = sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path))
-    return {"rss_mib": round(rss, 1), "fds": len(os.listdir("/proc/self/fd")),
-            "threads": len(os.listdir("/proc/self/task")), "disk_bytes": disk, "files": len(os.listdir(path))}
+    return {
+        "rss_mib": round(rss, 1),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "threads": len(os.listdir("/proc/self/task")),
+        "disk_bytes": disk,
+        "files": len(os.listdir(path)),
+    }
 
 
 def tiny_model(seed: int = 0):
@@ -45,8 +50,9 @@ def tiny_model(seed: int = 0):
     cfg = from_hf_config(hf)
     model = DecoderLM(cfg)
     presets.init_random_(model, seed)
-    return LoadedModel(model.eval().fuse_projections(), cfg, None, "tiny (SmolLM2 architecture, 2 layers, random)",
-                       True)
+    return LoadedModel(
+        model.eval().fuse_projections(), cfg, None, "tiny (SmolLM2 architecture, 2 layers, random)", True
+    )
 
 
 def load(name: str):
@@ -63,11 +69,15 @@ def tiered_config(path: str, loaded=None):
     from kvdrive.tiered.cache import TieredConfig
 
     sparse = SparseConfig(budget=64, sink_tokens=16, window_tokens=32)
-    slot = GroupLayout.from_config(loaded.config, loaded.model.dtype, sparse.group_tokens).slot_bytes \
-        if loaded is not None else 24576  # SmolLM2, float32
+    slot = (
+        GroupLayout.from_config(loaded.config, loaded.model.dtype, sparse.group_tokens).slot_bytes
+        if loaded is not None
+        else 24576
+    )  # SmolLM2, float32
     layers = loaded.config.num_hidden_layers if loaded is not None else 30
-    return TieredConfig(sparse, cache_tokens=96, disk=(PoolPath(path, 256 << 20),),
-                        host_bytes=layers * 16 * slot, direct="off")
+    return TieredConfig(
+        sparse, cache_tokens=96, disk=(PoolPath(path, 256 << 20),), host_bytes=layers * 16 * slot, direct="off"
+    )
 
 
 def prompts(i: int, loaded=None):
@@ -90,8 +100,14 @@ def soak(loaded, calls: int, path: str, every: int, max_tokens: int = 3) -> list
             llm.generate([prompts(i, loaded)], params)
             if i % every == every - 1 or i == 0:
                 host = llm.cache.host if llm.cache is not None else None
-                samples.append({"call": i + 1, "seconds": round(time.perf_counter() - t0, 1),
-                                "host_arena_bytes": host.nbytes if host is not None else 0, **probe_process(path)})
+                samples.append(
+                    {
+                        "call": i + 1,
+                        "seconds": round(time.perf_counter() - t0, 1),
+                        "host_arena_bytes": host.nbytes if host is not None else 0,
+                        **probe_process(path),
+                    }
+                )
     return samples
 
 
@@ -108,11 +124,13 @@ def flat(samples: list[dict], warmup: int, rss_slack: float) -> dict:
 def exit_without_close(path: str, model: str) -> list[str]:
     """Files left in ``path`` by a process that generated with the disk tier and exited without
     ``close()`` (the interpreter's exit must delete its extents)."""
-    code = ("from kvdrive.engine.llm import LLM; from kvdrive.bench.reliability.soak import load, tiered_config, prompts; "
-            "from kvdrive.engine.sampling import SamplingParams; "
-            f"m = load({model!r}); llm = LLM(loaded=m, kv_cache=tiered_config({path!r}, m)); "
-            "llm.generate([prompts(0, m)], SamplingParams(max_tokens=2)); import os; "
-            f"assert any(f.endswith('.extent') for f in os.listdir({path!r}))")
+    code = (
+        "from kvdrive.engine.llm import LLM; from kvdrive.bench.reliability.soak import load, tiered_config, prompts; "
+        "from kvdrive.engine.sampling import SamplingParams; "
+        f"m = load({model!r}); llm = LLM(loaded=m, kv_cache=tiered_config({path!r}, m)); "
+        "llm.generate([prompts(0, m)], SamplingParams(max_tokens=2)); import os; "
+        f"assert any(f.endswith('.extent') for f in os.listdir({path!r}))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
     return os.listdir(path)
 
@@ -140,10 +158,20 @@ def run(args) -> int:
     for s in samples[:: max(1, len(samples) // 10)] + samples[-1:]:
         print(s)
     print(verdict)
-    out = write_result(args.out, "soak", {"model": loaded.source, "device": "cpu", "calls": args.calls,
-                                          "every": args.every, "warmup": args.warmup, "max_tokens": 3,
-                                          "tiered": "budget 64, disk 256 MiB, host arena 16 groups a layer"},
-                       {"samples": samples, "verdict": verdict})
+    out = write_result(
+        args.out,
+        "soak",
+        {
+            "model": loaded.source,
+            "device": "cpu",
+            "calls": args.calls,
+            "every": args.every,
+            "warmup": args.warmup,
+            "max_tokens": 3,
+            "tiered": "budget 64, disk 256 MiB, host arena 16 groups a layer",
+        },
+        {"samples": samples, "verdict": verdict},
+    )
     print(f"-> {out}")
     ok = all(v for k, v in verdict.items() if k not in ("rss_growth_mib", "left_after_close", "left_after_exit"))
     return 0 if ok and not left_after_close and not left_after_exit else 1

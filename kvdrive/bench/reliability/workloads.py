@@ -61,9 +61,14 @@ def tiered_config(path: str, defer: bool):
     from kvdrive.tiered.cache import TieredConfig
 
     arena = 64 if defer else 12  # groups a layer: all of both sequences, or fewer (reads back from disk)
-    return TieredConfig(SparseConfig(budget=64, sink_tokens=16, window_tokens=32), cache_tokens=96,
-                        disk=(PoolPath(path, 64 << 20),), host_bytes=30 * arena * 24576, direct="off",
-                        disk_misses="defer" if defer else "wait")
+    return TieredConfig(
+        SparseConfig(budget=64, sink_tokens=16, window_tokens=32),
+        cache_tokens=96,
+        disk=(PoolPath(path, 64 << 20),),
+        host_bytes=30 * arena * 24576,
+        direct="off",
+        disk_misses="defer" if defer else "wait",
+    )
 
 
 def tiered_outputs(loaded, path: str, defer: bool):

@@ -70,8 +70,16 @@ def _prompt(cfg, context: int, device) -> torch.Tensor:
 
 def _remote(args, write_bytes: int = 1 << 20) -> RemoteConfig:
     # generous deadlines: a miss here would measure recompute, not the store (misses are reported)
-    return RemoteConfig(master=args.master, metadata=args.metadata, admit_after=1, timeout_s=10.0, floor_gbps=0.05,
-                        write_buffer_bytes=max(write_bytes, 1 << 20), flush_s=600.0, connect_wait_s=30.0)
+    return RemoteConfig(
+        master=args.master,
+        metadata=args.metadata,
+        admit_after=1,
+        timeout_s=10.0,
+        floor_gbps=0.05,
+        write_buffer_bytes=max(write_bytes, 1 << 20),
+        flush_s=600.0,
+        connect_wait_s=30.0,
+    )
 
 
 def writer(args) -> int:
@@ -84,8 +92,13 @@ def writer(args) -> int:
     kv_bytes = (args.context // args.chunk_tokens) * layout.num_layers * (layout.group_bytes + 64)
     ids = _prompt(cfg, args.context, dev)
     cache = ContiguousKVCache(cfg, 1, args.context, dev, model.dtype)
-    pool = PrefixPool(cfg, model.dtype, PrefixConfig(model=args.model, chunk_tokens=args.chunk_tokens,
-                                                     remote=_remote(args, int(kv_bytes * 1.05) + (64 << 20))))
+    pool = PrefixPool(
+        cfg,
+        model.dtype,
+        PrefixConfig(
+            model=args.model, chunk_tokens=args.chunk_tokens, remote=_remote(args, int(kv_bytes * 1.05) + (64 << 20))
+        ),
+    )
     with torch.inference_mode():
         _fresh(cache, 0, args.context)
         token = _prefill(model, cache, 0, ids)
@@ -97,9 +110,20 @@ def writer(args) -> int:
         flush_s = time.perf_counter() - t0
     stats = pool.stats().remote
     pool.close()
-    print(json.dumps({"first_token": token, "store_s": store_s, "store_and_send_s": flush_s, "flushed": flushed,
-                      "written_chunks": stats.written, "written_bytes": stats.written_bytes,
-                      "write_gbps": stats.written_bytes / flush_s / 1e9, "write_skipped": stats.write_skipped}))
+    print(
+        json.dumps(
+            {
+                "first_token": token,
+                "store_s": store_s,
+                "store_and_send_s": flush_s,
+                "flushed": flushed,
+                "written_chunks": stats.written,
+                "written_bytes": stats.written_bytes,
+                "write_gbps": stats.written_bytes / flush_s / 1e9,
+                "write_skipped": stats.write_skipped,
+            }
+        )
+    )
     return 0
 
 
@@ -110,15 +134,35 @@ def transfer_engine_bench(mc: LocalMooncake, block: int, seconds: int, threads: 
     common = ["--protocol=tcp", f"--metadata_server={mc.metadata}", f"--buffer_size={buf}", "--report_precision=3"]
     out = {"block_bytes": block, "threads": threads, "batch": batch, "seconds": seconds, "buffer_bytes": buf}
     env = loopback_env()
-    tgt = subprocess.Popen([exe, "--mode=target", f"--local_server_name={target}", *common],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    tgt = subprocess.Popen(
+        [exe, "--mode=target", f"--local_server_name={target}", *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     try:
         time.sleep(2.0)  # the target registers its segment with the metadata server
         for op in ("read", "write"):
-            res = subprocess.run([exe, "--mode=initiator", f"--local_server_name=127.0.0.1:{free_port()}",
-                                  f"--segment_id={target}", f"--block_size={block}", f"--batch_size={batch}",
-                                  f"--threads={threads}", f"--duration={seconds}", f"--operation={op}", *common],
-                                 capture_output=True, text=True, timeout=seconds + 60, check=False, env=env)
+            res = subprocess.run(
+                [
+                    exe,
+                    "--mode=initiator",
+                    f"--local_server_name=127.0.0.1:{free_port()}",
+                    f"--segment_id={target}",
+                    f"--block_size={block}",
+                    f"--batch_size={batch}",
+                    f"--threads={threads}",
+                    f"--duration={seconds}",
+                    f"--operation={op}",
+                    *common,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 60,
+                check=False,
+                env=env,
+            )
             m = TE_RESULT.search(res.stderr + res.stdout)
             out[f"{op}_gbps"] = float(m.group(1)) if m else None
             if not m:
@@ -144,16 +188,28 @@ def _load_ttft(pool, model, cache, ids, ref, recompute_s, paths=()) -> dict:
     devices.synchronize(dev)
     ttft = time.perf_counter() - t0
     rep = pool.last_load
-    return {"ttft_s": ttft, "load_s": load_s, "tokens_loaded": done, "bytes_read": rep.bytes_read,
-            "read_gbps": rep.bytes_read / load_s / 1e9, "chunks_from_remote": rep.chunks_from_remote,
-            "chunks_from_disk": rep.chunks_from_disk, "remote_misses": rep.remote_misses,
-            "first_token_matches": tok == ref, "ttft_over_recompute": ttft / recompute_s}
+    return {
+        "ttft_s": ttft,
+        "load_s": load_s,
+        "tokens_loaded": done,
+        "bytes_read": rep.bytes_read,
+        "read_gbps": rep.bytes_read / load_s / 1e9,
+        "chunks_from_remote": rep.chunks_from_remote,
+        "chunks_from_disk": rep.chunks_from_disk,
+        "remote_misses": rep.remote_misses,
+        "first_token_matches": tok == ref,
+        "ttft_over_recompute": ttft / recompute_s,
+    }
 
 
 def _summary(rows: list[dict]) -> dict:
-    return {"ttft_s_median": statistics.median(r["ttft_s"] for r in rows), "ttft_s_best": min(r["ttft_s"] for r in rows),
-            "read_gbps_median": statistics.median(r["read_gbps"] for r in rows),
-            "all_first_tokens_match": all(r["first_token_matches"] for r in rows), "reps": rows}
+    return {
+        "ttft_s_median": statistics.median(r["ttft_s"] for r in rows),
+        "ttft_s_best": min(r["ttft_s"] for r in rows),
+        "read_gbps_median": statistics.median(r["read_gbps"] for r in rows),
+        "all_first_tokens_match": all(r["first_token_matches"] for r in rows),
+        "reps": rows,
+    }
 
 
 def run(args) -> int:
@@ -177,12 +233,32 @@ def run(args) -> int:
     load_avg = os.getloadavg()  # other work on the machine shapes CPU-side numbers
     with LocalMooncake(segment_bytes=segment, log_dir=os.path.join(path, "mooncake-logs")) as mc:
         args.master, args.metadata = mc.master, mc.metadata
-        results["transfer_engine_bench"] = transfer_engine_bench(mc, layout.group_bytes, args.te_seconds,
-                                                                 args.te_threads, args.te_batch)
+        results["transfer_engine_bench"] = transfer_engine_bench(
+            mc, layout.group_bytes, args.te_seconds, args.te_threads, args.te_batch
+        )
         print("transfer_engine_bench", results["transfer_engine_bench"], flush=True)
-        cmd = [sys.executable, "-m", "kvdrive", "bench", "remote", "--role", "writer", "--master", mc.master,
-               "--metadata", mc.metadata, "-m", args.model, "--device", args.device, "-c", str(args.context),
-               "--chunk-tokens", str(args.chunk_tokens), *(["--dtype", args.dtype] if args.dtype else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvdrive",
+            "bench",
+            "remote",
+            "--role",
+            "writer",
+            "--master",
+            mc.master,
+            "--metadata",
+            mc.metadata,
+            "-m",
+            args.model,
+            "--device",
+            args.device,
+            "-c",
+            str(args.context),
+            "--chunk-tokens",
+            str(args.chunk_tokens),
+            *(["--dtype", args.dtype] if args.dtype else []),
+        ]
         w = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
         if w.returncode != 0:
             print(w.stderr[-3000:], file=sys.stderr)
@@ -202,41 +278,74 @@ def run(args) -> int:
             ref = _prefill(model, cache, 0, ids)
             devices.synchronize(dev)
             recompute_s = time.perf_counter() - t0
-            results["recompute"] = {"ttft_s": recompute_s, "first_token_matches_writer":
-                                    ref == results["writer"]["first_token"]}
-            disk = PrefixPool(cfg, model.dtype, PrefixConfig(
-                model=args.model, disks=(PoolPath(path, int(kv_bytes * 1.2) + (64 << 20)),),
-                chunk_tokens=args.chunk_tokens, admit_after=1))
+            results["recompute"] = {
+                "ttft_s": recompute_s,
+                "first_token_matches_writer": ref == results["writer"]["first_token"],
+            }
+            disk = PrefixPool(
+                cfg,
+                model.dtype,
+                PrefixConfig(
+                    model=args.model,
+                    disks=(PoolPath(path, int(kv_bytes * 1.2) + (64 << 20)),),
+                    chunk_tokens=args.chunk_tokens,
+                    admit_after=1,
+                ),
+            )
             disk.staging.reserve(chunks)  # steady state: the staging ring exists
             disk.store(cache, 0, ids.tolist())
-            results["disk"] = _summary([_load_ttft(disk, model, cache, ids, ref, recompute_s, [path])
-                                        for _ in range(args.reps)])
+            results["disk"] = _summary(
+                [_load_ttft(disk, model, cache, ids, ref, recompute_s, [path]) for _ in range(args.reps)]
+            )
             disk.close(remove=True)
-            remote = PrefixPool(cfg, model.dtype, PrefixConfig(  # it only loads: a write ring of a few objects
-                model=args.model, chunk_tokens=args.chunk_tokens, remote=_remote(args, 4 * (layout.group_bytes + 128))))
-            results["remote"] = _summary([_load_ttft(remote, model, cache, ids, ref, recompute_s)
-                                          for _ in range(args.reps + 1)][1:])  # the first registers its ring
+            remote = PrefixPool(
+                cfg,
+                model.dtype,
+                PrefixConfig(  # it only loads: a write ring of a few objects
+                    model=args.model,
+                    chunk_tokens=args.chunk_tokens,
+                    remote=_remote(args, 4 * (layout.group_bytes + 128)),
+                ),
+            )
+            results["remote"] = _summary(
+                [_load_ttft(remote, model, cache, ids, ref, recompute_s) for _ in range(args.reps + 1)][1:]
+            )  # the first registers its ring
             results["remote"]["stats"] = remote.stats().remote.__dict__
             remote.close()
     te = results["transfer_engine_bench"].get("read_gbps")
     results["remote"]["read_over_transfer_engine"] = results["remote"]["read_gbps_median"] / te if te else None
     for k in ("disk", "remote"):
-        print(k, {x: results[k][x] for x in ("ttft_s_median", "read_gbps_median", "all_first_tokens_match")},
-              flush=True)
+        print(
+            k, {x: results[k][x] for x in ("ttft_s_median", "read_gbps_median", "all_first_tokens_match")}, flush=True
+        )
     print("recompute", results["recompute"], flush=True)
-    config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "context": args.context,
-              "chunk_tokens": args.chunk_tokens, "object_bytes": layout.group_bytes + 64,
-              "objects_per_chunk": layout.num_layers, "reps": args.reps, "path": path, "segment_bytes": segment,
-              "protocol": "tcp", "transport": "loopback, one machine", "cpu_count": os.cpu_count(),
-              "load_average_at_start": load_avg, "load_average_at_end": os.getloadavg()}
-    notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
-             "TTFT = load (or recompute) + suffix prefill + argmax of the first token, synchronized",
-             "remote: written by another process (--role writer) into a pool holder's segment (mooncake_client); "
-             "read by a pool with no local tier, so every chunk crosses the transfer engine (TCP, loopback)",
-             "remote: the first load registers the read ring with the store and is not counted",
-             "disk: page cache dropped (posix_fadvise DONTNEED) before each load; O_DIRECT where supported",
-             "transfer_engine_bench: the wheel's own binary, target + initiator over the same metadata server, "
-             "block = one object's KV; GB = 1e9 bytes"]
+    config = {
+        "model": loaded.source,
+        "dtype": str(model.dtype),
+        "device": str(dev),
+        "context": args.context,
+        "chunk_tokens": args.chunk_tokens,
+        "object_bytes": layout.group_bytes + 64,
+        "objects_per_chunk": layout.num_layers,
+        "reps": args.reps,
+        "path": path,
+        "segment_bytes": segment,
+        "protocol": "tcp",
+        "transport": "loopback, one machine",
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_avg,
+        "load_average_at_end": os.getloadavg(),
+    }
+    notes = [
+        "random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+        "TTFT = load (or recompute) + suffix prefill + argmax of the first token, synchronized",
+        "remote: written by another process (--role writer) into a pool holder's segment (mooncake_client); "
+        "read by a pool with no local tier, so every chunk crosses the transfer engine (TCP, loopback)",
+        "remote: the first load registers the read ring with the store and is not counted",
+        "disk: page cache dropped (posix_fadvise DONTNEED) before each load; O_DIRECT where supported",
+        "transfer_engine_bench: the wheel's own binary, target + initiator over the same metadata server, "
+        "block = one object's KV; GB = 1e9 bytes",
+    ]
     out = write_result(args.out, "remote", config, results, notes)
     shutil.rmtree(path, ignore_errors=True)  # the pool's files and the store's logs (kept when a step fails)
     print(f"wrote {out}")

@@ -113,8 +113,12 @@ def _probe_paths(paths, slot_bytes, mib) -> dict:
     for p in paths:
         res = measure(p, slot_bytes, mib << 20)
         probe.save(res)
-        out[p] = {"read_gbps": res.read_gbps, "write_gbps": res.write_gbps, "direct": res.direct,
-                  "st_dev": os.stat(p).st_dev}
+        out[p] = {
+            "read_gbps": res.read_gbps,
+            "write_gbps": res.write_gbps,
+            "direct": res.direct,
+            "st_dev": os.stat(p).st_dev,
+        }
     return out
 
 
@@ -142,8 +146,14 @@ def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, devic
     tok = _prefill(model, cache, 1, ids, done)
     devices.synchronize(dev)
     ttft = time.perf_counter() - t0
-    row["serial_buffered"] = {"ttft_s": ttft, "load_s": load_s, "tokens_loaded": done, "read_gbps": nbytes / load_s / 1e9,
-                              "speedup_vs_recompute": recompute_s / ttft, "first_token_matches": tok == ref_token}
+    row["serial_buffered"] = {
+        "ttft_s": ttft,
+        "load_s": load_s,
+        "tokens_loaded": done,
+        "read_gbps": nbytes / load_s / 1e9,
+        "speedup_vs_recompute": recompute_s / ttft,
+        "first_token_matches": tok == ref_token,
+    }
     # (c) kvdrive
     _fresh(cache, 1, len(ids))
     _drop_page_cache(paths)
@@ -157,13 +167,27 @@ def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, devic
     ttft = time.perf_counter() - t0
     rep = pool.last_load
     gbps = rep.bytes_read / load_s / 1e9
-    row["kvdrive"] = {"ttft_s": ttft, "load_s": load_s, "suffix_prefill_s": ttft - load_s, "tokens_loaded": done,
-                      "chunks_from_disk": rep.chunks_from_disk, "chunks_from_host": rep.chunks_from_host,
-                      "bytes_read": rep.bytes_read, "read_gbps": gbps, "first_token_matches": tok == ref_token,
-                      "speedup_vs_recompute": recompute_s / ttft, "ttft_over_recompute": ttft / recompute_s,
-                      "read_gbps_over_device_sum": gbps / device_gbps if device_gbps else None}
-    print(name, len(ids), {k: row[k]["ttft_s"] for k in ("serial_buffered", "kvdrive")},
-          f"recompute {recompute_s:.2f}s, kvdrive {gbps:.2f} GB/s of {device_gbps:.2f}", flush=True)
+    row["kvdrive"] = {
+        "ttft_s": ttft,
+        "load_s": load_s,
+        "suffix_prefill_s": ttft - load_s,
+        "tokens_loaded": done,
+        "chunks_from_disk": rep.chunks_from_disk,
+        "chunks_from_host": rep.chunks_from_host,
+        "bytes_read": rep.bytes_read,
+        "read_gbps": gbps,
+        "first_token_matches": tok == ref_token,
+        "speedup_vs_recompute": recompute_s / ttft,
+        "ttft_over_recompute": ttft / recompute_s,
+        "read_gbps_over_device_sum": gbps / device_gbps if device_gbps else None,
+    }
+    print(
+        name,
+        len(ids),
+        {k: row[k]["ttft_s"] for k in ("serial_buffered", "kvdrive")},
+        f"recompute {recompute_s:.2f}s, kvdrive {gbps:.2f} GB/s of {device_gbps:.2f}",
+        flush=True,
+    )
     return row
 
 
@@ -191,9 +215,20 @@ def run(args) -> int:
             shutil.rmtree(d, ignore_errors=True)
             os.makedirs(d)
             probe.save(probe.DeviceProbe(**{**probe.load(os.path.dirname(d), layout.slot_bytes).__dict__, "path": d}))
-        pools[name] = (PrefixPool(cfg, model.dtype, PrefixConfig(
-            model=args.model, disks=tuple(PoolPath(d, budget // len(dirs) + args.chunk_tokens * kv_token) for d in dirs),
-            chunk_tokens=args.chunk_tokens, admit_after=1)), dirs, _device_gbps(probes, ps)[1])
+        pools[name] = (
+            PrefixPool(
+                cfg,
+                model.dtype,
+                PrefixConfig(
+                    model=args.model,
+                    disks=tuple(PoolPath(d, budget // len(dirs) + args.chunk_tokens * kv_token) for d in dirs),
+                    chunk_tokens=args.chunk_tokens,
+                    admit_after=1,
+                ),
+            ),
+            dirs,
+            _device_gbps(probes, ps)[1],
+        )
     gen = torch.Generator().manual_seed(0)
     base = torch.randint(0, cfg.vocab_size, (max_ctx,), generator=gen).to(dev)
     cache = ContiguousKVCache(cfg, 2, max_ctx, dev, model.dtype)
@@ -225,27 +260,56 @@ def run(args) -> int:
             d = os.path.join(paths[0], "host")
             shutil.rmtree(d, ignore_errors=True)
             os.makedirs(d)
-            pool = PrefixPool(cfg, model.dtype, PrefixConfig(
-                model=args.model, disks=(PoolPath(d, budget, weight=probes[paths[0]]["read_gbps"]),),
-                host_bytes=int(args.host_gib * 2**30), chunk_tokens=args.chunk_tokens, admit_after=1))
+            pool = PrefixPool(
+                cfg,
+                model.dtype,
+                PrefixConfig(
+                    model=args.model,
+                    disks=(PoolPath(d, budget, weight=probes[paths[0]]["read_gbps"]),),
+                    host_bytes=int(args.host_gib * 2**30),
+                    chunk_tokens=args.chunk_tokens,
+                    admit_after=1,
+                ),
+            )
             t0 = time.perf_counter()
             pool.store(cache, 0, ids.tolist())
             store_s = time.perf_counter() - t0
             host_gbps = pool.host_weight
-            row = _measure("host + disk x1", pool, model, cache, ids, ref, recompute_s, [d],
-                           host_gbps + probes[paths[0]]["read_gbps"])
+            row = _measure(
+                "host + disk x1",
+                pool,
+                model,
+                cache,
+                ids,
+                ref,
+                recompute_s,
+                [d],
+                host_gbps + probes[paths[0]]["read_gbps"],
+            )
             row.update(store_s=store_s, host_gbps_measured=host_gbps, stats=pool.stats().__dict__)
             results[-1]["host + disk x1"] = row
             pool.close(remove=True)
-    config = {"model": loaded.source, "dtype": str(model.dtype), "device": str(dev), "contexts": args.contexts,
-              "chunk_tokens": args.chunk_tokens, "slot_bytes": layout.slot_bytes, "kv_bytes_per_token": kv_token,
-              "paths": paths, "probes": probes, "host_gib": args.host_gib, "prefill_chunk": PREFILL_CHUNK}
-    notes = ["random weights of the real architecture's shape" if loaded.random_weights else "real weights",
-             "TTFT = load (or recompute) + suffix prefill + argmax of the first token, synchronized",
-             "page cache dropped (posix_fadvise DONTNEED) on the extents before (b) and (c); (c) reads with O_DIRECT",
-             "prompts share one random token stream, so the 64K and 128K stores reuse the shorter ones' chunks",
-             "read_gbps_over_device_sum: achieved / sum of probed read GB/s over distinct devices (st_dev)",
-             "staging ring allocated before timing (steady state); the first load of a pool allocates it"]
+    config = {
+        "model": loaded.source,
+        "dtype": str(model.dtype),
+        "device": str(dev),
+        "contexts": args.contexts,
+        "chunk_tokens": args.chunk_tokens,
+        "slot_bytes": layout.slot_bytes,
+        "kv_bytes_per_token": kv_token,
+        "paths": paths,
+        "probes": probes,
+        "host_gib": args.host_gib,
+        "prefill_chunk": PREFILL_CHUNK,
+    }
+    notes = [
+        "random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+        "TTFT = load (or recompute) + suffix prefill + argmax of the first token, synchronized",
+        "page cache dropped (posix_fadvise DONTNEED) on the extents before (b) and (c); (c) reads with O_DIRECT",
+        "prompts share one random token stream, so the 64K and 128K stores reuse the shorter ones' chunks",
+        "read_gbps_over_device_sum: achieved / sum of probed read GB/s over distinct devices (st_dev)",
+        "staging ring allocated before timing (steady state); the first load of a pool allocates it",
+    ]
     path = write_result(args.out, "ttft", config, results, notes)
     print(f"wrote {path}")
     return 0

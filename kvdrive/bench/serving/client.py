@@ -59,16 +59,32 @@ def exact_length(kind: str, max_tokens: int) -> dict:
     return {}
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extra: dict, start: float,
-               kind: str = "", rec: Record | None = None) -> Record:
+async def send(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    item: Item,
+    extra: dict,
+    start: float,
+    kind: str = "",
+    rec: Record | None = None,
+) -> Record:
     """One streamed completion of exactly ``item.max_tokens`` tokens from a ``kind`` server (see
     ``exact_length``); never raises (a failure is the record's ``error``). ``rec``: a record to
     fill as chunks arrive (the caller may read it meanwhile)."""
     rec = rec or Record(item.group, item.first, 0.0)
     rec.max_tokens = item.max_tokens
     rec.sent = time.perf_counter() - start
-    body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **exact_length(kind, item.max_tokens), **extra}
+    body = {
+        "model": model,
+        "prompt": item.prompt,
+        "max_tokens": item.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **exact_length(kind, item.max_tokens),
+        **extra,
+    }
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -97,19 +113,23 @@ async def send(client: httpx.AsyncClient, url: str, model: str, item: Item, extr
     except (httpx.HTTPError, json.JSONDecodeError) as err:
         rec.error = f"{type(err).__name__}: {err}"[:200]
     if rec.error is None and not rec.chunks:
-        rec.error = (f"no token came back (finish_reason {rec.finish_reason}, usage completion_tokens "
-                     f"{rec.completion_tokens})")
+        rec.error = (
+            f"no token came back (finish_reason {rec.finish_reason}, usage completion_tokens {rec.completion_tokens})"
+        )
     return rec
 
 
 def new_client(timeout: float) -> httpx.AsyncClient:
     """A client with no cap on connections: every request in flight has its own."""
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=30.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+    )
 
 
-async def open_loop(url: str, model: str, items: list[Item], times: list[float], extra: dict,
-                    timeout: float = 1800.0, kind: str = "") -> tuple[list[Record], float]:
+async def open_loop(
+    url: str, model: str, items: list[Item], times: list[float], extra: dict, timeout: float = 1800.0, kind: str = ""
+) -> tuple[list[Record], float]:
     """Send ``items[i]`` at ``times[i]`` seconds from now, whatever is still running; returns the
     records (in item order) and the wall time from the first send to the last answer."""
     async with new_client(timeout) as client:
@@ -143,14 +163,20 @@ def summarize(records: list[Record], wall: float) -> dict:
     out = sum(r.output_tokens for r in ok)
     first, later = [r.ttft for r in ok if r.first], [r.ttft for r in ok if not r.first]
     return {
-        "requests": len(records), "errors": len(records) - len(ok),
+        "requests": len(records),
+        "errors": len(records) - len(ok),
         # answered, but with fewer tokens than asked (a server that stopped at EOS despite being told not to)
         "short_outputs": sum(r.output_tokens < r.max_tokens for r in records if r.max_tokens),
         "error_examples": sorted({r.error for r in records if r.error})[:3],
-        "wall_s": wall, "output_tokens": out, "output_tok_per_s": out / wall if wall > 0 else None,
-        "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-        "itl_p50_s": percentile(itls, 50), "itl_p99_s": percentile(itls, 99),
-        "prompt_tokens": prompt, "cached_tokens": sum(r.cached_tokens for r in ok),
+        "wall_s": wall,
+        "output_tokens": out,
+        "output_tok_per_s": out / wall if wall > 0 else None,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p50_s": percentile(itls, 50),
+        "itl_p99_s": percentile(itls, 99),
+        "prompt_tokens": prompt,
+        "cached_tokens": sum(r.cached_tokens for r in ok),
         "prefix_hit_rate": sum(r.cached_tokens for r in ok) / prompt if prompt else None,
         # shared prefixes: a document's first request (cold) against its later ones
         "ttft_first_of_group_p50_s": percentile(first, 50) if later else None,

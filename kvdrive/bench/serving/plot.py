@@ -7,8 +7,13 @@ from kvdrive.plotting import pyplot
 
 def plot(results: dict, path: str) -> str:
     plt = pyplot()
-    rows = [(f"{kind}\n{name}", s) for kind, res in results.items() if isinstance(res, dict)
-            for name, s in res.items() if isinstance(s, dict) and "ttft_p50_s" in s]
+    rows = [
+        (f"{kind}\n{name}", s)
+        for kind, res in results.items()
+        if isinstance(res, dict)
+        for name, s in res.items()
+        if isinstance(s, dict) and "ttft_p50_s" in s
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 * len(rows) + 2), sharey=True)
     y = range(len(rows))
     labels = [r[0] for r in rows]

@@ -31,22 +31,43 @@ from kvdrive.results import write_result
 def add_arguments(p) -> None:
     s = p.add_argument_group("servers")
     s.add_argument("--url", help="a running kvdrive server (default: start `kvdrive serve MODEL` here)")
-    s.add_argument("--model", default="smollm2", help="the model of the kvdrive server started here, and of "
-                   "--generate-baseline (default smollm2)")
-    s.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help="an argument for the kvdrive server started here, e.g. --serve-arg=--budget=2048 "
-                        "(repeatable; default: --max-model-len 2048 --prefix-host-gib 1)")
-    s.add_argument("--transformers", metavar="MODEL", help="also start `transformers serve` on MODEL and run the same "
-                   "workloads against it: a Hugging Face directory, or an embedded model or .gguf that kvdrive has "
-                   "loaded once (its converted directory: the same fp32 weights kvdrive serves)")
+    s.add_argument(
+        "--model",
+        default="smollm2",
+        help="the model of the kvdrive server started here, and of --generate-baseline (default smollm2)",
+    )
+    s.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for the kvdrive server started here, e.g. --serve-arg=--budget=2048 "
+        "(repeatable; default: --max-model-len 2048 --prefix-host-gib 1)",
+    )
+    s.add_argument(
+        "--transformers",
+        metavar="MODEL",
+        help="also start `transformers serve` on MODEL and run the same "
+        "workloads against it: a Hugging Face directory, or an embedded model or .gguf that kvdrive has "
+        "loaded once (its converted directory: the same fp32 weights kvdrive serves)",
+    )
     s.add_argument("--transformers-url", help="a running transformers server to measure instead of starting one")
-    s.add_argument("--transformers-arg", action="append", default=[], metavar="ARG",
-                   help="an argument for the transformers server started here (e.g. --transformers-arg=--device=cpu)")
+    s.add_argument(
+        "--transformers-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument for the transformers server started here (e.g. --transformers-arg=--device=cpu)",
+    )
     s.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server (default 900)")
     w = p.add_argument_group("workloads")
-    w.add_argument("--workloads", nargs="*", default=["shared_prefix", "random"],
-                   choices=["shared_prefix", "random"], help="default: both; none (an empty list) for the extra "
-                   "measurements alone")
+    w.add_argument(
+        "--workloads",
+        nargs="*",
+        default=["shared_prefix", "random"],
+        choices=["shared_prefix", "random"],
+        help="default: both; none (an empty list) for the extra measurements alone",
+    )
     w.add_argument("--docs", type=int, default=4, help="shared_prefix: documents (default 4)")
     w.add_argument("--questions", type=int, default=4, help="shared_prefix: questions per document (default 4)")
     w.add_argument("--doc-tokens", type=int, default=1024, help="shared_prefix: tokens per document (default 1024)")
@@ -54,29 +75,59 @@ def add_arguments(p) -> None:
     w.add_argument("--prompt-tokens", type=int, default=256, help="random: tokens per prompt (default 256)")
     w.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     w.add_argument("--rate", type=float, default=1.0, help="requests per second, Poisson (default 1)")
-    w.add_argument("--token-prompts", action="store_true",
-                   help="send token ids instead of text (random-weight models have no tokenizer)")
+    w.add_argument(
+        "--token-prompts",
+        action="store_true",
+        help="send token ids instead of text (random-weight models have no tokenizer)",
+    )
     w.add_argument("--seed", type=int, default=0)
     x = p.add_argument_group("extra measurements (kvdrive)")
-    x.add_argument("--interference", type=int, default=0, metavar="TOKENS",
-                   help="streams decode while a prompt of TOKENS tokens is prefilled: their inter-token latency "
-                        "before and during it (0: skip)")
+    x.add_argument(
+        "--interference",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="streams decode while a prompt of TOKENS tokens is prefilled: their inter-token latency "
+        "before and during it (0: skip)",
+    )
     x.add_argument("--streams", type=int, default=8, help="--interference: streams decoding (default 8)")
-    x.add_argument("--repeat-doc", type=int, default=0, metavar="TOKENS",
-                   help="--repeat-docs documents of TOKENS tokens, one at a time: each cold, then twice more with a "
-                        "new question (prefix pool on); TTFT p50 cold and repeated (0: skip)")
+    x.add_argument(
+        "--repeat-doc",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="--repeat-docs documents of TOKENS tokens, one at a time: each cold, then twice more with a "
+        "new question (prefix pool on); TTFT p50 cold and repeated (0: skip)",
+    )
     x.add_argument("--repeat-docs", type=int, default=4, help="--repeat-doc: documents (default 4)")
-    x.add_argument("--soak", type=float, default=0, metavar="SECONDS",
-                   help="a closed-loop load of --soak-clients clients, each sending its next random prompt when the "
-                        "last one ends, for SECONDS: errors, and server memory sampled every 2 s (0: skip)")
-    x.add_argument("--soak-clients", type=int, default=32, help="--soak: clients (default 32; above the server's "
-                   "max_num_seqs keeps it saturated)")
+    x.add_argument(
+        "--soak",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="a closed-loop load of --soak-clients clients, each sending its next random prompt when the "
+        "last one ends, for SECONDS: errors, and server memory sampled every 2 s (0: skip)",
+    )
+    x.add_argument(
+        "--soak-clients",
+        type=int,
+        default=32,
+        help="--soak: clients (default 32; above the server's max_num_seqs keeps it saturated)",
+    )
     x.add_argument("--soak-prompt-tokens", type=int, default=1024, help="--soak: tokens per prompt (default 1024)")
-    x.add_argument("--single-stream", type=int, default=0, metavar="TOKENS",
-                   help="one stream of TOKENS tokens: decode tokens/s through HTTP (0: skip)")
-    x.add_argument("--generate-baseline", action="store_true",
-                   help="with --single-stream: the same decode with LLM.generate in this process, the model "
-                        "loaded with the kvdrive server's settings (--model, --serve-arg) once the servers stop")
+    x.add_argument(
+        "--single-stream",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="one stream of TOKENS tokens: decode tokens/s through HTTP (0: skip)",
+    )
+    x.add_argument(
+        "--generate-baseline",
+        action="store_true",
+        help="with --single-stream: the same decode with LLM.generate in this process, the model "
+        "loaded with the kvdrive server's settings (--model, --serve-arg) once the servers stop",
+    )
     p.add_argument("-o", "--out", default="bench/results/serve.json", help="JSON result path")
     p.add_argument("--plot", default=None, help="plot path (default: the JSON path with .png)")
 
@@ -103,10 +154,12 @@ def run(args) -> int:
         base = results["generate_baseline"]["decode_tok_per_s"]
         results["generate_baseline"]["http_over_generate"] = http_rate / base if http_rate and base else None
     if "transformers" in results:
-        notes.append("every request asks for exactly --max-tokens tokens: kvdrive with ignore_eos, transformers serve "
-                     "(which answers unknown fields such as ignore_eos with HTTP 422) with generation_config "
-                     "{\"min_new_tokens\": N}; short_outputs counts answers with fewer tokens, and a request answered "
-                     "with no token at all is an error (its finish_reason and usage are in error_examples)")
+        notes.append(
+            "every request asks for exactly --max-tokens tokens: kvdrive with ignore_eos, transformers serve "
+            "(which answers unknown fields such as ignore_eos with HTTP 422) with generation_config "
+            '{"min_new_tokens": N}; short_outputs counts answers with fewer tokens, and a request answered '
+            "with no token at all is an error (its finish_reason and usage are in error_examples)"
+        )
     config = {k: v for k, v in vars(args).items() if k != "func"}
     config["nonce"] = nonce
     path = write_result(args.out, "serve", config, results, notes)
@@ -147,15 +200,17 @@ def _measure(server: servers.Server, args, nonce: str) -> dict:
     records, _ = asyncio.run(http.open_loop(server.url, server.model, [warm], [0.0], {}, kind=server.kind))
     if records[0].error:
         raise KvdriveError(f"{server.kind} server at {server.url} failed its warm-up request: {records[0].error}")
-    pool = server.metrics().get("kvdrive:prefix_pool_capacity_bytes[host]", 0) + \
-        server.metrics().get("kvdrive:prefix_pool_capacity_bytes[disk]", 0)
+    pool = server.metrics().get("kvdrive:prefix_pool_capacity_bytes[host]", 0) + server.metrics().get(
+        "kvdrive:prefix_pool_capacity_bytes[disk]", 0
+    )
     if server.kind == "kvdrive":
         out["prefix_pool_bytes"] = pool
     for name in args.workloads:
         prompts = workloads.Prompts(args.token_prompts, args.seed, nonce)
         if name == "shared_prefix":
-            items = workloads.shared_prefix(args.docs, args.questions, args.doc_tokens, args.max_tokens, prompts,
-                                            args.seed)
+            items = workloads.shared_prefix(
+                args.docs, args.questions, args.doc_tokens, args.max_tokens, prompts, args.seed
+            )
         else:
             items = workloads.independent(args.random_prompts, args.prompt_tokens, args.max_tokens, prompts)
         times = workloads.arrivals(len(items), args.rate, args.seed)
@@ -176,6 +231,7 @@ def _measure(server: servers.Server, args, nonce: str) -> dict:
 
 def _phase(server: servers.Server, items, times, extra: dict) -> dict:
     """One open-loop run, with the server's memory sampled every second through it."""
+
     async def go():
         samples, done = [], asyncio.Event()
 
@@ -200,9 +256,14 @@ def _phase(server: servers.Server, items, times, extra: dict) -> dict:
 
 def _memory(server: servers.Server) -> dict:
     m = server.metrics()
-    return {"t": time.monotonic(), "rss": server.rss() or m.get("process_resident_memory_bytes"),
-            "gpu": m.get("kvdrive:gpu_memory_allocated_bytes"), "gpu_reserved": m.get("kvdrive:gpu_memory_reserved_bytes"),
-            "running": m.get("kvdrive:num_requests_running"), "waiting": m.get("kvdrive:num_requests_waiting")}
+    return {
+        "t": time.monotonic(),
+        "rss": server.rss() or m.get("process_resident_memory_bytes"),
+        "gpu": m.get("kvdrive:gpu_memory_allocated_bytes"),
+        "gpu_reserved": m.get("kvdrive:gpu_memory_reserved_bytes"),
+        "running": m.get("kvdrive:num_requests_running"),
+        "waiting": m.get("kvdrive:num_requests_waiting"),
+    }
 
 
 def _growth(samples: list[dict], keys=("rss", "gpu")) -> dict:
@@ -214,8 +275,12 @@ def _growth(samples: list[dict], keys=("rss", "gpu")) -> dict:
     out = {}
     for k in keys:
         later = [s[k] for s in samples[len(samples) // 5 :] if s[k] is not None]
-        out[k] = {"after_warmup": warm[k], "end": last[k], "peak_after_warmup": max(later) if later else None,
-                  "growth": (last[k] - warm[k]) if warm[k] is not None and last[k] is not None else None}
+        out[k] = {
+            "after_warmup": warm[k],
+            "end": last[k],
+            "peak_after_warmup": max(later) if later else None,
+            "growth": (last[k] - warm[k]) if warm[k] is not None and last[k] is not None else None,
+        }
     return out
 
 
@@ -229,8 +294,10 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
     async with http.new_client(3600.0) as c:
         start = time.perf_counter()
         live = [http.Record("", True, 0.0) for _ in stream_items]  # filled while the streams run
-        tasks = [asyncio.ensure_future(http.send(c, server.url, server.model, it, {}, start, server.kind, rec))
-                 for it, rec in zip(stream_items, live)]
+        tasks = [
+            asyncio.ensure_future(http.send(c, server.url, server.model, it, {}, start, server.kind, rec))
+            for it, rec in zip(stream_items, live)
+        ]
         while not all(len(r.chunks) >= 4 or r.error for r in live):
             await asyncio.sleep(0.05)
         long_rec = await http.send(c, server.url, server.model, long_item, {}, start, server.kind)
@@ -241,12 +308,19 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
     before = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if b <= long_rec.sent for g in [b - a]]
     during = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if long_rec.sent < b <= end for g in [b - a]]
     p50, p99, p50_during = http.percentile(before, 50), http.percentile(during, 99), http.percentile(during, 50)
-    return {"streams": args.streams, "long_prompt_tokens": long_rec.prompt_tokens, "long_ttft_s": long_rec.ttft,
-            "long_error": long_rec.error, "itl_p50_before_s": p50, "itl_p99_during_s": p99,
-            "itl_p50_during_s": p50_during, "gaps_during": len(during),
-            "p99_during_over_p50_before": p99 / p50 if p50 and p99 else None,
-            "p99_during_over_p50_during": p99 / p50_during if p50_during and p99 else None,
-            "stream_errors": sorted({r.error for r in live if r.error})[:3]}
+    return {
+        "streams": args.streams,
+        "long_prompt_tokens": long_rec.prompt_tokens,
+        "long_ttft_s": long_rec.ttft,
+        "long_error": long_rec.error,
+        "itl_p50_before_s": p50,
+        "itl_p99_during_s": p99,
+        "itl_p50_during_s": p50_during,
+        "gaps_during": len(during),
+        "p99_during_over_p50_before": p99 / p50 if p50 and p99 else None,
+        "p99_during_over_p50_during": p99 / p50_during if p50_during and p99 else None,
+        "stream_errors": sorted({r.error for r in live if r.error})[:3],
+    }
 
 
 def _single(server: servers.Server, args, nonce: str) -> dict:
@@ -255,8 +329,12 @@ def _single(server: servers.Server, args, nonce: str) -> dict:
     records, _ = asyncio.run(http.open_loop(server.url, server.model, [item], [0.0], {}, kind=server.kind))
     r = records[0]
     span = r.chunks[-1] - r.chunks[0] if len(r.chunks) > 1 else 0
-    return {"tokens": r.output_tokens, "error": r.error, "ttft_s": r.ttft,
-            "decode_tok_per_s": (len(r.chunks) - 1) / span if span > 0 else None}
+    return {
+        "tokens": r.output_tokens,
+        "error": r.error,
+        "ttft_s": r.ttft,
+        "decode_tok_per_s": (len(r.chunks) - 1) / span if span > 0 else None,
+    }
 
 
 async def _repeat_doc(server: servers.Server, args, nonce: str) -> dict:
@@ -269,8 +347,15 @@ async def _repeat_doc(server: servers.Server, args, nonce: str) -> dict:
             doc = prompts.body(args.repeat_doc, f"repeated document {d}")
             for q in range(3):
                 item = workloads.Item(doc + prompts.question(q), f"doc{d}", q == 0, 4)
-                r = await http.send(c, server.url, server.model, item, {"kvdrive": {"prefix_cache": True}},
-                                    time.perf_counter(), server.kind)
+                r = await http.send(
+                    c,
+                    server.url,
+                    server.model,
+                    item,
+                    {"kvdrive": {"prefix_cache": True}},
+                    time.perf_counter(),
+                    server.kind,
+                )
                 if r.error:
                     errors.append(r.error)
                     continue
@@ -278,10 +363,18 @@ async def _repeat_doc(server: servers.Server, args, nonce: str) -> dict:
                 if q:
                     cached.append(r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0)
     p_cold, p_warm = http.percentile(cold, 50), http.percentile(warm, 50)
-    return {"doc_tokens": args.repeat_doc, "docs": args.repeat_docs, "ttft_cold_p50_s": p_cold,
-            "ttft_repeated_p50_s": p_warm, "repeated_over_cold": p_warm / p_cold if p_cold and p_warm else None,
-            "ttft_cold_s": cold, "ttft_repeated_s": warm, "repeated_cached_share": cached, "errors": errors[:3],
-            "error_count": len(errors)}
+    return {
+        "doc_tokens": args.repeat_doc,
+        "docs": args.repeat_docs,
+        "ttft_cold_p50_s": p_cold,
+        "ttft_repeated_p50_s": p_warm,
+        "repeated_over_cold": p_warm / p_cold if p_cold and p_warm else None,
+        "ttft_cold_s": cold,
+        "ttft_repeated_s": warm,
+        "repeated_cached_share": cached,
+        "errors": errors[:3],
+        "error_count": len(errors),
+    }
 
 
 async def _soak(server: servers.Server, args, nonce: str) -> dict:
@@ -303,16 +396,28 @@ async def _soak(server: servers.Server, args, nonce: str) -> dict:
         async def sample() -> None:
             while time.perf_counter() < deadline:
                 m = await asyncio.to_thread(_memory, server)
-                samples.append({"t": m["t"] - start, "rss": m["rss"], "gpu": m["gpu"],
-                                "gpu_reserved": m["gpu_reserved"], "running": m["running"],
-                                "waiting": m["waiting"]})
+                samples.append(
+                    {
+                        "t": m["t"] - start,
+                        "rss": m["rss"],
+                        "gpu": m["gpu"],
+                        "gpu_reserved": m["gpu_reserved"],
+                        "running": m["running"],
+                        "waiting": m["waiting"],
+                    }
+                )
                 await asyncio.sleep(2.0)
 
         await asyncio.gather(sample(), *(client(i) for i in range(args.soak_clients)))
         wall = time.perf_counter() - start
     summary = http.summarize(records, wall)
-    summary.update(seconds=args.soak, clients=args.soak_clients, prompt_tokens_each=args.soak_prompt_tokens,
-                   memory=_growth(samples, ("rss", "gpu", "gpu_reserved")), samples=samples)
+    summary.update(
+        seconds=args.soak,
+        clients=args.soak_clients,
+        prompt_tokens_each=args.soak_prompt_tokens,
+        memory=_growth(samples, ("rss", "gpu", "gpu_reserved")),
+        samples=samples,
+    )
     return summary
 
 
@@ -327,12 +432,14 @@ def _generate_baseline(args) -> dict:
 
     parser = argparse.ArgumentParser()
     serve_command.add_parser(parser.add_subparsers())
-    config = serve_command.config_from_args(parser.parse_args(["serve", args.model,
-                                                               *(args.serve_arg or DEFAULT_SERVE_ARGS)]))
+    config = serve_command.config_from_args(
+        parser.parse_args(["serve", args.model, *(args.serve_arg or DEFAULT_SERVE_ARGS)])
+    )
     n = args.single_stream
     m = config.model  # as the server loads it, less the prefix pool (one 64-token prompt never uses it)
-    with LLM(m.model, device=m.device, dtype=m.dtype, max_model_len=m.max_model_len, seed=m.seed,
-             kv_cache=config.kv.tiered()) as llm:
+    with LLM(
+        m.model, device=m.device, dtype=m.dtype, max_model_len=m.max_model_len, seed=m.seed, kv_cache=config.kv.tiered()
+    ) as llm:
         prompt = [1000 + i for i in range(64)]
         # warm-up, at the full length: the cache is built for it here, not inside a timed call
         llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
@@ -348,9 +455,11 @@ def _print(results: dict) -> None:
     for kind, res in results.items():
         for name, s in res.items():
             if isinstance(s, dict) and "ttft_p50_s" in s:
-                print(f"{kind:12s} {name:24s} ttft p50 {_ms(s['ttft_p50_s'])} p99 {_ms(s['ttft_p99_s'])}  itl p50 "
-                      f"{_ms(s['itl_p50_s'])} p99 {_ms(s['itl_p99_s'])}  {s['output_tok_per_s'] or 0:7.1f} tok/s  "
-                      f"hit {s['prefix_hit_rate'] or 0:.2f}  errors {s['errors']}")
+                print(
+                    f"{kind:12s} {name:24s} ttft p50 {_ms(s['ttft_p50_s'])} p99 {_ms(s['ttft_p99_s'])}  itl p50 "
+                    f"{_ms(s['itl_p50_s'])} p99 {_ms(s['itl_p99_s'])}  {s['output_tok_per_s'] or 0:7.1f} tok/s  "
+                    f"hit {s['prefix_hit_rate'] or 0:.2f}  errors {s['errors']}"
+                )
 
 
 def _ms(x) -> str:

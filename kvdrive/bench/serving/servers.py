@@ -77,8 +77,10 @@ def hf_dir_of(spec: str) -> str:
         return str(path)
     target = converted_dir(path)
     if not (target / "config.json").exists():
-        raise KvdriveError(f"{spec} is not converted yet: load it with kvdrive once (e.g. kvdrive generate -m {spec} "
-                           "hi), then its Hugging Face directory is served")
+        raise KvdriveError(
+            f"{spec} is not converted yet: load it with kvdrive once (e.g. kvdrive generate -m {spec} "
+            "hi), then its Hugging Face directory is served"
+        )
     return str(target)
 
 
@@ -92,8 +94,19 @@ def start(kind: str, args: list[str], timeout: float) -> Server:
     """Start ``kvdrive serve ARGS`` or ``transformers serve ARGS`` on a free local port."""
     port = free_port()
     if kind == "kvdrive":
-        cmd = [sys.executable, "-m", "kvdrive.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvdrive.cli",
+            "serve",
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
     else:
         exe = shutil.which("transformers")
         if exe is None:
@@ -122,16 +135,16 @@ def wait_ready(server: Server, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if server.process is not None and server.process.poll() is not None:
-            raise KvdriveError(f"{server.kind} serve exited with {server.process.returncode}: "
-                               f"{_tail(server.log)}")
+            raise KvdriveError(f"{server.kind} serve exited with {server.process.returncode}: {_tail(server.log)}")
         try:
             if httpx.get(server.url + "/health", timeout=5).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise KvdriveError(f"{server.kind} server at {server.url} not ready after {timeout:.0f} s: "
-                               f"{_tail(server.log)}")
+            raise KvdriveError(
+                f"{server.kind} server at {server.url} not ready after {timeout:.0f} s: {_tail(server.log)}"
+            )
         time.sleep(1.0)
     models = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
     server.model, server.max_model_len = models[0]["id"], models[0].get("max_model_len")

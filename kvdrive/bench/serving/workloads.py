@@ -66,8 +66,9 @@ class Prompts:
         return "\n\nQuestion: " + QUESTIONS[i % len(QUESTIONS)] + "\nAnswer:"
 
 
-def shared_prefix(docs: int, questions: int, doc_tokens: int, max_tokens: int, prompts: Prompts,
-                  seed: int) -> list[Item]:
+def shared_prefix(
+    docs: int, questions: int, doc_tokens: int, max_tokens: int, prompts: Prompts, seed: int
+) -> list[Item]:
     """``docs`` x ``questions`` requests in a seeded shuffle (a document's questions spread over the run)."""
     bodies = [prompts.body(doc_tokens, f"document {d}") for d in range(docs)]
     pairs = [(d, q) for d in range(docs) for q in range(questions)]

@@ -85,6 +85,9 @@ class KVCache(ABC):
     # lengths with fixed shapes, and nothing a decode step does needs the host.
     supports_cuda_graphs: bool = False
     graph_epoch: int = 0  # bumped when buffers a captured graph reads are reallocated: capture again
+    # ``plan(seq_ids, 1, start=..., span=n)`` attends to the first n positions only: a graph captured
+    # while every length is below n costs what those keys cost, not the whole ``max_len`` allocation.
+    supports_graph_span: bool = False
     # Micro-batched decode (``kvdrive.engine.micro_batch``): per-step state is per sequence,
     # counters add atomically, and ``plan(..., new_step=False)`` plans a later part of one step.
     supports_micro_batches: bool = False

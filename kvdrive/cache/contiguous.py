@@ -104,6 +104,7 @@ def grouped_sdpa(q, k, v, mask, scale: float, softcap: float | None) -> torch.Te
 
 class ContiguousKVCache(KVCache):
     supports_cuda_graphs = True  # plan(start=...) gives fixed shapes for replay
+    supports_graph_span = True
 
     def __init__(self, config: ModelConfig, max_seqs: int, max_len: int, device: torch.device, dtype: torch.dtype):
         self.layer_specs = layer_specs(config)
@@ -133,11 +134,12 @@ class ContiguousKVCache(KVCache):
     def length(self, seq_id: int) -> int:
         return self.seqs.length(seq_id)
 
-    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None) -> ForwardBatch:
+    def plan(self, seq_ids, num_new: int, start: torch.Tensor | None = None, span: int | None = None) -> ForwardBatch:
         """``start``: a device tensor (B,) of cached lengths to plan against instead of the
         host's record. CUDA-graph decode passes its static buffer here: every tensor the
-        forward then uses is derived on the GPU from it, and attention spans the whole
-        allocation (``max_len``) under a mask, so shapes stay fixed across replays."""
+        forward then uses is derived on the GPU from it, and attention spans the first
+        ``span`` positions (default the whole allocation, ``max_len``) under a mask, so shapes
+        stay fixed across replays while every length stays below ``span``."""
         seq_ids = tuple(seq_ids)
         starts = self.seqs.starts(seq_ids, num_new)
         slots = [self.seqs.slot(s) for s in seq_ids]
@@ -147,7 +149,7 @@ class ContiguousKVCache(KVCache):
         meta = _Meta(
             slot_index=slice(slots[0], slots[0] + len(slots)) if contiguous else self._slot_tensor(slots),
             start=start_t,
-            kv_len=self.max_len if static else max(starts) + num_new,
+            kv_len=min(span or self.max_len, self.max_len) if static else max(starts) + num_new,
             uniform_start=not static and len(set(starts)) == 1,
         )
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)

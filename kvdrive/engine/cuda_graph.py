@@ -5,7 +5,10 @@ Eager decode of a large model is bound by Python and kernel-launch overhead (abo
 it removes that. A graph is valid for one fixed list of sequences in one cache; the
 caller recaptures when the batch changes (a sequence finishes). Inputs go through
 static buffers: token ids (B, 1) and cached lengths (B,); the cache plans against
-the length buffer, so masks and write positions are computed on the GPU.
+the length buffer, so masks and write positions are computed on the GPU. Where the cache
+allows (``supports_graph_span``), a graph attends to the next power of two above the
+longest sequence (at least ``SPAN_MIN``) rather than the whole allocation, and is captured
+again when a sequence grows past it: a step costs the keys it has, within 2x.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import torch
 
 from kvdrive.cache.base import KVCache
 from kvdrive.engine.micro_batch import MicroBatchedDecode
+
+SPAN_MIN = 256  # the shortest span a graph attends to: fewer recaptures for short sequences
 
 
 class GraphedDecodeStep:
@@ -32,6 +37,7 @@ class GraphedDecodeStep:
         self._lengths = [torch.empty_like(self.start, device="cpu").pin_memory() for _ in range(2)]
         self._uploaded: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
+        self.span = self._span()
         self._capture()
 
     def _capture(self) -> None:
@@ -50,8 +56,15 @@ class GraphedDecodeStep:
     def _forward(self) -> torch.Tensor:
         # The warm-up and the capture write KV at each sequence's next position: the real
         # step overwrites exactly those entries, so nothing committed is disturbed.
-        logits, self.batches = self.step.forward(self.seq_ids, self.ids, start=self.start)
+        logits, self.batches = self.step.forward(self.seq_ids, self.ids, start=self.start, span=self.span)
         return logits
+
+    def _span(self) -> int | None:
+        """Positions this step must attend to: a power of two above every sequence's next position."""
+        if not self.cache.supports_graph_span:
+            return None
+        need = max(self.cache.length(s) for s in self.seq_ids) + 1
+        return min(self.cache.max_len, max(SPAN_MIN, 1 << (need - 1).bit_length()))
 
     def matches(self, seq_ids) -> bool:
         return tuple(seq_ids) == self.seq_ids
@@ -66,7 +79,9 @@ class GraphedDecodeStep:
         self.cache.prepare_replay(self.seq_ids)  # host-side work of the step, before the replay
         self.ids.copy_(token_ids)
         self._upload_lengths()
-        if self.cache.graph_epoch != self.epoch:  # buffers reallocated: capture again
+        span = self._span()
+        if self.cache.graph_epoch != self.epoch or span != self.span:  # buffers reallocated, or a sequence
+            self.span = span  # grew past the span: capture again
             self._capture()
         self.graph.replay()
         return self.logits

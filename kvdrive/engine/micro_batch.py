@@ -56,14 +56,19 @@ class MicroBatchedDecode:
         )
 
     def forward(
-        self, seq_ids, token_ids: torch.Tensor, start: torch.Tensor | None = None
+        self, seq_ids, token_ids: torch.Tensor, start: torch.Tensor | None = None, span: int | None = None
     ) -> tuple[torch.Tensor, list[ForwardBatch]]:
         """token_ids (B, 1) -> (logits (B, V), the batches to commit). ``start``: the static (B,)
-        lengths of a graphed step (see ``KVCache.plan``)."""
+        lengths of a graphed step, ``span`` the positions it attends to (see ``KVCache.plan``)."""
         seq_ids = tuple(seq_ids)
         slices = part_slices(len(seq_ids), self.parts)
+        if span is not None and len(slices) != 1:
+            raise ValueError("a span is planned for one part only (caches with supports_graph_span)")
         if len(slices) == 1:
-            batch = self.cache.plan(seq_ids, 1, start=start) if start is not None else self.cache.plan(seq_ids, 1)
+            if span is not None:
+                batch = self.cache.plan(seq_ids, 1, start=start, span=span)
+            else:
+                batch = self.cache.plan(seq_ids, 1, start=start) if start is not None else self.cache.plan(seq_ids, 1)
             return self.model(token_ids, self.cache, batch), [batch]
         batches = [
             self.cache.plan(seq_ids[s], 1, start=None if start is None else start[s], new_step=i == 0)

@@ -1,5 +1,6 @@
 """The plain contiguous cache: chunked prefill, ragged decode and sliding windows are exact."""
 
+import pytest
 import torch
 
 from kvdrive.cache.contiguous import ContiguousKVCache, attention_mask
@@ -78,8 +79,6 @@ def test_mask_semantics():
 
 
 def test_capacity_errors():
-    import pytest
-
     from kvdrive.errors import CapacityError
 
     model = _tiny()
@@ -107,3 +106,21 @@ def test_static_plan_equals_eager_decode():
     eager = model(step, cache, cache.plan([0, 1], 1))
     static = model(step, cache, cache.plan([0, 1], 1, start=torch.tensor([9, 23])))
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("span", [24, 32])
+def test_a_static_plan_over_a_span_equals_the_whole_allocation(span):
+    """A graphed step may attend to the first ``span`` positions only (every length below it):
+    the logits equal those over the whole allocation, the sliding window included."""
+    model = _tiny("mistral", sliding_window=12)
+    cache = ContiguousKVCache(model.config, 2, 40, torch.device("cpu"), torch.float32)
+    for i, n in enumerate([9, 23]):
+        cache.add(i, 40)
+        b = cache.plan([i], n)
+        model(torch.randint(0, 300, (1, n)), cache, b)
+        cache.commit(b)
+    step, start = torch.tensor([[3], [4]]), torch.tensor([9, 23])
+    whole = cache.plan([0, 1], 1, start=start)
+    spanned = cache.plan([0, 1], 1, start=start, span=span)
+    assert (whole.meta.kv_len, spanned.meta.kv_len) == (40, span)
+    torch.testing.assert_close(model(step, cache, spanned), model(step, cache, whole), rtol=1e-5, atol=1e-5)

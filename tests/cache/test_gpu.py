@@ -69,7 +69,10 @@ def test_sparse_triton_full_budget_equals_gpu_cache():
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-def test_cuda_graph_decode_matches_eager():
+@pytest.mark.parametrize("lengths, new", [((400, 260, 600), None), ((250, 100, 500), 24)])
+def test_cuda_graph_decode_matches_eager(lengths, new):
+    """Graphed and eager decode give the same tokens; the second case crosses the graph's
+    span (256, then 512) mid-decode, so it is captured again over more keys."""
     from kvdrive.engine import generation
     from kvdrive.engine.sampling import SamplingParams
 
@@ -80,10 +83,10 @@ def test_cuda_graph_decode_matches_eager():
             generation.Request(
                 i,
                 torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(i)).tolist(),
-                SamplingParams(max_tokens=n // 20, temperature=0, ignore_eos=True),
-                n // 20,
+                SamplingParams(max_tokens=new or n // 20, temperature=0, ignore_eos=True),
+                new or n // 20,
             )
-            for i, n in enumerate((400, 260, 600))
+            for i, n in enumerate(lengths)
         ]
         cache = ContiguousKVCache(model.config, 3, 700, torch.device("cuda"), torch.float32)
         list(generation.run(model, cache, reqs, (), None, cuda_graphs=graphs))

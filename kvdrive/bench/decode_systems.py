@@ -151,6 +151,12 @@ def _contiguous(s: Shape, device, o: Options) -> KVCache:
     return ContiguousKVCache(s.config, s.batch, s.context, device, s.dtype)
 
 
+def _paged(s: Shape, device, o: Options) -> KVCache:
+    from kvdrive.cache.paged import PagedKVCache
+
+    return PagedKVCache(s.config, s.batch, s.context, device, s.dtype)
+
+
 def _streaming(s: Shape, device, o: Options) -> KVCache:
     from kvdrive.cache.streaming import HostStreamingKVCache
 
@@ -270,6 +276,16 @@ SYSTEMS: dict[str, System] = {
             "all KV on the GPU (ContiguousKVCache, exact attention, CUDA graph)",
             False,
             _contiguous,
+            _all_kv_max,
+            _none,
+            _full_read,
+            "none",
+        ),
+        System(
+            "full_gpu_paged",
+            "all KV on the GPU in pages (PagedKVCache, the LLM's plain cache: split-KV decode kernel, CUDA graph)",
+            False,
+            _paged,
             _all_kv_max,
             _none,
             _full_read,

@@ -1,5 +1,6 @@
-"""``kvdrive bench model``: decode tokens/s of kvdrive's runner with the plain GPU cache,
-beside Hugging Face transformers ``generate`` on the same weights, in one run.
+"""``kvdrive bench model``: decode tokens/s of kvdrive's runner with the plain GPU cache
+(``--cache``: ``paged``, the one ``LLM`` uses, or ``contiguous``, the reference), beside
+Hugging Face transformers ``generate`` on the same weights, in one run.
 
 Both sides share the very same weight tensors. Decode speed is measured the same
 way for both: time of (prefill + N+1 tokens) minus time of (prefill + 1 token),
@@ -31,6 +32,12 @@ def add_arguments(p) -> None:
     p.add_argument("-n", "--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept (default 3)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument(
+        "--cache",
+        choices=list(CACHES),
+        default="paged",
+        help="kvdrive's plain cache: paged (PagedKVCache, what LLM uses; default) or contiguous (ContiguousKVCache)",
+    )
     p.add_argument("-o", "--out", default="bench/results/model.json", help="JSON result path")
 
 
@@ -45,16 +52,30 @@ def _median_time(fn, repeats: int, dev) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _kvdrive_generate(model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool = True) -> list[list[int]]:
-    """Greedy through the engine's own loop: prefill each sequence, then decode the batch."""
+def _cache_class(name: str):
+    if name == "paged":
+        from kvdrive.cache.paged import PagedKVCache
+
+        return PagedKVCache
     from kvdrive.cache.contiguous import ContiguousKVCache
+
+    return ContiguousKVCache
+
+
+CACHES = {"paged": "PagedKVCache", "contiguous": "ContiguousKVCache"}
+
+
+def _kvdrive_generate(
+    model, prompts: torch.Tensor, new_tokens: int, cuda_graphs: bool = True, cache: str = "paged"
+) -> list[list[int]]:
+    """Greedy through the engine's own loop: prefill each sequence, then decode the batch."""
     from kvdrive.engine import generation
     from kvdrive.engine.sampling import SamplingParams
 
     b, t = prompts.shape
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     reqs = [generation.Request(i, prompts[i].tolist(), params, new_tokens) for i in range(b)]
-    cache = ContiguousKVCache(model.config, b, t + new_tokens, model.device, model.dtype)
+    cache = _cache_class(cache)(model.config, b, t + new_tokens, model.device, model.dtype)
     for _ in generation.run(model, cache, reqs, (), None, cuda_graphs=cuda_graphs):
         pass
     return [r.output_ids for r in reqs]
@@ -101,21 +122,24 @@ def run(args) -> int:
     for b in progress(args.batches, desc="batches"):
         prompts = torch.randint(0, model.config.vocab_size, (b, args.context), generator=gen).to(dev)
         row = {"batch": b, "context": args.context}
-        ours = decode_rate(lambda p, n: _kvdrive_generate(model, p, n), prompts, args.new_tokens, args.repeats, dev)
+        ours = decode_rate(
+            lambda p, n: _kvdrive_generate(model, p, n, cache=args.cache), prompts, args.new_tokens, args.repeats, dev
+        )
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-            _kvdrive_generate(model, prompts, args.new_tokens)
+            _kvdrive_generate(model, prompts, args.new_tokens, cache=args.cache)
             ours["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
         row["kvdrive"] = ours
         if dev.type == "cuda":
             row["kvdrive_eager"] = decode_rate(
-                lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False),
+                lambda p, n: _kvdrive_generate(model, p, n, cuda_graphs=False, cache=args.cache),
                 prompts,
                 args.new_tokens,
                 args.repeats,
                 dev,
             )
-            graphed, eager = _kvdrive_generate(model, prompts, 8), _kvdrive_generate(model, prompts, 8, False)
+            graphed = _kvdrive_generate(model, prompts, 8, cache=args.cache)
+            eager = _kvdrive_generate(model, prompts, 8, False, cache=args.cache)
             row["graph_vs_eager_tokens_agree"] = sum(x == y for g, e in zip(graphed, eager) for x, y in zip(g, e)) / (
                 8 * b
             )
@@ -136,7 +160,7 @@ def run(args) -> int:
             row["transformers"] = theirs
             row["speedup_vs_transformers"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
             if b == 1:
-                a = _kvdrive_generate(model, prompts, 16)[0]
+                a = _kvdrive_generate(model, prompts, 16, cache=args.cache)[0]
                 h = hf_gen(prompts, 16)[0, args.context :].tolist()
                 row["greedy_tokens_agree_first16"] = sum(x == y for x, y in zip(a, h)) / 16
         results.append(row)
@@ -150,7 +174,7 @@ def run(args) -> int:
         "batches": args.batches,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "kv_cache": "ContiguousKVCache (all KV on the GPU); kvdrive = CUDA-graph decode, kvdrive_eager = without",
+        "kv_cache": f"{CACHES[args.cache]} (all KV on the GPU); kvdrive = CUDA-graph decode, kvdrive_eager = without",
         "transformers_cache": "DynamicCache, sdpa",
     }
     notes = [

@@ -4,7 +4,11 @@ caches share, and the caches that keep all KV on one device.
 * ``base``: ``KVCache`` (plan / append / attend / commit, and the optional capabilities with
   their defaults), ``ForwardBatch``, ``LayerSpec``;
 * ``slots``: ``SequenceSlots``, sequence -> slot and committed length;
-* ``contiguous``: ``ContiguousKVCache``, exact attention over one tensor per layer;
+* ``paged``: ``PagedKVCache``, the plain cache ``LLM`` uses: exact attention over fixed-size
+  pages of one pool per layer, split-KV decode (``paged_decode``); ``pages``: ``PageAllocator``,
+  its page bookkeeping;
+* ``contiguous``: ``ContiguousKVCache``, exact attention over one tensor per layer (the
+  reference the other caches are compared with);
 * ``sparse``: ``SparseKVCache`` and ``SparseConfig``, KV as GPU-resident groups, decode over
   sinks + top groups + window (``kvdrive.retrieval``);
 * ``streaming``: ``HostStreamingKVCache``, all KV in pinned host memory streamed to the GPU
@@ -13,6 +17,7 @@ caches share, and the caches that keep all KV on one device.
 
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec
 from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.paged import PagedKVCache
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.cache.streaming import HostStreamingKVCache
@@ -23,6 +28,7 @@ __all__ = [
     "HostStreamingKVCache",
     "KVCache",
     "LayerSpec",
+    "PagedKVCache",
     "SequenceSlots",
     "SparseConfig",
     "SparseKVCache",

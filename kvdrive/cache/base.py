@@ -101,6 +101,17 @@ class KVCache(ABC):
     @abstractmethod
     def add(self, seq_id: int, max_tokens: int) -> None: ...
 
+    def can_add(self, max_tokens: int) -> bool:
+        """Whether ``add`` of a sequence of ``max_tokens`` tokens would succeed now: the engine
+        admits a request only then. Default: a sequence slot is free (a cache that holds
+        ``max_len`` tokens for every slot); a paged cache also counts its free pages."""
+        return self.seqs.num_free > 0
+
+    @property
+    def token_capacity(self) -> int:
+        """Tokens the cache holds, all sequences together. Default: every slot full."""
+        return self.max_seqs * self.max_len
+
     @abstractmethod
     def free(self, seq_id: int) -> None: ...
 

@@ -6,7 +6,8 @@ cached prefix, causal and optionally within a sliding window. A forward whose se
 share one start (a prefill chunk, eager decode) attends through ``chunk_attention``
 with no materialised mask (SDPA's flash kernel on CUDA); a ragged batch and a
 CUDA-graph decode step attend under an explicit mask. This is the reference every
-other cache is measured against.
+other cache is measured against; ``PagedKVCache`` (``paged.py``) is the plain cache ``LLM``
+uses.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ One ``step``: every running sequence decodes one token in one batched forward (a
 CUDA graph where the cache allows), then prompts are prefilled in chunks under the step's
 token budget (``Scheduler``): a long prompt enters the cache across many steps while the
 running streams keep decoding. A request is admitted (its sequence registered in the
-cache, its stored prefix loaded from the prefix pool) when the cache has room for it; a
+cache, its stored prefix loaded from the prefix pool) when the cache can take it now
+(``KVCache.can_add``: a free slot, and free pages for the paged cache); a
 request that finishes, or is aborted, frees its KV at once. ``LLM`` and the server run
 on this same engine.
 
@@ -53,7 +54,7 @@ class EngineSnapshot:
     waiting: int
     prefilling: int
     kv_tokens: int  # tokens committed in the cache
-    kv_capacity_tokens: int  # sequences x tokens each the cache holds
+    kv_capacity_tokens: int  # tokens the cache holds, all sequences together
     tiers: dict[str, TierBytes]
     cache_stats: dict  # ``KVCache.stats()``
     prefix_stats: object | None  # ``PrefixStats`` with a prefix pool
@@ -100,10 +101,11 @@ class Engine:
             raise KvdriveError("empty prompt: give at least one token")
         if req.finish_reason is not None or req.prefilled or req.output_ids:
             raise KvdriveError(f"request {req.seq_id} has already run: make a new one")
-        if req.total_tokens > self.cache.max_len:
+        if req.total_tokens > min(self.cache.max_len, self.cache.token_capacity):
             raise CapacityError(
                 f"request {req.seq_id} needs {req.total_tokens} tokens (prompt + max_tokens), the "
-                f"cache holds {self.cache.max_len} per sequence: lower max_tokens or shorten the prompt"
+                f"cache holds {self.cache.max_len} per sequence and {self.cache.token_capacity} in all: "
+                "lower max_tokens or shorten the prompt"
             )
         self.sched.add(req)
 
@@ -138,7 +140,7 @@ class Engine:
         events = self._decode() if self.sched.running else []
         quota = self.sched.prefill_quota()
         while quota is None or quota > 0:
-            req, new = self.sched.next_prefill(self.cache.seqs.num_free)
+            req, new = self.sched.next_prefill(self._fits)
             if req is None:
                 break
             try:
@@ -161,6 +163,9 @@ class Engine:
                 quota -= n
         self.counters.steps += 1
         return events
+
+    def _fits(self, req: Request) -> bool:
+        return self.cache.can_add(req.total_tokens)
 
     def _admit(self, req: Request) -> None:
         """Register ``req``'s sequence and load its longest stored prefix from the prefix pool."""
@@ -237,7 +242,7 @@ class Engine:
             waiting=len(self.sched.waiting),
             prefilling=int(self.sched.prefilling is not None),
             kv_tokens=c.seqs.tokens(),
-            kv_capacity_tokens=c.max_seqs * c.max_len,
+            kv_capacity_tokens=c.token_capacity,
             tiers=c.tier_bytes(),
             cache_stats=c.stats(),
             prefix_stats=self.prefix.stats() if self.prefix is not None else None,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvdrive.cache.base import KVCache
-from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.cache.paged import PagedKVCache
 from kvdrive.engine import generation
 from kvdrive.engine.core import PREFILL_CHUNK, Engine
 from kvdrive.engine.request import Request
@@ -203,14 +203,21 @@ class LLM:
         self._next_seq += 1
         return req
 
-    def _cache_for(self, n: int, max_len: int) -> KVCache:
-        """The cache, built once and kept; rebuilt larger when this call needs more sequences
-        or longer ones than it holds (the old one is closed first)."""
+    def _cache_for(self, n: int, max_len: int, pool_tokens: int | None = None) -> KVCache:
+        """The cache, built once and kept; rebuilt larger when this call needs more sequences,
+        longer ones, or more tokens in all than it holds (the old one is closed first).
+        ``pool_tokens``: tokens the plain cache's page pool holds (None: ``n`` sequences of ``max_len``)."""
         old = self._cache
-        if old is not None and old.max_seqs >= n and old.max_len >= max_len:
+        if (
+            old is not None
+            and old.max_seqs >= n
+            and old.max_len >= max_len
+            and old.token_capacity >= (pool_tokens or 0)
+        ):
             return old
         if old is not None:
             n, max_len = max(n, old.max_seqs), max(max_len, old.max_len)
+            pool_tokens = pool_tokens and max(pool_tokens, old.token_capacity)
             self._cache = None
             old.close()
         if self.kv_cache is not None:
@@ -226,7 +233,7 @@ class LLM:
                 self.config, n, max_len, self.model.device, self.model.dtype, self.kv_cache
             )
         else:
-            self._cache = ContiguousKVCache(self.config, n, max_len, self.model.device, self.model.dtype)
+            self._cache = PagedKVCache(self.config, n, max_len, self.model.device, self.model.dtype, pool_tokens)
         return self._cache
 
     def _events(self, reqs) -> Iterator[generation.TokenEvent]:
@@ -267,9 +274,10 @@ class LLM:
             from kvdrive.tiered.admission import check_disk_tier
 
             check_disk_tier(self.config, self.model.dtype, self.kv_cache, [max_len], max_len, max_seqs)
-        else:
-            max_seqs = min(max_seqs, self._plain_seqs_that_fit(max_len))
-        cache = self._cache_for(max_seqs, max_len)
+            cache = self._cache_for(max_seqs, max_len)
+        else:  # pages for every sequence at max_len, or what the device holds: admission counts pages
+            fit = self._plain_tokens_that_fit(max_len)
+            cache = self._cache_for(max_seqs, max_len, fit if fit < max_seqs * max_len else None)
         return Engine(
             self.model,
             cache,
@@ -282,23 +290,25 @@ class LLM:
             isolate_errors=True,
         )
 
-    def _plain_seqs_that_fit(self, max_len: int) -> int:
-        """Sequences of ``max_len`` whose KV the device's free memory holds in the plain cache."""
+    def _plain_tokens_that_fit(self, max_len: int) -> int:
+        """Tokens whose KV the device's free memory holds in the plain cache (at least one
+        sequence of ``max_len``, or ``CapacityError``)."""
         from kvdrive.tiered.admission import gpu_room
         from kvdrive.tiered.host_kv import host_room
 
         c = self.config
-        per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * self.model.dtype.itemsize
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.model.dtype.itemsize
+        per_seq = per_token * max_len
         room = gpu_room(self.model.device) if self.model.device.type == "cuda" else host_room()
         if room is None:
-            return 1 << 30
+            return 1 << 62
         if room < per_seq:
             raise CapacityError(
                 f"one sequence of {max_len} tokens needs {per_seq / 2**30:.2f} GiB of KV, "
                 f"{room / 2**30:.2f} GiB is free: lower max_model_len, or keep the KV in host "
                 "memory with the tiered cache (a budget)"
             )
-        return room // per_seq
+        return room // per_token
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
         texts, reqs = self._requests(prompts, sampling_params)

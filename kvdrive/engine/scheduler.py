@@ -10,8 +10,9 @@ Three queues, every request in at most one of them:
 * ``running``: prompt in the cache, one token per step.
 
 Admission: the head of ``waiting`` is admitted when fewer than ``max_batch`` sequences are
-admitted and the cache has a free sequence slot, never past what the cache holds (a request
-that could never fit is refused when it is submitted). The step budget: every running
+admitted and the cache can take it now (a free sequence slot; for the paged cache, free pages
+for its prompt + max_tokens too), never past what the cache holds (a request that could never
+fit is refused when it is submitted); the head waits, FCFS, until finished ones free room. The step budget: every running
 sequence decodes one token, and prefill takes what is left of ``step_tokens``, at least
 ``PREFILL_FLOOR`` tokens (a batch as large as the budget still lets prompts in), at most
 ``prefill_chunk`` tokens per forward (bounds the (T x L) attention of one chunk).
@@ -23,6 +24,7 @@ Plain Python: no torch, O(1) per operation except ``remove`` of a waiting reques
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from kvdrive.engine.request import Request
 from kvdrive.errors import KvdriveError
@@ -58,13 +60,13 @@ class Scheduler:
             return None
         return max(self.step_tokens - len(self.running), PREFILL_FLOOR)
 
-    def next_prefill(self, free_slots: int) -> tuple[Request | None, bool]:
+    def next_prefill(self, fits: Callable[[Request], bool]) -> tuple[Request | None, bool]:
         """The request to prefill next and whether it is newly admitted (the caller registers it
         in the cache); (None, False) when none is being prefilled and none may be admitted.
-        ``free_slots``: sequences the cache can still register."""
+        ``fits(req)``: whether the cache can register ``req`` now."""
         if self.prefilling is not None:
             return self.prefilling, False
-        if self.waiting and self.num_admitted < self.max_batch and free_slots > 0:
+        if self.waiting and self.num_admitted < self.max_batch and fits(self.waiting[0]):
             self.prefilling = self.waiting.popleft()
             return self.prefilling, True
         return None, False

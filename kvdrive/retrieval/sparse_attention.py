@@ -47,6 +47,7 @@ def sparse_attention_triton(
     last_page_len,
     scale: float,
     softcap: float | None = None,
+    first_token: torch.Tensor | None = None,
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -55,7 +56,7 @@ def sparse_attention_triton(
 
     from kvdrive.retrieval.sparse_attention_triton import sparse_decode_merge_kernel, sparse_decode_split_kernel
 
-    num_pages = check_inputs(q, kv_pool, page_table, num_pages, last_page_len)
+    num_pages = check_inputs(q, kv_pool, page_table, num_pages, last_page_len, first_token)
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype {q.dtype} not supported; use one of {DTYPES}")
     b, h_q, d = q.shape
@@ -82,6 +83,7 @@ def sparse_attention_triton(
         page_table,
         num_pages,
         last_page_len,
+        last_page_len if first_token is None else first_token,  # not read without HAS_FIRST
         part_o,
         part_lse,
         q.stride(0),
@@ -109,6 +111,7 @@ def sparse_attention_triton(
         BLOCK_D=block_d,
         PAGES=pages,
         HAS_SOFTCAP=softcap is not None,
+        HAS_FIRST=first_token is not None,
         IEEE=q.dtype == torch.float32,
         INTERPRET=q.device.type == "cpu",
         num_warps=num_warps,
@@ -143,9 +146,18 @@ def resolve_impl(name: str, device: torch.device) -> str:
 
 
 def sparse_attention(
-    q, kv_pool, page_table, num_pages, last_page_len, scale: float, softcap: float | None = None, impl: str = "auto"
+    q,
+    kv_pool,
+    page_table,
+    num_pages,
+    last_page_len,
+    scale: float,
+    softcap: float | None = None,
+    impl: str = "auto",
+    first_token: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the listed pages -> (out (B, H_q, D) q.dtype, lse (B, H_q) float32)."""
+    args = (q, kv_pool, page_table, num_pages, last_page_len, scale, softcap, first_token)
     if resolve_impl(impl, q.device) == "triton":
-        return sparse_attention_triton(q, kv_pool, page_table, num_pages, last_page_len, scale, softcap)
-    return sparse_attention_ref(q, kv_pool, page_table, num_pages, last_page_len, scale, softcap)
+        return sparse_attention_triton(*args)
+    return sparse_attention_ref(*args)

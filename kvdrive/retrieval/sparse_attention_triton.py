@@ -4,7 +4,10 @@ Phase 1, grid (B, H_kv, splits): one program takes all R = H_q / H_kv query head
 head (padded to BLOCK_H rows so ``tl.dot`` runs on the tensor cores) and a contiguous
 range of the listed pages, PAGES pages (PAGES * G tokens) per iteration, gathered
 through the page table; online softmax in float32, base-2 exponent. It writes a
-normalized partial output and its log2-sum-exp per split.
+normalized partial output and its log2-sum-exp per split; a split past a sequence's pages
+runs no iteration and writes an empty part. With HAS_FIRST (pages listed in position
+order, page i holding tokens i*G ..: the plain paged cache), tokens before ``first[b]`` are
+masked and the pages wholly before it skipped: a sliding window.
 Phase 2, grid (B, H_q): merges the splits exactly by their LSE (``merge.py``'s formula).
 INTERPRET (set by the launcher for CPU tensors, i.e. under TRITON_INTERPRET=1) swaps in
 what the CPU interpreter can run: a while loop and float32 dot operands.
@@ -26,6 +29,7 @@ def _attend_pages(
     end,
     n_pages,
     last_len,
+    first,
     row,
     head_pool,
     stride_ps,
@@ -38,6 +42,7 @@ def _attend_pages(
     D: tl.constexpr,
     PAGES: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_FIRST: tl.constexpr,
     IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -50,6 +55,8 @@ def _attend_pages(
     p_ok = page < end
     slot = tl.load(row + page, mask=p_ok, other=0).to(tl.int64)  # int64: pools exceed 2**31 elements
     ok = p_ok & ((page < n_pages - 1) | (tok < last_len))  # (PAGES*G,)
+    if HAS_FIRST:
+        ok = ok & (page * G + tok >= first)
     kv = head_pool + slot * stride_ps + tok * stride_pg  # (PAGES*G,) row starts
     k = tl.load(kv[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
     v = tl.load(kv[:, None] + stride_pkv + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -86,6 +93,7 @@ def sparse_decode_split_kernel(
     pt_ptr,
     np_ptr,
     last_ptr,
+    first_ptr,
     po_ptr,
     plse_ptr,
     stride_qb,
@@ -113,6 +121,7 @@ def sparse_decode_split_kernel(
     BLOCK_D: tl.constexpr,
     PAGES: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_FIRST: tl.constexpr,
     IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -123,6 +132,10 @@ def sparse_decode_split_kernel(
     last_len = tl.load(last_ptr + b)
     start = s * pages_per_split
     end = tl.minimum(start + pages_per_split, n_pages)
+    first = 0
+    if HAS_FIRST:
+        first = tl.load(first_ptr + b)
+        start = tl.maximum(start, first // G)  # pages wholly before the window: not read
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -156,6 +169,7 @@ def sparse_decode_split_kernel(
                 end,
                 n_pages,
                 last_len,
+                first,
                 row,
                 head_pool,
                 stride_ps,
@@ -168,6 +182,7 @@ def sparse_decode_split_kernel(
                 D,
                 PAGES,
                 HAS_SOFTCAP,
+                HAS_FIRST,
                 IEEE,
                 INTERPRET,
             )
@@ -183,6 +198,7 @@ def sparse_decode_split_kernel(
                 end,
                 n_pages,
                 last_len,
+                first,
                 row,
                 head_pool,
                 stride_ps,
@@ -195,6 +211,7 @@ def sparse_decode_split_kernel(
                 D,
                 PAGES,
                 HAS_SOFTCAP,
+                HAS_FIRST,
                 IEEE,
                 INTERPRET,
             )

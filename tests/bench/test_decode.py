@@ -128,6 +128,7 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     args = _args(
         "--systems",
         "full_gpu",
+        "full_gpu_paged",
         "kvdrive_host",
         "streaming",
         "hf_offload",
@@ -142,7 +143,7 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     assert doc["config"]["kvdrive_host"]["control_stream"] is True  # recorded; on a CPU (one part) it changes nothing
     assert doc["bench"] == "decode" and doc["command"]
     assert doc["config"]["sparse"]["budget_tokens"] == {"64": 32}
-    assert set(doc["config"]["systems"]) == {"full_gpu", "kvdrive_host", "streaming", "hf_offload"}
+    assert set(doc["config"]["systems"]) == {"full_gpu", "full_gpu_paged", "kvdrive_host", "streaming", "hf_offload"}
     rows = doc["results"]["rows"]
     assert {(r["system"], r["batch"]) for r in rows} == {(s, 2) for s in doc["config"]["systems"]}
     for r in rows:
@@ -160,6 +161,8 @@ def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     assert rl["pcie_bytes"] == 0 and rl["limit"] == "compute"
     assert rl["gpu_kv_bytes"] == 2 * load_config("random:smollm2-135m").kv_bytes_at(64, torch.float32)
     assert full["fraction_of_bound"] == pytest.approx(full["tokens_per_s"] / rl["tokens_per_s"])
+    paged = by["full_gpu_paged", 2]  # the same bound: the pages hold the same KV
+    assert paged["status"] == "ok" and paged["roofline"]["gpu_kv_bytes"] == rl["gpu_kv_bytes"]
     r = by["kvdrive_host", 2]
     assert r["status"] == "ok", r.get("reason")
     # attention reads the 32-token budget of each of 30 layers and the minmax summary of each of 4 groups:

@@ -17,7 +17,8 @@ def test_plain_cache_has_every_capability_off():
     cache = ContiguousKVCache(cfg, 2, 32, torch.device("cpu"), torch.float32)
     assert cache.supports_cuda_graphs and not cache.supports_micro_batches and not cache.supports_profile
     assert cache.micro_batches == 1 and cache.graph_epoch == 0 and cache.hint_layers == frozenset()
-    assert cache.max_seqs == 2 and cache.device == torch.device("cpu")
+    assert cache.max_seqs == 2 and cache.device == torch.device("cpu") and cache.token_capacity == 64
+    assert cache.can_add(8)
     cache.add(0, 8)
     cache.place([0])
     cache.prepare_replay([0])
@@ -37,5 +38,5 @@ def test_nothing_probes_a_cache():
         if probe.search(line)
     ]
     assert hits == []
-    declared = {"place", "hint", "prepare_replay", "stats", "reset_stats", "close", "export_kv"}
+    declared = {"place", "hint", "prepare_replay", "stats", "reset_stats", "close", "export_kv", "can_add"}
     assert declared <= set(vars(KVCache))

@@ -24,7 +24,7 @@ def test_bench_ttft_compares_storage_formats_in_one_run(tmp_path):
     p = argparse.ArgumentParser()
     ttft.add_arguments(p)
     out = tmp_path / "ttft.json"
-    args = ["--tiny", "--paths", str(tmp_path / "p0"), "--kv-dtypes", "bf16", "int4", "--no-serial", "-o", str(out)]
+    args = ["--tiny", "--paths", str(tmp_path / "p0"), "--kv-dtype", "bf16", "int4", "--no-serial", "-o", str(out)]
     assert ttft.run(p.parse_args(args)) == 0
     doc = json.loads(out.read_text())
     last = doc["results"][-1]

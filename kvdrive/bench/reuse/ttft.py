@@ -8,7 +8,7 @@
     O_DIRECT, pipelined with the import, then the suffix prefill.
 
 Each is timed to the first token's logits (argmax included), page cache dropped for
-the pool's extents before (b) and (c). ``--kv-dtypes`` runs (b) and (c) once per storage
+the pool's extents before (b) and (c). ``--kv-dtype`` runs (b) and (c) once per storage
 format of the pool (bf16, fp8, int4) in one process, beside the same recompute, and
 reports each compressed format's load and TTFT as a fraction of bf16's. Configurations: the first disk path alone, all
 paths, and (``--host-gib``) the first path with a pinned host arena as a pool member,
@@ -51,7 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--host-gib", type=float, default=0.0, help="also run a pool with this pinned host arena")
     p.add_argument("--probe-mib", type=int, default=1024, help="MiB read per path by the bandwidth probe")
     p.add_argument(
-        "--kv-dtypes",
+        "--kv-dtype",
         nargs="+",
         choices=KV_DTYPES,
         default=["bf16"],
@@ -249,7 +249,7 @@ def run(args) -> int:
     probes = _probe_paths(paths, layout.slot_bytes, args.probe_mib)
     max_ctx = max(args.contexts)
     configs = [("disk x1", paths[:1])] + ([(f"disk x{len(paths)}", paths)] if len(paths) > 1 else [])
-    fmts = list(dict.fromkeys(args.kv_dtypes))
+    fmts = list(dict.fromkeys(args.kv_dtype))
     layouts = {f: GroupLayout.from_config(cfg, model.dtype, args.chunk_tokens, f) for f in fmts}
 
     def budget_of(f: str) -> int:

@@ -31,7 +31,8 @@ from kvdrive import device as devices
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.commands.probe import measure
 from kvdrive.prefix.pool import PrefixConfig, PrefixPool
-from kvdrive.quant.formats import KV_DTYPES, dequantize
+from kvdrive.quant.dequant import dequant_rows
+from kvdrive.quant.formats import KV_DTYPES, dequantize, quantize
 from kvdrive.results import write_result
 from kvdrive.storage import probe
 from kvdrive.storage.layout import GroupLayout
@@ -209,6 +210,19 @@ def _serial(pool, model, cache, ids, ref_token, recompute_s, paths) -> dict:
     }
 
 
+def _warm_format(layout: GroupLayout, dev) -> None:
+    """Compile (Triton) and first-touch (torch) a format's quantizer and dequantizer at the rows'
+    real width, so no load's timing includes them."""
+    if not layout.compressed:
+        return
+    groups = torch.randn(2, *layout.slot_shape, device=dev).to(layout.dtype)
+    rows = quantize(groups, layout.kv_dtype)  # (2, stored_bytes)
+    out = torch.empty(2, groups[0].numel(), dtype=layout.dtype, device=dev)
+    at = torch.arange(2, device=dev)
+    dequant_rows(rows, at, out, at, layout.kv_dtype, layout.group_shape)
+    devices.synchronize(dev)
+
+
 def _label(name: str, kv_dtype: str) -> str:
     """A configuration's name in results: bf16 keeps the plain name."""
     return name if kv_dtype == "bf16" else f"{name} {kv_dtype}"
@@ -290,6 +304,8 @@ def run(args) -> int:
     with torch.inference_mode():
         _fresh(cache, 0, max_ctx)
         _prefill(model, cache, 0, base[: 2 * args.chunk_tokens + 1])  # warm-up: kernels, allocator
+        for f in fmts:
+            _warm_format(layouts[f], dev)
         for ctx in sorted(args.contexts):
             ids = base[:ctx]
             _fresh(cache, 0, ctx)

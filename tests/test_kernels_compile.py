@@ -17,6 +17,7 @@ def _kernels():
     from kvdrive.models import act_triton as act_kernel
     from kvdrive.models import norm_triton as norm_kernel
     from kvdrive.models import rope_triton as rope_kernel
+    from kvdrive.quant import dequant_triton
     from kvdrive.retrieval import score_triton as score_kernel
     from kvdrive.retrieval import select_split_triton as split
     from kvdrive.retrieval import select_triton as one
@@ -153,6 +154,20 @@ def _kernels():
         },
         {"BLOCK": 2048},
     )
+    for int4 in (False, True):
+        yield (
+            dequant_triton.dequant_rows_kernel,
+            {
+                "src_ptr": "*u8",
+                "src_idx_ptr": "*i64",
+                "src_stride": "i64",
+                "dst_ptr": "*bf16",
+                "dst_idx_ptr": "*i64",
+                "dst_stride": "i64",
+                **dict.fromkeys(("H", "G", "D", "vq_off", "ks_off", "kz_off", "vs_off", "vz_off"), "i32"),
+            },
+            {"INT4": int4, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
+        )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     yield (
         tier_kernels.write_tokens_kernel,
@@ -179,4 +194,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 20
+    assert len(names) == 22

@@ -15,6 +15,11 @@ Summaries are brought up to date at each decode step for the groups filled since
 last one (the whole prompt at the first step, where ``lowrank_seq`` also fits its
 per-sequence basis on the prompt's keys). Everything stays on the GPU here (Quest-style);
 the tiered decode engine moves groups between tiers under the same selection.
+
+``kv_dtype`` (fp8, int4): decode attends to each full group as the storage format's round
+trip returns it (``kvdrive.quant``: what a fetch from compressed host or disk tiers
+delivers), the partly filled group exact; summaries stay computed from the exact keys. The
+accuracy harness measures a storage format this way.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ from kvdrive.cache.contiguous import chunk_attention, grouped_sdpa, layer_specs
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.config import ModelConfig
 from kvdrive.errors import KvdriveError
+from kvdrive.quant.formats import check_kv_dtype, dequantize, quantize
 from kvdrive.retrieval.pages import to_slots
 from kvdrive.retrieval.select import Budget, SelectionConfig, select_groups
 from kvdrive.retrieval.sparse_attention import sparse_attention
 from kvdrive.retrieval.summaries import SUMMARIZERS, SummaryTable, make_summarizer
+
+ROUND_TRIP_CHUNK = 4096  # groups quantized at once: bounds the temporaries of a long prompt
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,10 @@ class SparseConfig:
     dense_layers: tuple[int, ...] = ()  # global layers kept dense (Quest/ShadowKV skip the first layers)
     rank: int = 32  # low-rank summaries
     bases: dict | None = None  # lowrank_offline: {layer: (H_kv*D, r) basis}
+    kv_dtype: str = "bf16"  # storage format whose round trip decode sees (bf16: exact)
 
     def __post_init__(self):
+        check_kv_dtype(self.kv_dtype)
         if self.group_tokens < 1 or self.sink_tokens < 0 or self.window_tokens < 1:
             raise KvdriveError("group_tokens and window_tokens must be >= 1, sink_tokens >= 0")
         if not self.budget > 0:
@@ -110,6 +120,11 @@ class SparseKVCache(KVCache):
             summ = layer_summarizer(sparse, layer, h, d, max_seqs, device)
             self.tables[layer] = SummaryTable(summ, max_seqs, self.max_groups, device, dtype)
         self._summarized = {layer: [0] * max_seqs for layer in self.tables}  # full groups summarized, per slot
+        # Decode's view of the KV under a compressed storage format: full groups round-tripped as
+        # they are summarized, the open group copied exact each step.
+        self.stored = (
+            {layer: torch.empty_like(self.pool[layer]) for layer in self.tables} if sparse.kv_dtype != "bf16" else {}
+        )
         self.last_selection: dict = {}  # layer -> Selection (groups (B, H_kv, P), num_pages (B,))
 
     @property
@@ -217,6 +232,19 @@ class SparseKVCache(KVCache):
             groups_t = torch.tensor(groups, device=self.device)
             keys = self.pool[layer][rows_t * self.max_groups + groups_t, 0]  # (N, H_kv, G, D)
             table.write(rows_t, groups_t, keys)
+            if layer in self.stored:
+                self._round_trip(layer, rows_t * self.max_groups + groups_t)
+        if layer in self.stored:  # the open group: exact, as the tiered cache writes it token by token
+            open_rows = batch.meta["slots"] * self.max_groups + torch.tensor(batch.start, device=self.device) // self.g
+            self.stored[layer][open_rows] = self.pool[layer][open_rows]
+
+    def _round_trip(self, layer: int, pages: torch.Tensor) -> None:
+        """Full groups ``pages`` (N,) of the pool into ``stored`` as the storage format returns them."""
+        fmt, pool = self.sparse.kv_dtype, self.pool[layer]
+        for i in range(0, pages.numel(), ROUND_TRIP_CHUNK):
+            p = pages[i : i + ROUND_TRIP_CHUNK]
+            groups = pool[p]  # (n, 2, H_kv, G, D)
+            self.stored[layer][p] = dequantize(quantize(groups, fmt), fmt, tuple(groups.shape[2:]), pool.dtype)
 
     def _sparse(self, layer, q, batch, spec) -> torch.Tensor:
         self._refresh(layer, batch)
@@ -236,7 +264,8 @@ class SparseKVCache(KVCache):
         slot_table = slots[:, None] * self.max_groups + torch.arange(n_max, device=self.device)  # (B, N)
         page_table = to_slots(sel.groups, slot_table)
         last_len = (m["len_t"] - (num_groups - 1) * g).to(torch.int32)
-        out, _ = sparse_attention(qd, self.pool[layer], page_table, sel.num_pages, last_len, spec.scale, spec.softcap)
+        pool = self.stored.get(layer, self.pool[layer])
+        out, _ = sparse_attention(qd, pool, page_table, sel.num_pages, last_len, spec.scale, spec.softcap)
         return out[:, :, None, :]
 
 

@@ -10,6 +10,7 @@ SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "or
 FAMILIES = ("passkey", "multikey", "vartrack")  # kvdrive.eval.retrieval.FAMILIES (not imported: torch at parse time)
 MODES = ("prefilled", "sparse-question")
 EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.tiered.selection_cache.EVICTIONS (not imported: torch at parse time)
+KV_DTYPES = ("bf16", "fp8", "int4")  # kvdrive.quant.formats.KV_DTYPES (not imported: torch at parse time)
 
 
 def summary_choice(value: str) -> str:
@@ -127,6 +128,15 @@ def add_parser(sub) -> None:
         help="also report, per sparse layer, the recall of next-layer prediction (the groups a query "
         "predicted from the previous layer's hidden state selects, vs the true selection)",
     )
+    p.add_argument(
+        "--kv-dtype",
+        nargs="+",
+        default=["bf16"],
+        choices=KV_DTYPES,
+        metavar="{bf16,fp8,int4}",
+        help="storage formats of the host and disk tiers to measure, each against full attention and "
+        "fp8/int4 also against the same setting over bf16 KV (default bf16: the model dtype)",
+    )
     p.add_argument("-o", "--out", default="eval.json", help="JSON result path (default eval.json)")
     p.add_argument("--plot", help="write a PNG plot of accuracy vs budget (with --hits: hit rate vs cache size) here")
     h = p.add_argument_group("selection-cache hit rate (--hits)")
@@ -213,6 +223,7 @@ def run(args) -> int:
         rank=args.rank,
         dense_layers=tuple(args.dense_layers),
         recall=args.recall,
+        kv_dtypes=tuple(dict.fromkeys(args.kv_dtype)),
     )
     path = evaluate(spec, args.out, args.plot)
     print(f"wrote {path}", file=sys.stderr)

@@ -22,15 +22,23 @@ FULL_BUDGET = 1 << 30  # tokens: more than any context, so every group is select
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of a sweep; ``summary=None`` is full attention."""
+    """One point of a sweep; ``summary=None`` is full attention. ``kv_dtype``: the storage format
+    whose round trip decode attends to (``SparseConfig.kv_dtype``)."""
 
     summary: str | None
     budget: float  # fraction of the context
     mode: str = "shared"
+    kv_dtype: str = "bf16"
 
     @property
     def label(self) -> str:
-        return "full" if self.summary is None else f"{self.summary}@{self.budget:g}/{self.mode}"
+        name = "full" if self.summary is None else f"{self.summary}@{self.budget:g}/{self.mode}"
+        return name if self.kv_dtype == "bf16" else f"{name}+{self.kv_dtype}"
+
+    @property
+    def in_bf16(self) -> Setting:
+        """The same setting over the model dtype's KV (what a compressed one is compared with)."""
+        return replace(self, kv_dtype="bf16")
 
 
 class Runner:
@@ -63,9 +71,11 @@ class Runner:
     def use(self, setting: Setting, lengths: list[int]) -> None:
         """Switch to ``setting`` and rewind every sequence to ``lengths``."""
         if setting.summary is None:
-            cfg = replace(self.base, budget=FULL_BUDGET)
+            cfg = replace(self.base, budget=FULL_BUDGET, kv_dtype=setting.kv_dtype)
         else:
-            cfg = replace(self.base, summary=setting.summary, budget=setting.budget, mode=setting.mode)
+            cfg = replace(
+                self.base, summary=setting.summary, budget=setting.budget, mode=setting.mode, kv_dtype=setting.kv_dtype
+            )
         self.cache.reconfigure(cfg)
         self.sparse = cfg
         for i, n in enumerate(lengths):

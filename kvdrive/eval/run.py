@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kvdrive.cache.sparse import SparseConfig
@@ -40,15 +40,25 @@ class EvalSpec:
     text: str = "kjv"
     seed: int = 0
     recall: bool = False  # measure next-layer prediction recall per layer on the text sweep
+    kv_dtypes: tuple[str, ...] = ("bf16",)  # storage formats of the tiers below the GPU, each measured
 
     def settings(self) -> list[Setting]:
-        """Full attention, then every summary x budget. A summary ``name[/mode][@budget]`` overrides
-        ``mode`` (``oracle/per_head`` beside shared summaries) or runs at that one budget only."""
-        out = [Setting(None, 1.0)]
+        """Full attention, then every summary x budget, per storage format (bf16 first, so a
+        compressed setting meets its bf16 twin). A summary ``name[/mode][@budget]`` overrides
+        ``mode`` (``oracle/per_head`` beside shared summaries) or runs at that one budget only.
+        A compressed format also runs full attention over its KV (its error alone)."""
+        sparse = []
         for s in self.summaries:
             s, _, at = s.partition("@")
             name, _, mode = s.partition("/")
-            out += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
+            sparse += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
+        out = [Setting(None, 1.0)]
+        fmts = sorted(set(self.kv_dtypes) | {"bf16"}, key=lambda f: f != "bf16")
+        for fmt in fmts:
+            if fmt == "bf16" and "bf16" not in self.kv_dtypes:
+                continue
+            extra = [] if fmt == "bf16" else [Setting(None, 1.0, kv_dtype=fmt)]
+            out += [replace(s, kv_dtype=fmt) for s in extra + sparse]
         return out
 
 
@@ -149,6 +159,9 @@ def _write(spec, lm, text, bases, out, results) -> Path:
     notes = [
         "reference = full attention (the sparse cache with a budget covering the context, proven equal in tests)",
         "KL is KL(full || sparse) per teacher-forced token; top1 = argmax agreement",
+        "a label +fp8 or +int4: decode attends to full groups as that storage format's round trip returns them "
+        "(what the tiered cache fetches from compressed tiers), the open group exact; vs_bf16 compares it "
+        "with the same setting over bf16 KV (top1: agreement with its greedy tokens)",
         "recall (with --recall): per sparse layer L, the share of the groups the true query selected "
         "(sinks and window excluded) that a query predicted from layer L-1's input hidden state through "
         "layer L's input norm, Wq and RoPE also selects, same summaries and budget; mean over steps and "

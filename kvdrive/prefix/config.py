@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, fields
 
 from kvdrive.errors import KvdriveError
+from kvdrive.quant.formats import check_kv_dtype
 from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
 from kvdrive.storage.pool import PoolPath
 
@@ -118,7 +119,9 @@ class PrefixConfig:
     paths with their byte budgets. ``host_bytes``: the pinned host arena (0 = none).
     ``admit_after``: stores of a chunk before it is written to disk (1 = at once).
     ``host_weight``: GB/s weight of the host arena in the stripe (None = measured).
-    ``remote``: a store shared by every serving node behind the local tiers (off when None)."""
+    ``remote``: a store shared by every serving node behind the local tiers (off when None).
+    ``kv_dtype``: the chunks' storage format (``bf16``: the model dtype; ``fp8``, ``int4``:
+    quantized when stored, dequantized on the GPU when loaded; docs/compression.md)."""
 
     model: str = ""
     disks: tuple[PoolPath, ...] = ()
@@ -135,8 +138,10 @@ class PrefixConfig:
     extent_bytes: int = DEFAULT_EXTENT_BYTES
     seen_capacity: int = 1 << 20  # admission counters kept
     remote: RemoteConfig | None = None
+    kv_dtype: str = "bf16"
 
     def __post_init__(self):
+        check_kv_dtype(self.kv_dtype)
         if not self.disks and self.host_bytes <= 0 and self.remote is None:
             raise KvdriveError("prefix pool needs disk paths, host_bytes > 0 or a remote store")
         if self.remote is not None and not isinstance(self.remote, RemoteConfig):

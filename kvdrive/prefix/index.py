@@ -191,7 +191,7 @@ def index_error(file: str, err: sqlite3.DatabaseError) -> KvdriveError:
 def _other_geometry(file: str, have: str, want: str) -> KvdriveError:
     return KvdriveError(
         f"prefix index {file} holds chunks of geometry {have}, not {want} (another model shape, "
-        "dtype, chunk size or extent size); reopen it with those, or give this model its own "
+        "dtype, kv_dtype, chunk size or extent size); reopen it with those, or give this model its own "
         "directory (nothing was changed)"
     )
 

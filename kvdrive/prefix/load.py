@@ -1,8 +1,10 @@
 """Moving prefix chunks: the layer-pipelined parallel load, and the store's export + write.
 
 A chunk is ``C`` tokens of every layer; on disk and in host memory one slot holds one
-layer of one chunk, laid out like a KV group of ``G = C`` tokens: (2, H_kv, C, D).
-For Llama-3.1-8B in bf16 at C = 256 that is 1 MiB, one O_DIRECT read.
+layer of one chunk, laid out like a KV group of ``G = C`` tokens: (2, H_kv, C, D), in the
+pool's storage format (``PrefixConfig.kv_dtype``: quantized by the store, dequantized on
+the device layer by layer by the load). For Llama-3.1-8B in bf16 at C = 256 that is 1 MiB,
+one O_DIRECT read (fp8: 520 KiB, int4: 268 KiB).
 
 Load (``import_chunks``): the KV of ``n`` chunks enters the cache through the normal
 path, one ``plan([seq], n*C)``, one ``append`` per layer, one ``commit``. Reads run
@@ -27,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from kvdrive import device as devices
+from kvdrive.quant.dequant import dequant_rows
 from kvdrive.storage.disk import BatchFuture
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
@@ -94,7 +97,7 @@ def import_chunks(
 ) -> ImportResult:
     """``remote``: the ``RemoteRead`` of the sources of tier "remote", in their order."""
     t0 = time.perf_counter()
-    n, c, gb = len(sources), layout.group_tokens, layout.group_bytes
+    n, c, gb = len(sources), layout.group_tokens, layout.stored_bytes
     disk_idx = [i for i, s in enumerate(sources) if s.tier == "disk"]
     host_idx = [i for i, s in enumerate(sources) if s.tier == "host"]
     remote_idx = [i for i, s in enumerate(sources) if s.tier == "remote"]
@@ -148,7 +151,7 @@ def import_chunks(
             return ImportResult(first, True, why_of[first], 0, 0, time.perf_counter() - t0)
         rows = staging.buf(layer)[: len(disk_idx), :gb] if disk_idx else None
         if not host_idx and not remote_idx:
-            flat = rows.to(device, non_blocking=True)  # (n, group_bytes) uint8
+            flat = rows.to(device, non_blocking=True)  # (n, stored_bytes) uint8
         else:
             flat = torch.empty(n, gb, dtype=torch.uint8, device=device)
             if host_idx:
@@ -158,14 +161,14 @@ def import_chunks(
                     host_rows[:, layer].tolist(),
                     flat.view(torch.int32),
                     host_idx,
-                    layout.group_words,
+                    layout.stored_words,
                 )
             if disk_idx:
                 flat[disk_at] = rows.to(device, non_blocking=True)
             if remote_idx:
                 # whole rows (value + trailer): one contiguous copy from pinned memory, cut on the device
                 flat[remote_at] = remote.rows(layer).to(device, non_blocking=True)[:, :gb]
-        kv = layout.as_groups(flat)  # (n, 2, H_kv, C, D)
+        kv = _widen(flat, layout, device)  # (n, 2, H_kv, C, D)
         k = kv[:, 0].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)  # (1, H_kv, P, D)
         v = kv[:, 1].transpose(0, 1).reshape(1, layout.num_kv_heads, n * c, layout.head_dim)
         cache.append(layer, k, v, batch)
@@ -182,6 +185,18 @@ def import_chunks(
         time.perf_counter() - t0,
         nbytes * len(remote_idx),
     )
+
+
+def _widen(flat: torch.Tensor, layout: GroupLayout, device: torch.device) -> torch.Tensor:
+    """Stored rows (n, stored_bytes) uint8 on ``device`` -> typed groups (n, 2, H_kv, C, D): a
+    view when uncompressed, else one dequantizing launch on the device."""
+    if not layout.compressed:
+        return layout.as_groups(flat)
+    n = flat.shape[0]
+    kv = torch.empty((n, *layout.slot_shape), dtype=layout.dtype, device=device)
+    at = torch.arange(n, device=device)
+    dequant_rows(flat, at, kv.view(n, -1), at, layout.kv_dtype, layout.group_shape)
+    return kv
 
 
 def export_layer(cache, seq_id: int, layer: int, chunks: list[int], layout: GroupLayout) -> torch.Tensor:

@@ -128,7 +128,7 @@ class PrefixPool:
                 "prefix pool: name the weights: pass weights=weights_digest(model) "
                 "(kvdrive.models.identity; LLM does) or PrefixConfig(model=...)"
             )
-        self.layout = GroupLayout.from_config(model_config, dtype, config.chunk_tokens)
+        self.layout = GroupLayout.from_config(model_config, dtype, config.chunk_tokens, config.kv_dtype)
         self.num_layers = self.layout.num_layers
         self._ns = {}
         self._counters = dict.fromkeys(

@@ -1,7 +1,7 @@
 """The prefix pool's remote tier: chunks shared by every serving node through one store.
 
 Objects: one per (chunk, layer), named ``<key_prefix><key hex>/<layer>``: the layer's KV,
-``(2, H_kv, C, D)`` as ``group_bytes``, then a 64-byte trailer that binds it to its place
+``(2, H_kv, C, D)`` as ``stored_bytes``, then a 64-byte trailer that binds it to its place
 (magic, key, layer, layer count, payload bytes, format, a digest of the layout name, and
 the payload's xxh3_64 bound to (key, layer) by ``keys.bind_sums``). A read is served only
 if every field is what the reader asked for; anything else is a miss. The chunk key
@@ -80,7 +80,7 @@ class RemoteStats:
 
 class WriteJob:
     """Chunks on their way to the store: ``layer(l)`` is (n, row_bytes) uint8 whose first
-    ``group_bytes`` of row j the caller fills with chunk j's layer l before ``submit``."""
+    ``stored_bytes`` of row j the caller fills with chunk j's layer l before ``submit``."""
 
     def __init__(self, keys: list[bytes], start: int, rows: torch.Tensor):
         self.keys, self.start = keys, start
@@ -105,7 +105,7 @@ class RemoteTier:
         self.layout, self.config = layout, config
         self._warn = warn or (lambda cause, message: None)
         self.num_layers = layout.num_layers
-        self.value_bytes = layout.group_bytes + TRAILER_BYTES
+        self.value_bytes = layout.stored_bytes + TRAILER_BYTES
         self.row_bytes = align_up(self.value_bytes, ROW_ALIGN)
         if config.write_buffer_bytes < self.row_bytes:
             raise KvdriveError(
@@ -289,14 +289,14 @@ class RemoteTier:
         return [why if why is not None else self._check(rows[j], k, layer) for j, (k, why) in enumerate(zip(keys, out))]
 
     def _seal(self, row: np.ndarray, key: bytes, layer: int) -> None:
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         digest = bind_sum(key, layer, xxhash.xxh3_64_intdigest(row[:gb]))
         row[gb : gb + TRAILER.size] = np.frombuffer(
             TRAILER.pack(MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest, digest), dtype=np.uint8
         )
 
     def _check(self, row: np.ndarray, key: bytes, layer: int) -> str | None:
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         got = TRAILER.unpack(row[gb : gb + TRAILER.size].tobytes())
         want = (MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest)
         if got[:7] != want:
@@ -306,7 +306,7 @@ class RemoteTier:
 
     def loaded(self, n: int) -> None:
         self._count("hits", n)
-        self._count("hit_bytes", n * self.num_layers * self.layout.group_bytes)
+        self._count("hit_bytes", n * self.num_layers * self.layout.stored_bytes)
 
     def forget(self, keys: list[bytes], reason: str) -> None:
         """Chunks of the store not served (``reason``; the first is the one that failed): counted.
@@ -498,7 +498,7 @@ class RemoteRead:
     """One load's reads from the store: ``issue(l)`` starts layer l of every chunk (on the read
     worker, into ring buffer l % ring); ``result(l)`` waits within its deadline and gives a
     miss reason or None per chunk; ``rows(l)`` is then (n, row_bytes) uint8, each row a value
-    (``group_bytes`` of KV, then its trailer), valid until layer l + ring is issued."""
+    (``stored_bytes`` of KV, then its trailer), valid until layer l + ring is issued."""
 
     def __init__(self, tier: RemoteTier, keys: list[bytes], bufs: list[torch.Tensor]):
         self.tier, self.keys, self.bufs = tier, keys, bufs

@@ -19,6 +19,7 @@ from kvdrive import device as devices
 from kvdrive.prefix.index import DiskChunk
 from kvdrive.prefix.keys import bind_sums
 from kvdrive.prefix.load import Staging, export_layer
+from kvdrive.quant.formats import quantize
 from kvdrive.storage.disk import BatchFuture, DiskDevice
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
@@ -58,7 +59,7 @@ class ChunkWriter:
         ``job`` (a remote ``WriteJob``). Returns per disk chunk whether all its writes succeeded."""
         chunks = sorted(set(host_slots) | set(disk) | set(remote))
         pos = {c: j for j, c in enumerate(chunks)}
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         remote_at = torch.tensor([pos[i] for i in remote], dtype=torch.int64)
         disk_order = sorted(disk)
         self.staging.reserve(len(disk_order))
@@ -73,7 +74,7 @@ class ChunkWriter:
         ring = self.staging.ring
         for layer in range(self.layout.num_layers):
             data = export_layer(cache, seq_id, layer, chunks, self.layout)  # (N, 2, H_kv, C, D)
-            flat = data.reshape(len(chunks), -1).view(torch.uint8)  # (N, group_bytes)
+            flat = quantize(data, self.layout.kv_dtype)  # (N, stored_bytes) uint8, on the cache's device
             if len(remote):
                 src = flat if len(remote) == len(chunks) else flat[remote_at.to(flat.device)]
                 job.layer(layer)[:, :gb].copy_(src, non_blocking=True)
@@ -84,7 +85,7 @@ class ChunkWriter:
                     host_at,
                     host.rows.view(torch.int32),
                     [s[layer] for s in host_slots.values()],
-                    self.layout.group_words,
+                    self.layout.stored_words,
                 )
             if not disk_order:
                 continue

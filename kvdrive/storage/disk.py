@@ -448,7 +448,7 @@ class DiskDevice:
             threads=queue.depth,
             dontneed=not self.direct,
             write=write,
-            hash_len=self.layout.group_bytes,
+            hash_len=self.layout.stored_bytes,
             sums=sums,
         )
         self.metrics.latencies("disk_write" if write else "disk_read", secs)
@@ -457,7 +457,7 @@ class DiskDevice:
     def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
         want = np.ascontiguousarray(self._sums[slots])
         per, bad = self._transfer_native(fn, slots, dsts, write=False, sums=want)
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         if bad is None:  # no native hash: check here, holding the GIL per slot
             bad = np.array(
                 [xxhash.xxh3_64_intdigest(native_io.at(d, gb)) != w for d, w in zip(dsts.tolist(), want.tolist())],
@@ -484,7 +484,7 @@ class DiskDevice:
     def _write_native(self, fn, slots: np.ndarray, srcs: np.ndarray, before) -> list[str | None]:
         if before is not None:
             before()
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         if native_io.xxh3_address() is None:  # no native hash: checksum here, before the write
             sums = np.array([xxhash.xxh3_64_intdigest(native_io.at(x, gb)) for x in srcs.tolist()], dtype=np.uint64)
         else:
@@ -527,7 +527,7 @@ class DiskDevice:
             for i in bad:
                 out[i] = self._read_once([slots[i]], [bufs[i]], [want[i]])[0]
         self._count_failures(out)
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         self.metrics.moved("disk->host", gb * out.count(None), out.count(None))
         return out
 
@@ -542,7 +542,7 @@ class DiskDevice:
         finally:
             if not self.direct:
                 os.posix_fadvise(fd, off, len(slots) * self.layout.slot_bytes, os.POSIX_FADV_DONTNEED)
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         return [None if xxhash.xxh3_64_intdigest(b[:gb]) == w else "checksum" for b, w in zip(bufs, want)]
 
     def _count_failures(self, out: list) -> None:
@@ -565,7 +565,7 @@ class DiskDevice:
         """One pwritev of a run; a run that failed is written once more (a transient EIO or short write)."""
         if before is not None:
             before()
-        gb = self.layout.group_bytes
+        gb = self.layout.stored_bytes
         sums = [xxhash.xxh3_64_intdigest(b[:gb]) for b in bufs]
         for _ in range(1 + WRITE_RETRIES):
             if self._write_once(slots, bufs):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.quant.formats import dequantize
 from kvdrive.storage.faults import from_env as faults_from_env
 from kvdrive.storage.io_buffers import FreeList, aligned_empty
 from kvdrive.storage.layout import GroupLayout
@@ -87,9 +88,10 @@ class HostTier:
         return self.num_slots * self.row_bytes
 
     def groups(self, slots: torch.Tensor | list[int]) -> torch.Tensor:
-        """A gathered copy of ``slots`` as typed groups (N, 2, H_kv, G, D); for tests and tools."""
-        return self.layout.as_groups(self.rows[slots])
+        """A gathered copy of ``slots`` as typed groups (N, 2, H_kv, G, D), dequantized if the
+        layout is compressed; for tests and tools."""
+        return dequantize(self.rows[slots], self.layout.kv_dtype, self.layout.group_shape, self.layout.dtype)
 
     def group_view(self, slot: int) -> np.ndarray:
-        """The first ``group_bytes`` of one slot (what is checksummed and transferred)."""
-        return self._np[slot, : self.layout.group_bytes]
+        """The first ``stored_bytes`` of one slot (what is checksummed and transferred)."""
+        return self._np[slot, : self.layout.stored_bytes]

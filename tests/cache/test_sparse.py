@@ -64,3 +64,20 @@ def test_sparse_differs_from_full_when_budget_is_small():
         model, SparseKVCache(model.config, 1, 400, dev, dt, SparseConfig(group_tokens=8, budget=48)), prompts, 4
     )
     assert (got - ref).abs().max() > 1e-3
+
+
+def test_compressed_storage_format_is_what_decode_sees():
+    """kv_dtype: decode attends to full groups as the format's round trip returns them, so fp8 and
+    int4 differ from bf16 (full budget, so selection plays no part) by bounded amounts, int4 more."""
+    model = _tiny()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (150, 77)]
+    dev, dt = torch.device("cpu"), torch.float32
+    out = {}
+    for fmt in ("bf16", "fp8", "int4"):
+        cfg = SparseConfig(group_tokens=8, budget=10_000, kv_dtype=fmt)
+        out[fmt] = _decode(model, SparseKVCache(model.config, 2, 400, dev, dt, cfg), prompts, 12)
+    ref = _decode(model, ContiguousKVCache(model.config, 2, 400, dev, dt), prompts, 12)
+    torch.testing.assert_close(out["bf16"], ref, rtol=1e-5, atol=1e-5)
+    err = {f: float((out[f] - ref).norm() / ref.norm()) for f in ("fp8", "int4")}
+    assert 0 < err["fp8"] < err["int4"] < 0.2, err

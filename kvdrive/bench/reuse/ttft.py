@@ -8,7 +8,9 @@
     O_DIRECT, pipelined with the import, then the suffix prefill.
 
 Each is timed to the first token's logits (argmax included), page cache dropped for
-the pool's extents before (b) and (c). Configurations: the first disk path alone, all
+the pool's extents before (b) and (c). ``--kv-dtype`` runs (b) and (c) once per storage
+format of the pool (bf16, fp8, int4) in one process, beside the same recompute, and
+reports each compressed format's load and TTFT as a fraction of bf16's. Configurations: the first disk path alone, all
 paths, and (``--host-gib``) the first path with a pinned host arena as a pool member,
 at the longest context. Read bandwidth is compared with the sum of the devices' probed
 bandwidths; paths on one file system count once (two directories on one disk measure
@@ -29,6 +31,8 @@ from kvdrive import device as devices
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.commands.probe import measure
 from kvdrive.prefix.pool import PrefixConfig, PrefixPool
+from kvdrive.quant.dequant import dequant_rows
+from kvdrive.quant.formats import KV_DTYPES, dequantize, quantize
 from kvdrive.results import write_result
 from kvdrive.storage import probe
 from kvdrive.storage.layout import GroupLayout
@@ -47,6 +51,15 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--host-gib", type=float, default=0.0, help="also run a pool with this pinned host arena")
     p.add_argument("--probe-mib", type=int, default=1024, help="MiB read per path by the bandwidth probe")
+    p.add_argument(
+        "--kv-dtype",
+        nargs="+",
+        choices=KV_DTYPES,
+        default=["bf16"],
+        metavar="{bf16,fp8,int4}",
+        help="storage formats of the pool, each measured in this run (default bf16: the model dtype)",
+    )
+    p.add_argument("--no-serial", action="store_true", help="skip baseline (b), the serial buffered read")
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes (random SmolLM2 shape, short prompts)")
     p.add_argument("-o", "--out", default="bench/results/ttft.json")
 
@@ -89,18 +102,18 @@ def serial_buffered_load(pool: PrefixPool, cache, seq, ids) -> tuple[int, int]:
             batch = cache.plan([seq], c)
             for layer in range(lay.num_layers):
                 if src.tier == "host":
-                    row = pool.host.rows[src.slots[layer], : lay.group_bytes]
+                    row = pool.host.rows[src.slots[layer], : lay.stored_bytes]
                 else:
                     path, off = pool.pool.devices[src.device].locate(src.slots[layer])
                     if path not in fds:
                         fds[path] = os.open(path, os.O_RDONLY)
                     os.preadv(fds[path], [mv], off)
-                    if xxhash.xxh3_64_intdigest(mv[: lay.group_bytes]) != src.sums[layer]:  # its row's
+                    if xxhash.xxh3_64_intdigest(mv[: lay.stored_bytes]) != src.sums[layer]:  # its row's
                         raise RuntimeError("checksum mismatch in the baseline read")
-                    row = buf[: lay.group_bytes]
-                kv = row.view(lay.dtype).view(lay.slot_shape).to(dev)  # (2, H_kv, C, D)
+                    row = buf[: lay.stored_bytes]
+                kv = dequantize(row[None].to(dev), lay.kv_dtype, lay.group_shape, lay.dtype)[0]  # (2, H_kv, C, D)
                 cache.append(layer, kv[0][None], kv[1][None], batch)
-                nbytes += lay.group_bytes
+                nbytes += lay.stored_bytes
             cache.commit(batch)
     finally:
         for fd in fds.values():
@@ -130,30 +143,13 @@ def _device_gbps(probes: dict, paths) -> tuple[float, float]:
     return sum(probes[p]["read_gbps"] for p in paths), sum(per_dev.values())
 
 
-def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, device_gbps) -> dict:
+def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, device_gbps, serial=True) -> dict:
     dev = model.device
     c = pool.config.chunk_tokens
     pool.staging.reserve((len(ids) - 1) // c)  # steady state: the staging ring exists
-    row = {"config": name}
-    # (b) serial, buffered
-    _fresh(cache, 1, len(ids))
-    _drop_page_cache(paths)
-    devices.synchronize(dev)
-    t0 = time.perf_counter()
-    done, nbytes = serial_buffered_load(pool, cache, 1, ids)
-    devices.synchronize(dev)
-    load_s = time.perf_counter() - t0
-    tok = _prefill(model, cache, 1, ids, done)
-    devices.synchronize(dev)
-    ttft = time.perf_counter() - t0
-    row["serial_buffered"] = {
-        "ttft_s": ttft,
-        "load_s": load_s,
-        "tokens_loaded": done,
-        "read_gbps": nbytes / load_s / 1e9,
-        "speedup_vs_recompute": recompute_s / ttft,
-        "first_token_matches": tok == ref_token,
-    }
+    row = {"config": name, "kv_dtype": pool.layout.kv_dtype}
+    if serial:
+        row["serial_buffered"] = _serial(pool, model, cache, ids, ref_token, recompute_s, paths)
     # (c) kvdrive
     _fresh(cache, 1, len(ids))
     _drop_page_cache(paths)
@@ -184,11 +180,71 @@ def _measure(name, pool, model, cache, ids, ref_token, recompute_s, paths, devic
     print(
         name,
         len(ids),
-        {k: row[k]["ttft_s"] for k in ("serial_buffered", "kvdrive")},
+        {k: row[k]["ttft_s"] for k in ("serial_buffered", "kvdrive") if k in row},
         f"recompute {recompute_s:.2f}s, kvdrive {gbps:.2f} GB/s of {device_gbps:.2f}",
         flush=True,
     )
     return row
+
+
+def _serial(pool, model, cache, ids, ref_token, recompute_s, paths) -> dict:
+    """Baseline (b), timed to the first token."""
+    dev = model.device
+    _fresh(cache, 1, len(ids))
+    _drop_page_cache(paths)
+    devices.synchronize(dev)
+    t0 = time.perf_counter()
+    done, nbytes = serial_buffered_load(pool, cache, 1, ids)
+    devices.synchronize(dev)
+    load_s = time.perf_counter() - t0
+    tok = _prefill(model, cache, 1, ids, done)
+    devices.synchronize(dev)
+    ttft = time.perf_counter() - t0
+    return {
+        "ttft_s": ttft,
+        "load_s": load_s,
+        "tokens_loaded": done,
+        "read_gbps": nbytes / load_s / 1e9,
+        "speedup_vs_recompute": recompute_s / ttft,
+        "first_token_matches": tok == ref_token,
+    }
+
+
+def _warm_format(layout: GroupLayout, dev) -> None:
+    """Compile (Triton) and first-touch (torch) a format's quantizer and dequantizer at the rows'
+    real width, so no load's timing includes them."""
+    if not layout.compressed:
+        return
+    groups = torch.randn(2, *layout.slot_shape, device=dev).to(layout.dtype)
+    rows = quantize(groups, layout.kv_dtype)  # (2, stored_bytes)
+    out = torch.empty(2, groups[0].numel(), dtype=layout.dtype, device=dev)
+    at = torch.arange(2, device=dev)
+    dequant_rows(rows, at, out, at, layout.kv_dtype, layout.group_shape)
+    devices.synchronize(dev)
+
+
+def _label(name: str, kv_dtype: str) -> str:
+    """A configuration's name in results: bf16 keeps the plain name."""
+    return name if kv_dtype == "bf16" else f"{name} {kv_dtype}"
+
+
+def _vs_bf16(entry: dict, names: list[str], fmts: list[str]) -> dict:
+    """Each compressed pool's load and TTFT over the bf16 pool's (same configuration and context)."""
+    out = {}
+    for name in names:
+        if name not in entry:
+            continue
+        ref = entry[name]["kvdrive"]
+        for f in fmts:
+            if f != "bf16" and _label(name, f) in entry:
+                got = entry[_label(name, f)]["kvdrive"]
+                out[_label(name, f)] = {
+                    "load_over_bf16": got["load_s"] / ref["load_s"],
+                    "ttft_over_bf16": got["ttft_s"] / ref["ttft_s"],
+                    "ttft_over_recompute": got["ttft_over_recompute"],
+                    "bf16_ttft_over_recompute": ref["ttft_over_recompute"],
+                }
+    return out
 
 
 def run(args) -> int:
@@ -206,36 +262,50 @@ def run(args) -> int:
         os.makedirs(p, exist_ok=True)
     probes = _probe_paths(paths, layout.slot_bytes, args.probe_mib)
     max_ctx = max(args.contexts)
-    budget = int(max_ctx * kv_token * 1.1) + (args.chunk_tokens * kv_token)
     configs = [("disk x1", paths[:1])] + ([(f"disk x{len(paths)}", paths)] if len(paths) > 1 else [])
+    fmts = list(dict.fromkeys(args.kv_dtype))
+    layouts = {f: GroupLayout.from_config(cfg, model.dtype, args.chunk_tokens, f) for f in fmts}
+
+    def budget_of(f: str) -> int:
+        """Disk bytes of the longest prompt's chunks in format ``f``, with a tenth to spare."""
+        slot_token = layouts[f].slot_bytes * layout.num_layers // args.chunk_tokens
+        return int(max_ctx * slot_token * 1.1) + args.chunk_tokens * slot_token
+
     pools = {}
-    for name, ps in configs:
-        dirs = [os.path.join(p, name.replace(" ", "")) for p in ps]
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-            os.makedirs(d)
-            probe.save(probe.DeviceProbe(**{**probe.load(os.path.dirname(d), layout.slot_bytes).__dict__, "path": d}))
-        pools[name] = (
-            PrefixPool(
-                cfg,
-                model.dtype,
-                PrefixConfig(
-                    model=args.model,
-                    disks=tuple(PoolPath(d, budget // len(dirs) + args.chunk_tokens * kv_token) for d in dirs),
-                    chunk_tokens=args.chunk_tokens,
-                    admit_after=1,
+    for f in fmts:
+        for name, ps in configs:
+            dirs = [os.path.join(p, name.replace(" ", "") + ("" if f == "bf16" else f"-{f}")) for p in ps]
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d)
+                probe.save(
+                    probe.DeviceProbe(**{**probe.load(os.path.dirname(d), layout.slot_bytes).__dict__, "path": d})
+                )
+            pools[_label(name, f)] = (
+                PrefixPool(
+                    cfg,
+                    model.dtype,
+                    PrefixConfig(
+                        model=args.model,
+                        disks=tuple(PoolPath(d, budget_of(f) // len(dirs) + layouts[f].slot_bytes) for d in dirs),
+                        chunk_tokens=args.chunk_tokens,
+                        admit_after=1,
+                        kv_dtype=f,
+                    ),
                 ),
-            ),
-            dirs,
-            _device_gbps(probes, ps)[1],
-        )
+                dirs,
+                _device_gbps(probes, ps)[1],
+            )
     gen = torch.Generator().manual_seed(0)
     base = torch.randint(0, cfg.vocab_size, (max_ctx,), generator=gen).to(dev)
     cache = ContiguousKVCache(cfg, 2, max_ctx, dev, model.dtype)
     results = []
+    serial = not args.no_serial
     with torch.inference_mode():
         _fresh(cache, 0, max_ctx)
         _prefill(model, cache, 0, base[: 2 * args.chunk_tokens + 1])  # warm-up: kernels, allocator
+        for f in fmts:
+            _warm_format(layouts[f], dev)
         for ctx in sorted(args.contexts):
             ids = base[:ctx]
             _fresh(cache, 0, ctx)
@@ -249,46 +319,52 @@ def run(args) -> int:
                 t0 = time.perf_counter()
                 pool.store(cache, 0, ids.tolist())
                 store_s = time.perf_counter() - t0
-                row = _measure(name, pool, model, cache, ids, ref, recompute_s, dirs, dgbps)
+                row = _measure(name, pool, model, cache, ids, ref, recompute_s, dirs, dgbps, serial)
                 row["store_s"] = store_s
                 entry[name] = row
+            entry["vs_bf16"] = _vs_bf16(entry, [n for n, _ in configs], fmts)
             results.append(entry)
         for pool, _, _ in pools.values():
             pool.close(remove=True)
         if args.host_gib > 0:  # the unified pool: host arena + first disk, at the longest context
             ids = base[:max_ctx]
-            d = os.path.join(paths[0], "host")
-            shutil.rmtree(d, ignore_errors=True)
-            os.makedirs(d)
-            pool = PrefixPool(
-                cfg,
-                model.dtype,
-                PrefixConfig(
-                    model=args.model,
-                    disks=(PoolPath(d, budget, weight=probes[paths[0]]["read_gbps"]),),
-                    host_bytes=int(args.host_gib * 2**30),
-                    chunk_tokens=args.chunk_tokens,
-                    admit_after=1,
-                ),
-            )
-            t0 = time.perf_counter()
-            pool.store(cache, 0, ids.tolist())
-            store_s = time.perf_counter() - t0
-            host_gbps = pool.host_weight
-            row = _measure(
-                "host + disk x1",
-                pool,
-                model,
-                cache,
-                ids,
-                ref,
-                recompute_s,
-                [d],
-                host_gbps + probes[paths[0]]["read_gbps"],
-            )
-            row.update(store_s=store_s, host_gbps_measured=host_gbps, stats=pool.stats().__dict__)
-            results[-1]["host + disk x1"] = row
-            pool.close(remove=True)
+            for f in fmts:
+                d = os.path.join(paths[0], "host" + ("" if f == "bf16" else f"-{f}"))
+                shutil.rmtree(d, ignore_errors=True)
+                os.makedirs(d)
+                pool = PrefixPool(
+                    cfg,
+                    model.dtype,
+                    PrefixConfig(
+                        model=args.model,
+                        disks=(PoolPath(d, budget_of(f), weight=probes[paths[0]]["read_gbps"]),),
+                        host_bytes=int(args.host_gib * 2**30),
+                        chunk_tokens=args.chunk_tokens,
+                        admit_after=1,
+                        kv_dtype=f,
+                    ),
+                )
+                t0 = time.perf_counter()
+                pool.store(cache, 0, ids.tolist())
+                store_s = time.perf_counter() - t0
+                host_gbps = pool.host_weight
+                name = _label("host + disk x1", f)
+                row = _measure(
+                    name,
+                    pool,
+                    model,
+                    cache,
+                    ids,
+                    ref,
+                    recompute_s,
+                    [d],
+                    host_gbps + probes[paths[0]]["read_gbps"],
+                    serial,
+                )
+                row.update(store_s=store_s, host_gbps_measured=host_gbps, stats=pool.stats().__dict__)
+                results[-1][name] = row
+                pool.close(remove=True)
+            results[-1]["vs_bf16"].update(_vs_bf16(results[-1], ["host + disk x1"], fmts))
     config = {
         "model": loaded.source,
         "dtype": str(model.dtype),
@@ -296,6 +372,8 @@ def run(args) -> int:
         "contexts": args.contexts,
         "chunk_tokens": args.chunk_tokens,
         "slot_bytes": layout.slot_bytes,
+        "kv_dtypes": fmts,
+        "stored_slot_bytes": {f: layouts[f].slot_bytes for f in fmts},
         "kv_bytes_per_token": kv_token,
         "paths": paths,
         "probes": probes,
@@ -309,6 +387,7 @@ def run(args) -> int:
         "prompts share one random token stream, so the 64K and 128K stores reuse the shorter ones' chunks",
         "read_gbps_over_device_sum: achieved / sum of probed read GB/s over distinct devices (st_dev)",
         "staging ring allocated before timing (steady state); the first load of a pool allocates it",
+        "vs_bf16: a compressed pool's load_s and ttft_s over the bf16 pool's of the same configuration, same run",
     ]
     path = write_result(args.out, "ttft", config, results, notes)
     print(f"wrote {path}")

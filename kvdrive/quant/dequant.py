@@ -1,0 +1,97 @@
+"""The fetch's dequantizer: ``dst[dst_idx[r]] = dequantize(src[src_idx[r]])`` for stored rows.
+
+``dequant_rows`` is ``copy_rows`` (``kvdrive.storage.gather``) for compressed formats: the
+source rows hold a group in a storage format (``kvdrive.quant.formats``), the destination
+rows hold typed groups (2, H, G, D) of the model dtype. ``impl``:
+
+* ``triton``: one launch (``dequant_triton``); the source may be pinned host memory read in
+  place through unified addressing, so compressed bytes cross PCIe and are widened on the
+  way into the destination;
+* ``torch``: the twin (``dequant_rows_reference``), on CPU and in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvdrive.device import triton_available
+from kvdrive.quant.formats import check_kv_dtype, dequantize, sections
+
+MAX_TILE = 4096  # elements of one program's (tokens x columns) tile
+
+
+def dequant_rows_reference(
+    src: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst: torch.Tensor,
+    dst_idx: torch.Tensor,
+    kv_dtype: str,
+    shape: tuple[int, int, int],
+) -> None:
+    """The torch twin of ``dequant_rows`` (synchronous, across devices if need be)."""
+    keep = dst_idx >= 0
+    rows = src[src_idx[keep].to(src.device)]  # (n, row_bytes) uint8
+    groups = dequantize(rows, kv_dtype, shape, dst.dtype)  # (n, 2, H, G, D)
+    dst[dst_idx[keep].to(dst.device), : groups[0].numel()] = groups.reshape(groups.shape[0], -1).to(dst.device)
+
+
+def dequant_rows(
+    src: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst: torch.Tensor,
+    dst_idx: torch.Tensor,
+    kv_dtype: str,
+    shape: tuple[int, int, int],
+    impl: str = "auto",
+) -> None:
+    """``src`` (R, >= stored_bytes) uint8 rows with unit column stride; ``dst`` (S, >= 2*H*G*D)
+    rows of the model dtype; ``src_idx``, ``dst_idx`` (M,) int64 where the kernel runs;
+    ``dst_idx[r] < 0`` skips row r; ``shape`` (H, G, D). ``kv_dtype`` "bf16" is a plain row copy.
+    ``impl="auto"``: the kernel when the destination is on CUDA and Triton is there, else torch."""
+    check_kv_dtype(kv_dtype)
+    if impl == "auto":
+        impl = "triton" if dst.device.type == "cuda" and triton_available() else "torch"
+    if impl == "torch" or kv_dtype == "bf16":
+        dequant_rows_reference(src, src_idx, dst, dst_idx, kv_dtype, shape)
+        return
+    import triton
+
+    from kvdrive.quant.dequant_triton import dequant_rows_kernel
+
+    n = src_idx.numel()
+    if n == 0:
+        return
+    h, g, d = shape
+    sec = sections(kv_dtype, h, g, d)
+    cols = d // 2 if kv_dtype == "int4" else d
+    block_d = triton.next_power_of_2(cols)
+    block_g = max(1, min(triton.next_power_of_2(g), MAX_TILE // block_d))
+    zero = sec.get("kz", sec["ks"]).offset, sec.get("vz", sec["vs"]).offset
+    grid = (n, 2 * h, triton.cdiv(g, block_g))
+    dequant_rows_kernel[grid](
+        src,
+        src_idx,
+        src.stride(0),
+        dst,
+        dst_idx,
+        dst.stride(0),
+        h,
+        g,
+        d,
+        sec["vq"].offset,
+        sec["ks"].offset,
+        zero[0],
+        sec["vs"].offset,
+        zero[1],
+        INT4=kv_dtype == "int4",
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
+    )
+
+
+def check_dequant(src: torch.Tensor, dst: torch.Tensor, stored: int, group_elems: int) -> None:
+    """What the kernel assumes of its operands (``dequant_rows`` itself does not check)."""
+    if src.dtype != torch.uint8 or src.dim() != 2 or src.stride(1) != 1 or src.shape[1] < stored:
+        raise ValueError(f"src must be (R, >= {stored}) uint8 rows, got {src.dtype} {tuple(src.shape)}")
+    if dst.dim() != 2 or dst.stride(1) != 1 or dst.shape[1] < group_elems:
+        raise ValueError(f"dst must be (S, >= {group_elems}) typed rows, got {tuple(dst.shape)}")

@@ -1,0 +1,93 @@
+"""Triton body of the fetch's dequantizer: stored rows (fp8 or int4 bytes) -> typed groups.
+
+``dst[dst_idx[r]]`` (2, H, G, D) = dequantize(``src[src_idx[r]]``). The source may be pinned
+host memory read through unified addressing (the compressed bytes cross PCIe once and are
+written as the model dtype straight into the destination: no staging copy, no extra pass
+over GPU memory). One program per (row, K|V x head, tile of tokens). fp8 codes are decoded
+with integer arithmetic (bit-exact, and the CPU interpreter needs no fp8 support). The
+launcher (checks, grid) and its torch twin are ``kvdrive.quant.dequant``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fp8_e4m3(b):
+    """uint8 codes of float8_e4m3fn -> fp32 (NaN codes are never written)."""
+    b = b.to(tl.int32)
+    sign = (b >> 7) << 31
+    exp = (b >> 3) & 15
+    mant = b & 7
+    normal = (sign | ((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
+    sub = mant.to(tl.float32) * 0.001953125  # 2**-9: exponent 0 holds mant/8 * 2**-6
+    sub = tl.where(sign != 0, -sub, sub)
+    return tl.where(exp == 0, sub, normal)
+
+
+@triton.jit
+def dequant_rows_kernel(
+    src_ptr,
+    src_idx_ptr,
+    src_stride,
+    dst_ptr,
+    dst_idx_ptr,
+    dst_stride,
+    H,
+    G,
+    D,
+    vq_off,
+    ks_off,
+    kz_off,
+    vs_off,
+    vz_off,
+    INT4: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """src: uint8 rows; dst: typed rows (model dtype). Rows with ``dst_idx[r] < 0`` are skipped.
+    ``BLOCK_D`` covers the codes' columns of one byte row: D (fp8) or D/2 (int4)."""
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    d = tl.load(dst_idx_ptr + row).to(tl.int64)
+    s = tl.load(src_idx_ptr + row).to(tl.int64)
+    is_v = kvh >= H
+    h = kvh % H
+    t = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,) tokens of the group
+    c = tl.arange(0, BLOCK_D)  # (BD,) byte columns
+    cols = D // 2 if INT4 else D
+    mask = (t[:, None] < G) & (c[None, :] < cols) & (d >= 0)
+    src = src_ptr + s * src_stride
+    q_at = tl.where(is_v, vq_off, 0) + (h * G + t[:, None]) * cols + c[None, :]
+    b = tl.load(src + q_at, mask=mask, other=0)  # (BG, BD) uint8
+    # keys: per channel (H, D); values: per token (H, G); fp16 sections
+    kcol = h * D + c
+    vtok = h * G + t
+    scales16 = (src + ks_off).to(tl.pointer_type(tl.float16))
+    vscales16 = (src + vs_off).to(tl.pointer_type(tl.float16))
+    out = dst_ptr + d * dst_stride + (tl.where(is_v, H, 0) + h) * G * D + t[:, None] * D + c[None, :]
+    if INT4:
+        kz16 = (src + kz_off).to(tl.pointer_type(tl.float16))
+        vz16 = (src + vz_off).to(tl.pointer_type(tl.float16))
+        half = D // 2
+        lo_k = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        hi_k = tl.load(scales16 + kcol + half, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        lo_kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        hi_kz = tl.load(kz16 + kcol + half, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
+        vz = tl.load(vz16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
+        b = b.to(tl.int32)
+        lo = (b & 15).to(tl.float32)
+        hi = (b >> 4).to(tl.float32)
+        lo_s = tl.where(is_v, vs[:, None], lo_k[None, :])
+        hi_s = tl.where(is_v, vs[:, None], hi_k[None, :])
+        lo_z = tl.where(is_v, vz[:, None], lo_kz[None, :])
+        hi_z = tl.where(is_v, vz[:, None], hi_kz[None, :])
+        ty = dst_ptr.dtype.element_ty
+        tl.store(out, (lo * lo_s + lo_z).to(ty), mask=mask)
+        tl.store(out + half, (hi * hi_s + hi_z).to(ty), mask=mask)
+    else:
+        ks = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
+        scale = tl.where(is_v, vs[:, None], ks[None, :])
+        tl.store(out, (_fp8_e4m3(b) * scale).to(dst_ptr.dtype.element_ty), mask=mask)

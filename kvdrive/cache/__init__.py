@@ -8,7 +8,8 @@ caches share, and the caches that keep all KV on one device.
   pages of one pool per layer, split-KV decode (``paged_decode``); ``pages``: ``PageAllocator``,
   its page bookkeeping;
 * ``contiguous``: ``ContiguousKVCache``, exact attention over one tensor per layer (the
-  reference the other caches are compared with);
+  reference the other caches are compared with) and ``chunk_attention``, the dense attention
+  of a prefill chunk; ``split_prefill``: its split-KV path (a short chunk over a long prefix);
 * ``sparse``: ``SparseKVCache`` and ``SparseConfig``, KV as GPU-resident groups, decode over
   sinks + top groups + window (``kvdrive.retrieval``);
 * ``streaming``: ``HostStreamingKVCache``, all KV in pinned host memory streamed to the GPU

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvdrive.cache import split_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.config import ModelConfig
@@ -62,25 +63,32 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
     least ``start + T - 1`` (later ones are ignored); ``k_start`` must not pass the first key the
     chunk sees (0 for a global layer). Returns (B, H_q, T, D).
 
-    * global layers, and windows that cut no key the chunk sees: causal attention aligned to the
-      lower right (``causal_lower_right``), which SDPA runs in its flash kernel on CUDA for
-      fp16/bf16 (GQA native, no K/V copy); elsewhere torch materialises the mask itself;
     * a window that cuts keys (T > 1, chunk past the window): a mask over only the keys the
       window spans, (T x (W + T - 1)), whatever the prefix length;
-    * softcap: the exact fp32 path of ``sdpa`` (SDPA has no score hook).
+    * softcap: the exact fp32 path of ``sdpa`` (SDPA has no score hook);
+    * a short chunk of one sequence over a long prefix every query sees (global layers, and
+      windows that cut no key): split-KV (``split_prefill``), the prefix in partitions of one
+      flash call merged by log-sum-exp, where ``num_partitions`` finds the flash call too
+      narrow for the GPU;
+    * T = 1: one query sees every key of its span, SDPA with no mask;
+    * otherwise causal attention aligned to the lower right (``causal_lower_right``), which
+      SDPA runs in its flash kernel on CUDA for fp16/bf16 (GQA native, no K/V copy); elsewhere
+      torch materialises the mask itself.
     """
     t = q.shape[2]
     end = start + t
     lo = k_start if spec.window is None else max(k_start, start - spec.window + 1)  # first key seen
     k, v = k[:, :, lo - k_start : end - k_start], v[:, :, lo - k_start : end - k_start]  # (B, H_kv, S, D)
     span = end - lo
-    if t == 1:  # one query sees every key of its span
-        return sdpa(q, k, v, None, spec.scale, spec.softcap)
     if spec.window is not None and end - spec.window > lo:  # the last queries no longer see the first keys
         q_pos = torch.arange(start, end, device=q.device)[:, None]  # (T, 1)
         k_pos = torch.arange(lo, end, device=q.device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos) & (k_pos > q_pos - spec.window)
         return grouped_sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
+    if spec.softcap is None and (parts := split_prefill.num_partitions(q, k, span - t)) > 1:
+        return split_prefill.split_chunk_attention(q, k, v, span - t, parts, spec.scale)
+    if t == 1:  # one query sees every key of its span
+        return sdpa(q, k, v, None, spec.scale, spec.softcap)
     if spec.softcap is not None:
         mask = torch.ones(t, span, dtype=torch.bool, device=q.device).tril(span - t)
         return sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)

@@ -26,6 +26,10 @@ import torch
 from kvdrive.errors import KvdriveError
 
 KV_DTYPES = ("bf16", "fp8", "int4")
+# Byte layout revision of each compressed format, part of its stored name (``stored_name``):
+# a change to a format's bytes bumps it, so stored groups of the old layout are never read as
+# the new (prefix keys and pool geometries carry the name). fp8 2: keys centred per channel.
+REVISIONS = {"fp8": 2, "int4": 1}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_LEVELS = 15
 _SECTION_ALIGN = 16
@@ -47,6 +51,12 @@ def check_kv_dtype(name: str) -> str:
     if name not in KV_DTYPES:
         raise KvdriveError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {name!r}")
     return name
+
+
+def stored_name(kv_dtype: str) -> str:
+    """The format as stored data names it: "" for the model dtype, else name and revision
+    (``fp8r2``)."""
+    return "" if check_kv_dtype(kv_dtype) == "bf16" else f"{kv_dtype}r{REVISIONS[kv_dtype]}"
 
 
 def sections(kv_dtype: str, heads: int, tokens: int, dim: int) -> dict[str, Section]:

@@ -146,3 +146,11 @@ def test_fp8_keys_keep_a_channel_bias_out_of_the_error():
     spread = x[:, 0].float() - bias
     err = (y[:, 0].float() - x[:, 0].float()).norm() / spread.norm()
     assert err <= BOUNDS["fp8"], float(err)
+
+
+def test_stored_names_carry_the_format_and_its_revision():
+    from kvdrive.storage.layout import GroupLayout
+
+    names = {f: GroupLayout(2, 2, 8, torch.bfloat16, 4, f).name for f in ("bf16", "fp8", "int4")}
+    assert names["bf16"] == "kv2-h2-g4-d8-bfloat16"  # unchanged: pools of the model dtype stay valid
+    assert names["fp8"].endswith("-fp8r2") and names["int4"].endswith("-int4r1")

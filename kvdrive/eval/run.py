@@ -12,6 +12,7 @@ from kvdrive.eval import retrieval
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.retrieval_sweep import RETRIEVAL_NOTES, run_family, summarize
 from kvdrive.eval.sweep import text_sweep
+from kvdrive.quant.formats import KV_DTYPES
 
 CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank bases
 CALIB_ROW = 4096
@@ -53,9 +54,8 @@ class EvalSpec:
             name, _, mode = s.partition("/")
             sparse += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
         out = [Setting(None, 1.0)]
-        fmts = sorted(set(self.kv_dtypes) | {"bf16"}, key=lambda f: f != "bf16")
-        for fmt in fmts:
-            if fmt == "bf16" and "bf16" not in self.kv_dtypes:
+        for fmt in KV_DTYPES:  # bf16 first, then in a fixed order
+            if fmt not in self.kv_dtypes:
                 continue
             extra = [] if fmt == "bf16" else [Setting(None, 1.0, kv_dtype=fmt)]
             out += [replace(s, kv_dtype=fmt) for s in extra + sparse]

@@ -86,8 +86,11 @@ def dequant_rows_kernel(
         ty = dst_ptr.dtype.element_ty
         tl.store(out, (lo * lo_s + lo_z).to(ty), mask=mask)
         tl.store(out + half, (hi * hi_s + hi_z).to(ty), mask=mask)
-    else:
+    else:  # keys centred per channel (kz), values not
+        kz16 = (src + kz_off).to(tl.pointer_type(tl.float16))
         ks = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
+        kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
         vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
         scale = tl.where(is_v, vs[:, None], ks[None, :])
-        tl.store(out, (_fp8_e4m3(b) * scale).to(dst_ptr.dtype.element_ty), mask=mask)
+        zero = tl.where(is_v, 0.0, kz[None, :])
+        tl.store(out, (_fp8_e4m3(b) * scale + zero).to(dst_ptr.dtype.element_ty), mask=mask)

@@ -2,8 +2,10 @@
 prefix pool.
 
 * ``bf16``: the model's own dtype, as the GPU holds it (no scales);
-* ``fp8``: float8_e4m3fn payload; keys scaled per channel over the group's G tokens
-  (``ks`` (H_kv, D)), values per token over D channels (``vs`` (H_kv, G)); fp16 scales;
+* ``fp8``: float8_e4m3fn payload; keys centred and scaled per channel over the group's G
+  tokens (``kz``, the midpoint of the channel's range, and ``ks`` (H_kv, D): a key channel's
+  bias is kept exactly, so e4m3's relative error falls on its spread only), values scaled
+  per token over D channels (``vs`` (H_kv, G)); fp16 scales and centres;
 * ``int4``: KIVI's asymmetric 4-bit: keys per channel over the group's G tokens (scale and
   zero (H_kv, D)), values per token over D channels (scale and zero (H_kv, G)); two codes
   per byte, code ``c`` of a row in the low nibble of byte ``c`` and code ``c + D/2`` in its
@@ -24,13 +26,17 @@ import torch
 from kvdrive.errors import KvdriveError
 
 KV_DTYPES = ("bf16", "fp8", "int4")
+# Byte layout revision of each compressed format, part of its stored name (``stored_name``):
+# a change to a format's bytes bumps it, so stored groups of the old layout are never read as
+# the new (prefix keys and pool geometries carry the name). fp8 2: keys centred per channel.
+REVISIONS = {"fp8": 2, "int4": 1}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_LEVELS = 15
 _SECTION_ALIGN = 16
 # fp16 scales: the smallest positive subnormal and the largest finite value.
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
 SECTIONS = {
-    "fp8": ("kq", "vq", "ks", "vs"),
+    "fp8": ("kq", "vq", "ks", "kz", "vs"),
     "int4": ("kq", "vq", "ks", "kz", "vs", "vz"),
 }
 
@@ -45,6 +51,12 @@ def check_kv_dtype(name: str) -> str:
     if name not in KV_DTYPES:
         raise KvdriveError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {name!r}")
     return name
+
+
+def stored_name(kv_dtype: str) -> str:
+    """The format as stored data names it: "" for the model dtype, else name and revision
+    (``fp8r2``)."""
+    return "" if check_kv_dtype(kv_dtype) == "bf16" else f"{kv_dtype}r{REVISIONS[kv_dtype]}"
 
 
 def sections(kv_dtype: str, heads: int, tokens: int, dim: int) -> dict[str, Section]:
@@ -77,6 +89,11 @@ def _scale(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16)
 
 
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """An fp16 offset (a centre or a minimum), clamped to fp16's finite range."""
+    return x.clamp(-_SCALE_MAX, _SCALE_MAX).to(torch.float16)
+
+
 def quantize(groups: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     """Typed groups (N, 2, H, G, D) -> stored rows (N, stored_bytes) uint8 on the same device."""
     n, two, h, g, d = groups.shape
@@ -90,16 +107,18 @@ def quantize(groups: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     )
     k, v = groups[:, 0].float(), groups[:, 1].float()  # (N, H, G, D)
     if kv_dtype == "fp8":
-        ks = _scale(k.abs().amax(dim=2) / FP8_MAX)  # (N, H, D): per channel over the group's tokens
+        kz = _centre((k.amax(dim=2) + k.amin(dim=2)) / 2)  # (N, H, D): per channel over the group's tokens
+        kc = k - kz.float()[:, :, None, :]
+        ks = _scale(kc.abs().amax(dim=2) / FP8_MAX)  # (N, H, D)
         vs = _scale(v.abs().amax(dim=3) / FP8_MAX)  # (N, H, G): per token over the channels
-        kq = (k / ks.float()[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        kq = (kc / ks.float()[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         vq = (v / vs.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        parts = {"kq": kq.view(torch.uint8), "vq": vq.view(torch.uint8), "ks": ks, "vs": vs}
+        parts = {"kq": kq.view(torch.uint8), "vq": vq.view(torch.uint8), "ks": ks, "kz": kz, "vs": vs}
     else:
         klo, khi = k.amin(dim=2), k.amax(dim=2)  # (N, H, D)
         vlo, vhi = v.amin(dim=3), v.amax(dim=3)  # (N, H, G)
-        ks, kz = _scale((khi - klo) / INT4_LEVELS), klo.clamp(-_SCALE_MAX, _SCALE_MAX).to(torch.float16)
-        vs, vz = _scale((vhi - vlo) / INT4_LEVELS), vlo.clamp(-_SCALE_MAX, _SCALE_MAX).to(torch.float16)
+        ks, kz = _scale((khi - klo) / INT4_LEVELS), _centre(klo)
+        vs, vz = _scale((vhi - vlo) / INT4_LEVELS), _centre(vlo)
         kq = ((k - kz.float()[:, :, None, :]) / ks.float()[:, :, None, :]).round().clamp(0, INT4_LEVELS)
         vq = ((v - vz.float()[..., None]) / vs.float()[..., None]).round().clamp(0, INT4_LEVELS)
         parts = {"kq": _pack4(kq), "vq": _pack4(vq), "ks": ks, "kz": kz, "vs": vs, "vz": vz}
@@ -122,12 +141,13 @@ def dequantize(rows: torch.Tensor, kv_dtype: str, shape: tuple[int, int, int], d
         return rows[:, at : at + nbytes].contiguous().view(view).view(n, *dims)
 
     ks, vs = part("ks", torch.float16, h, d).float(), part("vs", torch.float16, h, g).float()
+    kz = part("kz", torch.float16, h, d).float()
     if kv_dtype == "fp8":
         kq = part("kq", torch.float8_e4m3fn, h, g, d).float()
         vq = part("vq", torch.float8_e4m3fn, h, g, d).float()
-        k, v = kq * ks[:, :, None, :], vq * vs[..., None]
+        k, v = kq * ks[:, :, None, :] + kz[:, :, None, :], vq * vs[..., None]
     else:
-        kz, vz = part("kz", torch.float16, h, d).float(), part("vz", torch.float16, h, g).float()
+        vz = part("vz", torch.float16, h, g).float()
         kq, vq = _unpack4(part("kq", torch.uint8, h, g, d // 2)), _unpack4(part("vq", torch.uint8, h, g, d // 2))
         k, v = kq * ks[:, :, None, :] + kz[:, :, None, :], vq * vs[..., None] + vz[..., None]
     return torch.stack([k, v], dim=1).to(dtype)  # (N, 2, H, G, D)

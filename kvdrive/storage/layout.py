@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from kvdrive.errors import KvdriveError
-from kvdrive.quant.formats import check_kv_dtype, sections, stored_bytes
+from kvdrive.quant.formats import check_kv_dtype, sections, stored_bytes, stored_name
 
 # O_DIRECT needs buffer address, file offset and length aligned to the logical block
 # size; 4096 covers every NVMe namespace format in use and the page size.
@@ -115,10 +115,11 @@ class GroupLayout:
     @property
     def name(self) -> str:
         """Layout named by its dimensions and storage format, e.g. ``kv2-h8-g16-d128-bfloat16``
-        (model dtype) or ``kv2-h8-g16-d128-bfloat16-fp8``: prefix keys and pool geometries
-        carry it, so groups stored in one format are never read as another."""
+        (model dtype) or ``kv2-h8-g16-d128-bfloat16-fp8r2`` (format and its byte layout's
+        revision): prefix keys and pool geometries carry it, so groups stored in one format,
+        or an older layout of it, are never read as another."""
         dt = str(self.dtype).removeprefix("torch.")
-        fmt = f"-{self.kv_dtype}" if self.compressed else ""
+        fmt = f"-{stored_name(self.kv_dtype)}" if self.compressed else ""
         return f"kv2-h{self.num_kv_heads}-g{self.group_tokens}-d{self.head_dim}-{dt}{fmt}"
 
     def groups_for(self, tokens: int) -> int:

@@ -135,3 +135,22 @@ def test_dequant_from_pinned_host_matches_reference_on_gpu(fmt):
     dequant_rows_reference(rows, si, b, di, fmt, (8, 16, 128))
     torch.cuda.synchronize()
     torch.testing.assert_close(a, b)
+
+
+def test_fp8_keys_keep_a_channel_bias_out_of_the_error():
+    # keys centred per channel: a large bias costs nothing, the error is relative to the spread
+    x = kv_groups(n=2, g=16, d=32)
+    bias = torch.linspace(-200, 200, 32)
+    x[:, 0] = (x[:, 0].float() + bias).to(x.dtype)
+    y = dequantize(quantize(x, "fp8"), "fp8", (2, 16, 32), torch.bfloat16)
+    spread = x[:, 0].float() - bias
+    err = (y[:, 0].float() - x[:, 0].float()).norm() / spread.norm()
+    assert err <= BOUNDS["fp8"], float(err)
+
+
+def test_stored_names_carry_the_format_and_its_revision():
+    from kvdrive.storage.layout import GroupLayout
+
+    names = {f: GroupLayout(2, 2, 8, torch.bfloat16, 4, f).name for f in ("bf16", "fp8", "int4")}
+    assert names["bf16"] == "kv2-h2-g4-d8-bfloat16"  # unchanged: pools of the model dtype stay valid
+    assert names["fp8"].endswith("-fp8r2") and names["int4"].endswith("-int4r1")

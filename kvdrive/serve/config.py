@@ -21,6 +21,7 @@ from kvdrive.errors import KvdriveError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DISK_MISSES = ("wait", "defer")  # TieredConfig.disk_misses' choices, spelled here: importing it loads torch
+KV_DTYPES = ("bf16", "fp8", "int4")  # kvdrive.quant.formats.KV_DTYPES, spelled here for the same reason
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -204,6 +205,16 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("tcp", "rdma"),
         example="tcp",
     ),
+    Setting(
+        "prefix_kv_dtype",
+        "prefix",
+        "choice",
+        "bf16",
+        "storage format of the pool's chunks: bf16 (the model dtype), fp8 or int4 (quantized when stored, "
+        "dequantized when loaded; docs/compression.md)",
+        choices=KV_DTYPES,
+        example="fp8",
+    ),
     # server
     Setting("host", "server", "str", "127.0.0.1", "address to listen on (0.0.0.0: every interface)", example="0.0.0.0"),
     Setting("port", "server", "int", 8000, "port to listen on (0: any free port)", low=0, high=65535, example="8000"),
@@ -287,6 +298,7 @@ class PrefixSettings:
     prefix_remote_master: str | None
     prefix_remote_metadata: str
     prefix_remote_protocol: str
+    prefix_kv_dtype: str
 
     @property
     def enabled(self) -> bool:
@@ -313,6 +325,7 @@ class PrefixSettings:
             chunk_tokens=self.prefix_chunk_tokens,
             admit_after=self.prefix_admit_after,
             remote=remote,
+            kv_dtype=self.prefix_kv_dtype,
         )
 
 

@@ -1,11 +1,13 @@
 """``kvdrive serve``'s settings: file < environment < flags, one name everywhere, each value
 checked where it is read; --print-config shows the resolved settings and their sources."""
 
+from pathlib import Path
+
 import pytest
 
 from kvdrive.cli import main
 from kvdrive.errors import KvdriveError
-from kvdrive.serve.config import SETTINGS, read_file, resolve
+from kvdrive.serve.config import BY_NAME, SETTINGS, read_file, resolve
 
 
 def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path):
@@ -107,3 +109,43 @@ def test_the_remote_prefix_tier_is_set_from_the_file_and_environment(tmp_path):
     assert resolve({}, {}, {}).prefix.config() is None  # no pool, no remote tier
     with pytest.raises(KvdriveError, match="KVDRIVE_PREFIX_REMOTE_PROTOCOL: .udp. is not one of tcp, rdma"):
         resolve({}, {"KVDRIVE_PREFIX_REMOTE_PROTOCOL": "udp"}, {})
+
+
+def test_the_prefix_pools_storage_format_is_a_flag_over_the_environment_over_the_file(tmp_path):
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("prefix_host_gib: 1\nprefix_kv_dtype: int4\n")
+    file = read_file(str(path))
+    assert resolve({"prefix_host_gib": 1}).prefix.config().kv_dtype == "bf16"  # the default: the model dtype
+    assert resolve(file, file_name="kvdrive.yaml").prefix.config().kv_dtype == "int4"
+    cfg = resolve(file, {"KVDRIVE_PREFIX_KV_DTYPE": "fp8"}, file_name="kvdrive.yaml")
+    assert (
+        cfg.prefix.config().kv_dtype == "fp8"
+        and cfg.sources["prefix_kv_dtype"] == "environment KVDRIVE_PREFIX_KV_DTYPE"
+    )
+    cfg = resolve(file, {"KVDRIVE_PREFIX_KV_DTYPE": "fp8"}, {"prefix_kv_dtype": "bf16"}, file_name="kvdrive.yaml")
+    assert cfg.prefix.config().kv_dtype == "bf16" and cfg.sources["prefix_kv_dtype"] == "flag --prefix-kv-dtype"
+
+
+def test_the_prefix_storage_formats_are_the_quantizers_and_a_bad_one_is_refused_by_name(tmp_path, capsys):
+    from kvdrive.quant.formats import KV_DTYPES
+
+    assert BY_NAME["prefix_kv_dtype"].choices == KV_DTYPES
+    with pytest.raises(KvdriveError, match="KVDRIVE_PREFIX_KV_DTYPE: 'fp4' is not one of bf16, fp8, int4"):
+        resolve(env={"KVDRIVE_PREFIX_KV_DTYPE": "fp4"})
+    path = tmp_path / "kvdrive.yaml"
+    path.write_text("prefix_kv_dtype: int8\n")
+    with pytest.raises(KvdriveError, match="kvdrive.yaml: prefix_kv_dtype: 'int8' is not one of bf16, fp8, int4"):
+        resolve(read_file(str(path)), file_name="kvdrive.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--prefix-kv-dtype", "fp16", "--print-config"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--prefix-kv-dtype: invalid choice: 'fp16'" in err
+    assert all(name in err.split("choose from")[1] for name in KV_DTYPES)
+    assert main(["serve", "--prefix-host-gib", "1", "--prefix-kv-dtype", "fp8", "--print-config"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("prefix_kv_dtype:"))
+    assert '"fp8"' in line and "flag --prefix-kv-dtype" in line
+
+
+def test_the_serve_guide_lists_every_setting():
+    text = (Path(__file__).parents[2] / "docs" / "serve.md").read_text()
+    assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in text] == []

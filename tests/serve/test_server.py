@@ -184,6 +184,30 @@ def test_a_repeated_long_prompt_reports_cached_tokens_and_the_same_output(server
     assert m["kvdrive:prefix_cache_hits_total"] >= cached and m["kvdrive:prefix_cache_queries_total"] > cached
 
 
+def test_an_fp8_prefix_pool_set_by_prefix_kv_dtype_serves_a_repeated_prompt_from_fp8_chunks(smollm2, one_thread):
+    cfg = resolve(
+        flags={
+            "max_model_len": MAX_LEN,
+            "prefix_host_gib": 0.0625,
+            "prefix_chunk_tokens": CHUNK,
+            "prefix_kv_dtype": "fp8",
+        }
+    )
+    state = ServerState(cfg, load=lambda: LLM(loaded=smollm2, max_model_len=MAX_LEN, prefix_cache=cfg.prefix.config()))
+    with live_server(state) as url:
+        assert state.llm.prefix.layout.kv_dtype == "fp8"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        prompt = "Story F. " + LONG
+        first = c.completions.create(model="smollm2", prompt=prompt, max_tokens=2, temperature=0)
+        second = c.completions.create(model="smollm2", prompt=prompt, max_tokens=2, temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached >= 3 * CHUNK and cached % CHUNK == 0
+        m = smollm2.config
+        fp32_bytes = cached * m.num_hidden_layers * 2 * m.num_key_value_heads * m.head_dim * 4
+        assert 0 < metrics((url,))["kvdrive:prefix_pool_bytes_loaded_total"] < fp32_bytes / 3  # fp8 payload + scales
+
+
 def test_one_tenants_prefix_is_not_a_hit_for_another(server):
     prompt = "Story B. " + LONG
 

@@ -27,7 +27,7 @@ BENCHES = {
     ),
     "prefill": (
         "kvdrive.bench.prefill",
-        "prefill tokens/s and TFLOP/s of the plain and tiered caches vs "
+        "prefill tokens/s and TFLOP/s of the plain (paged) and tiered caches vs "
         "transformers' forward (sdpa) on the same weights",
     ),
     "decode": (

@@ -1,5 +1,7 @@
-"""``kvdrive bench prefill``: prefill tokens/s and TFLOP/s of the plain and the tiered caches,
-beside transformers' own forward (``attn_implementation="sdpa"``) on the same weights, in one run.
+"""``kvdrive bench prefill``: prefill tokens/s and TFLOP/s of the plain cache ``LLM`` uses
+(``PagedKVCache``) and the tiered cache, beside transformers' own forward
+(``attn_implementation="sdpa"``) on the same weights, in one run; ``contiguous``
+(``ContiguousKVCache``, the reference cache) is an extra system to compare the paged one with.
 
 kvdrive prefills as the engine does: ``--chunk``-token pieces, each attending to the cached
 prefix plus itself (``chunk_attention``). transformers runs its standard prefill: one forward
@@ -24,7 +26,8 @@ from kvdrive import device as devices
 from kvdrive.results import write_result
 
 PREFILL_CHUNK = 2048  # the engine's prefill piece
-SYSTEMS = ("plain", "tiered", "transformers")
+SYSTEMS = ("plain", "contiguous", "tiered", "transformers")
+DEFAULT_SYSTEMS = ("plain", "tiered", "transformers")
 TINY = dict(model="random:smollm2-135m", lengths=[32, 80], chunk=24)
 
 
@@ -34,7 +37,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("-l", "--lengths", type=int, nargs="+", default=[4096, 32768, 131072], help="prompt tokens")
     p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="kvdrive's prefill piece in tokens")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=list(DEFAULT_SYSTEMS),
+        choices=SYSTEMS,
+        help="plain (PagedKVCache, what LLM uses), contiguous (ContiguousKVCache), tiered, transformers "
+        "(default: plain tiered transformers)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed prefills per system and length; the median is kept")
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes (random SmolLM2 shape, short prompts)")
     p.add_argument("-o", "--out", default="bench/results/prefill.json")
@@ -68,10 +78,13 @@ def _kvdrive_prefill(model, cache, ids: torch.Tensor, chunk: int) -> int:
 
 def _make_cache(system: str, model, length: int):
     from kvdrive.cache.contiguous import ContiguousKVCache
+    from kvdrive.cache.paged import PagedKVCache
     from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
     cfg, dev, dt = model.config, model.device, model.dtype
     if system == "plain":
+        return PagedKVCache(cfg, 1, length, dev, dt)
+    if system == "contiguous":
         return ContiguousKVCache(cfg, 1, length, dev, dt)
     return TieredSparseKVCache(cfg, 1, length, dev, dt, TieredConfig())
 
@@ -254,8 +267,9 @@ def run(args) -> int:
             print(length, system, {k: v for k, v in row.items() if k != "times_s"}, flush=True)
         ours = [entry[s]["first_token"] for s in args.systems if "first_token" in entry[s]]
         entry["first_tokens_agree"] = len(set(ours)) <= 1
-        if "prefill_s" in entry.get("plain", {}) and "prefill_s" in entry.get("tiered", {}):
-            entry["tiered_over_plain"] = entry["tiered"]["prefill_s"] / entry["plain"]["prefill_s"]
+        for other in ("tiered", "contiguous"):
+            if "prefill_s" in entry.get("plain", {}) and "prefill_s" in entry.get(other, {}):
+                entry[f"{other}_over_plain"] = entry[other]["prefill_s"] / entry["plain"]["prefill_s"]
         results.append(entry)
     config = {
         "model": loaded.source,
@@ -265,7 +279,8 @@ def run(args) -> int:
         "chunk": args.chunk,
         "systems": args.systems,
         "repeats": args.repeats,
-        "plain": "ContiguousKVCache, chunked prefill",
+        "plain": "PagedKVCache (what LLM uses), chunked prefill",
+        "contiguous": "ContiguousKVCache (the reference cache), chunked prefill",
         "tiered": "TieredSparseKVCache, default TieredConfig (host-only tier), chunked prefill",
         "transformers": "one forward over the whole prompt, DynamicCache, sdpa, logits of the last position",
         "transformers_attn_implementation": hf.config._attn_implementation if hf is not None else None,
@@ -273,6 +288,8 @@ def run(args) -> int:
     }
     notes = [
         "random weights of the real architecture's shape" if loaded.random_weights else "real weights",
+        "plain: PagedKVCache, the cache LLM uses; contiguous (where run): ContiguousKVCache, the reference "
+        "cache, on the same prompt (contiguous_over_plain)",
         "prefill_s: the prompt's forward passes, synchronized before and after; median of repeats",
         "TFLOP/s = (linear + causal attention FLOPs) / prefill_s; see prefill_flops and docs/bench.md",
         "tiered: place_s (initial placement after the prompt) is reported apart, not in prefill_s; "

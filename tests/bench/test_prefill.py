@@ -1,7 +1,9 @@
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kvdrive.bench import prefill
 
@@ -11,16 +13,35 @@ def test_bench_prefill_runs_tiny_on_cpu(tmp_path):
     p = argparse.ArgumentParser()
     prefill.add_arguments(p)
     out = tmp_path / "prefill.json"
-    assert prefill.run(p.parse_args(["--tiny", "-o", str(out)])) == 0
+    assert prefill.run(p.parse_args(["--tiny", "--systems", *prefill.SYSTEMS, "-o", str(out)])) == 0
     doc = json.loads(out.read_text())
     assert doc["bench"] == "prefill" and "commit" in doc["environment"] and doc["command"]
+    assert doc["config"]["plain"].startswith("PagedKVCache") and doc["config"]["contiguous"].startswith("Contiguous")
     assert [r["length"] for r in doc["results"]] == prefill.TINY["lengths"]
     for r in doc["results"]:
         assert r["first_tokens_agree"]  # the same weights, the same greedy token
         for name in prefill.SYSTEMS:
             assert r[name]["prefill_s"] > 0 and r[name]["tflops"] > 0
+        assert r["contiguous_over_plain"] > 0 and r["tiered_over_plain"] > 0
         assert r["tiered"]["staged"] and r["tiered"]["bytes_host_to_gpu"] == 0  # the prompt stayed on the GPU
         assert r["tiered"]["bytes_gpu_to_host"] > 0
+
+
+def test_plain_is_the_paged_cache_llm_uses_and_contiguous_is_an_extra_system():
+    from kvdrive.cache.contiguous import ContiguousKVCache
+    from kvdrive.cache.paged import PagedKVCache
+    from kvdrive.models import presets
+    from kvdrive.models.registry import from_hf_config
+
+    model = SimpleNamespace(
+        config=from_hf_config(presets.hf_config("smollm2-135m")), device=torch.device("cpu"), dtype=torch.float32
+    )
+    assert type(prefill._make_cache("plain", model, 80)) is PagedKVCache
+    assert type(prefill._make_cache("contiguous", model, 80)) is ContiguousKVCache
+    p = argparse.ArgumentParser()
+    prefill.add_arguments(p)
+    assert p.parse_args([]).systems == ["plain", "tiered", "transformers"]
+    assert p.parse_args(["--systems", "plain", "contiguous"]).systems == ["plain", "contiguous"]
 
 
 def test_prefill_flops_count_causal_pairs_and_windows():

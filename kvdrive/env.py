@@ -25,6 +25,12 @@ def native_io_enabled() -> bool:
     return os.environ.get("KVDRIVE_NATIVE_IO", "") not in ("0", "false", "no")
 
 
+def split_prefill_enabled() -> bool:
+    """Split-KV chunk attention on CUDA by its rule when ``KVDRIVE_SPLIT_PREFILL=1``; off by default
+    (its CUDA path is tested on CPU through its twin and has not been timed on a GPU)."""
+    return os.environ.get("KVDRIVE_SPLIT_PREFILL", "") in ("1", "true", "yes")
+
+
 def c_compiler() -> str | None:
     """The C compiler for kvdrive's native helpers: ``$CC``, else cc, gcc or clang on PATH."""
     return os.environ.get("CC") or next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)

@@ -14,7 +14,8 @@ cut in parts that each return their log-sum-exp and merge exactly (``merge_atten
 
 On CUDA each part is ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, head_dim a
 multiple of 8 and <= 256; ``is_causal`` there means lower right, as ``causal_lower_right``
-uses it); elsewhere a torch twin computes the same (out, lse) in fp32.
+uses it); elsewhere a torch twin computes the same (out, lse) in fp32. The rule applies where
+``KVDRIVE_SPLIT_PREFILL=1`` (off by default: the CUDA path has not been timed on a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 
 import torch
 
+from kvdrive import env
 from kvdrive.retrieval.merge import merge_attention_many
 
 SPLIT_MIN_PREFIX = 8192  # keys every query sees before a split pays for its merge
@@ -31,7 +33,7 @@ QUERY_BLOCK = 128  # query rows per flash program
 WAVES = 2  # programs to aim for, in multiples of the SM count
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
-force: bool | None = None  # None: the rule decides; True / False: always / never split (ablation)
+force: bool | None = None  # None: the rule decides where KVDRIVE_SPLIT_PREFILL=1; True / False: always / never split
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,7 +59,7 @@ def num_partitions(q: torch.Tensor, k: torch.Tensor, prefix: int) -> int:
     whose first ``prefix`` keys every query sees. On CUDA by ``plan_partitions`` where the flash
     op takes the inputs; elsewhere never; ``force`` overrides the count (at least 2 when on)."""
     b, hq, t, d = q.shape
-    if force is False or b != 1 or prefix < 2:
+    if force is False or b != 1 or prefix < 2 or (force is None and not env.split_prefill_enabled()):
         return 1
     p = 1
     if q.is_cuda:

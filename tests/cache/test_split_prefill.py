@@ -113,6 +113,7 @@ def test_the_cuda_split_matches_sdpa_in_bf16(monkeypatch, d, prefix, t):
     output's scale (2^-8 relative), so it stays within twice SDPA's error plus that."""
     q, k, v = _qkv(1, 32, 8, t, prefix + t, d=d, device="cuda", dtype=torch.bfloat16)
     spec = LayerSpec(window=None, scale=d**-0.5)
+    monkeypatch.setenv("KVDRIVE_SPLIT_PREFILL", "1")
     assert split_prefill.num_partitions(q, k, prefix) > 1  # the rule splits these on its own
     got = chunk_attention(q, k, v, prefix, spec)
     monkeypatch.setattr(split_prefill, "force", False)
@@ -120,3 +121,12 @@ def test_the_cuda_split_matches_sdpa_in_bf16(monkeypatch, d, prefix, t):
     ref = _plain(q.float(), k.float(), v.float(), spec.scale)
     err, base = (got.float() - ref).abs().max(), (plain.float() - ref).abs().max()
     assert err <= 2 * base + 2**-8 * ref.abs().max(), (err, base)
+
+
+def test_the_rule_is_off_unless_enabled(monkeypatch):
+    """Without KVDRIVE_SPLIT_PREFILL=1 the rule never splits, on any device; forcing still does."""
+    monkeypatch.delenv("KVDRIVE_SPLIT_PREFILL", raising=False)
+    q, k, _ = _qkv(1, 32, 8, 256, 20_000 + 256)
+    assert split_prefill.num_partitions(q, k, 20_000) == 1
+    monkeypatch.setattr(split_prefill, "force", True)
+    assert split_prefill.num_partitions(q, k, 20_000) >= 2

@@ -1,13 +1,7 @@
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_interpreted
 
-import kvdrive
 from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
 from kvdrive.quant import dequant_rows_reference, dequantize, quantize, stored_bytes
@@ -86,36 +80,27 @@ def test_reference_skips_negative_destinations():
     torch.testing.assert_close(dst[2], dequantize(src[1:2], "int4", (2, 4, 8), torch.bfloat16).reshape(-1))
 
 
+def check_dequant_kernel() -> None:
+    """The Triton dequantizer equals its torch twin (run under the interpreter by the test below)."""
+    from kvdrive.quant import dequant_rows
+
+    torch.manual_seed(0)
+    for h, g, d in ((2, 16, 64), (3, 5, 6), (1, 40, 16)):  # G not a power of two; G over one tile
+        x = (torch.randn(4, 2, h, g, d) * 3).to(torch.bfloat16)
+        for fmt in ("fp8", "int4"):
+            src = torch.cat([quantize(x, fmt), torch.zeros(4, 32, dtype=torch.uint8)], 1)  # padded rows
+            si, di = torch.tensor([3, 0, 2, 1]), torch.tensor([1, -1, 0, 4])  # -1: the row is skipped
+            a = torch.zeros(6, 2 * h * g * d + 8, dtype=torch.bfloat16)
+            b = a.clone()
+            dequant_rows(src, si, a, di, fmt, (h, g, d), impl="triton")
+            dequant_rows_reference(src, si, b, di, fmt, (h, g, d))
+            torch.testing.assert_close(a, b)  # the interpreter rounds to bf16 its own way: one ulp
+            assert a.abs().sum() > 0 and torch.count_nonzero(a[[2, 3, 5]]) == 0
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_dequant_matches_reference_under_interpreter():
-    # TRITON_INTERPRET must be set before the kernel module is imported: use a fresh process.
-    code = textwrap.dedent("""
-        import torch
-        from kvdrive.quant import dequant_rows, dequant_rows_reference, quantize
-        torch.manual_seed(0)
-        for h, g, d in ((2, 16, 64), (3, 5, 6), (1, 40, 16)):  # G not a power of two; G over one tile
-            x = (torch.randn(4, 2, h, g, d) * 3).to(torch.bfloat16)
-            for fmt in ("fp8", "int4"):
-                src = torch.cat([quantize(x, fmt), torch.zeros(4, 32, dtype=torch.uint8)], 1)  # padded rows
-                si, di = torch.tensor([3, 0, 2, 1]), torch.tensor([1, -1, 0, 4])  # -1: the row is skipped
-                a = torch.zeros(6, 2 * h * g * d + 8, dtype=torch.bfloat16)
-                b = a.clone()
-                dequant_rows(src, si, a, di, fmt, (h, g, d), impl="triton")
-                dequant_rows_reference(src, si, b, di, fmt, (h, g, d))
-                torch.testing.assert_close(a, b)  # the interpreter rounds to bf16 its own way: one ulp
-                assert a.abs().sum() > 0 and torch.count_nonzero(a[[2, 3, 5]]) == 0
-        print("ok")
-    """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(kvdrive.__file__).resolve().parents[1],
-    )
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_interpreted(__file__, "check_dequant_kernel")
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvdrive.cache import split_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
-from kvdrive.cache.slots import SequenceSlots
+from kvdrive.cache.slots import SequenceSlots, SlotTensors
 from kvdrive.config import ModelConfig
 
 
@@ -123,7 +123,7 @@ class ContiguousKVCache(KVCache):
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.seqs = SequenceSlots(max_seqs, max_len)
-        self._slot_tensors: dict[tuple[int, ...], torch.Tensor] = {}
+        self._slot_tensor = SlotTensors(device)
 
     @property
     def nbytes(self) -> int:
@@ -163,14 +163,6 @@ class ContiguousKVCache(KVCache):
         )
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
-
-    def _slot_tensor(self, slots: list[int]) -> torch.Tensor:
-        """Device tensor of a slot list, memoised: a CUDA-graph capture may not copy from the
-        host, and its warm-up runs (outside capture) create the tensor first."""
-        key = tuple(slots)
-        if key not in self._slot_tensors:
-            self._slot_tensors[key] = torch.tensor(slots, device=self.device)
-        return self._slot_tensors[key]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m: _Meta = batch.meta

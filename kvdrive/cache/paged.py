@@ -33,7 +33,7 @@ import torch
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.contiguous import attention_mask, chunk_attention, grouped_sdpa, layer_specs
 from kvdrive.cache.pages import PageAllocator
-from kvdrive.cache.slots import SequenceSlots
+from kvdrive.cache.slots import SequenceSlots, SlotTensors
 from kvdrive.config import ModelConfig
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.retrieval.sparse_attention import sparse_attention
@@ -100,7 +100,7 @@ class PagedKVCache(KVCache):
         self.pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.table = torch.zeros(max_seqs, -(-self.max_len // page_tokens), dtype=torch.int32, device=device)  # (S, P)
         self.seqs = SequenceSlots(max_seqs, self.max_len)
-        self._slot_tensors: dict[tuple[int, ...], torch.Tensor] = {}
+        self._slot_tensor = SlotTensors(device)
 
     @property
     def page_bytes(self) -> int:
@@ -168,13 +168,6 @@ class PagedKVCache(KVCache):
         meta = _Meta(rows, start_t, kv_len, uniform_start=not static and len(set(starts)) == 1)
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
-
-    def _slot_tensor(self, slots: list[int]) -> torch.Tensor:
-        """Device tensor of a slot list, memoised: a CUDA-graph capture may not copy from the host."""
-        key = tuple(slots)
-        if key not in self._slot_tensors:
-            self._slot_tensors[key] = torch.tensor(slots, device=self.device)
-        return self._slot_tensors[key]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m: _Meta = batch.meta

@@ -3,9 +3,12 @@ tokens it has committed.
 
 ``max_seqs`` slots, handed out LIFO from a free list: ``add``, ``free``, ``slot``,
 ``length`` and ``commit`` are O(1) per sequence and allocate nothing on the GPU.
+``SlotTensors``: a batch's slot list as a device index, memoised.
 """
 
 from __future__ import annotations
+
+import torch
 
 from kvdrive.errors import CapacityError, KvdriveError
 
@@ -77,3 +80,18 @@ class SequenceSlots:
 
     def seq_ids(self) -> list[int]:
         return sorted(self._slot)
+
+
+class SlotTensors:
+    """Device tensors of slot lists, memoised: a CUDA-graph capture may not copy from the host,
+    and its warm-up runs (outside capture) create the tensor first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, slots: list[int]) -> torch.Tensor:
+        key = tuple(slots)
+        if key not in self._memo:
+            self._memo[key] = torch.tensor(slots, device=self.device)
+        return self._memo[key]

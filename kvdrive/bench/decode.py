@@ -96,7 +96,7 @@ def add_arguments(p) -> None:
     g.add_argument(
         "--summary",
         default="minmax",
-        choices=("minmax", "mean", "tokenmax"),
+        choices=("minmax", "mean", "tokenmax", "tokenlse"),
         help="group summary that scores selection (default minmax)",
     )
     g.add_argument(

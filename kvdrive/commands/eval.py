@@ -6,7 +6,7 @@ import sys
 
 from kvdrive.commands.common import add_model_options
 
-SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "oracle")
+SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "tokenlse", "oracle")
 FAMILIES = ("passkey", "multikey", "vartrack")  # kvdrive.eval.retrieval.FAMILIES (not imported: torch at parse time)
 MODES = ("prefilled", "sparse-question")
 EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.tiered.selection_cache.EVICTIONS (not imported: torch at parse time)
@@ -14,20 +14,15 @@ KV_DTYPES = ("bf16", "fp8", "int4")  # kvdrive.quant.formats.KV_DTYPES (not impo
 
 
 def summary_choice(value: str) -> str:
-    """``name[/mode][@budget]``: a summary, optionally with its own selection mode or one budget."""
+    """``name[+dense=L,L][/mode][@budget]`` (``kvdrive.eval.setting_spec``)."""
     import argparse
 
-    spec, _, at = value.partition("@")
-    name, _, mode = spec.partition("/")
+    from kvdrive.eval import setting_spec
+
     try:
-        budget_ok = not at or 0 < float(at) < 1
-    except ValueError:
-        budget_ok = False
-    if name not in SUMMARIES or mode not in ("", "shared", "per_head") or not budget_ok:
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: choose a summary of {', '.join(SUMMARIES)}, optionally "
-            "followed by /shared or /per_head and by @FRACTION (one budget, in (0, 1))"
-        )
+        setting_spec.parse(value, SUMMARIES)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -69,10 +64,11 @@ def add_parser(sub) -> None:
         nargs="+",
         default=None,
         type=summary_choice,
-        metavar="SUMMARY[/MODE][@BUDGET]",
-        help=f"group summaries to compare: {', '.join(SUMMARIES)}; each optionally /shared or /per_head "
-        "to override --mode, and @FRACTION to run at that budget only instead of every --budgets "
-        "(e.g. oracle/per_head@0.0625) (default: mean tokenmax; with --hits mean)",
+        metavar="SUMMARY[+dense=L,L][/MODE][@BUDGET]",
+        help=f"group summaries to compare: {', '.join(SUMMARIES)}; each optionally +dense=L,L to keep "
+        "those global layers dense in place of --dense-layers, /shared or /per_head to override --mode, and "
+        "@FRACTION to run at that budget only instead of every --budgets "
+        "(e.g. oracle/per_head@0.0625, tokenmax+dense=0,1@0.1875) (default: mean tokenmax; with --hits mean)",
     )
     p.add_argument(
         "--mode",

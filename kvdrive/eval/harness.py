@@ -29,10 +29,14 @@ class Setting:
     budget: float  # fraction of the context
     mode: str = "shared"
     kv_dtype: str = "bf16"
+    dense: tuple[int, ...] | None = None  # global layers attended whole; None: the run's base setting
 
     @property
     def label(self) -> str:
-        name = "full" if self.summary is None else f"{self.summary}@{self.budget:g}/{self.mode}"
+        name = "full"
+        if self.summary is not None:
+            dense = "" if self.dense is None else "+dense=" + ",".join(map(str, self.dense))
+            name = f"{self.summary}{dense}@{self.budget:g}/{self.mode}"
         return name if self.kv_dtype == "bf16" else f"{name}+{self.kv_dtype}"
 
     @property
@@ -76,6 +80,8 @@ class Runner:
             cfg = replace(
                 self.base, summary=setting.summary, budget=setting.budget, mode=setting.mode, kv_dtype=setting.kv_dtype
             )
+            if setting.dense is not None:
+                cfg = replace(cfg, dense_layers=setting.dense)
         self.cache.reconfigure(cfg)
         self.sparse = cfg
         for i, n in enumerate(lengths):
@@ -103,10 +109,12 @@ class Runner:
         return torch.stack(out, 1)
 
     def selected_fraction(self) -> float:
-        """Share of the context the last decode step attended on global layers."""
-        sels = list(self.cache.last_selection.values())
-        if not sels:
-            return 1.0
+        """Share of the context the last decode step attended, averaged over global layers (a
+        dense one attends all of it) and sequences."""
         lens = torch.tensor([self.cache.length(i) for i in self.cache.seqs.seq_ids()], dtype=torch.float32)
-        tokens = torch.stack([s.num_pages.float().cpu() for s in sels]).mean(0) * self.cache.g
-        return float((tokens.clamp(max=lens) / lens).mean())
+        shares = []
+        for layer in self.model.config.global_layers:
+            sel = self.cache.last_selection.get(layer) if layer in self.cache.tables else None
+            tokens = lens if sel is None else sel.num_pages.float().cpu() * self.cache.g
+            shares.append(tokens.clamp(max=lens) / lens)
+        return float(torch.stack(shares).mean()) if shares else 1.0

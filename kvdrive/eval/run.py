@@ -8,11 +8,12 @@ from pathlib import Path
 
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
-from kvdrive.eval import retrieval
+from kvdrive.eval import retrieval, setting_spec
 from kvdrive.eval.harness import Runner, Setting
 from kvdrive.eval.retrieval_sweep import RETRIEVAL_NOTES, run_family, summarize
 from kvdrive.eval.sweep import text_sweep
 from kvdrive.quant.formats import KV_DTYPES
+from kvdrive.retrieval.summaries import SUMMARIZERS
 
 CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank bases
 CALIB_ROW = 4096
@@ -45,14 +46,15 @@ class EvalSpec:
 
     def settings(self) -> list[Setting]:
         """Full attention, then every summary x budget, per storage format (bf16 first, so a
-        compressed setting meets its bf16 twin). A summary ``name[/mode][@budget]`` overrides
-        ``mode`` (``oracle/per_head`` beside shared summaries) or runs at that one budget only.
+        compressed setting meets its bf16 twin). A summary ``name[+dense=L,L][/mode][@budget]``
+        (``setting_spec``) overrides the dense layers or ``mode`` (``oracle/per_head`` beside
+        shared summaries) or runs at that one budget only.
         A compressed format also runs full attention over its KV (its error alone)."""
         sparse = []
         for s in self.summaries:
-            s, _, at = s.partition("@")
-            name, _, mode = s.partition("/")
-            sparse += [Setting(name, b, mode or self.mode) for b in ((float(at),) if at else self.budgets)]
+            p = setting_spec.parse(s, tuple(SUMMARIZERS))
+            budgets = (p.budget,) if p.budget is not None else self.budgets
+            sparse += [Setting(p.name, b, p.mode or self.mode, dense=p.dense) for b in budgets]
         out = [Setting(None, 1.0)]
         for fmt in KV_DTYPES:  # bf16 first, then in a fixed order
             if fmt not in self.kv_dtypes:

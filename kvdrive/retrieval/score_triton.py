@@ -87,10 +87,12 @@ def token_score_kernel(
     D: tl.constexpr,
     G: tl.constexpr,
     MEAN: tl.constexpr,
+    LSE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """``tokenmax`` scores: per group, the max over its G tokens of q . (lo + code * (hi - lo) / 3)
-    (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h.
+    (layout: ``kvdrive.retrieval.token_summary``), reduced over the R query heads of KV head h;
+    ``LSE`` (``tokenlse``): logsumexp over the tokens of scale * q . k, divided by scale.
     The dequantized keys of BLOCK_N groups meet the R queries in one tensor-core dot (fp16 in,
     float32 out)."""
     b = tl.program_id(0).to(tl.int64)
@@ -114,7 +116,10 @@ def token_score_kernel(
     keys = tl.reshape(keys, (BLOCK_N * G, D)).to(tl.float16)
     q = tl.load(q_ptr + b * sq_b + (h * R + r)[None, :] * sq_h + d[:, None], mask=(r < R)[None, :], other=0.0)
     logits = tl.dot(keys, q.to(tl.float16))  # (BLOCK_N * G, BLOCK_R) float32
-    best = tl.max(tl.reshape(logits, (BLOCK_N, G, BLOCK_R)), axis=1)  # (BLOCK_N, BLOCK_R)
+    logits = tl.reshape(logits, (BLOCK_N, G, BLOCK_R))
+    best = tl.max(logits, axis=1)  # (BLOCK_N, BLOCK_R)
+    if LSE:
+        best += tl.log(tl.sum(tl.exp((logits - best[:, None, :]) * scale), axis=1)) / scale
     if MEAN:
         red = tl.sum(tl.where((r < R)[None, :], best, 0.0), axis=1) / R
     else:

@@ -21,6 +21,9 @@ Implementations, chosen by name through ``make_summarizer``:
 * ``lowrank_seq`` (ShadowKV-style): same, with a basis fitted per sequence at prefill.
 * ``tokenmax``: every token's key in 2 bits per channel within the group's min/max; scores
   are the max over the group's tokens of the dequantized logit (``token_summary``).
+* ``tokenlse``: the same summary, scored by the log-sum-exp of the group's dequantized logits
+  (its estimated attention mass): a spike still dominates, and a group of several matching
+  tokens (a fact the question resembles) outranks a group of one.
 * ``oracle``: every key kept; scores are each group's true share of the attention (evaluation only).
 """
 
@@ -72,8 +75,11 @@ class GroupSummarizer(ABC):
         """keys (N, H_kv, G, D) post-RoPE, full groups -> (N, *summary_shape)."""
 
     @abstractmethod
-    def logits(self, q: torch.Tensor, summaries: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """q (B, H_kv, R, D), summaries (B, N, *shape) -> unscaled estimates (B, H_kv, R, N) float32."""
+    def logits(
+        self, q: torch.Tensor, summaries: torch.Tensor, rows: torch.Tensor | None, scale: float = 1.0
+    ) -> torch.Tensor:
+        """q (B, H_kv, R, D), summaries (B, N, *shape) -> unscaled estimates (B, H_kv, R, N) float32
+        (``scale``: the attention's, for estimates that are not linear in the logits)."""
 
     def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype summaries are stored in when the model runs in ``dtype``."""
@@ -117,19 +123,19 @@ class GroupSummarizer(ABC):
             raise KvdriveError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
         if valid is not None and counts is not None:
             raise ValueError("give valid or counts, not both")
-        fused = self.name in ("minmax", "mean", "tokenmax") and use_triton(impl, q)
+        fused = self.name in ("minmax", "mean", "tokenmax", "tokenlse") and use_triton(impl, q)
         if fused and valid is None and summaries.stride(-1) == 1 and q.stride(-1) == 1:  # a mask: torch
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
-            if self.name == "tokenmax":
+            if self.name in ("tokenmax", "tokenlse"):
                 return _token_score_triton(
-                    q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.group_tokens
+                    q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.group_tokens, self.name
                 )
             return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
             valid = leading(counts, summaries.shape[1])
         q4 = q.view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)  # (B, H_kv, R, D)
-        est = self.logits(q4, summaries, rows)  # (B, H_kv, R, N)
+        est = self.logits(q4, summaries, rows, scale)  # (B, H_kv, R, N)
         s = est.amax(dim=2) if head_reduce == "max" else est.mean(dim=2)
         s = s * scale  # (B, H_kv, N)
         if valid is not None:
@@ -183,7 +189,7 @@ def _score_args(q, summaries, counts, out, scale) -> tuple:
 TOKEN_SCORE_CODES = 8192  # keys dequantized per program (BLOCK_N groups x G tokens x D), one dot with the queries
 
 
-def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens) -> torch.Tensor:
+def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens, name) -> torch.Tensor:
     from kvdrive.retrieval.score_triton import token_score_kernel
 
     b, n = summaries.shape[:2]
@@ -198,6 +204,7 @@ def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, grou
             D=q.shape[2],
             G=group_tokens,
             MEAN=head_reduce == "mean",
+            LSE=name == "tokenlse",
             BLOCK_N=block_n,
             num_warps=4,
         )
@@ -235,7 +242,7 @@ class MinMaxSummarizer(GroupSummarizer):
     def summarize(self, keys, rows=None):
         return torch.cat((keys.amax(dim=2), keys.amin(dim=2)), dim=-1)  # (N, H_kv, 2D)
 
-    def logits(self, q, summaries, rows):
+    def logits(self, q, summaries, rows, scale=1.0):
         qf = q.float()
         split = torch.cat((qf.clamp(min=0), qf.clamp(max=0)), dim=-1)  # (B, H_kv, R, 2D)
         if summaries.dtype != torch.float32:
@@ -257,7 +264,7 @@ class MeanSummarizer(GroupSummarizer):
     def summarize(self, keys, rows=None):
         return keys.mean(dim=2, dtype=torch.float32).to(keys.dtype)  # (N, H_kv, D), fp32 sum
 
-    def logits(self, q, summaries, rows):
+    def logits(self, q, summaries, rows, scale=1.0):
         return _per_head_dot(q, summaries)
 
 
@@ -302,7 +309,7 @@ class LowRankSummarizer(GroupSummarizer):
         a = self._bases(rows).to(keys.dtype)  # (N or 1, H_kv*D, r)
         return torch.matmul(flat, a)  # (N, G, r)
 
-    def logits(self, q, summaries, rows):
+    def logits(self, q, summaries, rows, scale=1.0):
         b, h, r, d = q.shape
         a = self._bases(rows).to(summaries.dtype).view(-1, h, d, self.rank)  # (B or 1, H_kv, D, r)
         qp = torch.matmul(q.to(summaries.dtype), a)  # (B, H_kv, R, r)
@@ -377,10 +384,26 @@ class TokenMaxSummarizer(GroupSummarizer):
     def summarize(self, keys, rows=None):
         return token_summary.encode(keys)  # (N, H_kv, bytes)
 
-    def logits(self, q, summaries, rows):
+    def logits(self, q, summaries, rows, scale=1.0):
         keys = token_summary.decode(summaries, self.group_tokens, self.head_dim)  # (B, N, H_kv, G, D)
         est = torch.einsum("bhrd,bnhgd->bhrng", q.float(), keys)
-        return est.amax(dim=-1)  # (B, H_kv, R, N)
+        return self.reduce_tokens(est, scale)  # (B, H_kv, R, N)
+
+    @staticmethod
+    def reduce_tokens(est: torch.Tensor, scale: float) -> torch.Tensor:
+        return est.amax(dim=-1)
+
+
+class TokenLseSummarizer(TokenMaxSummarizer):
+    """``tokenmax``'s summary, a group scored by ``logsumexp_t(scale * q . k_t) / scale`` over its
+    tokens: its estimated attention mass in logit units (between the best token's logit and
+    that plus ``log(G) / scale``)."""
+
+    name = "tokenlse"
+
+    @staticmethod
+    def reduce_tokens(est: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.logsumexp(est * scale, dim=-1) / scale
 
 
 class OracleSummarizer(GroupSummarizer):
@@ -413,7 +436,7 @@ class OracleSummarizer(GroupSummarizer):
         s = share.amax(dim=2) if head_reduce == "max" else torch.logsumexp(share, dim=2) - math.log(share.shape[2])
         return s.masked_fill(s.isnan(), float("-inf"))
 
-    def logits(self, q, summaries, rows):
+    def logits(self, q, summaries, rows, scale=1.0):
         raise NotImplementedError("the oracle scores through score()")
 
 
@@ -425,6 +448,7 @@ SUMMARIZERS = {
         LowRankSummarizer,
         SeqLowRankSummarizer,
         TokenMaxSummarizer,
+        TokenLseSummarizer,
         OracleSummarizer,
     )
 }

@@ -48,3 +48,38 @@ def test_eval_spec_runs_every_format_after_bf16():
     assert labels == ["full", "mean@0.1/shared", "full+fp8", "mean@0.1/shared+fp8"]
     labels = [s.label for s in EvalSpec(summaries=("mean",), budgets=(0.1,), kv_dtypes=("int4",)).settings()]
     assert labels == ["full", "full+int4", "mean@0.1/shared+int4"]
+
+
+def test_summary_grammar_takes_dense_layers_mode_and_budget():
+    from kvdrive.commands.eval import SUMMARIES
+    from kvdrive.eval import setting_spec
+    from kvdrive.eval.run import EvalSpec
+    from kvdrive.retrieval.summaries import SUMMARIZERS
+
+    assert set(SUMMARIES) == set(SUMMARIZERS)
+    p = setting_spec.parse("tokenmax+dense=1,0/per_head@0.1875", SUMMARIES)
+    assert p == ("tokenmax", "per_head", (0, 1), 0.1875)
+    assert setting_spec.parse("mean", SUMMARIES) == ("mean", None, None, None)
+    for bad in ("tokenmax+dense=", "tokenmax+dense=a", "tokenmax+wide=1", "tokenmax@1.5", "nope", "mean/both"):
+        with pytest.raises(ValueError, match="choose a summary"):
+            setting_spec.parse(bad, SUMMARIES)
+    spec = EvalSpec(summaries=("tokenlse+dense=0@0.25", "mean"), budgets=(0.1,), dense_layers=(3,))
+    labels = [s.label for s in spec.settings()]
+    assert labels == ["full", "tokenlse+dense=0@0.25/shared", "mean@0.1/shared"]
+    assert [s.dense for s in spec.settings()] == [None, (0,), None]
+
+
+def test_a_setting_with_every_layer_dense_is_full_attention(smollm2, text):
+    """Dense layers of a setting are attended whole: all of them dense equals full attention,
+    and the attended share counts a dense layer as the whole context."""
+    ids = smollm2.tokenizer(text.text, add_special_tokens=False)["input_ids"]
+    rows = [ids[: 300 + 13], ids[5000 : 5000 + 313]]
+    runner = Runner(smollm2, 2, 330, SparseConfig())
+    every = tuple(smollm2.config.global_layers)
+    half = every[: len(every) // 2]
+    settings = [Setting(None, 1.0), Setting("tokenmax", 0.05, dense=every), Setting("tokenmax", 0.05, dense=half)]
+    res = text_sweep(runner, rows, 300, settings)
+    dense_all = res["tokenmax+dense=" + ",".join(map(str, every)) + "@0.05/shared"]
+    dense_half = res["tokenmax+dense=" + ",".join(map(str, half)) + "@0.05/shared"]
+    assert dense_all["kl"] < 1e-6 and dense_all["attended_fraction"] == 1.0
+    assert dense_half["kl"] > 1e-6 and 0.5 < dense_half["attended_fraction"] < 0.7

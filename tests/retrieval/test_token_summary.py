@@ -51,6 +51,25 @@ def test_a_spike_token_outranks_groups_of_higher_mean():
         assert int(scores[0, 0].argmax()) == best, name
 
 
+def test_tokenlse_scores_a_group_by_its_estimated_attention_mass():
+    """tokenlse is logsumexp(scale * q.k) / scale over the group's dequantized keys: several
+    matching tokens outrank one that matches as well, and it never falls below tokenmax's score."""
+    d, g, scale = 64, 16, 0.5
+    q = torch.zeros(1, 1, d)
+    q[0, 0, 0] = 1.0
+    keys = torch.zeros(2, 1, g, d)
+    keys[0, 0, 3, 0] = 4.0  # one token matches
+    keys[1, 0, 3:7, 0] = 4.0  # four tokens match as well
+    lse, best = make_summarizer("tokenlse", 1, d, g), make_summarizer("tokenmax", 1, d, g)
+    s_lse = lse.score(q, lse.summarize(keys)[None], None, scale, impl="torch")[0, 0]
+    s_max = best.score(q, best.summarize(keys)[None], None, scale, impl="torch")[0, 0]
+    assert s_max[0] == s_max[1] and s_lse[1] > s_lse[0]
+    assert (s_lse >= s_max).all()
+    decoded = token_summary.decode(lse.summarize(keys), g, d)  # (2, 1, G, D)
+    want = torch.logsumexp(scale * decoded[:, 0, :, 0], dim=-1)  # the score is in scaled units
+    torch.testing.assert_close(s_lse, want)
+
+
 def test_table_stores_bytes():
     s = make_summarizer("tokenmax", 2, 16, 4)
     table = SummaryTable(s, 2, 10, "cpu", torch.float32)
@@ -70,14 +89,17 @@ def test_token_score_kernel_matches_the_torch_path(device):
 
 def check_token_score(device: str) -> None:
     gen = torch.Generator().manual_seed(4)
-    for h_kv, r, d, g, n, reduce in (
-        (2, 4, 16, 16, 37, "max"),
-        (1, 4, 64, 16, 20, "mean"),
-        (3, 3, 64, 8, 9, "max"),
-        (1, 4, 256, 16, 5, "max"),
-        (8, 4, 128, 16, 40, "max"),
+    for h_kv, r, d, g, n, reduce, name in (
+        (2, 4, 16, 16, 37, "max", "tokenmax"),
+        (1, 4, 64, 16, 20, "mean", "tokenmax"),
+        (3, 3, 64, 8, 9, "max", "tokenmax"),
+        (1, 4, 256, 16, 5, "max", "tokenmax"),
+        (8, 4, 128, 16, 40, "max", "tokenmax"),
+        (2, 4, 16, 16, 37, "max", "tokenlse"),
+        (3, 3, 64, 8, 9, "mean", "tokenlse"),
+        (8, 4, 128, 16, 40, "max", "tokenlse"),
     ):
-        s = make_summarizer("tokenmax", h_kv, d, g)
+        s = make_summarizer(name, h_kv, d, g)
         b = 3
         keys = torch.randn(b * n, h_kv, g, d, generator=gen)
         summ = s.summarize(keys).view(b, n, *s.summary_shape).to(device)

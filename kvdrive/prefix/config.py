@@ -132,7 +132,7 @@ class PrefixConfig:
     index_path: str | None = None  # default: <first disk>/kvdrive-prefix.sqlite
     host_weight: float | None = None
     layers_ahead: int = 4  # staging ring: layers read ahead of the one being imported
-    read_depth: int = 32
+    read_depth: int | None = None  # reads in flight per disk; None: storage.disk.read_depth_for(the slot)
     write_depth: int = 8
     direct: str = "auto"
     extent_bytes: int = DEFAULT_EXTENT_BYTES
@@ -148,6 +148,8 @@ class PrefixConfig:
             raise KvdriveError(f"prefix pool: remote is a RemoteConfig or None, got {type(self.remote).__name__}")
         if self.chunk_tokens < 1 or self.admit_after < 1 or self.layers_ahead < 1:
             raise KvdriveError("prefix pool: chunk_tokens, admit_after and layers_ahead must be >= 1")
+        if self.read_depth is not None and self.read_depth < 1:
+            raise KvdriveError(f"prefix pool: read_depth must be >= 1 or None (by slot size), got {self.read_depth}")
         if self.host_bytes < 0 or (self.host_weight is not None and self.host_weight <= 0):
             raise KvdriveError("prefix pool: host_bytes must be >= 0 and host_weight > 0")
 

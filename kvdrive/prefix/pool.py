@@ -56,6 +56,7 @@ from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunk
 from kvdrive.prefix.remote import PER_CHUNK, RemoteStats, RemoteTier
 from kvdrive.prefix.store import ChunkWriter, weighted_pick
 from kvdrive.storage.dir_lock import DirectoryInUse
+from kvdrive.storage.disk import read_depth_for
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool
@@ -161,7 +162,7 @@ class PrefixPool:
                     list(config.disks),
                     self.layout,
                     direct=config.direct,
-                    read_depth=config.read_depth,
+                    read_depth=config.read_depth or read_depth_for(self.layout.slot_bytes),
                     write_depth=config.write_depth,
                     extent_bytes=config.extent_bytes,
                     persist_name=PERSIST_NAME,

@@ -61,12 +61,21 @@ DEFAULT_EXTENT_BYTES = 1 << 30
 MAX_RUN_BYTES = 1 << 20  # longest coalesced preadv/pwritev; beyond this, more requests in flight win
 assert MAX_RUN_BYTES // 4096 <= native_io.MAX_RUN_SLOTS
 DIRECT_MODES = ("auto", "on", "off")
+READ_BYTES_IN_FLIGHT = 32 << 20  # what 32 reads of bf16's 1 MiB prefix chunk keep in flight
+MAX_READ_DEPTH = 128
 READ_RETRIES = 1  # a failed slot read is tried this many more times, alone, before it is a miss
 WRITE_RETRIES = 1  # a failed write is tried this many more times before it is reported
 
 
 class ReadFailureWarning(UserWarning):
     """Slot reads of a disk failed (I/O error, short read or checksum) even after a retry."""
+
+
+def read_depth_for(slot_bytes: int, floor: int = 32) -> int:
+    """Reads in flight that keep ``READ_BYTES_IN_FLIGHT`` moving for slots of ``slot_bytes``
+    (at least ``floor``, at most ``MAX_READ_DEPTH``): a compressed slot is a half or a quarter
+    of a bf16 one, and at the same depth the disk would see that much less in flight."""
+    return max(floor, min(MAX_READ_DEPTH, -(-READ_BYTES_IN_FLIGHT // slot_bytes)))
 
 
 class DiskDevice:

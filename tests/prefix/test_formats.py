@@ -88,6 +88,28 @@ def test_bad_kv_dtype_is_refused_by_name():
         PrefixConfig(model="m", host_bytes=1 << 20, kv_dtype="fp16")
 
 
+def test_smaller_slots_keep_as_many_bytes_in_flight(tmp_path):
+    """A pool's read depth follows its slot size: the 8B shape's bf16 chunk (1 MiB) reads 32 at
+    a time, its fp8 (520 KiB) and int4 (268 KiB) chunks 64 and 123, so each format keeps the
+    same 32 MiB in flight; an explicit depth wins."""
+    from kvdrive.storage.disk import read_depth_for
+
+    assert [read_depth_for(b) for b in (1 << 20, 520 << 10, 268 << 10, 4096)] == [32, 64, 123, 128]
+    (tmp_path / "b").mkdir()
+    pool = pool_at(tmp_path, "bf16")
+    assert pool.pool.devices[0]._reads.depth == read_depth_for(pool.layout.slot_bytes) == 128
+    pool.close()
+    pinned = PrefixPool(
+        CFG,
+        torch.float32,
+        PrefixConfig(model="m", disks=(PoolPath(str(tmp_path / "b"), BUDGET),), chunk_tokens=C, read_depth=8),
+    )
+    assert pinned.pool.devices[0]._reads.depth == 8
+    pinned.close()
+    with pytest.raises(KvdriveError, match="read_depth"):
+        PrefixConfig(model="m", host_bytes=1 << 20, read_depth=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
 def test_compressed_pool_loads_on_the_gpu_like_the_torch_twin(tmp_path, fmt):

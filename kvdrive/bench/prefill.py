@@ -8,10 +8,7 @@ prefix plus itself (``chunk_attention``). transformers runs its standard prefill
 over the whole prompt with a ``DynamicCache`` and only the last position's logits; where its
 estimated peak would not fit the free GPU memory it is skipped, and the JSON says why.
 
-FLOPs of a prompt of L tokens (docs/bench.md): L x 2 x (parameters of every layer's q, k, v, o
-and MLP matrices) + 4 x H_q x D x (query-key pairs attended, summed over layers: L(L+1)/2 on a
-global layer, sum of min(p + 1, W) on a window-W layer); the LM head (last token only),
-norms, RoPE and softmax are not counted.
+FLOPs of a prompt of L tokens: ``kvdrive.models.flops.prefill_flops`` (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ import time
 import torch
 
 from kvdrive import device as devices
+from kvdrive.models.flops import prefill_flops
 from kvdrive.results import write_result
 
 PREFILL_CHUNK = 2048  # the engine's prefill piece
@@ -48,21 +46,6 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed prefills per system and length; the median is kept")
     p.add_argument("--tiny", action="store_true", help="CPU smoke sizes (random SmolLM2 shape, short prompts)")
     p.add_argument("-o", "--out", default="bench/results/prefill.json")
-
-
-def prefill_flops(cfg, length: int) -> dict:
-    """FLOPs of prefilling ``length`` tokens from position 0: linear layers and causal attention."""
-    h, d, hq, hkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    per_layer = h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * cfg.intermediate_size  # q, k, v, o, MLP
-    linear = 2 * length * per_layer * cfg.num_hidden_layers
-    pairs = 0
-    for w in cfg.sliding_windows:
-        if w is None or w >= length:
-            pairs += length * (length + 1) // 2
-        else:  # positions < w see p + 1 keys, the rest w
-            pairs += w * (w + 1) // 2 + (length - w) * w
-    attention = 4 * hq * d * pairs
-    return {"linear": linear, "attention": attention, "total": linear + attention}
 
 
 def _kvdrive_prefill(model, cache, ids: torch.Tensor, chunk: int) -> int:

@@ -29,6 +29,7 @@ from kvdrive.engine.request import Detokenizer, Request, TokenEvent, accept_toke
 from kvdrive.engine.sampling import sample
 from kvdrive.engine.scheduler import Scheduler
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.models.flops import ChunkCost
 
 PREFILL_CHUNK = 2048  # tokens per prefill forward; bounds the (T x L) attention mask
 
@@ -81,12 +82,16 @@ class Engine:
     ):
         """``prefix``: a ``PrefixPool`` (``load``/``store`` with a ``tenant``), or None.
         ``max_batch``: sequences admitted at once (default and cap: the cache's ``max_seqs``).
-        ``step_tokens``: tokens a step may run, decode and prefill together (None: no budget,
-        every admissible prompt prefilled whole in the step it is admitted). ``cuda_graphs``:
+        ``step_tokens``: work a step may do, decode and prefill together, in tokens of a prompt's
+        start (a decode token counts one, a prefill chunk its FLOPs over one token's:
+        ``kvdrive.models.flops.ChunkCost``); None: no budget, every admissible prompt prefilled
+        whole in the step it is admitted. ``cuda_graphs``:
         replay a captured decode step on CUDA when the cache supports it (captured again when
         the batch changes). ``on_prefill(n)``: called after each prefill chunk of ``n`` tokens."""
         self.model, self.cache, self.eos_ids, self.prefix = model, cache, eos_ids, prefix
-        self.sched = Scheduler(min(max_batch or cache.max_seqs, cache.max_seqs), step_tokens, prefill_chunk)
+        self.sched = Scheduler(
+            min(max_batch or cache.max_seqs, cache.max_seqs), step_tokens, prefill_chunk, ChunkCost(model.config)
+        )
         self.detok = Detokenizer(tokenizer)
         self.use_graphs = cuda_graphs and model.device.type == "cuda" and cache.supports_cuda_graphs
         self._graph = None
@@ -138,7 +143,7 @@ class Engine:
         step's events: a token per decoded sequence, the first token of each prompt completed,
         an error event per request that failed."""
         events = self._decode() if self.sched.running else []
-        quota = self.sched.prefill_quota()
+        quota, first = self.sched.prefill_quota(), True
         while quota is None or quota > 0:
             req, new = self.sched.next_prefill(self._fits)
             if req is None:
@@ -146,7 +151,11 @@ class Engine:
             try:
                 if new:
                     self._admit(req)
-                n = self.sched.chunk(req, quota)
+                begin = req.prefilled
+                n = self.sched.chunk(req, quota, first)
+                if n == 0:  # the rest of the quota buys no token of this prompt
+                    break
+                first = False
                 logits = self._prefill_chunk(req, n)
                 if req.prefilled == len(req.prompt_ids):
                     events.append(self._first_token(req, logits))
@@ -160,7 +169,7 @@ class Engine:
                 self.counters.finished["error"] += 1
                 continue
             if quota is not None:
-                quota -= n
+                quota -= self.sched.cost(begin, n)
         self.counters.steps += 1
         return events
 

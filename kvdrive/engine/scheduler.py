@@ -14,9 +14,14 @@ admitted and the cache can take it now (a free sequence slot; for the paged cach
 for its prompt + max_tokens too), never past what the cache holds (a request that could never
 fit is refused when it is submitted); the head waits, FCFS, until finished ones free room. The step budget: every running
 sequence decodes one token, and prefill takes what is left of ``step_tokens``, at least
-``PREFILL_FLOOR`` tokens (a batch as large as the budget still lets prompts in), at most
-``prefill_chunk`` tokens per forward (bounds the (T x L) attention of one chunk).
-``step_tokens=None``: no budget, every admissible prompt is prefilled whole in one step.
+``PREFILL_FLOOR`` (a batch as large as the budget still lets prompts in), at most
+``prefill_chunk`` tokens per forward. With a ``chunk_cost`` (the engine's:
+``kvdrive.models.flops.ChunkCost``) a chunk spends its work in tokens of a prompt's start, not
+its length: a chunk deep in a long prompt attends to its whole prefix, so it is shorter, and
+every step does about the same work however far the prompt has got (running streams keep
+a flat inter-token latency); a chunk is never shorter than ``MIN_CHUNK`` tokens, so a prompt
+always moves. ``step_tokens=None``: no budget, every admissible prompt is prefilled whole in
+one step.
 
 Plain Python: no torch, O(1) per operation except ``remove`` of a waiting request (O(n)).
 """
@@ -29,17 +34,27 @@ from collections.abc import Callable
 from kvdrive.engine.request import Request
 from kvdrive.errors import KvdriveError
 
-PREFILL_FLOOR = 64  # prompt tokens a step prefills however many sequences decode in it
+PREFILL_FLOOR = 64  # prefill work (tokens of a prompt's start) a step may do however many sequences decode
+MIN_CHUNK = 16  # prompt tokens a chunk under a budget holds at least, whatever they cost
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, step_tokens: int | None, prefill_chunk: int):
+    def __init__(
+        self,
+        max_batch: int,
+        step_tokens: int | None,
+        prefill_chunk: int,
+        chunk_cost: Callable[[int, int], float] | None = None,
+    ):
+        """``chunk_cost(prefix, n)``: the work of prefilling ``n`` tokens after ``prefix`` in
+        budget units, with a ``fit(prefix, most, budget)`` method (None: a chunk costs its length)."""
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise KvdriveError(f"{name} must be an integer >= 1, got {value!r}")
         if step_tokens is not None and (not isinstance(step_tokens, int) or step_tokens < 1):
             raise KvdriveError(f"step_tokens must be an integer >= 1 or None (no budget), got {step_tokens!r}")
         self.max_batch, self.step_tokens, self.prefill_chunk = max_batch, step_tokens, prefill_chunk
+        self.chunk_cost = chunk_cost
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
         self.running: list[Request] = []
@@ -54,8 +69,8 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def prefill_quota(self) -> int | None:
-        """Prompt tokens this step may prefill, given that every running sequence decodes (None: no bound)."""
+    def prefill_quota(self) -> float | None:
+        """Prefill work this step may do, given that every running sequence decodes (None: no bound)."""
         if self.step_tokens is None:
             return None
         return max(self.step_tokens - len(self.running), PREFILL_FLOOR)
@@ -71,10 +86,19 @@ class Scheduler:
             return self.prefilling, True
         return None, False
 
-    def chunk(self, req: Request, quota: int | None) -> int:
-        """Tokens of ``req``'s prompt the next prefill forward computes."""
+    def chunk(self, req: Request, quota: float | None, first: bool = True) -> int:
+        """Tokens of ``req``'s prompt the next prefill forward computes within ``quota`` (0: none
+        fits); the step's ``first`` chunk holds at least ``MIN_CHUNK`` tokens (or the rest of
+        the prompt) whatever they cost."""
         n = min(self.prefill_chunk, len(req.prompt_ids) - req.prefilled)
-        return n if quota is None else min(n, quota)
+        if quota is None:
+            return n
+        fit = min(n, int(quota)) if self.chunk_cost is None else self.chunk_cost.fit(req.prefilled, n, quota)
+        return max(fit, min(n, MIN_CHUNK)) if first else max(fit, 0)
+
+    def cost(self, prefix: int, n: int) -> float:
+        """What a chunk of ``n`` tokens after ``prefix`` takes from a step's quota."""
+        return n if self.chunk_cost is None else self.chunk_cost(prefix, n)
 
     def prefilled(self, req: Request) -> None:
         """``req``'s prompt is all in the cache and its first token sampled: it decodes from now on

@@ -12,8 +12,9 @@ from kvdrive.engine.async_engine import AsyncEngine, QueueFull
 from kvdrive.engine.core import Engine
 from kvdrive.engine.request import Request
 from kvdrive.engine.sampling import SamplingParams
-from kvdrive.engine.scheduler import PREFILL_FLOOR, Scheduler
+from kvdrive.engine.scheduler import MIN_CHUNK, PREFILL_FLOOR, Scheduler
 from kvdrive.errors import CapacityError
+from kvdrive.models.flops import ChunkCost
 from kvdrive.tiered.cache import TieredSparseKVCache
 from kvdrive.tiered.config import TieredConfig
 
@@ -64,13 +65,16 @@ def test_a_long_prompt_is_prefilled_across_steps_while_the_others_decode(model):
     assert engine.num_running == 2
     late = requests([long_], params, first_id=2)[0]
     engine.add_request(late)
-    prefill_steps = 0
+    cost, chunks = ChunkCost(model.config), []
     while late.prefilled < len(long_):
+        before = late.prefilled
         events = engine.step()
-        prefill_steps += 1
+        chunks.append(late.prefilled - before)
         assert sorted(e.seq_id for e in events if e.seq_id < 2) == [0, 1]  # every stream got its token
-        assert late.prefilled <= prefill_steps * (100 - 2)  # the budget: 100 tokens less the 2 decoding
-    assert prefill_steps == -(-600 // 98)
+        assert cost(before, chunks[-1]) <= 100 - 2  # the budget: 100 tokens' work less the 2 decoding
+        assert cost(before, chunks[-1] + 1) > 100 - 2 or late.prefilled == len(long_)  # and all of it
+    # deeper chunks attend to a longer prefix, so they are shorter: every step does the same work
+    assert chunks[-2] < chunks[0] < 98 and chunks == sorted(chunks[:-1], reverse=True) + chunks[-1:]
     while engine.has_unfinished():
         engine.step()
     for r, p in zip(running + [late], short + [long_]):
@@ -82,6 +86,27 @@ def test_the_prefill_floor_lets_prompts_in_when_the_batch_fills_the_budget():
     sched.running = [object()] * 40
     assert sched.prefill_quota() == PREFILL_FLOOR
     assert Scheduler(4, None, 512).prefill_quota() is None
+
+
+def test_a_chunk_deep_in_a_long_prompt_costs_its_attention_too():
+    """Under a budget, a chunk costs its FLOPs in tokens of a prompt's start: at position 130K
+    of the Llama-3.2-1B shape a token costs ~9, so a step's chunk is ~9x shorter there; the
+    step's first chunk keeps MIN_CHUNK tokens however deep."""
+    from kvdrive.models.presets import hf_config
+    from kvdrive.models.registry import from_hf_config
+
+    cfg = from_hf_config(hf_config("llama-3.2-1b"))
+    cost = ChunkCost(cfg)
+    assert cost(0, 256) == pytest.approx(256, rel=0.01)
+    assert 8 < cost(130_000, 1) < 10
+    sched = Scheduler(8, 256, 2048, cost)
+    req = Request(0, [1] * 140_000, GREEDY, 4)
+    assert 250 < sched.chunk(req, 256) < 256  # the start of a prompt attends little
+    req.prefilled = 130_000
+    deep = sched.chunk(req, 256)
+    assert 25 < deep < 32 and cost(130_000, deep) <= 256 < cost(130_000, deep + 1)
+    assert sched.chunk(req, 40) == MIN_CHUNK and sched.chunk(req, 40, first=False) == 4
+    assert Scheduler(8, 256, 2048).chunk(req, 256) == 256  # no cost model: a chunk costs its length
 
 
 def test_admission_never_registers_more_sequences_than_the_cache_holds(model):

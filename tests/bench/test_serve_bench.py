@@ -109,7 +109,9 @@ def test_a_small_run_against_a_live_server(smollm2, tmp_path):
         assert r[phase]["output_tokens"] == 4 * r[phase]["requests"] and r[phase]["short_outputs"] == 0  # ignore_eos
     assert r["shared_prefix/prefix_off"]["cached_tokens"] == 0 and r["random/prefix_on"]["cached_tokens"] == 0
     assert r["shared_prefix/prefix_on"]["cached_tokens"] > 0  # later questions found their document stored
-    assert r["interference"]["long_error"] is None and r["interference"]["long_prompt_tokens"] > 200
+    inter = r["interference"]
+    assert inter["long_error"] is None and inter["long_prompt_tokens"] > 200
+    assert inter["gaps_after_long_prompt"] and all(g > 0 for _, g in inter["gaps_after_long_prompt"])
     assert r["single_stream"]["tokens"] == 8 and r["single_stream"]["decode_tok_per_s"] > 0
     rd = r["repeat_doc"]
     assert rd["error_count"] == 0 and len(rd["ttft_cold_s"]) == 2 and len(rd["ttft_repeated_s"]) == 4
@@ -158,3 +160,22 @@ def test_a_model_without_a_tokenizer_streams_token_ids(smollm2, tmp_path):
         )
     r = json.loads(out.read_text())["results"]["kvdrive"]["random/prefix_off"]
     assert r["errors"] == 0 and r["output_tokens"] == 15 and r["itl_p50_s"] > 0
+
+
+def test_an_interference_run_alone_plots_the_gaps_over_time(tmp_path):
+    """A result holding only --interference draws the streams' gaps against time, not empty bars."""
+    from kvdrive.bench.serving.plot import plot
+
+    inter = {
+        "streams": 2,
+        "long_prompt_tokens": 1000,
+        "itl_p50_before_s": 0.01,
+        "itl_p50_during_s": 0.012,
+        "prefill_s": 1.5,
+        "gaps_after_long_prompt": [[0.1 * i, 0.01 + 0.001 * (i % 3)] for i in range(20)],
+    }
+    path = plot({"kvdrive": {"interference": inter}}, str(tmp_path / "i.png"))
+    from PIL import Image
+
+    img = Image.open(path).convert("L")
+    assert img.size[0] > 500 and len(set(img.getdata())) > 10  # points and lines, not a blank canvas

@@ -306,7 +306,10 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     before = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if b <= long_rec.sent for g in [b - a]]
-    during = [g for r in live for a, b in zip(r.chunks, r.chunks[1:]) if long_rec.sent < b <= end for g in [b - a]]
+    timeline = sorted(
+        (b - long_rec.sent, b - a) for r in live for a, b in zip(r.chunks, r.chunks[1:]) if b > long_rec.sent
+    )
+    during = [g for t, g in timeline if t <= end - long_rec.sent]
     p50, p99, p50_during = http.percentile(before, 50), http.percentile(during, 99), http.percentile(during, 50)
     return {
         "streams": args.streams,
@@ -320,6 +323,9 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
         "p99_during_over_p50_before": p99 / p50 if p50 and p99 else None,
         "p99_during_over_p50_during": p99 / p50_during if p50_during and p99 else None,
         "stream_errors": sorted({r.error for r in live if r.error})[:3],
+        "prefill_s": end - long_rec.sent,
+        # (seconds since the long prompt was sent, gap) of every token the streams got after it
+        "gaps_after_long_prompt": [[round(t, 4), round(g, 5)] for t, g in timeline],
     }
 
 

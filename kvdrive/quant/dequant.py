@@ -45,7 +45,7 @@ def dequant_rows_reference(
         dst[dst_idx[from_raw].to(dst.device), :elems] = raw[r, :elems].to(dst.device, dst.dtype)
     rows = src[src_idx[keep].to(src.device)]  # (n, row_bytes) uint8
     groups = dequantize(rows, kv_dtype, shape, dst.dtype)  # (n, 2, H, G, D)
-    dst[dst_idx[keep].to(dst.device), :elems] = groups.reshape(groups.shape[0], -1).to(dst.device)
+    dst[dst_idx[keep].to(dst.device), :elems] = groups.reshape(groups.shape[0], elems).to(dst.device)
 
 
 def dequant_rows(

@@ -65,9 +65,11 @@ class OpenGroups:
         moved = self._open_np[slots] != groups
         if not moved.any():
             return
-        slots, groups = slots[moved], groups[moved]
-        self._open_np[slots] = groups
-        self.open[torch.from_numpy(slots).to(self.device)] = torch.from_numpy(groups).to(self.device)
+        self._open_np[slots[moved]] = groups[moved]
+        up = torch.from_numpy(np.stack((slots[moved], groups[moved])))
+        if self.device.type == "cuda":  # pinned: a pageable copy would wait for the step in flight
+            up = up.pin_memory().to(self.device, non_blocking=True)
+        self.open[up[0]] = up[1]
 
     def redirect(self, raw_from: int, slots: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Source rows (B, P) of ``groups`` (B, P) of ``slots`` (B,): the open row past ``raw_from``

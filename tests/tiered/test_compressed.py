@@ -15,6 +15,7 @@ from factories import tiny_model as _tiny
 
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.errors import KvdriveError
+from kvdrive.storage.disk import ReadFailureWarning
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 SPARSE = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16, summary="tokenmax")
@@ -94,3 +95,69 @@ def test_bad_settings_are_refused_with_the_fix():
         TieredConfig(replace(SPARSE, summary="lowrank_seq"), kv_dtype="fp8")
     with pytest.raises(KvdriveError, match="set TieredConfig.kv_dtype"):
         TieredConfig(replace(SPARSE, kv_dtype="fp8"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_gpu_compressed_tiers_match_the_gpu_resident_cache(fmt):
+    """Pinned stored and open rows, sealing on the GPU, the dequantizing fetch through UVA."""
+    model = _tiny().to("cuda", torch.bfloat16)
+    prompts, dev, bf = _prompts(), torch.device("cuda"), torch.bfloat16
+    ref = _decode(model, SparseKVCache(model.config, 3, 400, dev, bf, replace(SPARSE, kv_dtype=fmt)), prompts, 24)
+    cache = TieredSparseKVCache(model.config, 3, 400, dev, bf, TieredConfig(SPARSE, cache_tokens=96, kv_dtype=fmt))
+    got = _decode(model, cache, prompts, 24)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    assert cache.stats()["prefetched_hits"] > 0
+
+
+@pytest.mark.parametrize("fmt,ratio", [("fp8", 1.55), ("int4", 2.6)])
+def test_the_same_host_bytes_hold_more_tokens_by_the_stored_bytes_ratio(tmp_path, fmt, ratio):
+    """An 8B-shaped layer (8 KV heads, D=128, bf16) at G=16: arena slots, the full host pool and
+    admission's bytes per sequence all count stored bytes."""
+    from kvdrive.models.presets import hf_config
+    from kvdrive.models.registry import from_hf_config
+    from kvdrive.storage.layout import GroupLayout
+    from kvdrive.storage.pool import PoolPath
+    from kvdrive.tiered import admission
+    from kvdrive.tiered.disk_host_kv import DiskBackedHostKV
+    from kvdrive.tiered.host_kv import FullHostKV
+
+    bf = torch.bfloat16
+    layouts = {f: GroupLayout(1, 8, 128, bf, 16, f) for f in ("bf16", fmt)}
+    slots = {}
+    for f, lay in layouts.items():
+        (tmp_path / f).mkdir()
+        disk = (PoolPath(str(tmp_path / f), 64 << 20),)
+        arena = DiskBackedHostKV(lay, 1, 8, CPU, 64 * 65536, disk, direct="off")
+        slots[f] = arena.index.num_slots
+        arena.close()
+    assert slots["bf16"] == 64 and slots[fmt] >= ratio * 64
+    full = {f: FullHostKV(lay, 2, 32, CPU) for f, lay in layouts.items()}
+    stored = {f: h.nbytes - (h.opened.nbytes if h.opened else 0) for f, h in full.items()}
+    assert stored["bf16"] == 2 * 32 * 65536 and stored["bf16"] >= ratio * stored[fmt]
+    cfg = from_hf_config(hf_config("llama-3.1-8b"))
+    per = {f: admission.host_bytes_per_seq(cfg, 131072, bf, TieredConfig(kv_dtype=f)) for f in layouts}
+    assert per["bf16"] == 16 << 30 and per["bf16"] >= ratio * per[fmt]
+
+
+def test_a_corrupt_compressed_slot_on_disk_is_a_checksum_miss_not_served(tmp_path):
+    """Flip one byte of every disk slot once the prompts are written: each read of a stored group
+    fails its checksum (which covers the stored bytes), and the group leaves that step's
+    attention, counted as lost, as for an uncompressed tier."""
+    model, prompts = _tiny(), _prompts()
+    cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, _config(tmp_path, True, kv_dtype="fp8"))
+    _decode(model, cache, prompts, 2)
+    cache.host._reap(wait_all=True)  # every write behind has landed
+    for path in tmp_path.glob("*.extent"):
+        with open(path, "r+b") as f:
+            data = bytearray(f.read())
+            data[:: cache.host.layout.slot_bytes] = bytes(b ^ 0xFF for b in data[:: cache.host.layout.slot_bytes])
+            f.seek(0)
+            f.write(data)
+    with pytest.warns(ReadFailureWarning, match="checksum"):
+        for t in range(4):
+            b = cache.plan([0, 1, 2], 1)
+            out = model(torch.full((3, 1), 9 + t), cache, b)
+            cache.commit(b)
+            assert torch.isfinite(out).all()
+    assert cache.stats()["lost"] > 0

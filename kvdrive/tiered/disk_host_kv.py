@@ -21,6 +21,11 @@ copies) is the torch-free ``ArenaIndex`` (``index``); this class moves the bytes
 memory, disk reads and writes, and ``slot_gpu``, the device's copy of the index's map.
 Evicted arena slots are not reused at once: a step still in flight may read them, so they
 are held until the event of the last step committed when they were evicted.
+
+With a compressed ``layout.kv_dtype`` arena and disk slots hold stored groups (slots of the
+stored bytes, rounded up to 4 KiB: more of them in the same ``host_bytes``); the open group
+keeps an arena slot, which its seal fills before the group is written behind, while its
+tokens go to the exact open row and fetches read it there (``HostKV.rows``).
 """
 
 from __future__ import annotations

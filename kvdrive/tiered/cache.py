@@ -24,7 +24,7 @@ sliding-window layers decode from a GPU ring of their last ``window`` tokens
 (``WindowRing``), written as tokens arrive.
 
 With ``kv_dtype`` fp8 or int4 the host (and disk) tiers store every full group in that format
-and each sequence's open group exact (``open_groups``): token writes go to the open row;
+and each sequence's open group exact (``host_kv.OpenGroups``): token writes go to the open row;
 a group that fills is sealed (quantized on the device into its row, summarized from its exact
 keys, and the GPU cache's copy of it replaced by the stored group's round trip, so attention
 sees what a fetch would deliver); fetches widen stored groups to the model dtype on the GPU.

@@ -27,7 +27,7 @@ from kvdrive import device as devices
 from kvdrive.quant.dequant import dequant_rows
 from kvdrive.retrieval.pages import leading
 from kvdrive.storage.gather import copy_rows, words
-from kvdrive.tiered.open_groups import StoredRows
+from kvdrive.tiered.host_kv import StoredRows
 
 EVICTIONS = ("lookahead", "lru", "none")
 IMPLS = ("auto", "triton", "torch")

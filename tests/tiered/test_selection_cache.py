@@ -10,7 +10,7 @@ from conftest import KERNEL_DEVICES, check_kernel, run_interpreted
 from kvdrive.quant.formats import dequantize, quantize
 from kvdrive.storage.gather import copy_rows, words
 from kvdrive.tiered import tier_ops
-from kvdrive.tiered.open_groups import StoredRows
+from kvdrive.tiered.host_kv import StoredRows
 from kvdrive.tiered.selection_cache import SelectionCache
 
 CPU, F32 = torch.device("cpu"), torch.float32

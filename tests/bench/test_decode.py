@@ -270,6 +270,8 @@ def test_bench_decode_runs_each_tiered_system_once_per_storage_format(tmp_path):
         "bf16",
         "fp8",
         "int4",
+        "--host-headroom-gib",
+        "1",  # the rows need ~0.2 GiB; the default headroom (16) depends on what else the machine runs
         "--disk",
         str(disk),
         "--ssd-host-gib",

@@ -88,7 +88,7 @@ def _kernels():
             {"R": 4, "D": 128, "MINMAX": minmax, "MEAN": mean, "BLOCK_N": 64},
         )
     i32 = ("groups_stride", "scores_stride", "n_scores", "table_stride", "slot_stride", "scratch_stride", "P", "CAP")
-    for counts, affine in ((True, True), (False, False)):
+    for counts, affine, opened in ((True, True, True), (False, False, False), (True, True, False)):
         yield (
             cache_kernels.ensure_kernel,
             {
@@ -97,6 +97,8 @@ def _kernels():
                 "listed_ptr": "*i32" if counts else "*i1",
                 "src_ptr": "*i64",
                 "src_n": "i64",
+                "open_ptr": "*i64",
+                "raw_from": "i64",
                 "src_out_ptr": "*i64",
                 "scores_ptr": "*fp32",
                 "table_ptr": "*i32",
@@ -116,6 +118,7 @@ def _kernels():
                 "PREFETCH": not counts,
                 "COUNTS": counts,
                 "AFFINE": affine,
+                "OPEN": opened,
                 "BLOCK_P": 256,
                 "BLOCK_C": 512,
             },
@@ -154,7 +157,7 @@ def _kernels():
         },
         {"BLOCK": 2048},
     )
-    for int4 in (False, True):
+    for int4, raw in ((False, False), (True, False), (False, True), (True, True)):
         yield (
             dequant_triton.dequant_rows_kernel,
             {
@@ -164,9 +167,12 @@ def _kernels():
                 "dst_ptr": "*bf16",
                 "dst_idx_ptr": "*i64",
                 "dst_stride": "i64",
+                "raw_ptr": "*bf16",
+                "raw_stride": "i64",
+                "raw_from": "i64",
                 **dict.fromkeys(("H", "G", "D", "vq_off", "ks_off", "kz_off", "vs_off", "vz_off"), "i32"),
             },
-            {"INT4": int4, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
+            {"INT4": int4, "HAS_RAW": raw, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
         )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     yield (
@@ -194,4 +200,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 22
+    assert len(names) == 25

@@ -42,6 +42,7 @@ from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.progress import progress
+from kvdrive.quant.formats import KV_DTYPES
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.tiered.config import DISK_MISSES, TieredConfig
 
@@ -170,6 +171,15 @@ def add_arguments(p) -> None:
         action="store_true",
         help="experiment, with --micro-batches: each part's score, selection and cache update on a "
         "highest-priority stream, ahead of the other part's GEMMs (default off: not yet measured)",
+    )
+    g.add_argument(
+        "--kv-dtype",
+        nargs="+",
+        choices=KV_DTYPES,
+        default=["bf16"],
+        metavar="{bf16,fp8,int4}",
+        help="storage formats of the tiered systems' host and disk tiers: each tiered system runs once per "
+        "format in this run, rows carry kv_dtype, ratios compare each format with bf16 (default bf16: the model dtype)",
     )
     d = p.add_argument_group("kvdrive_ssd")
     d.add_argument(
@@ -443,17 +453,17 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
         cache.close()  # disk-backed caches: stop I/O threads, close extent files
 
 
-def _slot_bytes(config, dtype: torch.dtype, group_tokens: int) -> int:
-    """Bytes of one disk slot of the tiered caches' pool: a group of one layer, aligned."""
-    return GroupLayout.from_config(config, dtype, group_tokens).slot_bytes
+def _slot_bytes(config, dtype: torch.dtype, group_tokens: int, kv_dtype: str = "bf16") -> int:
+    """Bytes of one disk slot of the tiered caches' pool: a group of one layer in its format, aligned."""
+    return GroupLayout.from_config(config, dtype, group_tokens, kv_dtype).slot_bytes
 
 
-def _disk_bytes(shape: Shape, row: dict, group_tokens: int) -> int:
+def _disk_bytes(shape: Shape, row: dict, group_tokens: int, kv_dtype: str) -> int:
     """Bytes a disk-backed row read from disk per step: its reads, read-ahead and reads behind
     (deferred misses), whole slots."""
     ps = row.get("per_step", {})
     reads = ps.get("disk_reads_per_step", 0) + ps.get("read_ahead_per_step", 0) + ps.get("deferred_reads_per_step", 0)
-    return int(reads * _slot_bytes(shape.config, shape.dtype, group_tokens))
+    return int(reads * _slot_bytes(shape.config, shape.dtype, group_tokens, kv_dtype))
 
 
 def _pcie_bytes(system: System, shape: Shape, row: dict) -> int:
@@ -468,6 +478,8 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
     """Run one (system, context, batch); returns the row (skipped rows carry ``reason``)."""
     dev = loaded.model.device
     head = {"system": system.name, "context": shape.context, "batch": shape.batch, "filled": shape.filled}
+    if system.formats:
+        head["kv_dtype"] = opts.kv_dtype
     reason = skip_reason(system, shape, opts, args, dev, loaded)
     if reason:
         return {**head, "status": "skipped", "reason": reason}
@@ -502,7 +514,7 @@ def measure_row(loaded, system: System, shape: Shape, opts: Options, args, bw, w
         weights,
         system.gpu_kv_read(shape, opts),
         _pcie_bytes(system, shape, row),
-        _disk_bytes(shape, row, args.group_tokens),
+        _disk_bytes(shape, row, args.group_tokens, opts.kv_dtype),
     )
     b = roofline.bound(shape.batch, step_bytes, bw)
     row["roofline"] = {
@@ -534,6 +546,7 @@ def _config(args, loaded, sparse: SparseConfig, weights: int) -> dict:
             "window_tokens": args.window,
             "summary": args.summary,
         },
+        "kv_dtypes": args.kv_dtype,
         "kvdrive_host": {
             "cache_tokens": args.cache_tokens,
             "eviction": args.eviction,
@@ -621,7 +634,13 @@ def run(args) -> int:
     config_doc = _config(args, loaded, sparse, weights)
     notes = run_notes(loaded.random_weights, args.warmup, args.rebalance_after, args.feed)
     rows = []
-    points = [(c, s, b) for c in args.contexts for s in args.systems for b in sorted(args.batches)]
+    points = [
+        (c, s, f, b)
+        for c in args.contexts
+        for s in args.systems
+        for f in (args.kv_dtype if SYSTEMS[s].formats else ["bf16"])
+        for b in sorted(args.batches)
+    ]
     # Every system decodes from the same filled length: room for the longest warm-up of the run.
     settle = max(SYSTEMS[n].settle_steps(opts) for n in args.systems)
     room = (
@@ -631,27 +650,28 @@ def run(args) -> int:
         )
         + 1
     )
-    failed: dict[tuple[int, str], int] = {}  # (context, system) -> batch that ran out of memory
+    failed: dict[tuple[int, str, str], int] = {}  # (context, system, format) -> batch that ran out of memory
     with torch.inference_mode():
-        for ctx, name, b in progress(points, desc="decode rows"):
-            system = SYSTEMS[name]
+        for ctx, name, fmt, b in progress(points, desc="decode rows"):
+            system, row_opts = SYSTEMS[name], replace(opts, kv_dtype=fmt)
             shape = Shape(config, dtype, b, ctx, room)
-            if (ctx, name) in failed:
+            if (ctx, name, fmt) in failed:
                 row = {
                     "system": name,
+                    **({"kv_dtype": fmt} if system.formats else {}),
                     "context": ctx,
                     "batch": b,
                     "filled": shape.filled,
                     "status": "skipped",
-                    "reason": f"batch {failed[ctx, name]} already ran out of memory",
+                    "reason": f"batch {failed[ctx, name, fmt]} already ran out of memory",
                 }
             else:
-                row = measure_row(loaded, system, shape, opts, args, bw, weights, haystack)
+                row = measure_row(loaded, system, shape, row_opts, args, bw, weights, haystack)
                 if row.get("reason", "").startswith("out of memory"):
-                    failed[ctx, name] = b
+                    failed[ctx, name, fmt] = b
             _release(dev)
-            if system.disk_bytes(shape, opts):
-                remove_disk_files(opts)
+            if system.disk_bytes(shape, row_opts):
+                remove_disk_files(row_opts)
             rows.append(row)
             path = save(args.out, config_doc, bw.as_dict(), rows, notes)  # a run cut short keeps its rows
             print(
@@ -668,7 +688,8 @@ def run(args) -> int:
 def _summarize(path, no_plot: bool) -> int:
     print(f"wrote {path}")
     for r in json.loads(path.read_text())["results"]["ratios"]:
-        print(f"context {r['context']}: {r['system']} / {r['vs']} = {r['ratio']:.2f}x")
+        fmt = f" {r['kv_dtype']} / {r['vs_kv_dtype']}" if "kv_dtype" in r else ""
+        print(f"context {r['context']}: {r['system']} / {r['vs']}{fmt} = {r['ratio']:.2f}x")
     if not no_plot:
         try:
             for png in plot(path):

@@ -21,19 +21,42 @@ PANEL = (5.0, 3.8)
 NOT_MEASURED = "not measured: "
 
 
+def row_label(row: dict) -> str:
+    """A row's system, with its tiers' storage format where that is not the model dtype
+    (``kvdrive_host@fp8``): each (system, format) is a line of its own."""
+    fmt = row.get("kv_dtype", "bf16")
+    return row["system"] if fmt == "bf16" else f"{row['system']}@{fmt}"
+
+
 def best_and_ratios(rows: list[dict]) -> tuple[dict, list[dict]]:
-    """``best[context][system]`` = the batch with the most tokens/s; ratios at each one's best
-    batch, per context: kvdrive_host over every system not on disk, kvdrive_ssd over
-    kvdrive_host and over kvswap_ssd (with the target where ``TARGETS`` sets one)."""
+    """``best[context][label]`` (``row_label``) = the batch with the most tokens/s; ratios at each
+    one's best batch, per context: kvdrive_host over every system not on disk, kvdrive_ssd over
+    kvdrive_host and over kvswap_ssd (with the target where ``TARGETS`` sets one), and each
+    compressed setting of a system over the same system at bf16 (``kv_dtype``, ``vs_kv_dtype``)."""
     best: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r["status"] == "ok":
             per_ctx = best.setdefault(str(r["context"]), {})
-            cur = per_ctx.get(r["system"])
+            label = row_label(r)
+            cur = per_ctx.get(label)
             if cur is None or r["tokens_per_s"] > cur["tokens_per_s"]:
-                per_ctx[r["system"]] = {"tokens_per_s": r["tokens_per_s"], "batch": r["batch"]}
+                per_ctx[label] = {"tokens_per_s": r["tokens_per_s"], "batch": r["batch"]}
     ratios = []
     for ctx, systems in best.items():
+        for label in systems:
+            base, _, fmt = label.partition("@")
+            if fmt and base in systems:
+                ratios.append(
+                    {
+                        "context": int(ctx),
+                        "system": base,
+                        "kv_dtype": fmt,
+                        "vs": base,
+                        "vs_kv_dtype": "bf16",
+                        "ratio": systems[label]["tokens_per_s"] / systems[base]["tokens_per_s"],
+                    }
+                )
+        systems = {s: v for s, v in systems.items() if "@" not in s}
         pairs = [("kvdrive_host", s) for s in systems if s not in ("kvdrive_host", "kvdrive_ssd", "kvswap_ssd")]
         for ours, other in [*pairs, ("kvdrive_ssd", "kvdrive_host"), ("kvdrive_ssd", "kvswap_ssd")]:
             if ours in systems and other in systems:
@@ -106,7 +129,7 @@ def save(
     (``environment_of``, ``sources``: see ``kvdrive.results.write_result``)."""
     best, ratios = best_and_ratios(rows)
     missing = [
-        f"{NOT_MEASURED}{r['system']} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
+        f"{NOT_MEASURED}{row_label(r)} @ {r['context']} x {r['batch']} {r['status']}: {r['reason']}"
         for r in rows
         if r["status"] != "ok"
     ]
@@ -135,7 +158,7 @@ def merge(paths: list[str], out: str | Path) -> Path:
         if doc.get("bench") != "decode":
             raise KvdriveError(f"{p} is not a kvdrive bench decode result")
         for r in doc["results"]["rows"]:
-            rows[r["system"], r["context"], r["batch"]] = {**r, "from": str(p)}
+            rows[row_label(r), r["context"], r["batch"]] = {**r, "from": str(p)}
     first = docs[0]
     merged_from = {}
     for p, d in zip(paths, docs):  # a merged input keeps the commands of its own inputs
@@ -177,7 +200,7 @@ def plot(json_path: str | Path) -> list[Path]:
         return []
     plt = pyplot()
     contexts = sorted({r["context"] for r in rows})
-    systems = list(dict.fromkeys(r["system"] for r in doc["results"]["rows"]))
+    systems = list(dict.fromkeys(row_label(r) for r in doc["results"]["rows"]))
     colour = {s: f"C{i}" for i, s in enumerate(systems)}
     fig, axes = plt.subplots(1, len(contexts), figsize=(PANEL[0] * len(contexts), PANEL[1]), squeeze=False)
     for ax, ctx in zip(axes[0], contexts):
@@ -185,7 +208,7 @@ def plot(json_path: str | Path) -> list[Path]:
             pts = sorted(
                 (r["batch"], r["tokens_per_s"], r["roofline"].get("tokens_per_s"))
                 for r in rows
-                if r["context"] == ctx and r["system"] == s
+                if r["context"] == ctx and row_label(r) == s
             )
             if not pts:
                 continue
@@ -221,7 +244,7 @@ def _breakdown(plt, doc: dict, rows: list[dict], png: Path) -> Path | None:
     bars = []  # (label, {part: ms per step})
     for ctx, systems in best.items():
         for s, b in systems.items():
-            row = next(r for r in rows if str(r["context"]) == ctx and r["system"] == s and r["batch"] == b["batch"])
+            row = next(r for r in rows if str(r["context"]) == ctx and row_label(r) == s and r["batch"] == b["batch"])
             parts = row.get("per_step", {}).get("time_ms_per_step")
             if parts:
                 bars.append((f"{s} {_ctx(int(ctx))} x{b['batch']}", parts))

@@ -43,6 +43,7 @@ class Options:
     fetch_lane: bool = TieredConfig.fetch_lane  # kvdrive systems with micro-batches: parts fetch in turn
     control_stream: bool = TieredConfig.control_stream  # kvdrive systems: score/select/ensure at highest priority
     disk_misses: str = TieredConfig.disk_misses  # kvdrive_ssd, kvswap_ssd: wait for disk-only groups, or defer them
+    kv_dtype: str = TieredConfig.kv_dtype  # the tiered systems: storage format of their host and disk tiers
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class System:
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
     disk_bytes: Callable[[Shape, Options], int] = _no_disk  # written to the disk pool
+    formats: bool = False  # a tiered system: runs once per --kv-dtype (its host and disk tiers' format)
 
     @property
     def on_disk(self) -> bool:
@@ -136,9 +138,17 @@ def _host_kv(s: Shape, o: Options) -> int:
     return _pinned(_all_kv_max(s, o), 2 * s.config.num_hidden_layers)
 
 
+def stored_share(s: Shape, o: Options) -> float:
+    """Bytes of a group in the tiered systems' storage format over its bytes in the model dtype."""
+    from kvdrive.storage.layout import GroupLayout
+
+    layout = GroupLayout.from_config(s.config, s.dtype, o.sparse.group_tokens, o.kv_dtype)
+    return layout.stored_bytes / layout.group_bytes
+
+
 def _host_groups(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, one group tensor per layer (TieredSparseKVCache)."""
-    return _pinned(_all_kv_max(s, o), s.config.num_hidden_layers)
+    """The whole KV in pinned host memory, in the storage format, one tensor per layer (TieredSparseKVCache)."""
+    return _pinned(int(_all_kv_max(s, o) * stored_share(s, o)), s.config.num_hidden_layers)
 
 
 def _none(s: Shape, o: Options) -> int:
@@ -193,6 +203,7 @@ def _tiered(eviction: str | None):
             fetch_programs=0 if eviction else o.fetch_programs,
             fetch_lane=o.fetch_lane,
             control_stream=o.control_stream and not eviction,
+            kv_dtype=o.kv_dtype,
         )
         return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
@@ -228,6 +239,7 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
         fetch_lane=o.fetch_lane,
         control_stream=o.control_stream and not previous_step_only,
         disk_misses=o.disk_misses,
+        kv_dtype=o.kv_dtype,
     )
     return TieredSparseKVCache(s.config, s.batch, s.context, device, s.dtype, tiered=cfg)
 
@@ -238,7 +250,7 @@ def remove_disk_files(o: Options) -> None:
 
 
 def _disk_kv(s: Shape, o: Options) -> int:
-    return _all_kv_max(s, o)  # every full group is written behind to disk
+    return int(_all_kv_max(s, o) * stored_share(s, o))  # every full group is written behind to disk
 
 
 def _ssd_host(s: Shape, o: Options) -> int:
@@ -334,6 +346,7 @@ SYSTEMS: dict[str, System] = {
             _sparse_read,
             "measured",
             _settle,
+            formats=True,
         ),
         System(
             "kvdrive_host",
@@ -346,6 +359,7 @@ SYSTEMS: dict[str, System] = {
             _sparse_read,
             "measured",
             _settle,
+            formats=True,
         ),
         System(
             "kvdrive_ssd",
@@ -359,6 +373,7 @@ SYSTEMS: dict[str, System] = {
             "measured",
             _settle,
             _disk_kv,
+            formats=True,
         ),
         System(
             "kvswap_ssd",
@@ -372,6 +387,7 @@ SYSTEMS: dict[str, System] = {
             "measured",
             lambda o: 0,
             _disk_kv,
+            formats=True,
         ),
     )
 }

@@ -89,6 +89,14 @@ def add_sampling_options(p) -> None:
         "step attends without those groups; speed and agreement: docs/tiered.md) "
         "(default wait)",
     )
+    k.add_argument(
+        "--kv-dtype",
+        choices=("bf16", "fp8", "int4"),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        default="bf16",
+        help="with --budget, the storage format of the host and disk tiers: fp8 or int4 store full groups "
+        "quantized (the same host and disk bytes hold ~1.6x / ~2.6x the tokens at 16-token groups; "
+        "docs/compression.md) (default bf16: the model dtype)",
+    )
     g = p.add_argument_group("sampling")
     g.add_argument(
         "-n",
@@ -137,6 +145,8 @@ def tiered_config(args):
     if args.budget is None:
         if args.disk or args.host_gib:
             raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget 0.25)")
+        if args.kv_dtype != "bf16":
+            raise KvdriveError("--kv-dtype is the tiered cache's storage format: add --budget (e.g. --budget 0.25)")
         return None
     from kvdrive.cache.sparse import SparseConfig
     from kvdrive.storage.pool import PoolPath
@@ -160,6 +170,7 @@ def tiered_config(args):
         disk=disk,
         host_bytes=int((args.host_gib or 0) * 2**30),
         disk_misses=args.disk_misses,
+        kv_dtype=args.kv_dtype,
     )
 
 

@@ -47,6 +47,12 @@ def add_parser(sub) -> None:
         default=2048,
         help="tiered cache: tokens attended per step (default 2048)",
     )
+    w.add_argument(
+        "--kv-dtype",
+        choices=("bf16", "fp8", "int4"),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        default="bf16",
+        help="tiered cache: storage format of the host tier, which the host bytes per sequence follow (default bf16)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -130,9 +136,9 @@ def _placement(cfg, context: int, args, dtype) -> dict:
     if args.gpu_gib <= 0 or (args.host_gib is not None and args.host_gib <= 0):
         raise KvdriveError("--gpu-gib and --host-gib must be positive")
     host = int(args.host_gib * 2**30) if args.host_gib is not None else (host_room() or 0)
-    tiered = TieredConfig(SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256))
+    tiered = TieredConfig(SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256), kv_dtype=args.kv_dtype)
     out = tiered_admission.plan(cfg, context, args.batch, dtype, tiered, int(args.gpu_gib * 2**30), host)
-    out.update(gpu_gib=args.gpu_gib, host_bytes=host, budget=args.budget)
+    out.update(gpu_gib=args.gpu_gib, host_bytes=host, budget=args.budget, kv_dtype=args.kv_dtype)
     return out
 
 
@@ -156,7 +162,7 @@ def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
     if pl["tiered_fits"]:
         rows.append(
             (
-                f"--budget {pl['budget']}",
+                f"--budget {pl['budget']}" + (f" --kv-dtype {pl['kv_dtype']}" if pl["kv_dtype"] != "bf16" else ""),
                 (
                     f"fits: {human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host per sequence; GPU cache (auto) "
                     f"{pl['tiered_cache_tokens']} tokens per sequence and layer; up to {most} sequences "

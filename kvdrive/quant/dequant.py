@@ -8,6 +8,11 @@ rows hold typed groups (2, H, G, D) of the model dtype. ``impl``:
   place through unified addressing, so compressed bytes cross PCIe and are widened on the
   way into the destination;
 * ``torch``: the twin (``dequant_rows_reference``), on CPU and in tests.
+
+``raw``: a second source of typed rows (the model dtype, as the destination) for source
+indices at or past ``raw_from``: ``dst[dst_idx[r]] = raw[src_idx[r] - raw_from]``, copied as
+they are. The tiered cache's fetch reads its sealed (compressed) groups and the open groups
+(exact, written token by token) in one launch so.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ def dequant_rows_reference(
     dst_idx: torch.Tensor,
     kv_dtype: str,
     shape: tuple[int, int, int],
+    raw: torch.Tensor | None = None,
+    raw_from: int = 0,
 ) -> None:
     """The torch twin of ``dequant_rows`` (synchronous, across devices if need be)."""
     keep = dst_idx >= 0
+    elems = 2 * shape[0] * shape[1] * shape[2]
+    if raw is not None:
+        from_raw = keep & (src_idx >= raw_from)
+        keep = keep & ~from_raw
+        r = (src_idx[from_raw] - raw_from).to(raw.device)
+        dst[dst_idx[from_raw].to(dst.device), :elems] = raw[r, :elems].to(dst.device, dst.dtype)
     rows = src[src_idx[keep].to(src.device)]  # (n, row_bytes) uint8
     groups = dequantize(rows, kv_dtype, shape, dst.dtype)  # (n, 2, H, G, D)
-    dst[dst_idx[keep].to(dst.device), : groups[0].numel()] = groups.reshape(groups.shape[0], -1).to(dst.device)
+    dst[dst_idx[keep].to(dst.device), :elems] = groups.reshape(groups.shape[0], elems).to(dst.device)
 
 
 def dequant_rows(
@@ -43,16 +56,20 @@ def dequant_rows(
     kv_dtype: str,
     shape: tuple[int, int, int],
     impl: str = "auto",
+    raw: torch.Tensor | None = None,
+    raw_from: int = 0,
 ) -> None:
     """``src`` (R, >= stored_bytes) uint8 rows with unit column stride; ``dst`` (S, >= 2*H*G*D)
     rows of the model dtype; ``src_idx``, ``dst_idx`` (M,) int64 where the kernel runs;
     ``dst_idx[r] < 0`` skips row r; ``shape`` (H, G, D). ``kv_dtype`` "bf16" is a plain row copy.
-    ``impl="auto"``: the kernel when the destination is on CUDA and Triton is there, else torch."""
+    ``raw`` (R2, >= 2*H*G*D) typed rows with unit column stride, of ``dst``'s dtype: the source of
+    indices >= ``raw_from``. ``impl="auto"``: the kernel when the destination is on CUDA and
+    Triton is there, else torch."""
     check_kv_dtype(kv_dtype)
     if impl == "auto":
         impl = "triton" if dst.device.type == "cuda" and triton_available() else "torch"
     if impl == "torch" or kv_dtype == "bf16":
-        dequant_rows_reference(src, src_idx, dst, dst_idx, kv_dtype, shape)
+        dequant_rows_reference(src, src_idx, dst, dst_idx, kv_dtype, shape, raw, raw_from)
         return
     import triton
 
@@ -75,6 +92,9 @@ def dequant_rows(
         dst,
         dst_idx,
         dst.stride(0),
+        raw if raw is not None else dst,  # unread without a raw source
+        raw.stride(0) if raw is not None else 0,
+        raw_from,
         h,
         g,
         d,
@@ -84,6 +104,7 @@ def dequant_rows(
         sec["vs"].offset,
         zero[1],
         INT4=kv_dtype == "int4",
+        HAS_RAW=raw is not None,
         BLOCK_G=block_g,
         BLOCK_D=block_d,
     )

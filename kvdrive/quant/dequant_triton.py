@@ -4,7 +4,9 @@
 host memory read through unified addressing (the compressed bytes cross PCIe once and are
 written as the model dtype straight into the destination: no staging copy, no extra pass
 over GPU memory). One program per (row, K|V x head, tile of tokens). fp8 codes are decoded
-with integer arithmetic (bit-exact, and the CPU interpreter needs no fp8 support). The
+with integer arithmetic (bit-exact, and the CPU interpreter needs no fp8 support). With
+``HAS_RAW``, a source index at or past ``raw_from`` names a typed row of a second source,
+copied as it is (masked loads: a program reads one source or the other). The
 launcher (checks, grid) and its torch twin are ``kvdrive.quant.dequant``.
 """
 
@@ -33,6 +35,9 @@ def dequant_rows_kernel(
     dst_ptr,
     dst_idx_ptr,
     dst_stride,
+    raw_ptr,
+    raw_stride,
+    raw_from,
     H,
     G,
     D,
@@ -42,6 +47,7 @@ def dequant_rows_kernel(
     vs_off,
     vz_off,
     INT4: tl.constexpr,
+    HAS_RAW: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -56,7 +62,16 @@ def dequant_rows_kernel(
     t = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,) tokens of the group
     c = tl.arange(0, BLOCK_D)  # (BD,) byte columns
     cols = D // 2 if INT4 else D
-    mask = (t[:, None] < G) & (c[None, :] < cols) & (d >= 0)
+    live = d >= 0  # the row is written from the stored source
+    mask = (t[:, None] < G) & (c[None, :] < cols) & live
+    at = (tl.where(is_v, H, 0) + h) * G * D + t[:, None] * D + c[None, :]  # (BG, BD) in a typed row
+    if HAS_RAW:  # an open group: a typed row of the raw source, copied
+        use_raw = s >= raw_from
+        raw = raw_ptr + tl.where(use_raw, s - raw_from, 0) * raw_stride + at
+        raw_mask = mask & use_raw
+        mask = mask & ~use_raw
+        live = live & ~use_raw
+        s = tl.where(use_raw, 0, s)
     src = src_ptr + s * src_stride
     q_at = tl.where(is_v, vq_off, 0) + (h * G + t[:, None]) * cols + c[None, :]
     b = tl.load(src + q_at, mask=mask, other=0)  # (BG, BD) uint8
@@ -65,17 +80,17 @@ def dequant_rows_kernel(
     vtok = h * G + t
     scales16 = (src + ks_off).to(tl.pointer_type(tl.float16))
     vscales16 = (src + vs_off).to(tl.pointer_type(tl.float16))
-    out = dst_ptr + d * dst_stride + (tl.where(is_v, H, 0) + h) * G * D + t[:, None] * D + c[None, :]
+    out = dst_ptr + d * dst_stride + at
     if INT4:
         kz16 = (src + kz_off).to(tl.pointer_type(tl.float16))
         vz16 = (src + vz_off).to(tl.pointer_type(tl.float16))
         half = D // 2
-        lo_k = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        hi_k = tl.load(scales16 + kcol + half, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        lo_kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        hi_kz = tl.load(kz16 + kcol + half, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
-        vz = tl.load(vz16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
+        lo_k = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        hi_k = tl.load(scales16 + kcol + half, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        lo_kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        hi_kz = tl.load(kz16 + kcol + half, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v & live, other=0.0).to(tl.float32)
+        vz = tl.load(vz16 + vtok, mask=(t < G) & is_v & live, other=0.0).to(tl.float32)
         b = b.to(tl.int32)
         lo = (b & 15).to(tl.float32)
         hi = (b >> 4).to(tl.float32)
@@ -86,11 +101,17 @@ def dequant_rows_kernel(
         ty = dst_ptr.dtype.element_ty
         tl.store(out, (lo * lo_s + lo_z).to(ty), mask=mask)
         tl.store(out + half, (hi * hi_s + hi_z).to(ty), mask=mask)
+        if HAS_RAW:
+            tl.store(out, tl.load(raw, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)
+            tl.store(out + half, tl.load(raw + half, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)
     else:  # keys centred per channel (kz), values not
         kz16 = (src + kz_off).to(tl.pointer_type(tl.float16))
-        ks = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v, other=0.0).to(tl.float32)
-        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v, other=0.0).to(tl.float32)
+        ks = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
+        vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v & live, other=0.0).to(tl.float32)
         scale = tl.where(is_v, vs[:, None], ks[None, :])
         zero = tl.where(is_v, 0.0, kz[None, :])
         tl.store(out, (_fp8_e4m3(b) * scale + zero).to(dst_ptr.dtype.element_ty), mask=mask)
+        if HAS_RAW:
+            ty = dst_ptr.dtype.element_ty
+            tl.store(out, tl.load(raw, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)

@@ -150,6 +150,17 @@ SETTINGS: tuple[Setting, ...] = (
         "selected groups only on disk: wait (exact) or defer (attend without them this step)",
         choices=DISK_MISSES,
     ),
+    Setting(
+        "kv_dtype",
+        "kv",
+        "choice",
+        "bf16",
+        "storage format of the tiered cache's host and disk tiers: bf16 (the model dtype), fp8 or int4 (full "
+        "groups quantized on the GPU, widened when fetched; the same host and disk bytes hold more tokens; "
+        "docs/compression.md)",
+        choices=KV_DTYPES,
+        example="fp8",
+    ),
     # prefix pool
     Setting(
         "prefix_disk",
@@ -261,10 +272,13 @@ class KVSettings:
     disk_gib: float
     host_gib: float | None
     disk_misses: str
+    kv_dtype: str = "bf16"
 
     def __post_init__(self):
         if self.budget is None and (self.disk or self.host_gib):
             raise KvdriveError("disk and host_gib belong to the tiered cache: set budget too (e.g. budget: 2048)")
+        if self.budget is None and self.kv_dtype != "bf16":
+            raise KvdriveError("kv_dtype is the tiered cache's storage format: set budget too (e.g. budget: 2048)")
         if self.disk and not self.host_gib:
             raise KvdriveError("disk needs host_gib: the pinned host arena in front of the disks (e.g. host_gib: 8)")
         if self.host_gib and not self.disk:
@@ -285,6 +299,7 @@ class KVSettings:
             disk=disk,
             host_bytes=int((self.host_gib or 0) * 2**30),
             disk_misses=self.disk_misses,
+            kv_dtype=self.kv_dtype,
         )
 
 

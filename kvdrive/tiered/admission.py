@@ -95,8 +95,7 @@ def seqs_that_fit(
     """How many sequences of ``max_len`` the host tier (or the disk budget) and, on a GPU, the
     free GPU memory can hold (admission); at least 1 (a single one that does not fit is
     refused with the fix when the cache is built)."""
-    g = tiered.sparse.group_tokens
-    per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-max_len // g) * config.num_hidden_layers
+    per_seq = host_bytes_per_seq(config, max_len, dtype, tiered)
     room = host_room()
     if tiered.disk:
         room = sum(p.budget_bytes for p in tiered.disk)
@@ -105,6 +104,16 @@ def seqs_that_fit(
     if gpu is not None:
         n = min(n, gpu // max(1, gpu_bytes_per_seq(config, max_len, dtype, tiered)))
     return max(1, n)
+
+
+def host_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
+    """Bytes one sequence of ``max_len`` takes in the host tier, in its storage format
+    (``tiered.kv_dtype``): whole stored groups, every layer; with a disk tier, in disk slots
+    (each rounded up to 4 KiB for O_DIRECT)."""
+    g = tiered.sparse.group_tokens
+    layout = GroupLayout.from_config(config, dtype, g, tiered.kv_dtype)
+    per_group = layout.slot_bytes if tiered.disk else layout.stored_bytes
+    return per_group * -(-max_len // g) * config.num_hidden_layers
 
 
 def gpu_bytes_per_seq(config: ModelConfig, max_len: int, dtype: torch.dtype, tiered: TieredConfig) -> int:
@@ -147,8 +156,7 @@ def plan(
     weights = config.num_parameters() * dtype.itemsize
     kv = batch * config.kv_bytes_at(context, dtype)
     room = max(0, gpu_bytes - weights - GPU_HEADROOM)
-    g = tiered.sparse.group_tokens
-    host_per_seq = GroupLayout.from_config(config, dtype, g).group_bytes * -(-context // g) * config.num_hidden_layers
+    host_per_seq = host_bytes_per_seq(config, context, dtype, tiered)
     minimum = gpu_bytes_per_seq(config, context, dtype, tiered)
     out = {
         "weights_bytes": weights,
@@ -179,7 +187,7 @@ def check_disk_tier(
     if not tiered.disk:
         return
     g = tiered.sparse.group_tokens
-    layout = GroupLayout.from_config(config, dtype, g)
+    layout = GroupLayout.from_config(config, dtype, g, tiered.kv_dtype)
     longest = max_len if tiered.sparse.dense_layers else max(prompt_lens)
     pages = min(-(-max_len // g), max_pages_for(tiered.sparse.selection(), g, max_len))
     groups = max(-(-longest // g) + max_seqs - 1, max_seqs * (pages + 1))

@@ -22,6 +22,12 @@ attends to it with no mask and no host traffic; without room, and for the decode
 layers, attention is exact over KV gathered from host for that layer alone;
 sliding-window layers decode from a GPU ring of their last ``window`` tokens
 (``WindowRing``), written as tokens arrive.
+
+With ``kv_dtype`` fp8 or int4 the host (and disk) tiers store every full group in that format
+and each sequence's open group exact (``host_kv.OpenGroups``): token writes go to the open row;
+a group that fills is sealed (quantized on the device into its row, summarized from its exact
+keys, and the GPU cache's copy of it replaced by the stored group's round trip, so attention
+sees what a fetch would deliver); fetches widen stored groups to the model dtype on the GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from kvdrive.cache.contiguous import layer_specs
 from kvdrive.cache.slots import SequenceSlots
 from kvdrive.cache.sparse import layer_summarizer, max_pages_for
 from kvdrive.config import ModelConfig
+from kvdrive.quant.dequant import dequant_rows
 from kvdrive.retrieval.pages import leading
 from kvdrive.retrieval.select import combine_heads, select_groups_keyed
 from kvdrive.retrieval.sparse_attention import sparse_attention
@@ -79,7 +86,7 @@ class TieredSparseKVCache(KVCache):
         self.g = g = tiered.sparse.group_tokens
         self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
         self.n = -(-max_len // g)
-        layout = GroupLayout.from_config(config, dtype, g)
+        layout = GroupLayout.from_config(config, dtype, g, tiered.kv_dtype)
         self.group_shape, self.group_bytes = layout.slot_shape, layout.group_bytes  # (2, H_kv, G, D)
         admission.check_gpu_room(
             max_seqs * admission.gpu_bytes_per_seq(config, max_len, dtype, tiered), device, max_seqs
@@ -98,7 +105,7 @@ class TieredSparseKVCache(KVCache):
         }
         self._summarized = {l: [0] * max_seqs for l in self.sparse_layers}  # groups in each table, per slot
         self.prefill = TieredPrefill(
-            self.host, layout, self.layer_specs, self._summarize_whole, device, tiered.stage_prefill
+            self.host, layout, self.layer_specs, self._summarize_whole, device, tiered.stage_prefill, self._seal
         )
         # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
         self.rings = {
@@ -199,10 +206,11 @@ class TieredSparseKVCache(KVCache):
             q = self.prefill.queries(slot_list, layer)  # (B, H_q, D)
             if self.host.may_miss:  # a disk tier: the arena keeps what the prompt's end ranks highest
                 key, counts = self.importance(layer, q, slots)
-                self._moved["placed_disk_reads"] += self.host.place(layer, slot_list, key, counts) * self.group_bytes
+                placed = self.host.place(layer, slot_list, key, counts)
+                self._moved["placed_disk_reads"] += placed * self.host.fetch_bytes
             before = cache.counters.clone()
             self._select_and_fetch(layer, q, batch, self.layer_specs[layer].scale, prefetch=False)
-            self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.group_bytes
+            self._moved["warm_host_to_gpu"] += int(cache.counters[2] - before[2]) * self.host.fetch_bytes
             cache.counters.copy_(before)
         self.prefill.forget(slot_list)
 
@@ -327,11 +335,17 @@ class TieredSparseKVCache(KVCache):
         )
         if batch.meta["selections"]:  # deferred disk misses: the step's selections go to the host
             self._send_selections(batch)
-        written = devices.new_event(self.device)
-        written.record()
         # NOTE: the lengths now, not batch.start: a replayed graph's batch keeps its capture's
         # starts, and with them no group ever filled, so none was written behind to disk.
         starts = self.seqs.starts(batch.seq_ids, batch.num_new)
+        if (
+            self.host.compressed and batch.num_new == 1
+        ):  # decode groups that filled: sealed (prefill seals as it writes)
+            full = [(slot, st // self.g) for slot, st in zip(batch.meta["slot_list"], starts) if (st + 1) % self.g == 0]
+            if full:
+                self._seal(range(len(self.layer_specs)), *map(list, zip(*full)), cached=True)
+        written = devices.new_event(self.device)
+        written.record()
         self.host.end(batch.meta["slot_list"], starts, batch.num_new, written)
         self.seqs.commit(batch.seq_ids, batch.num_new)
 
@@ -349,17 +363,20 @@ class TieredSparseKVCache(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m = batch.meta
         if batch.num_new > 1:
-            self.prefill.write(layer, k, v, batch, self.host.rows(layer, m["slots"], batch.positions // self.g))
+            rows = None if self.host.compressed else self.host.rows(layer, m["slots"], batch.positions // self.g)
+            self.prefill.write(layer, k, v, batch, rows)
         else:  # the host copy, and the GPU cache's copy of the open group where it holds one
             group = m["group"]
-            host_rows = (
-                m["host_rows"]
-                if m["host_rows"] is not None
-                else self.host.rows(layer, m["slots"], group[:, None])[:, 0]
-            )
-            tier_ops.append_token(
-                self.host.typed(layer), host_rows, m["offs"][:, 0], k, v, self.caches.get(layer), m["slots"], group
-            )
+            if self.host.compressed:  # the slot's exact open row
+                pool, host_rows = self.host.opened.typed(layer), m["slots"]
+            else:
+                pool = self.host.typed(layer)
+                host_rows = (
+                    m["host_rows"]
+                    if m["host_rows"] is not None
+                    else self.host.rows(layer, m["slots"], group[:, None])[:, 0]
+                )
+            tier_ops.append_token(pool, host_rows, m["offs"][:, 0], k, v, self.caches.get(layer), m["slots"], group)
         if layer in self.rings:
             self.rings[layer].write(m["slots"], batch.positions, k, v)
         if batch.num_new > 1:
@@ -454,7 +471,14 @@ class TieredSparseKVCache(KVCache):
         mark("select")
         if self.host.affine_rows:  # the selection as it is: first head's groups, counts, host rows s*n + g
             pages = cache.ensure(
-                slots, sel.groups[:, 0], num_pages, key, self.host.words(layer), self.host.n, self.step_t, prefetch
+                slots,
+                sel.groups[:, 0],
+                num_pages,
+                key,
+                self.host.fetch_source(layer),
+                self.host.n,
+                self.step_t,
+                prefetch,
             )
             mark("sync_fetch")
             return pages, num_pages
@@ -463,7 +487,9 @@ class TieredSparseKVCache(KVCache):
                 sel.groups[:, 0], num_pages, slots, self.host.slot_gpu[layer], cache.table
             )
             m["selections"].append((layer, sel.groups[:, 0], flags))
-            pages = cache.ensure(slots, groups, num_pages, key, self.host.words(layer), src, self.step_t, prefetch)
+            pages = cache.ensure(
+                slots, groups, num_pages, key, self.host.fetch_source(layer), src, self.step_t, prefetch
+            )
             mark("sync_fetch")
             return pages, num_pages
         groups = sel.groups[:, 0].long()  # (B, P)
@@ -490,7 +516,7 @@ class TieredSparseKVCache(KVCache):
                 groups, listed, num_pages, _ = _compact(groups, listed, torch.as_tensor(failed, device=self.device))
             src = self.host.rows(layer, slots, groups)
             mark("disk_resolve")
-        pages = cache.ensure(slots, groups, listed, key, self.host.words(layer), src, self.step_t, prefetch)
+        pages = cache.ensure(slots, groups, listed, key, self.host.fetch_source(layer), src, self.step_t, prefetch)
         mark("sync_fetch")
         return pages, num_pages
 
@@ -511,6 +537,38 @@ class TieredSparseKVCache(KVCache):
         self._refresh_slots(layer, [slot], [first * self.g])  # the group the chunk completed, if any
         table.write(slot, torch.arange(first, first + groups.shape[0], device=self.device), groups[:, 0])
         self._summarized[layer][slot] = first + groups.shape[0]
+
+    def _seal(self, layers, slot_list: list[int], groups: list[int], cached: bool = False) -> None:
+        """Compressed tiers: group ``groups[i]`` of slot ``slot_list[i]`` filled in ``layers``: the
+        host tier stores it quantized; its summary is taken from the exact keys (where every
+        group before it is summarized: else the next refresh summarizes it from host); with
+        ``cached`` (decode), the GPU cache's copy of it, written token by token, becomes the
+        stored group's round trip, as every later fetch of it will be."""
+        layers = list(layers)
+        slots = torch.tensor(slot_list, device=self.device)
+        groups_t = torch.tensor(groups, device=self.device)
+        exact, stored = self.host.seal(layers, slots, groups_t)
+        for i, layer in enumerate(layers):
+            table = self.tables.get(layer)
+            if table is not None and not table.summarizer.fits_prompt:
+                done = self._summarized[layer]
+                now = [j for j, (s, gr) in enumerate(zip(slot_list, groups)) if done[s] == gr]
+                if now:
+                    table.write(slots[now], groups_t[now], exact[i, now, 0])
+                    for j in now:
+                        done[slot_list[j]] = groups[j] + 1
+            cache = self.caches.get(layer)
+            if cached and cache is not None:
+                dst = cache.lookup(slots, groups_t[:, None])[:, 0]  # the trash row where not cached
+                lay = self.host.layout
+                dequant_rows(
+                    stored[i],
+                    torch.arange(len(groups), device=self.device),
+                    cache.pool.view(cache.pool.shape[0], -1),
+                    dst,
+                    lay.kv_dtype,
+                    lay.group_shape,
+                )
 
     def _refresh_slots(self, layer: int, slot_list, starts) -> None:
         """Summarize the groups filled since this layer's last decode step (keys read from host):
@@ -580,7 +638,7 @@ class TieredSparseKVCache(KVCache):
             "sync_fetched": tot["misses"],
             "prefetched": tot["prefetched"],
             "hit_rate": tot["hits"] / selected if selected else None,
-            "bytes_host_to_gpu": fetched * self.group_bytes
+            "bytes_host_to_gpu": fetched * self.host.fetch_bytes
             + self.prefill.dense_bytes
             + self._moved["warm_host_to_gpu"],
             "bytes_warm_start": self._moved["warm_host_to_gpu"],
@@ -590,6 +648,7 @@ class TieredSparseKVCache(KVCache):
             "summary_bytes": sum(t.nbytes for t in self.tables.values()),
             "window_ring_bytes": sum(r.nbytes for r in self.rings.values()),
             "host_bytes": self.host.nbytes,
+            "kv_dtype": self.tiered.kv_dtype,
             **self.host.stats(),
             "cache_tokens": self.tiered.cache_tokens,  # resolved where the config said "auto"
             "micro_batches": self.micro_batches,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.errors import KvdriveError
+from kvdrive.quant.formats import check_kv_dtype
 from kvdrive.storage.pool import PoolPath
 from kvdrive.tiered.selection_cache import EVICTIONS
 
@@ -68,8 +69,23 @@ class TieredConfig:
     # for it then), so a chunk attends to its prefix without gathering it from host; False: each
     # chunk gathers its whole prefix from host, ~T^2 / (2 x chunk) tokens of KV per prompt (ablation).
     stage_prefill: bool = True
+    # Storage format of the host and disk tiers (docs/compression.md): "bf16" keeps the model dtype;
+    # "fp8" / "int4" store every full group quantized (on the device, once, as it is sealed) and
+    # widen it to the model dtype on the device as it is fetched; the open group stays exact.
+    kv_dtype: str = "bf16"
 
     def __post_init__(self):
+        check_kv_dtype(self.kv_dtype)
+        if self.sparse.kv_dtype not in ("bf16", self.kv_dtype):
+            raise KvdriveError(
+                f"sparse.kv_dtype={self.sparse.kv_dtype!r} simulates a storage format on a GPU-resident cache; "
+                "the tiered cache stores it: set TieredConfig.kv_dtype"
+            )
+        if self.kv_dtype != "bf16" and self.sparse.summary == "lowrank_seq":
+            raise KvdriveError(
+                "lowrank_seq fits its basis on the prompt's keys when decoding starts, and a compressed "
+                f"tier (kv_dtype={self.kv_dtype!r}) keeps them only quantized: use another summary or kv_dtype='bf16'"
+            )
         if self.disk and self.host_bytes <= 0:
             raise KvdriveError("with disk paths, set host_bytes (the pinned host arena in front of the disks)")
         if self.eviction not in EVICTIONS:

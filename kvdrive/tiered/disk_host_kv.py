@@ -21,6 +21,11 @@ copies) is the torch-free ``ArenaIndex`` (``index``); this class moves the bytes
 memory, disk reads and writes, and ``slot_gpu``, the device's copy of the index's map.
 Evicted arena slots are not reused at once: a step still in flight may read them, so they
 are held until the event of the last step committed when they were evicted.
+
+With a compressed ``layout.kv_dtype`` arena and disk slots hold stored groups (slots of the
+stored bytes, rounded up to 4 KiB: more of them in the same ``host_bytes``); the open group
+keeps an arena slot, which its seal fills before the group is written behind, while its
+tokens go to the exact open row and fetches read it there (``HostKV.rows``).
 """
 
 from __future__ import annotations
@@ -85,9 +90,10 @@ class DiskBackedHostKV(HostKV):
         if not disk:
             raise KvdriveError("a disk-backed host tier needs at least one disk path (PoolPath)")
         nl = layout.num_layers
-        check_host_room(host_bytes, "the host arena in front of the disks")
+        check_host_room(host_bytes + (self.opened.nbytes if self.opened else 0), "the host arena in front of the disks")
         self.arenas = [HostTier(layout, host_bytes // nl, pin=device.type == "cuda") for _ in range(nl)]
-        self._typed = [layout.as_groups(a.rows) for a in self.arenas]
+        self._typed = [] if self.compressed else [layout.as_groups(a.rows) for a in self.arenas]
+        self.raw_from = self.arenas[0].num_slots  # compressed: open rows are read past the arena's slots
         self._np_rows = [a.rows.numpy() for a in self.arenas]  # the same memory, for numpy's fancy indexing
         self._bases = np.array([a.rows.data_ptr() for a in self.arenas], dtype=np.uint64)  # disk reads land here
         self.index = ArenaIndex(nl, max_seqs, max_groups, self.arenas[0].num_slots)  # the same slots every layer
@@ -112,15 +118,18 @@ class DiskBackedHostKV(HostKV):
 
     @property
     def nbytes(self) -> int:
-        return sum(a.bytes_capacity for a in self.arenas)
+        return sum(a.bytes_capacity for a in self.arenas) + (self.opened.nbytes if self.opened else 0)
 
     def words(self, layer):
         return self.arenas[layer].rows.view(torch.int32)
 
+    def stored_rows(self, layer):
+        return self.arenas[layer].rows
+
     def typed(self, layer):
         return self._typed[layer]
 
-    def rows(self, layer, slots, groups):
+    def group_rows(self, layer, slots, groups):
         return self.slot_gpu[layer][slots[:, None], groups]
 
     # -- capacity ---------------------------------------------------------------------
@@ -198,6 +207,7 @@ class DiskBackedHostKV(HostKV):
                 # is slower on the engine thread)
                 self._np_rows[layer][slots] = 0
                 self.index.map(layer, missing, slots)
+        self._open(slot_list, starts, num_new)
 
     def end(self, slot_list, starts, num_new, written):
         self._last_step = written

@@ -2,7 +2,9 @@
 
 * ``write``: a prefill chunk's whole groups go to the host tier as rows (one DMA per
   sequence for a host-only tier) and are summarized from their GPU copy at once; only the
-  partial groups at the chunk's ends are written token by token;
+  partial groups at the chunk's ends are written token by token (a compressed tier: into the
+  slot's open row, in order: the head, sealed if it fills its group, then the whole groups,
+  quantized on the device, then the tail);
 * the stage: while a prompt is prefilled from position 0, every layer's KV of it also stays
   on the GPU (``begin`` decides, where the GPU has room; released by ``release`` once the
   prompt is done), so each chunk attends to its prefix with no host traffic;
@@ -49,9 +51,19 @@ class TieredPrefill:
     its prefix from host, the ablation)."""
 
     def __init__(
-        self, host, layout: GroupLayout, layer_specs: tuple[LayerSpec, ...], summarize, device, stage: bool = True
+        self,
+        host,
+        layout: GroupLayout,
+        layer_specs: tuple[LayerSpec, ...],
+        summarize,
+        device,
+        stage: bool = True,
+        seal=None,
     ):
+        """``seal(layers, slot_list, groups)``: the cache's sealing of open groups that filled
+        (compressed tiers)."""
         self.host, self.layer_specs, self.summarize, self.device = host, layer_specs, summarize, device
+        self.seal = seal
         self.g, self.group_shape, self.group_bytes = layout.group_tokens, layout.slot_shape, layout.group_bytes
         self.dtype = layout.dtype
         self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> the prompt's last query (H_q, D)
@@ -137,6 +149,9 @@ class TieredPrefill:
         host tier as whole rows and are summarized right away; only the partial groups at its
         ends are written token by token (``rows`` (B, T): each token's host row)."""
         g, t = self.g, batch.num_new
+        if self.host.compressed:
+            self._write_open(layer, k, v, batch)
+            return
         typed, offs = self.host.typed(layer), batch.meta["offs"]
         for b, (slot, start) in enumerate(zip(batch.meta["slot_list"], batch.start)):
             self._put_stage(layer, slot, start, k[b], v[b])
@@ -151,11 +166,40 @@ class TieredPrefill:
                     tier_ops.write_tokens(
                         typed, rows[b : b + 1, a:z], offs[b : b + 1, a:z], k[b : b + 1, :, a:z], v[b : b + 1, :, a:z]
                     )
-            h, d = k.shape[1], k.shape[3]
-            kv = torch.stack((k[b, :, lo:hi], v[b, :, lo:hi]))  # (2, H, n*G, D)
-            groups = kv.view(2, h, n, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
-            self.host.put(layer, slot, first, groups)
-            self.summarize(layer, slot, first, groups)
+            self._put_whole(layer, slot, first, k[b, :, lo:hi], v[b, :, lo:hi])
+
+    def _put_whole(self, layer: int, slot: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Whole groups ``first ..`` of one sequence, k/v (H_kv, n*G, D), into the host tier, summarized."""
+        h, d, g = k.shape[0], k.shape[2], self.g
+        kv = torch.stack((k, v))  # (2, H, n*G, D)
+        groups = kv.view(2, h, -1, g, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, 2, H, G, D)
+        self.host.put(layer, slot, first, groups)
+        self.summarize(layer, slot, first, groups)
+
+    def _write_open(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
+        """``write`` for a compressed tier: per sequence, the head tokens into the open row (sealed
+        if they fill its group), the whole groups quantized into their rows, the tail tokens
+        into the open row (the next open group)."""
+        g, t = self.g, batch.num_new
+        opened, offs = self.host.opened.typed(layer), batch.meta["offs"]
+        for b, (slot, start) in enumerate(zip(batch.meta["slot_list"], batch.start)):
+            self._put_stage(layer, slot, start, k[b], v[b])
+            end = start + t
+            head = min(end, -(-start // g) * g) - start  # tokens finishing the group open before the chunk
+            tail = max(head, end // g * g - start)  # the chunk's tokens from here on are the new open group's
+            if head:
+                self._write_span(opened, slot, offs[b], k[b], v[b], 0, head)
+                if (start + head) % g == 0:  # the head filled its group
+                    self.seal([layer], [slot], [start // g])
+            if tail > head:
+                self._put_whole(layer, slot, (start + head) // g, k[b, :, head:tail], v[b, :, head:tail])
+            if t > tail:
+                self._write_span(opened, slot, offs[b], k[b], v[b], tail, t)
+
+    def _write_span(self, opened, slot: int, offs, k, v, a: int, z: int) -> None:
+        """Tokens [a, z) of one sequence's chunk (k/v (H_kv, T, D), offs (T,)) into its open row."""
+        row = torch.full((1, z - a), slot, dtype=torch.int64, device=self.device)
+        tier_ops.write_tokens(opened, row, offs[None, a:z], k[None, :, a:z], v[None, :, a:z])
 
     # -- exact attention ----------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, spec: LayerSpec) -> torch.Tensor:
@@ -177,7 +221,7 @@ class TieredPrefill:
         for i, (slot, f, n) in enumerate(zip(m["slot_list"], first, m["lens"])):
             span = -(-n // g) - f
             kv[i, :span] = self.host.gather(layer, slot, list(range(f, f + span)))
-            self.dense_bytes += span * self.group_bytes
+            self.dense_bytes += span * self.host.fetch_bytes
         if batch.num_new > 1:  # the chunk's own tokens straight from the GPU, not the host round trip
             k_new, v_new = m["new_kv"][layer]
             first_t = torch.tensor(first, device=self.device)

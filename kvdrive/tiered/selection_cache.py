@@ -12,7 +12,8 @@ per-group Python). Bookkeeping, all on the cache's device:
 
 ``ensure`` makes a selection resident: hits keep their slot; misses take the slots whose
 eviction key is lowest and are copied from the source pool (pinned host) with one masked
-kernel. Keys: ``lookahead`` (KVDrive) uses the current step's score of the group a slot
+kernel; from a compressed source (``StoredRows``), widened to the cache's dtype in the same
+launch (``dequant_rows``), the open groups read from their exact rows. Keys: ``lookahead`` (KVDrive) uses the current step's score of the group a slot
 holds, so what attention values least leaves first; ``lru`` the last step the slot was
 selected; ``none`` empties the cache every step (no cross-step reuse, ShadowKV-style).
 Slots of the current selection are never victims, so ``capacity`` >= pages selected.
@@ -23,8 +24,10 @@ from __future__ import annotations
 import torch
 
 from kvdrive import device as devices
+from kvdrive.quant.dequant import dequant_rows
 from kvdrive.retrieval.pages import leading
 from kvdrive.storage.gather import copy_rows, words
+from kvdrive.tiered.host_kv import StoredRows
 
 EVICTIONS = ("lookahead", "lru", "none")
 IMPLS = ("auto", "triton", "torch")
@@ -112,10 +115,11 @@ class SelectionCache:
         view such as a selection's first head will do); listed (B, P) bool, or (B,) counts: the
         first ``listed[b]`` entries of row b; step () tensor, the decode step (LRU stamp); scores
         (B, N_s) float32 of this step (``lookahead``; N_s <= N); source the pool every group has
-        a copy in (pinned host) as int32 word rows, ``source_rows`` (B, P) int64 its rows of
-        ``groups``, or an int n for a pool where sequence slot s owns rows s*n .. s*n+n-1; -1
-        (on disk only) is fetched by nobody: a prefetch skips it, and the caller resolves every
-        listed group before a non-prefetch call.
+        a copy in (pinned host) as int32 word rows, or ``StoredRows`` (compressed: each slot's
+        open group is read from its raw row, whatever ``source_rows`` says), ``source_rows``
+        (B, P) int64 its rows of ``groups``, or an int n for a pool where sequence slot s owns
+        rows s*n .. s*n+n-1; -1 (on disk only) is fetched by nobody: a prefetch skips it, and
+        the caller resolves every listed group before a non-prefetch call.
 
         NOTE: the counts and the int n let the one kernel read a selection as it comes out of
         the selection kernel: the int64 copy, the listed mask and the host rows were five torch
@@ -129,6 +133,10 @@ class SelectionCache:
             listed = leading(listed, p)
         if isinstance(source_rows, int):
             source_rows = rows[:, None] * source_rows + groups
+        if isinstance(source, StoredRows):  # the open group: its exact row
+            source_rows = torch.where(
+                groups == source.open[rows][:, None], source.raw_from + rows[:, None], source_rows
+            )
         n, cap = self.n, self.capacity
         gi = torch.where(listed, groups, n)  # unlisted -> trash column
         tab = self.table[rows]  # (B, N+1)
@@ -186,6 +194,7 @@ class SelectionCache:
         step = step.reshape(1).to(torch.float32)
         affine = isinstance(source_rows, int)
         src_in = rows if affine else source_rows.contiguous()  # affine: unread
+        opened = isinstance(source, StoredRows)
         if groups.stride(1) != 1:
             groups = groups.contiguous()
         if b:
@@ -196,6 +205,8 @@ class SelectionCache:
                 listed.contiguous(),
                 src_in,
                 source_rows if affine else 0,
+                source.open if opened else rows,  # unread unless compressed
+                source.raw_from if opened else 0,
                 src_rows,
                 sc,
                 sc.stride(0),
@@ -219,6 +230,7 @@ class SelectionCache:
                 PREFETCH=prefetch,
                 COUNTS=listed.dim() == 1,
                 AFFINE=affine,
+                OPEN=opened,
                 BLOCK_P=triton_block(p),
                 BLOCK_C=self._block_c,
                 num_warps=4 if self._block_c <= 1024 else 8,
@@ -233,13 +245,23 @@ class SelectionCache:
         src_rows, dst_rows = source_rows.reshape(-1), dst.reshape(-1)
         lane = self.fetch_lane
         if lane is None:
-            copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+            self._copy(source, src_rows, dst_rows)
             return
         current = devices.current_stream(self.pool.device)
         lane.wait_stream(current)
         with devices.use_stream(lane):
-            copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+            self._copy(source, src_rows, dst_rows)
         current.wait_stream(lane)
+
+    def _copy(self, source, src_rows, dst_rows) -> None:
+        if isinstance(
+            source, StoredRows
+        ):  # NOTE: one program per (row, K|V x head, tile): fetch_programs does not apply
+            dst = self.pool.view(self.pool.shape[0], -1)
+            s = source
+            dequant_rows(s.rows, src_rows, dst, dst_rows, s.kv_dtype, s.shape, raw=s.raw, raw_from=s.raw_from)
+            return
+        copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
 
 
 def triton_block(n: int) -> int:

@@ -24,6 +24,8 @@ def ensure_kernel(
     listed_ptr,
     src_ptr,
     src_n,
+    open_ptr,
+    raw_from,
     src_out_ptr,
     scores_ptr,
     scores_stride,
@@ -47,6 +49,7 @@ def ensure_kernel(
     PREFETCH: tl.constexpr,
     COUNTS: tl.constexpr,
     AFFINE: tl.constexpr,
+    OPEN: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -63,6 +66,8 @@ def ensure_kernel(
         src = row * src_n + g
     else:
         src = tl.load(src_ptr + b * P + p, mask=pm, other=-1)
+    if OPEN:  # a compressed source: the slot's open group is read from its exact row
+        src = tl.where(g == tl.load(open_ptr + row), raw_from + row, src)
     tl.store(src_out_ptr + b * P + p, tl.maximum(src, 0), mask=pm)
     tab = table_ptr + row * table_stride
     own_row = owner_ptr + row * slot_stride

@@ -254,6 +254,55 @@ def test_rows_a_system_cannot_hold_are_skipped_with_the_reason(tmp_path):
     assert all("host memory" in r["reason"] for r in rows if r["context"] == 64)
 
 
+def test_bench_decode_runs_each_tiered_system_once_per_storage_format(tmp_path):
+    """``--kv-dtype bf16 fp8 int4``: the tiered systems run once per format in the same process, the
+    others once; rows carry the format, the host tier holds the stored bytes, ratios compare each
+    format with bf16."""
+    out, disk = tmp_path / "decode.json", tmp_path / "disk"
+    args = _args(
+        "--systems",
+        "full_gpu",
+        "kvdrive_host",
+        "kvdrive_ssd",
+        "--batches",
+        "1",
+        "--kv-dtype",
+        "bf16",
+        "fp8",
+        "int4",
+        "--host-headroom-gib",
+        "1",  # the rows need ~0.2 GiB; the default headroom (16) depends on what else the machine runs
+        "--disk",
+        str(disk),
+        "--ssd-host-gib",
+        "0.01",
+        "--no-plot",
+        "-o",
+        str(out),
+    )
+    assert decode.run(args) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["kv_dtypes"] == ["bf16", "fp8", "int4"]
+    rows = doc["results"]["rows"]
+    assert [(r["system"], r.get("kv_dtype")) for r in rows] == [
+        ("full_gpu", None),
+        *[(s, f) for s in ("kvdrive_host", "kvdrive_ssd") for f in ("bf16", "fp8", "int4")],
+    ]
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+    host = {r["kv_dtype"]: r for r in rows if r["system"] == "kvdrive_host"}
+    assert {f: r["stats"]["kv_dtype"] for f, r in host.items()} == {f: f for f in host}
+    assert (
+        host["bf16"]["stats"]["host_bytes"] > host["fp8"]["stats"]["host_bytes"] > host["int4"]["stats"]["host_bytes"]
+    )
+    r = {(x["system"], x.get("kv_dtype"), x["vs"]): x for x in doc["results"]["ratios"]}
+    for s in ("kvdrive_host", "kvdrive_ssd"):
+        for f in ("fp8", "int4"):
+            assert r[s, f, s]["vs_kv_dtype"] == "bf16" and r[s, f, s]["ratio"] > 0
+    assert ("kvdrive_ssd", None, "kvdrive_host") in r and ("kvdrive_host", None, "full_gpu") in r  # bf16 rows as before
+    assert doc["results"]["best"]["64"]["kvdrive_host@fp8"]["batch"] == 1
+
+
 def test_ratios_compare_each_system_at_its_best_batch():
     rows = [
         {"system": s, "context": 1024, "batch": b, "status": "ok", "tokens_per_s": t}

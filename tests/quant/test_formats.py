@@ -80,6 +80,17 @@ def test_reference_skips_negative_destinations():
     torch.testing.assert_close(dst[2], dequantize(src[1:2], "int4", (2, 4, 8), torch.bfloat16).reshape(-1))
 
 
+def test_reference_reads_raw_rows_past_the_threshold():
+    x = kv_groups(n=2, g=4, d=8)
+    src = quantize(x, "fp8")
+    raw = torch.randn(2, x[0].numel()).to(torch.bfloat16)
+    dst = torch.zeros(3, x[0].numel(), dtype=torch.bfloat16)
+    dequant_rows_reference(src, torch.tensor([3, 0, 2]), dst, torch.tensor([0, 1, -1]), "fp8", (2, 4, 8), raw, 2)
+    assert torch.equal(dst[0], raw[1])
+    torch.testing.assert_close(dst[1], dequantize(src[:1], "fp8", (2, 4, 8), torch.bfloat16).reshape(-1))
+    assert torch.count_nonzero(dst[2]) == 0
+
+
 def check_dequant_kernel() -> None:
     """The Triton dequantizer equals its torch twin (run under the interpreter by the test below)."""
     from kvdrive.quant import dequant_rows
@@ -96,6 +107,15 @@ def check_dequant_kernel() -> None:
             dequant_rows_reference(src, si, b, di, fmt, (h, g, d))
             torch.testing.assert_close(a, b)  # the interpreter rounds to bf16 its own way: one ulp
             assert a.abs().sum() > 0 and torch.count_nonzero(a[[2, 3, 5]]) == 0
+            # a second, raw source for indices >= 4 (typed rows, copied as they are), in the same launch
+            raw = (torch.randn(3, 2 * h * g * d + 4) * 3).to(torch.bfloat16)
+            si, di = torch.tensor([5, 0, 4, 6, 2]), torch.tensor([1, 3, -1, 0, 5])
+            a, b = torch.zeros_like(a), torch.zeros_like(a)
+            dequant_rows(src, si, a, di, fmt, (h, g, d), impl="triton", raw=raw, raw_from=4)
+            dequant_rows_reference(src, si, b, di, fmt, (h, g, d), raw=raw, raw_from=4)
+            torch.testing.assert_close(a, b)
+            assert torch.equal(a[0, : raw.shape[1] - 4], raw[2, :-4]) and torch.equal(a[1, :-8], raw[1, :-4])
+            assert torch.count_nonzero(a[[2, 4]]) == 0
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")

@@ -146,6 +146,28 @@ def test_the_prefix_storage_formats_are_the_quantizers_and_a_bad_one_is_refused_
     assert '"fp8"' in line and "flag --prefix-kv-dtype" in line
 
 
+def test_the_tiered_caches_storage_format_reaches_its_config_and_needs_a_budget(tmp_path):
+    assert resolve({"budget": 2048}).kv.tiered().kv_dtype == "bf16"  # the default: the model dtype
+    cfg = resolve({"budget": 2048}, {"KVDRIVE_KV_DTYPE": "int4"})
+    assert cfg.kv.tiered().kv_dtype == "int4" and cfg.sources["kv_dtype"] == "environment KVDRIVE_KV_DTYPE"
+    assert resolve({"budget": 2048}, {}, {"kv_dtype": "fp8"}).kv.tiered().kv_dtype == "fp8"
+    with pytest.raises(KvdriveError, match="kv_dtype is the tiered cache's storage format: set budget"):
+        resolve({"kv_dtype": "fp8"})
+
+
+def test_generate_takes_the_tiered_caches_storage_format():
+    import argparse
+
+    from kvdrive.commands import generate
+
+    p = argparse.ArgumentParser()
+    generate.add_sampling_options(p)
+    args = p.parse_args(["--budget", "64", "--kv-dtype", "fp8"])
+    assert generate.tiered_config(args).kv_dtype == "fp8"
+    with pytest.raises(KvdriveError, match="add --budget"):
+        generate.tiered_config(p.parse_args(["--kv-dtype", "int4"]))
+
+
 def test_the_serve_guide_lists_every_setting():
     text = (Path(__file__).parents[2] / "docs" / "serve.md").read_text()
     assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in text] == []

@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel, run_interpreted
 
+from kvdrive.quant.formats import dequantize, quantize
 from kvdrive.storage.gather import copy_rows, words
 from kvdrive.tiered import tier_ops
+from kvdrive.tiered.host_kv import StoredRows
 from kvdrive.tiered.selection_cache import SelectionCache
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -129,15 +131,20 @@ def check_defer_split(device: str) -> None:
     assert int(out["triton"][1].sum()) > 0 and (out["triton"][3] == 3).any()  # some served, some left out
 
 
-def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact: bool = False):
+def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact: bool = False, stored: bool = False):
     """A fixed random series of ensure calls (some prefetches, some groups only on disk) on a
     fresh cache; returns the cache and every call's pages. Every other call lists a prefix of
     its groups; ``compact`` passes those as the selection kernel gives them: int32 groups of a
-    strided view, counts for the listed mask, the int n for host rows s*n + g."""
+    strided view, counts for the listed mask, the int n for host rows s*n + g. ``stored``: a
+    compressed source (fp8 rows, and each slot's open group from its exact row)."""
     gen = torch.Generator().manual_seed(seed)
     n, s, p = 50, 4, 9
     c = SelectionCache(cap, s, n, (2, 1, 2, 4), CPU, F32, eviction, impl=impl)
     source = torch.randn(s * n, 2, 1, 2, 4, generator=gen)
+    if stored:
+        open_groups = torch.randint(0, n, (s,), generator=gen)
+        raw = torch.randn(s, 16, generator=gen)
+        source = StoredRows(quantize(source, "fp8"), raw, s * n, open_groups, "fp8", (1, 2, 4))
     out = []
     for step in range(24):
         rows = torch.randperm(s, generator=gen)[:3]
@@ -154,7 +161,8 @@ def _ensure_sequence(impl: str, eviction: str, cap: int, seed: int = 0, compact:
             if compact:
                 groups = torch.stack((groups, groups.flip(1)), dim=1).to(torch.int32)[:, 0]  # (B, P) strided
                 listed, src = counts, n
-        out.append(c.ensure(rows, groups, listed, scores, words(source), src, torch.tensor(float(step)), prefetch))
+        fetch = source if stored else words(source)
+        out.append(c.ensure(rows, groups, listed, scores, fetch, src, torch.tensor(float(step)), prefetch))
         if step == 12:
             c.clear(rows[:1])
     return c, out
@@ -178,10 +186,25 @@ def test_ensure_takes_a_selection_as_the_kernel_gives_it():
     assert torch.equal(want.table, got.table) and torch.equal(want.pool, got.pool)
 
 
+def test_a_compressed_source_serves_open_groups_from_their_exact_rows():
+    """A ``StoredRows`` source: stored groups are widened into the cache's pool, and a slot's open
+    group is read from its raw row whatever source row the caller gives."""
+    c = SelectionCache(4, 2, 10, (2, 1, 2, 4), CPU, F32)
+    groups = torch.randn(20, 2, 1, 2, 4)
+    raw = torch.randn(2, 16)
+    src = StoredRows(quantize(groups, "fp8"), raw, 20, torch.tensor([3, 7]), "fp8", (1, 2, 4))
+    rows, want = torch.tensor([0, 1]), torch.tensor([[3, 5], [7, 2]])
+    pages = c.ensure(rows, want, torch.ones(2, 2, dtype=torch.bool), None, src, 10, torch.tensor(0.0)).long()
+    assert torch.equal(c.pool[pages[0, 0]].reshape(-1), raw[0]) and torch.equal(c.pool[pages[1, 0]].reshape(-1), raw[1])
+    for page, row in ((pages[0, 1], 5), (pages[1, 1], 12)):
+        assert torch.equal(c.pool[page], dequantize(src.rows[row : row + 1], "fp8", (1, 2, 4), F32)[0])
+    assert not torch.equal(c.pool[pages[0, 1]], groups[5])  # widened from fp8, not the exact group
+
+
 def check_ensure_kernel(eviction: str) -> None:
-    for cap, compact in ((9, False), (23, False), (9, True)):
-        want, want_pages = _ensure_sequence("torch", eviction, cap)
-        got, got_pages = _ensure_sequence("triton", eviction, cap, compact=compact)
+    for cap, compact, stored in ((9, False, False), (23, False, False), (9, True, False), (9, True, True)):
+        want, want_pages = _ensure_sequence("torch", eviction, cap, stored=stored)
+        got, got_pages = _ensure_sequence("triton", eviction, cap, compact=compact, stored=stored)
         for a, b in zip(want_pages, got_pages):
             assert torch.equal(a, b)
         assert torch.equal(want.table[:, :-1], got.table[:, :-1])

@@ -31,7 +31,7 @@ from kvdrive.engine.scheduler import Scheduler
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.models.flops import ChunkCost
 
-PREFILL_CHUNK = 2048  # tokens per prefill forward; bounds the (T x L) attention mask
+PREFILL_CHUNK = 2048  # tokens per prefill forward (8192 measured no faster on an H100: docs/bench.md)
 
 
 @dataclass

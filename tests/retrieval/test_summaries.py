@@ -115,7 +115,7 @@ def test_bytes_per_group():
 
 
 def test_registry_and_errors():
-    assert set(SUMMARIZERS) == {"minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "oracle"}
+    assert set(SUMMARIZERS) == {"minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "tokenlse", "oracle"}
     with pytest.raises(KvdriveError, match="unknown summary"):
         make_summarizer("bogus", H_KV, D, G)
     with pytest.raises(KvdriveError, match="basis"):

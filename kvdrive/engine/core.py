@@ -44,6 +44,8 @@ class EngineCounters:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix pool
     prefix_hits: int = 0  # prompt tokens loaded from it
     steps: int = 0
+    graph_captures: int = 0  # CUDA-graph captures of the decode step (a new batch, or a grown span)
+    graph_capture_seconds: float = 0.0  # their wall time, warm-up included: the engine stalls meanwhile
     finished: Counter = field(default_factory=Counter)  # finish reason -> requests
 
 
@@ -212,6 +214,10 @@ class Engine:
         self.sched.prefilled(req)
         return event
 
+    def _captured(self, seconds: float) -> None:
+        self.counters.graph_captures += 1
+        self.counters.graph_capture_seconds += seconds
+
     def _decode(self) -> list[TokenEvent]:
         running = self.sched.running
         seq_ids = [r.seq_id for r in running]
@@ -220,7 +226,7 @@ class Engine:
             if self._graph is None or not self._graph.matches(seq_ids):
                 from kvdrive.engine.cuda_graph import GraphedDecodeStep
 
-                self._graph = GraphedDecodeStep(self.model, self.cache, seq_ids, ids)
+                self._graph = GraphedDecodeStep(self.model, self.cache, seq_ids, ids, on_capture=self._captured)
             logits = self._graph(ids)
             self._graph.commit()
         else:

@@ -13,6 +13,9 @@ again when a sequence grows past it: a step costs the keys it has, within 2x.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 from kvdrive.cache.base import KVCache
@@ -23,11 +26,20 @@ SPAN_MIN = 256  # the shortest span a graph attends to: fewer recaptures for sho
 
 class GraphedDecodeStep:
     def __init__(
-        self, model, cache: KVCache, seq_ids: list[int], token_ids: torch.Tensor, micro_batches: int | None = None
+        self,
+        model,
+        cache: KVCache,
+        seq_ids: list[int],
+        token_ids: torch.Tensor,
+        micro_batches: int | None = None,
+        on_capture: Callable[[float], None] | None = None,
     ):
         """``micro_batches``: parts of the batch run on their own streams inside the graph
-        (see ``kvdrive.engine.micro_batch``), for caches that support it; None: the cache's setting."""
+        (see ``kvdrive.engine.micro_batch``), for caches that support it; None: the cache's setting.
+        ``on_capture(seconds)``: called after each capture (the first, and each one a grown span or
+        reallocated buffers make) with its wall time, warm-up included."""
         self.model, self.cache, self.seq_ids = model, cache, tuple(seq_ids)
+        self.on_capture = on_capture
         self.step = MicroBatchedDecode(model, cache, micro_batches)
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
@@ -42,6 +54,7 @@ class GraphedDecodeStep:
 
     def _capture(self) -> None:
         dev = self.model.device
+        t0 = time.perf_counter()
         self.epoch = self.cache.graph_epoch  # a cache that reallocates bumps it
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -52,6 +65,9 @@ class GraphedDecodeStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()  # (B, V) static output
+        if self.on_capture is not None:  # a capture stalls the engine: its time is worth counting
+            torch.cuda.current_stream(dev).synchronize()
+            self.on_capture(time.perf_counter() - t0)
 
     def _forward(self) -> torch.Tensor:
         # The warm-up and the capture write KV at each sequence's next position: the real

@@ -206,6 +206,16 @@ class _SnapshotCollector:
         )
         yield counter("kvdrive:prompt_tokens", "Prompt tokens of admitted requests", c.prompt_tokens)
         yield counter("kvdrive:generation_tokens", "Tokens generated", c.generation_tokens)
+        yield counter(
+            "kvdrive:cuda_graph_captures",
+            "CUDA-graph captures of the decode step (new batch or grown span)",
+            c.graph_captures,
+        )
+        yield counter(
+            "kvdrive:cuda_graph_capture_seconds",
+            "Wall time of those captures, warm-up included (the engine decodes nothing meanwhile)",
+            c.graph_capture_seconds,
+        )
         yield counter("kvdrive:prefix_cache_queries", "Prompt tokens looked up in the prefix pool", c.prefix_queries)
         yield counter("kvdrive:prefix_cache_hits", "Prompt tokens loaded from the prefix pool", c.prefix_hits)
         used = GaugeMetricFamily("kvdrive:kv_cache_used_bytes", "KV bytes held per tier", labels=names + ["tier"])

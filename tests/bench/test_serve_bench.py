@@ -112,6 +112,7 @@ def test_a_small_run_against_a_live_server(smollm2, tmp_path):
     inter = r["interference"]
     assert inter["long_error"] is None and inter["long_prompt_tokens"] > 200
     assert inter["gaps_after_long_prompt"] and all(g > 0 for _, g in inter["gaps_after_long_prompt"])
+    assert inter["graph_captures_during"] == 0 and inter["graph_capture_s_during"] == 0  # no CUDA graphs on a CPU
     assert r["single_stream"]["tokens"] == 8 and r["single_stream"]["decode_tok_per_s"] > 0
     rd = r["repeat_doc"]
     assert rd["error_count"] == 0 and len(rd["ttft_cold_s"]) == 2 and len(rd["ttft_repeated_s"]) == 4

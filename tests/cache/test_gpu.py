@@ -116,3 +116,22 @@ def test_prefill_chunk_runs_the_flash_kernel_and_matches_fp32(start):
     want = sdpa(q.float(), k.float(), v.float(), mask, spec.scale, None)
     rel = (got.float() - want).norm() / want.norm()
     assert rel < 1e-2
+
+
+def test_each_graph_capture_is_reported_with_its_time():
+    """The first capture and the one a span crossing (256 -> 512 positions) makes both reach
+    ``on_capture`` with their wall time: what the engine's capture counters add up."""
+    from factories import decode_steps, random_prompts, tiny_model
+
+    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+    model = tiny_model().to("cuda")
+    cache = ContiguousKVCache(model.config, 1, 700, torch.device("cuda"), torch.float32)
+    decode_steps(model, cache, random_prompts((250,), seed=1), 0)
+    seen = []
+    ids = torch.full((1, 1), 7, device="cuda")
+    graph = GraphedDecodeStep(model, cache, [0], ids, on_capture=seen.append)
+    for _ in range(10):  # lengths 250 -> 260: the span grows once, at 257 positions
+        graph(ids)
+        graph.commit()
+    assert len(seen) == 2 and all(s > 0 for s in seen) and graph.span == 512

@@ -300,7 +300,9 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
         ]
         while not all(len(r.chunks) >= 4 or r.error for r in live):
             await asyncio.sleep(0.05)
+        before_m = await asyncio.to_thread(server.metrics)
         long_rec = await http.send(c, server.url, server.model, long_item, {}, start, server.kind)
+        after_m = await asyncio.to_thread(server.metrics)
         end = long_rec.chunks[0] if long_rec.chunks else time.perf_counter() - start
         for t in tasks:  # the streams' connections close: the server aborts them
             t.cancel()
@@ -324,9 +326,17 @@ async def _interference(server: servers.Server, args, nonce: str) -> dict:
         "p99_during_over_p50_during": p99 / p50_during if p50_during and p99 else None,
         "stream_errors": sorted({r.error for r in live if r.error})[:3],
         "prefill_s": end - long_rec.sent,
+        # decode-step graph captures while the long prompt was prefilled (each stalls every stream)
+        "graph_captures_during": _delta(before_m, after_m, "kvdrive:cuda_graph_captures_total"),
+        "graph_capture_s_during": _delta(before_m, after_m, "kvdrive:cuda_graph_capture_seconds_total"),
         # (seconds since the long prompt was sent, gap) of every token the streams got after it
         "gaps_after_long_prompt": [[round(t, 4), round(g, 5)] for t, g in timeline],
     }
+
+
+def _delta(before: dict, after: dict, name: str) -> float | None:
+    """How far a /metrics counter moved (None: the server does not export it)."""
+    return after[name] - before[name] if name in before and name in after else None
 
 
 def _single(server: servers.Server, args, nonce: str) -> dict:

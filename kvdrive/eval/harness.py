@@ -109,12 +109,18 @@ class Runner:
         return torch.stack(out, 1)
 
     def selected_fraction(self) -> float:
-        """Share of the context the last decode step attended, averaged over global layers (a
-        dense one attends all of it) and sequences."""
-        lens = torch.tensor([self.cache.length(i) for i in self.cache.seqs.seq_ids()], dtype=torch.float32)
-        shares = []
-        for layer in self.model.config.global_layers:
-            sel = self.cache.last_selection.get(layer) if layer in self.cache.tables else None
-            tokens = lens if sel is None else sel.num_pages.float().cpu() * self.cache.g
-            shares.append(tokens.clamp(max=lens) / lens)
-        return float(torch.stack(shares).mean()) if shares else 1.0
+        """Share of the context the last decode step attended (``attended_share``)."""
+        lens = [self.cache.length(i) for i in self.cache.seqs.seq_ids()]
+        return attended_share(self.cache, self.model.config.global_layers, lens)
+
+
+def attended_share(cache: SparseKVCache, layers, lens: list[int]) -> float:
+    """Share of the context the last decode step attended, averaged over ``layers`` (a dense
+    layer, with no selection, attends all of it) and over sequences of lengths ``lens``."""
+    lens_t = torch.tensor(lens, dtype=torch.float32)
+    shares = []
+    for layer in layers:
+        sel = cache.last_selection.get(layer) if layer in cache.tables else None
+        tokens = lens_t if sel is None else sel.num_pages.float().cpu() * cache.g
+        shares.append(tokens.clamp(max=lens_t) / lens_t)
+    return float(torch.stack(shares).mean()) if shares else 1.0

@@ -19,7 +19,7 @@ import torch
 
 from kvdrive.errors import KvdriveError
 from kvdrive.eval import retrieval
-from kvdrive.eval.harness import Runner, Setting
+from kvdrive.eval.harness import Runner, Setting, attended_share
 from kvdrive.progress import progress
 
 MODES = ("prefilled", "sparse-question")
@@ -45,16 +45,7 @@ class Greedy:
 
     def _record(self, lens: list[int]) -> None:
         cache = self.runner.cache
-        lens_t = torch.tensor(lens, dtype=torch.float32)
-        shares = []
-        for layer in self.layers:
-            sel = cache.last_selection.get(layer) if layer in cache.tables else None
-            if sel is None:
-                shares.append(torch.ones_like(lens_t))
-            else:
-                tokens = sel.num_pages.float().cpu() * cache.g
-                shares.append(tokens.clamp(max=lens_t) / lens_t)
-        self.attended.append(float(torch.stack(shares).mean()))
+        self.attended.append(attended_share(cache, self.layers, lens))
         cache.last_selection.clear()
 
     def generate(self, first: torch.Tensor, n: int) -> torch.Tensor:

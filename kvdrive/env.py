@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kvdrive.errors import KvdriveError
+
 
 def cache_dir() -> Path:
     """Where converted models and probes are cached: ``$KVDRIVE_CACHE_DIR`` or ~/.cache/kvdrive."""
@@ -29,6 +31,16 @@ def split_prefill_enabled() -> bool:
     """Split-KV chunk attention on CUDA by its rule when ``KVDRIVE_SPLIT_PREFILL=1``; off by default
     (its CUDA path is tested on CPU through its twin and has not been timed on a GPU)."""
     return os.environ.get("KVDRIVE_SPLIT_PREFILL", "") in ("1", "true", "yes")
+
+
+def prefill_kernel() -> str:
+    """The kernel of a prefill chunk's attention on CUDA: ``KVDRIVE_PREFILL_KERNEL`` = ``flash``
+    (one causal flash call, the default) or ``cudnn`` (the prefix and the chunk's own keys as two
+    calls, each free to run cuDNN's attention, merged by log-sum-exp)."""
+    value = os.environ.get("KVDRIVE_PREFILL_KERNEL", "flash").strip().lower() or "flash"
+    if value not in ("flash", "cudnn"):
+        raise KvdriveError(f"KVDRIVE_PREFILL_KERNEL must be flash or cudnn, got {value!r}: unset it or pick one")
+    return value
 
 
 def c_compiler() -> str | None:

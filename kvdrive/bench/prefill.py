@@ -20,6 +20,7 @@ import time
 import torch
 
 from kvdrive import device as devices
+from kvdrive import env
 from kvdrive.models.flops import prefill_flops
 from kvdrive.results import write_result
 
@@ -268,6 +269,7 @@ def run(args) -> int:
         "transformers": "one forward over the whole prompt, DynamicCache, sdpa, logits of the last position",
         "transformers_attn_implementation": hf.config._attn_implementation if hf is not None else None,
         "attention_kernels": kernels,
+        "prefill_kernel": env.prefill_kernel(),  # KVDRIVE_PREFILL_KERNEL
     }
     notes = [
         "random weights of the real architecture's shape" if loaded.random_weights else "real weights",

@@ -69,7 +69,8 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
     * a short chunk of one sequence over a long prefix every query sees (global layers, and
       windows that cut no key): split-KV (``split_prefill``), the prefix in partitions of one
       flash call merged by log-sum-exp, where ``num_partitions`` finds the flash call too
-      narrow for the GPU;
+      narrow for the GPU, or in two parts where ``KVDRIVE_PREFILL_KERNEL=cudnn`` (the
+      prefix, then the chunk square-causal, each through cuDNN's kernel);
     * T = 1: one query sees every key of its span, SDPA with no mask;
     * otherwise causal attention aligned to the lower right (``causal_lower_right``), which
       SDPA runs in its flash kernel on CUDA for fp16/bf16 (GQA native, no K/V copy); elsewhere
@@ -85,7 +86,9 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
         k_pos = torch.arange(lo, end, device=q.device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos) & (k_pos > q_pos - spec.window)
         return grouped_sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
-    if spec.softcap is None and (parts := split_prefill.num_partitions(q, k, span - t)) > 1:
+    if spec.softcap is None and (
+        (parts := split_prefill.num_partitions(q, k, span - t)) > 1 or split_prefill.two_calls(q, span - t)
+    ):
         return split_prefill.split_chunk_attention(q, k, v, span - t, parts, spec.scale)
     if t == 1:  # one query sees every key of its span
         return sdpa(q, k, v, None, spec.scale, spec.softcap)

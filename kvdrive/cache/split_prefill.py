@@ -16,11 +16,19 @@ On CUDA each part is ``aten._scaled_dot_product_flash_attention`` (fp16/bf16, he
 multiple of 8 and <= 256; ``is_causal`` there means lower right, as ``causal_lower_right``
 uses it); elsewhere a torch twin computes the same (out, lse) in fp32. The rule applies where
 ``KVDRIVE_SPLIT_PREFILL=1`` (off by default: the CUDA path has not been timed on a GPU).
+
+With ``KVDRIVE_PREFILL_KERNEL=cudnn`` every chunk over a prefix runs as these two parts at
+least (P = 1: the whole prefix unmasked, then the chunk's own keys square-causal), and each
+part whose mask cuDNN can express (none, or causal over a square) runs
+``aten._scaled_dot_product_cudnn_attention``: a chunk aligned to the lower right is a mask
+only the flash kernel takes in one call, while transformers' square causal forward is free to
+take cuDNN's faster kernel. If cuDNN refuses a shape, the flash op takes over for the process.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -33,6 +41,7 @@ QUERY_BLOCK = 128  # query rows per flash program
 WAVES = 2  # programs to aim for, in multiples of the SM count
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
+_cudnn_refused = False  # set once cuDNN rejects a shape: the flash op serves the rest of the process
 force: bool | None = None  # None: the rule decides where KVDRIVE_SPLIT_PREFILL=1; True / False: always / never split
 
 
@@ -69,6 +78,23 @@ def num_partitions(q: torch.Tensor, k: torch.Tensor, prefix: int) -> int:
     return min(max(p, 2), prefix) if force else p
 
 
+def two_calls(q: torch.Tensor, prefix: int) -> bool:
+    """Whether a chunk q (B, H_q, T, D) over ``prefix`` keys every query sees runs as the prefix
+    and its own keys apart (P = 1) though the rule does not split it: with the cuDNN kernel, on
+    CUDA, for inputs it takes, past the first chunk."""
+    return (
+        force is not False
+        and prefix > 0
+        and q.is_cuda
+        and q.shape[2] > 1
+        and env.prefill_kernel() == "cudnn"
+        and not _cudnn_refused
+        and q.dtype in FLASH_DTYPES
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
+
+
 def split_chunk_attention(q, k, v, prefix: int, parts: int, scale: float) -> torch.Tensor:
     """Exact causal attention of a chunk, split as above. q (B, H_q, T, D); k/v (B, H_kv,
     prefix + T, D): ``prefix`` keys every query sees, then the chunk's own. Returns (B, H_q, T, D)."""
@@ -97,6 +123,9 @@ def _attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
     equal head counts; ``causal``: aligned to the lower right (query r sees keys <= S - R + r)."""
     r, s = q.shape[2], k.shape[2]
     if q.is_cuda:
+        cudnn = (not causal or r == s) and not _cudnn_refused and env.prefill_kernel() == "cudnn"
+        if cudnn and (res := _attend_cudnn(q, k, v, scale, causal)) is not None:
+            return res
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out, lse[..., :r]
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (N, H, R, S)
@@ -105,3 +134,17 @@ def _attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Te
         logits = logits.masked_fill(~visible, float("-inf"))
     lse = logits.logsumexp(-1)
     return torch.matmul((logits - lse[..., None]).exp(), v.float()).to(q.dtype), lse
+
+
+def _attend_cudnn(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``_attend`` through cuDNN (no mask, or causal over a square); None where cuDNN refuses."""
+    global _cudnn_refused
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )[:2]
+    except RuntimeError as e:  # a shape or build cuDNN does not support: the flash op is exact too
+        _cudnn_refused = True
+        warnings.warn(f"cuDNN attention refused a prefill chunk ({e}); using the flash kernel", stacklevel=2)
+        return None
+    return out, lse.reshape(q.shape[:3]).float()

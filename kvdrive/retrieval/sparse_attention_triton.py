@@ -86,7 +86,9 @@ def _attend_pages(
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-@triton.jit
+# Arguments that change with a CUDA graph's span (the split count) are not specialized: a new span
+# must not compile a new kernel while the engine waits (Triton keys on ints == 1 and % 16).
+@triton.jit(do_not_specialize=["pages_per_split", "stride_lb", "stride_lh"])
 def sparse_decode_split_kernel(
     q_ptr,
     pool_ptr,
@@ -226,7 +228,7 @@ def sparse_decode_split_kernel(
     tl.store(plse_ptr + b * stride_lb + heads * stride_lh + s, lse2, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_lb", "stride_lh"])
 def sparse_decode_merge_kernel(
     po_ptr,
     plse_ptr,

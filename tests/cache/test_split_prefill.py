@@ -37,6 +37,33 @@ def test_split_and_merge_equals_plain_sdpa(hq, hkv, prefix, t, parts):
     torch.testing.assert_close(got, _plain(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("b,hq,hkv,prefix,t", [(1, 8, 2, 90, 20), (3, 8, 2, 57, 33), (2, 4, 4, 1, 16)])
+def test_two_parts_the_prefix_whole_then_the_chunk_square_causal(b, hq, hkv, prefix, t):
+    """P = 1, the cuDNN kernel's split: the prefix unmasked, then the chunk's own keys causal."""
+    q, k, v = _qkv(b, hq, hkv, t, prefix + t)
+    got = split_chunk_attention(q, k, v, prefix, 1, scale=0.3)
+    torch.testing.assert_close(got, _plain(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_the_prefill_kernel_setting_names_its_choices(monkeypatch):
+    from kvdrive import env
+    from kvdrive.errors import KvdriveError
+
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "cuDNN")
+    assert env.prefill_kernel() == "cudnn"
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "fa3")
+    with pytest.raises(KvdriveError, match="flash or cudnn"):
+        env.prefill_kernel()
+    monkeypatch.delenv("KVDRIVE_PREFILL_KERNEL")
+    assert env.prefill_kernel() == "flash"
+
+
+def test_two_calls_only_on_cuda_past_the_first_chunk(monkeypatch):
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "cudnn")
+    q, _, _ = _qkv(1, 8, 2, 16, 100, dtype=torch.bfloat16)
+    assert not split_prefill.two_calls(q, 84)  # the CPU keeps the one-call path
+
+
 def test_several_sequences_split_alike():
     """The partitions of B > 1 sequences are batch entries too (a copy, not a view)."""
     q, k, v = _qkv(3, 8, 2, 20, 90 + 20)
@@ -130,3 +157,20 @@ def test_the_rule_is_off_unless_enabled(monkeypatch):
     assert split_prefill.num_partitions(q, k, 20_000) == 1
     monkeypatch.setattr(split_prefill, "force", True)
     assert split_prefill.num_partitions(q, k, 20_000) >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,t,prefix", [(1, 2048, 30_000), (2, 512, 4_096), (1, 300, 1)])
+def test_the_cudnn_two_calls_match_sdpa_in_bf16(monkeypatch, b, t, prefix):
+    """Two parts through cuDNN, merged: within the split's bound of the flash path (above)."""
+    q, k, v = _qkv(b, 32, 8, t, prefix + t, d=128, device="cuda", dtype=torch.bfloat16)
+    spec = LayerSpec(window=None, scale=128**-0.5)
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "cudnn")
+    assert split_prefill.two_calls(q, prefix)
+    got = chunk_attention(q, k, v, prefix, spec)
+    assert not split_prefill._cudnn_refused  # cuDNN took both parts
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "flash")
+    plain = chunk_attention(q, k, v, prefix, spec)
+    ref = _plain(q.float(), k.float(), v.float(), spec.scale)
+    err, base = (got.float() - ref).abs().max(), (plain.float() - ref).abs().max()
+    assert err <= 2 * base + 2**-8 * ref.abs().max(), (err, base)

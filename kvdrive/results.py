@@ -83,8 +83,20 @@ def environment() -> dict:
     return env
 
 
+# Variables that only label or quiet a run; every other KVDRIVE_* one can change what is measured.
+_LABEL_VARS = ("KVDRIVE_COMMIT", "KVDRIVE_NO_PROGRESS", "KVDRIVE_CACHE_DIR")
+
+
 def command_line() -> str:
-    return "kvdrive " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    """The command as run, led by the KVDRIVE_* settings in its environment (they change kernels and rules)."""
+    if not sys.argv:
+        return ""
+    settings = [
+        f"{k}={shlex.quote(v)}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("KVDRIVE_") and k not in _LABEL_VARS
+    ]
+    return " ".join([*settings, "kvdrive", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def write_result(

@@ -6,7 +6,22 @@ import pytest
 from kvdrive import results
 
 
+def _clear_settings(monkeypatch):
+    for k in [k for k in results.os.environ if k.startswith("KVDRIVE_")]:
+        monkeypatch.delenv(k)
+
+
+def test_the_command_leads_with_the_settings_that_change_a_run(tmp_path, monkeypatch):
+    _clear_settings(monkeypatch)
+    monkeypatch.setattr(results.sys, "argv", ["kvdrive", "bench", "prefill", "--tiny"])
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "cudnn")
+    monkeypatch.setenv("KVDRIVE_COMMIT", "abc1234")  # labels the run, changes nothing in it
+    monkeypatch.setenv("KVDRIVE_NO_PROGRESS", "1")
+    assert results.command_line() == "KVDRIVE_PREFILL_KERNEL=cudnn kvdrive bench prefill --tiny"
+
+
 def test_result_records_commit_dirty_and_gpu(tmp_path, monkeypatch):
+    _clear_settings(monkeypatch)
     monkeypatch.setattr(results.sys, "argv", ["kvdrive", "bench", "io", "--tiny"])
     path = results.write_result(tmp_path / "r" / "x.json", "io", {"a": 1}, {"b": 2}, ["n"])
     doc = json.loads(path.read_text())

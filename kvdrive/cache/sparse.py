@@ -24,7 +24,7 @@ accuracy harness measures a storage format this way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,15 +42,33 @@ from kvdrive.retrieval.summaries import SUMMARIZERS, SummaryTable, make_summariz
 ROUND_TRIP_CHUNK = 4096  # groups quantized at once: bounds the temporaries of a long prompt
 
 
+# The smallest budget, as a fraction of the context, at which each measured model keeps 95%
+# next-token top-1 agreement with full attention and its pass-key and six-key lookups within
+# 2 points (docs/eval.md), by (architecture, hidden, layers, query heads, KV heads).
+MEASURED_BUDGETS = {
+    ("llama", 576, 30, 9, 3): 0.375,  # SmolLM2-135M
+    ("gemma3_text", 640, 18, 4, 1): 0.5,  # Gemma 3 270M
+}
+DEFAULT_BUDGET = 0.5  # models not measured: the largest budget a measured model needed
+
+
+def default_budget(config: ModelConfig) -> float:
+    """The budget ``SparseConfig(budget=None)`` takes for ``config``'s model."""
+    key = (config.architecture, config.hidden_size, config.num_hidden_layers)
+    key += (config.num_attention_heads, config.num_key_value_heads)
+    return MEASURED_BUDGETS.get(key, DEFAULT_BUDGET)
+
+
 @dataclass(frozen=True)
 class SparseConfig:
     """``budget``: tokens attended per decode step on global layers, sinks and window
-    included: a fraction of the context if < 1, else a token count. The defaults are the
-    smallest setting that kept the real models' next-token top-1 agreement with full
-    attention at 95% and their pass-key retrieval within 2 points (docs/eval.md)."""
+    included: a fraction of the context if < 1, else a token count; None (the default): the
+    model's measured budget (``default_budget``: 37.5% for SmolLM2, 50% for Gemma 3 and for
+    models not measured), resolved by ``for_model`` when the cache is built. The other
+    defaults are those the accuracy measurements ran with (docs/eval.md)."""
 
     group_tokens: int = 16
-    budget: float = 0.25
+    budget: float | None = None
     sink_tokens: int = 16
     window_tokens: int = 64
     summary: str = "tokenmax"  # a group scores its best token: retrieval survives (docs/eval.md)
@@ -64,7 +82,7 @@ class SparseConfig:
         check_kv_dtype(self.kv_dtype)
         if self.group_tokens < 1 or self.sink_tokens < 0 or self.window_tokens < 1:
             raise KvdriveError("group_tokens and window_tokens must be >= 1, sink_tokens >= 0")
-        if not self.budget > 0:
+        if self.budget is not None and not self.budget > 0:
             raise KvdriveError(f"budget must be > 0 (a fraction < 1 or a token count), got {self.budget}")
         if self.summary not in SUMMARIZERS:
             raise KvdriveError(f"unknown summary {self.summary!r}; choose one of {', '.join(SUMMARIZERS)}")
@@ -74,8 +92,13 @@ class SparseConfig:
                 "(kvdrive eval fits them itself)"
             )
 
+    def for_model(self, config: ModelConfig) -> SparseConfig:
+        """This config with ``budget=None`` replaced by the model's measured budget."""
+        return self if self.budget is not None else replace(self, budget=default_budget(config))
+
     def selection(self) -> SelectionConfig:
-        budget = Budget(fraction=self.budget) if self.budget < 1 else Budget(tokens=int(self.budget))
+        b = DEFAULT_BUDGET if self.budget is None else self.budget  # None outside a model: the default
+        budget = Budget(fraction=b) if b < 1 else Budget(tokens=int(b))
         g = self.group_tokens
         return SelectionConfig(
             budget=budget, n_sink=-(-self.sink_tokens // g), n_window=-(-self.window_tokens // g), mode=self.mode
@@ -92,6 +115,7 @@ class SparseKVCache(KVCache):
         dtype: torch.dtype,
         sparse: SparseConfig = SparseConfig(),
     ):
+        sparse = sparse.for_model(config)
         self.layer_specs = layer_specs(config)
         self.config = config
         self.g = g = sparse.group_tokens

@@ -48,6 +48,12 @@ def parse_cache_tokens(text: str) -> int | str:
     return parse_count_or_auto(text, "token count", 8192)
 
 
+def budget_value(text: str):
+    """An argparse ``type`` for a sparse budget: ``auto`` (the model's measured budget, docs/eval.md),
+    a fraction of the context below 1, or a token count."""
+    return "auto" if text.strip().lower() == "auto" else number(float, 0, above=True, example="auto or 2048")(text)
+
+
 def number(
     kind: type, low: float | None = None, high: float | None = None, *, above: bool = False, example: str | None = None
 ):

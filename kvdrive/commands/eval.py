@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
         type=float,
         nargs="+",
         default=None,
-        help="token budgets as fractions of the context (default 0.03125 0.0625 0.125; with --hits 0.0625)",
+        help="token budgets as fractions of the context (default 0.0625 0.25 and the model's default budget, "
+        "0.375 for SmolLM2, 0.5 for Gemma 3 and models not measured; with --hits 0.0625)",
     )
     p.add_argument(
         "-s",
@@ -194,7 +195,7 @@ def run(args) -> int:
         return run_hits(args)
     from kvdrive.eval.run import EvalSpec, evaluate
 
-    budgets = args.budgets or [0.03125, 0.0625, 0.125]
+    budgets = tuple(args.budgets) if args.budgets else None  # None: DEFAULT_BUDGETS + the model's default
     if args.items < 1 or args.batch < 1:
         raise KvdriveError("--items and --batch must be at least 1")
     spec = EvalSpec(
@@ -202,7 +203,7 @@ def run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         lengths=tuple(args.lengths),
-        budgets=tuple(budgets),
+        budgets=budgets,
         summaries=tuple(args.summaries or ("mean", "tokenmax")),
         mode=args.mode,
         group_tokens=args.group_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvdrive.commands.common import add_model_options, number, parse_cache_tokens
+from kvdrive.commands.common import add_model_options, budget_value, number, parse_cache_tokens
 from kvdrive.errors import KvdriveError
 
 
@@ -43,11 +43,12 @@ def add_sampling_options(p) -> None:
     )
     k.add_argument(
         "--budget",
-        type=number(float, 0, above=True, example="2048"),
-        help="tokens attended per decode step (sinks and window included), "
-        "or a fraction of the context if < 1: 0.25 is the setting whose accuracy docs/eval.md "
-        "measures (top-1 agreement with full attention ~95%% on the embedded models); a token count "
-        "such as 2048 is faster on long contexts and less accurate",
+        type=budget_value,
+        help="tokens attended per decode step (sinks and window included), a fraction of the context "
+        "if < 1, or auto: the smallest budget measured to keep the model's retrieval within 2 points of "
+        "full attention and its top-1 agreement at 95%% (0.375 for SmolLM2, 0.5 for Gemma 3 and for "
+        "models not measured; docs/eval.md); smaller budgets and token counts such as 2048 are faster "
+        "on long contexts and less accurate",
     )
     k.add_argument(
         "--gpu-cache-tokens",
@@ -144,9 +145,9 @@ def tiered_config(args):
     """The tiered cache's config from --budget/--disk/--host-gib, or None (all KV on the device)."""
     if args.budget is None:
         if args.disk or args.host_gib:
-            raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget 0.25)")
+            raise KvdriveError("--disk and --host-gib belong to the tiered cache: add --budget (e.g. --budget auto)")
         if args.kv_dtype != "bf16":
-            raise KvdriveError("--kv-dtype is the tiered cache's storage format: add --budget (e.g. --budget 0.25)")
+            raise KvdriveError("--kv-dtype is the tiered cache's storage format: add --budget (e.g. --budget auto)")
         return None
     from kvdrive.cache.sparse import SparseConfig
     from kvdrive.storage.pool import PoolPath
@@ -165,7 +166,7 @@ def tiered_config(args):
         check_dir(d)
     disk = tuple(PoolPath(d, int(args.disk_gib * 2**30)) for d in args.disk)
     return TieredConfig(
-        SparseConfig(budget=args.budget, sink_tokens=64, window_tokens=256),
+        SparseConfig(budget=None if args.budget == "auto" else args.budget, sink_tokens=64, window_tokens=256),
         cache_tokens=args.gpu_cache_tokens,
         disk=disk,
         host_bytes=int((args.host_gib or 0) * 2**30),

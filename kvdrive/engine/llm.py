@@ -88,7 +88,7 @@ class LLM:
             raise KvdriveError(f"max_model_len must be in 1..{limit} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self._next_seq = 0
-        self.kv_cache = kv_cache
+        self.kv_cache = kv_cache.for_model(self.config) if kv_cache is not None else None
         self.tenant = tenant
         if prefix_cache is not None:
             self._open_prefix(prefix_cache)

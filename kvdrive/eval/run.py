@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from kvdrive.cache.sparse import SparseConfig
+from kvdrive.cache.sparse import SparseConfig, default_budget
 from kvdrive.errors import KvdriveError
 from kvdrive.eval import retrieval, setting_spec
 from kvdrive.eval.harness import Runner, Setting
@@ -19,13 +19,16 @@ CALIB_TOKENS = 16384  # tokens of calibration text for the offline low-rank base
 CALIB_ROW = 4096
 
 
+DEFAULT_BUDGETS = (0.0625, 0.25)  # beside the model's default budget (``default_budget``)
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     model: str | None = None
     device: str = "auto"
     dtype: str | None = None
     lengths: tuple[int, ...] = (4096, 8192)
-    budgets: tuple[float, ...] = (0.03125, 0.0625, 0.125)
+    budgets: tuple[float, ...] | None = None  # None: DEFAULT_BUDGETS and the model's default budget
     summaries: tuple[str, ...] = ("mean", "tokenmax")
     rank: int = 32
     dense_layers: tuple[int, ...] = ()
@@ -53,7 +56,7 @@ class EvalSpec:
         sparse = []
         for s in self.summaries:
             p = setting_spec.parse(s, tuple(SUMMARIZERS))
-            budgets = (p.budget,) if p.budget is not None else self.budgets
+            budgets = (p.budget,) if p.budget is not None else (self.budgets or DEFAULT_BUDGETS)
             sparse += [Setting(p.name, b, p.mode or self.mode, dense=p.dense) for b in budgets]
         out = [Setting(None, 1.0)]
         for fmt in KV_DTYPES:  # bf16 first, then in a fixed order
@@ -90,8 +93,17 @@ def load_model_and_text(spec) -> tuple:
     return lm, text, lm.tokenizer(text.text, add_special_tokens=False)["input_ids"]
 
 
+def with_model_budgets(spec: EvalSpec, config) -> EvalSpec:
+    """``spec`` with ``budgets=None`` replaced by ``DEFAULT_BUDGETS`` and the budget a user of this
+    model runs by default (``default_budget``), so the report covers the configuration in use."""
+    if spec.budgets is not None:
+        return spec
+    return replace(spec, budgets=tuple(sorted({*DEFAULT_BUDGETS, default_budget(config)})))
+
+
 def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) -> Path:
     lm, text, ids = load_model_and_text(spec)
+    spec = with_model_budgets(spec, lm.config)
     rng = random.Random(spec.seed)
     bases = None
     if "lowrank_offline" in spec.summaries:

@@ -29,7 +29,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 class Setting:
     name: str
     section: str
-    kind: str  # str | int | float | choice | list | count_or_auto
+    kind: str  # str | int | float | choice | list | count_or_auto | float_or_auto
     default: Any
     help: str
     low: float | None = None  # smallest value (numbers)
@@ -117,12 +117,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "budget",
         "kv",
-        "float",
+        "float_or_auto",
         None,
-        "turns on the tiered cache: tokens attended per decode step, or a fraction "
-        "of the context if < 1 (default: all KV on the device, exact attention)",
+        "turns on the tiered cache: tokens attended per decode step, a fraction of the context "
+        "if < 1, or auto (the model's measured budget: 0.375 for SmolLM2, 0.5 otherwise; docs/eval.md) "
+        "(default: all KV on the device, exact attention)",
         low=0,
-        example="2048",
+        example="auto",
     ),
     Setting(
         "gpu_cache_tokens",
@@ -266,7 +267,7 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class KVSettings:
-    budget: float | None
+    budget: float | str | None  # "auto": the model's measured budget
     gpu_cache_tokens: int | str
     disk: tuple[str, ...]
     disk_gib: float
@@ -294,7 +295,7 @@ class KVSettings:
 
         disk = tuple(PoolPath(d, int(self.disk_gib * 2**30)) for d in self.disk)
         return TieredConfig(
-            SparseConfig(budget=self.budget, sink_tokens=64, window_tokens=256),
+            SparseConfig(budget=None if self.budget == "auto" else self.budget, sink_tokens=64, window_tokens=256),
             cache_tokens=self.gpu_cache_tokens,
             disk=disk,
             host_bytes=int((self.host_gib or 0) * 2**30),
@@ -419,19 +420,19 @@ def parse(setting: Setting, raw: Any, source: str):
         if k == "choice" and raw not in setting.choices:
             raise bad(f"one of {', '.join(setting.choices)}")
         return raw
-    if k == "count_or_auto" and raw == "auto":
+    if k in ("count_or_auto", "float_or_auto") and raw == "auto":
         return "auto"
-    kind = float if k == "float" else int
+    kind = float if k in ("float", "float_or_auto") else int
     value = _number(raw, kind)
     if (
         value is None
-        or (setting.low is not None and (value <= setting.low if k == "float" else value < setting.low))
+        or (setting.low is not None and (value <= setting.low if kind is float else value < setting.low))
         or (setting.high is not None and value > setting.high)
     ):
-        span = (f" > {setting.low:g}" if k == "float" else f" >= {setting.low:g}") if setting.low is not None else ""
+        span = (f" > {setting.low:g}" if kind is float else f" >= {setting.low:g}") if setting.low is not None else ""
         span += f" and <= {setting.high:g}" if setting.high is not None else ""
         what = "a finite number" if kind is float else "an integer"
-        raise bad(f"{what}{span}" + (" or auto" if k == "count_or_auto" else ""))
+        raise bad(f"{what}{span}" + (" or auto" if k.endswith("_or_auto") else ""))
     return value
 
 

@@ -76,6 +76,7 @@ class TieredSparseKVCache(KVCache):
         dtype: torch.dtype,
         tiered: TieredConfig = TieredConfig(),
     ):
+        tiered = tiered.for_model(config)
         if tiered.cache_tokens == "auto":  # sized now, from the free GPU memory and the batch
             tiered = replace(
                 tiered, cache_tokens=admission.resolve_cache_tokens(config, max_seqs, max_len, dtype, tiered, device)

@@ -74,6 +74,11 @@ class TieredConfig:
     # widen it to the model dtype on the device as it is fetched; the open group stays exact.
     kv_dtype: str = "bf16"
 
+    def for_model(self, config) -> TieredConfig:
+        """This config with the sparse budget resolved for ``config``'s model (``SparseConfig.for_model``)."""
+        sparse = self.sparse.for_model(config)
+        return self if sparse is self.sparse else replace(self, sparse=sparse)
+
     def __post_init__(self):
         check_kv_dtype(self.kv_dtype)
         if self.sparse.kv_dtype not in ("bf16", self.kv_dtype):

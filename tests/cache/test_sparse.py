@@ -81,3 +81,31 @@ def test_compressed_storage_format_is_what_decode_sees():
     torch.testing.assert_close(out["bf16"], ref, rtol=1e-5, atol=1e-5)
     err = {f: float((out[f] - ref).norm() / ref.norm()) for f in ("fp8", "int4")}
     assert 0 < err["fp8"] < err["int4"] < 0.2, err
+
+
+@pytest.mark.parametrize("preset,want", [("smollm2-135m", 0.375), ("gemma3-270m", 0.5), ("llama-3.1-8b", 0.5)])
+def test_the_default_budget_is_the_models_measured_one(preset, want):
+    """SmolLM2 and Gemma 3 take their measured budgets; a model not measured takes the largest."""
+    from kvdrive.cache.sparse import DEFAULT_BUDGET, default_budget
+    from kvdrive.models.presets import hf_config
+    from kvdrive.models.registry import from_hf_config
+
+    config = from_hf_config(hf_config(preset))
+    assert default_budget(config) == want
+    assert SparseConfig().for_model(config).budget == want
+    assert SparseConfig(budget=2048).for_model(config).budget == 2048  # a budget set is kept
+    assert preset != "llama-3.1-8b" or want == DEFAULT_BUDGET
+
+
+def test_caches_and_llm_resolve_the_budget_for_their_model():
+    from kvdrive import LLM, TieredConfig
+    from kvdrive.cache.sparse import DEFAULT_BUDGET
+    from kvdrive.tiered.cache import TieredSparseKVCache
+
+    model = _tiny()
+    cache = SparseKVCache(model.config, 1, 64, torch.device("cpu"), torch.float32)
+    assert cache.sparse.budget == DEFAULT_BUDGET and cache.sel_cfg.budget.fraction == DEFAULT_BUDGET
+    tiered = TieredSparseKVCache(model.config, 1, 64, torch.device("cpu"), torch.float32, TieredConfig(cache_tokens=64))
+    assert tiered.sparse.budget == DEFAULT_BUDGET
+    with LLM("random:smollm2-135m", kv_cache=TieredConfig(), max_model_len=256) as llm:
+        assert llm.kv_cache.sparse.budget == 0.375

@@ -83,3 +83,15 @@ def test_a_setting_with_every_layer_dense_is_full_attention(smollm2, text):
     dense_half = res["tokenmax+dense=" + ",".join(map(str, half)) + "@0.05/shared"]
     assert dense_all["kl"] < 1e-6 and dense_all["attended_fraction"] == 1.0
     assert dense_half["kl"] > 1e-6 and 0.5 < dense_half["attended_fraction"] < 0.7
+
+
+def test_the_default_budgets_include_the_models_own():
+    """Without --budgets, eval reports the budget a user of the model runs (SmolLM2: 0.375)."""
+    from kvdrive.eval.run import EvalSpec, with_model_budgets
+    from kvdrive.models.presets import hf_config
+    from kvdrive.models.registry import from_hf_config
+
+    smollm2, gemma3 = (from_hf_config(hf_config(n)) for n in ("smollm2-135m", "gemma3-270m"))
+    assert with_model_budgets(EvalSpec(), smollm2).budgets == (0.0625, 0.25, 0.375)
+    assert with_model_budgets(EvalSpec(), gemma3).budgets == (0.0625, 0.25, 0.5)
+    assert with_model_budgets(EvalSpec(budgets=(0.1,)), smollm2).budgets == (0.1,)

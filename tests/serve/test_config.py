@@ -171,3 +171,20 @@ def test_generate_takes_the_tiered_caches_storage_format():
 def test_the_serve_guide_lists_every_setting():
     text = (Path(__file__).parents[2] / "docs" / "serve.md").read_text()
     assert [s.name for s in SETTINGS if f"| `{s.name}` |" not in text] == []
+
+
+def test_budget_auto_takes_the_models_measured_budget():
+    """``budget: auto`` turns the tiered cache on with no budget fixed: the cache resolves it per model."""
+    cfg = resolve({"budget": "auto"})
+    assert cfg.kv.budget == "auto" and cfg.kv.tiered().sparse.budget is None
+    assert resolve({}, {"KVDRIVE_BUDGET": "auto"}).kv.tiered() is not None
+    with pytest.raises(KvdriveError, match="or auto"):
+        resolve({"budget": "half"})
+    import argparse
+
+    from kvdrive.commands import generate
+
+    p = argparse.ArgumentParser()
+    generate.add_sampling_options(p)
+    assert generate.tiered_config(p.parse_args(["--budget", "auto"])).sparse.budget is None
+    assert generate.tiered_config(p.parse_args(["--budget", "0.375"])).sparse.budget == 0.375

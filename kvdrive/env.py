@@ -33,13 +33,19 @@ def split_prefill_enabled() -> bool:
     return os.environ.get("KVDRIVE_SPLIT_PREFILL", "") in ("1", "true", "yes")
 
 
+PREFILL_KERNELS = ("flash", "cudnn", "triton")
+
+
 def prefill_kernel() -> str:
     """The kernel of a prefill chunk's attention on CUDA: ``KVDRIVE_PREFILL_KERNEL`` = ``flash``
-    (one causal flash call, the default) or ``cudnn`` (the prefix and the chunk's own keys as two
-    calls, each free to run cuDNN's attention, merged by log-sum-exp)."""
+    (torch's flash op, one causal call: the default), ``cudnn`` (the prefix and the chunk's own
+    keys as two calls, each free to run cuDNN's attention, merged by log-sum-exp) or ``triton``
+    (kvdrive's own flash kernel, ``kvdrive.cache.flash_prefill``)."""
     value = os.environ.get("KVDRIVE_PREFILL_KERNEL", "flash").strip().lower() or "flash"
-    if value not in ("flash", "cudnn"):
-        raise KvdriveError(f"KVDRIVE_PREFILL_KERNEL must be flash or cudnn, got {value!r}: unset it or pick one")
+    if value not in PREFILL_KERNELS:
+        raise KvdriveError(
+            f"KVDRIVE_PREFILL_KERNEL must be flash, cudnn or triton, got {value!r}: unset it or pick one"
+        )
     return value
 
 

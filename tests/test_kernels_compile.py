@@ -175,6 +175,32 @@ def _kernels():
             {"INT4": int4, "HAS_RAW": raw, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
         )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
+    from kvdrive.cache import chunk_attention_triton as prefill_kernel
+
+    strides = ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks")
+    strides += ("stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_ot")
+    for d, block_m, block_n, lse in ((128, 128, 64, False), (64, 128, 64, True), (256, 64, 32, False)):
+        yield (
+            prefill_kernel.chunk_attention_kernel,
+            {
+                **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), "*bf16"),
+                "lse_ptr": "*fp32",
+                **dict.fromkeys(strides, "i32"),
+                "T": "i32",
+                "S": "i32",
+                "scale_log2": "fp32",
+            },
+            {
+                "HQ": 32,
+                "REP": 4,
+                "BLOCK_D": d,
+                "BLOCK_M": block_m,
+                "BLOCK_N": block_n,
+                "HAS_LSE": lse,
+                "IEEE": False,
+                "INTERPRET": False,
+            },
+        )
     yield (
         tier_kernels.write_tokens_kernel,
         {
@@ -200,4 +226,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 25
+    assert len(names) == 28

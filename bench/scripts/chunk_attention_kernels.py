@@ -2,7 +2,7 @@
 D = 128, bf16) by kernel: one causal flash call aligned to the lower right (what
 ``chunk_attention`` runs by default), and the prefix and the chunk as two calls merged by
 log-sum-exp (``split_prefill.split_chunk_attention`` with P = 1) through the flash op or
-through cuDNN (``KVDRIVE_PREFILL_KERNEL``). For reference, one square causal SDPA call over a
+through cuDNN (``KVDRIVE_PREFILL_KERNEL``), and kvdrive's own Triton kernel (``flash_prefill``). For reference, one square causal SDPA call over a
 32K prompt (transformers' forward) with the default backend and each backend forced, and the
 kernels the profiler sees. CUDA events, 2 warm-up calls (cuDNN builds its plan for a shape in
 them), the mean of 5.
@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, os.getcwd())
-from kvdrive.cache import split_prefill
+from kvdrive.cache import flash_prefill, split_prefill
 from kvdrive.results import write_result
 
 HQ, HKV, D = 32, 8, 128
@@ -70,6 +70,9 @@ def chunk_rows(dev, dt) -> list[dict]:
             )
             two_calls = functools.partial(split_prefill.split_chunk_attention, q, k, v, prefix, 1, SCALE)
             row = {"chunk": c, "prefix": prefix, "flash_one_call_s": seconds(one_call)}
+            triton_call = functools.partial(flash_prefill.chunk_attention_triton, q, k, v, SCALE)
+            row["triton_one_call_s"] = seconds(triton_call)
+            row["triton_max_abs_diff_vs_flash"] = (one_call().float() - triton_call().float()).abs().max().item()
             for kernel in ("flash", "cudnn"):
                 os.environ["KVDRIVE_PREFILL_KERNEL"] = kernel
                 row[f"{kernel}_two_calls_s"] = seconds(two_calls)
@@ -88,6 +91,8 @@ def square_row(dev, dt, length: int = 32768) -> dict:
     k, v = (x.repeat_interleave(HQ // HKV, 1) for x in torch.randn(2, 1, HKV, length, D, device=dev, dtype=dt))
     call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE)  # noqa: E731
     row = {"square_causal_len": length, "default_s": seconds(call, 3), "default_kernels": attention_kernels(call)}
+    k1, v1 = (x[:, :: HQ // HKV].contiguous() for x in (k, v))  # the kernel reads KV heads in place
+    row["triton_s"] = seconds(functools.partial(flash_prefill.chunk_attention_triton, q, k1, v1, SCALE), 3)
     for name, backend in (
         ("flash", SDPBackend.FLASH_ATTENTION),
         ("cudnn", SDPBackend.CUDNN_ATTENTION),

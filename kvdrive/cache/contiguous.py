@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kvdrive.cache import split_prefill
+from kvdrive import env
+from kvdrive.cache import flash_prefill, split_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots, SlotTensors
 from kvdrive.config import ModelConfig
@@ -71,6 +72,8 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
       flash call merged by log-sum-exp, where ``num_partitions`` finds the flash call too
       narrow for the GPU, or in two parts where ``KVDRIVE_PREFILL_KERNEL=cudnn`` (the
       prefix, then the chunk square-causal, each through cuDNN's kernel);
+    * ``KVDRIVE_PREFILL_KERNEL=triton``: kvdrive's own flash kernel (``flash_prefill``), any
+      prefix length, no mask, no plan;
     * T = 1: one query sees every key of its span, SDPA with no mask;
     * otherwise causal attention aligned to the lower right (``causal_lower_right``), which
       SDPA runs in its flash kernel on CUDA for fp16/bf16 (GQA native, no K/V copy); elsewhere
@@ -86,6 +89,14 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
         k_pos = torch.arange(lo, end, device=q.device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos) & (k_pos > q_pos - spec.window)
         return grouped_sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
+    if (
+        spec.softcap is None
+        and t > 1
+        and q.is_cuda
+        and env.prefill_kernel() == "triton"
+        and flash_prefill.supported(q, k)
+    ):
+        return flash_prefill.chunk_attention_triton(q, k, v, spec.scale)
     if spec.softcap is None and (
         (parts := split_prefill.num_partitions(q, k, span - t)) > 1 or split_prefill.two_calls(q, span - t)
     ):

@@ -52,7 +52,7 @@ def test_the_prefill_kernel_setting_names_its_choices(monkeypatch):
     monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "cuDNN")
     assert env.prefill_kernel() == "cudnn"
     monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", "fa3")
-    with pytest.raises(KvdriveError, match="flash or cudnn"):
+    with pytest.raises(KvdriveError, match="flash, cudnn or triton"):
         env.prefill_kernel()
     monkeypatch.delenv("KVDRIVE_PREFILL_KERNEL")
     assert env.prefill_kernel() == "flash"

@@ -179,13 +179,19 @@ def _kernels():
 
     strides = ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks")
     strides += ("stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_ot")
-    for d, block_m, block_n, lse in ((128, 128, 64, False), (64, 128, 64, True), (256, 64, 32, False)):
+    for d, block_m, block_n, lse, paged in (
+        (128, 128, 64, False, True),
+        (64, 128, 64, True, False),
+        (256, 64, 32, False, False),
+    ):
         yield (
             prefill_kernel.chunk_attention_kernel,
             {
                 **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), "*bf16"),
                 "lse_ptr": "*fp32",
                 **dict.fromkeys(strides, "i32"),
+                "rows_ptr": "*i32",
+                "stride_rb": "i32",
                 "T": "i32",
                 "S": "i32",
                 "scale_log2": "fp32",
@@ -196,6 +202,8 @@ def _kernels():
                 "BLOCK_D": d,
                 "BLOCK_M": block_m,
                 "BLOCK_N": block_n,
+                "G": 64,
+                "PAGED": paged,
                 "HAS_LSE": lse,
                 "IEEE": False,
                 "INTERPRET": False,

@@ -86,6 +86,34 @@ def chunk_rows(dev, dt) -> list[dict]:
     return rows
 
 
+# Tiles of the Triton kernel to sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 3)]
+
+
+def tile_rows(dev, dt, c: int = 2048, prefix: int = 131072 - 2048) -> list[dict]:
+    """The Triton kernel's time by tile at the deepest 2048-token chunk of a 128K prompt."""
+    q = torch.randn(1, HQ, c, D, device=dev, dtype=dt)
+    k, v = torch.randn(2, 1, HKV, prefix + c, D, device=dev, dtype=dt)
+    flops = 4 * HQ * D * (c * prefix + c * (c + 1) / 2)
+    rows, default = [], flash_prefill._blocks
+    try:
+        for tile in TILES:
+            flash_prefill._blocks = lambda q, tile=tile: tile
+            try:
+                row = {
+                    "tile": list(tile),
+                    "s": seconds(functools.partial(flash_prefill.chunk_attention_triton, q, k, v, SCALE)),
+                }
+                row["tflops"] = flops / row["s"] / 1e12
+            except Exception as e:  # a tile that does not fit the SM's shared memory
+                row = {"tile": list(tile), "error": str(e)[:200]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        flash_prefill._blocks = default
+    return rows
+
+
 def square_row(dev, dt, length: int = 32768) -> dict:
     q = torch.randn(1, HQ, length, D, device=dev, dtype=dt)
     k, v = (x.repeat_interleave(HQ // HKV, 1) for x in torch.randn(2, 1, HKV, length, D, device=dev, dtype=dt))
@@ -109,7 +137,7 @@ def square_row(dev, dt, length: int = 32768) -> dict:
 
 def main() -> None:
     dev, dt = "cuda", torch.bfloat16
-    rows = chunk_rows(dev, dt) + [square_row(dev, dt)]
+    rows = chunk_rows(dev, dt) + [square_row(dev, dt)] + [{"triton_tiles": tile_rows(dev, dt)}]
     config = {
         "heads": [HQ, HKV, D],
         "dtype": "bfloat16",

@@ -8,6 +8,8 @@ the online-softmax form of FlashAttention-2 (base-2 exponentials, the scale fold
 ``scale_log2``). A query head reads its KV head's keys in place (GQA without a copy). Every
 shape compiles once per (D, block sizes): a new prefix length is a new argument, not a new
 kernel or plan. D must be a power of two of at least 16 (BLOCK_D = D; the launcher checks).
+``PAGED``: the keys are read where a page pool holds them, key n at token n % G of the page
+the row's page table lists at n // G (no gather into a contiguous copy first).
 """
 
 import triton
@@ -17,8 +19,6 @@ import triton.language as tl
 @triton.jit
 def _tile(
     q,
-    k_base,
-    v_base,
     n0,
     S,
     prefix,
@@ -27,17 +27,31 @@ def _tile(
     l_i,
     acc,
     scale_log2,
+    k_base,
+    v_base,
+    row_ptr,
+    stride_kb,
     stride_ks,
+    stride_vb,
     stride_vs,
     BLOCK_N: tl.constexpr,
+    G: tl.constexpr,
+    PAGED: tl.constexpr,
     MASKED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """Key block [n0, n0 + BLOCK_N): scores, the running max and sum, the weighted values."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < S
-    k = tl.load(k_base + n[:, None] * stride_ks, mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_base + n[:, None] * stride_vs, mask=n_ok[:, None], other=0.0)
+    if PAGED:  # key n is token n % G of the row's page n // G
+        page = tl.load(row_ptr + n // G, mask=n_ok, other=0).to(tl.int64)
+        k_ptrs = k_base + page[:, None] * stride_kb + (n % G)[:, None] * stride_ks
+        v_ptrs = v_base + page[:, None] * stride_vb + (n % G)[:, None] * stride_vs
+    else:
+        k_ptrs = k_base + n[:, None] * stride_ks
+        v_ptrs = v_base + n[:, None] * stride_vs
+    k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
     if IEEE:  # fp32 inputs (and every input under the interpreter, which has no bf16 dot)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -70,13 +84,15 @@ def chunk_attention_kernel(
     stride_qt,  # q (B, H_q, T, D), head_dim stride 1
     stride_kb,
     stride_kh,
-    stride_ks,  # k (B, H_kv, S, D)
+    stride_ks,  # k (B, H_kv, S, D); PAGED: a page pool's K (pages, H_kv, G, D), stride_kb per page
     stride_vb,
     stride_vh,
-    stride_vs,  # v (B, H_kv, S, D)
+    stride_vs,  # v as k
     stride_ob,
     stride_oh,
     stride_ot,  # out (B, H_q, T, D)
+    rows_ptr,
+    stride_rb,  # page table (B, pages) int32, page stride 1 (PAGED)
     T,
     S,
     scale_log2,
@@ -85,6 +101,8 @@ def chunk_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    G: tl.constexpr,
+    PAGED: tl.constexpr,
     HAS_LSE: tl.constexpr,
     IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -103,8 +121,12 @@ def chunk_attention_kernel(
     )
     if IEEE:
         q = q.to(tl.float32)
-    k_base = k_ptr + b * stride_kb + hk * stride_kh + offs_d[None, :]
-    v_base = v_ptr + b * stride_vb + hk * stride_vh + offs_d[None, :]
+    k_base = k_ptr + hk * stride_kh + offs_d[None, :]
+    v_base = v_ptr + hk * stride_vh + offs_d[None, :]
+    if not PAGED:  # b's rows; paged, the page table says where each key is
+        k_base += b * stride_kb
+        v_base += b * stride_vb
+    kv = (k_base, v_base, rows_ptr + b * stride_rb, stride_kb, stride_ks, stride_vb, stride_vs)
     prefix = S - T  # query i sees keys 0 .. prefix + i
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -115,24 +137,16 @@ def chunk_attention_kernel(
     if INTERPRET:  # the interpreter cannot range() over bounds computed from program ids
         n0 = 0
         while n0 < full:
-            m_i, l_i, acc = _tile(
-                q, k_base, v_base, n0, *args, m_i, l_i, acc, scale_log2, stride_ks, stride_vs, BLOCK_N, False, IEEE
-            )
+            m_i, l_i, acc = _tile(q, n0, *args, m_i, l_i, acc, scale_log2, *kv, BLOCK_N, G, PAGED, False, IEEE)
             n0 += BLOCK_N
         while n0 < last:
-            m_i, l_i, acc = _tile(
-                q, k_base, v_base, n0, *args, m_i, l_i, acc, scale_log2, stride_ks, stride_vs, BLOCK_N, True, IEEE
-            )
+            m_i, l_i, acc = _tile(q, n0, *args, m_i, l_i, acc, scale_log2, *kv, BLOCK_N, G, PAGED, True, IEEE)
             n0 += BLOCK_N
     else:
         for n0 in range(0, full, BLOCK_N):  # every row sees these keys: no mask
-            m_i, l_i, acc = _tile(
-                q, k_base, v_base, n0, *args, m_i, l_i, acc, scale_log2, stride_ks, stride_vs, BLOCK_N, False, IEEE
-            )
+            m_i, l_i, acc = _tile(q, n0, *args, m_i, l_i, acc, scale_log2, *kv, BLOCK_N, G, PAGED, False, IEEE)
         for n0 in range(full, last, BLOCK_N):  # across the diagonal
-            m_i, l_i, acc = _tile(
-                q, k_base, v_base, n0, *args, m_i, l_i, acc, scale_log2, stride_ks, stride_vs, BLOCK_N, True, IEEE
-            )
+            m_i, l_i, acc = _tile(q, n0, *args, m_i, l_i, acc, scale_log2, *kv, BLOCK_N, G, PAGED, True, IEEE)
     out = acc / l_i[:, None]
     tl.store(
         o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],

@@ -5,7 +5,8 @@ query i sees keys 0 .. S - T + i. torch's flash op takes that mask in one call b
 FlashAttention-2's speed; cuDNN's faster kernel takes only square or no masks and builds a plan
 for every new shape (``split_prefill``). This Triton kernel (``chunk_attention_triton``) takes
 any prefix length without a plan, GQA without a K/V copy, and returns the LSE where asked.
-``chunk_attention_reference`` is its torch twin (fp32, the mask materialised).
+``paged_chunk_attention_triton`` reads the keys where the paged cache's pool holds them.
+``chunk_attention_reference`` is the twin of both (fp32, the mask materialised).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvdrive import env
 from kvdrive.errors import KvdriveError
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,14 +25,19 @@ LOG2E = 1.4426950408889634
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the kernel takes q (B, H_q, T, D) over k (B, H_kv, S, D): D a power of two in
     16..256, a dtype it runs, H_q a multiple of H_kv, at least as many keys as queries."""
+    return _takes(q, k.shape[1], k.shape[2])
+
+
+def takes_pages(q: torch.Tensor) -> bool:
+    """Whether a chunk q of the paged cache runs ``paged_chunk_attention_triton``: CUDA, more than
+    one query, ``KVDRIVE_PREFILL_KERNEL=triton``, a head_dim and dtype the kernel takes."""
+    return q.is_cuda and q.shape[2] > 1 and env.prefill_kernel() == "triton" and _takes(q, 1, q.shape[2])
+
+
+def _takes(q: torch.Tensor, kv_heads: int, keys: int) -> bool:
     d = q.shape[-1]
     return (
-        q.dtype in DTYPES
-        and d >= 16
-        and d <= 256
-        and d & (d - 1) == 0
-        and q.shape[1] % k.shape[1] == 0
-        and k.shape[2] >= q.shape[2]
+        q.dtype in DTYPES and 16 <= d <= 256 and d & (d - 1) == 0 and q.shape[1] % kv_heads == 0 and keys >= q.shape[2]
     )
 
 
@@ -50,20 +57,36 @@ def chunk_attention_triton(q, k, v, scale: float, with_lse: bool = False):
     """Causal attention of q (B, H_q, T, D) over k/v (B, H_kv, S, D), aligned to the lower
     right. Returns out (B, H_q, T, D) in q's dtype, and with ``with_lse`` its natural-log LSE
     (B, H_q, T) fp32 as well. On CUDA compiled; on CPU under Triton's interpreter."""
-    from kvdrive.cache.chunk_attention_triton import chunk_attention_kernel
-
     if not supported(q, k):
         raise KvdriveError(f"chunk_attention_triton does not take q {tuple(q.shape)} {q.dtype} over k {tuple(k.shape)}")
-    q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
+    return _launch(q, k, v, None, k.shape[2], 1, scale, with_lse)
+
+
+def paged_chunk_attention_triton(q, pool, rows, length: int, scale: float, with_lse: bool = False):
+    """The same over keys a page pool holds: pool (pages, 2, H_kv, G, D) (K then V of G tokens
+    a page), rows (B, P) int32 the pages of each sequence in position order from position 0,
+    ``length`` the keys the chunk sees (its own last). Reads the pages in place: no gather."""
+    k, v = pool[:, 0], pool[:, 1]  # (pages, H_kv, G, D) views
+    if not _takes(q, pool.shape[2], length) or rows.shape[1] * pool.shape[3] < length:
+        raise KvdriveError(
+            f"paged_chunk_attention_triton does not take q {tuple(q.shape)} over {length} keys of pages {tuple(pool.shape)}"
+        )
+    return _launch(q, k, v, rows, length, pool.shape[3], scale, with_lse)
+
+
+def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
+    from kvdrive.cache.chunk_attention_triton import chunk_attention_kernel
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
     b, hq, t, d = q.shape
-    s = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, t, device=q.device, dtype=torch.float32) if with_lse else out
+    paged = rows is not None
+    table = rows if paged else out  # an unused pointer when not paged
     block_m, block_n, warps, stages = _blocks(q)
-    grid = (triton_cdiv(t, block_m), b * hq)
-    chunk_attention_kernel[grid](
+    chunk_attention_kernel[(triton_cdiv(t, block_m), b * hq)](
         q,
         k,
         v,
@@ -81,14 +104,18 @@ def chunk_attention_triton(q, k, v, scale: float, with_lse: bool = False):
         out.stride(0),
         out.stride(1),
         out.stride(2),
+        table,
+        table.stride(0),
         t,
-        s,
+        length,
         float(scale) * LOG2E,
         HQ=hq,
         REP=hq // k.shape[1],
         BLOCK_D=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        G=g,
+        PAGED=paged,
         HAS_LSE=with_lse,
         IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
         INTERPRET=q.device.type == "cpu",

@@ -18,7 +18,9 @@ Attention is exact, the same as ``ContiguousKVCache``'s:
   depends only on the table's width (a CUDA graph's span), and partitions past a
   sequence's length or before its sliding window read nothing. On CPU the torch twin.
 * a prefill chunk: the pages the chunk sees gathered into contiguous K/V, then
-  ``chunk_attention`` (SDPA's flash kernel on CUDA, no mask); a ragged multi-token batch
+  ``chunk_attention`` (SDPA's flash kernel on CUDA, no mask); with
+  ``KVDRIVE_PREFILL_KERNEL=triton`` a global layer's chunk reads the pages in place
+  (``flash_prefill.paged_chunk_attention_triton``, no gather); a ragged multi-token batch
   attends under an explicit mask.
 
 ``PAGE_TOKENS = 64``: one page is one inner iteration of the kernel (64 tokens, a 16 KiB
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from kvdrive.cache import flash_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.contiguous import attention_mask, chunk_attention, grouped_sdpa, layer_specs
 from kvdrive.cache.pages import PageAllocator
@@ -186,6 +189,10 @@ class PagedKVCache(KVCache):
             return out[:, :, None]
         if m.uniform_start:  # one shared start: only the pages the chunk sees, causal without a mask
             s = batch.start[0]
+            if spec.window is None and spec.softcap is None and flash_prefill.takes_pages(q):
+                return flash_prefill.paged_chunk_attention_triton(
+                    q, self.pool[layer], m.rows, s + q.shape[2], spec.scale
+                )
             lo = 0 if spec.window is None else max(0, s - spec.window + 1)
             k, v = self._gather(layer, m.rows, lo // self.g, m.rows.shape[1])
             return chunk_attention(q, k, v, s, spec, k_start=lo // self.g * self.g)

@@ -94,8 +94,8 @@ def add_parser(sub) -> None:
         "--tasks",
         nargs="*",
         default=list(FAMILIES),
-        choices=FAMILIES,
-        help="retrieval families (default: all; none to skip the suite)",
+        choices=(*FAMILIES, "none"),
+        help="retrieval families (default: all; none, or --tasks alone, skips the suite)",
     )
     p.add_argument(
         "--items",
@@ -211,7 +211,7 @@ def run(args) -> int:
         window=args.window,
         steps=args.steps,
         samples=args.samples,
-        families=tuple(args.tasks),
+        families=tuple(t for t in args.tasks if t != "none"),
         items=args.items,
         modes=tuple(args.modes),
         batch=args.batch,

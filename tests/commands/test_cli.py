@@ -161,3 +161,11 @@ def test_demo_runs():
     rc, out, err = _cli("demo", "-n", "12", "--device", "cpu")
     assert rc == 0, err
     assert out.strip() and "decode" in err and "tok/s" in err
+
+
+@pytest.mark.parametrize("tasks,want", [(["none"], ()), ([], ()), (["passkey"], ("passkey",))])
+def test_eval_tasks_none_skips_the_suite(tasks, want):
+    from kvdrive.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--tasks", *tasks])
+    assert tuple(t for t in args.tasks if t != "none") == want

@@ -179,15 +179,21 @@ def _kernels():
 
     strides = ("stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks")
     strides += ("stride_vb", "stride_vh", "stride_vs", "stride_ob", "stride_oh", "stride_ot")
-    for d, block_m, block_n, lse, paged in (
-        (128, 128, 64, False, True),
-        (64, 128, 64, True, False),
-        (256, 64, 32, False, False),
+    for d, block_m, block_n, lse, paged, tma in (
+        (128, 128, 64, False, True, False),
+        (64, 128, 64, True, False, False),
+        (256, 64, 32, False, False, False),
+        (128, 128, 64, False, True, True),
+        (128, 128, 64, True, False, True),
     ):
+        kv = "*bf16"
+        if tma:  # tensor descriptors: the pool as (pages * 2 * H_kv, G, D), or (B, H_kv, S, D)
+            kv = f"tensordesc<bf16[1,{block_n},{d}]>" if paged else f"tensordesc<bf16[1,1,{block_n},{d}]>"
         yield (
             prefill_kernel.chunk_attention_kernel,
             {
-                **dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), "*bf16"),
+                **dict.fromkeys(("q_ptr", "o_ptr"), "*bf16"),
+                **dict.fromkeys(("k_ptr", "v_ptr"), kv),
                 "lse_ptr": "*fp32",
                 **dict.fromkeys(strides, "i32"),
                 "rows_ptr": "*i32",
@@ -207,6 +213,7 @@ def _kernels():
                 "HAS_LSE": lse,
                 "IEEE": False,
                 "INTERPRET": False,
+                "TMA": tma,
             },
         )
     yield (
@@ -234,4 +241,4 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 28
+    assert len(names) == 30

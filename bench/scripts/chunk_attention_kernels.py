@@ -11,6 +11,7 @@ Run on a CUDA machine from the repo root: ``python3 bench/scripts/chunk_attentio
 """
 
 import functools
+import itertools
 import json
 import os
 import sys
@@ -71,7 +72,8 @@ def chunk_rows(dev, dt) -> list[dict]:
             two_calls = functools.partial(split_prefill.split_chunk_attention, q, k, v, prefix, 1, SCALE)
             row = {"chunk": c, "prefix": prefix, "flash_one_call_s": seconds(one_call)}
             triton_call = functools.partial(flash_prefill.chunk_attention_triton, q, k, v, SCALE)
-            row["triton_one_call_s"] = seconds(triton_call)
+            row["triton_one_call_s"] = seconds(triton_call)  # K/V by tensor descriptors (TMA) on Hopper
+            row["triton_pointer_loads_s"] = seconds(functools.partial(triton_call, tma=False))
             row["triton_max_abs_diff_vs_flash"] = (one_call().float() - triton_call().float()).abs().max().item()
             for kernel in ("flash", "cudnn"):
                 os.environ["KVDRIVE_PREFILL_KERNEL"] = kernel
@@ -88,25 +90,25 @@ def chunk_rows(dev, dt) -> list[dict]:
 
 # Tiles of the Triton kernel to sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 3)]
+TILES += [(128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2)]
 
 
 def tile_rows(dev, dt, c: int = 2048, prefix: int = 131072 - 2048) -> list[dict]:
-    """The Triton kernel's time by tile at the deepest 2048-token chunk of a 128K prompt."""
+    """The Triton kernel's time by tile and load path (tensor descriptors or pointers) at the
+    deepest 2048-token chunk of a 128K prompt."""
     q = torch.randn(1, HQ, c, D, device=dev, dtype=dt)
     k, v = torch.randn(2, 1, HKV, prefix + c, D, device=dev, dtype=dt)
     flops = 4 * HQ * D * (c * prefix + c * (c + 1) / 2)
     rows, default = [], flash_prefill._blocks
     try:
-        for tile in TILES:
+        for tile, tma in itertools.product(TILES, (True, False)):
             flash_prefill._blocks = lambda q, tile=tile: tile
             try:
-                row = {
-                    "tile": list(tile),
-                    "s": seconds(functools.partial(flash_prefill.chunk_attention_triton, q, k, v, SCALE)),
-                }
+                call = functools.partial(flash_prefill.chunk_attention_triton, q, k, v, SCALE, tma=tma)
+                row = {"tile": list(tile), "tma": tma, "s": seconds(call)}
                 row["tflops"] = flops / row["s"] / 1e12
             except Exception as e:  # a tile that does not fit the SM's shared memory
-                row = {"tile": list(tile), "error": str(e)[:200]}
+                row = {"tile": list(tile), "tma": tma, "error": str(e)[:200]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -53,30 +53,55 @@ def _blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
     return 64, 32, 8, 2
 
 
-def chunk_attention_triton(q, k, v, scale: float, with_lse: bool = False):
+def chunk_attention_triton(q, k, v, scale: float, with_lse: bool = False, tma: bool | None = None):
     """Causal attention of q (B, H_q, T, D) over k/v (B, H_kv, S, D), aligned to the lower
     right. Returns out (B, H_q, T, D) in q's dtype, and with ``with_lse`` its natural-log LSE
-    (B, H_q, T) fp32 as well. On CUDA compiled; on CPU under Triton's interpreter."""
+    (B, H_q, T) fp32 as well. On CUDA compiled; on CPU under Triton's interpreter. ``tma``:
+    K and V through tensor descriptors (default: on Hopper and later, where the layout allows)."""
     if not supported(q, k):
         raise KvdriveError(f"chunk_attention_triton does not take q {tuple(q.shape)} {q.dtype} over k {tuple(k.shape)}")
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    return _launch(q, k, v, None, k.shape[2], 1, scale, with_lse)
+    b, hkv, s, d = k.shape
+    if _tma(q, tma, k, v):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = [1, 1, _blocks(q)[1], d]
+        k, v = (TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
+    return _launch(q, k, v, None, s, 1, hkv, scale, with_lse)
 
 
-def paged_chunk_attention_triton(q, pool, rows, length: int, scale: float, with_lse: bool = False):
+def paged_chunk_attention_triton(q, pool, rows, length: int, scale: float, with_lse: bool = False, tma=None):
     """The same over keys a page pool holds: pool (pages, 2, H_kv, G, D) (K then V of G tokens
     a page), rows (B, P) int32 the pages of each sequence in position order from position 0,
     ``length`` the keys the chunk sees (its own last). Reads the pages in place: no gather."""
-    k, v = pool[:, 0], pool[:, 1]  # (pages, H_kv, G, D) views
-    if not _takes(q, pool.shape[2], length) or rows.shape[1] * pool.shape[3] < length:
+    n, _, hkv, g, d = pool.shape
+    if not _takes(q, hkv, length) or rows.shape[1] * g < length:
         raise KvdriveError(
             f"paged_chunk_attention_triton does not take q {tuple(q.shape)} over {length} keys of pages {tuple(pool.shape)}"
         )
-    return _launch(q, k, v, rows, length, pool.shape[3], scale, with_lse)
+    block_n = _blocks(q)[1]
+    if g % block_n == 0 and pool.is_contiguous() and _tma(q, tma, pool):  # a key block inside one page
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k = v = TensorDescriptor(pool, [n * 2 * hkv, g, d], [g * d, d, 1], [1, block_n, d])
+    else:
+        k, v = pool[:, 0], pool[:, 1]  # (pages, H_kv, G, D) views
+    return _launch(q, k, v, rows, length, g, hkv, scale, with_lse)
 
 
-def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
+def _tma(q: torch.Tensor, wanted: bool | None, *tensors: torch.Tensor) -> bool:
+    """Whether K/V go through tensor descriptors: as asked, else on a GPU of compute capability 9
+    or more; never where a base or a leading stride is not a multiple of 16 bytes (the bulk copy's rule)."""
+    if any(x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]) for x in tensors):
+        return False
+    if wanted is not None:
+        return wanted
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def _launch(q, k, v, rows, length: int, g: int, kv_heads: int, scale: float, with_lse: bool):
+    """k, v: tensors (strided loads) or tensor descriptors (``TMA``)."""
     from kvdrive.cache.chunk_attention_triton import chunk_attention_kernel
 
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -86,6 +111,8 @@ def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
     paged = rows is not None
     table = rows if paged else out  # an unused pointer when not paged
     block_m, block_n, warps, stages = _blocks(q)
+    tma = not isinstance(k, torch.Tensor)
+    strides = (0, 0, 0, 0, 0, 0) if tma else (*k.stride()[:3], *v.stride()[:3])
     chunk_attention_kernel[(triton_cdiv(t, block_m), b * hq)](
         q,
         k,
@@ -95,12 +122,7 @@ def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
         q.stride(0),
         q.stride(1),
         q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *strides,
         out.stride(0),
         out.stride(1),
         out.stride(2),
@@ -110,7 +132,7 @@ def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
         length,
         float(scale) * LOG2E,
         HQ=hq,
-        REP=hq // k.shape[1],
+        REP=hq // kv_heads,
         BLOCK_D=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -119,6 +141,7 @@ def _launch(q, k, v, rows, length: int, g: int, scale: float, with_lse: bool):
         HAS_LSE=with_lse,
         IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
         INTERPRET=q.device.type == "cpu",
+        TMA=tma,
         num_warps=warps,
         num_stages=stages,
     )

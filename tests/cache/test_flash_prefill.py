@@ -2,6 +2,8 @@
 SDPA under ``causal_lower_right`` (GQA, prefixes of any length, several sequences, the LSE), on
 the CPU through Triton's interpreter and on the GPU compiled; chosen by ``KVDRIVE_PREFILL_KERNEL``."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import KERNEL_DEVICES, check_kernel
@@ -30,9 +32,9 @@ def _qkv(b, hq, hkv, t, s, d, device, dtype, seed):
 
 def check_against_twin(device: str) -> None:
     for i, (b, hq, hkv, t, s, d) in enumerate(CASES):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, tma in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
             q, k, v = _qkv(b, hq, hkv, t, s, d, device, dtype, i)
-            out, lse = flash_prefill.chunk_attention_triton(q, k, v, 0.3, with_lse=True)
+            out, lse = flash_prefill.chunk_attention_triton(q, k, v, 0.3, with_lse=True, tma=tma)
             ref, ref_lse = flash_prefill.chunk_attention_reference(q, k, v, 0.3, with_lse=True)
             # fp32: summation order only; bf16: P rounded to bf16 before P @ V, and the output once
             tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -41,16 +43,17 @@ def check_against_twin(device: str) -> None:
 
 
 def check_pages_against_twin(device: str) -> None:
-    """Keys read in place from shuffled pages of a pool equal the same keys gathered first."""
+    """Keys read in place from shuffled pages of a pool (by pointers, and by tensor descriptors
+    with a key block inside a page) equal the same keys gathered first."""
     gen = torch.Generator().manual_seed(5)
     b, hq, hkv, g, d = 2, 4, 2, 16, 32
     pool = torch.randn(20, 2, hkv, g, d, generator=gen).to(device)
     rows = torch.stack([torch.randperm(20, generator=gen)[:6] for _ in range(b)]).to(device, torch.int32)
     x = pool[rows.long()]  # (B, P, 2, H_kv, G, D)
     k, v = (x[:, :, i].permute(0, 2, 1, 3, 4).reshape(b, hkv, -1, d) for i in (0, 1))
-    for t, length in ((10, 50), (16, 96), (1, 33), (40, 40)):
+    for (t, length), tma in itertools.product(((10, 50), (16, 96), (1, 33), (40, 40)), (False, True)):
         q = torch.randn(b, hq, t, d, generator=gen).to(device)
-        out, lse = flash_prefill.paged_chunk_attention_triton(q, pool, rows, length, 0.3, with_lse=True)
+        out, lse = flash_prefill.paged_chunk_attention_triton(q, pool, rows, length, 0.3, with_lse=True, tma=tma)
         ref, ref_lse = flash_prefill.chunk_attention_reference(
             q, k[:, :, :length], v[:, :, :length], 0.3, with_lse=True
         )

@@ -242,3 +242,41 @@ def test_kernels_compile_for_hopper():
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
     assert len(names) == 30
+
+
+def _specialization(kernel, lengths: dict, constexprs: dict):
+    """What Triton keys a compiled kernel on for these arguments (pointers as one bf16 tensor,
+    every other integer 128, ``lengths`` as given), computed for sm_90 without a GPU."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    args = [
+        x if p.name.endswith("_ptr") else lengths.get(p.name, 128) for p in kernel.params if p.name not in constexprs
+    ]
+    return binder(*args, **constexprs)[1]
+
+
+@pytest.mark.parametrize("kernel", ["rope", "write_tokens", "chunk_attention"])
+def test_kernels_that_take_a_chunk_compile_once_for_every_length(kernel):
+    """A chunk of 2040 tokens after ones of 2048 (a step budget shared with decode makes such
+    lengths) must not compile a new kernel while every running stream waits: Triton keys ints on
+    being 1 or a multiple of 16 unless told not to."""
+    from kvdrive.cache import chunk_attention_triton
+    from kvdrive.models import rope_triton
+    from kvdrive.tiered import tier_ops_triton
+
+    fn, constexprs = {
+        "rope": (rope_triton.rope_kernel, {"D": 128, "BLOCK_T": 16}),
+        "write_tokens": (tier_ops_triton.write_tokens_kernel, {"D": 128, "BLOCK_D": 128}),
+        "chunk_attention": (
+            chunk_attention_triton.chunk_attention_kernel,
+            {"HQ": 32, "REP": 4, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 64, "G": 64, "PAGED": True}
+            | {"HAS_LSE": False, "IEEE": False, "INTERPRET": False, "TMA": False},
+        ),
+    }[kernel]
+    keys = [_specialization(fn, {"T": t, "S": t + p}, constexprs) for t in (1, 16, 2040, 2048) for p in (0, 4095)]
+    assert all(k == keys[0] for k in keys)

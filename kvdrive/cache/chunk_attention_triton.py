@@ -106,7 +106,7 @@ def _tile(
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S"])  # chunks and prefixes of any length: one kernel
 def chunk_attention_kernel(
     q_ptr,
     k_ptr,

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a chunk of any length: one compiled kernel
 def rope_kernel(
     x_ptr,
     cos_ptr,

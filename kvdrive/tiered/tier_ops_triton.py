@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # a chunk of any length: one compiled kernel
 def write_tokens_kernel(
     k_ptr,
     v_ptr,

@@ -91,13 +91,14 @@ def paged_chunk_attention_triton(q, pool, rows, length: int, scale: float, with_
 
 
 def _tma(q: torch.Tensor, wanted: bool | None, *tensors: torch.Tensor) -> bool:
-    """Whether K/V go through tensor descriptors: as asked, else on a GPU of compute capability 9
-    or more; never where a base or a leading stride is not a multiple of 16 bytes (the bulk copy's rule)."""
+    """Whether K/V go through tensor descriptors: as asked, else for 16-bit KV on a GPU of compute
+    capability 9 or more (fp32 tiles, multi-buffered, outgrow shared memory at D = 128); never
+    where a base or a leading stride is not a multiple of 16 bytes (the bulk copy's rule)."""
     if any(x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]) for x in tensors):
         return False
     if wanted is not None:
         return wanted
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    return q.is_cuda and tensors[0].element_size() == 2 and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def _launch(q, k, v, rows, length: int, g: int, kv_heads: int, scale: float, with_lse: bool):

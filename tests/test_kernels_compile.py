@@ -157,7 +157,10 @@ def _kernels():
         },
         {"BLOCK": 2048},
     )
-    for int4, raw in ((False, False), (True, False), (False, True), (True, True)):
+    for int4, int8, raw in ((False, False, False), (True, False, False), (False, False, True), (True, False, True)) + (
+        (False, True, False),
+        (False, True, True),
+    ):
         yield (
             dequant_triton.dequant_rows_kernel,
             {
@@ -172,7 +175,7 @@ def _kernels():
                 "raw_from": "i64",
                 **dict.fromkeys(("H", "G", "D", "vq_off", "ks_off", "kz_off", "vs_off", "vz_off"), "i32"),
             },
-            {"INT4": int4, "HAS_RAW": raw, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
+            {"INT4": int4, "INT8": int8, "HAS_RAW": raw, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
         )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     from kvdrive.cache import chunk_attention_triton as prefill_kernel
@@ -241,7 +244,7 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 30
+    assert len(names) == 32
 
 
 def _specialization(kernel, lengths: dict, constexprs: dict):

@@ -6,8 +6,9 @@ does), each row changes one thing:
 
 - ``pieces_512``: the prompt prefilled in 512-token pieces. The same arithmetic in another
   order: the KV differs by the model dtype's rounding, nothing else.
-- ``fp8`` / ``int4``: the 2048-token prefill, each full group's KV through the storage
-  format's round trip (``SparseConfig.kv_dtype``, what a fetch from compressed tiers delivers).
+- ``fp8`` / ``int8`` / ``int4``: the 2048-token prefill, each full group's KV through the
+  storage format's round trip (``SparseConfig.kv_dtype``, what a fetch from compressed tiers
+  delivers).
 
 Top-1 agreement with the reference's greedy tokens (95% Wilson interval), KL and the
 perplexity change. Where ``pieces_512`` itself flips tokens, that rate is the floor any
@@ -36,7 +37,7 @@ from kvdrive.results import write_result
 
 
 def decode(runner: Runner, rows: list[list[int]], context: int, kv_dtype: str = "bf16") -> torch.Tensor:
-    runner.prefill([r[:context] for r in rows])
+    """Full attention over the prefilled prompts, rewound to them, KV through ``kv_dtype``."""
     runner.use(Setting(None, 1.0, kv_dtype=kv_dtype), [context] * len(rows))
     return runner.decode(torch.tensor([r[context:-1] for r in rows])).cpu()
 
@@ -69,10 +70,14 @@ def main() -> None:
         target = torch.tensor([r[args.length + 1 :] for r in rows])
         max_len = args.length + args.steps + 8
         t0 = time.perf_counter()
-        ref = decode(Runner(lm, args.samples, max_len, SparseConfig()), rows, args.length)
-        runs = {"pieces_512": decode(Runner(lm, args.samples, max_len, SparseConfig(), chunk=512), rows, args.length)}
-        for fmt in ("fp8", "int4"):
-            runs[fmt] = decode(Runner(lm, args.samples, max_len, SparseConfig()), rows, args.length, fmt)
+        runs = {}
+        for chunk in (512, 2048):
+            runner = Runner(lm, args.samples, max_len, SparseConfig(), chunk=chunk)
+            runner.prefill([r[: args.length] for r in rows])
+            runs[f"pieces_{chunk}"] = decode(runner, rows, args.length)
+        ref = runs.pop("pieces_2048")
+        for fmt in ("fp8", "int8", "int4"):  # over the 2048-piece prefill
+            runs[fmt] = decode(runner, rows, args.length, fmt)
         results[dtype] = {name: compare(ref, logits, target) for name, logits in runs.items()}
         results[dtype]["seconds"] = time.perf_counter() - t0
         print(dtype, {k: v["top1_agreement"] for k, v in results[dtype].items() if k != "seconds"}, flush=True)

@@ -177,7 +177,7 @@ def add_arguments(p) -> None:
         nargs="+",
         choices=KV_DTYPES,
         default=["bf16"],
-        metavar="{bf16,fp8,int4}",
+        metavar="{bf16,fp8,int8,int4}",
         help="storage formats of the tiered systems' host and disk tiers: each tiered system runs once per "
         "format in this run, rows carry kv_dtype, ratios compare each format with bf16 (default bf16: the model dtype)",
     )

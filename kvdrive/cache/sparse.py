@@ -16,7 +16,7 @@ last one (the whole prompt at the first step, where ``lowrank_seq`` also fits it
 per-sequence basis on the prompt's keys). Everything stays on the GPU here (Quest-style);
 the tiered decode engine moves groups between tiers under the same selection.
 
-``kv_dtype`` (fp8, int4): decode attends to each full group as the storage format's round
+``kv_dtype`` (fp8, int8, int4): decode attends to each full group as the storage format's round
 trip returns it (``kvdrive.quant``: what a fetch from compressed host or disk tiers
 delivers), the partly filled group exact; summaries stay computed from the exact keys. The
 accuracy harness measures a storage format this way.

@@ -10,7 +10,7 @@ SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "to
 FAMILIES = ("passkey", "multikey", "vartrack")  # kvdrive.eval.retrieval.FAMILIES (not imported: torch at parse time)
 MODES = ("prefilled", "sparse-question")
 EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.tiered.selection_cache.EVICTIONS (not imported: torch at parse time)
-KV_DTYPES = ("bf16", "fp8", "int4")  # kvdrive.quant.formats.KV_DTYPES (not imported: torch at parse time)
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # kvdrive.quant.formats.KV_DTYPES (not imported: torch at parse time)
 
 
 def summary_choice(value: str) -> str:
@@ -130,9 +130,9 @@ def add_parser(sub) -> None:
         nargs="+",
         default=["bf16"],
         choices=KV_DTYPES,
-        metavar="{bf16,fp8,int4}",
+        metavar="{bf16,fp8,int8,int4}",
         help="storage formats of the host and disk tiers to measure, each against full attention and "
-        "fp8/int4 also against the same setting over bf16 KV (default bf16: the model dtype)",
+        "fp8/int8/int4 also against the same setting over bf16 KV (default bf16: the model dtype)",
     )
     p.add_argument("-o", "--out", default="eval.json", help="JSON result path (default eval.json)")
     p.add_argument("--plot", help="write a PNG plot of accuracy vs budget (with --hits: hit rate vs cache size) here")

@@ -92,11 +92,16 @@ def add_sampling_options(p) -> None:
     )
     k.add_argument(
         "--kv-dtype",
-        choices=("bf16", "fp8", "int4"),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        choices=(
+            "bf16",
+            "fp8",
+            "int8",
+            "int4",
+        ),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
         default="bf16",
-        help="with --budget, the storage format of the host and disk tiers: fp8 or int4 store full groups "
-        "quantized (the same host and disk bytes hold ~1.6x / ~2.6x the tokens at 16-token groups; "
-        "docs/compression.md) (default bf16: the model dtype)",
+        help="with --budget, the storage format of the host and disk tiers: fp8, int8 or int4 store full groups "
+        "quantized (the same host and disk bytes hold ~1.6x (fp8, int8) / ~2.6x (int4) the tokens at 16-token "
+        "groups; int8 is the most accurate per byte, docs/compression.md) (default bf16: the model dtype)",
     )
     g = p.add_argument_group("sampling")
     g.add_argument(

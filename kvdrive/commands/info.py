@@ -49,7 +49,12 @@ def add_parser(sub) -> None:
     )
     w.add_argument(
         "--kv-dtype",
-        choices=("bf16", "fp8", "int4"),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        choices=(
+            "bf16",
+            "fp8",
+            "int8",
+            "int4",
+        ),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
         default="bf16",
         help="tiered cache: storage format of the host tier, which the host bytes per sequence follow (default bf16)",
     )

@@ -173,7 +173,7 @@ def _write(spec, lm, text, bases, out, results) -> Path:
     notes = [
         "reference = full attention (the sparse cache with a budget covering the context, proven equal in tests)",
         "KL is KL(full || sparse) per teacher-forced token; top1 = argmax agreement",
-        "a label +fp8 or +int4: decode attends to full groups as that storage format's round trip returns them "
+        "a label +fp8, +int8 or +int4: decode attends to full groups as that storage format's round trip returns them "
         "(what the tiered cache fetches from compressed tiers), the open group exact; vs_bf16 compares it "
         "with the same setting over bf16 KV (top1: agreement with its greedy tokens)",
         "recall (with --recall): per sparse layer L, the share of the groups the true query selected "

@@ -120,7 +120,7 @@ class PrefixConfig:
     ``admit_after``: stores of a chunk before it is written to disk (1 = at once).
     ``host_weight``: GB/s weight of the host arena in the stripe (None = measured).
     ``remote``: a store shared by every serving node behind the local tiers (off when None).
-    ``kv_dtype``: the chunks' storage format (``bf16``: the model dtype; ``fp8``, ``int4``:
+    ``kv_dtype``: the chunks' storage format (``bf16``: the model dtype; ``fp8``, ``int8``, ``int4``:
     quantized when stored, dequantized on the GPU when loaded; docs/compression.md)."""
 
     model: str = ""

@@ -1,6 +1,6 @@
 """Compressed KV for the tiers below the GPU.
 
-* ``formats``: the storage formats (``bf16``, ``fp8``, ``int4``): byte sections of a stored
+* ``formats``: the storage formats (``bf16``, ``fp8``, ``int8``, ``int4``): byte sections of a stored
   group, ``quantize`` (torch, where the group is written behind) and ``dequantize`` (the twin);
 * ``dequant``: ``dequant_rows``, the fetch that widens stored rows into typed groups
   (kernel: ``dequant_triton``).

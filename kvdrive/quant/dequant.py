@@ -104,6 +104,7 @@ def dequant_rows(
         sec["vs"].offset,
         zero[1],
         INT4=kv_dtype == "int4",
+        INT8=kv_dtype == "int8",
         HAS_RAW=raw is not None,
         BLOCK_G=block_g,
         BLOCK_D=block_d,

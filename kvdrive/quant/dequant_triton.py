@@ -1,4 +1,4 @@
-"""Triton body of the fetch's dequantizer: stored rows (fp8 or int4 bytes) -> typed groups.
+"""Triton body of the fetch's dequantizer: stored rows (fp8, int8 or int4 bytes) -> typed groups.
 
 ``dst[dst_idx[r]]`` (2, H, G, D) = dequantize(``src[src_idx[r]]``). The source may be pinned
 host memory read through unified addressing (the compressed bytes cross PCIe once and are
@@ -47,12 +47,13 @@ def dequant_rows_kernel(
     vs_off,
     vz_off,
     INT4: tl.constexpr,
+    INT8: tl.constexpr,
     HAS_RAW: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """src: uint8 rows; dst: typed rows (model dtype). Rows with ``dst_idx[r] < 0`` are skipped.
-    ``BLOCK_D`` covers the codes' columns of one byte row: D (fp8) or D/2 (int4)."""
+    ``BLOCK_D`` covers the codes' columns of one byte row: D (fp8, int8) or D/2 (int4)."""
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     d = tl.load(dst_idx_ptr + row).to(tl.int64)
@@ -104,14 +105,19 @@ def dequant_rows_kernel(
         if HAS_RAW:
             tl.store(out, tl.load(raw, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)
             tl.store(out + half, tl.load(raw + half, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)
-    else:  # keys centred per channel (kz), values not
+    else:  # fp8 and int8: keys offset per channel (kz: centre, minimum), values not
         kz16 = (src + kz_off).to(tl.pointer_type(tl.float16))
         ks = tl.load(scales16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
         kz = tl.load(kz16 + kcol, mask=(c < cols) & ~is_v & live, other=0.0).to(tl.float32)
         vs = tl.load(vscales16 + vtok, mask=(t < G) & is_v & live, other=0.0).to(tl.float32)
         scale = tl.where(is_v, vs[:, None], ks[None, :])
         zero = tl.where(is_v, 0.0, kz[None, :])
-        tl.store(out, (_fp8_e4m3(b) * scale + zero).to(dst_ptr.dtype.element_ty), mask=mask)
+        if INT8:  # keys: unsigned codes; values: two's complement bytes
+            bi = b.to(tl.int32)
+            x = tl.where(is_v, (bi ^ 128) - 128, bi).to(tl.float32)
+        else:
+            x = _fp8_e4m3(b)
+        tl.store(out, (x * scale + zero).to(dst_ptr.dtype.element_ty), mask=mask)
         if HAS_RAW:
             ty = dst_ptr.dtype.element_ty
             tl.store(out, tl.load(raw, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)

@@ -6,6 +6,10 @@ prefix pool.
   tokens (``kz``, the midpoint of the channel's range, and ``ks`` (H_kv, D): a key channel's
   bias is kept exactly, so e4m3's relative error falls on its spread only), values scaled
   per token over D channels (``vs`` (H_kv, G)); fp16 scales and centres;
+* ``int8``: fp8's bytes and sections, integer codes: keys asymmetric per channel over the
+  group's G tokens (``ks`` the step, ``kz`` the minimum: 256 even levels across the channel's
+  range, where e4m3 keeps 3 mantissa bits of each value), values symmetric per token over D
+  (``vs``; codes -127..127 as two's complement bytes);
 * ``int4``: KIVI's asymmetric 4-bit: keys per channel over the group's G tokens (scale and
   zero (H_kv, D)), values per token over D channels (scale and zero (H_kv, G)); two codes
   per byte, code ``c`` of a row in the low nibble of byte ``c`` and code ``c + D/2`` in its
@@ -25,18 +29,20 @@ import torch
 
 from kvdrive.errors import KvdriveError
 
-KV_DTYPES = ("bf16", "fp8", "int4")
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")
 # Byte layout revision of each compressed format, part of its stored name (``stored_name``):
 # a change to a format's bytes bumps it, so stored groups of the old layout are never read as
 # the new (prefix keys and pool geometries carry the name). fp8 2: keys centred per channel.
-REVISIONS = {"fp8": 2, "int4": 1}
+REVISIONS = {"fp8": 2, "int8": 1, "int4": 1}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_LEVELS = 15
+INT8_KEY_LEVELS, INT8_VALUE_MAX = 255, 127
 _SECTION_ALIGN = 16
 # fp16 scales: the smallest positive subnormal and the largest finite value.
 _SCALE_MIN, _SCALE_MAX = 2.0**-24, 65504.0
 SECTIONS = {
     "fp8": ("kq", "vq", "ks", "kz", "vs"),
+    "int8": ("kq", "vq", "ks", "kz", "vs"),
     "int4": ("kq", "vq", "ks", "kz", "vs", "vz"),
 }
 
@@ -66,7 +72,7 @@ def sections(kv_dtype: str, heads: int, tokens: int, dim: int) -> dict[str, Sect
         raise KvdriveError("bf16 groups are stored as the typed group; they have no sections")
     if kv_dtype == "int4" and dim % 2:
         raise KvdriveError(f"int4 KV needs an even head_dim, got {dim}")
-    payload = heads * tokens * (dim if kv_dtype == "fp8" else dim // 2)
+    payload = heads * tokens * (dim // 2 if kv_dtype == "int4" else dim)
     sizes = {"kq": payload, "vq": payload, "ks": 2 * heads * dim, "kz": 2 * heads * dim}
     sizes.update(vs=2 * heads * tokens, vz=2 * heads * tokens)
     out, at = {}, 0
@@ -114,6 +120,13 @@ def quantize(groups: torch.Tensor, kv_dtype: str) -> torch.Tensor:
         kq = (kc / ks.float()[:, :, None, :]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         vq = (v / vs.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         parts = {"kq": kq.view(torch.uint8), "vq": vq.view(torch.uint8), "ks": ks, "kz": kz, "vs": vs}
+    elif kv_dtype == "int8":
+        klo, khi = k.amin(dim=2), k.amax(dim=2)  # (N, H, D)
+        ks, kz = _scale((khi - klo) / INT8_KEY_LEVELS), _centre(klo)
+        vs = _scale(v.abs().amax(dim=3) / INT8_VALUE_MAX)  # (N, H, G)
+        kq = ((k - kz.float()[:, :, None, :]) / ks.float()[:, :, None, :]).round().clamp(0, INT8_KEY_LEVELS)
+        vq = (v / vs.float()[..., None]).round().clamp(-INT8_VALUE_MAX, INT8_VALUE_MAX)
+        parts = {"kq": kq.to(torch.uint8), "vq": vq.to(torch.int8).view(torch.uint8), "ks": ks, "kz": kz, "vs": vs}
     else:
         klo, khi = k.amin(dim=2), k.amax(dim=2)  # (N, H, D)
         vlo, vhi = v.amin(dim=3), v.amax(dim=3)  # (N, H, G)
@@ -145,6 +158,10 @@ def dequantize(rows: torch.Tensor, kv_dtype: str, shape: tuple[int, int, int], d
     if kv_dtype == "fp8":
         kq = part("kq", torch.float8_e4m3fn, h, g, d).float()
         vq = part("vq", torch.float8_e4m3fn, h, g, d).float()
+        k, v = kq * ks[:, :, None, :] + kz[:, :, None, :], vq * vs[..., None]
+    elif kv_dtype == "int8":
+        kq = part("kq", torch.uint8, h, g, d).float()
+        vq = part("vq", torch.int8, h, g, d).float()
         k, v = kq * ks[:, :, None, :] + kz[:, :, None, :], vq * vs[..., None]
     else:
         vz = part("vz", torch.float16, h, g).float()

@@ -21,7 +21,7 @@ from kvdrive.errors import KvdriveError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DISK_MISSES = ("wait", "defer")  # TieredConfig.disk_misses' choices, spelled here: importing it loads torch
-KV_DTYPES = ("bf16", "fp8", "int4")  # kvdrive.quant.formats.KV_DTYPES, spelled here for the same reason
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # kvdrive.quant.formats.KV_DTYPES, spelled here for the same reason
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
         "kv",
         "choice",
         "bf16",
-        "storage format of the tiered cache's host and disk tiers: bf16 (the model dtype), fp8 or int4 (full "
+        "storage format of the tiered cache's host and disk tiers: bf16 (the model dtype), fp8, int8 or int4 (full "
         "groups quantized on the GPU, widened when fetched; the same host and disk bytes hold more tokens; "
         "docs/compression.md)",
         choices=KV_DTYPES,
@@ -222,7 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
         "prefix",
         "choice",
         "bf16",
-        "storage format of the pool's chunks: bf16 (the model dtype), fp8 or int4 (quantized when stored, "
+        "storage format of the pool's chunks: bf16 (the model dtype), fp8, int8 or int4 (quantized when stored, "
         "dequantized when loaded; docs/compression.md)",
         choices=KV_DTYPES,
         example="fp8",

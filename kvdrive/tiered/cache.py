@@ -23,7 +23,7 @@ layers, attention is exact over KV gathered from host for that layer alone;
 sliding-window layers decode from a GPU ring of their last ``window`` tokens
 (``WindowRing``), written as tokens arrive.
 
-With ``kv_dtype`` fp8 or int4 the host (and disk) tiers store every full group in that format
+With ``kv_dtype`` fp8, int8 or int4 the host (and disk) tiers store every full group in that format
 and each sequence's open group exact (``host_kv.OpenGroups``): token writes go to the open row;
 a group that fills is sealed (quantized on the device into its row, summarized from its exact
 keys, and the GPU cache's copy of it replaced by the stored group's round trip, so attention

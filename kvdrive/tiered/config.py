@@ -70,7 +70,7 @@ class TieredConfig:
     # chunk gathers its whole prefix from host, ~T^2 / (2 x chunk) tokens of KV per prompt (ablation).
     stage_prefill: bool = True
     # Storage format of the host and disk tiers (docs/compression.md): "bf16" keeps the model dtype;
-    # "fp8" / "int4" store every full group quantized (on the device, once, as it is sealed) and
+    # "fp8" / "int8" / "int4" store every full group quantized (on the device, once, as it is sealed) and
     # widen it to the model dtype on the device as it is fetched; the open group stays exact.
     kv_dtype: str = "bf16"
 

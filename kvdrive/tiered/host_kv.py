@@ -3,7 +3,7 @@ pinned host memory (``FullHostKV``).
 
 ``HostKV`` is what ``TieredSparseKVCache`` reads misses from. ``rows`` maps (sequence slot,
 group) to a row of the layer's host pool on the device (-1: on disk only), so the GPU
-fetch kernel needs no host work. With a compressed ``layout.kv_dtype`` (fp8, int4) full
+fetch kernel needs no host work. With a compressed ``layout.kv_dtype`` (fp8, int8, int4) full
 groups are stored in the format and each slot's open group is an exact row of
 ``opened`` (``OpenGroups``, below): token writes go there, ``seal`` quantizes it on
 the device into the group's row once the group is full, and ``rows`` names the open

@@ -67,20 +67,21 @@ def test_sparse_differs_from_full_when_budget_is_small():
 
 
 def test_compressed_storage_format_is_what_decode_sees():
-    """kv_dtype: decode attends to full groups as the format's round trip returns them, so fp8 and
-    int4 differ from bf16 (full budget, so selection plays no part) by bounded amounts, int4 more."""
+    """kv_dtype: decode attends to full groups as the format's round trip returns them, so fp8, int8
+    and int4 differ from bf16 (full budget, so selection plays no part) by bounded amounts: int8
+    least, int4 most."""
     model = _tiny()
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (150, 77)]
     dev, dt = torch.device("cpu"), torch.float32
     out = {}
-    for fmt in ("bf16", "fp8", "int4"):
+    for fmt in ("bf16", "fp8", "int8", "int4"):
         cfg = SparseConfig(group_tokens=8, budget=10_000, kv_dtype=fmt)
         out[fmt] = _decode(model, SparseKVCache(model.config, 2, 400, dev, dt, cfg), prompts, 12)
     ref = _decode(model, ContiguousKVCache(model.config, 2, 400, dev, dt), prompts, 12)
     torch.testing.assert_close(out["bf16"], ref, rtol=1e-5, atol=1e-5)
-    err = {f: float((out[f] - ref).norm() / ref.norm()) for f in ("fp8", "int4")}
-    assert 0 < err["fp8"] < err["int4"] < 0.2, err
+    err = {f: float((out[f] - ref).norm() / ref.norm()) for f in ("fp8", "int8", "int4")}
+    assert 0 < err["int8"] < err["fp8"] < err["int4"] < 0.2, err
 
 
 @pytest.mark.parametrize("preset,want", [("smollm2-135m", 0.375), ("gemma3-270m", 0.5), ("llama-3.1-8b", 0.5)])

@@ -13,7 +13,7 @@ from kvdrive.prefix.pool import PrefixConfig, PrefixPool
 from kvdrive.storage.pool import PoolPath
 
 # Relative error of the loaded KV of Gaussian keys and values, per format.
-BOUNDS = {"bf16": 0.0, "fp8": 0.04, "int4": 0.15}
+BOUNDS = {"bf16": 0.0, "fp8": 0.04, "int8": 0.012, "int4": 0.15}
 # The factories' chunk (2 heads x 4 tokens x 8 dims, fp32) in 1 MiB of disk at most.
 BUDGET = 1 << 20
 
@@ -37,7 +37,7 @@ def rel_err(a, sa, b, sb, n):
     return (num / den) ** 0.5
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 @pytest.mark.parametrize("tier", ["disk", "host"])
 def test_compressed_round_trip_is_close_and_reads_fewer_bytes(tmp_path, fmt, tier):
     pool = pool_at(tmp_path if tier == "disk" else None, fmt, host_bytes=0 if tier == "disk" else BUDGET)
@@ -61,7 +61,7 @@ def test_a_pool_written_in_one_format_is_never_read_as_another(tmp_path):
     pool.store(cache, 0, ids)
     row = pool.index.get(keys_fp8[:1])[keys_fp8[0]]
     pool.close()
-    for other in ("bf16", "int4"):  # the directory is refused, its extents untouched
+    for other in ("bf16", "int8", "int4"):  # the directory is refused (int8: fp8's very bytes), extents untouched
         with pytest.raises(KvdriveError, match="kv_dtype"):
             pool_at(tmp_path, other)
     # keys and bound checksums carry the format: another format's key never verifies these slots
@@ -84,7 +84,7 @@ def test_a_pool_written_in_one_format_is_never_read_as_another(tmp_path):
 
 
 def test_bad_kv_dtype_is_refused_by_name():
-    with pytest.raises(KvdriveError, match="bf16, fp8, int4"):
+    with pytest.raises(KvdriveError, match="bf16, fp8, int8, int4"):
         PrefixConfig(model="m", host_bytes=1 << 20, kv_dtype="fp16")
 
 
@@ -111,7 +111,7 @@ def test_smaller_slots_keep_as_many_bytes_in_flight(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 def test_compressed_pool_loads_on_the_gpu_like_the_torch_twin(tmp_path, fmt):
     """Store and load on CUDA (quantize on the device, host chunks copied through UVA, the Triton
     dequantizer per layer); the loaded KV equals the torch round trip of what was stored."""

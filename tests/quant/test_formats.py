@@ -8,7 +8,7 @@ from kvdrive.quant import dequant_rows_reference, dequantize, quantize, stored_b
 from kvdrive.quant.formats import sections
 
 # Relative Frobenius error of a round trip of Gaussian KV with channel outliers in the keys.
-BOUNDS = {"bf16": 0.0, "fp8": 0.04, "int4": 0.15}
+BOUNDS = {"bf16": 0.0, "fp8": 0.04, "int8": 0.012, "int4": 0.15}
 
 
 def kv_groups(n=3, h=2, g=16, d=64, seed=0, dtype=torch.bfloat16):
@@ -18,7 +18,7 @@ def kv_groups(n=3, h=2, g=16, d=64, seed=0, dtype=torch.bfloat16):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8", "int4"])
 def test_round_trip_error_is_bounded(fmt):
     x = kv_groups()
     rows = quantize(x, fmt)
@@ -35,7 +35,7 @@ def test_keys_are_scaled_per_channel_values_per_token():
     x = kv_groups(n=1, g=8, d=16)
     x[0, 0, :, :, 3] *= 1000
     x[0, 1, :, 5, :] *= 1000
-    for fmt in ("fp8", "int4"):
+    for fmt in ("fp8", "int8", "int4"):
         y = dequantize(quantize(x, fmt), fmt, (2, 8, 16), torch.bfloat16).float()
         rest_k = [c for c in range(16) if c != 3]
         rest_v = [t for t in range(8) if t != 5]
@@ -47,7 +47,7 @@ def test_keys_are_scaled_per_channel_values_per_token():
 def test_zero_and_constant_spans_decode_exactly_enough():
     x = torch.zeros(1, 2, 2, 4, 8, dtype=torch.bfloat16)
     x[0, 1, 1] = 2.5  # constant values of one head
-    for fmt in ("fp8", "int4"):
+    for fmt in ("fp8", "int8", "int4"):
         y = dequantize(quantize(x, fmt), fmt, (2, 4, 8), torch.bfloat16)
         assert torch.isfinite(y.float()).all()
         torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-3)
@@ -58,14 +58,15 @@ def test_stored_bytes_shrink_and_sections_do_not_overlap():
     bf16 = stored_bytes("bf16", h, g, d, 2)
     assert stored_bytes("fp8", h, g, d, 2) / bf16 < 0.52
     assert stored_bytes("int4", h, g, d, 2) / bf16 < 0.27
-    for fmt in ("fp8", "int4"):
+    assert stored_bytes("int8", h, g, d, 2) == stored_bytes("fp8", h, g, d, 2)
+    for fmt in ("fp8", "int8", "int4"):
         sec = sorted(sections(fmt, h, g, d).values())
         assert all(a.offset + a.nbytes <= b.offset and b.offset % 16 == 0 for a, b in zip(sec, sec[1:]))
         assert stored_bytes(fmt, h, g, d, 2) % 16 == 0
 
 
 def test_bad_format_and_odd_int4_dim_are_refused():
-    with pytest.raises(KvdriveError, match="bf16, fp8, int4"):
+    with pytest.raises(KvdriveError, match="bf16, fp8, int8, int4"):
         stored_bytes("fp4", 1, 1, 8, 2)
     with pytest.raises(KvdriveError, match="even head_dim"):
         sections("int4", 1, 4, 7)
@@ -98,7 +99,7 @@ def check_dequant_kernel() -> None:
     torch.manual_seed(0)
     for h, g, d in ((2, 16, 64), (3, 5, 6), (1, 40, 16)):  # G not a power of two; G over one tile
         x = (torch.randn(4, 2, h, g, d) * 3).to(torch.bfloat16)
-        for fmt in ("fp8", "int4"):
+        for fmt in ("fp8", "int8", "int4"):
             src = torch.cat([quantize(x, fmt), torch.zeros(4, 32, dtype=torch.uint8)], 1)  # padded rows
             si, di = torch.tensor([3, 0, 2, 1]), torch.tensor([1, -1, 0, 4])  # -1: the row is skipped
             a = torch.zeros(6, 2 * h * g * d + 8, dtype=torch.bfloat16)
@@ -124,7 +125,7 @@ def test_triton_dequant_matches_reference_under_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 def test_dequant_from_pinned_host_matches_reference_on_gpu(fmt):
     from kvdrive.quant import dequant_rows
 
@@ -156,6 +157,26 @@ def test_fp8_keys_keep_a_channel_bias_out_of_the_error():
 def test_stored_names_carry_the_format_and_its_revision():
     from kvdrive.storage.layout import GroupLayout
 
-    names = {f: GroupLayout(2, 2, 8, torch.bfloat16, 4, f).name for f in ("bf16", "fp8", "int4")}
+    names = {f: GroupLayout(2, 2, 8, torch.bfloat16, 4, f).name for f in ("bf16", "fp8", "int8", "int4")}
     assert names["bf16"] == "kv2-h2-g4-d8-bfloat16"  # unchanged: pools of the model dtype stay valid
     assert names["fp8"].endswith("-fp8r2") and names["int4"].endswith("-int4r1")
+    assert names["int8"].endswith("-int8r1")  # the same bytes as fp8's, never read as fp8
+
+
+def test_int8_keys_beat_fp8_keys_on_the_same_bytes():
+    # 256 even levels across a channel's range against e4m3's 3 mantissa bits of each value: the
+    # large entries, which dominate q.k, keep more precision
+    x = kv_groups(n=4, g=16, d=64, seed=3)
+    errs = {}
+    for fmt in ("fp8", "int8"):
+        y = dequantize(quantize(x, fmt), fmt, (2, 16, 64), torch.bfloat16)
+        errs[fmt] = [float((y[:, i].float() - x[:, i].float()).norm() / x[:, i].float().norm()) for i in (0, 1)]
+    assert errs["int8"][0] < errs["fp8"][0] / 2 and errs["int8"][1] < errs["fp8"][1] / 2, errs
+
+
+def test_int8_values_keep_their_sign_and_extremes():
+    x = torch.zeros(1, 2, 1, 4, 8, dtype=torch.bfloat16)
+    x[0, 1, 0, 0] = torch.tensor([-3.0, 3.0, -1.5, 1.5, 0.0, -3.0, 0.75, 3.0])
+    x[0, 0, 0] = torch.arange(32, dtype=torch.bfloat16).view(4, 8) - 16
+    y = dequantize(quantize(x, "int8"), "int8", (1, 4, 8), torch.bfloat16)
+    torch.testing.assert_close(y, x, rtol=0, atol=0.02)

@@ -130,11 +130,11 @@ def test_the_prefix_storage_formats_are_the_quantizers_and_a_bad_one_is_refused_
     from kvdrive.quant.formats import KV_DTYPES
 
     assert BY_NAME["prefix_kv_dtype"].choices == KV_DTYPES
-    with pytest.raises(KvdriveError, match="KVDRIVE_PREFIX_KV_DTYPE: 'fp4' is not one of bf16, fp8, int4"):
+    with pytest.raises(KvdriveError, match="KVDRIVE_PREFIX_KV_DTYPE: 'fp4' is not one of bf16, fp8, int8, int4"):
         resolve(env={"KVDRIVE_PREFIX_KV_DTYPE": "fp4"})
     path = tmp_path / "kvdrive.yaml"
-    path.write_text("prefix_kv_dtype: int8\n")
-    with pytest.raises(KvdriveError, match="kvdrive.yaml: prefix_kv_dtype: 'int8' is not one of bf16, fp8, int4"):
+    path.write_text("prefix_kv_dtype: int2\n")
+    with pytest.raises(KvdriveError, match="kvdrive.yaml: prefix_kv_dtype: 'int2' is not one of bf16, fp8, int8, int4"):
         resolve(read_file(str(path)), file_name="kvdrive.yaml")
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--prefix-kv-dtype", "fp16", "--print-config"])

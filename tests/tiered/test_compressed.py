@@ -28,7 +28,7 @@ def _config(tmp_path, disk: bool, **kw) -> TieredConfig:
 
 
 @pytest.mark.parametrize("disk", [False, True])
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 def test_compressed_tiers_match_the_gpu_resident_cache_in_the_same_format(tmp_path, fmt, disk):
     """Prompts of 150, 77 and 203 tokens (partly filled last groups at G=8), 12 decode steps: every
     sequence crosses a group boundary (its open group is sealed mid-decode)."""
@@ -98,7 +98,7 @@ def test_bad_settings_are_refused_with_the_fix():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 def test_gpu_compressed_tiers_match_the_gpu_resident_cache(fmt):
     """Pinned stored and open rows, sealing on the GPU, the dequantizing fetch through UVA."""
     model = _tiny().to("cuda", torch.bfloat16)

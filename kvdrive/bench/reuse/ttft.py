@@ -9,7 +9,7 @@
 
 Each is timed to the first token's logits (argmax included), page cache dropped for
 the pool's extents before (b) and (c). ``--kv-dtype`` runs (b) and (c) once per storage
-format of the pool (bf16, fp8, int4) in one process, beside the same recompute, and
+format of the pool (bf16, fp8, int8, int4) in one process, beside the same recompute, and
 reports each compressed format's load and TTFT as a fraction of bf16's. Configurations: the first disk path alone, all
 paths, and (``--host-gib``) the first path with a pinned host arena as a pool member,
 at the longest context. Read bandwidth is compared with the sum of the devices' probed
@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
         nargs="+",
         choices=KV_DTYPES,
         default=["bf16"],
-        metavar="{bf16,fp8,int4}",
+        metavar="{bf16,fp8,int8,int4}",
         help="storage formats of the pool, each measured in this run (default bf16: the model dtype)",
     )
     p.add_argument("--no-serial", action="store_true", help="skip baseline (b), the serial buffered read")

@@ -84,19 +84,19 @@ SUITES = {
         ),
         "ttft": "bench ttft --paths {disk}/ttft-pool/p0 {disk}/ttft-pool/p1 --host-gib 16 -o {out}/ttft.json",
         "ttft-formats": (
-            "bench ttft -m random:llama-3.1-8b -c 131072 --kv-dtype bf16 fp8 int4 --no-serial "
+            "bench ttft -m random:llama-3.1-8b -c 131072 --kv-dtype bf16 fp8 int8 int4 --no-serial "
             "--paths {disk}/ttft-pool/p0 --probe-mib 512 -o {out}/ttft-formats.json"
         ),
         "decode-formats-128k": (
-            f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 "
+            f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
             "-o {out}/decode-formats-128k.json"
         ),
         "decode-formats-ssd": (
-            f"{_DECODE} --contexts 32768 --batches 4 --systems kvdrive_ssd --kv-dtype bf16 fp8 "
+            f"{_DECODE} --contexts 32768 --batches 4 --systems kvdrive_ssd --kv-dtype bf16 fp8 int8 "
             "--disk {disk}/decode-disk --ssd-host-gib 4 -o {out}/decode-formats-ssd.json"
         ),
         "eval-smollm2-formats": (
-            f"eval -m smollm2 -l 4096 8064 -s tokenmax@0.375 --kv-dtype bf16 fp8 int4 {_RETRIEVAL} --samples 8 "
+            f"eval -m smollm2 -l 4096 8064 -s tokenmax@0.375 --kv-dtype bf16 fp8 int8 int4 {_RETRIEVAL} --samples 8 "
             "-o {out}/eval-smollm2-formats.json"
         ),
         "prefill": f"{_PREFILL} --systems plain tiered transformers -o {{out}}/prefill.json",

@@ -10,6 +10,10 @@ MODEL_HELP = (
 )
 
 
+# kvdrive.quant.formats.KV_DTYPES, spelled here so that --help needs no torch (a test keeps them equal)
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")
+
+
 def add_model_options(p, model_positional: bool = False) -> None:
     if model_positional:
         p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from kvdrive.commands.common import add_model_options
+from kvdrive.commands.common import KV_DTYPES, add_model_options
 
 SUMMARIES = ("minmax", "mean", "lowrank_offline", "lowrank_seq", "tokenmax", "tokenlse", "oracle")
 FAMILIES = ("passkey", "multikey", "vartrack")  # kvdrive.eval.retrieval.FAMILIES (not imported: torch at parse time)
 MODES = ("prefilled", "sparse-question")
 EVICTIONS = ("lookahead", "lru", "none")  # kvdrive.tiered.selection_cache.EVICTIONS (not imported: torch at parse time)
-KV_DTYPES = ("bf16", "fp8", "int8", "int4")  # kvdrive.quant.formats.KV_DTYPES (not imported: torch at parse time)
 
 
 def summary_choice(value: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvdrive.commands.common import add_model_options, budget_value, number, parse_cache_tokens
+from kvdrive.commands.common import KV_DTYPES, add_model_options, budget_value, number, parse_cache_tokens
 from kvdrive.errors import KvdriveError
 
 
@@ -92,12 +92,7 @@ def add_sampling_options(p) -> None:
     )
     k.add_argument(
         "--kv-dtype",
-        choices=(
-            "bf16",
-            "fp8",
-            "int8",
-            "int4",
-        ),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        choices=KV_DTYPES,
         default="bf16",
         help="with --budget, the storage format of the host and disk tiers: fp8, int8 or int4 store full groups "
         "quantized (the same host and disk bytes hold ~1.6x (fp8, int8) / ~2.6x (int4) the tokens at 16-token "

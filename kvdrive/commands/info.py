@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvdrive.commands.common import MODEL_HELP, human_bytes, number
+from kvdrive.commands.common import KV_DTYPES, MODEL_HELP, human_bytes, number
 
 
 def add_parser(sub) -> None:
@@ -49,12 +49,7 @@ def add_parser(sub) -> None:
     )
     w.add_argument(
         "--kv-dtype",
-        choices=(
-            "bf16",
-            "fp8",
-            "int8",
-            "int4",
-        ),  # kvdrive.quant.formats.KV_DTYPES, spelled here for --help without torch
+        choices=KV_DTYPES,
         default="bf16",
         help="tiered cache: storage format of the host tier, which the host bytes per sequence follow (default bf16)",
     )

@@ -39,7 +39,7 @@ def test_compressed_storage_is_compared_with_its_bf16_twin(smollm2, text):
 
 
 def test_eval_spec_runs_every_format_after_bf16():
-    from kvdrive.commands.eval import KV_DTYPES as CLI_KV_DTYPES
+    from kvdrive.commands.common import KV_DTYPES as CLI_KV_DTYPES
     from kvdrive.eval.run import EvalSpec
     from kvdrive.quant import KV_DTYPES
 

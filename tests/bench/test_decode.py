@@ -25,6 +25,8 @@ TINY = [
     "1",
     "--warmup",
     "1",
+    "--host-headroom-gib",  # the rows need under 1 GiB; the default headroom (16) depends on what else runs
+    "1",
     "--rebalance-after",
     "0",
     "--budget",
@@ -270,8 +272,6 @@ def test_bench_decode_runs_each_tiered_system_once_per_storage_format(tmp_path):
         "bf16",
         "fp8",
         "int4",
-        "--host-headroom-gib",
-        "1",  # the rows need ~0.2 GiB; the default headroom (16) depends on what else the machine runs
         "--disk",
         str(disk),
         "--ssd-host-gib",

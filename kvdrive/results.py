@@ -96,7 +96,10 @@ def command_line() -> str:
         for k, v in sorted(os.environ.items())
         if k.startswith("KVDRIVE_") and k not in _LABEL_VARS
     ]
-    return " ".join([*settings, "kvdrive", *(shlex.quote(a) for a in sys.argv[1:])])
+    program = os.path.basename(sys.argv[0])
+    # kvdrive's entry point (or ``python -m kvdrive``) is "kvdrive"; a bench script is named by its path
+    head = ["kvdrive"] if program in ("kvdrive", "__main__.py") else ["python3", shlex.quote(sys.argv[0])]
+    return " ".join([*settings, *head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def write_result(

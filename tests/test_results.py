@@ -20,6 +20,15 @@ def test_the_command_leads_with_the_settings_that_change_a_run(tmp_path, monkeyp
     assert results.command_line() == "KVDRIVE_PREFILL_KERNEL=cudnn kvdrive bench prefill --tiny"
 
 
+def test_the_command_names_the_program_that_ran(monkeypatch):
+    _clear_settings(monkeypatch)
+    for argv0 in ("/venv/bin/kvdrive", "/repo/kvdrive/__main__.py"):  # the entry point, python -m kvdrive
+        monkeypatch.setattr(results.sys, "argv", [argv0, "eval", "--tiny"])
+        assert results.command_line() == "kvdrive eval --tiny"
+    monkeypatch.setattr(results.sys, "argv", ["bench/scripts/kv_noise_floor.py", "out.json"])
+    assert results.command_line() == "python3 bench/scripts/kv_noise_floor.py out.json"
+
+
 def test_result_records_commit_dirty_and_gpu(tmp_path, monkeypatch):
     _clear_settings(monkeypatch)
     monkeypatch.setattr(results.sys, "argv", ["kvdrive", "bench", "io", "--tiny"])

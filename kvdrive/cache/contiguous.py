@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kvdrive import env
 from kvdrive.cache import flash_prefill, split_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots, SlotTensors
@@ -89,13 +88,7 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
         k_pos = torch.arange(lo, end, device=q.device)[None, :]  # (1, S)
         mask = (k_pos <= q_pos) & (k_pos > q_pos - spec.window)
         return grouped_sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
-    if (
-        spec.softcap is None
-        and t > 1
-        and q.is_cuda
-        and env.prefill_kernel() == "triton"
-        and flash_prefill.supported(q, k)
-    ):
+    if spec.softcap is None and flash_prefill.runs(q, k.shape[1], k.shape[2]):
         return flash_prefill.chunk_attention_triton(q, k, v, spec.scale)
     if spec.softcap is None and (
         (parts := split_prefill.num_partitions(q, k, span - t)) > 1 or split_prefill.two_calls(q, span - t)

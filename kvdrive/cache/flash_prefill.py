@@ -28,10 +28,10 @@ def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     return _takes(q, k.shape[1], k.shape[2])
 
 
-def takes_pages(q: torch.Tensor) -> bool:
-    """Whether a chunk q of the paged cache runs ``paged_chunk_attention_triton``: CUDA, more than
-    one query, ``KVDRIVE_PREFILL_KERNEL=triton``, a head_dim and dtype the kernel takes."""
-    return q.is_cuda and q.shape[2] > 1 and env.prefill_kernel() == "triton" and _takes(q, 1, q.shape[2])
+def runs(q: torch.Tensor, kv_heads: int, keys: int) -> bool:
+    """Whether a chunk q over ``keys`` keys of ``kv_heads`` heads goes to this kernel (contiguous or
+    paged): CUDA, more than one query, ``KVDRIVE_PREFILL_KERNEL=triton``, a shape and dtype it takes."""
+    return q.is_cuda and q.shape[2] > 1 and env.prefill_kernel() == "triton" and _takes(q, kv_heads, keys)
 
 
 def _takes(q: torch.Tensor, kv_heads: int, keys: int) -> bool:
@@ -103,6 +103,8 @@ def _tma(q: torch.Tensor, wanted: bool | None, *tensors: torch.Tensor) -> bool:
 
 def _launch(q, k, v, rows, length: int, g: int, kv_heads: int, scale: float, with_lse: bool):
     """k, v: tensors (strided loads) or tensor descriptors (``TMA``)."""
+    import triton
+
     from kvdrive.cache.chunk_attention_triton import chunk_attention_kernel
 
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -114,7 +116,7 @@ def _launch(q, k, v, rows, length: int, g: int, kv_heads: int, scale: float, wit
     block_m, block_n, warps, stages = _blocks(q)
     tma = not isinstance(k, torch.Tensor)
     strides = (0, 0, 0, 0, 0, 0) if tma else (*k.stride()[:3], *v.stride()[:3])
-    chunk_attention_kernel[(triton_cdiv(t, block_m), b * hq)](
+    chunk_attention_kernel[(triton.cdiv(t, block_m), b * hq)](
         q,
         k,
         v,
@@ -147,10 +149,6 @@ def _launch(q, k, v, rows, length: int, g: int, kv_heads: int, scale: float, wit
         num_stages=stages,
     )
     return (out, lse) if with_lse else out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def chunk_attention_reference(q, k, v, scale: float, with_lse: bool = False):

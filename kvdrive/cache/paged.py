@@ -189,10 +189,9 @@ class PagedKVCache(KVCache):
             return out[:, :, None]
         if m.uniform_start:  # one shared start: only the pages the chunk sees, causal without a mask
             s = batch.start[0]
-            if spec.window is None and spec.softcap is None and flash_prefill.takes_pages(q):
-                return flash_prefill.paged_chunk_attention_triton(
-                    q, self.pool[layer], m.rows, s + q.shape[2], spec.scale
-                )
+            pool, length = self.pool[layer], s + q.shape[2]
+            if spec.window is None and spec.softcap is None and flash_prefill.runs(q, pool.shape[2], length):
+                return flash_prefill.paged_chunk_attention_triton(q, pool, m.rows, length, spec.scale)
             lo = 0 if spec.window is None else max(0, s - spec.window + 1)
             k, v = self._gather(layer, m.rows, lo // self.g, m.rows.shape[1])
             return chunk_attention(q, k, v, s, spec, k_start=lo // self.g * self.g)

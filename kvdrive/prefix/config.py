@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 from kvdrive.errors import KvdriveError
 from kvdrive.quant.formats import check_kv_dtype
-from kvdrive.storage.disk import DEFAULT_EXTENT_BYTES
+from kvdrive.storage.extent_files import DEFAULT_EXTENT_BYTES
 from kvdrive.storage.pool import PoolPath
 
 INDEX_FILE = "kvdrive-prefix.sqlite"

@@ -20,7 +20,8 @@ from kvdrive.prefix.index import DiskChunk
 from kvdrive.prefix.keys import bind_sums
 from kvdrive.prefix.load import Staging, export_layer
 from kvdrive.quant.formats import quantize
-from kvdrive.storage.disk import BatchFuture, DiskDevice
+from kvdrive.storage.batch_future import BatchFuture
+from kvdrive.storage.disk import DiskDevice
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupLayout

@@ -3,15 +3,18 @@
 * ``layout``: ``GroupLayout``, the geometry of a group (the unit of storage and transfer);
 * ``host``: ``HostTier``, a pinned, page-aligned slab of group slots; ``io_buffers`` its
   aligned memory and free list;
-* ``disk``: ``DiskDevice``, one path as O_DIRECT extent files with a checksum per slot;
-  ``io_engine`` its syscalls, queues and fault hook; ``native_io`` batched I/O outside the
-  GIL (``native/batch_io.c``); ``metrics`` its counters;
+* ``disk``: ``DiskDevice``, one path's slots and their batched reads and writes, checked by
+  an xxh3 per slot; ``extent_files`` the O_DIRECT extent files, their slots and owner;
+  ``batch_future`` the per-slot results of a batch; ``io_engine`` its syscalls, queues and
+  fault hook; ``native_io`` batched I/O outside the GIL (``native/batch_io.c``); ``metrics``
+  its counters;
 * ``pool``: ``DiskPool``, several paths striped by measured bandwidth; ``probe`` the O_DIRECT
   check and the stored bandwidth of a path;
 * ``gather``: ``copy_rows``, the one row copy between tiers (kernels: ``gather_triton``).
 """
 
-from kvdrive.storage.disk import BatchFuture, DiskDevice
+from kvdrive.storage.batch_future import BatchFuture
+from kvdrive.storage.disk import DiskDevice
 from kvdrive.storage.gather import RowCopier, copy_rows, copy_rows_reference, words
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.layout import GroupKey, GroupLayout

@@ -5,7 +5,7 @@ into the harness's ``SparseKVCache``) and their continuation is teacher-forced o
 the sparse setting while ``SelectionTrace`` records every layer's selection: the
 step-to-step overlap it reports is the locality that bounds any cache, and it does not
 depend on the cache (the tiered cache selects exactly what the sparse cache selects; the
-tests of ``tiered/cache.py`` prove the logits equal). Then, per point of the grid (eviction x
+tests of ``tiered.cache`` prove the logits equal). Then, per point of the grid (eviction x
 cache size x prefetch), a fresh ``TieredSparseKVCache`` imports the prefilled KV through
 the ``KVCache`` import path (``plan(seq, T)``, ``append`` per layer, ``commit``) and decodes
 the same continuation; its ``stats()`` after the first decode step (the cold fill) and over

@@ -1,10 +1,11 @@
 """The tiered sparse cache: every KV group in host memory (and on disk), a GPU selection
 cache per layer, decode attending sparsely over what the selection keeps resident.
 
-* ``cache``: ``TieredSparseKVCache``, the ``KVCache``; ``config``: ``TieredConfig``;
-  ``admission``: how many sequences fit and what one costs on the GPU;
-* ``prefill``: the prefill phase (groups to the host tier, exact dense attention, initial
-  placement by the prompt's attention);
+* ``cache``: ``TieredSparseKVCache``, the ``KVCache`` (a package, a module per phase: the
+  initial placement, a layer's selection and fetch, sealing, ...); ``config``:
+  ``TieredConfig``; ``admission``: how many sequences fit and what one costs on the GPU;
+* ``prefill``: the prefill phase (groups to the host tier, exact dense attention, the
+  prompts' last queries for the initial placement);
 * ``selection_cache``: ``SelectionCache``, one layer's GPU cache of selected groups (its
   bookkeeping kernel: ``selection_cache_triton``);
 * ``tier_ops``: the token writes into the tiers (kernels: ``tier_ops_triton``);

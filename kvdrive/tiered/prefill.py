@@ -19,7 +19,8 @@ T tokens in chunks of C moves ~T^2 / (2C) tokens' KV host -> GPU, ``dense_bytes`
 
 Owns the prompts' last queries, the stages and the count of bytes its gathers moved. The host
 tier, the layer specs and the group geometry are the cache's, passed in; summaries go through
-the cache's ``summarize(layer, slot, first, groups)`` (the cache owns the summary tables).
+``summarize(layer, slot, first, groups)``, passed in (``GroupSummaries.whole``, which owns the
+summary tables).
 """
 
 from __future__ import annotations

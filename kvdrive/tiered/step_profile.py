@@ -1,4 +1,5 @@
-"""Where the time of an eager decode step goes, phase by phase (``TieredSparseKVCache.profile``)."""
+"""Where the time of an eager decode step goes, phase by phase (``TieredSparseKVCache.profile``);
+``no_mark``, the mark of a step that is not profiled."""
 
 from __future__ import annotations
 
@@ -39,3 +40,8 @@ class StepProfile:
         out = {k: v / max(steps, 1) for k, v in self.totals.items()}
         self.totals = {}
         return out
+
+
+def no_mark(name: str) -> None:
+    """``StepProfile.mark`` where nothing is timed: no profile set, graphed steps, predictions and
+    the initial placement."""

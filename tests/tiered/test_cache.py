@@ -214,7 +214,7 @@ def test_chunked_batched_prefill_writes_whole_groups_exactly(tmp_path, disk):
     cache = TieredSparseKVCache(model.config, 3, 400, CPU, F32, cfg)
     _prefill_chunked(model, cache, prompts)
     for layer in cache.sparse_layers:  # summarized during prefill, not at the first decode step
-        assert cache._summarized[layer][:3] == [len(p) // 8 for p in prompts]
+        assert cache.summaries.done[layer][:3] == [len(p) // 8 for p in prompts]
     got = _decode_only(model, cache, len(prompts), 6)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for layer in range(model.config.num_hidden_layers):

@@ -74,7 +74,7 @@ def test_chunked_prefill_seals_the_groups_it_fills(tmp_path, chunk, disk):
     got = _chunked_then_decode(model, cache, prompts, chunk, 10)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for layer in cache.sparse_layers:
-        assert cache._summarized[layer][:3] == [(len(p) + 10) // 8 for p in prompts]
+        assert cache.summaries.done[layer][:3] == [(len(p) + 10) // 8 for p in prompts]
 
 
 def test_deferred_disk_misses_serve_the_open_group_exact(tmp_path):

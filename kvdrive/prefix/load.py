@@ -30,10 +30,10 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.quant.dequant import dequant_rows
-from kvdrive.storage.batch_future import BatchFuture
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
 from kvdrive.storage.io_buffers import aligned_empty
+from kvdrive.storage.io_engine import BatchFuture
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool
 

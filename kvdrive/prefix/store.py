@@ -20,10 +20,10 @@ from kvdrive.prefix.index import DiskChunk
 from kvdrive.prefix.keys import bind_sums
 from kvdrive.prefix.load import Staging, export_layer
 from kvdrive.quant.formats import quantize
-from kvdrive.storage.batch_future import BatchFuture
 from kvdrive.storage.disk import DiskDevice
 from kvdrive.storage.gather import RowCopier
 from kvdrive.storage.host import HostTier
+from kvdrive.storage.io_engine import BatchFuture
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool
 

@@ -27,9 +27,8 @@ import numpy as np
 import xxhash
 
 from kvdrive.storage import native_io
-from kvdrive.storage.batch_future import BatchFuture
 from kvdrive.storage.extent_files import DEFAULT_EXTENT_BYTES, ExtentFiles
-from kvdrive.storage.io_engine import IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
+from kvdrive.storage.io_engine import BatchFuture, IoFaults, IoQueue, NoFaults, ShortTransfer, pread_run, pwrite_run
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.metrics import IoMetrics
 

@@ -7,6 +7,9 @@ EIO, ENOSPC or short transfers exactly where they want them, and ``storage.fault
 (``KVDRIVE_FAULTS``) draws faults by seed, silent corruptions included (``on_write``
 alters what reaches the disk, ``on_read`` what came back).
 
+``BatchFuture`` gathers the per-slot results of a batch split into parts (runs of one
+extent, devices of a pool), in input order (None: done; else a miss or error reason).
+
 ``IoQueue`` is a thread pool whose size is the queue depth: CPython releases the GIL
 inside ``preadv``/``pwritev``, so N threads keep N requests in flight on the device.
 NOTE: io_uring was considered; no PyPI binding works cleanly here (``liburing``
@@ -22,6 +25,8 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+
+import numpy as np
 
 from kvdrive.storage.metrics import IoMetrics
 
@@ -164,3 +169,26 @@ class IoQueue:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class BatchFuture:
+    """Per-item results of a batch split into parts (runs, devices); ``result()`` waits and
+    restores input order. A part is anything with ``done()`` and ``result() -> list``."""
+
+    def __init__(self, n: int, parts: list[tuple[list[int], Future | BatchFuture]]):
+        self._n = n
+        self._parts = parts
+
+    def done(self) -> bool:
+        return all(f.done() for _, f in self._parts)
+
+    def result(self) -> list[str | None]:
+        out: list[str | None] = [None] * self._n
+        for idx, fut in self._parts:
+            for i, r in zip(idx, fut.result()):
+                out[i] = r
+        return out
+
+    def ok(self) -> np.ndarray:
+        """(n,) bool: which items succeeded (waits like ``result``)."""
+        return np.array([r is None for r in self.result()], dtype=bool)

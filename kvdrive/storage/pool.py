@@ -18,8 +18,8 @@ import numpy as np
 
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.storage import probe
-from kvdrive.storage.batch_future import BatchFuture
 from kvdrive.storage.disk import DiskDevice
+from kvdrive.storage.io_engine import BatchFuture
 from kvdrive.storage.layout import GroupLayout
 
 

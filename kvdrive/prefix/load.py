@@ -13,7 +13,7 @@ on all devices at once (each device's share on its own queue, so every disk is b
 together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
 to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
 chunks are copied straight from the pinned host arena by one gather launch per layer. Chunks of the remote tier
-are read like the disks', layer by layer ahead of the import, by a ``RemoteRead`` (remote.py) that checks each
+are read like the disks', layer by layer ahead of the import, by a ``RemoteRead`` (remote_objects.py) that checks each
 value on its worker thread and gives up at its deadline. Every disk slot is checked against
 the xxh3_64 in its chunk's own index row; the first chunk that fails at any layer ends the import uncommitted and
 is reported, so the caller can drop it and import the shorter prefix again. An

@@ -22,8 +22,9 @@ lost on restart. A load reads each chunk from wherever it is, all devices at onc
 layer by layer (``load``). Admission: a chunk goes to disk on its
 ``admit_after``-th store (default 2: seen twice). Capacity: each disk's extents are
 preallocated under its budget (a physical cap); when full, its least recently used
-chunks are evicted, never those of the prompt being stored. A chunk that fails its
-checksum or its read is dropped and recomputed, never served. With ``PrefixConfig.remote``
+chunks are evicted, never those of the prompt being stored (admission, placement and
+eviction: ``placement``). A chunk that fails its checksum or its read is dropped and
+recomputed, never served. With ``PrefixConfig.remote``
 a store shared by every serving node sits behind both (``remote``, docs/scale-out.md).
 
 Keys name the weights by a digest of them (``weights``, from
@@ -48,13 +49,14 @@ from typing import NamedTuple
 
 import torch
 
-from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.errors import KvdriveError
 from kvdrive.prefix.config import INDEX_FILE, PrefixConfig, RemoteConfig  # noqa: F401 (re-exported)
 from kvdrive.prefix.index import PrefixIndex, error_kind, index_error
 from kvdrive.prefix.keys import PrefixNamespace, bind_sums, chunk_keys
 from kvdrive.prefix.load import ChunkSource, ImportResult, Staging, import_chunks
+from kvdrive.prefix.placement import FAILED, drop, measure_host_gbps, restore, store_chunks
 from kvdrive.prefix.remote import PER_CHUNK, RemoteStats, RemoteTier
-from kvdrive.prefix.store import ChunkWriter, weighted_pick
+from kvdrive.prefix.store import ChunkWriter
 from kvdrive.storage.dir_lock import DirectoryInUse
 from kvdrive.storage.disk import read_depth_for
 from kvdrive.storage.host import HostTier
@@ -62,7 +64,6 @@ from kvdrive.storage.layout import GroupLayout
 from kvdrive.storage.pool import DiskPool
 
 PERSIST_NAME = "prefix"  # extent files kvdrive-prefix-<n>.extent
-_FAILED = object()  # what ``PrefixPool._index`` returns for a call that did not happen
 
 
 class PrefixPoolWarning(UserWarning):
@@ -176,11 +177,11 @@ class PrefixPool:
             try:
                 self.index = PrefixIndex(config.index_file, geometry, config.seen_capacity)
                 self._paths = {os.path.abspath(d.path): i for i, d in enumerate(self.pool.devices)}
-                self._restore()
+                restore(self)
             except BaseException:
                 self.close()
                 raise
-        self.host_weight = config.host_weight or (_measure_host_gbps(self.host) if self.host else 0.0)
+        self.host_weight = config.host_weight or (measure_host_gbps(self.host) if self.host else 0.0)
         self._disk_credit = [0.0] * len(config.disks)
         self._host_credit = [0.0, 0.0]  # host vs all disks
         self._writer = ChunkWriter(self.layout, config.layers_ahead)
@@ -192,27 +193,6 @@ class PrefixPool:
             except BaseException:
                 self.close()
                 raise
-
-    def _restore(self) -> None:
-        """Hand each disk the slots and checksums its index rows name; drop rows that do not fit."""
-        rows, stale = {}, []
-        for ch in self.index.all():
-            dev = self._paths.get(os.path.abspath(ch.path))
-            if dev is None or len(ch.slots) != self.num_layers:
-                stale.append(ch.key)
-            else:
-                rows.setdefault(dev, []).append(ch)
-        for dev, chunks in rows.items():
-            d = self.pool.devices[dev]
-            ok = d.restore(
-                [s for ch in chunks for s in ch.slots], [c for ch in chunks for c in bind_sums(ch.key, ch.sums)]
-            )
-            for j, ch in enumerate(chunks):
-                good = ok[j * self.num_layers : (j + 1) * self.num_layers]
-                if not all(good):
-                    stale.append(ch.key)
-                    d.free([s for s, g in zip(ch.slots, good) if g])
-        self.index.remove(stale)
 
     def namespace(self, tenant: str | None = None) -> PrefixNamespace:
         tenant = self.config.tenant if tenant is None else tenant
@@ -289,7 +269,7 @@ class PrefixPool:
                     )
             else:
                 corrupt += 1
-                self._drop(keys[res.chunks])
+                drop(self, keys[res.chunks])
             sources, keys = sources[: res.chunks], keys[: res.chunks]
         n = len(sources)
         n_remote = sum(s.tier == "remote" for s in sources)
@@ -323,115 +303,14 @@ class PrefixPool:
         )
         return n * self.config.chunk_tokens
 
-    def _drop(self, key: bytes) -> None:
-        """Forget a chunk everywhere (it failed a read): index row first, then its slots."""
-        slots = self._host.pop(key, None)
-        if slots is not None:
-            self.host.free(slots)
-        if self.index is not None:
-            for ch in self._index("get", [key], default={}).values():
-                if self._index("remove", [key]) is not _FAILED:
-                    self.pool.devices[self._paths[os.path.abspath(ch.path)]].free(ch.slots)
-
     # -- store --------------------------------------------------------------------------
 
     def store(self, cache, seq_id: int, prompt_ids, tenant: str | None = None) -> int:
         """Save the full chunks of ``prompt_ids`` whose KV is committed in ``cache`` and not
         stored yet (admission and eviction as in the module doc). Returns chunks written."""
-        c = self.config.chunk_tokens
-        keys = chunk_keys(prompt_ids, self.namespace(tenant), cache.length(seq_id) // c)
-        if not keys:
-            return 0
-        remote, job = [], None
-        if self.remote is not None:  # written behind, whatever the local tiers keep
-            admitted = self.remote.admit(keys)
-            job = self.remote.begin_write([keys[i] for i in admitted])
-            remote = admitted[: len(job.keys)] if job is not None else []
-        protect = set(keys)
-        on_disk = self._index("get", keys, default={})
-        new = [i for i, k in enumerate(keys) if k not in on_disk]
-        counts = self._index("seen", [keys[i] for i in new], default=[0] * len(new)) if new else []
-        host_slots: dict[int, list[int]] = {}
-        disk: dict[int, tuple[int, list[int]]] = {}
-        for i, count in zip(new, counts):
-            admitted = self.pool is not None and count >= self.config.admit_after
-            placed = self._alloc_disk(protect) if admitted else None
-            if placed is not None:
-                disk[i] = placed
-            # The host keeps a bandwidth-proportional share of the disk chunks, and what the disks did not take.
-            host_share = (
-                placed is None
-                or weighted_pick(self._host_credit, [self.host_weight, sum(self.pool.weights)], [0, 1]) == 0
-            )
-            if self.host is not None and keys[i] not in self._host and host_share and self._host_room(protect):
-                host_slots[i] = self.host.alloc(self.num_layers)
-        if not disk and not host_slots and not remote:
-            return 0
-        try:
-            ok = self._writer.write(cache, seq_id, self.pool, self.host, host_slots, disk, remote, job)
-        except BaseException:
-            if job is not None:
-                self.remote.cancel(job)
-            raise
-        if job is not None:
-            self.remote.submit(job)
-        for i, slots in host_slots.items():
-            self._host[keys[i]] = slots
-        rows = self._commit_disk(keys, disk, ok)
-        self._counters["disk_in"] += len(rows)
-        self._counters["host_in"] += len(host_slots)
-        return len(rows) + len(host_slots)
+        return store_chunks(self, cache, seq_id, prompt_ids, tenant)
 
-    def _commit_disk(self, keys: list[bytes], disk: dict[int, tuple[int, list[int]]], ok: dict[int, bool]) -> list:
-        """Name the chunks written whole in the index, after ``fdatasync`` (data first, index
-        second); a chunk whose write, sync or row failed gives its slots back and is skipped."""
-        rows, kept = [], []
-        for i, (d, slots) in disk.items():
-            dev = self.pool.devices[d]
-            if ok[i]:
-                rows.append(ChunkWriter.row(keys[i], dev, slots, os.path.abspath(dev.path)))
-                kept.append((d, slots))
-            else:
-                dev.free(slots)
-                self._skip(f"write:{d}", 1, f"writing a chunk to {dev.path} failed ({dev.last_write_error})")
-        if not rows:
-            return []
-        try:
-            for d in {d for d, _ in kept}:
-                self.pool.devices[d].sync()
-        except OSError as err:
-            failed = f"fdatasync failed ({err.strerror or err})"
-        else:
-            failed = "the index row" if self._index("insert", rows) is _FAILED else None
-        if failed is None:
-            return rows
-        for d, slots in kept:
-            self.pool.devices[d].free(slots)
-        self._skip(f"commit:{failed}", len(rows), f"storing chunks failed: {failed}")
-        return []
-
-    def _alloc_disk(self, protect: set) -> tuple[int, list[int]] | None:
-        """Slots on a disk for one new chunk, or None. A disk whose file system refuses to grow
-        (full, file-size limit) is skipped, counted and warned about; the next one is tried."""
-        for _ in range(len(self.pool.devices) + 1):
-            dev = self._place_disk(protect)
-            if dev is None:
-                return None
-            d = self.pool.devices[dev]
-            try:
-                slots = d.alloc(self.num_layers)
-            except CapacityError:
-                slots = None
-            if d.full_reason:
-                self._skip(
-                    f"full:{dev}",
-                    0,
-                    f"{d.path} cannot grow ({d.full_reason}): the pool keeps to the "
-                    "space it has there, evicting its least recently used chunks",
-                )
-            if slots is not None:
-                return dev, slots
-        return None
+    # -- failures the pool can live with ----------------------------------------------------
 
     def _skip(self, cause: str, chunks: int, message: str) -> None:
         self._counters["store_skipped"] += chunks
@@ -442,7 +321,7 @@ class PrefixPool:
             self._warned.add(cause)
             warnings.warn(message, PrefixPoolWarning, stacklevel=3)
 
-    def _index(self, method: str, *args, default=_FAILED):
+    def _index(self, method: str, *args, default=FAILED):
         """``PrefixIndex.<method>(*args)``, or ``default`` when there is no index or SQLite fails:
         a full or read-only file system skips the store, a damaged index turns the disk side off."""
         if self.index is None:
@@ -464,41 +343,6 @@ class PrefixPool:
         pool, index, self.pool, self.index = self.pool, self.index, None, None
         pool.close()
         index.close()
-
-    def _place_disk(self, protect: set) -> int | None:
-        """A disk for one new chunk by weighted round-robin, evicting LRU chunks there if full."""
-        live = list(range(len(self.pool.devices)))
-        while live:
-            dev = weighted_pick(self._disk_credit, self.pool.weights, live)
-            if self._disk_room(dev, protect):
-                return dev
-            live.remove(dev)
-        return None
-
-    def _disk_room(self, dev: int, protect: set) -> bool:
-        d, need = self.pool.devices[dev], self.num_layers
-        if d.num_slots < need:
-            return False
-        while d.num_free < need:
-            lru = self._index("lru", os.path.abspath(d.path), len(protect) + 1, default=[])
-            victims = [ch for ch in lru if ch.key not in protect]
-            if not victims:
-                return False
-            # the row goes first: a crash never leaves it naming freed slots
-            if self._index("remove", [victims[0].key]) is _FAILED:
-                return False
-            d.free(victims[0].slots)
-            self._counters["evicted_disk"] += 1
-        return True
-
-    def _host_room(self, protect: set) -> bool:
-        while self.host.num_free < self.num_layers:
-            victim = next((k for k in self._host if k not in protect), None)
-            if victim is None:
-                return False
-            self.host.free(self._host.pop(victim))
-            self._counters["evicted_host"] += 1
-        return True
 
     # -- state ----------------------------------------------------------------------------
 
@@ -554,16 +398,3 @@ _REMOTE_WHY = {
     "absent": "evicted since it was listed",
     "size": "a value of another size",
 }
-
-
-def _measure_host_gbps(host: HostTier) -> float:
-    """Copy bandwidth out of the host arena (to the GPU when there is one): its stripe weight."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    src = host.rows[: max(1, min(host.num_slots, (256 << 20) // host.row_bytes))]
-    dst = torch.empty_like(src, device=dev)
-    dst.copy_(src)  # warm-up
-    torch.cuda.synchronize() if dev.type == "cuda" else None
-    t0 = time.perf_counter()
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize() if dev.type == "cuda" else None
-    return src.numel() / max(time.perf_counter() - t0, 1e-9) / 1e9

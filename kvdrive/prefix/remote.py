@@ -4,7 +4,8 @@ Objects: one per (chunk, layer), named ``<key_prefix><key hex>/<layer>``: the la
 ``(2, H_kv, C, D)`` as ``stored_bytes``, then a 64-byte trailer that binds it to its place
 (magic, key, layer, layer count, payload bytes, format, a digest of the layout name, and
 the payload's xxh3_64 bound to (key, layer) by ``keys.bind_sums``). A read is served only
-if every field is what the reader asked for; anything else is a miss. The chunk key
+if every field is what the reader asked for; anything else is a miss (``remote_objects``:
+the trailer, and the calls the workers make to read and write objects). The chunk key
 already names the weights digest, dtype, layout, chunk size and tenant, so nodes share
 exactly the chunks whose KV is interchangeable, and tenants never meet.
 
@@ -16,7 +17,7 @@ sighting of a chunk, counting this node's and the ``<key>/seen`` markers every n
 leaves, so a prefix seen once on each of two nodes is shared on the second.
 
 Load: ``present`` asks in one call which chunks exist (their last layer) and were seen;
-``RemoteRead`` fetches layer l of every remote chunk in one batch into a registered
+``RemoteRead`` (``remote_objects``) fetches layer l of every remote chunk in one batch into a registered
 staging ring, ahead of the import like the disks' reads, and checks each on the worker.
 
 Failure: every call runs on a worker thread under a deadline (``remote_io``); a timeout or
@@ -27,34 +28,22 @@ at most one call's deadline for the store, and bad KV is never served.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import struct
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import xxhash
 
 from kvdrive.errors import KvdriveError
 from kvdrive.prefix.config import RemoteConfig
-from kvdrive.prefix.keys import bind_sum
 from kvdrive.prefix.remote_io import Breaker, Refused, Timeout, Worker
+from kvdrive.prefix.remote_objects import ROW_ALIGN, TRAILER_BYTES, RemoteRead, WriteJob, layout_digest, write
 from kvdrive.prefix.remote_store import RemoteStore, StoreDown, open_store
 from kvdrive.storage.io_buffers import Ring, aligned_empty
 from kvdrive.storage.layout import GroupLayout, align_up
 
-log = logging.getLogger(__name__)
-
-TRAILER = struct.Struct("<8s16sIIIIQQ")  # magic, key, layer, layers, payload bytes, format, layout digest, bound xxh3
-TRAILER_BYTES = 64
-MAGIC = b"kvdrvKV\x01"
-FORMAT = 1
-ROW_ALIGN = 64
 PER_CHUNK = ("corrupt", "absent", "size", "error")  # miss reasons of one chunk (others: the store as a whole)
 
 
@@ -76,18 +65,6 @@ class RemoteStats:
     marks: int = 0  # sighting markers written
     wait_s: float = 0.0  # time requests spent waiting for the store, in total
     wait_max_s: float = 0.0  # the longest a request waited for one call
-
-
-class WriteJob:
-    """Chunks on their way to the store: ``layer(l)`` is (n, row_bytes) uint8 whose first
-    ``stored_bytes`` of row j the caller fills with chunk j's layer l before ``submit``."""
-
-    def __init__(self, keys: list[bytes], start: int, rows: torch.Tensor):
-        self.keys, self.start = keys, start
-        self.rows = rows  # (L, n, row_bytes) uint8, a view into the registered ring
-
-    def layer(self, layer: int) -> torch.Tensor:
-        return self.rows[layer]
 
 
 class RemoteTier:
@@ -112,7 +89,7 @@ class RemoteTier:
                 f"prefix.remote.write_buffer_bytes ({config.write_buffer_bytes}) must hold at least one "
                 f"object of this model's chunks ({self.row_bytes} bytes: one layer of one chunk)"
             )
-        self._layout_digest = int.from_bytes(hashlib.blake2b(layout.name.encode(), digest_size=8).digest(), "little")
+        self._layout_digest = layout_digest(layout)
         self.store = store if store is not None else open_store(config)
         self.breaker = Breaker(config.retry_after_s)
         self._reads, self._writes = Worker("kvdrive-remote-read"), Worker("kvdrive-remote-write")
@@ -279,31 +256,6 @@ class RemoteTier:
             self._read_bufs = new
         return RemoteRead(self, keys, self._read_bufs)
 
-    def _read_layer(self, keys: list[bytes], layer: int, buf: torch.Tensor) -> list[str | None]:
-        """On the read worker: layer ``layer`` of ``keys`` into ``buf``'s rows, each checked."""
-        rows = buf.numpy()
-        base = buf.data_ptr()
-        out = self.store.get_into(
-            [self.name(k, layer) for k in keys], [base + j * self.row_bytes for j in range(len(keys))], self.value_bytes
-        )
-        return [why if why is not None else self._check(rows[j], k, layer) for j, (k, why) in enumerate(zip(keys, out))]
-
-    def _seal(self, row: np.ndarray, key: bytes, layer: int) -> None:
-        gb = self.layout.stored_bytes
-        digest = bind_sum(key, layer, xxhash.xxh3_64_intdigest(row[:gb]))
-        row[gb : gb + TRAILER.size] = np.frombuffer(
-            TRAILER.pack(MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest, digest), dtype=np.uint8
-        )
-
-    def _check(self, row: np.ndarray, key: bytes, layer: int) -> str | None:
-        gb = self.layout.stored_bytes
-        got = TRAILER.unpack(row[gb : gb + TRAILER.size].tobytes())
-        want = (MAGIC, key, layer, self.num_layers, gb, FORMAT, self._layout_digest)
-        if got[:7] != want:
-            return "corrupt"
-        digest = bind_sum(key, layer, xxhash.xxh3_64_intdigest(row[:gb]))
-        return None if digest == got[7] else "corrupt"
-
     def loaded(self, n: int) -> None:
         self._count("hits", n)
         self._count("hit_bytes", n * self.num_layers * self.layout.stored_bytes)
@@ -364,83 +316,13 @@ class RemoteTier:
         """Send ``job`` behind (its rows are filled and synchronized)."""
         nbytes = len(job.keys) * self.num_layers * self.value_bytes
         self._writes.submit(
-            lambda: self._write(job), self._budget(nbytes), on_cancel=lambda: self.cancel(job, "cancelled")
+            lambda: write(self, job), self._budget(nbytes), on_cancel=lambda: self.cancel(job, "cancelled")
         )
 
     def cancel(self, job: WriteJob, why: str = "error") -> None:
         """Give back the rows of a job that will not be submitted."""
         self._count(f"wskip:{why}", len(job.keys))
         self._ring.free(job.start)
-
-    def _write(self, job: WriteJob) -> None:
-        """On the write worker: send the chunks of ``job`` not already present, then free its rows."""
-        t0 = time.monotonic()
-        keys, L = job.keys, self.num_layers
-        try:
-            if not self.breaker.allow():
-                self._count("wskip:breaker", len(keys))
-                return
-            with self._lock:
-                replace = [self._states.get(k) == "bad" for k in keys]
-            there = self.store.exists([self.name(k, L - 1) for k in keys])
-            todo = [j for j, k in enumerate(keys) if replace[j] or not there[j]]
-            for j, k in enumerate(keys):
-                if j not in todo:
-                    self._set_state(k, "present")
-            self._count("wskip:present", len(keys) - len(todo))
-            if not todo:
-                return
-            rows = job.rows.numpy()  # (L, n, row_bytes)
-            for layer in range(L):
-                for j in todo:
-                    self._seal(rows[layer, j], keys[j], layer)
-            base, stride = job.rows.data_ptr(), self.row_bytes
-            ptr = lambda layer, j: base + (layer * len(keys) + j) * stride  # noqa: E731
-            # one store call per layer: a call's bytes stay bounded by one layer of the job (a 32K prompt's every layer
-            # is 4 GiB), and a chunk that failed a layer is not sent further
-            res: list = []
-            whole = list(todo)
-            for layer in range(L - 1):
-                got = (
-                    self.store.put_from(
-                        [self.name(keys[j], layer) for j in whole],
-                        [ptr(layer, j) for j in whole],
-                        self.value_bytes,
-                        any(replace),
-                    )
-                    if whole
-                    else []
-                )
-                res += got
-                whole = [j for j, why in zip(whole, got) if why is None]
-            last = (
-                self.store.put_from(
-                    [self.name(keys[j], L - 1) for j in whole],
-                    [ptr(L - 1, j) for j in whole],
-                    self.value_bytes,
-                    any(replace),
-                )
-                if whole
-                else []
-            )
-            done = [j for j, why in zip(whole, last) if why is None]
-            for j in done:
-                self._set_state(keys[j], "present")
-            self._count("written", len(done))
-            self._count("written_bytes", len(done) * L * self.value_bytes)
-            why = next((w for w in [*res, *last] if w is not None), "error")
-            if len(done) < len(todo):
-                self._count(f"wskip:{why}", len(todo) - len(done))
-            if time.monotonic() - t0 > self._budget(len(todo) * L * self.value_bytes):
-                self._fail("a write ran past its deadline")
-        except StoreDown as err:
-            self._fail(str(err))
-            self._count("wskip:down", len(keys))
-        except Exception as err:  # noqa: BLE001 - a write behind never reaches a request; counted and logged
-            log.warning("a write to the remote store failed: %r", err, exc_info=True)
-            self._count(f"wskip:error {type(err).__name__}", len(keys))
-        finally:
-            self._ring.free(job.start)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the chunks on their way to the store; True when none is left."""
@@ -492,43 +374,3 @@ class RemoteTier:
         threading.Thread(target=leave, name="kvdrive-remote-close", daemon=True).start()
         done.wait(self.config.timeout_s)
         self.state = "closed"
-
-
-class RemoteRead:
-    """One load's reads from the store: ``issue(l)`` starts layer l of every chunk (on the read
-    worker, into ring buffer l % ring); ``result(l)`` waits within its deadline and gives a
-    miss reason or None per chunk; ``rows(l)`` is then (n, row_bytes) uint8, each row a value
-    (``stored_bytes`` of KV, then its trailer), valid until layer l + ring is issued."""
-
-    def __init__(self, tier: RemoteTier, keys: list[bytes], bufs: list[torch.Tensor]):
-        self.tier, self.keys, self.bufs = tier, keys, bufs
-        self._calls: dict = {}
-
-    def issue(self, layer: int) -> None:
-        t, buf = self.tier, self.bufs[layer % len(self.bufs)]
-        self._calls[layer] = t._reads.submit(
-            lambda: t._read_layer(self.keys, layer, buf), t._budget(len(self.keys) * t.value_bytes)
-        )
-
-    def result(self, layer: int) -> list[str | None]:
-        n, t = len(self.keys), self.tier
-        try:
-            return t._wait(self._calls.pop(layer))
-        except Timeout as err:
-            t._fail(str(err))
-            why = "timeout"
-        except StoreDown as err:
-            t._fail(str(err))
-            why = "down"
-        except Refused:
-            why = "busy"
-        t._count(f"fail:{why}")
-        return [why] * n
-
-    def rows(self, layer: int) -> torch.Tensor:
-        return self.bufs[layer % len(self.bufs)][: len(self.keys)]
-
-    def drain(self) -> None:
-        """Wait for (or give up on, within their deadlines) the layers still issued."""
-        for layer in list(self._calls):
-            self.result(layer)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvdrive import env
 from kvdrive.cache import flash_prefill, split_prefill
 from kvdrive.cache.base import ForwardBatch, KVCache, LayerSpec, TierBytes
 from kvdrive.cache.slots import SequenceSlots, SlotTensors
@@ -74,6 +75,8 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
     * ``KVDRIVE_PREFILL_KERNEL=triton``: kvdrive's own flash kernel (``flash_prefill``), any
       prefix length, no mask, no plan;
     * T = 1: one query sees every key of its span, SDPA with no mask;
+    * a chunk with no prefix under ``KVDRIVE_PREFILL_KERNEL=cudnn``: square causal through SDPA's
+      ``is_causal``, which may take cuDNN's kernel (the lower-right mask only flash takes);
     * otherwise causal attention aligned to the lower right (``causal_lower_right``), which
       SDPA runs in its flash kernel on CUDA for fp16/bf16 (GQA native, no K/V copy); elsewhere
       torch materialises the mask itself.
@@ -99,8 +102,11 @@ def chunk_attention(q, k, v, start: int, spec: LayerSpec, k_start: int = 0) -> t
     if spec.softcap is not None:
         mask = torch.ones(t, span, dtype=torch.bool, device=q.device).tril(span - t)
         return sdpa(q, k, v, mask[None, None], spec.scale, spec.softcap)
+    gqa = k.shape[1] != q.shape[1]
+    if t == span and env.prefill_kernel() == "cudnn":  # square causal: SDPA may pick cuDNN, as in transformers
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=causal_lower_right(t, span), scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=causal_lower_right(t, span), scale=spec.scale, enable_gqa=gqa
     )
 
 

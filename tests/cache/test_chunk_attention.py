@@ -35,6 +35,17 @@ def test_chunk_attention_equals_the_masked_reference(hq, hkv, start, t, window, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["flash", "cudnn"])
+@pytest.mark.parametrize("start,t", [(0, 37), (0, 64), (50, 37)])
+def test_each_prefill_kernel_setting_equals_the_masked_reference(monkeypatch, kernel, start, t):
+    """A chunk with no prefix takes SDPA's square causal path under cudnn; the result is the same."""
+    monkeypatch.setenv("KVDRIVE_PREFILL_KERNEL", kernel)
+    spec = LayerSpec(window=None, scale=0.25)
+    q, k, v = _qkv(1, 8, 2, t, start + t)
+    got = chunk_attention(q, k, v, start, spec)
+    torch.testing.assert_close(got, masked_reference(q, k, v, start, spec), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, 24])
 def test_a_span_that_starts_past_zero_is_aligned_by_k_start(window):
     """The sparse cache gathers from a group boundary: keys at positions k_start .. end."""

@@ -10,6 +10,7 @@ so one tenant's prefixes never hit for another.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import hmac
 import logging
@@ -85,6 +86,10 @@ class ServerState:
                     llm.max_model_len,
                     e.max_num_seqs,
                 )
+            # what the load made lives as long as the server: out of the collector's scans, so a
+            # full collection on the engine thread walks only what requests allocate
+            gc.collect()
+            gc.freeze()
             self.engine = AsyncEngine(engine, max_waiting=e.max_waiting, observer=self.metrics)
             self.llm = llm
             log.info(

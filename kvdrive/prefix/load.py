@@ -9,8 +9,8 @@ one O_DIRECT read (fp8: 520 KiB, int4: 268 KiB).
 Load (``import_chunks``): the KV of ``n`` chunks enters the cache through the normal
 path, one ``plan([seq], n*C)``, one ``append`` per layer, one ``commit``. Reads run
 ``ahead`` layers in front of the import: layer ``l``'s slots of every chunk are issued
-on all devices at once (each device's share on its own queue, so every disk is busy
-together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
+on all devices at once (each device's share one native batch outside the GIL on its own
+threads, so every disk is busy together), into a ring of ``ahead`` pinned staging buffers; while layer ``l`` is copied
 to the GPU and appended, layers ``l+1 .. l+ahead-1`` are being read. Host-resident
 chunks are copied straight from the pinned host arena by one gather launch per layer. Chunks of the remote tier
 are read like the disks', layer by layer ahead of the import, by a ``RemoteRead`` (remote_objects.py) that checks each
@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvdrive import device as devices
@@ -112,15 +113,15 @@ def import_chunks(
         if not disk_idx:
             futures[layer] = BatchFuture(0, [])
             return
-        buf = staging.buf(layer)
-        np_rows = buf.numpy()
+        base = staging.buf(layer).data_ptr()
         parts, by_dev = [], {}
         for row, i in enumerate(disk_idx):
             by_dev.setdefault(sources[i].device, []).append(row)
         for dev, rows in by_dev.items():
-            slots = [sources[disk_idx[r]].slots[layer] for r in rows]
-            sums = [sources[disk_idx[r]].sums[layer] for r in rows]
-            parts.append((rows, pool.devices[dev].read(slots, [memoryview(np_rows[r]) for r in rows], sums)))
+            slots = np.array([sources[disk_idx[r]].slots[layer] for r in rows], dtype=np.int64)
+            sums = np.array([sources[disk_idx[r]].sums[layer] for r in rows], dtype=np.uint64)
+            dsts = base + np.asarray(rows, dtype=np.uint64) * np.uint64(layout.slot_bytes)  # row r of the buffer
+            parts.append((rows, pool.devices[dev].read_to(slots, dsts, sums)))  # one native batch per disk
         futures[layer] = BatchFuture(len(disk_idx), parts)
 
     def drain() -> None:

@@ -125,27 +125,25 @@ class DiskDevice(ExtentFiles):
             parts.append((absent, _done(["absent"] * len(absent))))
         return BatchFuture(len(slots), parts)
 
-    def read_to(self, slots: np.ndarray, dsts: np.ndarray) -> BatchFuture:
+    def read_to(self, slots: np.ndarray, dsts: np.ndarray, sums: np.ndarray | None = None) -> BatchFuture:
         """``read`` into ``slot_bytes`` of host memory at each address ``dsts[i]`` (ALIGN-aligned,
         kept alive by the caller until the result is in). The whole batch is one native call
         outside the GIL (``native_io``) where it is built and no faults are injected; otherwise
-        the Python path of ``read``. Same per-slot results."""
+        the Python path of ``read``. Same per-slot results; ``sums`` as in ``read``."""
         slots, dsts = np.asarray(slots, dtype=np.int64), np.asarray(dsts, dtype=np.uint64)
         fn = self._native()
         if fn is None:
             sb = self.layout.slot_bytes
-            return self.read(slots.tolist(), [native_io.view(d, sb) for d in dsts.tolist()])
+            views = [native_io.view(d, sb) for d in dsts.tolist()]
+            return self.read(slots.tolist(), views, None if sums is None else np.asarray(sums).tolist())
+        want = self._sums[slots] if sums is None else np.asarray(sums, dtype=np.uint64)
         ok = self._valid[slots]
         idx = np.flatnonzero(ok)[np.argsort(slots[ok], kind="stable")]  # by slot: neighbours coalesce
         parts = []
         if len(idx):
+            req = (slots[idx], dsts[idx], np.ascontiguousarray(want[idx]))
             parts.append(
-                (
-                    idx.tolist(),
-                    self._native_reads.map_shards(lambda req: self._read_native(fn, *req), [(slots[idx], dsts[idx])])[
-                        0
-                    ][1],
-                )
+                (idx.tolist(), self._native_reads.map_shards(lambda r: self._read_native(fn, *r), [req])[0][1])
             )
         if not ok.all():
             absent = np.flatnonzero(~ok).tolist()
@@ -194,8 +192,7 @@ class DiskDevice(ExtentFiles):
         self.metrics.latencies("disk_write" if write else "disk_read", secs)
         return np.repeat(status, np.diff(first)), checked
 
-    def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray) -> list[str | None]:
-        want = np.ascontiguousarray(self._sums[slots])
+    def _read_native(self, fn, slots: np.ndarray, dsts: np.ndarray, want: np.ndarray) -> list[str | None]:
         per, bad = self._transfer_native(fn, slots, dsts, write=False, sums=want)
         gb = self.layout.stored_bytes
         if bad is None:  # no native hash: check here, holding the GIL per slot

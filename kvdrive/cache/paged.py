@@ -15,8 +15,9 @@ Attention is exact, the same as ``ContiguousKVCache``'s:
   split-K kernel of ``kvdrive.retrieval.sparse_attention``: one program per (sequence, KV
   head, partition of its pages), all query heads of a KV head in it, partial outputs
   merged by their log-sum-exp. Lengths come from a device tensor; the number of partitions
-  depends only on the table's width (a CUDA graph's span), and partitions past a
-  sequence's length or before its sliding window read nothing. On CPU the torch twin.
+  depends only on the batch's shape, and each sequence's partitions share its own pages
+  (none before its sliding window), so a captured step reads the table's whole width and
+  stays valid as sequences grow: it is never captured again for length. On CPU the torch twin.
 * a prefill chunk: the pages the chunk sees gathered into contiguous K/V, then
   ``chunk_attention`` (SDPA's flash kernel on CUDA, no mask); with
   ``KVDRIVE_PREFILL_KERNEL=triton`` a global layer's chunk reads the pages in place
@@ -68,7 +69,7 @@ def paged_decode(
 
 class PagedKVCache(KVCache):
     supports_cuda_graphs = True  # plan(start=...) gives fixed shapes; the page table is updated in place
-    supports_graph_span = True
+    supports_graph_span = False  # decode reads only each sequence's pages: no span, no recapture as it grows
 
     def __init__(
         self,

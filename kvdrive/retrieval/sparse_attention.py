@@ -31,7 +31,9 @@ def _next_pow2(n: int) -> int:
 
 def plan_splits(batch: int, kv_heads: int, max_pages: int, pages_per_iter: int, sms: int) -> tuple[int, int]:
     """(num_splits, pages_per_split): enough programs to fill ~2 waves of the SMs, each
-    split a whole number of inner iterations. Depends only on shapes (graph-capturable)."""
+    split a whole number of inner iterations of a sequence as wide as the table (the kernel
+    gives each sequence's splits equal shares of its own pages). Depends only on shapes
+    (graph-capturable)."""
     iters = max(1, -(-max_pages // pages_per_iter))
     want = max(1, -(-2 * sms // max(1, batch * kv_heads)))
     splits = min(want, iters)
@@ -69,9 +71,7 @@ def sparse_attention_triton(
     pages = block_tokens // g
     sms = _sm_count(q.device.index or 0) if q.device.type == "cuda" else 4
     if num_splits is None:
-        num_splits, per_split = plan_splits(b, h_kv, p_max, pages, sms)
-    else:
-        per_split = -(-max(1, -(-p_max // num_splits)) // pages) * pages
+        num_splits, _ = plan_splits(b, h_kv, p_max, pages, sms)
     part_o = torch.empty(b, h_q, num_splits, d, dtype=torch.float32, device=q.device)  # (B, H_q, S, D)
     part_lse = torch.empty(b, h_q, num_splits, dtype=torch.float32, device=q.device)  # (B, H_q, S)
     out = torch.empty_like(q)
@@ -103,7 +103,7 @@ def sparse_attention_triton(
         part_lse.stride(1),
         float(scale),
         float(softcap or 1.0),
-        per_split,
+        num_splits,
         REP=rep,
         G=g,
         D=d,

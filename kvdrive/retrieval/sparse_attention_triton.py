@@ -86,9 +86,9 @@ def _attend_pages(
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
-# Arguments that change with a CUDA graph's span (the split count) are not specialized: a new span
-# must not compile a new kernel while the engine waits (Triton keys on ints == 1 and % 16).
-@triton.jit(do_not_specialize=["pages_per_split", "stride_lb", "stride_lh"])
+# The split count and the partial strides are not specialized: a new shape must not compile a
+# new kernel while the engine waits (Triton keys on ints == 1 and % 16).
+@triton.jit(do_not_specialize=["num_splits", "stride_lb", "stride_lh"])
 def sparse_decode_split_kernel(
     q_ptr,
     pool_ptr,
@@ -115,7 +115,7 @@ def sparse_decode_split_kernel(
     stride_lh,  # partial lse (B, H_q, S) float32, split stride 1
     scale,
     softcap,
-    pages_per_split,
+    num_splits,
     REP: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -132,12 +132,17 @@ def sparse_decode_split_kernel(
     s = tl.program_id(2)
     n_pages = tl.load(np_ptr + b * stride_nb + j * stride_nh)
     last_len = tl.load(last_ptr + b)
-    start = s * pages_per_split
-    end = tl.minimum(start + pages_per_split, n_pages)
     first = 0
+    lo = 0
     if HAS_FIRST:
         first = tl.load(first_ptr + b)
-        start = tl.maximum(start, first // G)  # pages wholly before the window: not read
+        lo = first // G  # pages wholly before the window: not read
+    # Split s takes its share of this sequence's own pages [lo, n_pages), in whole iterations: the
+    # shares follow the sequence's length, not the table's width, so a table of any width (a
+    # captured graph's whole allocation) keeps every split busy on the keys that exist.
+    per = tl.cdiv(tl.cdiv(n_pages - lo, PAGES), num_splits) * PAGES
+    start = lo + s * per
+    end = tl.minimum(start + per, n_pages)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)

@@ -135,3 +135,29 @@ def test_each_graph_capture_is_reported_with_its_time():
         graph(ids)
         graph.commit()
     assert len(seen) == 2 and all(s > 0 for s in seen) and graph.span == 512
+
+
+def test_a_paged_graph_is_captured_once_as_its_sequence_grows():
+    """The paged cache's decode reads each sequence's own pages over the table's whole width:
+    growing past 256 and 512 positions captures nothing again, and the tokens equal eager decode."""
+    from factories import decode_steps, random_prompts, tiny_model
+
+    from kvdrive.cache.paged import PagedKVCache
+    from kvdrive.engine.cuda_graph import GraphedDecodeStep
+
+    model = tiny_model().to("cuda")
+    dev = torch.device("cuda")
+    graphed, eager = (PagedKVCache(model.config, 1, 700, dev, torch.float32) for _ in range(2))
+    for cache in (graphed, eager):
+        decode_steps(model, cache, random_prompts((250,), seed=1), 0)
+    seen = []
+    ids = torch.full((1, 1), 7, device="cuda")
+    graph = GraphedDecodeStep(model, graphed, [0], ids, on_capture=seen.append)
+    for _ in range(300):  # lengths 250 -> 550: past 256 and 512 positions
+        got = graph(ids).clone()
+        graph.commit()
+        batch = eager.plan([0], 1)
+        want = model(ids, eager, batch)
+        eager.commit(batch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # (1, V) each
+    assert len(seen) == 1 and graph.span is None

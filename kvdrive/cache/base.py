@@ -88,6 +88,10 @@ class KVCache(ABC):
     # ``plan(seq_ids, 1, start=..., span=n)`` attends to the first n positions only: a graph captured
     # while every length is below n costs what those keys cost, not the whole ``max_len`` allocation.
     supports_graph_span: bool = False
+    # ``plan_padded(slots, start)``: a decode step over sequence slots named by a device tensor,
+    # ``pad_slot`` filling the batch up to a graph's size; one graph per padded size then serves
+    # every batch of sequences up to it (``kvdrive.engine.cuda_graph.PaddedDecodeGraphs``).
+    supports_padded_graphs: bool = False
     # Micro-batched decode (``kvdrive.engine.micro_batch``): per-step state is per sequence,
     # counters add atomically, and ``plan(..., new_step=False)`` plans a later part of one step.
     supports_micro_batches: bool = False

@@ -70,6 +70,7 @@ def paged_decode(
 class PagedKVCache(KVCache):
     supports_cuda_graphs = True  # plan(start=...) gives fixed shapes; the page table is updated in place
     supports_graph_span = False  # decode reads only each sequence's pages: no span, no recapture as it grows
+    supports_padded_graphs = True  # the table's last row lists only a scratch page: padding writes there
 
     def __init__(
         self,
@@ -94,15 +95,20 @@ class PagedKVCache(KVCache):
         per_seq = -(-max_len // page_tokens)
         self.pages = PageAllocator(-(-pool_tokens // page_tokens) if pool_tokens else max_seqs * per_seq, page_tokens)
         self.max_len = min(max_len, self.pages.num_pages * page_tokens)
+        # One scratch page past the allocator's, listed by the pad row past the sequence slots: the
+        # padded entries of a graphed decode step write and read only it.
+        self.scratch_page, self.pad_slot = self.pages.num_pages, max_seqs
         shape = (
-            self.pages.num_pages,
+            self.pages.num_pages + 1,
             2,
             config.num_key_value_heads,
             page_tokens,
             config.head_dim,
         )  # (S, 2, H_kv, G, D)
         self.pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.table = torch.zeros(max_seqs, -(-self.max_len // page_tokens), dtype=torch.int32, device=device)  # (S, P)
+        width = -(-self.max_len // page_tokens)
+        self.table = torch.zeros(max_seqs + 1, width, dtype=torch.int32, device=device)  # (S + 1, P)
+        self.table[self.pad_slot] = self.scratch_page
         self.seqs = SequenceSlots(max_seqs, self.max_len)
         self._slot_tensor = SlotTensors(device)
 
@@ -172,6 +178,23 @@ class PagedKVCache(KVCache):
         meta = _Meta(rows, start_t, kv_len, uniform_start=not static and len(set(starts)) == 1)
         positions = start_t[:, None] + torch.arange(num_new, device=self.device)  # (B, T)
         return ForwardBatch(seq_ids=seq_ids, start=starts, num_new=num_new, positions=positions, meta=meta)
+
+    def slot(self, seq_id: int) -> int:
+        """The table row of ``seq_id`` (what ``plan_padded`` takes)."""
+        return self.seqs.slot(seq_id)
+
+    def plan_padded(self, slots: torch.Tensor, start: torch.Tensor) -> ForwardBatch:
+        """A decode step (one new token each) of the sequences in table rows ``slots`` (Bp,) int64,
+        cached lengths ``start`` (Bp,), both device tensors a captured graph reads; rows
+        ``pad_slot`` (length 0) pad the batch. Pages must already be taken (``prepare_replay``);
+        ``commit_decode`` records the step of the real sequences."""
+        rows = self.table.index_select(0, slots)  # (Bp, P): the whole width, read only up to each length
+        positions = start[:, None] + torch.arange(1, device=self.device)  # (Bp, 1)
+        return ForwardBatch(seq_ids=(), start=(), num_new=1, positions=positions, meta=_Meta(rows, start, self.max_len, False))
+
+    def commit_decode(self, seq_ids) -> None:
+        """After a padded step: its token becomes part of each of ``seq_ids``."""
+        self.seqs.commit(tuple(seq_ids), 1)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         m: _Meta = batch.meta

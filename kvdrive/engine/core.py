@@ -222,7 +222,14 @@ class Engine:
         running = self.sched.running
         seq_ids = [r.seq_id for r in running]
         ids = torch.tensor([[r.output_ids[-1]] for r in running], device=self.model.device)  # (B, 1)
-        if self.use_graphs:
+        if self.use_graphs and self.cache.supports_padded_graphs:  # one kept graph per padded batch size
+            if self._graph is None:
+                from kvdrive.engine.cuda_graph import PaddedDecodeGraphs
+
+                self._graph = PaddedDecodeGraphs(self.model, self.cache, self.sched.max_batch, self._captured)
+            logits = self._graph(seq_ids, ids)
+            self._graph.commit(seq_ids)
+        elif self.use_graphs:
             if self._graph is None or not self._graph.matches(seq_ids):
                 from kvdrive.engine.cuda_graph import GraphedDecodeStep
 

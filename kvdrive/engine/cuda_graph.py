@@ -9,6 +9,11 @@ the length buffer, so masks and write positions are computed on the GPU. Where t
 allows (``supports_graph_span``), a graph attends to the next power of two above the
 longest sequence (at least ``SPAN_MIN``) rather than the whole allocation, and is captured
 again when a sequence grows past it: a step costs the keys it has, within 2x.
+
+A cache that takes its sequences' rows from a device tensor (``supports_padded_graphs``: the
+paged cache) runs under ``PaddedDecodeGraphs`` instead: one graph per padded batch size
+(1, 2, 4, 8, then multiples of 8, as vLLM captures), kept and replayed for any batch that
+fits, so a request joining or finishing captures nothing once each size has run.
 """
 
 from __future__ import annotations
@@ -113,3 +118,90 @@ class GraphedDecodeStep:
         self.start.copy_(buf, non_blocking=True)
         self._uploaded[i] = torch.cuda.Event()
         self._uploaded[i].record()
+
+
+def padded_size(n: int, max_batch: int) -> int:
+    """The graph size a batch of ``n`` sequences runs in: 1, 2, 4, 8, then multiples of 8
+    (vLLM's capture sizes), at most ``max_batch``."""
+    size = 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+    return max(n, min(size, max_batch))
+
+
+class PaddedDecodeGraphs:
+    """CUDA-graph decode for a cache with ``supports_padded_graphs`` (the paged cache): one graph
+    per padded batch size, captured at its first use and kept, replayed for every batch that
+    fits it. The sequences' table rows, lengths and tokens go in through static buffers; the
+    padding rows name the cache's ``pad_slot``, whose writes land on a scratch page. A batch
+    that changes (a request joins or finishes) replays a kept graph instead of capturing one."""
+
+    def __init__(self, model, cache: KVCache, max_batch: int, on_capture: Callable[[float], None] | None = None):
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.on_capture = on_capture
+        self.graphs: dict[int, _Padded] = {}
+        self.epoch = cache.graph_epoch
+        self._pool = torch.cuda.graph_pool_handle()  # one replay at a time: the graphs share memory
+        self._host = [torch.empty(3, max_batch, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def __call__(self, seq_ids, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of one decode step of ``seq_ids`` (token_ids (B, 1) on the device); the
+        caller samples them before the next step (the graphs share their memory) and calls
+        ``commit``."""
+        b = len(seq_ids)
+        if self.cache.graph_epoch != self.epoch:  # buffers reallocated: every graph is stale
+            self.graphs.clear()
+            self.epoch = self.cache.graph_epoch
+        size = padded_size(b, self.max_batch)
+        g = self.graphs.get(size) or self._capture(size)
+        self.cache.prepare_replay(seq_ids)  # pages for the step's tokens, written in place
+        i, self._turn = self._turn, 1 - self._turn
+        if self._uploaded[i] is not None:
+            self._uploaded[i].synchronize()  # its last upload (two steps ago) has run
+        host = self._host[i][:, :size]
+        host[0, :b] = torch.tensor([self.cache.slot(s) for s in seq_ids])
+        host[1, :b] = torch.tensor([self.cache.length(s) for s in seq_ids])
+        host[0, b:], host[1, b:] = self.cache.pad_slot, 0
+        g.slots.copy_(host[0], non_blocking=True)
+        g.start.copy_(host[1], non_blocking=True)
+        self._uploaded[i] = torch.cuda.Event()
+        self._uploaded[i].record()
+        g.ids[:b].copy_(token_ids)
+        g.ids[b:] = 0
+        g.graph.replay()
+        return g.logits[:b]
+
+    def commit(self, seq_ids) -> None:
+        self.cache.commit_decode(seq_ids)
+
+    def _capture(self, size: int) -> _Padded:
+        dev = self.model.device
+        t0 = time.perf_counter()
+        g = _Padded(
+            ids=torch.zeros(size, 1, dtype=torch.int64, device=dev),
+            slots=torch.full((size,), self.cache.pad_slot, dtype=torch.int64, device=dev),
+            start=torch.zeros(size, dtype=torch.int64, device=dev),
+        )  # all padding while capturing: the warm-up and capture write only the scratch page
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
+            for _ in range(2):
+                self.model(g.ids, self.cache, self.cache.plan_padded(g.slots, g.start))
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._pool):
+            g.logits = self.model(g.ids, self.cache, self.cache.plan_padded(g.slots, g.start))  # (size, V)
+        self.graphs[size] = g
+        if self.on_capture is not None:
+            torch.cuda.current_stream(dev).synchronize()
+            self.on_capture(time.perf_counter() - t0)
+        return g
+
+
+class _Padded:
+    """One captured padded step: its static inputs, its graph and its static logits."""
+
+    def __init__(self, ids: torch.Tensor, slots: torch.Tensor, start: torch.Tensor):
+        self.ids, self.slots, self.start = ids, slots, start
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None

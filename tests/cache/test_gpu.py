@@ -161,3 +161,40 @@ def test_a_paged_graph_is_captured_once_as_its_sequence_grows():
         eager.commit(batch)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # (1, V) each
     assert len(seen) == 1 and graph.span is None
+
+
+def test_the_paged_engine_keeps_one_graph_per_padded_batch_size():
+    """Requests that finish at different steps shrink the batch 3 -> 2 -> 1, then a new one
+    joins (2, then 1 again): the graphs of sizes 3, 2 and 1 are each captured once and replayed
+    after, and the tokens equal eager decode's."""
+    from kvdrive.cache.paged import PagedKVCache
+    from kvdrive.engine.core import Engine
+    from kvdrive.engine.generation import Request
+    from kvdrive.engine.sampling import SamplingParams
+
+    model = _model()
+    outs, captures = [], []
+    for graphs in (True, False):
+        cache = PagedKVCache(model.config, 3, 700, torch.device("cuda"), torch.float32)
+        engine = Engine(model, cache, (), None, cuda_graphs=graphs)
+        reqs = [
+            Request(
+                i,
+                torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(i)).tolist(),
+                SamplingParams(max_tokens=m, temperature=0, ignore_eos=True),
+                m,
+            )
+            for i, (n, m) in enumerate([(300, 8), (120, 16), (260, 24), (90, 12)])
+        ]
+        for r in reqs[:3]:
+            engine.add_request(r)
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+            if steps == 20:  # the batch is down to one sequence: a fourth joins it
+                engine.add_request(reqs[3])
+        outs.append([r.output_ids for r in reqs])
+        captures.append(engine.counters.graph_captures)
+    assert outs[0] == outs[1]
+    assert captures == [3, 0]

@@ -65,6 +65,40 @@ def test_a_static_plan_equals_eager_decode(span):
     torch.testing.assert_close(model(step, cache, static_batch), eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,extra", MODELS)
+def test_padded_steps_equal_eager_decode_and_padding_writes_only_the_scratch_page(model_type, extra):
+    """The padded plan a kept graph replays: sequences named by table rows (any subset, any
+    order) plus pad rows give the eager step's logits, and every page but the scratch one holds
+    what eager decode left there."""
+    model = tiny_model(model_type, **extra)
+    eager, padded = _paged(model, max_seqs=4), _paged(model, max_seqs=4)
+    for cache in (eager, padded):
+        decode_steps(model, cache, random_prompts((150, 77, 40)), 0)
+    for t, seq_ids in enumerate([[2, 0], [1], [0, 1, 2], [2, 0]]):
+        ids = torch.tensor([[5 + t + i] for i in range(len(seq_ids))])
+        b = eager.plan(seq_ids, 1)
+        want = model(ids, eager, b)
+        eager.commit(b)
+        padded.prepare_replay(seq_ids)
+        pad = 4 - len(seq_ids)
+        slots = torch.tensor([padded.slot(s) for s in seq_ids] + [padded.pad_slot] * pad)
+        start = torch.tensor([padded.length(s) for s in seq_ids] + [0] * pad)
+        got = model(torch.cat([ids, torch.zeros(pad, 1, dtype=ids.dtype)]), padded, padded.plan_padded(slots, start))
+        padded.commit_decode(seq_ids)
+        torch.testing.assert_close(got[: len(seq_ids)], want, rtol=1e-5, atol=1e-5)
+    n = eager.pages.num_pages
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(padded.pool[layer][:n], eager.pool[layer][:n], rtol=1e-5, atol=1e-5)
+    assert [padded.length(s) for s in range(3)] == [eager.length(s) for s in range(3)] == [153, 79, 43]
+
+
+def test_padded_sizes_follow_the_capture_list():
+    from kvdrive.engine.cuda_graph import padded_size
+
+    assert [padded_size(n, 64) for n in (1, 2, 3, 5, 8, 9, 17, 64)] == [1, 2, 4, 8, 8, 16, 24, 64]
+    assert padded_size(5, 6) == 6 and padded_size(6, 6) == 6  # never past the batch limit
+
+
 def test_prepare_replay_takes_the_next_page_in_place():
     model = tiny_model()
     cache = _paged(model)

@@ -33,6 +33,12 @@ def split_prefill_enabled() -> bool:
     return os.environ.get("KVDRIVE_SPLIT_PREFILL", "") in ("1", "true", "yes")
 
 
+def padded_graphs_enabled() -> bool:
+    """Kept decode graphs per padded batch size for caches that take them (the paged cache);
+    ``KVDRIVE_PADDED_GRAPHS=0`` captures one graph per batch instead."""
+    return os.environ.get("KVDRIVE_PADDED_GRAPHS", "1").strip().lower() not in ("0", "false", "no")
+
+
 PREFILL_KERNELS = ("flash", "cudnn", "triton")
 
 

@@ -190,7 +190,9 @@ class PagedKVCache(KVCache):
         ``commit_decode`` records the step of the real sequences."""
         rows = self.table.index_select(0, slots)  # (Bp, P): the whole width, read only up to each length
         positions = start[:, None] + torch.arange(1, device=self.device)  # (Bp, 1)
-        return ForwardBatch(seq_ids=(), start=(), num_new=1, positions=positions, meta=_Meta(rows, start, self.max_len, False))
+        return ForwardBatch(
+            seq_ids=(), start=(), num_new=1, positions=positions, meta=_Meta(rows, start, self.max_len, False)
+        )
 
     def commit_decode(self, seq_ids) -> None:
         """After a padded step: its token becomes part of each of ``seq_ids``."""

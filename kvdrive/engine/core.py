@@ -17,12 +17,14 @@ server); otherwise, and for anything else, the exception propagates.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from kvdrive import env
 from kvdrive.cache.base import KVCache, TierBytes
 from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.engine.request import Detokenizer, Request, TokenEvent, accept_token, end_event
@@ -97,6 +99,7 @@ class Engine:
         self.detok = Detokenizer(tokenizer)
         self.use_graphs = cuda_graphs and model.device.type == "cuda" and cache.supports_cuda_graphs
         self._graph = None
+        self.padded_graphs = self.use_graphs and cache.supports_padded_graphs and env.padded_graphs_enabled()
         self._decode_step = MicroBatchedDecode(model, cache)
         self.on_prefill, self.isolate_errors = on_prefill, isolate_errors
         self.counters = EngineCounters()
@@ -218,16 +221,26 @@ class Engine:
         self.counters.graph_captures += 1
         self.counters.graph_capture_seconds += seconds
 
+    def _padded_decode(self, seq_ids: list[int], ids: torch.Tensor) -> torch.Tensor | None:
+        """Logits of a step under the kept graph of its padded size; None once a capture failed
+        (one graph per batch takes over, after a warning that names the cause)."""
+        from kvdrive.engine.cuda_graph import GraphCaptureError, PaddedDecodeGraphs
+
+        if self._graph is None:
+            self._graph = PaddedDecodeGraphs(self.model, self.cache, self.sched.max_batch, self._captured)
+        try:
+            return self._graph(seq_ids, ids)
+        except GraphCaptureError as err:
+            warnings.warn(f"{err}; decoding with one CUDA graph per batch from now on", stacklevel=2)
+            self.padded_graphs, self._graph = False, None
+            return None
+
     def _decode(self) -> list[TokenEvent]:
         running = self.sched.running
         seq_ids = [r.seq_id for r in running]
         ids = torch.tensor([[r.output_ids[-1]] for r in running], device=self.model.device)  # (B, 1)
-        if self.use_graphs and self.cache.supports_padded_graphs:  # one kept graph per padded batch size
-            if self._graph is None:
-                from kvdrive.engine.cuda_graph import PaddedDecodeGraphs
-
-                self._graph = PaddedDecodeGraphs(self.model, self.cache, self.sched.max_batch, self._captured)
-            logits = self._graph(seq_ids, ids)
+        logits = self._padded_decode(seq_ids, ids) if self.padded_graphs else None
+        if logits is not None:
             self._graph.commit(seq_ids)
         elif self.use_graphs:
             if self._graph is None or not self._graph.matches(seq_ids):

@@ -120,6 +120,10 @@ class GraphedDecodeStep:
         self._uploaded[i].record()
 
 
+class GraphCaptureError(RuntimeError):
+    """A padded decode graph could not be captured (the cause is chained)."""
+
+
 def padded_size(n: int, max_batch: int) -> int:
     """The graph size a batch of ``n`` sequences runs in: 1, 2, 4, 8, then multiples of 8
     (vLLM's capture sizes), at most ``max_batch``."""
@@ -153,7 +157,12 @@ class PaddedDecodeGraphs:
             self.graphs.clear()
             self.epoch = self.cache.graph_epoch
         size = padded_size(b, self.max_batch)
-        g = self.graphs.get(size) or self._capture(size)
+        g = self.graphs.get(size)
+        if g is None:
+            try:
+                g = self._capture(size)
+            except RuntimeError as err:  # e.g. an op the capture cannot record, on this device or build
+                raise GraphCaptureError(f"capturing the decode graph of batch size {size} failed: {err}") from err
         self.cache.prepare_replay(seq_ids)  # pages for the step's tokens, written in place
         i, self._turn = self._turn, 1 - self._turn
         if self._uploaded[i] is not None:

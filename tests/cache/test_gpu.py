@@ -198,3 +198,25 @@ def test_the_paged_engine_keeps_one_graph_per_padded_batch_size():
         captures.append(engine.counters.graph_captures)
     assert outs[0] == outs[1]
     assert captures == [3, 0]
+
+
+def test_a_failed_padded_capture_falls_back_to_one_graph_per_batch(monkeypatch):
+    from kvdrive.cache.paged import PagedKVCache
+    from kvdrive.engine import cuda_graph
+    from kvdrive.engine.core import Engine
+    from kvdrive.engine.generation import Request
+    from kvdrive.engine.sampling import SamplingParams
+
+    def refuse(self, size):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph.PaddedDecodeGraphs, "_capture", refuse)
+    model = _model()
+    cache = PagedKVCache(model.config, 2, 400, torch.device("cuda"), torch.float32)
+    engine = Engine(model, cache, (), None)
+    req = Request(0, list(range(50)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), 6)
+    engine.add_request(req)
+    with pytest.warns(UserWarning, match="one CUDA graph per batch"):
+        while engine.has_unfinished():
+            engine.step()
+    assert len(req.output_ids) == 6 and not engine.padded_graphs and engine.counters.graph_captures == 1

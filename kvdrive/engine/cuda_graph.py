@@ -144,7 +144,7 @@ class PaddedDecodeGraphs:
         self.graphs: dict[int, _Padded] = {}
         self.epoch = cache.graph_epoch
         self._pool = torch.cuda.graph_pool_handle()  # one replay at a time: the graphs share memory
-        self._host = [torch.empty(3, max_batch, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._host = [torch.empty(2, max_batch, dtype=torch.int64).pin_memory() for _ in range(2)]  # slots, lengths
         self._uploaded: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 

@@ -12,6 +12,7 @@ MODEL_HELP = (
 
 # kvdrive.quant.formats.KV_DTYPES, spelled here so that --help needs no torch (a test keeps them equal)
 KV_DTYPES = ("bf16", "fp8", "int8", "int4")
+PREFILL_CHUNK = 2048  # kvdrive.engine.core.PREFILL_CHUNK, spelled here for the same reason (tested equal)
 
 
 def add_model_options(p, model_positional: bool = False) -> None:

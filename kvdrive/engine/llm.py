@@ -61,6 +61,7 @@ class LLM:
         max_batch: int | None = None,
         tenant: str | None = None,
         step_tokens: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         """``loaded``: an already loaded ``LoadedModel`` to use instead of loading ``model``.
         ``kv_cache``: a ``kvdrive.TieredConfig`` to keep the KV in host memory (and on
@@ -74,9 +75,15 @@ class LLM:
         this LLM's requests (None: the pool's), so tenants sharing a pool never meet.
         ``step_tokens``: tokens one engine step may run, decode and prefill together, so a long
         prompt is prefilled in chunks between decode steps of the others (None: every admitted
-        prompt is prefilled whole before the next decode step)."""
+        prompt is prefilled whole before the next decode step). ``prefill_chunk``: most prompt
+        tokens one prefill forward computes; larger chunks run the GPU's attention and GEMMs
+        closer to their peak and need that many tokens' activations (the plain cache leaves
+        them free when it sizes itself), and a whole prompt in one chunk is the fastest prefill
+        (with ``KVDRIVE_PREFILL_KERNEL=cudnn`` on an H100: docs/bench.md)."""
         _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens)
-        self.max_batch, self.step_tokens = max_batch, step_tokens
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+            raise KvdriveError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        self.max_batch, self.step_tokens, self.prefill_chunk = max_batch, step_tokens, prefill_chunk
         self._cache: KVCache | None = None
         self.prefix = None
         self._owns_prefix = False
@@ -255,13 +262,14 @@ class LLM:
                 prefix=self.prefix,
                 max_batch=n,
                 step_tokens=self.step_tokens,
+                prefill_chunk=self.prefill_chunk,
             )
         finally:  # a stream abandoned or a failed step: its sequences leave the cache kept for the next call
             for r in reqs:
                 if r.seq_id in cache.seqs:
                     cache.free(r.seq_id)
 
-    def engine(self, max_seqs: int, step_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Engine:
+    def engine(self, max_seqs: int, step_tokens: int | None = None, prefill_chunk: int | None = None) -> Engine:
         """An online engine over this LLM's cache, sized for ``max_seqs`` sequences of up to
         ``max_model_len`` tokens (fewer where memory holds fewer: the engine's ``sched.max_batch``
         says how many). The caller adds requests (``new_request``) and steps it from one thread;
@@ -286,7 +294,7 @@ class LLM:
             prefix=self.prefix,
             max_batch=min(max_seqs, cache.max_seqs),
             step_tokens=step_tokens,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk or self.prefill_chunk,
             isolate_errors=True,
         )
 
@@ -302,6 +310,7 @@ class LLM:
         room = gpu_room(self.model.device) if self.model.device.type == "cuda" else host_room()
         if room is None:
             return 1 << 62
+        room -= prefill_activation_bytes(c, self.model.dtype.itemsize, self.prefill_chunk)
         if room < per_seq:
             raise CapacityError(
                 f"one sequence of {max_len} tokens needs {per_seq / 2**30:.2f} GiB of KV, "
@@ -362,6 +371,15 @@ def _check_messages(messages) -> None:
                 f"e.g. {{'role': 'user', 'content': 'Hi'}}; got {m!r:.60}"
             )
         check_text(m["content"], f"message {i}'s content")
+
+
+def prefill_activation_bytes(config, itemsize: int, tokens: int) -> int:
+    """An upper estimate of what one prefill forward of ``tokens`` tokens allocates besides the
+    KV: a layer's query, key and value, the fused gate and up output, the activation and a few
+    hidden-sized buffers, per token (131 KB for Llama-3.1-8B in bf16; one chunk of 32K or 128K
+    tokens peaked at about 120 KB a token above the weights and the KV on the H100)."""
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    return tokens * itemsize * (3 * config.intermediate_size + qkv + 4 * config.hidden_size)
 
 
 def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens) -> None:

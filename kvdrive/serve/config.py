@@ -100,7 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
         "int",
         2048,
         "tokens one engine step runs, decode and prefill "
-        "together: a long prompt is prefilled in chunks of what is left between decode steps",
+        "together: a long prompt is prefilled in chunks of what is left between decode steps, "
+        "each at most this many tokens (larger: faster prefill, longer gaps for running streams)",
         low=1,
         example="2048",
     ),

@@ -72,13 +72,16 @@ class ServerState:
             seed=m.seed,
             prefix_cache=self.config.prefix.config(),
             kv_cache=self.config.kv.tiered(),
+            prefill_chunk=self.config.engine.max_num_batched_tokens,  # a step's budget is also its longest chunk
         )
 
     def _load_and_start(self) -> None:
         try:
             llm = self._load()
             e = self.config.engine
-            engine = llm.engine(e.max_num_seqs, step_tokens=e.max_num_batched_tokens)
+            engine = llm.engine(
+                e.max_num_seqs, step_tokens=e.max_num_batched_tokens, prefill_chunk=e.max_num_batched_tokens
+            )
             if engine.sched.max_batch < e.max_num_seqs:
                 log.warning(
                     "memory holds %d sequences of %d tokens, not max_num_seqs=%d: the rest wait",

@@ -6,7 +6,10 @@ large shape (Llama-3.1-8B) where no checkpoint can be fetched. The vocabulary is
 tokenizer's (its embedding and head rows differ from the real model's; every other tensor
 has the real shape). Random weights: the numbers measured with it are speed only.
 
-    python bench/scripts/random_hf_dir.py llama-3.1-8b TOKENIZER_DIR OUT_DIR [--layers N]
+    python bench/scripts/random_hf_dir.py llama-3.1-8b TOKENIZER OUT_DIR [--layers N]
+
+TOKENIZER: a directory holding a tokenizer, or a model kvdrive loads from a GGUF (``smollm2``,
+``gemma3``, a .gguf file), whose converted directory lends its tokenizer.
 """
 
 from __future__ import annotations
@@ -21,16 +24,33 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kvdrive.models import presets
 
 
+def tokenizer_dir(spec: str) -> str:
+    """A directory with the tokenizer of ``spec``: itself, or the Hugging Face directory kvdrive
+    converts a GGUF model into (converted here on first use)."""
+    from kvdrive.bench.serving.servers import hf_dir_of
+    from kvdrive.models import embedded
+
+    if spec in embedded.EMBEDDED or spec.endswith(".gguf"):
+        from kvdrive.models.loader import load_model
+
+        load_model(spec, device="cpu")  # writes the converted directory once
+    return hf_dir_of(spec)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("preset", choices=sorted(presets.PRESETS))
-    p.add_argument("tokenizer", help="a directory holding a tokenizer (tokenizer.json, tokenizer_config.json)")
+    p.add_argument(
+        "tokenizer",
+        help="a directory holding a tokenizer (tokenizer.json, tokenizer_config.json), or smollm2, gemma3 or a .gguf",
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, help="fewer layers than the preset (a quick check on a CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
+    args.tokenizer = tokenizer_dir(args.tokenizer)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     fields = dict(presets.PRESETS[args.preset])
     fields.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -12,7 +12,9 @@ its own). ``--dry-run`` prints them; ``--only`` picks entries by name.
 - ``prefill``: the prefill kernels side by side (flash, cuDNN, kvdrive's Triton kernel), the
   chunk-kernel timings by tile, and transformers' forward on the same weights.
 - ``serve-latency``: running streams' inter-token latency while a 127K-token prompt is
-  prefilled, with each chunk kernel, and a saturating load of five minutes.
+  prefilled, with each chunk kernel; kvdrive beside ``transformers serve`` on one directory of
+  random 8B-shape weights (SmolLM2's tokenizer: its package installed, or a converted
+  directory); and a saturating load of five minutes.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ SUITES = {
         "chunk-kernels": "bench/scripts/chunk_attention_kernels.py {out}/chunk-kernels.json",
         "prefill-flash": f"KVDRIVE_PREFILL_KERNEL=flash {_PREFILL} --systems plain -o {{out}}/prefill-flash.json",
         "prefill-cudnn": f"KVDRIVE_PREFILL_KERNEL=cudnn {_PREFILL} --systems plain -o {{out}}/prefill-cudnn.json",
+        "prefill-one-chunk": (
+            f"KVDRIVE_PREFILL_KERNEL=cudnn {_PREFILL} --chunk 131072 --systems plain tiered transformers "
+            "-o {out}/prefill-one-chunk.json"
+        ),
         "prefill-triton": (
             f"KVDRIVE_PREFILL_KERNEL=triton {_PREFILL} --systems plain tiered transformers "
             "-o {out}/prefill-triton.json"
@@ -121,6 +127,14 @@ SUITES = {
     "serve-latency": {
         "interference-flash": f"KVDRIVE_PREFILL_KERNEL=flash {_INTERFERENCE} -o {{out}}/interference-flash.json",
         "interference-triton": f"KVDRIVE_PREFILL_KERNEL=triton {_INTERFERENCE} -o {{out}}/interference-triton.json",
+        "hf-dir-llama8b": "bench/scripts/random_hf_dir.py llama-3.1-8b smollm2 {disk}/random-llama-3.1-8b",
+        "serve-vs-transformers-llama8b": (
+            "bench serve --model {disk}/random-llama-3.1-8b --serve-arg=--max-model-len=34816 "
+            "--serve-arg=--max-num-seqs=8 --serve-arg=--prefix-host-gib=48 --docs 2 --questions 3 --doc-tokens 32768 "
+            "--random-prompts 8 --prompt-tokens 2048 --max-tokens 32 --rate 0.5 "
+            "--transformers {disk}/random-llama-3.1-8b --transformers-arg=--continuous-batching "
+            "-o {out}/serve-vs-transformers-llama8b.json"
+        ),
         "soak-llama8b": (
             "bench serve --model random:llama-3.1-8b --token-prompts --serve-arg=--max-model-len=34816 "
             "--serve-arg=--max-num-seqs=8 --workloads --soak 300 --soak-clients 24 --soak-prompt-tokens 2048 "

@@ -29,6 +29,26 @@ from kvdrive.engine.micro_batch import MicroBatchedDecode
 SPAN_MIN = 256  # the shortest span a graph attends to: fewer recaptures for short sequences
 
 
+def capture(forward: Callable[[], torch.Tensor], device, on_capture=None, pool=None):
+    """Run ``forward`` twice on a side stream (warm-up outside capture, as CUDA graphs require),
+    then capture it into a graph (in memory ``pool`` if given): (the graph, its static output).
+    ``on_capture(seconds)`` gets the wall time, warm-up included: a capture stalls the engine."""
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    if on_capture is not None:
+        torch.cuda.current_stream(device).synchronize()
+        on_capture(time.perf_counter() - t0)
+    return graph, out
+
+
 class GraphedDecodeStep:
     def __init__(
         self,
@@ -58,21 +78,8 @@ class GraphedDecodeStep:
         self._capture()
 
     def _capture(self) -> None:
-        dev = self.model.device
-        t0 = time.perf_counter()
         self.epoch = self.cache.graph_epoch  # a cache that reallocates bumps it
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()  # (B, V) static output
-        if self.on_capture is not None:  # a capture stalls the engine: its time is worth counting
-            torch.cuda.current_stream(dev).synchronize()
-            self.on_capture(time.perf_counter() - t0)
+        self.graph, self.logits = capture(self._forward, self.model.device, self.on_capture)  # (B, V) static output
 
     def _forward(self) -> torch.Tensor:
         # The warm-up and the capture write KV at each sequence's next position: the real
@@ -185,25 +192,17 @@ class PaddedDecodeGraphs:
 
     def _capture(self, size: int) -> _Padded:
         dev = self.model.device
-        t0 = time.perf_counter()
         g = _Padded(
             ids=torch.zeros(size, 1, dtype=torch.int64, device=dev),
             slots=torch.full((size,), self.cache.pad_slot, dtype=torch.int64, device=dev),
             start=torch.zeros(size, dtype=torch.int64, device=dev),
         )  # all padding while capturing: the warm-up and capture write only the scratch page
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
-            for _ in range(2):
-                self.model(g.ids, self.cache, self.cache.plan_padded(g.slots, g.start))
-        torch.cuda.current_stream(dev).wait_stream(side)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._pool):
-            g.logits = self.model(g.ids, self.cache, self.cache.plan_padded(g.slots, g.start))  # (size, V)
+
+        def step() -> torch.Tensor:
+            return self.model(g.ids, self.cache, self.cache.plan_padded(g.slots, g.start))
+
+        g.graph, g.logits = capture(step, dev, self.on_capture, self._pool)  # logits (size, V)
         self.graphs[size] = g
-        if self.on_capture is not None:
-            torch.cuda.current_stream(dev).synchronize()
-            self.on_capture(time.perf_counter() - t0)
         return g
 
 

@@ -49,6 +49,35 @@ def capture(forward: Callable[[], torch.Tensor], device, on_capture=None, pool=N
     return graph, out
 
 
+class PinnedUpload:
+    """Host rows (``shape``, int64) to a graph's static device inputs without waiting for the GPU.
+
+    NOTE: the rows go up from pinned buffers, two in turn. From pageable memory the copy blocks
+    the host until the GPU has finished the step before, and the next replay's launch (thousands
+    of graph nodes) then runs with the GPU idle. A buffer is rewritten only after its last copy
+    (issued two steps ago) has run."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self._bufs = [torch.empty(shape, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def next(self) -> torch.Tensor:
+        """The buffer to fill for this step (free once its last copy has run)."""
+        i = self._turn
+        if self._uploaded[i] is not None:
+            self._uploaded[i].synchronize()
+        return self._bufs[i]
+
+    def send(self, pairs) -> None:
+        """Issue the copies (pinned rows of the buffer from ``next``, device tensor) of this step."""
+        for src, dst in pairs:
+            dst.copy_(src, non_blocking=True)
+        i, self._turn = self._turn, 1 - self._turn
+        self._uploaded[i] = torch.cuda.Event()
+        self._uploaded[i].record()
+
+
 class GraphedDecodeStep:
     def __init__(
         self,
@@ -68,12 +97,7 @@ class GraphedDecodeStep:
         self.step = MicroBatchedDecode(model, cache, micro_batches)
         self.ids = token_ids.clone()  # (B, 1) static input
         self.start = torch.tensor([cache.length(s) for s in seq_ids], device=model.device)  # (B,) static input
-        # NOTE: the lengths go up from pinned buffers, two in turn. From pageable memory the copy
-        # blocks the host until the GPU has finished the step before, and the next replay's
-        # launch (thousands of graph nodes) then runs with the GPU idle.
-        self._lengths = [torch.empty_like(self.start, device="cpu").pin_memory() for _ in range(2)]
-        self._uploaded: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
+        self._lengths = PinnedUpload(tuple(self.start.shape))
         self.span = self._span()
         self._capture()
 
@@ -115,16 +139,10 @@ class GraphedDecodeStep:
         return self.logits
 
     def _upload_lengths(self) -> None:
-        """The cached lengths into ``start``, without waiting for the GPU: a buffer is rewritten
-        only after its last copy (issued two steps ago) has run."""
-        i, self._turn = self._turn, 1 - self._turn
-        if self._uploaded[i] is not None:
-            self._uploaded[i].synchronize()
-        buf = self._lengths[i]
+        """The cached lengths into ``start``, without waiting for the GPU (``PinnedUpload``)."""
+        buf = self._lengths.next()
         buf.copy_(torch.tensor([self.cache.length(s) for s in self.seq_ids], dtype=buf.dtype))
-        self.start.copy_(buf, non_blocking=True)
-        self._uploaded[i] = torch.cuda.Event()
-        self._uploaded[i].record()
+        self._lengths.send([(buf, self.start)])
 
 
 class GraphCaptureError(RuntimeError):
@@ -151,9 +169,7 @@ class PaddedDecodeGraphs:
         self.graphs: dict[int, _Padded] = {}
         self.epoch = cache.graph_epoch
         self._pool = torch.cuda.graph_pool_handle()  # one replay at a time: the graphs share memory
-        self._host = [torch.empty(2, max_batch, dtype=torch.int64).pin_memory() for _ in range(2)]  # slots, lengths
-        self._uploaded: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
+        self._rows = PinnedUpload((2, max_batch))  # slots, lengths
 
     def __call__(self, seq_ids, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of one decode step of ``seq_ids`` (token_ids (B, 1) on the device); the
@@ -171,17 +187,11 @@ class PaddedDecodeGraphs:
             except RuntimeError as err:  # e.g. an op the capture cannot record, on this device or build
                 raise GraphCaptureError(f"capturing the decode graph of batch size {size} failed: {err}") from err
         self.cache.prepare_replay(seq_ids)  # pages for the step's tokens, written in place
-        i, self._turn = self._turn, 1 - self._turn
-        if self._uploaded[i] is not None:
-            self._uploaded[i].synchronize()  # its last upload (two steps ago) has run
-        host = self._host[i][:, :size]
+        host = self._rows.next()[:, :size]
         host[0, :b] = torch.tensor([self.cache.slot(s) for s in seq_ids])
         host[1, :b] = torch.tensor([self.cache.length(s) for s in seq_ids])
         host[0, b:], host[1, b:] = self.cache.pad_slot, 0
-        g.slots.copy_(host[0], non_blocking=True)
-        g.start.copy_(host[1], non_blocking=True)
-        self._uploaded[i] = torch.cuda.Event()
-        self._uploaded[i].record()
+        self._rows.send([(host[0], g.slots), (host[1], g.start)])
         g.ids[:b].copy_(token_ids)
         g.ids[b:] = 0
         g.graph.replay()

@@ -2,7 +2,9 @@
 
 (a) pinned host -> GPU: one large memcpy (the peak) vs the batched row copy of randomly
     chosen groups (Triton kernel over UVA, and the staging fallback), plus the GPU ->
-    host write-back scatter, and the tiered cache's fetch (indices already on the GPU);
+    host write-back scatter, and the tiered cache's fetch (indices already on the GPU), of
+    bf16 rows and of each compressed format's stored rows: dequantized by one kernel reading
+    the host rows in place, and copied raw to the GPU then dequantized there (staged);
 (b) disk: raw O_DIRECT sequential read (large blocks) and random group-size reads (plain
     threads, no kvdrive), vs kvdrive's pool read of random groups at several queue
     depths, per request (``read``) and as one native batch into a host arena (``read_to``,
@@ -22,10 +24,12 @@ import numpy as np
 import torch
 
 from kvdrive import device as dev
+from kvdrive.quant.dequant import dequant_rows
+from kvdrive.quant.formats import quantize, stored_bytes
 from kvdrive.results import write_result
 from kvdrive.storage.gather import RowCopier, copy_rows, triton_available
 from kvdrive.storage.host import HostTier
-from kvdrive.storage.layout import GroupLayout
+from kvdrive.storage.layout import GroupLayout, align_up
 from kvdrive.storage.pool import DiskAddr, DiskPool, PoolPath
 
 GIB = 1 << 30
@@ -113,6 +117,8 @@ def bench_host_gpu(args, layout: GroupLayout, notes: list[str]) -> dict:
     out["gather_vs_memcpy"] = round(out[best] / out["memcpy_h2d_gbps"], 3)
     out["fetch_rows_gbps"] = _fetch_rows(src_w, dst_w, pick, layout, args.repeats, cuda)
     out["fetch_rows_vs_memcpy"] = round(out["fetch_rows_gbps"] / out["memcpy_h2d_gbps"], 3)
+    if triton_available():
+        out["fetch_formats"] = _fetch_formats(layout, n, args.repeats, cuda)
     return out
 
 
@@ -122,6 +128,44 @@ def _fetch_rows(src_w, dst_w, pick, layout, repeats: int, cuda) -> float:
     dst_idx = torch.arange(len(pick), dtype=torch.int64, device=cuda)
     s = _median_s(lambda: copy_rows(src_w, src_idx, dst_w, dst_idx, layout.group_words), repeats, cuda)
     return _gbps(len(pick) * layout.group_bytes, s)
+
+
+def _fetch_formats(layout: GroupLayout, n: int, repeats: int, cuda) -> dict:
+    """The compressed tiers' fetch of ``n`` random groups of each format: stored rows in pinned
+    host memory -> typed rows on the GPU. ``direct``: the dequantizer reads the host rows over
+    PCIe (what the tiered cache runs); ``staged``: the row copy brings the stored bytes to the
+    GPU, where the dequantizer reads them. GB/s of stored bytes crossing, and groups/s."""
+    h, g, d = layout.group_shape
+    elems = 2 * h * g * d
+    slots = 4 * n  # more rows than fetched: the picks are scattered
+    dst = torch.empty(n, elems, dtype=layout.dtype, device=cuda)
+    src_idx = torch.tensor(np.random.default_rng(1).choice(slots, n, replace=False), device=cuda)
+    dst_idx = torch.arange(n, device=cuda)
+    out = {}
+    for fmt in ("fp8", "int8", "int4"):
+        stored = align_up(stored_bytes(fmt, h, g, d, layout.dtype.itemsize), 16)
+        rows = torch.empty(slots, stored, dtype=torch.uint8).pin_memory()
+        for lo in range(0, slots, n):  # real codes (no NaN bytes), written a batch at a time
+            groups = torch.randn(min(n, slots - lo), 2, h, g, d, device=cuda, dtype=layout.dtype)
+            rows[lo : lo + groups.shape[0], : stored_bytes(fmt, h, g, d, 2)].copy_(quantize(groups, fmt))
+        stage = torch.empty(n, stored, dtype=torch.uint8, device=cuda)
+        words = stored // 4
+
+        def direct(fmt=fmt, rows=rows):
+            dequant_rows(rows, src_idx, dst, dst_idx, fmt, (h, g, d))
+
+        def staged(fmt=fmt, rows=rows, stage=stage, words=words):
+            copy_rows(rows.view(torch.int32), src_idx, stage.view(torch.int32), dst_idx, words)
+            dequant_rows(stage, dst_idx, dst, dst_idx, fmt, (h, g, d))
+
+        row = {"stored_bytes": stored, "bytes_over_bf16": round(stored / layout.group_bytes, 3)}
+        for name, fn in (("direct", direct), ("staged", staged)):
+            s = _median_s(fn, repeats, cuda)
+            row[f"{name}_gbps"] = _gbps(n * stored, s)
+            row[f"{name}_groups_per_s"] = round(n / s)
+        out[fmt] = row
+        del rows, stage
+    return out
 
 
 def _raw_disk(path: str, nbytes: int, group_bytes: int, depths: list[int], batch: int) -> dict:
@@ -269,6 +313,13 @@ def _summary(r: dict, path) -> None:
             f"{a[a['gather_best']]} GB/s = {a['gather_vs_memcpy']:.0%} of memcpy (target 80%); "
             f"tiered fetch {a['fetch_rows_gbps']} GB/s"
         )
+        for fmt, f in a.get("fetch_formats", {}).items():
+            bf16_groups = a["fetch_rows_gbps"] * 1e9 / a["bytes"] * a["groups"]
+            print(
+                f"    {fmt} fetch: direct {f['direct_gbps']} GB/s, staged {f['staged_gbps']} GB/s of stored bytes; "
+                f"groups/s over bf16's: {f['direct_groups_per_s'] / bf16_groups:.2f}x direct, "
+                f"{f['staged_groups_per_s'] / bf16_groups:.2f}x staged"
+            )
     b = r["b_disk"]
     print(
         f"(b) raw seq read {b['raw']['seq_read_gbps']} GB/s, raw random {b['raw']['random_group_read_gbps_by_depth']} "

@@ -180,3 +180,39 @@ def test_an_interference_run_alone_plots_the_gaps_over_time(tmp_path):
 
     img = Image.open(path).convert("L")
     assert img.size[0] > 500 and len(set(img.getdata())) > 10  # points and lines, not a blank canvas
+
+
+@pytest.mark.parametrize("listed", [[{"id": "served-name", "max_model_len": 512}], []])
+def test_a_server_that_lists_no_model_is_asked_for_the_one_it_was_started_on(listed):
+    """transformers serve lists only its hub cache's models at /v1/models; a directory it was
+    started on is then named by its path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kvdrive.bench.serving import servers
+    from kvdrive.errors import KvdriveError
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": listed}).encode() if self.path == "/v1/models" else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        server = servers.Server("transformers", url)
+        servers.wait_ready(server, 10, default_model="/models/r8b")
+        assert server.model == ("served-name" if listed else "/models/r8b")
+        assert server.max_model_len == (512 if listed else None)
+        if not listed:
+            with pytest.raises(KvdriveError, match="lists no model"):
+                servers.wait_ready(servers.Server("kvdrive", url), 10)
+    finally:
+        httpd.shutdown()

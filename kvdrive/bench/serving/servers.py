@@ -117,7 +117,7 @@ def start(kind: str, args: list[str], timeout: float) -> Server:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # the child keeps the file
     server = Server(kind, f"http://127.0.0.1:{port}", process=proc, log=log.name)
     try:
-        wait_ready(server, timeout)
+        wait_ready(server, timeout, default_model=args[0] if kind == "transformers" else None)
     except BaseException:
         server.stop()
         raise
@@ -130,8 +130,10 @@ def attach(kind: str, url: str, timeout: float) -> Server:
     return server
 
 
-def wait_ready(server: Server, timeout: float) -> None:
-    """Until /health answers 200, then read the model's name from /v1/models."""
+def wait_ready(server: Server, timeout: float, default_model: str | None = None) -> None:
+    """Until /health answers 200, then read the model's name from /v1/models; where that lists
+    none, ``default_model`` (transformers serve lists only its hub cache's models, and loads a
+    directory named in a request)."""
     deadline = time.monotonic() + timeout
     while True:
         if server.process is not None and server.process.poll() is not None:
@@ -147,6 +149,11 @@ def wait_ready(server: Server, timeout: float) -> None:
             )
         time.sleep(1.0)
     models = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+    if not models and default_model is not None:
+        server.model = default_model
+        return
+    if not models:
+        raise KvdriveError(f"{server.kind} server at {server.url} lists no model at /v1/models")
     server.model, server.max_model_len = models[0]["id"], models[0].get("max_model_len")
 
 

@@ -60,7 +60,7 @@ def _kvdrive_prefill(model, cache, ids: torch.Tensor, chunk: int) -> int:
     return int(logits.argmax())
 
 
-def _make_cache(system: str, model, length: int):
+def _make_cache(system: str, model, length: int, chunk: int):
     from kvdrive.cache.contiguous import ContiguousKVCache
     from kvdrive.cache.paged import PagedKVCache
     from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
@@ -70,7 +70,7 @@ def _make_cache(system: str, model, length: int):
         return PagedKVCache(cfg, 1, length, dev, dt)
     if system == "contiguous":
         return ContiguousKVCache(cfg, 1, length, dev, dt)
-    return TieredSparseKVCache(cfg, 1, length, dev, dt, TieredConfig())
+    return TieredSparseKVCache(cfg, 1, length, dev, dt, TieredConfig(prefill_tokens=chunk))
 
 
 def _timed(fn, dev) -> tuple[float, object]:
@@ -92,7 +92,7 @@ def _reset_peak(dev) -> None:
 
 def run_kvdrive(system: str, model, ids: torch.Tensor, chunk: int, repeats: int) -> dict:
     dev, length = model.device, ids.shape[0]
-    cache = _make_cache(system, model, length)
+    cache = _make_cache(system, model, length, min(chunk, length))
     times, row = [], {}
     for _ in range(repeats):
         with contextlib.suppress(KeyError):

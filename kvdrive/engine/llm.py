@@ -15,7 +15,7 @@ checked before the model loads; a mistake is a ``KvdriveError`` naming the fix.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,7 @@ from kvdrive.engine.core import PREFILL_CHUNK, Engine
 from kvdrive.engine.request import Request
 from kvdrive.engine.sampling import SamplingParams
 from kvdrive.errors import CapacityError, KvdriveError
+from kvdrive.models.flops import prefill_activation_bytes
 from kvdrive.models.loader import load_model
 
 
@@ -95,7 +96,10 @@ class LLM:
             raise KvdriveError(f"max_model_len must be in 1..{limit} (the model's context), got {max_model_len}")
         self.max_model_len = max_model_len or limit
         self._next_seq = 0
-        self.kv_cache = kv_cache.for_model(self.config) if kv_cache is not None else None
+        if kv_cache is not None:  # the tiered cache leaves GPU room for the largest prefill forward
+            kv_cache = kv_cache.for_model(self.config)
+            kv_cache = replace(kv_cache, prefill_tokens=max(kv_cache.prefill_tokens, prefill_chunk))
+        self.kv_cache = kv_cache
         self.tenant = tenant
         if prefix_cache is not None:
             self._open_prefix(prefix_cache)
@@ -371,15 +375,6 @@ def _check_messages(messages) -> None:
                 f"e.g. {{'role': 'user', 'content': 'Hi'}}; got {m!r:.60}"
             )
         check_text(m["content"], f"message {i}'s content")
-
-
-def prefill_activation_bytes(config, itemsize: int, tokens: int) -> int:
-    """An upper estimate of what one prefill forward of ``tokens`` tokens allocates besides the
-    KV: a layer's query, key and value, the fused gate and up output, the activation and a few
-    hidden-sized buffers, per token (131 KB for Llama-3.1-8B in bf16; one chunk of 32K or 128K
-    tokens peaked at about 120 KB a token above the weights and the KV on the H100)."""
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    return tokens * itemsize * (3 * config.intermediate_size + qkv + 4 * config.hidden_size)
 
 
 def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens) -> None:

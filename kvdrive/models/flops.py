@@ -1,5 +1,7 @@
 """FLOPs of running prompt tokens through a model: what ``kvdrive bench prefill`` divides by its
-time, and what the scheduler's step budget counts a prefill chunk as.
+time, and what the scheduler's step budget counts a prefill chunk as; and the GPU bytes a
+prefill forward allocates besides the KV (``prefill_activation_bytes``: the caches leave room
+for it when they size themselves).
 
 Tokens ``p .. p+n-1`` of a prompt cost, per layer, ``2 x`` the parameters of its q, k, v, o
 and MLP matrices each (linear), plus ``4 x H_q x D`` per query-key pair attended: a token at
@@ -62,3 +64,12 @@ class ChunkCost:
             else:
                 hi = mid - 1
         return lo
+
+
+def prefill_activation_bytes(config: ModelConfig, itemsize: int, tokens: int) -> int:
+    """An upper estimate of what one prefill forward of ``tokens`` tokens allocates besides the
+    KV: a layer's query, key and value, the fused gate and up output, the activation and a few
+    hidden-sized buffers, per token (131 KB for Llama-3.1-8B in bf16; one chunk of 32K or 128K
+    tokens peaked at about 120 KB a token above the weights and the KV on the H100)."""
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    return tokens * itemsize * (3 * config.intermediate_size + qkv + 4 * config.hidden_size)

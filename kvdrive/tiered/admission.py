@@ -15,6 +15,7 @@ import torch
 from kvdrive.cache.sparse import layer_summarizer, max_pages_for
 from kvdrive.config import ModelConfig
 from kvdrive.errors import CapacityError
+from kvdrive.models.flops import prefill_activation_bytes
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.tiered.config import TieredConfig
 from kvdrive.tiered.host_kv import host_room
@@ -63,7 +64,8 @@ def resolve_cache_tokens(
     selection's pages, slot tables, summaries), ``AUTO_GPU_SHARE`` of the free GPU memory goes
     to cache pages, evenly per sequence and sparse layer, up to the whole context (more could
     never hit), after the room one prompt of ``max_len`` takes on the GPU while it is prefilled
-    (``stage_prefill``); off CUDA, ``AUTO_CPU_TOKENS``. ``room``: GPU bytes free for the cache, instead
+    (``stage_prefill``) and the activations of a prefill forward of ``prefill_tokens``; off CUDA,
+    ``AUTO_CPU_TOKENS``. ``room``: GPU bytes free for the cache, instead
     of asking the device (planning for another GPU: ``kvdrive info --gpu-gib``)."""
     from kvdrive.tiered.config import AUTO_CPU_TOKENS, AUTO_GPU_SHARE
 
@@ -74,6 +76,7 @@ def resolve_cache_tokens(
         return AUTO_CPU_TOKENS
     if tiered.stage_prefill:  # one prompt of max_len prefills with its KV on the GPU
         room = max(0, room - prefill_stage_bytes(config, max_len, dtype))
+    room = max(0, room - prefill_activation_bytes(config, dtype.itemsize, tiered.prefill_tokens))
     g = tiered.sparse.group_tokens
     n = -(-max_len // g)
     layers = sum(1 for l in config.global_layers if l not in tiered.sparse.dense_layers)

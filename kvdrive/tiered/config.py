@@ -69,6 +69,10 @@ class TieredConfig:
     # for it then), so a chunk attends to its prefix without gathering it from host; False: each
     # chunk gathers its whole prefix from host, ~T^2 / (2 x chunk) tokens of KV per prompt (ablation).
     stage_prefill: bool = True
+    # Tokens of the largest prefill forward (the engine's chunk, ``LLM(prefill_chunk=...)``): the
+    # GPU room its activations take is left free when cache_tokens="auto" sizes the cache and when
+    # a prompt's stage is decided.
+    prefill_tokens: int = 2048
     # Storage format of the host and disk tiers (docs/compression.md): "bf16" keeps the model dtype;
     # "fp8" / "int8" / "int4" store every full group quantized (on the device, once, as it is sealed) and
     # widen it to the model dtype on the device as it is fetched; the open group stays exact.
@@ -91,6 +95,8 @@ class TieredConfig:
                 "lowrank_seq fits its basis on the prompt's keys when decoding starts, and a compressed "
                 f"tier (kv_dtype={self.kv_dtype!r}) keeps them only quantized: use another summary or kv_dtype='bf16'"
             )
+        if not isinstance(self.prefill_tokens, int) or isinstance(self.prefill_tokens, bool) or self.prefill_tokens < 1:
+            raise KvdriveError(f"prefill_tokens must be a token count >= 1, got {self.prefill_tokens!r}")
         if self.disk and self.host_bytes <= 0:
             raise KvdriveError("with disk paths, set host_bytes (the pinned host arena in front of the disks)")
         if self.eviction not in EVICTIONS:

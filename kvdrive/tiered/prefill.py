@@ -8,9 +8,10 @@
 * the stage: while a prompt is prefilled from position 0, every layer's KV of it also stays
   on the GPU (``begin`` decides, where the GPU has room; released by ``release`` once the
   prompt is done), so each chunk attends to its prefix with no host traffic;
-* ``attend``: exact attention for a prefill chunk, over the stage where the prompt has one
-  (``chunk_attention``: no mask), else over the layer's KV gathered from host for the span
-  the query sees, one layer's KV on the GPU at a time (also the decode of dense layers);
+* ``attend``: exact attention for a prefill chunk: over its own KV where it starts its
+  prompts, else over the stage where the prompt has one (``chunk_attention``: no mask), else
+  over the layer's KV gathered from host for the span the query sees, one layer's KV on the
+  GPU at a time (also the decode of dense layers);
 * ``remember`` / ``queries``: each prompt's last query per sparse layer, kept for the
   initial placement (``TieredSparseKVCache.place``).
 
@@ -60,11 +61,13 @@ class TieredPrefill:
         device,
         stage: bool = True,
         seal=None,
+        activation_bytes=lambda tokens: 0,
     ):
         """``seal(layers, slot_list, groups)``: the cache's sealing of open groups that filled
-        (compressed tiers)."""
+        (compressed tiers); ``activation_bytes(tokens)``: GPU bytes a prefill forward of that many
+        tokens allocates besides the KV (left free when a stage is decided)."""
         self.host, self.layer_specs, self.summarize, self.device = host, layer_specs, summarize, device
-        self.seal = seal
+        self.seal, self.activation_bytes = seal, activation_bytes
         self.g, self.group_shape, self.group_bytes = layout.group_tokens, layout.slot_shape, layout.group_bytes
         self.dtype = layout.dtype
         self._last_q: dict[int, dict[int, torch.Tensor]] = {}  # slot -> layer -> the prompt's last query (H_q, D)
@@ -83,16 +86,18 @@ class TieredPrefill:
         self.release([slot])
         self._reserved[slot] = max_tokens
 
-    def begin(self, slot_list, starts) -> None:
-        """A prefill chunk is planned: a prompt starting at position 0 gets a stage if the GPU has
-        room for its reserved tokens (now, after headroom); otherwise it attends from host."""
+    def begin(self, slot_list, starts, num_new: int) -> None:
+        """A prefill chunk of ``num_new`` tokens a sequence is planned: a prompt starting at
+        position 0 gets a stage if the GPU has room for its reserved tokens and the chunk's
+        activations (now, after headroom); otherwise it attends from host."""
         if not self.stage:
             return
+        forward = self.activation_bytes(num_new * len(slot_list))
         for slot, start in zip(slot_list, starts):
             if start == 0:
                 self._stages.pop(slot, None)
                 cap, room = self._reserved.get(slot, 0), self._room()
-                if cap and (room is None or self.stage_bytes(cap) <= room):
+                if cap and (room is None or self.stage_bytes(cap) + forward <= room):
                     h, d = self.group_shape[1], self.group_shape[3]
                     self._stages[slot] = _Stage(len(self.layer_specs), h, cap, d, self.device, self.dtype)
 
@@ -208,6 +213,9 @@ class TieredPrefill:
         every sequence of the batch has one, else gathered from host for the span the query sees
         (the chunk's own tokens straight from the GPU)."""
         m, g = batch.meta, self.g
+        if batch.num_new > 1 and not any(batch.start):  # no prefix: the chunk sees only its own KV
+            k_new, v_new = m["new_kv"][layer]
+            return chunk_attention(q, k_new, v_new, 0, spec)
         stages = [self._stages.get(s) for s in m["slot_list"]]
         if batch.num_new > 1 and all(st is not None and st.filled[layer] == n for st, n in zip(stages, m["lens"])):
             out = [

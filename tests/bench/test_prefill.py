@@ -36,8 +36,8 @@ def test_plain_is_the_paged_cache_llm_uses_and_contiguous_is_an_extra_system():
     model = SimpleNamespace(
         config=from_hf_config(presets.hf_config("smollm2-135m")), device=torch.device("cpu"), dtype=torch.float32
     )
-    assert type(prefill._make_cache("plain", model, 80)) is PagedKVCache
-    assert type(prefill._make_cache("contiguous", model, 80)) is ContiguousKVCache
+    assert type(prefill._make_cache("plain", model, 80, 80)) is PagedKVCache
+    assert type(prefill._make_cache("contiguous", model, 80, 80)) is ContiguousKVCache
     p = argparse.ArgumentParser()
     prefill.add_arguments(p)
     assert p.parse_args([]).systems == ["plain", "tiered", "transformers"]

@@ -62,11 +62,13 @@ def test_a_prefill_chunk_below_one_token_is_refused(smollm2, bad):
 def test_the_engine_leaves_a_chunks_activations_free():
     from kvdrive.commands.common import PREFILL_CHUNK as CLI_PREFILL_CHUNK
     from kvdrive.engine.core import PREFILL_CHUNK
-    from kvdrive.engine.llm import prefill_activation_bytes
     from kvdrive.models import presets
+    from kvdrive.models.flops import prefill_activation_bytes
     from kvdrive.models.registry import from_hf_config
 
-    assert CLI_PREFILL_CHUNK == PREFILL_CHUNK
+    from kvdrive.tiered.config import TieredConfig
+
+    assert CLI_PREFILL_CHUNK == PREFILL_CHUNK == TieredConfig().prefill_tokens
     from transformers import AutoConfig
 
     fields = dict(presets.PRESETS["llama-3.1-8b"])

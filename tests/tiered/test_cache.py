@@ -2,6 +2,8 @@
 what the GPU-resident sparse cache attends to (same selection), whatever the eviction,
 prefetch and cache size; with a budget covering the context it is full attention."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from factories import CPU, F32
@@ -13,6 +15,7 @@ from factories import tiny_model as _tiny
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.errors import KvdriveError
+from kvdrive.models.flops import prefill_activation_bytes
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 
@@ -380,9 +383,18 @@ def test_auto_cache_size_fills_the_free_gpu_memory_it_is_given(monkeypatch):
         tokens = adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, gpu)
         used = 16 * adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=tokens))
         room = free - adm.GPU_HEADROOM - adm.prefill_stage_bytes(cfg, 32768, bf)  # one prompt prefills on the GPU
+        room -= prefill_activation_bytes(cfg, 2, auto.prefill_tokens)  # and its chunk's activations
         assert tokens % 16 == 0 and used <= AUTO_GPU_SHARE * room
         assert used > AUTO_GPU_SHARE * room - 16 * 32 * 2 * (64 << 10)  # within a page per sequence and layer
     assert 8192 < tokens < 32768  # 60 GiB for 16 sequences of the 8B shape
+    whole = replace(auto, prefill_tokens=32768)  # a prompt prefilled in one forward leaves its activations room
+    fewer = adm.resolve_cache_tokens(cfg, 16, 32768, bf, whole, gpu)
+
+    def used(t):
+        return 16 * adm.gpu_bytes_per_seq(cfg, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=t))
+
+    gap = AUTO_GPU_SHARE * (prefill_activation_bytes(cfg, 2, 32768) - prefill_activation_bytes(cfg, 2, 2048))
+    assert abs(gap - (used(tokens) - used(fewer))) < 16 * 32 * 2 * (64 << 10)  # the pages given up, to a page
     assert adm.resolve_cache_tokens(cfg, 1, 32768, bf, auto, gpu) == 32768  # one sequence: all its groups fit
     assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, auto, CPU) == AUTO_CPU_TOKENS
     assert adm.resolve_cache_tokens(cfg, 16, 32768, bf, TieredConfig(BUDGET_2048, cache_tokens=512), gpu) == 512

@@ -8,6 +8,7 @@ from factories import random_prompts as _prompts
 from factories import tiny_model as _tiny
 
 from kvdrive.cache.sparse import SparseConfig
+from kvdrive.models.flops import prefill_activation_bytes
 from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
 SPARSE = SparseConfig(group_tokens=8, budget=48, sink_tokens=8, window_tokens=16)
@@ -33,10 +34,11 @@ def _prefill(model, cache, prompt, chunk, seq=0):
 
 def gathered_bytes(cache, length: int, chunk: int) -> int:
     """Host -> GPU bytes of a prefill that gathers each chunk's prefix from host: per layer and
-    chunk [s, e), the groups from the window's first (0 on a global layer) to e's."""
+    chunk [s, e) after the first (which has no prefix), the groups from the window's first (0 on
+    a global layer) to e's."""
     g, total = cache.g, 0
     for spec in cache.layer_specs:
-        for s in range(0, length, chunk):
+        for s in range(chunk, length, chunk):
             e = min(s + chunk, length)
             first = 0 if spec.window is None else max(0, s - spec.window + 1) // g
             total += (-(-e // g) - first) * cache.group_bytes
@@ -100,6 +102,34 @@ def test_a_prompt_the_gpu_has_no_room_for_prefills_from_host():
     got = _prefill(model, cache, prompt, 40)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert cache.stats()["bytes_host_to_gpu"] == gathered_bytes(cache, len(prompt), 40)
+
+
+def test_a_stage_leaves_room_for_the_chunk_s_activations():
+    model = _tiny()
+    prompt = _prompts((120,))[0]
+    want = _prefill(model, _cache(model, stage=False), prompt, 40)
+    for short in (0, 1):
+        cache = _cache(model)
+        need = cache.prefill.stage_bytes(400) + cache.prefill.activation_bytes(40)
+        assert cache.prefill.activation_bytes(40) == prefill_activation_bytes(model.config, 4, 40) > 0
+        cache.prefill._room = lambda need=need, short=short: need - short
+        got = _prefill(model, cache, prompt, 40)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        staged = cache.stats()["bytes_host_to_gpu"] == 0
+        assert staged == (short == 0)
+
+
+def test_a_prompt_in_one_chunk_attends_to_its_own_kv_with_or_without_a_stage():
+    model = _tiny("gemma3_text", **GEMMA)
+    prompt = _prompts((150,))[0]
+    got = {}
+    for stage in (True, False):
+        cache = _cache(model, stage)
+        got[stage] = _prefill(model, cache, prompt, len(prompt))
+        assert cache.stats()["bytes_host_to_gpu"] == 0  # nothing gathered from host
+    torch.testing.assert_close(got[False], got[True], rtol=1e-5, atol=1e-5)
+    cache = _cache(model, stage=False)
+    torch.testing.assert_close(_prefill(model, cache, prompt, 50), got[True], rtol=1e-4, atol=1e-4)
 
 
 def test_a_chunk_that_skips_the_stage_drops_it():

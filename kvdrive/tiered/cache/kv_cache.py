@@ -28,6 +28,7 @@ from kvdrive.cache.contiguous import layer_specs
 from kvdrive.cache.slots import SequenceSlots, SlotTensors
 from kvdrive.cache.sparse import max_pages_for
 from kvdrive.config import ModelConfig
+from kvdrive.models.flops import prefill_activation_bytes
 from kvdrive.storage.layout import GroupLayout
 from kvdrive.tiered import admission, tier_ops
 from kvdrive.tiered.cache.group_summaries import GroupSummaries
@@ -87,7 +88,14 @@ class TieredSparseKVCache(KVCache):
         )
         self.tables = self.summaries.tables
         self.prefill = TieredPrefill(
-            self.host, layout, self.layer_specs, self.summaries.whole, device, tiered.stage_prefill, self._seal
+            self.host,
+            layout,
+            self.layer_specs,
+            self.summaries.whole,
+            device,
+            tiered.stage_prefill,
+            self._seal,
+            lambda tokens: prefill_activation_bytes(config, dtype.itemsize, tokens),
         )
         # Sliding-window layers decode from a GPU ring of their last tokens (no host gather per step).
         self.rings = {
@@ -236,7 +244,7 @@ class TieredSparseKVCache(KVCache):
             start = torch.tensor(starts, device=self.device)
             self._host_side(seq_ids, starts, num_new, new_step)
             if num_new > 1:
-                self.prefill.begin(slot_list, starts)  # a prompt from position 0 keeps its KV on the GPU
+                self.prefill.begin(slot_list, starts, num_new)  # a prompt from position 0 keeps its KV on the GPU
             else:
                 self.prefill.release(slot_list)  # decoding: the prompt is done
         positions = start[:, None] + torch.arange(num_new, device=self.device)  # (B, T)

@@ -93,6 +93,14 @@ SUITES = {
             f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
             "-o {out}/decode-formats-128k.json"
         ),
+        "decode-formats-32k-b8-default": (
+            f"{_DECODE} --contexts 32768 --batches 8 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
+            "--summary tokenmax --budget 16384 --cache-tokens 24576 -o {out}/decode-formats-32k-b8-default.json"
+        ),
+        "decode-formats-128k-b4-default": (  # 64 GiB of GPU cache and working set: an H200
+            f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
+            "--summary tokenmax --budget 65536 --cache-tokens 65536 -o {out}/decode-formats-128k-b4-default.json"
+        ),
         "decode-formats-ssd": (
             f"{_DECODE} --contexts 32768 --batches 4 --systems kvdrive_ssd --kv-dtype bf16 fp8 int8 "
             "--disk {disk}/decode-disk --ssd-host-gib 4 -o {out}/decode-formats-ssd.json"

@@ -1,8 +1,11 @@
 """Generation through the tiered cache on a real model (SmolLM2-135M, CPU)."""
 
+import pytest
+
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.engine.llm import LLM
 from kvdrive.engine.sampling import SamplingParams
+from kvdrive.errors import KvdriveError
 from kvdrive.tiered.cache import TieredConfig
 
 PROMPT = (
@@ -82,3 +85,15 @@ def test_generate_cli_names_the_missing_flag(capsys):
 
     assert main(["generate", "hi", "--disk", "/tmp"]) == 2
     assert "add --budget" in capsys.readouterr().err
+
+
+def test_the_tiered_cache_leaves_room_for_the_llm_s_prefill_chunk(smollm2):
+    """``LLM(prefill_chunk=N)`` passes N to the tiered cache as its largest prefill forward (the
+    room its auto-sized GPU cache and the prefill stage leave), never lowering a larger one."""
+    assert LLM(loaded=smollm2, kv_cache=TieredConfig(), prefill_chunk=8192).kv_cache.prefill_tokens == 8192
+    bigger = TieredConfig(prefill_tokens=16384)
+    assert LLM(loaded=smollm2, kv_cache=bigger, prefill_chunk=512).kv_cache.prefill_tokens == 16384
+    assert LLM(loaded=smollm2, kv_cache=TieredConfig()).kv_cache.prefill_tokens == 2048
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(KvdriveError, match="prefill_tokens must be a token count"):
+            TieredConfig(prefill_tokens=bad)

@@ -161,22 +161,27 @@ def _kernels():
         (False, True, False),
         (False, True, True),
     ):
-        yield (
-            dequant_triton.dequant_rows_kernel,
-            {
-                "src_ptr": "*u8",
-                "src_idx_ptr": "*i64",
-                "src_stride": "i64",
-                "dst_ptr": "*bf16",
-                "dst_idx_ptr": "*i64",
-                "dst_stride": "i64",
-                "raw_ptr": "*bf16",
-                "raw_stride": "i64",
-                "raw_from": "i64",
-                **dict.fromkeys(("H", "G", "D", "vq_off", "ks_off", "kz_off", "vs_off", "vz_off"), "i32"),
-            },
-            {"INT4": int4, "INT8": int8, "HAS_RAW": raw, "BLOCK_G": 32 if int4 else 16, "BLOCK_D": 64 if int4 else 128},
-        )
+        sig = {
+            "src_ptr": "*u8",
+            "src_idx_ptr": "*i64",
+            "src_stride": "i64",
+            "dst_ptr": "*bf16",
+            "dst_idx_ptr": "*i64",
+            "dst_stride": "i64",
+            "raw_ptr": "*bf16",
+            "raw_stride": "i64",
+            "raw_from": "i64",
+            **dict.fromkeys(("H", "G", "D", "vq_off", "ks_off", "kz_off", "vs_off", "vz_off"), "i32"),
+        }
+        consts = {
+            "INT4": int4,
+            "INT8": int8,
+            "HAS_RAW": raw,
+            "BLOCK_G": 32 if int4 else 16,
+            "BLOCK_D": 64 if int4 else 128,
+        }
+        yield dequant_triton.dequant_rows_kernel, sig, consts
+        yield dequant_triton.dequant_rows_persistent_kernel, {**sig, "n_tiles": "i32", "programs": "i32"}, consts
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     from kvdrive.cache import chunk_attention_triton as prefill_kernel
 
@@ -244,7 +249,7 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 32
+    assert len(names) == 38
 
 
 def _specialization(kernel, lengths: dict, constexprs: dict):

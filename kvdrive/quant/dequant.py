@@ -58,13 +58,15 @@ def dequant_rows(
     impl: str = "auto",
     raw: torch.Tensor | None = None,
     raw_from: int = 0,
+    programs: int = 0,
 ) -> None:
     """``src`` (R, >= stored_bytes) uint8 rows with unit column stride; ``dst`` (S, >= 2*H*G*D)
     rows of the model dtype; ``src_idx``, ``dst_idx`` (M,) int64 where the kernel runs;
     ``dst_idx[r] < 0`` skips row r; ``shape`` (H, G, D). ``kv_dtype`` "bf16" is a plain row copy.
     ``raw`` (R2, >= 2*H*G*D) typed rows with unit column stride, of ``dst``'s dtype: the source of
     indices >= ``raw_from``. ``impl="auto"``: the kernel when the destination is on CUDA and
-    Triton is there, else torch."""
+    Triton is there, else torch. ``programs``: 0 launches a program per (row, K|V x head, tile);
+    N > 0 that many looping programs (the fetch then occupies at most N SMs)."""
     check_kv_dtype(kv_dtype)
     if impl == "auto":
         impl = "triton" if dst.device.type == "cuda" and triton_available() else "torch"
@@ -73,7 +75,7 @@ def dequant_rows(
         return
     import triton
 
-    from kvdrive.quant.dequant_triton import dequant_rows_kernel
+    from kvdrive.quant.dequant_triton import dequant_rows_kernel, dequant_rows_persistent_kernel
 
     n = src_idx.numel()
     if n == 0:
@@ -85,7 +87,10 @@ def dequant_rows(
     block_g = max(1, min(triton.next_power_of_2(g), MAX_TILE // block_d))
     zero = sec["kz"].offset, sec.get("vz", sec["vs"]).offset  # fp8 has no value zero: unread
     grid = (n, 2 * h, triton.cdiv(g, block_g))
-    dequant_rows_kernel[grid](
+    n_tiles = grid[0] * grid[1] * grid[2]
+    persistent = 0 < programs < n_tiles
+    kernel = dequant_rows_persistent_kernel if persistent else dequant_rows_kernel
+    kernel[(programs,) if persistent else grid](
         src,
         src_idx,
         src.stride(0),
@@ -103,6 +108,7 @@ def dequant_rows(
         zero[0],
         sec["vs"].offset,
         zero[1],
+        *((n_tiles, programs) if persistent else ()),
         INT4=kv_dtype == "int4",
         INT8=kv_dtype == "int8",
         HAS_RAW=raw is not None,

@@ -3,7 +3,9 @@
 ``dst[dst_idx[r]]`` (2, H, G, D) = dequantize(``src[src_idx[r]]``). The source may be pinned
 host memory read through unified addressing (the compressed bytes cross PCIe once and are
 written as the model dtype straight into the destination: no staging copy, no extra pass
-over GPU memory). One program per (row, K|V x head, tile of tokens). fp8 codes are decoded
+over GPU memory). One program per (row, K|V x head, tile of tokens) (``dequant_rows_kernel``),
+or a fixed number of programs looping over those tiles (``dequant_rows_persistent_kernel``:
+the fetch then holds only that many SMs). fp8 codes are decoded
 with integer arithmetic (bit-exact, and the CPU interpreter needs no fp8 support). With
 ``HAS_RAW``, a source index at or past ``raw_from`` names a typed row of a second source,
 copied as it is (masked loads: a program reads one source or the other). The
@@ -28,7 +30,10 @@ def _fp8_e4m3(b):
 
 
 @triton.jit
-def dequant_rows_kernel(
+def _dequant_tile(
+    row,
+    kvh,
+    tile,
     src_ptr,
     src_idx_ptr,
     src_stride,
@@ -52,15 +57,14 @@ def dequant_rows_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """src: uint8 rows; dst: typed rows (model dtype). Rows with ``dst_idx[r] < 0`` are skipped.
-    ``BLOCK_D`` covers the codes' columns of one byte row: D (fp8, int8) or D/2 (int4)."""
-    row = tl.program_id(0)
-    kvh = tl.program_id(1)
+    """Tile ``tile`` of tokens of K|V x head ``kvh`` of stored row ``row``. src: uint8 rows; dst:
+    typed rows (model dtype). Rows with ``dst_idx[r] < 0`` are skipped. ``BLOCK_D`` covers the
+    codes' columns of one byte row: D (fp8, int8) or D/2 (int4)."""
     d = tl.load(dst_idx_ptr + row).to(tl.int64)
     s = tl.load(src_idx_ptr + row).to(tl.int64)
     is_v = kvh >= H
     h = kvh % H
-    t = tl.program_id(2) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,) tokens of the group
+    t = tile * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,) tokens of the group
     c = tl.arange(0, BLOCK_D)  # (BD,) byte columns
     cols = D // 2 if INT4 else D
     live = d >= 0  # the row is written from the stored source
@@ -121,3 +125,122 @@ def dequant_rows_kernel(
         if HAS_RAW:
             ty = dst_ptr.dtype.element_ty
             tl.store(out, tl.load(raw, mask=raw_mask, other=0.0).to(ty), mask=raw_mask)
+
+
+@triton.jit
+def dequant_rows_kernel(
+    src_ptr,
+    src_idx_ptr,
+    src_stride,
+    dst_ptr,
+    dst_idx_ptr,
+    dst_stride,
+    raw_ptr,
+    raw_stride,
+    raw_from,
+    H,
+    G,
+    D,
+    vq_off,
+    ks_off,
+    kz_off,
+    vs_off,
+    vz_off,
+    INT4: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_RAW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (row, K|V x head, tile of tokens): ``_dequant_tile``."""
+    _dequant_tile(
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2),
+        src_ptr,
+        src_idx_ptr,
+        src_stride,
+        dst_ptr,
+        dst_idx_ptr,
+        dst_stride,
+        raw_ptr,
+        raw_stride,
+        raw_from,
+        H,
+        G,
+        D,
+        vq_off,
+        ks_off,
+        kz_off,
+        vs_off,
+        vz_off,
+        INT4,
+        INT8,
+        HAS_RAW,
+        BLOCK_G,
+        BLOCK_D,
+    )
+
+
+@triton.jit
+def dequant_rows_persistent_kernel(
+    src_ptr,
+    src_idx_ptr,
+    src_stride,
+    dst_ptr,
+    dst_idx_ptr,
+    dst_stride,
+    raw_ptr,
+    raw_stride,
+    raw_from,
+    H,
+    G,
+    D,
+    vq_off,
+    ks_off,
+    kz_off,
+    vs_off,
+    vz_off,
+    n_tiles,
+    programs,
+    INT4: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_RAW: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``dequant_rows_kernel`` on ``programs`` programs, each looping over the (row, K|V x head,
+    tile) tiles: the fetch holds only that many SMs and leaves the rest to compute running
+    beside it (another micro-batch's layers), as the row copy's persistent kernel does. A while
+    loop: the CPU interpreter cannot range() over runtime bounds."""
+    tiles = tl.cdiv(G, BLOCK_G)
+    t = tl.program_id(0)
+    while t < n_tiles:
+        _dequant_tile(
+            t // (2 * H * tiles),
+            (t // tiles) % (2 * H),
+            t % tiles,
+            src_ptr,
+            src_idx_ptr,
+            src_stride,
+            dst_ptr,
+            dst_idx_ptr,
+            dst_stride,
+            raw_ptr,
+            raw_stride,
+            raw_from,
+            H,
+            G,
+            D,
+            vq_off,
+            ks_off,
+            kz_off,
+            vs_off,
+            vz_off,
+            INT4,
+            INT8,
+            HAS_RAW,
+            BLOCK_G,
+            BLOCK_D,
+        )
+        t += programs

@@ -254,12 +254,20 @@ class SelectionCache:
         current.wait_stream(lane)
 
     def _copy(self, source, src_rows, dst_rows) -> None:
-        if isinstance(
-            source, StoredRows
-        ):  # NOTE: one program per (row, K|V x head, tile): fetch_programs does not apply
+        if isinstance(source, StoredRows):
             dst = self.pool.view(self.pool.shape[0], -1)
             s = source
-            dequant_rows(s.rows, src_rows, dst, dst_rows, s.kv_dtype, s.shape, raw=s.raw, raw_from=s.raw_from)
+            dequant_rows(
+                s.rows,
+                src_rows,
+                dst,
+                dst_rows,
+                s.kv_dtype,
+                s.shape,
+                raw=s.raw,
+                raw_from=s.raw_from,
+                programs=self.fetch_programs,
+            )
             return
         copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
 

@@ -108,6 +108,9 @@ def check_dequant_kernel() -> None:
             dequant_rows_reference(src, si, b, di, fmt, (h, g, d))
             torch.testing.assert_close(a, b)  # the interpreter rounds to bf16 its own way: one ulp
             assert a.abs().sum() > 0 and torch.count_nonzero(a[[2, 3, 5]]) == 0
+            looped = torch.zeros_like(a)  # 3 programs looping over every (row, K|V x head, tile)
+            dequant_rows(src, si, looped, di, fmt, (h, g, d), impl="triton", programs=3)
+            assert torch.equal(looped, a)
             # a second, raw source for indices >= 4 (typed rows, copied as they are), in the same launch
             raw = (torch.randn(3, 2 * h * g * d + 4) * 3).to(torch.bfloat16)
             si, di = torch.tensor([5, 0, 4, 6, 2]), torch.tensor([1, 3, -1, 0, 5])
@@ -115,6 +118,9 @@ def check_dequant_kernel() -> None:
             dequant_rows(src, si, a, di, fmt, (h, g, d), impl="triton", raw=raw, raw_from=4)
             dequant_rows_reference(src, si, b, di, fmt, (h, g, d), raw=raw, raw_from=4)
             torch.testing.assert_close(a, b)
+            looped = torch.zeros_like(a)
+            dequant_rows(src, si, looped, di, fmt, (h, g, d), impl="triton", raw=raw, raw_from=4, programs=2)
+            assert torch.equal(looped, a)
             assert torch.equal(a[0, : raw.shape[1] - 4], raw[2, :-4]) and torch.equal(a[1, :-8], raw[1, :-4])
             assert torch.count_nonzero(a[[2, 4]]) == 0
 

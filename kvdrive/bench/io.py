@@ -133,15 +133,18 @@ def _fetch_rows(src_w, dst_w, pick, layout, repeats: int, cuda) -> float:
 def _fetch_formats(layout: GroupLayout, n: int, repeats: int, cuda) -> dict:
     """The compressed tiers' fetch of ``n`` random groups of each format: stored rows in pinned
     host memory -> typed rows on the GPU. ``direct``: the dequantizer reads the host rows over
-    PCIe (what the tiered cache runs); ``staged``: the row copy brings the stored bytes to the
-    GPU, where the dequantizer reads them. GB/s of stored bytes crossing, and groups/s."""
+    PCIe (what the tiered cache runs); ``looped``: the same on a quarter of the SMs (the tiered
+    cache's ``fetch_programs`` with micro-batches); ``staged``: the row copy brings the stored
+    bytes to the GPU, where the dequantizer reads them. GB/s of stored bytes crossing, and
+    groups/s."""
     h, g, d = layout.group_shape
     elems = 2 * h * g * d
     slots = 4 * n  # more rows than fetched: the picks are scattered
     dst = torch.empty(n, elems, dtype=layout.dtype, device=cuda)
     src_idx = torch.tensor(np.random.default_rng(1).choice(slots, n, replace=False), device=cuda)
     dst_idx = torch.arange(n, device=cuda)
-    out = {}
+    quarter = max(1, torch.cuda.get_device_properties(cuda).multi_processor_count // 4)
+    out = {"looped_programs": quarter}
     for fmt in ("fp8", "int8", "int4"):
         stored = align_up(stored_bytes(fmt, h, g, d, layout.dtype.itemsize), 16)
         rows = torch.empty(slots, stored, dtype=torch.uint8).pin_memory()
@@ -154,12 +157,15 @@ def _fetch_formats(layout: GroupLayout, n: int, repeats: int, cuda) -> dict:
         def direct(fmt=fmt, rows=rows):
             dequant_rows(rows, src_idx, dst, dst_idx, fmt, (h, g, d))
 
+        def looped(fmt=fmt, rows=rows):
+            dequant_rows(rows, src_idx, dst, dst_idx, fmt, (h, g, d), programs=quarter)
+
         def staged(fmt=fmt, rows=rows, stage=stage, words=words):
             copy_rows(rows.view(torch.int32), src_idx, stage.view(torch.int32), dst_idx, words)
             dequant_rows(stage, dst_idx, dst, dst_idx, fmt, (h, g, d))
 
         row = {"stored_bytes": stored, "bytes_over_bf16": round(stored / layout.group_bytes, 3)}
-        for name, fn in (("direct", direct), ("staged", staged)):
+        for name, fn in (("direct", direct), ("looped", looped), ("staged", staged)):
             s = _median_s(fn, repeats, cuda)
             row[f"{name}_gbps"] = _gbps(n * stored, s)
             row[f"{name}_groups_per_s"] = round(n / s)
@@ -314,9 +320,12 @@ def _summary(r: dict, path) -> None:
             f"tiered fetch {a['fetch_rows_gbps']} GB/s"
         )
         for fmt, f in a.get("fetch_formats", {}).items():
+            if fmt == "looped_programs":
+                continue
             bf16_groups = a["fetch_rows_gbps"] * 1e9 / a["bytes"] * a["groups"]
             print(
-                f"    {fmt} fetch: direct {f['direct_gbps']} GB/s, staged {f['staged_gbps']} GB/s of stored bytes; "
+                f"    {fmt} fetch: direct {f['direct_gbps']} GB/s, on {a['fetch_formats']['looped_programs']} programs "
+                f"{f['looped_gbps']} GB/s, staged {f['staged_gbps']} GB/s of stored bytes; "
                 f"groups/s over bf16's: {f['direct_groups_per_s'] / bf16_groups:.2f}x direct, "
                 f"{f['staged_groups_per_s'] / bf16_groups:.2f}x staged"
             )

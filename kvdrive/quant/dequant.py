@@ -75,7 +75,7 @@ def dequant_rows(
         return
     import triton
 
-    from kvdrive.quant.dequant_triton import dequant_rows_kernel, dequant_rows_persistent_kernel
+    from kvdrive.quant.dequant_triton import dequant_rows_kernel
 
     n = src_idx.numel()
     if n == 0:
@@ -86,11 +86,9 @@ def dequant_rows(
     block_d = triton.next_power_of_2(cols)
     block_g = max(1, min(triton.next_power_of_2(g), MAX_TILE // block_d))
     zero = sec["kz"].offset, sec.get("vz", sec["vs"]).offset  # fp8 has no value zero: unread
-    grid = (n, 2 * h, triton.cdiv(g, block_g))
-    n_tiles = grid[0] * grid[1] * grid[2]
-    persistent = 0 < programs < n_tiles
-    kernel = dequant_rows_persistent_kernel if persistent else dequant_rows_kernel
-    kernel[(programs,) if persistent else grid](
+    n_tiles = n * 2 * h * triton.cdiv(g, block_g)
+    programs = programs if 0 < programs < n_tiles else n_tiles
+    dequant_rows_kernel[(programs,)](
         src,
         src_idx,
         src.stride(0),
@@ -108,7 +106,8 @@ def dequant_rows(
         zero[0],
         sec["vs"].offset,
         zero[1],
-        *((n_tiles, programs) if persistent else ()),
+        n_tiles,
+        programs,
         INT4=kv_dtype == "int4",
         INT8=kv_dtype == "int8",
         HAS_RAW=raw is not None,

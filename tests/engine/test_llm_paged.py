@@ -65,7 +65,6 @@ def test_the_engine_leaves_a_chunks_activations_free():
     from kvdrive.models import presets
     from kvdrive.models.flops import prefill_activation_bytes
     from kvdrive.models.registry import from_hf_config
-
     from kvdrive.tiered.config import TieredConfig
 
     assert CLI_PREFILL_CHUNK == PREFILL_CHUNK == TieredConfig().prefill_tokens

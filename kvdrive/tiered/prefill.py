@@ -88,7 +88,8 @@ class TieredPrefill:
 
     def begin(self, slot_list, starts, num_new: int) -> None:
         """A prefill chunk of ``num_new`` tokens a sequence is planned: a prompt starting at
-        position 0 gets a stage if the GPU has room for its reserved tokens and the chunk's
+        position 0 gets a stage if a later chunk may read it (the chunk does not fill every
+        reserved position) and the GPU has room for its reserved tokens and the chunk's
         activations (now, after headroom); otherwise it attends from host."""
         if not self.stage:
             return
@@ -97,7 +98,7 @@ class TieredPrefill:
             if start == 0:
                 self._stages.pop(slot, None)
                 cap, room = self._reserved.get(slot, 0), self._room()
-                if cap and (room is None or self.stage_bytes(cap) + forward <= room):
+                if num_new < cap and (room is None or self.stage_bytes(cap) + forward <= room):
                     h, d = self.group_shape[1], self.group_shape[3]
                     self._stages[slot] = _Stage(len(self.layer_specs), h, cap, d, self.device, self.dtype)
 

@@ -130,6 +130,11 @@ def test_a_prompt_in_one_chunk_attends_to_its_own_kv_with_or_without_a_stage():
     torch.testing.assert_close(got[False], got[True], rtol=1e-5, atol=1e-5)
     cache = _cache(model, stage=False)
     torch.testing.assert_close(_prefill(model, cache, prompt, 50), got[True], rtol=1e-4, atol=1e-4)
+    for reserved, staged in ((len(prompt), False), (len(prompt) + 1, True)):  # a stage only a later chunk reads
+        cache = _cache(model)
+        cache.add(0, reserved)
+        cache.plan([0], len(prompt))
+        assert cache.prefill.staged(0) == staged
 
 
 def test_a_chunk_that_skips_the_stage_drops_it():

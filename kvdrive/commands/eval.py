@@ -190,6 +190,11 @@ def run(args) -> int:
 
     if args.budgets is not None and any(not 0 < b < 1 for b in args.budgets):
         raise KvdriveError("--budgets are fractions of the context, in (0, 1)")
+    if args.samples < 1 or args.steps < 1:
+        raise KvdriveError(
+            f"--samples and --steps must be at least 1 (got {args.samples} and {args.steps}): every length "
+            "measures the text part; keep it small (--samples 1 --steps 8) to time only the retrieval tasks"
+        )
     if args.hits:
         return run_hits(args)
     from kvdrive.eval.run import EvalSpec, evaluate

@@ -169,3 +169,13 @@ def test_eval_tasks_none_skips_the_suite(tasks, want):
 
     args = build_parser().parse_args(["eval", "--tasks", *tasks])
     assert tuple(t for t in args.tasks if t != "none") == want
+
+
+@pytest.mark.parametrize(
+    "argv", [["--samples", "0"], ["--steps", "0"], ["--budgets", "1.5"], ["--items", "0"], ["--batch", "0"]]
+)
+def test_eval_refuses_empty_parts_before_loading_a_model(argv, capsys):
+    """Each is a clear error naming the flag (``--samples 0`` once divided by zero), not a traceback."""
+    assert main(["eval", "-m", "no-such-model", *argv]) != 0
+    err = capsys.readouterr().err
+    assert argv[0] in err and "Traceback" not in err

@@ -81,9 +81,9 @@ class LLM:
         closer to their peak and need that many tokens' activations (the plain cache leaves
         them free when it sizes itself), and a whole prompt in one chunk is the fastest prefill
         (with ``KVDRIVE_PREFILL_KERNEL=cudnn`` on an H100: docs/bench.md)."""
-        _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens)
-        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
-            raise KvdriveError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        _check_args(
+            model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens, prefill_chunk
+        )
         self.max_batch, self.step_tokens, self.prefill_chunk = max_batch, step_tokens, prefill_chunk
         self._cache: KVCache | None = None
         self.prefix = None
@@ -377,7 +377,9 @@ def _check_messages(messages) -> None:
         check_text(m["content"], f"message {i}'s content")
 
 
-def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens) -> None:
+def _check_args(
+    model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_batch, tenant, step_tokens, prefill_chunk
+) -> None:
     """Every ``LLM`` argument, checked before the model loads (a disk directory that cannot be
     written is refused now, not after a minute of loading)."""
     from kvdrive.prefix.pool import PrefixConfig, PrefixPool
@@ -386,13 +388,14 @@ def _check_args(model, max_model_len, seed, prefix_cache, loaded, kv_cache, max_
 
     if model is not None and not isinstance(model, str):
         raise KvdriveError(f"model is a spec string (e.g. 'smollm2', 'random:llama-3.2-1b' or a path), got {model!r}")
-    for name, value, low in (
-        ("max_model_len", max_model_len, 1),
-        ("max_batch", max_batch, 1),
-        ("step_tokens", step_tokens, 1),
+    for name, value, optional in (
+        ("max_model_len", max_model_len, True),
+        ("max_batch", max_batch, True),
+        ("step_tokens", step_tokens, True),
+        ("prefill_chunk", prefill_chunk, False),
     ):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise KvdriveError(f"{name} must be an integer >= {low}, got {value!r}")
+        if (value is not None or not optional) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise KvdriveError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise KvdriveError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
     if kv_cache is not None and not isinstance(kv_cache, TieredConfig):

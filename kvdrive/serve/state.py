@@ -79,9 +79,7 @@ class ServerState:
         try:
             llm = self._load()
             e = self.config.engine
-            engine = llm.engine(
-                e.max_num_seqs, step_tokens=e.max_num_batched_tokens, prefill_chunk=e.max_num_batched_tokens
-            )
+            engine = llm.engine(e.max_num_seqs, step_tokens=e.max_num_batched_tokens)  # LLM's prefill_chunk
             if engine.sched.max_batch < e.max_num_seqs:
                 log.warning(
                     "memory holds %d sequences of %d tokens, not max_num_seqs=%d: the rest wait",

@@ -53,7 +53,7 @@ def test_the_prefill_chunk_changes_how_a_prompt_is_computed_not_what_comes_out(s
     assert len(whole.prompt_token_ids) > 5 and pieces.token_ids == whole.token_ids
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
 def test_a_prefill_chunk_below_one_token_is_refused(smollm2, bad):
     with pytest.raises(KvdriveError, match="prefill_chunk must be an integer >= 1"):
         LLM(loaded=smollm2, prefill_chunk=bad)

@@ -186,7 +186,7 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
         if args.profile:
             from kvdrive.bench.kernel_profile import profile_steps
 
-            name = f"{system.name}-{shape.context}-b{shape.batch}"
+            name = f"{system.name}-{shape.context}-b{shape.batch}" + (f"-{opts.kv_dtype}" if system.formats else "")
             row["profile"] = profile_steps(step, ids, args.profile_steps, Path(args.profile), name)
         if args.breakdown_steps and cache.supports_profile:
             row.setdefault("per_step", {})["time_ms_per_step"] = _breakdown(model, cache, seq_ids, ids, args)

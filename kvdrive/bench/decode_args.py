@@ -193,7 +193,7 @@ def add_arguments(p) -> None:
         "--profile",
         metavar="DIR",
         help="after timing, profile --profile-steps more steps of each row "
-        "(as timed: a CUDA graph where used) with torch.profiler: DIR/SYSTEM-CONTEXT-bBATCH.trace.json "
+        "(as timed: a CUDA graph where used) with torch.profiler: DIR/SYSTEM-CONTEXT-bBATCH[-KV_DTYPE].trace.json "
         "(Chrome trace) and .kernels.json (GPU kernels by time per step); the row gets the table",
     )
     p.add_argument("--profile-steps", type=int, default=3, help="decode steps under --profile (default 3)")

@@ -103,7 +103,9 @@ class KVCache(ABC):
     profile: Any = None
 
     @abstractmethod
-    def add(self, seq_id: int, max_tokens: int) -> None: ...
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
+        """Register ``seq_id``, which may hold ``max_tokens`` tokens; ``prompt_tokens`` of them
+        will be prefilled (None: up to ``max_tokens``), which a cache may size prefill state by."""
 
     def can_add(self, max_tokens: int) -> bool:
         """Whether ``add`` of a sequence of ``max_tokens`` tokens would succeed now: the engine

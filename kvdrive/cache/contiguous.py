@@ -147,7 +147,7 @@ class ContiguousKVCache(KVCache):
         per_token = self.nbytes // (self.max_seqs * self.max_len)
         return {"gpu": TierBytes(self.seqs.tokens() * per_token, self.nbytes)}
 
-    def add(self, seq_id: int, max_tokens: int) -> None:
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
         self.seqs.add(seq_id, max_tokens)
 
     def free(self, seq_id: int) -> None:

@@ -128,7 +128,7 @@ class PagedKVCache(KVCache):
     def can_add(self, max_tokens: int) -> bool:
         return self.seqs.num_free > 0 and max_tokens <= self.max_len and self.pages.can_reserve(max_tokens)
 
-    def add(self, seq_id: int, max_tokens: int) -> None:
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
         self.seqs.add(seq_id, max_tokens)
         try:
             self.pages.add(seq_id, max_tokens)

@@ -156,7 +156,7 @@ class SparseKVCache(KVCache):
         return sum(t.nbytes for t in self.tables.values())
 
     # -- bookkeeping ----------------------------------------------------------------
-    def add(self, seq_id: int, max_tokens: int) -> None:
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
         slot = self.seqs.add(seq_id, max_tokens)
         for layer, table in self.tables.items():
             table.reset(slot)

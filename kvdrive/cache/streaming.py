@@ -49,7 +49,7 @@ class HostStreamingKVCache(KVCache):
         self.free_ev = [devices.new_event(device) for _ in range(2)]  # compute done with buffer
         self.seqs = SequenceSlots(max_seqs, max_len, "host streaming cache")
 
-    def add(self, seq_id: int, max_tokens: int) -> None:
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
         self.seqs.add(seq_id, max_tokens)
 
     def free(self, seq_id: int) -> None:

@@ -183,7 +183,7 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         """Register ``req``'s sequence and load its longest stored prefix from the prefix pool."""
-        self.cache.add(req.seq_id, req.total_tokens)
+        self.cache.add(req.seq_id, req.total_tokens, prompt_tokens=len(req.prompt_ids))
         self.counters.prompt_tokens += len(req.prompt_ids)
         if self.prefix is not None and req.use_prefix:
             done = self.prefix.load(self.model, self.cache, req.seq_id, req.prompt_ids, tenant=req.tenant)

@@ -74,23 +74,24 @@ class TieredPrefill:
         self.dense_bytes = 0  # host -> GPU bytes gathered by ``attend``
         self.stage = stage
         self._stages: dict[int, _Stage] = {}  # slot -> its prompt's KV on the GPU, while prefilled
-        self._reserved: dict[int, int] = {}  # slot -> tokens the sequence may hold (``add``'s max_tokens)
+        self._reserved: dict[int, int] = {}  # slot -> tokens its prompt may prefill (the stage's capacity)
 
     # -- the stages -----------------------------------------------------------------------
     def stage_bytes(self, tokens: int) -> int:
         """GPU bytes of one prompt's stage of ``tokens`` tokens, every layer."""
         return len(self.layer_specs) * self.group_bytes // self.g * tokens
 
-    def reserve(self, slot: int, max_tokens: int) -> None:
-        """A new sequence in ``slot`` that may hold ``max_tokens`` (its stage's capacity)."""
+    def reserve(self, slot: int, prompt_tokens: int) -> None:
+        """A new sequence in ``slot`` whose prompt may prefill ``prompt_tokens`` (its stage's capacity:
+        decode never reads a stage, so the output tokens need no room in it)."""
         self.release([slot])
-        self._reserved[slot] = max_tokens
+        self._reserved[slot] = prompt_tokens
 
     def begin(self, slot_list, starts, num_new: int) -> None:
         """A prefill chunk of ``num_new`` tokens a sequence is planned: a prompt starting at
-        position 0 gets a stage if a later chunk may read it (the chunk does not fill every
-        reserved position) and the GPU has room for its reserved tokens and the chunk's
-        activations (now, after headroom); otherwise it attends from host."""
+        position 0 gets a stage if a later chunk may read it (the chunk is not the whole prompt)
+        and the GPU has room for the prompt's tokens and the chunk's activations (now, after
+        headroom); otherwise it attends from host."""
         if not self.stage:
             return
         forward = self.activation_bytes(num_new * len(slot_list))

@@ -97,3 +97,26 @@ def test_the_tiered_cache_leaves_room_for_the_llm_s_prefill_chunk(smollm2):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(KvdriveError, match="prefill_tokens must be a token count"):
             TieredConfig(prefill_tokens=bad)
+
+
+def test_a_prompt_prefilled_in_one_chunk_gets_no_stage(smollm2, monkeypatch):
+    """The engine tells the cache the prompt's length: a prompt done in one chunk keeps no copy of
+    its KV on the GPU (no later chunk would read it), one of several chunks does."""
+    from kvdrive.tiered.prefill import TieredPrefill
+
+    staged = []
+    begin = TieredPrefill.begin
+
+    def spy(self, slot_list, starts, num_new):
+        begin(self, slot_list, starts, num_new)
+        staged.append(self.staged(slot_list[0]))
+
+    monkeypatch.setattr(TieredPrefill, "begin", spy)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for chunk, want in ((2048, [False]), (128, [True, True, True])):
+        staged.clear()
+        out = LLM(loaded=smollm2, kv_cache=TieredConfig(cache_tokens=256), prefill_chunk=chunk).generate(
+            [PROMPT], params
+        )
+        assert len(out[0].prompt_token_ids) in range(257, 385)  # three chunks of 128
+        assert staged == want

@@ -20,9 +20,9 @@ GEMMA = {
 }
 
 
-def _prefill(model, cache, prompt, chunk, seq=0):
+def _prefill(model, cache, prompt, chunk, seq=0, prompt_tokens=None):
     """``prompt`` prefilled alone in ``chunk``-token pieces: the logits of every position (T, V)."""
-    cache.add(seq, 400)
+    cache.add(seq, 400, prompt_tokens=prompt_tokens)
     out = []
     for begin in range(0, len(prompt), chunk):
         piece = torch.tensor([prompt[begin : begin + chunk]])
@@ -135,6 +135,34 @@ def test_a_prompt_in_one_chunk_attends_to_its_own_kv_with_or_without_a_stage():
         cache.add(0, reserved)
         cache.plan([0], len(prompt))
         assert cache.prefill.staged(0) == staged
+
+
+def test_a_chunk_keeps_only_the_running_layer_s_kv_beside_the_tiers():
+    """A 128K-token chunk's KV of every layer is 16 GiB for the 8B shape: the batch holds the
+    layer being computed, no more."""
+    model = _tiny()
+    cache = _cache(model, stage=False)
+    cache.add(0, 400)
+    b = cache.plan([0], 60)
+    model(torch.tensor([_prompts((60,))[0]]), cache, b)
+    assert list(b.meta["new_kv"]) == [model.config.num_hidden_layers - 1]
+
+
+def test_the_stage_holds_the_prompt_not_the_reserved_outputs():
+    model = _tiny()
+    prompt = _prompts((100,))[0]
+    for prompt_tokens, staged in ((100, False), (101, True)):  # one chunk of the whole prompt: no later reader
+        cache = _cache(model)
+        cache.add(0, 400, prompt_tokens=prompt_tokens)
+        cache.plan([0], 100)
+        assert cache.prefill.staged(0) == staged
+    want = _prefill(model, _cache(model, stage=False), prompt, 50)
+    for prompt_tokens, staged in ((100, True), (None, False)):  # room for 100 tokens, not the 400 reserved
+        cache = _cache(model)
+        cache.prefill._room = lambda c=cache: c.prefill.stage_bytes(100) + c.prefill.activation_bytes(50)
+        got = _prefill(model, cache, prompt, 50, prompt_tokens=prompt_tokens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (cache.stats()["bytes_host_to_gpu"] == 0) == staged
 
 
 def test_a_chunk_that_skips_the_stage_drops_it():

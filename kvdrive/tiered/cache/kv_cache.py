@@ -212,11 +212,11 @@ class TieredSparseKVCache(KVCache):
         return kv[0, :, off : off + stop - start].clone(), kv[1, :, off : off + stop - start].clone()
 
     # -- bookkeeping ----------------------------------------------------------------
-    def add(self, seq_id: int, max_tokens: int) -> None:
+    def add(self, seq_id: int, max_tokens: int, prompt_tokens: int | None = None) -> None:
         slot = self.seqs.add(seq_id, max_tokens)
         self.host.clear(slot)
         self.prefill.forget([slot])
-        self.prefill.reserve(slot, max_tokens)
+        self.prefill.reserve(slot, max_tokens if prompt_tokens is None else min(prompt_tokens, max_tokens))
         self.summaries.reset(slot)
         rows = torch.tensor([slot], device=self.device)
         for cache in self.caches.values():
@@ -319,8 +319,8 @@ class TieredSparseKVCache(KVCache):
             tier_ops.append_token(pool, host_rows, m["offs"][:, 0], k, v, self.caches.get(layer), m["slots"], group)
         if layer in self.rings:
             self.rings[layer].write(m["slots"], batch.positions, k, v)
-        if batch.num_new > 1:
-            m.setdefault("new_kv", {})[layer] = (k, v)
+        if batch.num_new > 1:  # only the layer being computed: every layer's would be a second copy of the chunk's KV
+            m["new_kv"] = {layer: (k, v)}
 
     def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         spec = self.layer_specs[layer]

@@ -12,7 +12,7 @@
 * filled as the layers run: ``prefetch`` (layer -> the event its prefetch recorded),
   ``ahead`` (layer -> the disk reads its prediction found), ``selections`` (deferred disk
   misses: each layer's selection, sent to the host at ``commit``), ``masks`` (prefill
-  attention's span masks, by window), ``new_kv`` (a prefill chunk's k, v by layer).
+  attention's span masks, by window), ``new_kv`` (a prefill chunk's k, v of the layer being computed).
 
 Each part of a micro-batched step plans its own batch, so no two parts share one.
 """

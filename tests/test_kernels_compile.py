@@ -177,7 +177,8 @@ def _kernels():
             "INT4": int4,
             "INT8": int8,
             "HAS_RAW": raw,
-            "BLOCK_G": 32 if int4 else 16,
+            "BLOCK_H": 4,
+            "BLOCK_G": 16,
             "BLOCK_D": 64 if int4 else 128,
         }
         yield dequant_triton.dequant_rows_kernel, {**sig, "n_tiles": "i32", "programs": "i32"}, consts

@@ -22,7 +22,7 @@ import torch
 from kvdrive.device import triton_available
 from kvdrive.quant.formats import check_kv_dtype, dequantize, sections
 
-MAX_TILE = 4096  # elements of one program's (tokens x columns) tile
+MAX_TILE = 8192  # elements of one program's (heads x tokens x columns) tile: 4 heads of a 16 x 128 group
 
 
 def dequant_rows_reference(
@@ -65,7 +65,7 @@ def dequant_rows(
     ``dst_idx[r] < 0`` skips row r; ``shape`` (H, G, D). ``kv_dtype`` "bf16" is a plain row copy.
     ``raw`` (R2, >= 2*H*G*D) typed rows with unit column stride, of ``dst``'s dtype: the source of
     indices >= ``raw_from``. ``impl="auto"``: the kernel when the destination is on CUDA and
-    Triton is there, else torch. ``programs``: 0 launches a program per (row, K|V x head, tile);
+    Triton is there, else torch. ``programs``: 0 launches a program per (row, K|V, tile of heads x tokens);
     N > 0 that many looping programs (the fetch then occupies at most N SMs)."""
     check_kv_dtype(kv_dtype)
     if impl == "auto":
@@ -85,8 +85,9 @@ def dequant_rows(
     cols = d // 2 if kv_dtype == "int4" else d
     block_d = triton.next_power_of_2(cols)
     block_g = max(1, min(triton.next_power_of_2(g), MAX_TILE // block_d))
+    block_h = max(1, min(triton.next_power_of_2(h), MAX_TILE // (block_g * block_d)))
     zero = sec["kz"].offset, sec.get("vz", sec["vs"]).offset  # fp8 has no value zero: unread
-    n_tiles = n * 2 * h * triton.cdiv(g, block_g)
+    n_tiles = n * 2 * triton.cdiv(h, block_h) * triton.cdiv(g, block_g)
     programs = programs if 0 < programs < n_tiles else n_tiles
     dequant_rows_kernel[(programs,)](
         src,
@@ -111,8 +112,10 @@ def dequant_rows(
         INT4=kv_dtype == "int4",
         INT8=kv_dtype == "int8",
         HAS_RAW=raw is not None,
+        BLOCK_H=block_h,
         BLOCK_G=block_g,
         BLOCK_D=block_d,
+        num_warps=8 if block_h * block_g * block_d > 4096 else 4,
     )
 
 

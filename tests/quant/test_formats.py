@@ -97,7 +97,12 @@ def check_dequant_kernel() -> None:
     from kvdrive.quant import dequant_rows
 
     torch.manual_seed(0)
-    for h, g, d in ((2, 16, 64), (3, 5, 6), (1, 40, 16)):  # G not a power of two; G over one tile
+    for h, g, d in (
+        (2, 16, 64),
+        (3, 5, 6),
+        (1, 40, 16),
+        (6, 16, 128),
+    ):  # G not a power of two; G over one tile; H over one
         x = (torch.randn(4, 2, h, g, d) * 3).to(torch.bfloat16)
         for fmt in ("fp8", "int8", "int4"):
             src = torch.cat([quantize(x, fmt), torch.zeros(4, 32, dtype=torch.uint8)], 1)  # padded rows
@@ -108,7 +113,7 @@ def check_dequant_kernel() -> None:
             dequant_rows_reference(src, si, b, di, fmt, (h, g, d))
             torch.testing.assert_close(a, b)  # the interpreter rounds to bf16 its own way: one ulp
             assert a.abs().sum() > 0 and torch.count_nonzero(a[[2, 3, 5]]) == 0
-            looped = torch.zeros_like(a)  # 3 programs looping over every (row, K|V x head, tile)
+            looped = torch.zeros_like(a)  # 3 programs looping over every (row, K|V, heads x tokens) tile
             dequant_rows(src, si, looped, di, fmt, (h, g, d), impl="triton", programs=3)
             assert torch.equal(looped, a)
             # a second, raw source for indices >= 4 (typed rows, copied as they are), in the same launch

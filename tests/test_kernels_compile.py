@@ -177,7 +177,7 @@ def _kernels():
             "INT4": int4,
             "INT8": int8,
             "HAS_RAW": raw,
-            "BLOCK_H": 4,
+            "BLOCK_H": 8 if int4 else 4,  # the 8B shape's launch: 8192-element tiles
             "BLOCK_G": 16,
             "BLOCK_D": 64 if int4 else 128,
         }

@@ -97,12 +97,8 @@ def check_dequant_kernel() -> None:
     from kvdrive.quant import dequant_rows
 
     torch.manual_seed(0)
-    for h, g, d in (
-        (2, 16, 64),
-        (3, 5, 6),
-        (1, 40, 16),
-        (6, 16, 128),
-    ):  # G not a power of two; G over one tile; H over one
+    # G not a power of two; G over one tile; H over one tile (4 heads of 16 x 128)
+    for h, g, d in ((2, 16, 64), (3, 5, 6), (1, 40, 16), (6, 16, 128)):
         x = (torch.randn(4, 2, h, g, d) * 3).to(torch.bfloat16)
         for fmt in ("fp8", "int8", "int4"):
             src = torch.cat([quantize(x, fmt), torch.zeros(4, 32, dtype=torch.uint8)], 1)  # padded rows

@@ -166,6 +166,9 @@ def _decode_row(model, system: System, shape: Shape, opts: Options, args, dev, h
         for _ in range(args.warmup + system.settle_steps(opts) - 1):
             ids = feed(step(ids))
         devices.synchronize(dev)
+        if dev.type == "cuda":  # the fill's peak (a tiered prefill stage, say) is not the decode's
+            row["fill_peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+            torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         ids = feed(step(ids))
         devices.synchronize(dev)

@@ -21,6 +21,7 @@ import torch
 
 from kvdrive.device import triton_available
 from kvdrive.quant.formats import check_kv_dtype, dequantize, sections
+from kvdrive.storage.gather import live_rows
 
 MAX_TILE = 8192  # elements of one program's (heads x tokens x columns) tile: 4 heads of a 16 x 128 group
 
@@ -59,6 +60,7 @@ def dequant_rows(
     raw: torch.Tensor | None = None,
     raw_from: int = 0,
     programs: int = 0,
+    live: torch.Tensor | None = None,
 ) -> None:
     """``src`` (R, >= stored_bytes) uint8 rows with unit column stride; ``dst`` (S, >= 2*H*G*D)
     rows of the model dtype; ``src_idx``, ``dst_idx`` (M,) int64 where the kernel runs;
@@ -66,12 +68,14 @@ def dequant_rows(
     ``raw`` (R2, >= 2*H*G*D) typed rows with unit column stride, of ``dst``'s dtype: the source of
     indices >= ``raw_from``. ``impl="auto"``: the kernel when the destination is on CUDA and
     Triton is there, else torch. ``programs``: 0 launches a program per (row, K|V, tile of heads x tokens);
-    N > 0 that many looping programs (the fetch then occupies at most N SMs)."""
+    N > 0 that many looping programs (the fetch then occupies at most N SMs). ``live``: a (1,)
+    int32 tensor on the indices' device; only the first ``live[0]`` rows are read (as
+    ``copy_rows``)."""
     check_kv_dtype(kv_dtype)
     if impl == "auto":
         impl = "triton" if dst.device.type == "cuda" and triton_available() else "torch"
     if impl == "torch" or kv_dtype == "bf16":
-        dequant_rows_reference(src, src_idx, dst, dst_idx, kv_dtype, shape, raw, raw_from)
+        dequant_rows_reference(src, src_idx, dst, live_rows(dst_idx, live), kv_dtype, shape, raw, raw_from)
         return
     import triton
 
@@ -109,9 +113,11 @@ def dequant_rows(
         zero[1],
         n_tiles,
         programs,
+        live if live is not None else dst_idx,  # unread without a count
         INT4=kv_dtype == "int4",
         INT8=kv_dtype == "int8",
         HAS_RAW=raw is not None,
+        LIVE=live is not None,
         BLOCK_H=block_h,
         BLOCK_G=block_g,
         BLOCK_D=block_d,

@@ -49,9 +49,11 @@ def dequant_rows_kernel(
     vz_off,
     n_tiles,
     programs,
+    live_ptr,
     INT4: tl.constexpr,
     INT8: tl.constexpr,
     HAS_RAW: tl.constexpr,
+    LIVE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -62,10 +64,13 @@ def dequant_rows_kernel(
     row's tile count low, which a looping program pays even for the rows it skips.
     ``programs`` programs loop over the ``n_tiles`` (row, K|V, heads, tokens) tiles: as many
     programs as tiles is one tile each; fewer hold only that many SMs and leave the rest to
-    compute running beside the fetch (another micro-batch's layers). A while loop: the CPU
+    compute running beside the fetch (another micro-batch's layers). With ``LIVE``, only the
+    first ``live_ptr[0]`` rows are read (a compacted miss list). A while loop: the CPU
     interpreter cannot range() over runtime bounds."""
     tiles_g = tl.cdiv(G, BLOCK_G)
     half = tl.cdiv(H, BLOCK_H) * tiles_g  # tiles of K (then as many of V) per row
+    if LIVE:
+        n_tiles = tl.load(live_ptr).to(tl.int32) * 2 * half
     i = tl.program_id(0)
     while i < n_tiles:
         row = i // (2 * half)

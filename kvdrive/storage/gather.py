@@ -53,17 +53,20 @@ def copy_rows(
     impl: str = "auto",
     programs: int = 0,
     block: int = DEFAULT_BLOCK,
+    live: torch.Tensor | None = None,
 ) -> None:
     """``dst[dst_idx[r], :n_words] = src[src_idx[r], :n_words]`` on int32 word rows (see ``words``);
     src_idx, dst_idx (M,) int64 where the kernel runs (the destination's device, or CPU under
     TRITON_INTERPRET); ``dst_idx[r] < 0`` skips row r. ``impl="auto"``: the kernel when one side
     is pinned host memory seen from CUDA (torch cannot index it there), else torch.
     ``programs``: 0 launches a program per (row, block); N > 0 that many looping programs (the
-    copy then occupies at most N SMs)."""
+    copy then occupies at most N SMs). ``live``: a (1,) int32 tensor on the indices' device;
+    only the first ``live[0]`` rows are copied and the rest of the indices are never read
+    (the count stays on the device: no host sync)."""
     if impl == "auto":
         impl = "triton" if {src.device.type, dst.device.type} == {"cuda", "cpu"} else "torch"
     if impl == "torch":
-        copy_rows_reference(src, src_idx, dst, dst_idx, n_words)
+        copy_rows_reference(src, src_idx, dst, live_rows(dst_idx, live), n_words)
         return
     import triton
 
@@ -73,14 +76,35 @@ def copy_rows(
     if n == 0:
         return
     grid = (n, triton.cdiv(n_words, block))
-    if programs > 0:
+    if programs > 0 or live is not None:
         n_tiles = grid[0] * grid[1]
-        programs = min(programs, n_tiles)
+        programs = programs if 0 < programs < n_tiles else n_tiles
         copy_rows_persistent_kernel[(programs,)](
-            src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, n_tiles, grid[1], programs, BLOCK=block
+            src,
+            src_idx,
+            src.stride(0),
+            dst,
+            dst_idx,
+            dst.stride(0),
+            n_words,
+            n_tiles,
+            grid[1],
+            programs,
+            live if live is not None else dst_idx,  # unread without a count
+            BLOCK=block,
+            LIVE=live is not None,
         )
         return
     copy_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=block)
+
+
+def live_rows(dst_idx: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    """``dst_idx`` with the rows past the first ``live[0]`` skipped (-1): the twins' reading of a
+    count (no host sync; the indices past it may be garbage)."""
+    if live is None:
+        return dst_idx
+    keep = torch.arange(dst_idx.numel(), device=dst_idx.device) < live.to(dst_idx.device)
+    return torch.where(keep, dst_idx, -1)
 
 
 def check_rows(

@@ -38,12 +38,17 @@ def copy_rows_persistent_kernel(
     n_tiles,
     tiles_per_row,
     programs,
+    live_ptr,
     BLOCK: tl.constexpr,
+    LIVE: tl.constexpr,
 ):
     """``copy_rows_kernel`` on ``programs`` programs, each looping over (row, block) tiles: the
     copy holds only that many SMs, the others stay free for compute running beside it
-    (another micro-batch's layers). A while loop: the CPU interpreter cannot range() over
-    runtime bounds."""
+    (another micro-batch's layers). With ``LIVE``, only the first ``live_ptr[0]`` rows are
+    copied (a compacted miss list: no tile is spent on a row that needs no copy). A while
+    loop: the CPU interpreter cannot range() over runtime bounds."""
+    if LIVE:
+        n_tiles = tl.load(live_ptr).to(tl.int32) * tiles_per_row
     t = tl.program_id(0)
     while t < n_tiles:
         row = t // tiles_per_row

@@ -187,8 +187,10 @@ class SelectionCache:
 
         b, p = groups.shape
         pages = torch.empty(b, p, dtype=torch.int32, device=groups.device)
-        dst = torch.empty(b, p, dtype=torch.int64, device=groups.device)
-        src_rows = torch.empty(b, p, dtype=torch.int64, device=groups.device)  # clamped, for the copy
+        # The miss list, packed: its first live[0] entries are (source row, pool row) pairs.
+        dst = torch.empty(b * p, dtype=torch.int64, device=groups.device)
+        src_rows = torch.empty(b * p, dtype=torch.int64, device=groups.device)
+        live = torch.zeros(1, dtype=torch.int32, device=groups.device)
         lookahead = self.eviction == "lookahead" and scores is not None
         sc = scores.float().contiguous() if lookahead else self.stamp  # any float tensor: unread
         step = step.reshape(1).to(torch.float32)
@@ -223,6 +225,7 @@ class SelectionCache:
                 self._scratch.stride(0),
                 pages,
                 dst,
+                live,
                 p,
                 self.capacity,
                 self.trash,
@@ -235,25 +238,26 @@ class SelectionCache:
                 BLOCK_C=self._block_c,
                 num_warps=4 if self._block_c <= 1024 else 8,
             )
-        self._fetch(source, src_rows, dst)
+        self._fetch(source, src_rows, dst, live)
         return pages
 
-    def _fetch(self, source, source_rows, dst) -> None:
-        """Copy the missed groups (dst row >= 0; source rows >= 0) from the source pool into this cache's pool (on
-        the fetch lane if set: the current stream waits for it, so what the copy reads stays
-        alive and the pages are there before attention)."""
+    def _fetch(self, source, source_rows, dst, live=None) -> None:
+        """Copy the missed groups (dst row >= 0; source rows >= 0; with ``live``, the first
+        ``live[0]`` entries) from the source pool into this cache's pool (on the fetch lane if
+        set: the current stream waits for it, so what the copy reads stays alive and the pages
+        are there before attention)."""
         src_rows, dst_rows = source_rows.reshape(-1), dst.reshape(-1)
         lane = self.fetch_lane
         if lane is None:
-            self._copy(source, src_rows, dst_rows)
+            self._copy(source, src_rows, dst_rows, live)
             return
         current = devices.current_stream(self.pool.device)
         lane.wait_stream(current)
         with devices.use_stream(lane):
-            self._copy(source, src_rows, dst_rows)
+            self._copy(source, src_rows, dst_rows, live)
         current.wait_stream(lane)
 
-    def _copy(self, source, src_rows, dst_rows) -> None:
+    def _copy(self, source, src_rows, dst_rows, live) -> None:
         if isinstance(source, StoredRows):
             dst = self.pool.view(self.pool.shape[0], -1)
             s = source
@@ -267,9 +271,10 @@ class SelectionCache:
                 raw=s.raw,
                 raw_from=s.raw_from,
                 programs=self.fetch_programs,
+                live=live,
             )
             return
-        copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs)
+        copy_rows(source, src_rows, self.words, dst_rows, self.group_words, programs=self.fetch_programs, live=live)
 
 
 def triton_block(n: int) -> int:

@@ -5,7 +5,8 @@ scatters, a sort, a scan, masks), a large share of a decode layer. Here one prog
 sequence does the whole bookkeeping in registers: look the selection up, count,
 key the cache slots for eviction, sort them, hand the lowest-keyed slots to the misses in
 order, and update the table, owners, stamps and fresh flags. The copy of the missed groups
-stays in ``kvdrive.storage.gather.copy_rows``, driven by the ``dst`` this kernel writes.
+stays in ``kvdrive.storage.gather.copy_rows``, driven by the miss list this kernel writes:
+every sequence's misses packed at the front, their number in a device counter.
 
 Ties sort by slot index (keys are packed above the index), as the torch twin's stable sort
 does, so both give the same victims. A per-sequence scratch row carries values between lanes
@@ -42,6 +43,7 @@ def ensure_kernel(
     scratch_stride,
     pages_ptr,
     dst_ptr,
+    live_ptr,
     P,
     CAP,
     TRASH,
@@ -68,7 +70,6 @@ def ensure_kernel(
         src = tl.load(src_ptr + b * P + p, mask=pm, other=-1)
     if OPEN:  # a compressed source: the slot's open group is read from its exact row
         src = tl.where(g == tl.load(open_ptr + row), raw_from + row, src)
-    tl.store(src_out_ptr + b * P + p, tl.maximum(src, 0), mask=pm)
     tab = table_ptr + row * table_stride
     own_row = owner_ptr + row * slot_stride
     stamp_row = stamp_ptr + row * slot_stride
@@ -124,4 +125,8 @@ def ensure_kernel(
         tl.store(fresh_row + slot, tl.zeros([BLOCK_P], dtype=tl.uint8), mask=hit)
     pages = tl.where(listed, row * CAP + slot, TRASH)
     tl.store(pages_ptr + b * P + p, pages.to(tl.int32), mask=pm)
-    tl.store(dst_ptr + b * P + p, tl.where(miss, row * CAP + victim, -1), mask=pm)
+    # The misses, compacted: sequences take turns on the shared count; each writes its misses
+    # in order at the count it got, so the copy loops over misses only.
+    at = tl.atomic_add(live_ptr, tl.sum(miss.to(tl.int32), 0)) + tl.cumsum(miss.to(tl.int32), 0) - 1
+    tl.store(src_out_ptr + at, src, mask=miss)
+    tl.store(dst_ptr + at, row * CAP + victim, mask=miss)

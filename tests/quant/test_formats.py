@@ -112,6 +112,22 @@ def check_dequant_kernel() -> None:
             looped = torch.zeros_like(a)  # 3 programs looping over every (row, K|V, heads x tokens) tile
             dequant_rows(src, si, looped, di, fmt, (h, g, d), impl="triton", programs=3)
             assert torch.equal(looped, a)
+            # a packed list: only the first live[0] rows are read, whatever follows them
+            packed_si, packed_di = torch.tensor([3, 2, 99, -7]), torch.tensor([1, 0, 12345, 3])
+            for programs in (0, 3):
+                packed = torch.zeros_like(a)
+                dequant_rows(
+                    src,
+                    packed_si,
+                    packed,
+                    packed_di,
+                    fmt,
+                    (h, g, d),
+                    impl="triton",
+                    programs=programs,
+                    live=torch.tensor([2], dtype=torch.int32),
+                )
+                assert torch.equal(packed[[0, 1]], a[[0, 1]]) and torch.count_nonzero(packed[2:]) == 0
             # a second, raw source for indices >= 4 (typed rows, copied as they are), in the same launch
             raw = (torch.randn(3, 2 * h * g * d + 4) * 3).to(torch.bfloat16)
             si, di = torch.tensor([5, 0, 4, 6, 2]), torch.tensor([1, 3, -1, 0, 5])

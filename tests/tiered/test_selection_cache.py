@@ -62,6 +62,16 @@ def test_triton_kernels_match_reference(interpret):
         got = torch.zeros_like(want)
         copy_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl="triton", programs=programs)
         assert torch.equal(got, want)
+    # a packed list: the first live[0] rows are copied; what follows is never read (out of range here)
+    sidx, didx, live = (
+        torch.tensor([3, 0, 7, 10**6]),
+        torch.tensor([8, 0, 4, 10**6]),
+        torch.tensor([3], dtype=torch.int32),
+    )
+    for impl, programs in (("triton", 0), ("triton", 2), ("torch", 0)):
+        got = torch.zeros_like(want)
+        copy_rows(w(src), sidx, w(got), didx, w(src).shape[1], impl=impl, programs=programs, live=live)
+        assert torch.equal(got, want), (impl, programs)
     k, v = torch.randn(2, 2, 3, 8, generator=gen), torch.randn(2, 2, 3, 8, generator=gen)
     rows, offs = torch.tensor([[1, 1, 2], [5, 6, 6]]), torch.tensor([[2, 3, 0], [3, 0, 1]])
     want, got = torch.zeros(9, 2, 2, 4, 8), torch.zeros(9, 2, 2, 4, 8)

@@ -110,6 +110,7 @@ def _kernels():
                 "scratch_ptr": "*i64",
                 "pages_ptr": "*i32",
                 "dst_ptr": "*i64",
+                "live_ptr": "*i32",
                 "TRASH": "i64",
                 **dict.fromkeys(i32, "i32"),
             },
@@ -157,6 +158,20 @@ def _kernels():
         },
         {"BLOCK": 2048},
     )
+    yield (
+        gather_triton.copy_rows_persistent_kernel,
+        {
+            "src_ptr": "*i32",
+            "src_idx_ptr": "*i64",
+            "dst_ptr": "*i32",
+            "dst_idx_ptr": "*i64",
+            "src_stride": "i64",
+            "dst_stride": "i64",
+            "live_ptr": "*i32",
+            **dict.fromkeys(("words", "n_tiles", "tiles_per_row", "programs"), "i32"),
+        },
+        {"BLOCK": 2048, "LIVE": True},
+    )
     for int4, int8, raw in ((False, False, False), (True, False, False), (False, False, True), (True, False, True)) + (
         (False, True, False),
         (False, True, True),
@@ -177,11 +192,16 @@ def _kernels():
             "INT4": int4,
             "INT8": int8,
             "HAS_RAW": raw,
+            "LIVE": raw,  # the tiered fetch: a raw source and a packed miss list
             "BLOCK_H": 8 if int4 else 4,  # the 8B shape's launch: 8192-element tiles
             "BLOCK_G": 16,
             "BLOCK_D": 64 if int4 else 128,
         }
-        yield dequant_triton.dequant_rows_kernel, {**sig, "n_tiles": "i32", "programs": "i32"}, consts
+        yield (
+            dequant_triton.dequant_rows_kernel,
+            {**sig, "n_tiles": "i32", "programs": "i32", "live_ptr": "*i32"},
+            consts,
+        )
     yield act_kernel.silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "inner": "i32"}, {"BLOCK": 2048}
     from kvdrive.cache import chunk_attention_triton as prefill_kernel
 
@@ -249,7 +269,7 @@ def test_kernels_compile_for_hopper():
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert ".entry" in compiled.asm["ptx"], fn.fn.__name__  # a PTX kernel came out
         names.append(fn.fn.__name__)
-    assert len(names) == 32
+    assert len(names) == 33
 
 
 def _specialization(kernel, lengths: dict, constexprs: dict):

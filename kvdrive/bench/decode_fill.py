@@ -19,8 +19,8 @@ def fill_random(
     seed: int = 0,
 ) -> None:
     """Give every sequence in ``seq_ids`` (already added) ``length`` tokens of seeded N(0, 1)
-    K and V through the cache's normal path, ``chunk`` tokens per plan/append/commit; no
-    model, no attention."""
+    K and V through the cache's normal path, ``chunk`` tokens per plan/append/commit, then
+    ``place`` (no queries were seen, so it only ends the prompt); no model, no attention."""
     gen = torch.Generator(device=device).manual_seed(seed)
     h, d = config.num_key_value_heads, config.head_dim
     for seq in seq_ids:
@@ -34,6 +34,7 @@ def fill_random(
                 cache.append(layer, k, v, batch)
             cache.commit(batch)
             done += t
+        cache.place([seq])  # the prompt is done, as the engine says: a tiered prefill stage goes
 
 
 def fill_text(model, cache: KVCache, seq_ids, length: int, haystack, chunk: int, seed: int) -> torch.Tensor:

@@ -125,6 +125,24 @@ def test_fill_random_gives_each_sequence_its_length_and_is_seeded(make):
     assert torch.equal(k0, k1) and k0.std() > 0.5  # same seed, same KV; not zeros
 
 
+def test_fill_random_ends_each_prompt_so_no_prefill_stage_outlives_it():
+    """The tiered cache keeps a prompt's KV on the GPU while it is prefilled; the fill ends
+    each prompt as the engine does, so the decode that follows holds no stage (a stage of
+    every sequence was 16 GiB each at 4 x 128K of the 8B shape)."""
+    from kvdrive.tiered import TieredConfig, TieredSparseKVCache
+
+    cfg = load_config("random:smollm2-135m")
+    cache = TieredSparseKVCache(
+        cfg, 2, 80, torch.device("cpu"), torch.float32, TieredConfig(SparseConfig(budget=32), cache_tokens=48)
+    )
+    for s in (0, 1):
+        cache.add(s, 80)
+    cache.plan([0], 32)
+    assert cache.prefill.staged(0)  # a prompt in several chunks is staged while it is prefilled
+    fill_random(cache, [0, 1], 70, cfg, torch.device("cpu"), torch.float32, chunk=32, seed=3)
+    assert cache.length(1) == 70 and not cache.prefill.staged(0) and not cache.prefill.staged(1)
+
+
 def test_bench_decode_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "decode.json"
     args = _args(

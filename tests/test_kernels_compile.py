@@ -145,33 +145,11 @@ def _kernels():
             },
             {"HAS_CACHE": has_cache, "D": 128, "BLOCK_D": 128},
         )
-    yield (
-        gather_triton.copy_rows_kernel,
-        {
-            "src_ptr": "*i32",
-            "src_idx_ptr": "*i64",
-            "dst_ptr": "*i32",
-            "dst_idx_ptr": "*i64",
-            "src_stride": "i64",
-            "dst_stride": "i64",
-            "words": "i32",
-        },
-        {"BLOCK": 2048},
-    )
-    yield (
-        gather_triton.copy_rows_persistent_kernel,
-        {
-            "src_ptr": "*i32",
-            "src_idx_ptr": "*i64",
-            "dst_ptr": "*i32",
-            "dst_idx_ptr": "*i64",
-            "src_stride": "i64",
-            "dst_stride": "i64",
-            "live_ptr": "*i32",
-            **dict.fromkeys(("words", "n_tiles", "tiles_per_row", "programs"), "i32"),
-        },
-        {"BLOCK": 2048, "LIVE": True},
-    )
+    rows = {"src_ptr": "*i32", "src_idx_ptr": "*i64", "dst_ptr": "*i32", "dst_idx_ptr": "*i64"}
+    rows.update(src_stride="i64", dst_stride="i64", words="i32")
+    yield gather_triton.copy_rows_kernel, rows, {"BLOCK": 2048}
+    looped = {**rows, "live_ptr": "*i32", **dict.fromkeys(("n_tiles", "tiles_per_row", "programs"), "i32")}
+    yield gather_triton.copy_rows_persistent_kernel, looped, {"BLOCK": 2048, "LIVE": True}
     for int4, int8, raw in ((False, False, False), (True, False, False), (False, False, True), (True, False, True)) + (
         (False, True, False),
         (False, True, True),

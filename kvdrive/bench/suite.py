@@ -101,6 +101,10 @@ SUITES = {
             f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
             "--summary tokenmax --budget 65536 --cache-tokens 65536 -o {out}/decode-formats-128k-b4-default.json"
         ),
+        "decode-formats-128k-b4-25pct": (  # the 128K pair a 78 GiB H100 holds: 24 GiB of GPU cache
+            f"{_DECODE} --contexts 131072 --batches 4 --systems kvdrive_host --kv-dtype bf16 fp8 int8 "
+            "--summary tokenmax --budget 32768 --cache-tokens 49152 -o {out}/decode-formats-128k-b4-25pct.json"
+        ),
         "decode-formats-ssd": (
             f"{_DECODE} --contexts 32768 --batches 4 --systems kvdrive_ssd --kv-dtype bf16 fp8 int8 "
             "--disk {disk}/decode-disk --ssd-host-gib 4 -o {out}/decode-formats-ssd.json"

@@ -61,7 +61,7 @@ def dequant_rows_kernel(
     """src: uint8 rows; dst: typed rows (model dtype). Rows with ``dst_idx[r] < 0`` are skipped.
     ``BLOCK_D`` covers the codes' columns of one byte row: D (fp8, int8) or D/2 (int4).
     A tile is (K or V) x ``BLOCK_H`` heads x ``BLOCK_G`` tokens x the columns: large tiles keep a
-    row's tile count low, which a looping program pays even for the rows it skips.
+    row's tile count low (a looping program pays each tile's index loads, even on a skipped row).
     ``programs`` programs loop over the ``n_tiles`` (row, K|V, heads, tokens) tiles: as many
     programs as tiles is one tile each; fewer hold only that many SMs and leave the rest to
     compute running beside the fetch (another micro-batch's layers). With ``LIVE``, only the

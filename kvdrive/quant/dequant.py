@@ -21,7 +21,7 @@ import torch
 
 from kvdrive.device import triton_available
 from kvdrive.quant.formats import check_kv_dtype, dequantize, sections
-from kvdrive.storage.gather import live_rows
+from kvdrive.storage.gather import live_rows, row_args
 
 MAX_TILE = 8192  # elements of one program's (heads x tokens x columns) tile: 4 heads of a 16 x 128 group
 
@@ -94,12 +94,7 @@ def dequant_rows(
     n_tiles = n * 2 * triton.cdiv(h, block_h) * triton.cdiv(g, block_g)
     programs = programs if 0 < programs < n_tiles else n_tiles
     dequant_rows_kernel[(programs,)](
-        src,
-        src_idx,
-        src.stride(0),
-        dst,
-        dst_idx,
-        dst.stride(0),
+        *row_args(src, src_idx, dst, dst_idx),
         raw if raw is not None else dst,  # unread without a raw source
         raw.stride(0) if raw is not None else 0,
         raw_from,

@@ -80,12 +80,7 @@ def copy_rows(
         n_tiles = grid[0] * grid[1]
         programs = programs if 0 < programs < n_tiles else n_tiles
         copy_rows_persistent_kernel[(programs,)](
-            src,
-            src_idx,
-            src.stride(0),
-            dst,
-            dst_idx,
-            dst.stride(0),
+            *row_args(src, src_idx, dst, dst_idx),
             n_words,
             n_tiles,
             grid[1],
@@ -95,7 +90,12 @@ def copy_rows(
             LIVE=live is not None,
         )
         return
-    copy_rows_kernel[grid](src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0), n_words, BLOCK=block)
+    copy_rows_kernel[grid](*row_args(src, src_idx, dst, dst_idx), n_words, BLOCK=block)
+
+
+def row_args(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor) -> tuple:
+    """The row kernels' leading arguments (this module's and the dequantizer's)."""
+    return src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0)
 
 
 def live_rows(dst_idx: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from kvdrive.device import triton_available
 from kvdrive.quant.formats import check_kv_dtype, dequantize, sections
-from kvdrive.storage.gather import live_rows, row_args
+from kvdrive.rows import live_rows, row_args
 
 MAX_TILE = 8192  # elements of one program's (heads x tokens x columns) tile: 4 heads of a 16 x 128 group
 

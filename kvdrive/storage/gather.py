@@ -23,6 +23,7 @@ import torch
 from kvdrive import device as dev
 from kvdrive.device import triton_available
 from kvdrive.errors import KvdriveError
+from kvdrive.rows import live_rows, row_args
 
 IMPLS = ("auto", "triton", "torch")
 METHODS = ("auto", "triton", "staging", "torch")
@@ -91,20 +92,6 @@ def copy_rows(
         )
         return
     copy_rows_kernel[grid](*row_args(src, src_idx, dst, dst_idx), n_words, BLOCK=block)
-
-
-def row_args(src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor) -> tuple:
-    """The row kernels' leading arguments (this module's and the dequantizer's)."""
-    return src, src_idx, src.stride(0), dst, dst_idx, dst.stride(0)
-
-
-def live_rows(dst_idx: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
-    """``dst_idx`` with the rows past the first ``live[0]`` skipped (-1): the twins' reading of a
-    count (no host sync; the indices past it may be garbage)."""
-    if live is None:
-        return dst_idx
-    keep = torch.arange(dst_idx.numel(), device=dst_idx.device) < live.to(dst_idx.device)
-    return torch.where(keep, dst_idx, -1)
 
 
 def check_rows(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import mmap
 import weakref
 
@@ -139,16 +140,25 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     anonymous mapping registered with CUDA, unregistered when its last tensor is freed.
 
     NOTE: torch's pinned allocator rounds each block up to a power of two, so an arena of many
-    layers can hold up to twice its size in pinned memory. Falls back to that allocator where
-    registration fails."""
+    layers can hold up to twice its size in pinned memory. Falls back to that allocator (zeroed)
+    where registration fails."""
     mem = mmap.mmap(-1, max(nbytes, 1))
     out = torch.frombuffer(mem, dtype=torch.uint8)[:nbytes]
     cudart = torch.cuda.cudart()
     ptr = out.data_ptr()
     if cudart.cudaHostRegister(ptr, max(nbytes, 1), 3) != cudart.cudaError.success:  # 3: portable | mapped
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
     weakref.finalize(mem, cudart.cudaHostUnregister, ptr)  # runs before the mapping goes
     return out
+
+
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Zeros of ``shape`` in host memory, page-locked at their exact size when ``pin`` (a tier's
+    pool: torch's pinned allocator would round a 36 GiB pool up to 64 GiB)."""
+    if not pin:
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return pinned_empty(nbytes).view(dtype).view(shape)  # a fresh anonymous mapping reads as zeros
 
 
 def pin_supported() -> bool:

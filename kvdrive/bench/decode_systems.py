@@ -126,16 +126,10 @@ def _all_kv_max(s: Shape, o: Options) -> int:
     return s.batch * s.context * s.kv_token
 
 
-def _pinned(nbytes: int, tensors: int) -> int:
-    """torch's pinned allocator rounds each allocation up to a power of two (by default):
-    ``tensors`` allocations sharing ``nbytes`` take that much host memory."""
-    each = -(-nbytes // tensors)
-    return tensors * (1 << max(0, each - 1).bit_length())
-
-
 def _host_kv(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, K and V of each layer apart (HostStreamingKVCache)."""
-    return _pinned(_all_kv_max(s, o), 2 * s.config.num_hidden_layers)
+    """The whole KV in pinned host memory, K and V of each layer apart (HostStreamingKVCache), each
+    allocation registered at its exact size (``device.host_zeros``)."""
+    return _all_kv_max(s, o)
 
 
 def stored_share(s: Shape, o: Options) -> float:
@@ -147,8 +141,8 @@ def stored_share(s: Shape, o: Options) -> float:
 
 
 def _host_groups(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, in the storage format, one tensor per layer (TieredSparseKVCache)."""
-    return _pinned(int(_all_kv_max(s, o) * stored_share(s, o)), s.config.num_hidden_layers)
+    """The whole KV in pinned host memory, in the storage format (TieredSparseKVCache)."""
+    return int(_all_kv_max(s, o) * stored_share(s, o))
 
 
 def _none(s: Shape, o: Options) -> int:
@@ -254,7 +248,7 @@ def _disk_kv(s: Shape, o: Options) -> int:
 
 
 def _ssd_host(s: Shape, o: Options) -> int:
-    return _pinned(int(o.ssd_host_gib * GIB), s.config.num_hidden_layers)
+    return int(o.ssd_host_gib * GIB)  # the arena, registered at its exact size
 
 
 def _tiered_gpu_bytes(s: Shape, o: Options) -> int:

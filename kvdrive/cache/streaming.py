@@ -39,8 +39,8 @@ class HostStreamingKVCache(KVCache):
         self.max_seqs, self.max_len, self.device, self.dtype = max_seqs, max_len, device, dtype
         self.n_layers = config.num_hidden_layers
         shape = (max_seqs, config.num_key_value_heads, max_len, config.head_dim)  # (S, H_kv, L, D)
-        self.host_k = [torch.zeros(shape, dtype=dtype).pin_memory() for _ in range(self.n_layers)]
-        self.host_v = [torch.zeros(shape, dtype=dtype).pin_memory() for _ in range(self.n_layers)]
+        self.host_k = [devices.host_zeros(shape, dtype, True) for _ in range(self.n_layers)]
+        self.host_v = [devices.host_zeros(shape, dtype, True) for _ in range(self.n_layers)]
         self.buf_k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2)]  # double buffer
         self.buf_v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(2)]
         self.overlap = overlap

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kvdrive.cache.base import TierBytes
+from kvdrive.device import host_zeros
 from kvdrive.errors import CapacityError
 from kvdrive.quant.dequant import dequant_rows
 from kvdrive.quant.formats import quantize
@@ -74,8 +75,8 @@ class OpenGroups:
 
     def __init__(self, layout: GroupLayout, max_seqs: int, device: torch.device):
         self.layout, self.max_seqs, self.device = layout, max_seqs, device
-        self.rows = torch.zeros(
-            layout.num_layers, max_seqs, *layout.slot_shape, dtype=layout.dtype, pin_memory=device.type == "cuda"
+        self.rows = host_zeros(
+            (layout.num_layers, max_seqs, *layout.slot_shape), layout.dtype, device.type == "cuda"
         )  # (L, S, 2, H_kv, G, D)
         self._words = words(self.rows.view(-1, *layout.slot_shape))  # (L*S, group_words)
         self.open = torch.zeros(max_seqs, dtype=torch.int64, device=device)
@@ -302,13 +303,12 @@ class FullHostKV(HostKV):
         )
         self.raw_from = rows
         if self.compressed:
-            self.stored = torch.zeros(layout.num_layers, rows, layout.stored_bytes, dtype=torch.uint8, pin_memory=pin)
+            self.stored = host_zeros((layout.num_layers, rows, layout.stored_bytes), torch.uint8, pin)
             self._all_words = words(self.stored.view(-1, layout.stored_bytes))  # (L*S*N, stored_words)
             self.pools = []
         else:
             self.pools = [
-                torch.zeros(rows, *layout.slot_shape, dtype=layout.dtype, pin_memory=pin)
-                for _ in range(layout.num_layers)
+                host_zeros((rows, *layout.slot_shape), layout.dtype, pin) for _ in range(layout.num_layers)
             ]  # (S*N, 2, H_kv, G, D) per layer
 
     @property

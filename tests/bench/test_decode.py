@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from kvdrive.bench import decode, decode_report, roofline
 from kvdrive.bench.decode_fill import fill_random
-from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape, _pinned
+from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.loader import load_config
@@ -96,11 +97,6 @@ def test_weight_bytes_skip_an_untied_input_embedding():
     del m.lm_head
     m.other = torch.nn.Linear(8, 8, bias=False)
     assert roofline.weight_bytes_read(m) == (800 + 64 + 64) * 4  # no lm_head: the embedding is the head
-
-
-def test_pinned_estimate_rounds_each_allocation_up_to_a_power_of_two():
-    assert _pinned(4 * 1024, 4) == 4 * 1024
-    assert _pinned(4 * 1025, 4) == 4 * 2048
 
 
 @pytest.mark.parametrize(
@@ -357,7 +353,9 @@ def test_every_system_estimates_memory_and_traffic():
     assert shape.all_kv == 4 * 16 * gib  # 128 KiB per token
     full, sparse = SYSTEMS["full_gpu"], SYSTEMS["kvdrive_host"]
     assert full.gpu_bytes(shape, opts) == 64 * gib and full.host_bytes(shape, opts) == 0
-    assert sparse.host_bytes(shape, opts) == 64 * gib  # pinned, per layer a power of two: no rounding
+    assert sparse.host_bytes(shape, opts) == 64 * gib
+    fp8 = dataclasses.replace(opts, kv_dtype="fp8")  # stored rows: 0.566 of bf16's at G = 16, not rounded up
+    assert sparse.host_bytes(shape, fp8) == 4 * 131072 // 16 * 32 * 37120
     assert sparse.gpu_bytes(shape, opts) < 8 * gib
     # attention reads 2048 tokens of KV per global layer plus the summaries (1/16 of the keys and values)
     assert sparse.gpu_kv_read(shape, opts) == 4 * 2048 * 128 * 1024 + shape.all_kv // 16

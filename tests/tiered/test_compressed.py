@@ -140,6 +140,26 @@ def test_the_same_host_bytes_hold_more_tokens_by_the_stored_bytes_ratio(tmp_path
     assert per["bf16"] == 16 << 30 and per["bf16"] >= ratio * per[fmt]
 
 
+@pytest.mark.gpu
+def test_gpu_host_pool_pins_its_stored_bytes_not_the_next_power_of_two():
+    """A host pool of 1.1 GiB of fp8 rows takes 1.1 GiB of page-locked memory (torch's pinned
+    allocator would take 2 GiB), and a fetch kernel can read it."""
+    from kvdrive.bench.decode_systems import mem_available
+    from kvdrive.storage.layout import GroupLayout
+    from kvdrive.tiered.host_kv import FullHostKV
+
+    layout = GroupLayout(32, 8, 128, torch.bfloat16, 16, "fp8")  # 37,120 stored bytes a group and layer
+    torch.zeros(1, device="cuda")  # the CUDA context's own host memory is not the pool's
+    before = mem_available()
+    pool = FullHostKV(layout, 1, 1000, torch.device("cuda"))
+    taken = (before - mem_available()) / (1 << 30)
+    want = 32 * 1000 * 37120 / (1 << 30)
+    assert pool.stored.is_pinned() and pool.stored.data_ptr() % 4096 == 0
+    assert 0.9 * want < taken < want + 0.25, (taken, want)
+    pool.stored[5, 7, :16] = 7
+    assert pool.stored[5, 7].to("cuda", non_blocking=True)[:17].tolist() == [7] * 16 + [0]
+
+
 def test_a_corrupt_compressed_slot_on_disk_is_a_checksum_miss_not_served(tmp_path):
     """Flip one byte of every disk slot once the prompts are written: each read of a stored group
     fails its checksum (which covers the stored bytes), and the group leaves that step's

@@ -109,8 +109,9 @@ SUITES = {
             f"{_DECODE} --contexts 32768 --batches 4 --systems kvdrive_ssd --kv-dtype bf16 fp8 int8 "
             "--disk {disk}/decode-disk --ssd-host-gib 4 -o {out}/decode-formats-ssd.json"
         ),
-        "eval-smollm2-formats": (
-            f"eval -m smollm2 -l 4096 8064 -s tokenmax@0.375 --kv-dtype bf16 fp8 int8 int4 {_RETRIEVAL} --samples 8 "
+        "eval-smollm2-formats": (  # fp32: rounding alone flips no token, so each flip is the format's
+            f"eval -m smollm2 --dtype float32 -l 4096 8064 -s tokenmax@0.375 --kv-dtype bf16 fp8 int8 int4 "
+            f"{_RETRIEVAL} --samples 32 "
             "-o {out}/eval-smollm2-formats.json"
         ),
         "prefill": f"{_PREFILL} --systems plain tiered transformers -o {{out}}/prefill.json",

@@ -10,7 +10,7 @@ from kvdrive.errors import KvdriveError
 
 
 def add_parser(sub) -> None:
-    from kvdrive.serve.config import SETTINGS
+    from kvdrive.serve.settings import SETTINGS
 
     p = sub.add_parser(
         "serve",
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def _flag_type(setting):
-    from kvdrive.serve.config import parse
+    from kvdrive.serve.settings import parse
 
     def convert(text: str):
         try:
@@ -55,7 +55,8 @@ def _flag_type(setting):
 def config_from_args(args):
     """The ``ServeConfig`` of a parsed command line: defaults < file < environment < flags."""
     from kvdrive import env
-    from kvdrive.serve.config import BY_NAME, parse, read_file, resolve
+    from kvdrive.serve.config import read_file, resolve
+    from kvdrive.serve.settings import BY_NAME, parse
 
     flags = {name: value for name, value in vars(args).items() if name in BY_NAME}
     if "api_key" in flags or "disk" in flags or "prefix_disk" in flags:

@@ -7,7 +7,8 @@ import pytest
 
 from kvdrive.cli import main
 from kvdrive.errors import KvdriveError
-from kvdrive.serve.config import BY_NAME, SETTINGS, read_file, resolve
+from kvdrive.serve.config import read_file, resolve
+from kvdrive.serve.settings import BY_NAME, SETTINGS
 
 
 def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path):

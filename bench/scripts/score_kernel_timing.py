@@ -17,7 +17,8 @@ sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.join(os.getcwd(), "bench", "scripts"))
 from select_kernel_timing import save, time_us
 
-from kvdrive.retrieval.summaries import _score_triton, make_summarizer
+from kvdrive.retrieval.score_triton import group_scores
+from kvdrive.retrieval.summaries import make_summarizer
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
         print(row, flush=True)
         for block_n in (16, 32, 64, 128):
             for warps in (2, 4, 8):
-                call = functools.partial(_score_triton, q, summ, counts, 0.088, 8, "max", "minmax", block_n, warps)
+                call = functools.partial(group_scores, q, summ, counts, 0.088, 8, "max", "minmax", block_n, warps)
 
                 got = call()
                 fin = torch.isfinite(want)

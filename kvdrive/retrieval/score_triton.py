@@ -1,5 +1,6 @@
-"""Triton body of ``GroupSummarizer.score`` for the ``minmax`` and ``mean`` summaries on CUDA
-(torch twin: ``GroupSummarizer.score`` with ``_per_head_dot``).
+"""Triton body of ``GroupSummarizer.score`` on CUDA: ``group_scores`` for the ``minmax`` and
+``mean`` summaries, ``token_scores`` for ``tokenmax`` and ``tokenlse`` (torch twin:
+``GroupSummarizer.score`` with ``_per_head_dot``).
 
 NOTE: in torch a score is about ten kernels: the split query and its block-diagonal copy,
 the GEMM, a float copy of its transposed output, the max over query heads, the scale, the
@@ -9,6 +10,7 @@ launch reading each summary once, with torch's roundings: the split query in the
 dtype, each dot product rounded to it (the GEMM's output dtype), then the head reduction.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -126,3 +128,67 @@ def token_score_kernel(
         red = tl.max(tl.where((r < R)[None, :], best, float("-inf")), axis=1)
     score = tl.where(n < count, red * scale, float("-inf"))
     tl.store(out_ptr + b * so_b + h * so_h + n, score, mask=inside)
+
+
+SCORE_BLOCK_N, SCORE_WARPS = 64, 8  # per program: groups, warps (the fastest measured: docs/attention.md)
+
+
+def group_scores(
+    q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None, num_warps: int | None = None
+) -> torch.Tensor:
+    b, n = summaries.shape[:2]
+    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    block_n, num_warps = block_n or SCORE_BLOCK_N, num_warps or SCORE_WARPS
+    if out.numel():
+        group_score_kernel[(b, kv_heads, -(-n // block_n))](
+            *_score_args(q, summaries, counts, out, scale),
+            R=q.shape[1] // kv_heads,
+            D=q.shape[2],
+            MINMAX=name == "minmax",
+            MEAN=head_reduce == "mean",
+            BLOCK_N=block_n,
+            num_warps=num_warps,
+        )
+    return out
+
+
+def _score_args(q, summaries, counts, out, scale) -> tuple:
+    """The pointers, sizes and strides both score kernels take first (q, summaries, counts, out, N, scale, strides)."""
+    return (
+        q,
+        summaries,
+        counts.contiguous(),
+        out,
+        summaries.shape[1],
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        summaries.stride(0),
+        summaries.stride(1),
+        summaries.stride(2),
+        out.stride(0),
+        out.stride(1),
+    )
+
+
+TOKEN_SCORE_CODES = 8192  # keys dequantized per program (BLOCK_N groups x G tokens x D), one dot with the queries
+
+
+def token_scores(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens, name) -> torch.Tensor:
+    b, n = summaries.shape[:2]
+    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
+    fit = max(1, TOKEN_SCORE_CODES // (group_tokens * q.shape[2]))
+    block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
+    if out.numel():
+        token_score_kernel[(b, kv_heads, -(-n // block_n))](
+            *_score_args(q, summaries, counts, out, scale),
+            R=q.shape[1] // kv_heads,
+            BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()),
+            D=q.shape[2],
+            G=group_tokens,
+            MEAN=head_reduce == "mean",
+            LSE=name == "tokenlse",
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
+    return out

@@ -128,10 +128,14 @@ class GroupSummarizer(ABC):
             if counts is None:
                 counts = torch.full((b,), summaries.shape[1], device=q.device)
             if self.name in ("tokenmax", "tokenlse"):
-                return _token_score_triton(
+                from kvdrive.retrieval.score_triton import token_scores
+
+                return token_scores(
                     q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.group_tokens, self.name
                 )
-            return _score_triton(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
+            from kvdrive.retrieval.score_triton import group_scores
+
+            return group_scores(q, summaries, counts, scale, self.num_kv_heads, head_reduce, self.name)
         if counts is not None:
             valid = leading(counts, summaries.shape[1])
         q4 = q.view(b, self.num_kv_heads, h_q // self.num_kv_heads, d)  # (B, H_kv, R, D)
@@ -141,74 +145,6 @@ class GroupSummarizer(ABC):
         if valid is not None:
             s = s.masked_fill(~valid[:, None, :], float("-inf"))
         return s
-
-
-SCORE_BLOCK_N, SCORE_WARPS = 64, 8  # per program: groups, warps (the fastest measured: docs/attention.md)
-
-
-def _score_triton(
-    q, summaries, counts, scale, kv_heads, head_reduce, name, block_n: int | None = None, num_warps: int | None = None
-) -> torch.Tensor:
-    from kvdrive.retrieval.score_triton import group_score_kernel
-
-    b, n = summaries.shape[:2]
-    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
-    block_n, num_warps = block_n or SCORE_BLOCK_N, num_warps or SCORE_WARPS
-    if out.numel():
-        group_score_kernel[(b, kv_heads, -(-n // block_n))](
-            *_score_args(q, summaries, counts, out, scale),
-            R=q.shape[1] // kv_heads,
-            D=q.shape[2],
-            MINMAX=name == "minmax",
-            MEAN=head_reduce == "mean",
-            BLOCK_N=block_n,
-            num_warps=num_warps,
-        )
-    return out
-
-
-def _score_args(q, summaries, counts, out, scale) -> tuple:
-    """The pointers, sizes and strides both score kernels take first (q, summaries, counts, out, N, scale, strides)."""
-    return (
-        q,
-        summaries,
-        counts.contiguous(),
-        out,
-        summaries.shape[1],
-        float(scale),
-        q.stride(0),
-        q.stride(1),
-        summaries.stride(0),
-        summaries.stride(1),
-        summaries.stride(2),
-        out.stride(0),
-        out.stride(1),
-    )
-
-
-TOKEN_SCORE_CODES = 8192  # keys dequantized per program (BLOCK_N groups x G tokens x D), one dot with the queries
-
-
-def _token_score_triton(q, summaries, counts, scale, kv_heads, head_reduce, group_tokens, name) -> torch.Tensor:
-    from kvdrive.retrieval.score_triton import token_score_kernel
-
-    b, n = summaries.shape[:2]
-    out = torch.empty(b, kv_heads, n, dtype=torch.float32, device=q.device)
-    fit = max(1, TOKEN_SCORE_CODES // (group_tokens * q.shape[2]))
-    block_n = 1 << (fit.bit_length() - 1)  # a power of two (tl.arange)
-    if out.numel():
-        token_score_kernel[(b, kv_heads, -(-n // block_n))](
-            *_score_args(q, summaries, counts, out, scale),
-            R=q.shape[1] // kv_heads,
-            BLOCK_R=max(16, 1 << (q.shape[1] // kv_heads - 1).bit_length()),
-            D=q.shape[2],
-            G=group_tokens,
-            MEAN=head_reduce == "mean",
-            LSE=name == "tokenlse",
-            BLOCK_N=block_n,
-            num_warps=4,
-        )
-    return out
 
 
 def _per_head_dot(q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

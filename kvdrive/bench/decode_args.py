@@ -4,8 +4,7 @@ result that records them."""
 
 from __future__ import annotations
 
-from kvdrive.bench.decode_memory import GIB, budget_tokens
-from kvdrive.bench.decode_systems import SYSTEMS, Options
+from kvdrive.bench.decode_systems import GIB, SYSTEMS, Options, budget_tokens
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.quant.formats import KV_DTYPES

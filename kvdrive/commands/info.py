@@ -159,10 +159,11 @@ def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
     rows.append(("all KV on the GPU", f"does not fit ({human_bytes(pl['kv_bytes'])})"))
     most = min(pl["tiered_seqs_gpu"], pl["tiered_seqs_host"])
     host = f"{pl['host_bytes'] / gib:.0f} GiB host"
+    setting = f"--budget {pl['budget']}" + (f" --kv-dtype {pl['kv_dtype']}" if pl["kv_dtype"] != "bf16" else "")
     if pl["tiered_fits"]:
         rows.append(
             (
-                f"--budget {pl['budget']}" + (f" --kv-dtype {pl['kv_dtype']}" if pl["kv_dtype"] != "bf16" else ""),
+                setting,
                 (
                     f"fits: {human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host per sequence; GPU cache (auto) "
                     f"{pl['tiered_cache_tokens']} tokens per sequence and layer; up to {most} sequences "
@@ -174,10 +175,10 @@ def _placement_rows(pl: dict, args) -> list[tuple[str, str]]:
         fix = "add --disk DIR --host-gib N" if pl["tiered_seqs_host"] < args.batch else "lower the batch or context"
         rows.append(
             (
-                f"--budget {pl['budget']}",
+                setting,
                 (
-                    f"batch {args.batch} does not fit: {pl['tiered_seqs_gpu']} "
-                    f"sequences by GPU, {pl['tiered_seqs_host']} by {host}; {fix}"
+                    f"batch {args.batch} does not fit ({human_bytes(pl['tiered_host_bytes_per_seq'])} pinned host "
+                    f"per sequence): {pl['tiered_seqs_gpu']} sequences by GPU, {pl['tiered_seqs_host']} by {host}; {fix}"
                 ),
             )
         )

@@ -70,6 +70,20 @@ def test_info_plans_where_the_kv_can_live_on_a_given_gpu(capsys):
     assert "fits (2.00 GiB)" in capsys.readouterr().out
 
 
+def test_info_counts_the_host_tier_in_its_storage_format(capsys):
+    """The same 21 GiB of host memory holds one 128K sequence of the 8B shape in bf16 and two in
+    fp8 (9.06 GiB of stored rows each); the plan names the format in its setting."""
+    base = ["info", "random:llama-3.1-8b", "--context", "131072", "--batch", "4", "--gpu-gib", "24"]
+    seqs = {}
+    for fmt in ("bf16", "fp8"):
+        assert main(base + ["--host-gib", "21", "--kv-dtype", fmt]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert ("--kv-dtype fp8" in line) == (fmt == "fp8") and "does not fit" in line
+        seqs[fmt] = line
+    assert "(16.00 GiB pinned host per sequence)" in seqs["bf16"] and "1 by 21 GiB host" in seqs["bf16"]
+    assert "(9.06 GiB pinned host per sequence)" in seqs["fp8"] and "2 by 21 GiB host" in seqs["fp8"]
+
+
 def test_info_gemma_counts_sliding_layers(capsys):
     assert main(["info", "random:gemma3-270m", "--context", "32768", "--dtype", "float32", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -5,9 +5,13 @@ import json
 import pytest
 import torch
 
-from kvdrive.bench import decode, decode_report, roofline
-from kvdrive.bench.decode_fill import fill_random
-from kvdrive.bench.decode_systems import SYSTEMS, Options, Shape
+from kvdrive.bench import decode, roofline
+from kvdrive.bench.decode import report as decode_report
+from kvdrive.bench.decode import sweep
+from kvdrive.bench.decode.args import decode_tokens
+from kvdrive.bench.decode.fill import fill_random
+from kvdrive.bench.decode.points import Options, Shape
+from kvdrive.bench.decode.systems import SYSTEMS
 from kvdrive.cache.contiguous import ContiguousKVCache
 from kvdrive.cache.sparse import SparseConfig, SparseKVCache
 from kvdrive.models.loader import load_config
@@ -200,18 +204,18 @@ def test_decode_tokens_random_ignore_the_logits_and_repeat_per_row():
     """--decode-tokens random: every row (system) is fed the same tokens, whatever its logits say;
     greedy feeds the argmax; auto picks random only for random weights without --text."""
     args = _args()
-    assert decode.decode_tokens(args, random_weights=True) == "random"
-    assert decode.decode_tokens(args, random_weights=False) == "greedy"
-    assert decode.decode_tokens(_args("--decode-tokens", "greedy"), random_weights=True) == "greedy"
+    assert decode_tokens(args, random_weights=True) == "random"
+    assert decode_tokens(args, random_weights=False) == "greedy"
+    assert decode_tokens(_args("--decode-tokens", "greedy"), random_weights=True) == "greedy"
     args.feed = "random"
     logits = [torch.randn(3, 50), torch.randn(3, 50)]
-    feed_a, feed_b = (decode._feeder(args, 50, 3, torch.device("cpu")) for _ in range(2))
+    feed_a, feed_b = (sweep._feeder(args, 50, 3, torch.device("cpu")) for _ in range(2))
     a = [feed_a(x) for x in logits]
     b = [feed_b(-x) for x in logits]  # another system, other logits: the same tokens
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and a[0].shape == (3, 1)
     assert not torch.equal(a[0], a[1])  # a new token each step
     args.feed = "greedy"
-    assert torch.equal(decode._feeder(args, 50, 3, torch.device("cpu"))(logits[0]), logits[0].argmax(-1, keepdim=True))
+    assert torch.equal(sweep._feeder(args, 50, 3, torch.device("cpu"))(logits[0]), logits[0].argmax(-1, keepdim=True))
 
 
 def test_bench_decode_ssd_row_on_cpu_writes_under_the_disk_dir_and_cleans_up(tmp_path):
@@ -410,7 +414,7 @@ def test_fill_text_prefills_real_prose_in_chunks(smollm2):
     the next token returned is the model's greedy choice after the whole window."""
     import random
 
-    from kvdrive.bench.decode_fill import fill_text
+    from kvdrive.bench.decode.fill import fill_text
     from kvdrive.cache.contiguous import ContiguousKVCache
     from kvdrive.cache.sparse import SparseConfig
     from kvdrive.eval.corpus import TokenHaystack, load_text

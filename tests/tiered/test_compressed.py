@@ -144,7 +144,7 @@ def test_the_same_host_bytes_hold_more_tokens_by_the_stored_bytes_ratio(tmp_path
 def test_gpu_host_pool_pins_its_stored_bytes_not_the_next_power_of_two():
     """A host pool of 1.1 GiB of fp8 rows takes 1.1 GiB of page-locked memory (torch's pinned
     allocator would take 2 GiB), and a fetch kernel can read it."""
-    from kvdrive.bench.decode_systems import mem_available
+    from kvdrive.bench.decode.systems import mem_available
     from kvdrive.storage.layout import GroupLayout
     from kvdrive.tiered.host_kv import FullHostKV
 

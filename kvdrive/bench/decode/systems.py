@@ -1,5 +1,6 @@
-"""The systems ``kvdrive bench decode`` compares: name -> how to build its cache, what it
-needs in GPU and host memory, and what one decode step must move (the roofline's inputs).
+"""The systems ``kvdrive bench decode`` compares: name -> how to build its cache, and which
+estimates of ``memory.py`` give what it needs in GPU and host memory and what one decode step
+must move (the roofline's inputs).
 
 Every system but ``hf_offload`` is a ``KVCache`` decoded by kvdrive's own model, so the
 numbers differ only by where the KV lives and how it moves. Factories import their
@@ -15,63 +16,9 @@ from pathlib import Path
 
 import torch
 
+from kvdrive.bench.decode import memory as mem
+from kvdrive.bench.decode.points import GIB, Options, Shape
 from kvdrive.cache.base import KVCache
-from kvdrive.cache.sparse import SparseConfig
-from kvdrive.config import ModelConfig
-from kvdrive.tiered.config import TieredConfig
-
-GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the command line sets, the same for every system that reads it."""
-
-    sparse: SparseConfig  # budget, groups, sinks, window: identical for every sparse system
-    cache_tokens: int | str  # kvdrive's GPU selection cache, tokens per sequence per layer on average, or 'auto'
-    eviction: str  # kvdrive_host's and kvdrive_ssd's eviction ("lookahead" | "lru")
-    prefetch: bool  # the tiered systems predict and prefetch layer l+1's groups
-    overlap: bool  # copies on a side stream (streaming and the tiered caches)
-    # The tiered caches' settings default to TieredConfig's, so the benchmark runs what users get.
-    rebalance_after: int = TieredConfig.rebalance_after  # decode steps before layer capacities follow misses
-    disk: tuple[str, ...] = ("bench/decode-disk",)  # kvdrive_ssd: disk pool directories
-    disk_gib: float = 48.0  # kvdrive_ssd: most disk bytes per directory
-    ssd_host_gib: float = 8.0  # kvdrive_ssd: pinned host arena in front of the disks, all layers
-    micro_batches: int | str = TieredConfig.micro_batches  # kvdrive systems: batch parts on their own streams
-    prefetch_min_precision: float = TieredConfig.prefetch_min_precision  # a layer's prefetch stops below this
-    fetch_programs: int | str = TieredConfig.fetch_programs  # kvdrive systems: looping programs of the fetch kernel
-    fetch_lane: bool = TieredConfig.fetch_lane  # kvdrive systems with micro-batches: parts fetch in turn
-    control_stream: bool = TieredConfig.control_stream  # kvdrive systems: score/select/ensure at highest priority
-    disk_misses: str = TieredConfig.disk_misses  # kvdrive_ssd, kvswap_ssd: wait for disk-only groups, or defer them
-    kv_dtype: str = TieredConfig.kv_dtype  # the tiered systems: storage format of their host and disk tiers
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One (context, batch) point of the sweep."""
-
-    config: ModelConfig
-    dtype: torch.dtype
-    batch: int
-    context: int  # tokens per sequence the cache is sized for; decoding ends there
-    decode_room: int  # tokens decoded (warm-up + timed): the fill stops this far short of context
-
-    @property
-    def kv_token(self) -> int:
-        return self.config.kv_bytes_per_token(self.dtype)
-
-    @property
-    def filled(self) -> int:
-        return self.context - self.decode_room
-
-    @property
-    def all_kv(self) -> int:
-        """KV of the whole batch at ``context``."""
-        return self.batch * self.config.kv_bytes_at(self.context, self.dtype)
-
-
-def _no_disk(s: Shape, o: Options) -> int:
-    return 0
 
 
 @dataclass(frozen=True)
@@ -85,68 +32,13 @@ class System:
     gpu_kv_read: Callable[[Shape, Options], int]  # KV + summary bytes attention reads per step
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
-    disk_bytes: Callable[[Shape, Options], int] = _no_disk  # written to the disk pool
+    disk_bytes: Callable[[Shape, Options], int] = mem.no_disk  # written to the disk pool
     formats: bool = False  # a tiered system: runs once per --kv-dtype (its host and disk tiers' format)
 
     @property
     def on_disk(self) -> bool:
         """The system keeps KV on the disk pool (its roofline has a disk term)."""
-        return self.disk_bytes is not _no_disk
-
-
-def budget_tokens(sparse: SparseConfig, context: int) -> int:
-    return int(sparse.budget if sparse.budget >= 1 else sparse.budget * context)
-
-
-def _summary_bytes(s: Shape, o: Options, tokens: int) -> int:
-    """The summaries of ``tokens`` tokens of every sequence on every global layer, as scored."""
-    from kvdrive.retrieval.summaries import make_summarizer
-
-    c = s.config
-    summ = make_summarizer(o.sparse.summary, c.num_key_value_heads, c.head_dim, o.sparse.group_tokens)
-    return s.batch * -(-tokens // o.sparse.group_tokens) * len(c.global_layers) * summ.bytes_per_group(s.dtype)
-
-
-def _sparse_read(s: Shape, o: Options) -> int:
-    """Budget tokens on global layers, the window on sliding layers, plus every summary scored."""
-    per_layer = s.config.kv_bytes_per_token_per_layer(s.dtype)
-    seen = sum(min(s.context, budget_tokens(o.sparse, s.context) if w is None else w) for w in s.config.sliding_windows)
-    return s.batch * per_layer * seen + _summary_bytes(s, o, s.context)
-
-
-def _full_read(s: Shape, o: Options) -> int:
-    return s.all_kv
-
-
-def _layer_buffers(s: Shape, o: Options) -> int:
-    return 2 * s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype)  # double-buffered K and V
-
-
-def _all_kv_max(s: Shape, o: Options) -> int:
-    return s.batch * s.context * s.kv_token
-
-
-def _host_kv(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, K and V of each layer apart (HostStreamingKVCache), each
-    allocation registered at its exact size (``device.host_zeros``)."""
-    return _all_kv_max(s, o)
-
-
-def stored_share(s: Shape, o: Options) -> float:
-    """Bytes of a group in the tiered systems' storage format over its bytes in the model dtype."""
-    from kvdrive.storage.layout import GroupLayout
-
-    layout = GroupLayout.from_config(s.config, s.dtype, o.sparse.group_tokens, o.kv_dtype)
-    return layout.stored_bytes / layout.group_bytes
-
-
-def _host_groups(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, in the storage format (TieredSparseKVCache)."""
-    return int(_all_kv_max(s, o) * stored_share(s, o))
-
-
-def _none(s: Shape, o: Options) -> int:
-    return 0
+        return self.disk_bytes is not mem.no_disk
 
 
 def _contiguous(s: Shape, device, o: Options) -> KVCache:
@@ -171,12 +63,6 @@ def _sparse_gpu(s: Shape, device, o: Options) -> KVCache:
     from kvdrive.cache.sparse import SparseKVCache
 
     return SparseKVCache(s.config, s.batch, s.context, device, s.dtype, o.sparse)
-
-
-def _sparse_gpu_bytes(s: Shape, o: Options) -> int:
-    # The pool holds every group; the first step summarizes the whole prompt of one layer at once.
-    one_layer_keys = s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype) // 2
-    return _all_kv_max(s, o) + _summary_bytes(s, o, s.context) + one_layer_keys
 
 
 def _tiered(eviction: str | None):
@@ -213,7 +99,7 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
     from kvdrive.storage.pool import PoolPath
     from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
-    budget = min(int(o.disk_gib * GIB), int(_disk_kv(s, o) / len(o.disk) * 1.25) + GIB)
+    budget = min(int(o.disk_gib * GIB), int(mem.disk_kv(s, o) / len(o.disk) * 1.25) + GIB)
     paths = []
     for d in o.disk:
         (Path(d) / DISK_SUBDIR).mkdir(parents=True, exist_ok=True)
@@ -243,35 +129,8 @@ def remove_disk_files(o: Options) -> None:
         shutil.rmtree(Path(d) / DISK_SUBDIR, ignore_errors=True)
 
 
-def _disk_kv(s: Shape, o: Options) -> int:
-    return int(_all_kv_max(s, o) * stored_share(s, o))  # every full group is written behind to disk
-
-
-def _ssd_host(s: Shape, o: Options) -> int:
-    return int(o.ssd_host_gib * GIB)  # the arena, registered at its exact size
-
-
-def _tiered_gpu_bytes(s: Shape, o: Options) -> int:
-    sp = o.sparse
-    cache = 0 if o.cache_tokens == "auto" else o.cache_tokens  # auto: the minimum; it grows into what is free
-    resident = cache + sp.sink_tokens + sp.window_tokens + budget_tokens(sp, s.context)
-    return s.batch * resident * s.kv_token + _summary_bytes(s, o, s.context)
-
-
 def _settle(o: Options) -> int:
     return o.rebalance_after + 1 if o.rebalance_after else 0  # caches restart empty after the rebalance
-
-
-def _hf_gpu_bytes(s: Shape, o: Options) -> int:
-    # Prefill activations of the batch (hidden states, q/k/v, the MLP's three intermediates)
-    # and two layers of KV (one computing, one prefetched).
-    c = s.config
-    per_token = (6 * c.hidden_size + 3 * c.intermediate_size) * s.dtype.itemsize
-    return s.batch * s.context * per_token + 2 * s.batch * s.context * c.kv_bytes_per_token_per_layer(s.dtype)
-
-
-def _hf_host_bytes(s: Shape, o: Options) -> int:
-    return 2 * _all_kv_max(s, o)  # each step writes a layer's grown KV back before the old copy is freed
 
 
 SYSTEMS: dict[str, System] = {
@@ -282,9 +141,9 @@ SYSTEMS: dict[str, System] = {
             "all KV on the GPU (ContiguousKVCache, exact attention, CUDA graph)",
             False,
             _contiguous,
-            _all_kv_max,
-            _none,
-            _full_read,
+            mem.all_kv,
+            mem.nothing,
+            mem.full_read,
             "none",
         ),
         System(
@@ -292,9 +151,9 @@ SYSTEMS: dict[str, System] = {
             "all KV on the GPU in pages (PagedKVCache, the LLM's plain cache: split-KV decode kernel, CUDA graph)",
             False,
             _paged,
-            _all_kv_max,
-            _none,
-            _full_read,
+            mem.all_kv,
+            mem.nothing,
+            mem.full_read,
             "none",
         ),
         System(
@@ -303,9 +162,9 @@ SYSTEMS: dict[str, System] = {
             "layer, prefetched back one layer ahead), same weights",
             True,
             None,
-            _hf_gpu_bytes,
-            _hf_host_bytes,
-            _full_read,
+            mem.hf_gpu_bytes,
+            mem.hf_host_bytes,
+            mem.full_read,
             "all_kv",
         ),
         System(
@@ -314,9 +173,9 @@ SYSTEMS: dict[str, System] = {
             "one layer ahead (HostStreamingKVCache)",
             True,
             _streaming,
-            _layer_buffers,
-            _host_kv,
-            _full_read,
+            mem.layer_buffers,
+            mem.host_kv,
+            mem.full_read,
             "all_kv",
         ),
         System(
@@ -324,9 +183,9 @@ SYSTEMS: dict[str, System] = {
             "Quest-style reference: sparse retrieval with every group on the GPU (SparseKVCache)",
             False,
             _sparse_gpu,
-            _sparse_gpu_bytes,
-            _none,
-            _sparse_read,
+            mem.sparse_gpu_bytes,
+            mem.nothing,
+            mem.sparse_read,
             "none",
         ),
         System(
@@ -335,9 +194,9 @@ SYSTEMS: dict[str, System] = {
             "next layer prefetched, no cross-step GPU cache (TieredSparseKVCache, eviction='none')",
             False,
             _tiered("none"),
-            _tiered_gpu_bytes,
-            _host_groups,
-            _sparse_read,
+            mem.tiered_gpu_bytes,
+            mem.host_groups,
+            mem.sparse_read,
             "measured",
             _settle,
             formats=True,
@@ -348,9 +207,9 @@ SYSTEMS: dict[str, System] = {
             "prefetch (TieredSparseKVCache)",
             False,
             _tiered(None),
-            _tiered_gpu_bytes,
-            _host_groups,
-            _sparse_read,
+            mem.tiered_gpu_bytes,
+            mem.host_groups,
+            mem.sparse_read,
             "measured",
             _settle,
             formats=True,
@@ -361,12 +220,12 @@ SYSTEMS: dict[str, System] = {
             "a fixed pinned host arena (--ssd-host-gib)",
             False,
             _tiered_ssd,
-            _tiered_gpu_bytes,
-            _ssd_host,
-            _sparse_read,
+            mem.tiered_gpu_bytes,
+            mem.ssd_host,
+            mem.sparse_read,
             "measured",
             _settle,
-            _disk_kv,
+            mem.disk_kv,
             formats=True,
         ),
         System(
@@ -375,12 +234,12 @@ SYSTEMS: dict[str, System] = {
             "(cache of one selection, LRU, no rebalance)",
             False,
             lambda s, d, o: _tiered_ssd(s, d, o, previous_step_only=True),
-            _tiered_gpu_bytes,
-            _ssd_host,
-            _sparse_read,
+            mem.tiered_gpu_bytes,
+            mem.ssd_host,
+            mem.sparse_read,
             "measured",
             lambda o: 0,
-            _disk_kv,
+            mem.disk_kv,
             formats=True,
         ),
     )

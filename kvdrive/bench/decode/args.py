@@ -4,7 +4,9 @@ result that records them."""
 
 from __future__ import annotations
 
-from kvdrive.bench.decode_systems import GIB, SYSTEMS, Options, budget_tokens
+from kvdrive.bench.decode.memory import budget_tokens
+from kvdrive.bench.decode.points import GIB, Options
+from kvdrive.bench.decode.systems import SYSTEMS
 from kvdrive.cache.sparse import SparseConfig
 from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
 from kvdrive.quant.formats import KV_DTYPES

@@ -6,8 +6,8 @@ through each cache's own plan/append/commit path), then each system decodes gree
 with the real model; only the decode steps after warm-up are timed. Every row also
 carries the roofline bound of its step (``roofline.py``) and the fraction of it
 reached. A (context, batch) that a system cannot hold is skipped with the reason,
-never crashes the run. Systems are listed in ``decode_systems.py``, the options in
-``decode_args.py``; what they are and how to read the numbers is in docs/bench.md.
+never crashes the run. Systems are listed in ``systems.py``, the options in ``args.py``; what
+they are and how to read the numbers is in docs/bench.md.
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive.bench import roofline
-
-# every benchmark module has add_arguments and run (kvdrive/bench/__init__.py)
-from kvdrive.bench.decode_args import add_arguments as add_arguments
-from kvdrive.bench.decode_args import decode_tokens, options, run_config
-from kvdrive.bench.decode_fill import fill_random, fill_text
-from kvdrive.bench.decode_report import merge, plot, run_notes, save
-from kvdrive.bench.decode_systems import (
+from kvdrive.bench.decode.args import decode_tokens, options, run_config
+from kvdrive.bench.decode.fill import fill_random, fill_text
+from kvdrive.bench.decode.points import Options, Shape
+from kvdrive.bench.decode.report import merge, plot, run_notes, save
+from kvdrive.bench.decode.systems import (
     SYSTEMS,
-    Options,
-    Shape,
     System,
     hf_decode,
     mem_available,

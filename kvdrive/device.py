@@ -157,7 +157,7 @@ def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.T
     pool: torch's pinned allocator would round a 36 GiB pool up to 64 GiB)."""
     if not pin:
         return torch.zeros(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return pinned_empty(nbytes).view(dtype).view(shape)  # a fresh anonymous mapping reads as zeros
 
 

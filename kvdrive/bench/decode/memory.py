@@ -9,10 +9,6 @@ from kvdrive.bench.decode.points import GIB, Options, Shape
 from kvdrive.cache.sparse import SparseConfig
 
 
-def no_disk(s: Shape, o: Options) -> int:
-    return 0
-
-
 def budget_tokens(sparse: SparseConfig, context: int) -> int:
     return int(sparse.budget if sparse.budget >= 1 else sparse.budget * context)
 
@@ -42,13 +38,9 @@ def layer_buffers(s: Shape, o: Options) -> int:
 
 
 def all_kv(s: Shape, o: Options) -> int:
+    """Every token's KV in the model dtype (also the streaming system's host copy: pinned host
+    memory is registered at its exact size, ``device.host_zeros``)."""
     return s.batch * s.context * s.kv_token
-
-
-def host_kv(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, K and V of each layer apart (HostStreamingKVCache), each
-    allocation registered at its exact size (``device.host_zeros``)."""
-    return all_kv(s, o)
 
 
 def stored_share(s: Shape, o: Options) -> float:
@@ -59,23 +51,20 @@ def stored_share(s: Shape, o: Options) -> float:
     return layout.stored_bytes / layout.group_bytes
 
 
-def host_groups(s: Shape, o: Options) -> int:
-    """The whole KV in pinned host memory, in the storage format (TieredSparseKVCache)."""
+def stored_kv(s: Shape, o: Options) -> int:
+    """Every token's KV in the storage format: the tiered systems' pinned host tier, and their
+    disk pool, to which every full group is written behind."""
     return int(all_kv(s, o) * stored_share(s, o))
 
 
 def nothing(s: Shape, o: Options) -> int:
-    return 0
+    return 0  # no bytes of this kind (also the default disk_bytes: a system not on disk)
 
 
 def sparse_gpu_bytes(s: Shape, o: Options) -> int:
     # The pool holds every group; the first step summarizes the whole prompt of one layer at once.
     one_layer_keys = s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype) // 2
     return all_kv(s, o) + summary_bytes(s, o, s.context) + one_layer_keys
-
-
-def disk_kv(s: Shape, o: Options) -> int:
-    return int(all_kv(s, o) * stored_share(s, o))  # every full group is written behind to disk
 
 
 def ssd_host(s: Shape, o: Options) -> int:

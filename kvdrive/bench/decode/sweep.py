@@ -25,7 +25,7 @@ from kvdrive import device as devices
 from kvdrive.bench import roofline
 from kvdrive.bench.decode.args import decode_tokens, options, run_config
 from kvdrive.bench.decode.fill import fill_random, fill_text
-from kvdrive.bench.decode.points import Options, Shape
+from kvdrive.bench.decode.points import GIB, Options, Shape
 from kvdrive.bench.decode.report import merge, plot, run_notes, save
 from kvdrive.bench.decode.systems import (
     SYSTEMS,
@@ -40,8 +40,6 @@ from kvdrive.engine.micro_batch import MicroBatchedDecode
 from kvdrive.errors import CapacityError, KvdriveError
 from kvdrive.progress import progress
 from kvdrive.storage.layout import GroupLayout
-
-GIB = 1 << 30
 
 
 def _release(dev: torch.device) -> None:

@@ -32,13 +32,13 @@ class System:
     gpu_kv_read: Callable[[Shape, Options], int]  # KV + summary bytes attention reads per step
     pcie: str  # bytes host->GPU per step: "none", "all_kv" (the whole KV) or "measured" (cache stats)
     settle_steps: Callable[[Options], int] = lambda o: 0  # extra warm-up before the cache is in steady state
-    disk_bytes: Callable[[Shape, Options], int] = mem.no_disk  # written to the disk pool
+    disk_bytes: Callable[[Shape, Options], int] = mem.nothing  # written to the disk pool
     formats: bool = False  # a tiered system: runs once per --kv-dtype (its host and disk tiers' format)
 
     @property
     def on_disk(self) -> bool:
         """The system keeps KV on the disk pool (its roofline has a disk term)."""
-        return self.disk_bytes is not mem.no_disk
+        return self.disk_bytes is not mem.nothing
 
 
 def _contiguous(s: Shape, device, o: Options) -> KVCache:
@@ -99,7 +99,7 @@ def _tiered_ssd(s: Shape, device, o: Options, previous_step_only: bool = False) 
     from kvdrive.storage.pool import PoolPath
     from kvdrive.tiered.cache import TieredConfig, TieredSparseKVCache
 
-    budget = min(int(o.disk_gib * GIB), int(mem.disk_kv(s, o) / len(o.disk) * 1.25) + GIB)
+    budget = min(int(o.disk_gib * GIB), int(mem.stored_kv(s, o) / len(o.disk) * 1.25) + GIB)
     paths = []
     for d in o.disk:
         (Path(d) / DISK_SUBDIR).mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ SYSTEMS: dict[str, System] = {
             True,
             _streaming,
             mem.layer_buffers,
-            mem.host_kv,
+            mem.all_kv,
             mem.full_read,
             "all_kv",
         ),
@@ -195,7 +195,7 @@ SYSTEMS: dict[str, System] = {
             False,
             _tiered("none"),
             mem.tiered_gpu_bytes,
-            mem.host_groups,
+            mem.stored_kv,
             mem.sparse_read,
             "measured",
             _settle,
@@ -208,7 +208,7 @@ SYSTEMS: dict[str, System] = {
             False,
             _tiered(None),
             mem.tiered_gpu_bytes,
-            mem.host_groups,
+            mem.stored_kv,
             mem.sparse_read,
             "measured",
             _settle,
@@ -225,7 +225,7 @@ SYSTEMS: dict[str, System] = {
             mem.sparse_read,
             "measured",
             _settle,
-            mem.disk_kv,
+            mem.stored_kv,
             formats=True,
         ),
         System(
@@ -239,7 +239,7 @@ SYSTEMS: dict[str, System] = {
             mem.sparse_read,
             "measured",
             lambda o: 0,
-            mem.disk_kv,
+            mem.stored_kv,
             formats=True,
         ),
     )

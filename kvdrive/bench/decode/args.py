@@ -29,8 +29,7 @@ def add_arguments(p) -> None:
         nargs="+",
         default=[32768, 131072],
         help="tokens per sequence when decoding ends: each cache is built for this many, filled to it "
-        "minus the decode steps (default 32768 131072; powers of two keep torch's pinned allocator "
-        "from rounding host memory up)",
+        "minus the decode steps (default 32768 131072)",
     )
     p.add_argument(
         "-b",

@@ -80,8 +80,8 @@ def run_notes(random_weights: bool, warmup: int, rebalance_after: int, feed: str
     return [
         "random weights of the real architecture" if random_weights else "real weights",
         (
-            "context = tokens per sequence when decoding ends (the size each cache is built for; powers of two keep "
-            "torch's pinned allocator from rounding up); the fill stops at 'filled', decoding adds the rest"
+            "context = tokens per sequence when decoding ends (the size each cache is built for); the fill stops "
+            "at 'filled', decoding adds the rest"
         ),
         (
             "contexts filled with seeded N(0,1) post-RoPE K/V through each cache's plan/append/commit (no prefill); "

@@ -14,19 +14,13 @@ import time
 import torch
 
 from kvdrive import device as devices
+from kvdrive.commands.common import BENCH_MODEL, add_model_options
 from kvdrive.progress import progress
 from kvdrive.results import write_result
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "-m",
-        "--model",
-        default="random:llama-3.1-8b",
-        help="model spec (default random:llama-3.1-8b: random weights of the real shape)",
-    )
-    p.add_argument("--device", default="auto", help="device (default: CUDA if present)")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_model_options(p, default=BENCH_MODEL)
     p.add_argument("-c", "--context", type=int, default=4096, help="prompt tokens per sequence (default 4096)")
     p.add_argument("-b", "--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default 1 16)")
     p.add_argument("-n", "--new-tokens", type=int, default=32, help="decode steps timed (default 32)")

@@ -21,6 +21,7 @@ import torch
 
 from kvdrive import device as devices
 from kvdrive import env
+from kvdrive.commands.common import BENCH_MODEL, add_model_options
 from kvdrive.models.flops import prefill_flops
 from kvdrive.results import write_result
 
@@ -31,9 +32,7 @@ TINY = dict(model="random:smollm2-135m", lengths=[32, 80], chunk=24)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", default="random:llama-3.1-8b", help="model spec (default random:llama-3.1-8b)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_model_options(p, default=BENCH_MODEL)
     p.add_argument("-l", "--lengths", type=int, nargs="+", default=[4096, 32768, 131072], help="prompt tokens")
     p.add_argument("--chunk", type=int, default=PREFILL_CHUNK, help="kvdrive's prefill piece in tokens")
     p.add_argument(

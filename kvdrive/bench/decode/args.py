@@ -8,20 +8,13 @@ from kvdrive.bench.decode.memory import budget_tokens
 from kvdrive.bench.decode.points import GIB, Options
 from kvdrive.bench.decode.systems import SYSTEMS
 from kvdrive.cache.sparse import SparseConfig
-from kvdrive.commands.common import parse_cache_tokens, parse_count_or_auto
+from kvdrive.commands.common import BENCH_MODEL, add_model_options, parse_cache_tokens, parse_count_or_auto
 from kvdrive.quant.formats import KV_DTYPES
 from kvdrive.tiered.config import DISK_MISSES, TieredConfig
 
 
 def add_arguments(p) -> None:
-    p.add_argument(
-        "-m",
-        "--model",
-        default="random:llama-3.1-8b",
-        help="model spec (default random:llama-3.1-8b: random weights of the real shape)",
-    )
-    p.add_argument("--device", default="auto", help="device (default: CUDA if present, else CPU)")
-    p.add_argument("--dtype", default=None, help="model and KV dtype (default bfloat16 on CUDA, float32 on CPU)")
+    add_model_options(p, default=BENCH_MODEL)
     p.add_argument(
         "-c",
         "--contexts",

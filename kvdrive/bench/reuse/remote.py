@@ -34,6 +34,7 @@ import torch
 from kvdrive import device as devices
 from kvdrive.bench.reuse.ttft import _drop_page_cache, _fresh, _prefill
 from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.commands.common import BENCH_MODEL, add_model_options
 from kvdrive.prefix.config import PrefixConfig, RemoteConfig
 from kvdrive.prefix.mooncake_local import LocalMooncake, binary, free_port, loopback_env
 from kvdrive.prefix.pool import PrefixPool
@@ -46,9 +47,7 @@ TE_RESULT = re.compile(r"throughput ([0-9.]+) GB/s")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", default="random:llama-3.1-8b", help="model spec (default random:llama-3.1-8b)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_model_options(p, default=BENCH_MODEL)
     p.add_argument("-c", "--context", type=int, default=32768, help="prompt tokens")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--path", default="bench/remote-pool", help="disk directory of the local pool")

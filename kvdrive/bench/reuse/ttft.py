@@ -29,6 +29,7 @@ import xxhash
 
 from kvdrive import device as devices
 from kvdrive.cache.contiguous import ContiguousKVCache
+from kvdrive.commands.common import BENCH_MODEL, add_model_options
 from kvdrive.commands.probe import measure
 from kvdrive.prefix.pool import PrefixConfig, PrefixPool
 from kvdrive.quant.dequant import dequant_rows
@@ -43,9 +44,7 @@ TINY = dict(model="random:smollm2-135m", contexts=[96, 160], chunk_tokens=16, pr
 
 
 def add_arguments(p) -> None:
-    p.add_argument("-m", "--model", default="random:llama-3.1-8b", help="model spec (default random:llama-3.1-8b)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    add_model_options(p, default=BENCH_MODEL)
     p.add_argument("-c", "--contexts", type=int, nargs="+", default=[32768, 65536, 131072], help="prompt tokens")
     p.add_argument("--paths", nargs="+", default=["bench/ttft-pool"], help="disk directories of the pool")
     p.add_argument("--chunk-tokens", type=int, default=256)

@@ -101,8 +101,9 @@ def test_gemma3_sliding_window_is_applied(gemma3):
     assert (logits - ours).abs().max() > 1e-2
 
 
-def test_a_character_level_tokenizer_conversion_is_refused():
-    """Regression: transformers 5.17 turned Gemma 3's GGUF tokenizer into one token per character."""
+def test_a_tokenizer_conversion_into_short_pieces_is_refused():
+    """Regression: transformers 5.17 turns Gemma 3's GGUF tokenizer into pieces of 1-3
+    characters ('▁w', 'at', 'er' for ' water'): 35 tokens for SAMPLE's 78 characters."""
     from pathlib import Path
 
     from kvdrive.errors import KvdriveError
@@ -111,9 +112,15 @@ def test_a_character_level_tokenizer_conversion_is_refused():
     def per_char(text, add_special_tokens=False):
         return {"input_ids": list(range(len(text)))}
 
+    def pieces_of(n):
+        return lambda text, add_special_tokens=False: {"input_ids": list(range(n))}
+
     def per_word(text, add_special_tokens=False):
         return {"input_ids": text.split()}
 
-    with pytest.raises(KvdriveError, match="upgrade transformers"):
-        check_tokenizer(per_char, Path("gemma.gguf"))
+    for broken in (per_char, pieces_of(35)):
+        with pytest.raises(KvdriveError, match="upgrade transformers"):
+            check_tokenizer(broken, Path("gemma.gguf"))
+    check_tokenizer(pieces_of(18), Path("gemma.gguf"))  # SmolLM2's and a right Gemma 3 conversion's count
+    check_tokenizer(per_word, Path("gemma.gguf"))
     check_tokenizer(per_word, Path("gemma.gguf"))

@@ -128,7 +128,13 @@ class Builder:
 
     def _words(self, rng, k: int) -> list[str]:
         """``k`` distinct one-token words of the text (so every question has one length)."""
-        return rng.sample(self.hay.vocabulary, k)
+        words = self.hay.vocabulary
+        if len(words) < k:
+            raise KvdriveError(
+                f"the tokenizer makes {len(words)} words of the text a single token, and an item needs {k}: "
+                "it cuts words into pieces (a broken conversion?); check it with kvdrive generate, or run other --tasks"
+            )
+        return rng.sample(words, k)
 
     def _multikey(self, length, index, depth, rng) -> Item:
         keys = self._words(rng, MULTIKEY_KEYS)

@@ -53,6 +53,25 @@ def test_too_short_and_unknown_are_refused(builder):
         builder.build("cwe", 1024, 1)
 
 
+def test_a_tokenizer_that_cuts_every_word_refuses_keyword_items(smollm2, text):
+    """Regression: a broken GGUF conversion left no one-token word, and the six-key lookup died
+    in random.sample; it now says what is wrong."""
+
+    class PerCharacter:  # every character its own token: no word of 4+ letters is one token
+        def __init__(self, tok):
+            self.tok = tok
+
+        def encode(self, s, add_special_tokens=True):
+            return [i for ch in s for i in self.tok.encode(ch, add_special_tokens=False)]
+
+        def decode(self, ids):
+            return self.tok.decode(ids)
+
+    cut = retrieval.Builder(PerCharacter(smollm2.tokenizer), text)
+    with pytest.raises(KvdriveError, match="single token"):
+        cut.build("multikey", 1024, 1)
+
+
 def test_exact_match_takes_the_first_number(builder):
     item = builder.build("passkey", 512, 1)[0]
     assert retrieval.score(item, f" {item.answer}. Remember")

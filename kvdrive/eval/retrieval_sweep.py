@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -112,9 +113,11 @@ def run_family(
     return out
 
 
-def summarize(items: list[retrieval.Item], outcomes: dict) -> dict:
-    """Accuracy with intervals, the paired difference to full attention, accuracy per depth bin."""
+def summarize(items: list[retrieval.Item], outcomes: dict, settings: Sequence[Setting] = ()) -> dict:
+    """Accuracy with intervals, the paired difference to full attention (and, for a compressed
+    storage format among ``settings``, to the same setting over bf16 KV), accuracy per depth bin."""
     full = outcomes["full"]
+    twin = {s.label: s.in_bf16.label for s in settings if s.kv_dtype != "bf16"}
     bins = [min(int(it.depth * DEPTH_BINS), DEPTH_BINS - 1) for it in items]
     result = {}
     for label, by_mode in outcomes.items():
@@ -131,6 +134,8 @@ def summarize(items: list[retrieval.Item], outcomes: dict) -> dict:
             }
             if label != "full":
                 row["vs_full"] = retrieval.paired_difference(full[mode]["right"], right)
+            if twin.get(label) in outcomes:
+                row["vs_bf16"] = retrieval.paired_difference(outcomes[twin[label]][mode]["right"], right)
             row["by_depth"] = {
                 f"{b / DEPTH_BINS:.1f}-{(b + 1) / DEPTH_BINS:.1f}": sum(r for r, bb in zip(right, bins) if bb == b)
                 / bins.count(b)
@@ -149,7 +154,8 @@ RETRIEVAL_NOTES = [
     ),
     (
         "interval: 95% Wilson; vs_full: paired difference to full attention on the same items (lost = full right and "
-        "this setting wrong), 95% interval by Newcombe's method for paired proportions"
+        "this setting wrong), 95% interval by Newcombe's method for paired proportions; vs_bf16: the same against "
+        "the setting over bf16 KV, for a compressed storage format"
     ),
     (
         "attended: share of the context attended per decode step, averaged over global layers (dense ones count 1) "

@@ -137,7 +137,7 @@ def evaluate(spec: EvalSpec, out: str | Path, plot: str | Path | None = None) ->
                 batch = min(spec.batch, len(items))
                 runner = Runner(lm, batch, length + max(i.max_new_tokens for i in items) + 8, base)
                 outcomes = run_family(runner, lm.tokenizer, items, settings, spec.modes, batch, global_layers)
-                entry["retrieval"][fam] = {"items": len(items), "settings": summarize(items, outcomes)}
+                entry["retrieval"][fam] = {"items": len(items), "settings": summarize(items, outcomes, settings)}
                 _write(spec, lm, text, bases, out, results)
         print(f"length {length}: done", flush=True)
     path = _write(spec, lm, text, bases, out, results)

@@ -96,6 +96,29 @@ def test_paired_difference_counts_lost_and_won():
     assert worse["interval"][1] < 0  # ten losses and no wins: significantly worse
 
 
+def test_a_compressed_format_is_paired_with_its_bf16_twin_item_by_item():
+    """Equal scores can hide swapped items: vs_bf16 counts what fp8 lost and won against the same
+    setting over bf16 KV, on the same items."""
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(depth=d) for d in retrieval.depths(6)]
+    plain, fp8 = Setting("tokenmax", 0.5), Setting("tokenmax", 0.5, kv_dtype="fp8")
+
+    def runs(right):
+        return {"prefilled": {"right": right, "attended": [0.5]}}
+
+    outcomes = {
+        "full": runs([True] * 6),
+        plain.label: runs([True, True, True, False, True, False]),
+        fp8.label: runs([True, True, False, True, True, False]),  # one lost, one won: same score
+    }
+    res = summarize(items, outcomes, [Setting(None, 1.0), plain, fp8])
+    row = res[fp8.label]["prefilled"]
+    assert row["correct"] == res[plain.label]["prefilled"]["correct"] == 4
+    assert row["vs_bf16"]["lost"] == 1 and row["vs_bf16"]["won"] == 1 and row["vs_bf16"]["difference"] == 0
+    assert "vs_bf16" not in res[plain.label]["prefilled"] and "vs_bf16" not in res["full"]["prefilled"]
+
+
 @pytest.mark.slow
 def test_sweep_with_a_covering_budget_equals_full_attention(smollm2, builder):
     """A budget that covers the context answers exactly what full attention answers, in both

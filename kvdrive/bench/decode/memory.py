@@ -37,9 +37,10 @@ def layer_buffers(s: Shape, o: Options) -> int:
     return 2 * s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype)  # double-buffered K and V
 
 
-def all_kv(s: Shape, o: Options) -> int:
-    """Every token's KV in the model dtype (also the streaming system's host copy: pinned host
-    memory is registered at its exact size, ``device.host_zeros``)."""
+def full_cache_kv(s: Shape, o: Options) -> int:
+    """Every token's KV on every layer in the model dtype, as a full cache stores it (sliding
+    layers too; ``Shape.all_kv`` keeps only their window). Also the streaming system's host copy:
+    pinned host memory is registered at its exact size, ``device.host_zeros``."""
     return s.batch * s.context * s.kv_token
 
 
@@ -54,7 +55,7 @@ def stored_share(s: Shape, o: Options) -> float:
 def stored_kv(s: Shape, o: Options) -> int:
     """Every token's KV in the storage format: the tiered systems' pinned host tier, and their
     disk pool, to which every full group is written behind."""
-    return int(all_kv(s, o) * stored_share(s, o))
+    return int(full_cache_kv(s, o) * stored_share(s, o))
 
 
 def nothing(s: Shape, o: Options) -> int:
@@ -64,7 +65,7 @@ def nothing(s: Shape, o: Options) -> int:
 def sparse_gpu_bytes(s: Shape, o: Options) -> int:
     # The pool holds every group; the first step summarizes the whole prompt of one layer at once.
     one_layer_keys = s.batch * s.context * s.config.kv_bytes_per_token_per_layer(s.dtype) // 2
-    return all_kv(s, o) + summary_bytes(s, o, s.context) + one_layer_keys
+    return full_cache_kv(s, o) + summary_bytes(s, o, s.context) + one_layer_keys
 
 
 def ssd_host(s: Shape, o: Options) -> int:
@@ -87,4 +88,4 @@ def hf_gpu_bytes(s: Shape, o: Options) -> int:
 
 
 def hf_host_bytes(s: Shape, o: Options) -> int:
-    return 2 * all_kv(s, o)  # each step writes a layer's grown KV back before the old copy is freed
+    return 2 * full_cache_kv(s, o)  # each step writes a layer's grown KV back before the old copy is freed

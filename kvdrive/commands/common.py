@@ -8,7 +8,13 @@ MODELS = (
     "directory (config.json + *.safetensors + tokenizer), or random:PRESET for random weights of a real "
     "shape (llama-3.1-8b, llama-3.2-1b, qwen3-8b, qwen2.5-7b, mistral-7b, smollm2-135m, gemma3-270m)"
 )
-MODEL_HELP = f"{MODELS}. Default: smollm2"
+
+
+def model_help(default: str | None = None) -> str:
+    return f"{MODELS}. Default: {default or 'smollm2'}"
+
+
+MODEL_HELP = model_help()
 
 
 # kvdrive.quant.formats.KV_DTYPES, spelled here so that --help needs no torch (a test keeps them equal)
@@ -22,7 +28,7 @@ BENCH_MODEL = "random:llama-3.1-8b"  # the benches time the 8B shape with random
 def add_model_options(p, model_positional: bool = False, default: str | None = None) -> None:
     """``-m/--model`` (or a positional model), ``--device`` and ``--dtype``; ``default`` is the
     model run when none is named (None: the command's own, ``smollm2``)."""
-    help_ = f"{MODELS}. Default: {default or 'smollm2'}"
+    help_ = model_help(default)
     if model_positional:
         p.add_argument("model", nargs="?", default=default, help=help_)
     else:

@@ -10,8 +10,11 @@ MODELS = (
 )
 
 
+DEFAULT_MODEL = "smollm2"  # kvdrive.models.embedded.DEFAULT, spelled here so that --help needs no torch (tested equal)
+
+
 def model_help(default: str | None = None) -> str:
-    return f"{MODELS}. Default: {default or 'smollm2'}"
+    return f"{MODELS}. Default: {default or DEFAULT_MODEL}"
 
 
 MODEL_HELP = model_help()
@@ -27,7 +30,7 @@ BENCH_MODEL = "random:llama-3.1-8b"  # the benches time the 8B shape with random
 
 def add_model_options(p, model_positional: bool = False, default: str | None = None) -> None:
     """``-m/--model`` (or a positional model), ``--device`` and ``--dtype``; ``default`` is the
-    model run when none is named (None: the command's own, ``smollm2``)."""
+    model run when none is named (None: the command's own, ``DEFAULT_MODEL``)."""
     help_ = model_help(default)
     if model_positional:
         p.add_argument("model", nargs="?", default=default, help=help_)

@@ -171,6 +171,15 @@ def test_help_explains_every_option():
         assert opt in out
 
 
+def test_help_names_the_model_that_loads_by_default():
+    from kvdrive.commands.common import DEFAULT_MODEL, model_help
+    from kvdrive.models.embedded import DEFAULT
+
+    assert DEFAULT_MODEL == DEFAULT
+    assert model_help().endswith(f"Default: {DEFAULT}")
+    assert model_help("random:llama-3.1-8b").endswith("Default: random:llama-3.1-8b")
+
+
 def test_demo_runs():
     rc, out, err = _cli("demo", "-n", "12", "--device", "cpu")
     assert rc == 0, err
